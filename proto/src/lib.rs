@@ -1,0 +1,1 @@
+//! kms-proto: generated in a later step.
