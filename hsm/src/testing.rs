@@ -1,0 +1,216 @@
+//! SoftHSM2 test harness (feature `testing`): one fresh, initialized token
+//! per test, all in one process, so tests run in parallel without being
+//! serialised.
+//!
+//! SoftHSM2 reads its configuration once, at C_Initialize, from
+//! `$SOFTHSM2_CONF`. The harness writes a configuration whose token
+//! directory lives in a per-process temporary directory and points the
+//! variable at it before the module is first loaded. Every token is created
+//! under one mutex (SoftHSM2 offers a new empty slot each time slots are
+//! listed); the tests themselves then run concurrently.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::config::{HsmConfig, Pin, PinSource};
+use crate::hsm::Hsm;
+
+struct Harness {
+    root: PathBuf,
+    tokens_dir: PathBuf,
+    module_path: PathBuf,
+    create_lock: Mutex<()>,
+    counter: AtomicU64,
+}
+
+fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let module_path = crate::softhsm2_module_path();
+        assert!(
+            module_path.is_file(),
+            "SoftHSM2 module not found at {} (apt-get install softhsm2, or set KMS_SOFTHSM2_MODULE)",
+            module_path.display()
+        );
+        remove_stale_harness_dirs();
+        let root = std::env::temp_dir().join(format!("kms-softhsm-{}", std::process::id()));
+        let tokens_dir = root.join("tokens");
+        std::fs::create_dir_all(&tokens_dir).expect("create SoftHSM2 token directory");
+        let conf = root.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens_dir.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+        set_softhsm2_conf(&conf);
+        Harness {
+            root,
+            tokens_dir,
+            module_path,
+            create_lock: Mutex::new(()),
+            counter: AtomicU64::new(0),
+        }
+    })
+}
+
+#[allow(unsafe_code)]
+fn set_softhsm2_conf(conf: &Path) {
+    // SAFETY: set_var races with concurrent getenv in other threads. This
+    // runs once, inside a OnceLock initializer, before any PKCS#11 module is
+    // loaded in this process; other test threads may be running, but none of
+    // our code reads the environment concurrently, and nextest (our runner)
+    // gives each test its own process. SoftHSM2 offers no other way to
+    // choose its configuration.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+}
+
+/// Removes the token directories of earlier test processes that are gone.
+fn remove_stale_harness_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kms-softhsm-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// One freshly initialized SoftHSM2 token, private to one test.
+#[derive(Debug)]
+pub struct TestToken {
+    label: String,
+    pin_file: PathBuf,
+    token_dir: PathBuf,
+    module_path: PathBuf,
+    tokens_root: PathBuf,
+}
+
+impl TestToken {
+    /// Creates and initializes a new token with random PINs. Panics on
+    /// failure: this is test code, and a broken harness must be loud.
+    pub fn new() -> TestToken {
+        let harness = harness();
+        let n = harness.counter.fetch_add(1, Ordering::Relaxed);
+        let label = format!("t{}-{n}", std::process::id());
+        let secrets = harness.root.join(format!("{label}.secrets"));
+        std::fs::create_dir_all(&secrets).expect("create secrets dir");
+        let user_pin = random_pin();
+        let so_pin = random_pin();
+        let pin_file = secrets.join("user.pin");
+        write_private(&pin_file, &user_pin);
+
+        let _guard = harness.create_lock.lock();
+        let before = list_dirs(&harness.tokens_dir);
+        crate::token::initialize_token(
+            &harness.module_path,
+            &label,
+            &Pin::new(&so_pin),
+            &Pin::new(&user_pin),
+        )
+        .expect("initialize SoftHSM2 token");
+        let token_dir = list_dirs(&harness.tokens_dir)
+            .into_iter()
+            .find(|d| !before.contains(d))
+            .expect("SoftHSM2 created no token directory");
+        TestToken {
+            label,
+            pin_file,
+            token_dir,
+            module_path: harness.module_path.clone(),
+            tokens_root: harness.tokens_dir.clone(),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The directory SoftHSM2 keeps this token's files in (for fault tests).
+    pub fn token_dir(&self) -> &Path {
+        &self.token_dir
+    }
+
+    /// The SoftHSM2 token root directory of this process.
+    pub fn tokens_root(&self) -> &Path {
+        &self.tokens_root
+    }
+
+    pub fn module_path(&self) -> &Path {
+        &self.module_path
+    }
+
+    /// The PIN source (a 0600 file) of this token's user PIN.
+    pub fn pin_source(&self) -> PinSource {
+        PinSource::File(self.pin_file.clone())
+    }
+
+    /// A configuration for this token with `pool_size` sessions and a short
+    /// reconnect backoff, so recovery tests run quickly.
+    pub fn config(&self, pool_size: usize) -> HsmConfig {
+        let mut config = HsmConfig::new(&self.module_path, &self.label, self.pin_source());
+        config.pool_size = pool_size;
+        config.reconnect_backoff_min = std::time::Duration::from_millis(10);
+        config.reconnect_backoff_max = std::time::Duration::from_millis(200);
+        config.sync_token_dir = Some(self.token_dir.clone());
+        config
+    }
+
+    /// Opens the token with a pool of 4 sessions.
+    pub fn open(&self) -> Hsm {
+        Hsm::open(self.config(4)).expect("open test token")
+    }
+}
+
+impl Default for TestToken {
+    fn default() -> Self {
+        TestToken::new()
+    }
+}
+
+fn list_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn random_pin() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 12];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("system RNG");
+    hex::encode(bytes)
+}
+
+fn write_private(path: &Path, contents: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create PIN file");
+    file.write_all(contents.as_bytes()).expect("write PIN file");
+}
