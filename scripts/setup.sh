@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing kms needs on Debian 12, if missing:
+# SoftHSM2 (the HSM in every test and in dev mode), clang/libclang (RocksDB's
+# bindings), OpenSC's pkcs11-tool (operator convenience), and the Python gRPC
+# packages one test uses as an independent gRPC client. Idempotent and quiet
+# when everything is present.
+set -euo pipefail
+
+need_apt=()
+[ -f /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v clang >/dev/null || need_apt+=(clang)
+command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# Python packages for the reflection test (a gRPC client that is not ours).
+if ! python3 -c 'import grpc, grpc_reflection' >/dev/null 2>&1; then
+  echo "setup: installing grpcio, grpcio-reflection (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection protobuf \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-reflection protobuf
+fi
