@@ -29,7 +29,7 @@ pub use hsm::{
     MAX_RANDOM_LEN, PoolUsage,
 };
 pub use objects::{KeyPurpose, ObjectId};
-pub use token::initialize_token;
+pub use token::{initialize_token, token_exists};
 
 /// Where Debian's softhsm2 package installs the module.
 pub const DEBIAN_SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";

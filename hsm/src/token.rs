@@ -106,6 +106,17 @@ pub(crate) fn probe_mechanisms(context: &Pkcs11, slot: Slot, label: &str) -> Res
     Ok(())
 }
 
+/// Whether an initialized token labelled `label` exists in the module.
+pub fn token_exists(module_path: &Path, label: &str) -> Result<bool> {
+    let module = crate::module::module(module_path)?;
+    let state = module.read();
+    match find_token(state.context()?, label, module_path) {
+        Ok(_) => Ok(true),
+        Err(HsmError::TokenNotFound { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Initializes a fresh token in the first slot without one, sets the SO and
 /// user PINs, and returns nothing secret. Used by `kms serve --dev` and the
 /// test harness; never on a configured production HSM.
