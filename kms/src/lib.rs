@@ -1,1 +1,3 @@
 //! kms
+pub mod encryption_context;
+pub mod envelope;
