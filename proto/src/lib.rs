@@ -10,6 +10,12 @@
 pub mod v1 {
     #![allow(missing_docs)]
     #![allow(clippy::all, clippy::pedantic)]
+    // Proto comments are written for proto readers ("alias/<name>"), not rustdoc.
+    #![allow(
+        rustdoc::invalid_html_tags,
+        rustdoc::bare_urls,
+        rustdoc::broken_intra_doc_links
+    )]
     tonic::include_proto!("kms.v1");
 }
 
