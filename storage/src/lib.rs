@@ -1,1 +1,38 @@
-//! kms-storage
+//! kms-storage: the only crate that talks to RocksDB.
+//!
+//! It holds the key catalogue (keys, versions, aliases, pending versions, GCM
+//! invocation counters) and the tamper-evident audit log (group-commit writer,
+//! hash chain, MACed checkpoints, verification, query and export).
+//!
+//! The API is blocking (no async runtime); the service calls it from blocking
+//! worker threads. No rocksdb type appears in a public signature. It never
+//! stores key material, plaintext, ciphertexts or encryption contexts: versions
+//! record where their KEK lives, and audit records hold only a context digest.
+
+mod audit_reader;
+mod audit_record;
+mod audit_verify;
+mod audit_writer;
+mod catalogue;
+mod db;
+mod error;
+mod gcm_counter;
+mod keys;
+pub mod schema;
+
+pub use audit_reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
+pub use audit_record::{
+    AuditEvent, AuditRecord, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
+    RECORD_FORMAT_V1, ResultCode,
+};
+pub use audit_verify::{
+    VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
+};
+pub use audit_writer::{AppendHandle, AuditConfig, AuditLog, MacFn};
+pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
+pub use db::{Storage, StorageOptions};
+pub use error::{CallbackError, DbError, StorageError};
+pub use keys::{
+    Alias, KekHandle, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, RotationPolicy,
+    VersionRecord, VersionState,
+};

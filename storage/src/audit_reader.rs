@@ -1,0 +1,187 @@
+//! Reading the audit log: single records, filtered paginated queries and JSON
+//! lines export. Read-only; works while a writer is appending.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode};
+
+use crate::audit_record::{AuditRecord, Checkpoint};
+use crate::db::Db;
+use crate::error::StorageError;
+use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
+
+/// Records to examine per query page at most (bounds the time one call takes).
+pub const MAX_SCAN_PER_PAGE: usize = 100_000;
+
+/// Which records a query returns. Every set field must match; time bounds are
+/// inclusive `from_micros` and exclusive `to_micros`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub from_micros: Option<u64>,
+    pub to_micros: Option<u64>,
+    pub key_id: Option<String>,
+    pub principal: Option<String>,
+    pub operation: Option<String>,
+}
+
+impl AuditFilter {
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        self.from_micros.is_none_or(|t| r.time_micros >= t)
+            && self.to_micros.is_none_or(|t| r.time_micros < t)
+            && self
+                .key_id
+                .as_ref()
+                .is_none_or(|k| r.event.key_id.as_ref() == Some(k))
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| r.event.principal == *p)
+            && self
+                .operation
+                .as_ref()
+                .is_none_or(|o| r.event.operation == *o)
+    }
+}
+
+/// One page of query results in sequence order. If `next_after` is set, pass it
+/// as `after` to continue (the page may be short when the scan budget ran out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    pub next_after: Option<u64>,
+}
+
+/// Read access to the audit log. Obtain it with [`crate::Storage::audit_reader`].
+#[derive(Debug, Clone)]
+pub struct AuditReader {
+    pub(crate) db: Arc<Db>,
+}
+
+pub(crate) fn decode_record_at(k: &[u8], v: &[u8]) -> Result<AuditRecord, StorageError> {
+    AuditRecord::decode(v).map_err(|reason| StorageError::Corrupt {
+        cf: CF_AUDIT,
+        key_hex: hex::encode(k),
+        reason,
+    })
+}
+
+impl AuditReader {
+    pub(crate) fn new(db: Arc<Db>) -> Self {
+        AuditReader { db }
+    }
+
+    /// The record with sequence number `seq`, if present.
+    pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, StorageError> {
+        let k = schema::seq_key(seq);
+        self.db
+            .get(CF_AUDIT, &k)?
+            .map(|v| decode_record_at(&k, &v))
+            .transpose()
+    }
+
+    /// The highest sequence number stored (0 when empty).
+    pub fn last_seq(&self) -> Result<u64, StorageError> {
+        let mut it = self
+            .db
+            .db
+            .iterator_cf(self.db.cf(CF_AUDIT)?, IteratorMode::End);
+        match it.next() {
+            None => Ok(0),
+            Some(item) => {
+                let (k, _) = item.map_err(StorageError::db("iterate audit"))?;
+                schema::decode_seq_key(&k).ok_or_else(|| StorageError::Corrupt {
+                    cf: CF_AUDIT,
+                    key_hex: hex::encode(&k),
+                    reason: "bad key",
+                })
+            }
+        }
+    }
+
+    /// Records matching `filter` with sequence numbers greater than `after`, at
+    /// most `limit` of them. Scans in sequence order; since record times never
+    /// decrease along the chain, the scan stops at the end of the time range.
+    pub fn query(
+        &self,
+        filter: &AuditFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditPage, StorageError> {
+        let limit = limit.clamp(1, crate::catalogue::MAX_PAGE_SIZE);
+        let start = after.map_or(1, |a| a.saturating_add(1));
+        let mut records = Vec::new();
+        let mut scanned = 0usize;
+        let mut last_seen = None;
+        let mut exhausted = true;
+        let key = schema::seq_key(start);
+        let it = self.db.db.iterator_cf(
+            self.db.cf(CF_AUDIT)?,
+            IteratorMode::From(&key, Direction::Forward),
+        );
+        for item in it {
+            if records.len() == limit || scanned == MAX_SCAN_PER_PAGE {
+                exhausted = false;
+                break;
+            }
+            let (k, v) = item.map_err(StorageError::db("iterate audit"))?;
+            let rec = decode_record_at(&k, &v)?;
+            scanned += 1;
+            last_seen = Some(rec.seq);
+            if filter.to_micros.is_some_and(|t| rec.time_micros >= t) {
+                break;
+            }
+            if filter.matches(&rec) {
+                records.push(rec);
+            }
+        }
+        Ok(AuditPage {
+            records,
+            next_after: if exhausted { None } else { last_seen },
+        })
+    }
+
+    /// Writes every record matching `filter` as one JSON object per line;
+    /// returns how many were written.
+    pub fn export_jsonl(&self, filter: &AuditFilter, out: &mut dyn Write) -> Result<u64, StorageError> {
+        let mut after = None;
+        let mut n = 0u64;
+        loop {
+            let page = self.query(filter, after, crate::catalogue::MAX_PAGE_SIZE)?;
+            for rec in &page.records {
+                serde_json::to_writer(&mut *out, rec).map_err(|source| StorageError::Serialize {
+                    what: "audit record",
+                    source,
+                })?;
+                out.write_all(b"\n")
+                    .map_err(|source| StorageError::Export { source })?;
+                n += 1;
+            }
+            match page.next_after {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        out.flush().map_err(|source| StorageError::Export { source })?;
+        Ok(n)
+    }
+
+    /// Checkpoints with sequence numbers greater than `after`, at most `limit`.
+    pub fn checkpoints(&self, after: Option<u64>, limit: usize) -> Result<Vec<Checkpoint>, StorageError> {
+        let start = schema::seq_key(after.map_or(0, |a| a.saturating_add(1)));
+        let it = self.db.db.iterator_cf(
+            self.db.cf(CF_AUDIT_CHECKPOINTS)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(limit) {
+            let (k, v) = item.map_err(StorageError::db("iterate audit checkpoints"))?;
+            out.push(Checkpoint::decode(&v).map_err(|reason| StorageError::Corrupt {
+                cf: CF_AUDIT_CHECKPOINTS,
+                key_hex: hex::encode(&k),
+                reason,
+            })?);
+        }
+        Ok(out)
+    }
+}

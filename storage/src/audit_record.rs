@@ -1,0 +1,445 @@
+//! The audit record and checkpoint formats (compact, versioned, binary) and
+//! the hash chain over them. Golden vectors in `tests/golden/` pin the format.
+//!
+//! Records hold no secrets by construction: the encryption context appears
+//! only as a SHA-256 digest computed by the service, and there is no field
+//! for plaintext, ciphertext, data keys or PINs.
+//!
+//! Record format 1 (all integers big-endian, strings UTF-8 with a u16 length):
+//!
+//! ```text
+//! body  = 0x01 seq:u64 time_micros:u64 result:u8 latency_micros:u64 flags:u8
+//!         principal peer request_id operation
+//!         [key_id]             if flags & 1
+//!         [key_version:u32]    if flags & 2
+//!         [context_digest:32]  if flags & 4
+//! value = body prev_hash:32 hash:32      hash = SHA-256(prev_hash ‖ body)
+//! ```
+//!
+//! The first record (sequence 1) has a prev_hash of 32 zero bytes.
+//!
+//! Checkpoint format 1: `0x01 seq:u64 time_micros:u64 head_hash:32 mac_len:u16 mac`.
+//! The MAC is computed over [`Checkpoint::mac_message`].
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::StorageError;
+
+/// First byte of an encoded audit record.
+pub const RECORD_FORMAT_V1: u8 = 1;
+/// First byte of an encoded checkpoint.
+pub const CHECKPOINT_FORMAT_V1: u8 = 1;
+/// The prev_hash of the first record.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
+/// Longest string field, in bytes.
+pub const MAX_FIELD_LEN: usize = u16::MAX as usize;
+
+const FLAG_KEY_ID: u8 = 1;
+const FLAG_KEY_VERSION: u8 = 2;
+const FLAG_CONTEXT_DIGEST: u8 = 4;
+const CHECKPOINT_DOMAIN: &[u8] = b"kms-audit-checkpoint-v1\0";
+
+/// The outcome of an audited request: the gRPC status codes. The numeric values
+/// are stored on disk and must never change; the names are the gRPC names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum ResultCode {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+const ALL_CODES: [ResultCode; 17] = [
+    ResultCode::Ok,
+    ResultCode::Cancelled,
+    ResultCode::Unknown,
+    ResultCode::InvalidArgument,
+    ResultCode::DeadlineExceeded,
+    ResultCode::NotFound,
+    ResultCode::AlreadyExists,
+    ResultCode::PermissionDenied,
+    ResultCode::ResourceExhausted,
+    ResultCode::FailedPrecondition,
+    ResultCode::Aborted,
+    ResultCode::OutOfRange,
+    ResultCode::Unimplemented,
+    ResultCode::Internal,
+    ResultCode::Unavailable,
+    ResultCode::DataLoss,
+    ResultCode::Unauthenticated,
+];
+
+impl ResultCode {
+    pub fn from_u8(v: u8) -> Option<ResultCode> {
+        ALL_CODES.get(usize::from(v)).copied()
+    }
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The gRPC name, e.g. `"OK"`, `"INVALID_ARGUMENT"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultCode::Ok => "OK",
+            ResultCode::Cancelled => "CANCELLED",
+            ResultCode::Unknown => "UNKNOWN",
+            ResultCode::InvalidArgument => "INVALID_ARGUMENT",
+            ResultCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            ResultCode::NotFound => "NOT_FOUND",
+            ResultCode::AlreadyExists => "ALREADY_EXISTS",
+            ResultCode::PermissionDenied => "PERMISSION_DENIED",
+            ResultCode::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            ResultCode::FailedPrecondition => "FAILED_PRECONDITION",
+            ResultCode::Aborted => "ABORTED",
+            ResultCode::OutOfRange => "OUT_OF_RANGE",
+            ResultCode::Unimplemented => "UNIMPLEMENTED",
+            ResultCode::Internal => "INTERNAL",
+            ResultCode::Unavailable => "UNAVAILABLE",
+            ResultCode::DataLoss => "DATA_LOSS",
+            ResultCode::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    /// Parses a gRPC name as printed by [`ResultCode::as_str`].
+    pub fn parse(s: &str) -> Option<ResultCode> {
+        ALL_CODES.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl Serialize for ResultCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// What the service hands to the audit log; the log adds sequence, time and hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
+    pub principal: String,
+    pub peer: String,
+    pub request_id: String,
+    /// The operation name, e.g. `"Encrypt"`, `"CreateKey"`.
+    pub operation: String,
+    /// The key as named in the request (it may not exist, e.g. on a denial).
+    pub key_id: Option<String>,
+    pub key_version: Option<u32>,
+    /// SHA-256 of the canonical encryption context; never the context itself.
+    #[serde(serialize_with = "hex_opt")]
+    pub context_digest: Option<[u8; 32]>,
+    pub result: ResultCode,
+    pub latency_micros: u64,
+}
+
+fn hex_opt<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.serialize_str(&hex::encode(d)),
+        None => s.serialize_none(),
+    }
+}
+
+fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(v))
+}
+
+impl AuditEvent {
+    /// Checks that every field fits the record format.
+    pub fn validate(&self) -> Result<(), StorageError> {
+        let fields: [(&'static str, usize); 5] = [
+            ("principal", self.principal.len()),
+            ("peer", self.peer.len()),
+            ("request_id", self.request_id.len()),
+            ("operation", self.operation.len()),
+            ("key_id", self.key_id.as_ref().map_or(0, String::len)),
+        ];
+        for (field, len) in fields {
+            if len > MAX_FIELD_LEN {
+                return Err(StorageError::AuditFieldTooLong {
+                    field,
+                    len,
+                    max: MAX_FIELD_LEN,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stored audit record: the event plus its place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    /// Commit time, unix microseconds; never decreases along the chain.
+    pub time_micros: u64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    #[serde(serialize_with = "hex32")]
+    pub prev_hash: [u8; 32],
+    #[serde(serialize_with = "hex32")]
+    pub hash: [u8; 32],
+}
+
+fn put_str(out: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), StorageError> {
+    let len = u16::try_from(s.len()).map_err(|_| StorageError::AuditFieldTooLong {
+        field,
+        len: s.len(),
+        max: MAX_FIELD_LEN,
+    })?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Why a record or checkpoint did not decode.
+pub(crate) type DecodeResult<T> = Result<T, &'static str>;
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> DecodeResult<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err("truncated");
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> DecodeResult<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> DecodeResult<u16> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> DecodeResult<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> DecodeResult<u64> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn array<const N: usize>(&mut self) -> DecodeResult<[u8; N]> {
+        self.take(N)?.try_into().map_err(|_| "truncated")
+    }
+    fn string(&mut self) -> DecodeResult<String> {
+        let len = usize::from(self.u16()?);
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "string is not UTF-8")
+    }
+}
+
+impl AuditRecord {
+    /// Encodes the hashed part of the record (everything but the two hashes).
+    pub fn encode_body(&self) -> Result<Vec<u8>, StorageError> {
+        let e = &self.event;
+        let mut out = Vec::with_capacity(
+            64 + e.principal.len() + e.peer.len() + e.request_id.len() + e.operation.len(),
+        );
+        out.push(RECORD_FORMAT_V1);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.time_micros.to_be_bytes());
+        out.push(e.result.as_u8());
+        out.extend_from_slice(&e.latency_micros.to_be_bytes());
+        let mut flags = 0u8;
+        if e.key_id.is_some() {
+            flags |= FLAG_KEY_ID;
+        }
+        if e.key_version.is_some() {
+            flags |= FLAG_KEY_VERSION;
+        }
+        if e.context_digest.is_some() {
+            flags |= FLAG_CONTEXT_DIGEST;
+        }
+        out.push(flags);
+        put_str(&mut out, "principal", &e.principal)?;
+        put_str(&mut out, "peer", &e.peer)?;
+        put_str(&mut out, "request_id", &e.request_id)?;
+        put_str(&mut out, "operation", &e.operation)?;
+        if let Some(k) = &e.key_id {
+            put_str(&mut out, "key_id", k)?;
+        }
+        if let Some(v) = e.key_version {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        if let Some(d) = &e.context_digest {
+            out.extend_from_slice(d);
+        }
+        Ok(out)
+    }
+
+    /// SHA-256(prev_hash ‖ body).
+    pub fn chain_hash(prev_hash: &[u8; 32], body: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(prev_hash);
+        h.update(body);
+        h.finalize().into()
+    }
+
+    /// Builds a record chained onto `prev_hash`, computing its hash.
+    pub fn seal(
+        seq: u64,
+        time_micros: u64,
+        event: AuditEvent,
+        prev_hash: [u8; 32],
+    ) -> Result<(AuditRecord, Vec<u8>), StorageError> {
+        let mut rec = AuditRecord {
+            seq,
+            time_micros,
+            event,
+            prev_hash,
+            hash: [0; 32],
+        };
+        let mut bytes = rec.encode_body()?;
+        rec.hash = Self::chain_hash(&prev_hash, &bytes);
+        bytes.extend_from_slice(&rec.prev_hash);
+        bytes.extend_from_slice(&rec.hash);
+        Ok((rec, bytes))
+    }
+
+    /// The stored form: body ‖ prev_hash ‖ hash (the stored hash, as is).
+    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        let mut bytes = self.encode_body()?;
+        bytes.extend_from_slice(&self.prev_hash);
+        bytes.extend_from_slice(&self.hash);
+        Ok(bytes)
+    }
+
+    /// Decodes a stored record. Does not check the hash: see
+    /// [`AuditRecord::hash_is_valid`] and the verifier.
+    pub fn decode(bytes: &[u8]) -> Result<AuditRecord, &'static str> {
+        let mut r = Reader { buf: bytes };
+        if r.u8()? != RECORD_FORMAT_V1 {
+            return Err("unknown record format");
+        }
+        let seq = r.u64()?;
+        let time_micros = r.u64()?;
+        let result = ResultCode::from_u8(r.u8()?).ok_or("unknown result code")?;
+        let latency_micros = r.u64()?;
+        let flags = r.u8()?;
+        if flags & !(FLAG_KEY_ID | FLAG_KEY_VERSION | FLAG_CONTEXT_DIGEST) != 0 {
+            return Err("unknown flags");
+        }
+        let principal = r.string()?;
+        let peer = r.string()?;
+        let request_id = r.string()?;
+        let operation = r.string()?;
+        let key_id = if flags & FLAG_KEY_ID != 0 {
+            Some(r.string()?)
+        } else {
+            None
+        };
+        let key_version = if flags & FLAG_KEY_VERSION != 0 {
+            Some(r.u32()?)
+        } else {
+            None
+        };
+        let context_digest = if flags & FLAG_CONTEXT_DIGEST != 0 {
+            Some(r.array()?)
+        } else {
+            None
+        };
+        let prev_hash = r.array()?;
+        let hash = r.array()?;
+        if !r.buf.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(AuditRecord {
+            seq,
+            time_micros,
+            event: AuditEvent {
+                principal,
+                peer,
+                request_id,
+                operation,
+                key_id,
+                key_version,
+                context_digest,
+                result,
+                latency_micros,
+            },
+            prev_hash,
+            hash,
+        })
+    }
+
+    /// Whether the stored hash equals SHA-256(prev_hash ‖ body).
+    pub fn hash_is_valid(&self) -> Result<bool, StorageError> {
+        Ok(Self::chain_hash(&self.prev_hash, &self.encode_body()?) == self.hash)
+    }
+}
+
+/// A MACed statement "the chain up to `seq` has head `head_hash`".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub time_micros: u64,
+    #[serde(serialize_with = "hex32")]
+    pub head_hash: [u8; 32],
+    #[serde(serialize_with = "hex::serde::serialize")]
+    pub mac: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The bytes the MAC covers: a domain tag, then seq, time and head hash.
+    pub fn mac_message(seq: u64, time_micros: u64, head_hash: &[u8; 32]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + 48);
+        m.extend_from_slice(CHECKPOINT_DOMAIN);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&time_micros.to_be_bytes());
+        m.extend_from_slice(head_hash);
+        m
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        let mac_len = u16::try_from(self.mac.len()).map_err(|_| StorageError::AuditFieldTooLong {
+            field: "checkpoint mac",
+            len: self.mac.len(),
+            max: MAX_FIELD_LEN,
+        })?;
+        let mut out = Vec::with_capacity(53 + self.mac.len());
+        out.push(CHECKPOINT_FORMAT_V1);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.time_micros.to_be_bytes());
+        out.extend_from_slice(&self.head_hash);
+        out.extend_from_slice(&mac_len.to_be_bytes());
+        out.extend_from_slice(&self.mac);
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
+        let mut r = Reader { buf: bytes };
+        if r.u8()? != CHECKPOINT_FORMAT_V1 {
+            return Err("unknown checkpoint format");
+        }
+        let seq = r.u64()?;
+        let time_micros = r.u64()?;
+        let head_hash = r.array()?;
+        let len = usize::from(r.u16()?);
+        let mac = r.take(len)?.to_vec();
+        if !r.buf.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(Checkpoint {
+            seq,
+            time_micros,
+            head_hash,
+            mac,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! The one error type of kms-storage.
+//!
+//! Variants carry typed fields (ids, sequence numbers, column-family names) so
+//! the service can map them to gRPC statuses without matching on text. RocksDB's
+//! own error is wrapped in [`DbError`] so that no rocksdb type appears in our
+//! public signatures.
+
+use std::sync::Arc;
+
+/// A failed call into the database engine (wrapped so that rocksdb's type stays private).
+#[derive(Debug, Clone)]
+pub struct DbError(Arc<rocksdb::Error>);
+
+impl DbError {
+    pub(crate) fn new(e: rocksdb::Error) -> Self {
+        Self(Arc::new(e))
+    }
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for DbError {}
+
+/// An error reported by a caller-supplied callback (the checkpoint MAC or its verifier).
+pub type CallbackError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in kms-storage.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The database engine failed (I/O error, corruption detected by RocksDB, ...).
+    #[error("database operation {op} failed")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: DbError,
+    },
+    /// The database was written by a newer version of kms (refuse rather than misread it).
+    #[error(
+        "database format version {found} is newer than the newest this build supports ({supported}); upgrade kms"
+    )]
+    FormatTooNew { found: u32, supported: u32 },
+    /// The database has a format version this build can no longer read.
+    #[error("database format version {found} is older than the oldest this build supports ({supported})")]
+    FormatTooOld { found: u32, supported: u32 },
+    /// A column family the schema requires is missing after open.
+    #[error("column family {name} is missing")]
+    MissingColumnFamily { name: &'static str },
+    /// A stored key or value could not be decoded.
+    #[error("corrupt record in column family {cf} at key {key_hex}: {reason}")]
+    Corrupt {
+        cf: &'static str,
+        key_hex: String,
+        reason: &'static str,
+    },
+    /// A stored JSON record could not be decoded.
+    #[error("corrupt JSON record in column family {cf} at key {key_hex}")]
+    CorruptJson {
+        cf: &'static str,
+        key_hex: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record could not be serialized (never expected for our own types).
+    #[error("could not serialize a {what} record")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Not a well-formed key id (`key-` followed by 32 lowercase hex digits).
+    #[error("invalid key id {value:?}")]
+    InvalidKeyId { value: String },
+    /// Not a well-formed alias (`alias/` followed by 1-250 of `[A-Za-z0-9/_-]`).
+    #[error("invalid alias {value:?}")]
+    InvalidAlias { value: String },
+    /// A key with this id already exists (ids are never reused, even after deletion).
+    #[error("key {id} already exists")]
+    KeyExists { id: String },
+    #[error("key {id} not found")]
+    KeyNotFound { id: String },
+    /// The key is a tombstone; it can no longer be changed or aliased.
+    #[error("key {id} is deleted")]
+    KeyDeleted { id: String },
+    #[error("alias {alias} already exists")]
+    AliasExists { alias: String },
+    #[error("alias {alias} not found")]
+    AliasNotFound { alias: String },
+    #[error("version {version} of key {id} not found")]
+    VersionNotFound { id: String, version: u32 },
+    /// The operation requires a pending version (commit/discard of two-phase creation).
+    #[error("version {version} of key {id} is not pending")]
+    VersionNotPending { id: String, version: u32 },
+    /// Pending versions may only be committed or discarded, not moved to another state.
+    #[error("version {version} of key {id}: invalid state change")]
+    InvalidVersionTransition { id: String, version: u32 },
+    /// An update closure tried to change a field that is fixed at creation.
+    #[error("field {field} cannot be changed")]
+    ImmutableField { field: &'static str },
+    /// A key's version numbers are exhausted (u32::MAX versions).
+    #[error("key {id} has no version numbers left")]
+    VersionsExhausted { id: String },
+    /// An audit event field exceeds what the record format can hold.
+    #[error("audit field {field} is {len} bytes long; the maximum is {max}")]
+    AuditFieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// A previous audit write failed; the log refuses every append until it is reopened.
+    #[error("the audit log is poisoned by an earlier write failure; reopen it")]
+    AuditPoisoned,
+    /// The audit batch holding this record could not be written; the log is now poisoned.
+    #[error("audit write failed; the log is now poisoned")]
+    AuditWrite {
+        #[source]
+        source: DbError,
+    },
+    /// The audit writer has shut down.
+    #[error("the audit log is closed")]
+    AuditClosed,
+    /// Only one audit writer may be open per database (two would fork the chain).
+    #[error("an audit log writer is already open on this database")]
+    AuditAlreadyOpen,
+    /// The checkpoint MAC callback failed; the batch was not written (nothing is poisoned).
+    #[error("computing the MAC of audit checkpoint {seq} failed")]
+    CheckpointMac {
+        seq: u64,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The checkpoint verifier callback itself failed (not a bad MAC: an unusable verifier).
+    #[error("verifying the MAC of audit checkpoint {seq} failed")]
+    CheckpointVerifier {
+        seq: u64,
+        #[source]
+        source: CallbackError,
+    },
+    /// Writing an export failed.
+    #[error("writing the audit export failed")]
+    Export {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub(crate) fn db(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
+        move |e| StorageError::Db {
+            op,
+            source: DbError::new(e),
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The catalogue's record types: key ids, aliases, keys, versions and their
+//! states. These types are also the JSON stored on disk (behind a version
+//! byte, see `schema`), so renaming a field is a format change.
+//!
+//! No key material lives here, ever: a version records only *where* its KEK is
+//! held ([`KekHandle`]), never the KEK.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StorageError;
+
+/// A key id: `key-` followed by 32 lowercase hex digits (128 random bits).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyId(String);
+
+impl KeyId {
+    const PREFIX: &'static str = "key-";
+    /// Length in bytes of every key id.
+    pub const LEN: usize = 4 + 32;
+
+    /// Parses and validates a key id.
+    pub fn parse(s: &str) -> Result<KeyId, StorageError> {
+        let ok = s.len() == Self::LEN
+            && s.starts_with(Self::PREFIX)
+            && s[Self::PREFIX.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(KeyId(s.to_owned()))
+        } else {
+            Err(StorageError::InvalidKeyId {
+                value: s.to_owned(),
+            })
+        }
+    }
+
+    /// Builds an id from 16 random bytes (the caller supplies the randomness).
+    pub fn from_random(bytes: [u8; 16]) -> KeyId {
+        KeyId(format!("{}{}", Self::PREFIX, hex::encode(bytes)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for KeyId {
+    type Error = StorageError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        KeyId::parse(&s)
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(k: KeyId) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.0)
+    }
+}
+
+/// An alias: `alias/` followed by 1 to 250 characters of `[A-Za-z0-9/_-]`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Alias(String);
+
+impl Alias {
+    const PREFIX: &'static str = "alias/";
+    const MAX_NAME: usize = 250;
+
+    pub fn parse(s: &str) -> Result<Alias, StorageError> {
+        let name = s.strip_prefix(Self::PREFIX).unwrap_or("");
+        let ok = !name.is_empty()
+            && name.len() <= Self::MAX_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'_' || b == b'-');
+        if ok {
+            Ok(Alias(s.to_owned()))
+        } else {
+            Err(StorageError::InvalidAlias {
+                value: s.to_owned(),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Alias {
+    type Error = StorageError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Alias::parse(&s)
+    }
+}
+
+impl From<Alias> for String {
+    fn from(a: Alias) -> String {
+        a.0
+    }
+}
+
+impl fmt::Display for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Alias({})", self.0)
+    }
+}
+
+/// What kind of key this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum KeySpec {
+    #[serde(rename = "AES_256_GCM")]
+    Aes256Gcm,
+}
+
+/// A key's lifecycle state. All times are unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state")]
+#[non_exhaustive]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    /// Deletion is scheduled for `delete_at_ms`; cancellable until then.
+    PendingDeletion { delete_at_ms: u64 },
+    /// A tombstone: the versions are destroyed, the id is never reused and the
+    /// record stays so that the audit history remains readable.
+    Deleted { deleted_at_ms: u64 },
+}
+
+/// When the service rotates a key on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "policy")]
+#[non_exhaustive]
+pub enum RotationPolicy {
+    /// Rotated only on request.
+    Manual,
+    /// Rotated every `period_secs` seconds (the next time is `KeyRecord::next_rotation_at_ms`).
+    Every { period_secs: u64 },
+}
+
+/// A key's catalogue record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub spec: KeySpec,
+    pub state: KeyState,
+    /// The version Encrypt uses; `None` until the first version is committed.
+    pub primary_version: Option<u32>,
+    /// The highest version number ever allocated (pending, committed or discarded);
+    /// the next version is this plus one, so numbers are never reused.
+    pub latest_version: u32,
+    pub rotation: RotationPolicy,
+    pub next_rotation_at_ms: Option<u64>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// The fields of a new key; the catalogue fills in the rest.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: KeyId,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub spec: KeySpec,
+    /// The state the key starts in once created (normally `Enabled`).
+    pub state: KeyState,
+    pub rotation: RotationPolicy,
+    pub next_rotation_at_ms: Option<u64>,
+    /// Aliases created together with the key, in the same atomic write.
+    pub aliases: Vec<Alias>,
+}
+
+/// A version's lifecycle state. All times are unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state")]
+#[non_exhaustive]
+pub enum VersionState {
+    /// Recorded before the KEK is created in the HSM; committed or discarded
+    /// by the service (at start-up, by reconciliation with the HSM).
+    Pending,
+    Enabled,
+    Disabled,
+    ScheduledDestruction { destroy_at_ms: u64 },
+    Destroyed { destroyed_at_ms: u64 },
+}
+
+/// How a version's KEK is held. A field rather than an assumption so that a
+/// wrapped-key form can be added without migrating existing records.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+#[non_exhaustive]
+pub enum KekHandle {
+    /// A token object in the HSM, found by its CKA_ID.
+    HsmObject {
+        #[serde(with = "hex::serde")]
+        object_id: Vec<u8>,
+    },
+}
+
+impl fmt::Debug for KekHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KekHandle::HsmObject { object_id } => f
+                .debug_struct("HsmObject")
+                .field("object_id", &hex::encode(object_id))
+                .finish(),
+        }
+    }
+}
+
+/// A key version's catalogue record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub key_id: KeyId,
+    pub version: u32,
+    pub state: VersionState,
+    pub kek: KekHandle,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// AES-GCM invocations counted for this version: an upper bound on the
+    /// real count (see `Catalogue::add_gcm_invocations`). Stored apart from the
+    /// record, so it is not part of the record's JSON.
+    #[serde(skip)]
+    pub gcm_invocations: u64,
+}
+
+/// One page of a listing, ordered by id (or alias); pass `next_page_token` back
+/// to get the next page; `None` means this was the last page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_id_validation() {
+        let id = KeyId::from_random([0xab; 16]);
+        assert_eq!(id.as_str(), "key-abababababababababababababababab");
+        assert!(KeyId::parse(id.as_str()).is_ok());
+        for bad in [
+            "",
+            "key-",
+            "key-ABABABABABABABABABABABABABABABAB",
+            "kex-abababababababababababababababab",
+            "key-abababababababababababababababa",
+            "key-abababababababababababababababab0",
+            "key-ababababababababababababababag",
+        ] {
+            assert!(KeyId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn alias_validation() {
+        assert!(Alias::parse("alias/app-1/db_main").is_ok());
+        for bad in ["alias/", "alias", "app", "alias/a b", "alias/é"] {
+            assert!(Alias::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Alias::parse(&format!("alias/{}", "a".repeat(250))).is_ok());
+        assert!(Alias::parse(&format!("alias/{}", "a".repeat(251))).is_err());
+    }
+}
