@@ -1,0 +1,367 @@
+//! `kms audit list|verify|export`: reading and verifying the audit log through
+//! the Audit service. Audit events never contain plaintext, keys or context
+//! values (only the context's SHA-256), so all of an event may be printed.
+#![allow(clippy::print_stdout)]
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use kms_proto::v1::{self as pb, audit_client::AuditClient};
+use serde_json::{Value, json};
+
+use super::output::{self, Table};
+use super::{ClientOptions, connect, next_page_token, parse, rfc3339, rpc_error};
+
+/// `kms audit` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// List audit events matching the filters, oldest first.
+    List(AuditListArgs),
+    /// Verify the whole hash chain and every checkpoint MAC; fails if the log is invalid.
+    Verify,
+    /// Export every event as JSON lines (one event per line).
+    Export(AuditExportArgs),
+}
+
+/// Filters of `kms audit list`; they combine with AND.
+#[derive(Debug, clap::Args)]
+pub struct AuditListArgs {
+    /// Only events for this key (key id, or an alias resolved to its key now).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Only events by exactly this principal ("anonymous", "system", ...).
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub principal: Option<String>,
+    /// Only events of this operation, by RPC name (Encrypt, CreateKey, ReEncrypt, ...).
+    #[arg(long, value_name = "NAME", value_parser = parse::operation)]
+    pub operation: Option<pb::Operation>,
+    /// Only events at or after this time (RFC 3339, e.g. 2026-01-31T12:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339::parse)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Only events strictly before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339::parse)]
+    pub until: Option<prost_types::Timestamp>,
+    /// Show at most N events (default: all that match).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+}
+
+/// Arguments of `kms audit export`.
+#[derive(Debug, clap::Args)]
+pub struct AuditExportArgs {
+    /// Write to FILE; "-" or absent: stdout.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+type Client = AuditClient<tonic::transport::Channel>;
+
+pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyhow::Result<()> {
+    let mut client = AuditClient::new(connect(options).await?);
+    match command {
+        AuditCommand::List(args) => list(&mut client, args, options).await,
+        AuditCommand::Verify => verify(&mut client, options).await,
+        AuditCommand::Export(args) => export(&mut client, args).await,
+    }
+}
+
+async fn list(
+    client: &mut Client,
+    args: AuditListArgs,
+    options: &ClientOptions,
+) -> anyhow::Result<()> {
+    let limit = args.limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let remaining = limit.map(|limit| limit.saturating_sub(events.len()));
+        let request = pb::ListAuditEventsRequest {
+            start_time: args.since,
+            end_time: args.until,
+            key_id: args.key.clone().unwrap_or_default(),
+            principal: args.principal.clone().unwrap_or_default(),
+            operation: args
+                .operation
+                .map_or(pb::Operation::Unspecified as i32, |op| op as i32),
+            page_size: remaining.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX)),
+            page_token: page_token.clone(),
+        };
+        let reply = client
+            .list_audit_events(request)
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        events.extend(reply.events);
+        if let Some(limit) = limit
+            && events.len() >= limit
+        {
+            events.truncate(limit);
+            break;
+        }
+        match next_page_token(&page_token, reply.next_page_token)? {
+            Some(next) => page_token = next,
+            None => break,
+        }
+    }
+    if options.json {
+        output::emit_json(&Value::Array(events.iter().map(event_json).collect()))
+    } else if events.is_empty() {
+        output::emit("No audit events.\n")
+    } else {
+        output::emit(&events_table(&events).render())
+    }
+}
+
+fn events_table(events: &[pb::AuditEvent]) -> Table {
+    let mut table = Table::new(&[
+        "SEQ",
+        "TIME",
+        "PRINCIPAL",
+        "OPERATION",
+        "KEY",
+        "VERSION",
+        "RESULT",
+        "LATENCY",
+    ]);
+    for event in events {
+        table.row(vec![
+            event.sequence.to_string(),
+            output::time_cell(event.time.as_ref()),
+            output::dash(&event.principal),
+            parse::operation_name(event.operation),
+            output::dash(&event.key_id),
+            if event.key_version == 0 {
+                "-".to_owned()
+            } else {
+                event.key_version.to_string()
+            },
+            output::result_name(event.result_code),
+            output::latency_cell(event.latency_us),
+        ]);
+    }
+    table
+}
+
+async fn verify(client: &mut Client, options: &ClientOptions) -> anyhow::Result<()> {
+    let reply = client
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    if options.json {
+        output::emit_json(&verify_json(&reply))?;
+    } else {
+        output::emit(&output::render_pairs(&verify_pairs(&reply)))?;
+    }
+    if reply.valid {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "the audit log is INVALID: verification failed at sequence {}: {}",
+            reply.first_invalid_sequence,
+            output::sanitize(&reply.failure_reason)
+        )
+    }
+}
+
+fn verify_pairs(reply: &pb::VerifyAuditLogResponse) -> Vec<(&'static str, String)> {
+    let mut pairs = vec![
+        (
+            "Audit log",
+            if reply.valid { "VALID" } else { "INVALID" }.to_owned(),
+        ),
+        ("Events verified", reply.events_verified.to_string()),
+        (
+            "Checkpoints verified",
+            reply.checkpoints_verified.to_string(),
+        ),
+        ("Last sequence", reply.last_sequence.to_string()),
+        ("Head hash", output::dash(&hex::encode(&reply.head_hash))),
+    ];
+    if !reply.valid {
+        pairs.push((
+            "First invalid sequence",
+            reply.first_invalid_sequence.to_string(),
+        ));
+        pairs.push(("Failure", output::dash(&reply.failure_reason)));
+    }
+    pairs
+}
+
+fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
+    json!({
+        "valid": reply.valid,
+        "events_verified": reply.events_verified,
+        "checkpoints_verified": reply.checkpoints_verified,
+        "last_sequence": reply.last_sequence,
+        "head_hash": hex::encode(&reply.head_hash),
+        "first_invalid_sequence": (!reply.valid).then_some(reply.first_invalid_sequence),
+        "failure_reason": (!reply.valid).then_some(&reply.failure_reason),
+    })
+}
+
+/// Pages through the whole log and writes one compact JSON event per line, page
+/// by page, so that memory use does not grow with the log.
+async fn export(client: &mut Client, args: AuditExportArgs) -> anyhow::Result<()> {
+    let to_file = args.output.as_deref().filter(|p| p.as_os_str() != "-");
+    let sink: Box<dyn Write> = match to_file {
+        Some(path) => Box::new(
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => Box::new(io::stdout().lock()),
+    };
+    let mut writer = BufWriter::new(sink);
+    let describe =
+        |path: Option<&Path>| path.map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+    let mut count: u64 = 0;
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListAuditEventsRequest {
+            page_token: page_token.clone(),
+            ..Default::default()
+        };
+        let reply = client
+            .list_audit_events(request)
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        for event in &reply.events {
+            serde_json::to_writer(&mut writer, &event_json(event))?;
+            writer
+                .write_all(b"\n")
+                .with_context(|| format!("cannot write {}", describe(to_file)))?;
+            count += 1;
+        }
+        match next_page_token(&page_token, reply.next_page_token)? {
+            Some(next) => page_token = next,
+            None => break,
+        }
+    }
+    writer
+        .flush()
+        .with_context(|| format!("cannot write {}", describe(to_file)))?;
+    if let Some(path) = to_file {
+        eprintln!("Exported {count} audit events to {}.", path.display());
+    }
+    Ok(())
+}
+
+/// The JSON form of an audit event: digests and the chain hash in lowercase hex,
+/// the operation by RPC name, the result code with its name, the time in RFC 3339
+/// at full precision.
+fn event_json(event: &pb::AuditEvent) -> Value {
+    json!({
+        "sequence": event.sequence,
+        "time": output::time_json(event.time.as_ref()),
+        "principal": event.principal,
+        "peer": event.peer,
+        "request_id": event.request_id,
+        "operation": parse::operation_name(event.operation),
+        "key_id": event.key_id,
+        "key_version": event.key_version,
+        "context_digest": hex::encode(&event.context_digest),
+        "result_code": event.result_code,
+        "result": output::result_name(event.result_code),
+        "latency_us": event.latency_us,
+        "hash": hex::encode(&event.hash),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, operation: pb::Operation, result_code: i32) -> pb::AuditEvent {
+        pb::AuditEvent {
+            sequence,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 123_456_000,
+            }),
+            principal: "anonymous".into(),
+            peer: "127.0.0.1:5000".into(),
+            request_id: "req-1".into(),
+            operation: operation as i32,
+            key_id: if operation == pb::Operation::ListKeys {
+                String::new()
+            } else {
+                "key-0123456789abcdef0123456789abcdef".into()
+            },
+            key_version: if operation == pb::Operation::Encrypt {
+                2
+            } else {
+                0
+            },
+            context_digest: vec![0xab; 32],
+            result_code,
+            latency_us: 1_500,
+            hash: vec![0x01, 0xff],
+        }
+    }
+
+    #[test]
+    fn events_table_shows_names_not_numbers() {
+        let text = events_table(&[
+            event(1, pb::Operation::Encrypt, 0),
+            event(12, pb::Operation::ListKeys, 5),
+        ])
+        .render();
+        assert_eq!(
+            text,
+            "SEQ  TIME                  PRINCIPAL  OPERATION  KEY                                   VERSION  RESULT     LATENCY\n\
+             1    2026-01-01T00:00:00Z  anonymous  Encrypt    key-0123456789abcdef0123456789abcdef  2        OK         1.500ms\n\
+             12   2026-01-01T00:00:00Z  anonymous  ListKeys   -                                     -        NOT_FOUND  1.500ms\n"
+        );
+    }
+
+    #[test]
+    fn event_json_has_hex_digests_and_names() {
+        let value = event_json(&event(7, pb::Operation::ReEncrypt, 3));
+        assert_eq!(value["sequence"], 7);
+        assert_eq!(value["time"], "2026-01-01T00:00:00.123456Z");
+        assert_eq!(value["operation"], "ReEncrypt");
+        assert_eq!(value["result_code"], 3);
+        assert_eq!(value["result"], "INVALID_ARGUMENT");
+        assert_eq!(value["context_digest"], "ab".repeat(32));
+        assert_eq!(value["hash"], "01ff");
+        // One line per event in exports.
+        assert!(
+            !serde_json::to_string(&value)
+                .expect("serializes")
+                .contains('\n')
+        );
+    }
+
+    #[test]
+    fn verify_output_reports_failures_only_when_invalid() {
+        let mut reply = pb::VerifyAuditLogResponse {
+            valid: true,
+            events_verified: 10,
+            checkpoints_verified: 2,
+            last_sequence: 10,
+            head_hash: vec![0xaa, 0xbb],
+            first_invalid_sequence: 0,
+            failure_reason: String::new(),
+        };
+        let value = verify_json(&reply);
+        assert_eq!(value["valid"], true);
+        assert_eq!(value["head_hash"], "aabb");
+        assert_eq!(value["first_invalid_sequence"], Value::Null);
+        assert_eq!(verify_pairs(&reply).len(), 5);
+
+        reply.valid = false;
+        reply.first_invalid_sequence = 4;
+        reply.failure_reason = "hash mismatch".into();
+        let value = verify_json(&reply);
+        assert_eq!(value["first_invalid_sequence"], 4);
+        assert_eq!(value["failure_reason"], "hash mismatch");
+        let text = output::render_pairs(&verify_pairs(&reply));
+        assert!(
+            text.starts_with("Audit log               INVALID\n"),
+            "{text}"
+        );
+        assert!(text.contains("First invalid sequence  4\n"), "{text}");
+    }
+}

@@ -1,0 +1,337 @@
+//! The client commands of the `kms` binary: `kms key|alias|encrypt|decrypt|
+//! data-key|audit ...`, each a thin caller of one or a few kms.v1 RPCs on a
+//! running server.
+//!
+//! Output goes to stdout: aligned tables for people by default, JSON with
+//! `--json` for scripts. A failed RPC becomes an [`RpcError`] whose Display is
+//! `CODE_NAME: message` (e.g. `NOT_FOUND: key alias/x not found`), returned so
+//! that `main` prints it and exits non-zero.
+//!
+//! Never: print, log or put in an error the plaintext or data-key bytes that pass
+//! through `encrypt`, `decrypt` and `data-key`; those live in `Zeroizing` buffers
+//! and are written only to the requested output.
+#![allow(clippy::print_stdout)]
+
+mod aliases;
+mod audit;
+mod crypto;
+mod keys;
+mod output;
+mod parse;
+mod rfc3339;
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::{Channel, Endpoint};
+
+pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
+pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
+pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
+pub use keys::{
+    CreateKeyArgs, KeyArg, KeyCommand, ListKeysArgs, RotationPolicyArgs, ScheduleDeletionArgs,
+    TagArgs, UntagArgs, UpdateDescriptionArgs, VersionArgs,
+};
+
+/// How long to wait for the TCP/HTTP2 connection to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for one RPC; the server has its own, usually shorter, limit.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Options shared by every client command.
+#[derive(Debug, clap::Args)]
+pub struct ClientOptions {
+    /// gRPC endpoint of the kms server.
+    #[arg(
+        long,
+        env = "KMS_ENDPOINT",
+        default_value = "http://127.0.0.1:7443",
+        global = true
+    )]
+    pub endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The client commands (each talks to a running `kms serve`).
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Manage keys: create, list, describe, rotate, enable/disable, delete, versions, tags.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Manage aliases ("alias/<name>" pointers to keys).
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Encrypt a small input (up to the server's plaintext limit, 4 KiB by default).
+    Encrypt(EncryptArgs),
+    /// Decrypt a ciphertext blob made by encrypt or data-key.
+    Decrypt(DecryptArgs),
+    /// Generate a data key for local (envelope) encryption of larger data.
+    DataKey(DataKeyArgs),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Runs one client command against the server named in `options`.
+pub async fn run(command: ClientCommand, options: &ClientOptions) -> anyhow::Result<()> {
+    match command {
+        ClientCommand::Key(command) => keys::run(command, options).await,
+        ClientCommand::Alias(command) => aliases::run(command, options).await,
+        ClientCommand::Encrypt(args) => crypto::encrypt(args, options).await,
+        ClientCommand::Decrypt(args) => crypto::decrypt(args, options).await,
+        ClientCommand::DataKey(args) => crypto::data_key(args, options).await,
+        ClientCommand::Audit(command) => audit::run(command, options).await,
+    }
+}
+
+/// A gRPC call that the server (or the transport) answered with a non-OK status.
+/// Display: `NOT_FOUND: key alias/x not found`.
+#[derive(Debug)]
+pub struct RpcError {
+    /// The status code.
+    pub code: tonic::Code,
+    /// The status message, as the server wrote it.
+    pub message: String,
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = output::code_name(self.code);
+        if self.message.is_empty() {
+            f.write_str(name)
+        } else {
+            // The message comes from the network: no terminal control characters.
+            write!(f, "{name}: {}", output::sanitize(&self.message))
+        }
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl From<tonic::Status> for RpcError {
+    fn from(status: tonic::Status) -> Self {
+        RpcError {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Turns a failed RPC into the error the command returns.
+pub(crate) fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::Error::new(RpcError::from(status))
+}
+
+/// Pagination: the token for the next page, or `None` after the last page. A
+/// server that hands back the token it was given would loop forever; refuse it.
+pub(crate) fn next_page_token(current: &str, next: String) -> anyhow::Result<Option<String>> {
+    if next.is_empty() {
+        Ok(None)
+    } else if next == current {
+        anyhow::bail!("the server returned the same page token twice; giving up")
+    } else {
+        Ok(Some(next))
+    }
+}
+
+/// A field the server must fill in a successful reply.
+pub(crate) fn required<T>(field: Option<T>, name: &str) -> anyhow::Result<T> {
+    field.ok_or_else(|| anyhow::anyhow!("the server's reply has no {name}"))
+}
+
+/// Opens the HTTP/2 channel to the server. Clients of the three services share it.
+pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(options.endpoint.clone())
+        .with_context(|| format!("invalid --endpoint {:?}", options.endpoint))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot connect to the kms server at {} (is `kms serve` running? \
+             set --endpoint or KMS_ENDPOINT)",
+            options.endpoint
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    use super::*;
+
+    /// Stand-in for the binary's parser: the client commands and options as main
+    /// wires them.
+    #[derive(Debug, Parser)]
+    #[command(name = "kms")]
+    struct TestCli {
+        #[command(flatten)]
+        options: ClientOptions,
+        #[command(subcommand)]
+        command: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("kms").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_definitions_are_consistent() {
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_are_accepted_after_the_subcommand() {
+        let cli =
+            parse(&["key", "list", "--json", "--endpoint", "http://[::1]:9"]).expect("parses");
+        assert!(cli.options.json);
+        assert_eq!(cli.options.endpoint, "http://[::1]:9");
+        assert!(matches!(
+            cli.command,
+            ClientCommand::Key(KeyCommand::List(_))
+        ));
+    }
+
+    #[test]
+    fn key_create_collects_tags_and_alias() {
+        let cli = parse(&[
+            "key",
+            "create",
+            "--description",
+            "payments",
+            "--tag",
+            "env=prod",
+            "--tag",
+            "team=a=b",
+            "--rotation-period-days",
+            "90",
+            "--alias",
+            "alias/payments",
+        ])
+        .expect("parses");
+        let ClientCommand::Key(KeyCommand::Create(args)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(args.description, "payments");
+        assert_eq!(
+            args.tags,
+            vec![
+                ("env".to_owned(), "prod".to_owned()),
+                ("team".to_owned(), "a=b".to_owned())
+            ]
+        );
+        assert_eq!(args.rotation_period_days, Some(90));
+        assert_eq!(args.alias.as_deref(), Some("alias/payments"));
+    }
+
+    #[test]
+    fn malformed_pairs_are_rejected_by_the_parser() {
+        assert!(parse(&["key", "create", "--tag", "novalue"]).is_err());
+        assert!(parse(&["encrypt", "--key", "k", "--context", "=v"]).is_err());
+        assert!(parse(&["key", "tag", "k", "a=1", "b"]).is_err());
+    }
+
+    #[test]
+    fn rotation_policy_needs_exactly_one_of_period_and_none() {
+        assert!(parse(&["key", "rotation-policy", "k"]).is_err());
+        assert!(
+            parse(&[
+                "key",
+                "rotation-policy",
+                "k",
+                "--none",
+                "--period-days",
+                "3"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["key", "rotation-policy", "k", "--period-days", "0"]).is_err());
+        assert!(parse(&["key", "rotation-policy", "k", "--none"]).is_ok());
+        assert!(parse(&["key", "rotation-policy", "k", "--period-days", "30"]).is_ok());
+    }
+
+    #[test]
+    fn data_key_spec_and_bytes_are_exclusive() {
+        assert!(
+            parse(&[
+                "data-key", "--key", "k", "--spec", "aes-128", "--bytes", "8"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["data-key", "--key", "k", "--spec", "aes-512"]).is_err());
+        let cli =
+            parse(&["data-key", "--key", "k", "--bytes", "64", "--no-plaintext"]).expect("parses");
+        let ClientCommand::DataKey(args) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(args.bytes, Some(64));
+        assert!(args.no_plaintext);
+    }
+
+    #[test]
+    fn encrypt_takes_in_and_out_paths_and_requires_a_key() {
+        assert!(parse(&["encrypt"]).is_err());
+        let cli = parse(&[
+            "encrypt", "--key", "alias/a", "--in", "-", "--out", "blob.bin",
+        ])
+        .expect("parses");
+        let ClientCommand::Encrypt(args) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(args.key, "alias/a");
+        assert_eq!(args.io.input.as_deref(), Some(std::path::Path::new("-")));
+        assert_eq!(
+            args.io.output.as_deref(),
+            Some(std::path::Path::new("blob.bin"))
+        );
+    }
+
+    #[test]
+    fn audit_list_parses_operation_and_times() {
+        let cli = parse(&[
+            "audit",
+            "list",
+            "--operation",
+            "ReEncrypt",
+            "--since",
+            "2026-01-01T00:00:00Z",
+            "--limit",
+            "5",
+        ])
+        .expect("parses");
+        let ClientCommand::Audit(AuditCommand::List(args)) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(args.operation, Some(kms_proto::v1::Operation::ReEncrypt));
+        assert_eq!(args.since.map(|t| t.seconds), Some(1_767_225_600));
+        assert!(parse(&["audit", "list", "--operation", "Frobnicate"]).is_err());
+        assert!(parse(&["audit", "list", "--since", "yesterday"]).is_err());
+    }
+
+    #[test]
+    fn page_tokens_end_on_empty_and_never_repeat() {
+        assert_eq!(next_page_token("", String::new()).expect("last page"), None);
+        assert_eq!(
+            next_page_token("", "t1".into()).expect("next"),
+            Some("t1".to_owned())
+        );
+        assert_eq!(
+            next_page_token("t1", "t2".into()).expect("next"),
+            Some("t2".to_owned())
+        );
+        assert!(next_page_token("t1", "t1".into()).is_err());
+    }
+
+    #[test]
+    fn rpc_error_display_names_the_code() {
+        let error = RpcError::from(tonic::Status::not_found("key alias/x not found"));
+        assert_eq!(error.to_string(), "NOT_FOUND: key alias/x not found");
+        let error = RpcError::from(tonic::Status::new(tonic::Code::Unavailable, ""));
+        assert_eq!(error.to_string(), "UNAVAILABLE");
+        let error = RpcError::from(tonic::Status::internal("bad\x1b[2Jthing"));
+        assert_eq!(error.to_string(), "INTERNAL: bad\\u{1b}[2Jthing");
+    }
+}
