@@ -178,7 +178,10 @@ fn verify_pairs(reply: &pb::VerifyAuditLogResponse) -> Vec<(&'static str, String
             reply.checkpoints_verified.to_string(),
         ),
         ("Last sequence", reply.last_sequence.to_string()),
-        ("Head hash", output::dash(&hex::encode(&reply.head_hash))),
+        (
+            "Head hash",
+            output::dash(&hex::encode(reply.head_hash.as_slice())),
+        ),
     ];
     if !reply.valid {
         pairs.push((
@@ -196,7 +199,7 @@ fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
         "events_verified": reply.events_verified,
         "checkpoints_verified": reply.checkpoints_verified,
         "last_sequence": reply.last_sequence,
-        "head_hash": hex::encode(&reply.head_hash),
+        "head_hash": hex::encode(reply.head_hash.as_slice()),
         "first_invalid_sequence": (!reply.valid).then_some(reply.first_invalid_sequence),
         "failure_reason": (!reply.valid).then_some(&reply.failure_reason),
     })
@@ -206,11 +209,12 @@ fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
 /// by page, so that memory use does not grow with the log.
 async fn export(client: &mut Client, args: AuditExportArgs) -> anyhow::Result<()> {
     let to_file = args.output.as_deref().filter(|p| p.as_os_str() != "-");
-    let sink: Box<dyn Write> = match to_file {
+    // Send (no StdoutLock): the writer lives across awaits.
+    let sink: Box<dyn Write + Send> = match to_file {
         Some(path) => Box::new(
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
         ),
-        None => Box::new(io::stdout().lock()),
+        None => Box::new(io::stdout()),
     };
     let mut writer = BufWriter::new(sink);
     let describe =
@@ -261,11 +265,11 @@ fn event_json(event: &pb::AuditEvent) -> Value {
         "operation": parse::operation_name(event.operation),
         "key_id": event.key_id,
         "key_version": event.key_version,
-        "context_digest": hex::encode(&event.context_digest),
+        "context_digest": hex::encode(event.context_digest.as_slice()),
         "result_code": event.result_code,
         "result": output::result_name(event.result_code),
         "latency_us": event.latency_us,
-        "hash": hex::encode(&event.hash),
+        "hash": hex::encode(event.hash.as_slice()),
     })
 }
 

@@ -148,12 +148,12 @@ pub(crate) async fn encrypt(args: EncryptArgs, options: &ClientOptions) -> anyho
         let document = serde_json::json!({
             "key_id": reply.key_id,
             "key_version": reply.key_version,
-            "ciphertext_blob": BASE64.encode(&reply.ciphertext_blob),
+            "ciphertext_blob": BASE64.encode(reply.ciphertext_blob.as_slice()),
         });
         text = format!("{}\n", serde_json::to_string_pretty(&document)?);
         text.as_bytes()
     } else if args.base64 {
-        text = format!("{}\n", BASE64.encode(&reply.ciphertext_blob));
+        text = format!("{}\n", BASE64.encode(reply.ciphertext_blob.as_slice()));
         text.as_bytes()
     } else {
         &reply.ciphertext_blob
@@ -255,8 +255,8 @@ pub(crate) async fn data_key(args: DataKeyArgs, options: &ClientOptions) -> anyh
             Some(plaintext),
         )
     };
-    let blob = BASE64.encode(&ciphertext_blob);
-    let encoded = plaintext.as_ref().map(|p| base64_secret(p));
+    let blob = BASE64.encode(ciphertext_blob.as_slice());
+    let encoded = plaintext.as_ref().map(|p| base64_secret(p.as_slice()));
     let text = if options.json {
         SecretJson {
             key_id: &key_id,

@@ -31,7 +31,7 @@ impl Table {
 
     /// Adds a row; cells are sanitized here.
     pub(crate) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells.iter().map(|c| sanitize(c)).collect());
+        self.rows.push(cells.iter().map(String::as_str).map(sanitize).collect());
     }
 
     /// The table as text, one line per row after the header line, with no
@@ -130,7 +130,7 @@ pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
         .and_then(|()| stdout.flush())
     {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
+        other => other.map_err(anyhow::Error::from),
     }
 }
 

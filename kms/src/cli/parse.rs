@@ -114,9 +114,13 @@ mod tests {
 
     #[test]
     fn key_value_rejects_missing_equals_and_empty_keys() {
-        assert!(key_value("novalue").unwrap_err().contains("no '='"));
-        assert!(key_value("").unwrap_err().contains("no '='"));
-        assert!(key_value("=v").unwrap_err().contains("empty key"));
+        assert!(
+            key_value("novalue")
+                .expect_err("rejected")
+                .contains("no '='")
+        );
+        assert!(key_value("").expect_err("rejected").contains("no '='"));
+        assert!(key_value("=v").expect_err("rejected").contains("empty key"));
     }
 
     #[test]
@@ -132,7 +136,7 @@ mod tests {
             vec![("a".into(), "1".into()), ("a".into(), "1".into())],
             "context",
         )
-        .unwrap_err();
+        .expect_err("rejected");
         assert_eq!(error.to_string(), "context key \"a\" given more than once");
         assert!(pairs_to_map(Vec::new(), "tag").expect("empty").is_empty());
     }
@@ -189,7 +193,7 @@ mod tests {
             "Encrypt2",
             "En crypt",
         ] {
-            let error = operation(bad).unwrap_err();
+            let error = operation(bad).expect_err("rejected");
             assert!(error.contains("unknown operation"), "{bad:?}: {error}");
         }
     }

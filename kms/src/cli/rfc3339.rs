@@ -23,7 +23,7 @@ fn parse_inner(text: &str) -> Option<Timestamp> {
     let month = digits(b, 5, 2)?;
     expect(b, 7, b'-')?;
     let day = digits(b, 8, 2)?;
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+    if !(1..=12).contains(&month) || !(1..=days_in_month(year, month)).contains(&day) {
         return None;
     }
     let days = days_from_civil(year, month, day);
