@@ -31,7 +31,8 @@ impl Table {
 
     /// Adds a row; cells are sanitized here.
     pub(crate) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells.iter().map(String::as_str).map(sanitize).collect());
+        self.rows
+            .push(cells.iter().map(String::as_str).map(sanitize).collect());
     }
 
     /// The table as text, one line per row after the header line, with no
