@@ -545,3 +545,84 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::audit_record::ResultCode;
+    use crate::audit_verify::VerifyOptions;
+    use crate::db::{Storage, StorageOptions};
+
+    fn event(i: u64) -> AuditEvent {
+        AuditEvent {
+            principal: "p".into(),
+            peer: "127.0.0.1:1".into(),
+            request_id: format!("r{i}"),
+            operation: "Encrypt".into(),
+            key_id: None,
+            key_version: None,
+            context_digest: None,
+            result: ResultCode::Ok,
+            latency_micros: i,
+        }
+    }
+
+    fn mac() -> MacFn {
+        Box::new(|m: &[u8]| Ok(m.to_vec()))
+    }
+
+    fn verify_mac(m: &[u8], mac: &[u8]) -> Result<bool, CallbackError> {
+        Ok(m == mac)
+    }
+
+    #[test]
+    fn write_failure_poisons_until_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), &StorageOptions::default()).unwrap();
+        let cfg = AuditConfig {
+            checkpoint_every_records: 2,
+            ..AuditConfig::default()
+        };
+        {
+            let log = s.open_audit_log(cfg.clone(), mac()).unwrap();
+            assert_eq!(log.append(event(1)).unwrap(), 1);
+            log.fail_next_write();
+            // The failing batch: a real error from RocksDB, and the caller is told.
+            assert!(matches!(
+                log.append(event(2)),
+                Err(StorageError::AuditWrite { .. })
+            ));
+            assert!(log.is_poisoned());
+            // Fail closed: every later append fails too, although writes would work now.
+            for i in 3..6 {
+                assert!(matches!(
+                    log.append(event(i)),
+                    Err(StorageError::AuditPoisoned)
+                ));
+            }
+            let (tx, rx) = mpsc::channel();
+            assert!(matches!(
+                log.submit_with_callback(event(6), move |r| tx.send(r.is_ok()).unwrap()),
+                Err(StorageError::AuditPoisoned)
+            ));
+            assert!(rx.try_recv().is_err(), "callback not called when refused");
+            assert_eq!(log.head().0, 1);
+        }
+        // Nothing of the failed batch reached the disk; reopening recovers.
+        assert!(s.audit_reader().get(2).unwrap().is_none());
+        let log = s.open_audit_log(cfg, mac()).unwrap();
+        assert!(!log.is_poisoned());
+        assert_eq!(log.append(event(7)).unwrap(), 2);
+        assert_eq!(log.append(event(8)).unwrap(), 3);
+        drop(log);
+        let report = s
+            .audit_reader()
+            .verify(&VerifyOptions::default(), &verify_mac)
+            .unwrap();
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!(report.records, 3);
+        assert_eq!(s.audit_reader().get(2).unwrap().unwrap().event, event(7));
+    }
+}

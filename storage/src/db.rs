@@ -135,12 +135,6 @@ impl Storage {
         }
         log
     }
-
-    /// Raw access for this crate's own tests (tampering, format changes).
-    #[cfg(test)]
-    pub(crate) fn raw(&self) -> &Db {
-        &self.db
-    }
 }
 
 fn check_format(db: &Db) -> Result<(), StorageError> {

@@ -24,18 +24,18 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The oldest format this build can read.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 
-pub(crate) const CF_DEFAULT: &str = "default";
-pub(crate) const CF_KEYS: &str = "keys";
-pub(crate) const CF_VERSIONS: &str = "versions";
-pub(crate) const CF_PENDING: &str = "pending";
-pub(crate) const CF_ALIASES: &str = "aliases";
-pub(crate) const CF_ALIASES_BY_KEY: &str = "aliases_by_key";
-pub(crate) const CF_GCM_COUNTERS: &str = "gcm_counters";
-pub(crate) const CF_AUDIT: &str = "audit";
-pub(crate) const CF_AUDIT_CHECKPOINTS: &str = "audit_checkpoints";
+pub const CF_DEFAULT: &str = "default";
+pub const CF_KEYS: &str = "keys";
+pub const CF_VERSIONS: &str = "versions";
+pub const CF_PENDING: &str = "pending";
+pub const CF_ALIASES: &str = "aliases";
+pub const CF_ALIASES_BY_KEY: &str = "aliases_by_key";
+pub const CF_GCM_COUNTERS: &str = "gcm_counters";
+pub const CF_AUDIT: &str = "audit";
+pub const CF_AUDIT_CHECKPOINTS: &str = "audit_checkpoints";
 
 /// Every column family of the current format.
-pub(crate) const ALL_CFS: [&str; 9] = [
+pub const ALL_CFS: [&str; 9] = [
     CF_DEFAULT,
     CF_KEYS,
     CF_VERSIONS,
@@ -48,7 +48,7 @@ pub(crate) const ALL_CFS: [&str; 9] = [
 ];
 
 /// Key of the format version in the default column family.
-pub(crate) const META_FORMAT_VERSION: &[u8] = b"format_version";
+pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 
 /// First byte of every catalogue record value (followed by JSON).
 pub(crate) const CATALOGUE_RECORD_V1: u8 = 1;
