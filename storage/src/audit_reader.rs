@@ -143,15 +143,21 @@ impl AuditReader {
 
     /// Writes every record matching `filter` as one JSON object per line;
     /// returns how many were written.
-    pub fn export_jsonl(&self, filter: &AuditFilter, out: &mut dyn Write) -> Result<u64, StorageError> {
+    pub fn export_jsonl(
+        &self,
+        filter: &AuditFilter,
+        out: &mut dyn Write,
+    ) -> Result<u64, StorageError> {
         let mut after = None;
         let mut n = 0u64;
         loop {
             let page = self.query(filter, after, crate::catalogue::MAX_PAGE_SIZE)?;
             for rec in &page.records {
-                serde_json::to_writer(&mut *out, rec).map_err(|source| StorageError::Serialize {
-                    what: "audit record",
-                    source,
+                serde_json::to_writer(&mut *out, rec).map_err(|source| {
+                    StorageError::Serialize {
+                        what: "audit record",
+                        source,
+                    }
                 })?;
                 out.write_all(b"\n")
                     .map_err(|source| StorageError::Export { source })?;
@@ -162,12 +168,17 @@ impl AuditReader {
                 None => break,
             }
         }
-        out.flush().map_err(|source| StorageError::Export { source })?;
+        out.flush()
+            .map_err(|source| StorageError::Export { source })?;
         Ok(n)
     }
 
     /// Checkpoints with sequence numbers greater than `after`, at most `limit`.
-    pub fn checkpoints(&self, after: Option<u64>, limit: usize) -> Result<Vec<Checkpoint>, StorageError> {
+    pub fn checkpoints(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Checkpoint>, StorageError> {
         let start = schema::seq_key(after.map_or(0, |a| a.saturating_add(1)));
         let it = self.db.db.iterator_cf(
             self.db.cf(CF_AUDIT_CHECKPOINTS)?,
@@ -176,11 +187,13 @@ impl AuditReader {
         let mut out = Vec::new();
         for item in it.take(limit) {
             let (k, v) = item.map_err(StorageError::db("iterate audit checkpoints"))?;
-            out.push(Checkpoint::decode(&v).map_err(|reason| StorageError::Corrupt {
-                cf: CF_AUDIT_CHECKPOINTS,
-                key_hex: hex::encode(&k),
-                reason,
-            })?);
+            out.push(
+                Checkpoint::decode(&v).map_err(|reason| StorageError::Corrupt {
+                    cf: CF_AUDIT_CHECKPOINTS,
+                    key_hex: hex::encode(&k),
+                    reason,
+                })?,
+            );
         }
         Ok(out)
     }

@@ -407,11 +407,12 @@ impl Checkpoint {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
-        let mac_len = u16::try_from(self.mac.len()).map_err(|_| StorageError::AuditFieldTooLong {
-            field: "checkpoint mac",
-            len: self.mac.len(),
-            max: MAX_FIELD_LEN,
-        })?;
+        let mac_len =
+            u16::try_from(self.mac.len()).map_err(|_| StorageError::AuditFieldTooLong {
+                field: "checkpoint mac",
+                len: self.mac.len(),
+                max: MAX_FIELD_LEN,
+            })?;
         let mut out = Vec::with_capacity(53 + self.mac.len());
         out.push(CHECKPOINT_FORMAT_V1);
         out.extend_from_slice(&self.seq.to_be_bytes());

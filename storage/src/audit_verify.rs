@@ -133,8 +133,11 @@ impl Walk<'_> {
             return Ok(Err(VerifyFailureReason::CheckpointHeadMismatch));
         }
         let msg = Checkpoint::mac_message(cp.seq, cp.time_micros, &cp.head_hash);
-        let ok = (self.verifier)(&msg, &cp.mac)
-            .map_err(|source| StorageError::CheckpointVerifier { seq: cp.seq, source })?;
+        let ok =
+            (self.verifier)(&msg, &cp.mac).map_err(|source| StorageError::CheckpointVerifier {
+                seq: cp.seq,
+                source,
+            })?;
         Ok(if ok {
             Ok(())
         } else {
@@ -146,7 +149,11 @@ impl Walk<'_> {
 impl AuditReader {
     /// Walks the chain and checks the checkpoints; see the module docs. Returns
     /// `Err` only if the walk itself could not be done (I/O, verifier error).
-    pub fn verify(&self, options: &VerifyOptions, verifier: VerifyMacFn<'_>) -> Result<VerifyReport, StorageError> {
+    pub fn verify(
+        &self,
+        options: &VerifyOptions,
+        verifier: VerifyMacFn<'_>,
+    ) -> Result<VerifyReport, StorageError> {
         let db = &self.db;
         let mut walk = Walk {
             verifier,
@@ -202,10 +209,15 @@ impl AuditReader {
             }
             let rec = match AuditRecord::decode(&v) {
                 Ok(r) => r,
-                Err(detail) => return Ok(walk.fail(seq, VerifyFailureReason::Undecodable { detail })),
+                Err(detail) => {
+                    return Ok(walk.fail(seq, VerifyFailureReason::Undecodable { detail }));
+                }
             };
             if rec.seq != seq {
-                return Ok(walk.fail(seq, VerifyFailureReason::SequenceMismatch { stored: rec.seq }));
+                return Ok(walk.fail(
+                    seq,
+                    VerifyFailureReason::SequenceMismatch { stored: rec.seq },
+                ));
             }
             if rec.prev_hash != walk.report.head_hash {
                 return Ok(walk.fail(seq, VerifyFailureReason::PrevHashMismatch));

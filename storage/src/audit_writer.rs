@@ -137,7 +137,11 @@ fn now_micros() -> u64 {
 }
 
 impl AuditLog {
-    pub(crate) fn start(db: Arc<Db>, config: AuditConfig, mac: MacFn) -> Result<AuditLog, StorageError> {
+    pub(crate) fn start(
+        db: Arc<Db>,
+        config: AuditConfig,
+        mac: MacFn,
+    ) -> Result<AuditLog, StorageError> {
         let (last_seq, head, last_time) = read_head(&db)?;
         let last_cp = last_checkpoint_seq(&db)?;
         let shared = Arc::new(Shared {
@@ -435,7 +439,8 @@ impl Writer {
             return;
         }
         let mut wb = WriteBatch::default();
-        let mut sealed: Vec<(Completion, Result<u64, StorageError>)> = Vec::with_capacity(reqs.len());
+        let mut sealed: Vec<(Completion, Result<u64, StorageError>)> =
+            Vec::with_capacity(reqs.len());
         let time = self.next_time();
         let mut seq = self.last_seq;
         let mut head = self.head;

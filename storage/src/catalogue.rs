@@ -40,9 +40,13 @@ pub struct Catalogue {
     counters: GcmCounters,
 }
 
-pub(crate) fn encode_record<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StorageError> {
+pub(crate) fn encode_record<T: Serialize>(
+    what: &'static str,
+    v: &T,
+) -> Result<Vec<u8>, StorageError> {
     let mut out = vec![schema::CATALOGUE_RECORD_V1];
-    serde_json::to_writer(&mut out, v).map_err(|source| StorageError::Serialize { what, source })?;
+    serde_json::to_writer(&mut out, v)
+        .map_err(|source| StorageError::Serialize { what, source })?;
     Ok(out)
 }
 
@@ -109,7 +113,11 @@ impl Catalogue {
         aliases.sort();
         aliases.dedup();
         for alias in &aliases {
-            if self.db.get(CF_ALIASES, alias.as_str().as_bytes())?.is_some() {
+            if self
+                .db
+                .get(CF_ALIASES, alias.as_str().as_bytes())?
+                .is_some()
+            {
                 return Err(StorageError::AliasExists {
                     alias: alias.to_string(),
                 });
@@ -261,7 +269,11 @@ impl Catalogue {
     /// Turns a key into a tombstone in one synced write: state `Deleted`, every
     /// version `Destroyed`, pending markers and aliases removed. Call it after
     /// the KEKs have been destroyed in the HSM.
-    pub fn finalize_key_deletion(&self, id: &KeyId, now_ms: u64) -> Result<KeyRecord, StorageError> {
+    pub fn finalize_key_deletion(
+        &self,
+        id: &KeyId,
+        now_ms: u64,
+    ) -> Result<KeyRecord, StorageError> {
         let _guard = self.lock();
         let mut key = self.require_live_key(id)?;
         let mut batch = WriteBatch::default();
@@ -324,7 +336,11 @@ impl Catalogue {
         let mut batch = WriteBatch::default();
         self.put_key(&mut batch, &key)?;
         self.put_version(&mut batch, &version)?;
-        batch.put_cf(self.db.cf(CF_PENDING)?, schema::version_key(id.as_str(), v), []);
+        batch.put_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), v),
+            [],
+        );
         self.db.write_synced(batch)?;
         Ok(version)
     }
@@ -347,7 +363,10 @@ impl Catalogue {
         let mut batch = WriteBatch::default();
         self.put_key(&mut batch, &key)?;
         self.put_version(&mut batch, &ver)?;
-        batch.delete_cf(self.db.cf(CF_PENDING)?, schema::version_key(id.as_str(), version));
+        batch.delete_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), version),
+        );
         self.db.write_synced(batch)?;
         Ok((key, ver))
     }
@@ -368,7 +387,10 @@ impl Catalogue {
         ver.updated_at_ms = now_ms;
         let mut batch = WriteBatch::default();
         self.put_version(&mut batch, &ver)?;
-        batch.delete_cf(self.db.cf(CF_PENDING)?, schema::version_key(id.as_str(), version));
+        batch.delete_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), version),
+        );
         self.db.write_synced(batch)?;
         Ok(ver)
     }
@@ -389,7 +411,11 @@ impl Catalogue {
         Ok(out)
     }
 
-    pub fn get_version(&self, id: &KeyId, version: u32) -> Result<Option<VersionRecord>, StorageError> {
+    pub fn get_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+    ) -> Result<Option<VersionRecord>, StorageError> {
         let k = schema::version_key(id.as_str(), version);
         let Some(bytes) = self.db.get(CF_VERSIONS, &k)? else {
             return Ok(None);
@@ -475,7 +501,12 @@ impl Catalogue {
     /// Counts `n` AES-GCM invocations of a version and returns the total so far.
     /// See [`GcmCounters`](crate::gcm_counter) for why this is cheap and never
     /// under-counts across crashes.
-    pub fn add_gcm_invocations(&self, id: &KeyId, version: u32, n: u64) -> Result<u64, StorageError> {
+    pub fn add_gcm_invocations(
+        &self,
+        id: &KeyId,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StorageError> {
         let k = schema::version_key(id.as_str(), version);
         self.counters.add(&self.db, &k, n, || {
             if self.db.get(CF_VERSIONS, &k)?.is_some() {
@@ -586,7 +617,8 @@ impl Catalogue {
                     id.as_str().as_bytes(),
                     start.as_deref(),
                     |k, _| {
-                        let alias = decode_alias(CF_ALIASES_BY_KEY, k, &k[KeyId::LEN.min(k.len())..])?;
+                        let alias =
+                            decode_alias(CF_ALIASES_BY_KEY, k, &k[KeyId::LEN.min(k.len())..])?;
                         Ok(take(
                             &mut items,
                             AliasEntry {
@@ -671,7 +703,12 @@ impl Catalogue {
         Ok(())
     }
 
-    fn put_alias(&self, batch: &mut WriteBatch, alias: &Alias, id: &KeyId) -> Result<(), StorageError> {
+    fn put_alias(
+        &self,
+        batch: &mut WriteBatch,
+        alias: &Alias,
+        id: &KeyId,
+    ) -> Result<(), StorageError> {
         batch.put_cf(
             self.db.cf(CF_ALIASES)?,
             alias.as_str().as_bytes(),
@@ -695,10 +732,10 @@ impl Catalogue {
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
         let start = after.unwrap_or(prefix);
-        let iter = self
-            .db
-            .db
-            .iterator_cf(self.db.cf(cf)?, IteratorMode::From(start, Direction::Forward));
+        let iter = self.db.db.iterator_cf(
+            self.db.cf(cf)?,
+            IteratorMode::From(start, Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(StorageError::db("iterate"))?;
             if !k.starts_with(prefix) {

@@ -47,7 +47,11 @@ impl Db {
             .ok_or(StorageError::MissingColumnFamily { name })
     }
 
-    pub(crate) fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    pub(crate) fn get(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         self.db
             .get_cf(self.cf(cf)?, key)
             .map_err(StorageError::db("get"))
@@ -120,7 +124,11 @@ impl Storage {
 
     /// Starts the audit log's group-commit writer. Only one may be open at a
     /// time; dropping it (or reopening after a poisoning) releases the slot.
-    pub fn open_audit_log(&self, config: AuditConfig, mac: MacFn) -> Result<AuditLog, StorageError> {
+    pub fn open_audit_log(
+        &self,
+        config: AuditConfig,
+        mac: MacFn,
+    ) -> Result<AuditLog, StorageError> {
         if self
             .db
             .audit_writer_open

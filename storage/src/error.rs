@@ -45,7 +45,9 @@ pub enum StorageError {
     )]
     FormatTooNew { found: u32, supported: u32 },
     /// The database has a format version this build can no longer read.
-    #[error("database format version {found} is older than the oldest this build supports ({supported})")]
+    #[error(
+        "database format version {found} is older than the oldest this build supports ({supported})"
+    )]
     FormatTooOld { found: u32, supported: u32 },
     /// A column family the schema requires is missing after open.
     #[error("column family {name} is missing")]

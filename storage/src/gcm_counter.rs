@@ -33,13 +33,13 @@ pub(crate) struct GcmCounters {
 fn read_persisted(db: &Db, key: &[u8]) -> Result<u64, StorageError> {
     match db.get(CF_GCM_COUNTERS, key)? {
         None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-            StorageError::Corrupt {
+        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+            |_| StorageError::Corrupt {
                 cf: CF_GCM_COUNTERS,
                 key_hex: hex::encode(key),
                 reason: "counter is not 8 bytes",
-            }
-        })?)),
+            },
+        )?)),
     }
 }
 

@@ -144,10 +144,14 @@ pub enum KeyState {
     Enabled,
     Disabled,
     /// Deletion is scheduled for `delete_at_ms`; cancellable until then.
-    PendingDeletion { delete_at_ms: u64 },
+    PendingDeletion {
+        delete_at_ms: u64,
+    },
     /// A tombstone: the versions are destroyed, the id is never reused and the
     /// record stays so that the audit history remains readable.
-    Deleted { deleted_at_ms: u64 },
+    Deleted {
+        deleted_at_ms: u64,
+    },
 }
 
 /// When the service rotates a key on its own.
@@ -205,8 +209,12 @@ pub enum VersionState {
     Pending,
     Enabled,
     Disabled,
-    ScheduledDestruction { destroy_at_ms: u64 },
-    Destroyed { destroyed_at_ms: u64 },
+    ScheduledDestruction {
+        destroy_at_ms: u64,
+    },
+    Destroyed {
+        destroyed_at_ms: u64,
+    },
 }
 
 /// How a version's KEK is held. A field rather than an assumption so that a

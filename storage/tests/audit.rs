@@ -12,7 +12,7 @@ use kms_storage::{
     VerifyFailure, VerifyFailureReason, VerifyOptions, VerifyStart, schema,
 };
 
-use crate::{config, event, mac_fn, open, raw_db, verify_mac, MAC_KEY};
+use crate::{MAC_KEY, config, event, mac_fn, open, raw_db, verify_mac};
 
 fn opts(every: u64) -> VerifyOptions {
     VerifyOptions {
@@ -69,8 +69,15 @@ fn append_round_trip_reopen_and_verify() {
     assert_eq!(report.checkpoints_verified, 4);
     assert_eq!(report.uncheckpointed_tail, 0);
     // Record times never decrease.
-    let page = s.audit_reader().query(&AuditFilter::default(), None, 100).unwrap();
-    assert!(page.records.windows(2).all(|w| w[0].time_micros <= w[1].time_micros));
+    let page = s
+        .audit_reader()
+        .query(&AuditFilter::default(), None, 100)
+        .unwrap();
+    assert!(
+        page.records
+            .windows(2)
+            .all(|w| w[0].time_micros <= w[1].time_micros)
+    );
 }
 
 #[test]
@@ -113,7 +120,11 @@ fn concurrent_appends_form_a_gapless_verified_chain() {
     };
     let total = threads * per_thread;
     let unique: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(unique.len() as u64, total, "every caller got its own sequence");
+    assert_eq!(
+        unique.len() as u64,
+        total,
+        "every caller got its own sequence"
+    );
     assert_eq!(unique, (1..=total).collect());
     let report = s.audit_reader().verify(&opts(50), &verify_mac).unwrap();
     assert!(report.is_ok(), "{report:?}");
@@ -269,7 +280,8 @@ fn forge(dir: &Path, from: u64, forge_checkpoints: bool) {
                 cp.head_hash = head;
                 let msg = Checkpoint::mac_message(cp.seq, cp.time_micros, &head);
                 cp.mac = (mac_fn(b"attacker's own key"))(&msg).unwrap();
-                db.put_cf(cpf, seq.to_be_bytes(), cp.encode().unwrap()).unwrap();
+                db.put_cf(cpf, seq.to_be_bytes(), cp.encode().unwrap())
+                    .unwrap();
             }
         }
     }
@@ -307,7 +319,12 @@ fn forged_chain_fails_checkpoint_verification() {
     );
     // The hash chain alone would not have noticed: only the MAC does.
     let accept_any = |_: &[u8], _: &[u8]| -> Result<bool, CallbackError> { Ok(true) };
-    assert!(s.audit_reader().verify(&opts(10), &accept_any).unwrap().is_ok());
+    assert!(
+        s.audit_reader()
+            .verify(&opts(10), &accept_any)
+            .unwrap()
+            .is_ok()
+    );
 
     // Deleting the checkpoints too is caught by the checkpoint spacing rule.
     drop(s);
@@ -340,7 +357,14 @@ fn verify_from_a_trusted_checkpoint() {
     }
     let s = open(dir.path());
     let r = s.audit_reader();
-    assert_eq!(r.verify(&opts(10), &verify_mac).unwrap().failure.unwrap().seq, 5);
+    assert_eq!(
+        r.verify(&opts(10), &verify_mac)
+            .unwrap()
+            .failure
+            .unwrap()
+            .seq,
+        5
+    );
     let from20 = VerifyOptions {
         start: VerifyStart::Checkpoint(20),
         max_records_between_checkpoints: Some(10),
@@ -354,7 +378,11 @@ fn verify_from_a_trusted_checkpoint() {
         max_records_between_checkpoints: None,
     };
     assert_eq!(
-        r.verify(&missing, &verify_mac).unwrap().failure.unwrap().reason,
+        r.verify(&missing, &verify_mac)
+            .unwrap()
+            .failure
+            .unwrap()
+            .reason,
         VerifyFailureReason::StartCheckpointMissing
     );
 }
@@ -487,7 +515,10 @@ fn query_filters_and_pages() {
         .map(|x| x.seq)
         .collect();
     assert!(!want.is_empty());
-    assert_eq!(ranged.records.iter().map(|x| x.seq).collect::<Vec<_>>(), want);
+    assert_eq!(
+        ranged.records.iter().map(|x| x.seq).collect::<Vec<_>>(),
+        want
+    );
 }
 
 #[test]
@@ -516,7 +547,12 @@ fn export_writes_json_lines() {
     assert_eq!(first["key_version"], 1);
     assert_eq!(first["context_digest"], hex::encode([1u8; 32]));
     assert_eq!(first["hash"].as_str().unwrap().len(), 64);
-    let mut fields: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut fields: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     fields.sort_unstable();
     assert_eq!(
         fields,

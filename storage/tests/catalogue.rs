@@ -78,7 +78,12 @@ fn create_commit_round_trip_and_reopen() {
     let key = c.get_key(&id).unwrap().unwrap();
     assert_eq!(key.primary_version, Some(1));
     assert_eq!(key.tags["team"], "payments");
-    assert_eq!(key.rotation, RotationPolicy::Every { period_secs: 86_400 });
+    assert_eq!(
+        key.rotation,
+        RotationPolicy::Every {
+            period_secs: 86_400
+        }
+    );
     assert_eq!(key.next_rotation_at_ms, Some(5_000));
     assert_eq!(key.created_at_ms, 1_000);
     assert_eq!(c.resolve_key("alias/app").unwrap().unwrap().id, id);
@@ -171,7 +176,10 @@ fn version_state_transitions() {
         .set_version_state(&id, 1, VersionState::Disabled, 10)
         .unwrap();
     assert_eq!(v.state, VersionState::Disabled);
-    assert_eq!(c.get_version(&id, 1).unwrap().unwrap().state, VersionState::Disabled);
+    assert_eq!(
+        c.get_version(&id, 1).unwrap().unwrap().state,
+        VersionState::Disabled
+    );
     // Nothing becomes pending again; pending versions move only by commit/discard.
     assert!(matches!(
         c.set_version_state(&id, 1, VersionState::Pending, 11),
@@ -183,8 +191,15 @@ fn version_state_transitions() {
         Err(StorageError::InvalidVersionTransition { .. })
     ));
     // Destroyed is final.
-    c.set_version_state(&id, 1, VersionState::Destroyed { destroyed_at_ms: 14 }, 14)
-        .unwrap();
+    c.set_version_state(
+        &id,
+        1,
+        VersionState::Destroyed {
+            destroyed_at_ms: 14,
+        },
+        14,
+    )
+    .unwrap();
     assert!(matches!(
         c.set_version_state(&id, 1, VersionState::Enabled, 15),
         Err(StorageError::InvalidVersionTransition { .. })
@@ -312,7 +327,10 @@ fn listings_are_paginated_and_ordered() {
         .iter()
         .map(|e| e.alias.to_string())
         .collect();
-    assert_eq!(names, (0..7).map(|i| format!("alias/x{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        names,
+        (0..7).map(|i| format!("alias/x{i}")).collect::<Vec<_>>()
+    );
     assert_eq!(p3.items.len(), 1);
     assert_eq!(p3.next_page_token, None);
 }
@@ -359,7 +377,9 @@ fn update_key_is_read_modify_write() {
     });
     assert!(matches!(
         r,
-        Err(AppError::Storage(StorageError::ImmutableField { field: "id" }))
+        Err(AppError::Storage(StorageError::ImmutableField {
+            field: "id"
+        }))
     ));
     c.add_pending_version(&id, 8_100, |v| kek(&id, v)).unwrap();
     let r = c.update_key(&id, 8_200, |k| {
@@ -368,7 +388,9 @@ fn update_key_is_read_modify_write() {
     });
     assert!(matches!(
         r,
-        Err(AppError::Storage(StorageError::InvalidVersionTransition { .. }))
+        Err(AppError::Storage(
+            StorageError::InvalidVersionTransition { .. }
+        ))
     ));
 
     // Concurrent read-modify-writes do not lose updates.
@@ -398,11 +420,26 @@ fn deleted_key_stays_as_a_tombstone() {
     let id = create(&s, 30, &["alias/doomed"]);
     c.add_pending_version(&id, 2_000, |v| kek(&id, v)).unwrap();
     let k = c.finalize_key_deletion(&id, 9_000).unwrap();
-    assert_eq!(k.state, KeyState::Deleted { deleted_at_ms: 9_000 });
+    assert_eq!(
+        k.state,
+        KeyState::Deleted {
+            deleted_at_ms: 9_000
+        }
+    );
     let k = c.get_key(&id).unwrap().unwrap();
-    assert_eq!(k.state, KeyState::Deleted { deleted_at_ms: 9_000 });
+    assert_eq!(
+        k.state,
+        KeyState::Deleted {
+            deleted_at_ms: 9_000
+        }
+    );
     for v in c.list_versions(&id).unwrap() {
-        assert_eq!(v.state, VersionState::Destroyed { destroyed_at_ms: 9_000 });
+        assert_eq!(
+            v.state,
+            VersionState::Destroyed {
+                destroyed_at_ms: 9_000
+            }
+        );
     }
     assert!(c.list_pending_versions().unwrap().is_empty());
     assert!(c.resolve_key("alias/doomed").unwrap().is_none());
@@ -472,8 +509,11 @@ fn newer_format_is_refused() {
     drop(open(dir.path()));
     {
         let mut db = raw_db(dir.path());
-        db.put(schema::META_FORMAT_VERSION, (schema::FORMAT_VERSION + 1).to_be_bytes())
-            .unwrap();
+        db.put(
+            schema::META_FORMAT_VERSION,
+            (schema::FORMAT_VERSION + 1).to_be_bytes(),
+        )
+        .unwrap();
         // A newer format may also have column families we do not know.
         db.create_cf("from_the_future", &rocksdb::Options::default())
             .unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kms_storage::{VerifyOptions, VerifyStart};
 
-use crate::{config, event, mac_fn, open, verify_mac, MAC_KEY};
+use crate::{MAC_KEY, config, event, mac_fn, open, verify_mac};
 
 const CHILD_ENV: &str = "KMS_STORAGE_CRASH_CHILD_DIR";
 const EVERY: u64 = 25;
@@ -64,7 +64,12 @@ fn kill9_never_loses_acknowledged_records() {
     let mut last_seen = 0u64;
     for round in 0..20 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash::crash_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash::crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -90,7 +95,10 @@ fn kill9_never_loses_acknowledged_records() {
         let s = open(dir.path());
         let r = s.audit_reader();
         for &seq in &acked {
-            assert!(r.get(seq).unwrap().is_some(), "round {round}: acknowledged record {seq} lost");
+            assert!(
+                r.get(seq).unwrap().is_some(),
+                "round {round}: acknowledged record {seq} lost"
+            );
         }
         let report = r
             .verify(

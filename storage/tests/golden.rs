@@ -104,5 +104,9 @@ fn regenerate() {
             "encoded": hex::encode(cp.encode().unwrap()),
         },
     });
-    std::fs::write(GOLDEN_PATH, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+    std::fs::write(
+        GOLDEN_PATH,
+        serde_json::to_string_pretty(&doc).unwrap() + "\n",
+    )
+    .unwrap();
 }
