@@ -502,7 +502,7 @@ impl Writer {
                 Err(f) => tracing::warn!(error = %f.to_error(), "timed audit checkpoint skipped"),
             }
         }
-        if failure.is_none() && seq > self.last_seq {
+        if failure.is_none() && !wb.is_empty() {
             if let Err(f) = self.write(wb) {
                 if let Failure::Write(e) = &f {
                     tracing::error!(error = %e, "audit write failed; poisoning the audit log");

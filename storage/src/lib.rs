@@ -19,6 +19,8 @@ mod error;
 mod gcm_counter;
 mod keys;
 pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use audit_reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
 pub use audit_record::{
