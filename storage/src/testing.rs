@@ -18,7 +18,9 @@ pub fn flip_bit_in_audit_record(dir: &Path, seq: u64) -> Result<bool, StorageErr
     let opts = rocksdb::Options::default();
     let cfs = rocksdb::DB::list_cf(&opts, dir).map_err(db_error)?;
     let db = rocksdb::DB::open_cf(&opts, dir, cfs).map_err(db_error)?;
-    let cf = db.cf_handle(CF_AUDIT).ok_or(StorageError::MissingColumnFamily { name: CF_AUDIT })?;
+    let cf = db
+        .cf_handle(CF_AUDIT)
+        .ok_or(StorageError::MissingColumnFamily { name: CF_AUDIT })?;
     let key = seq.to_be_bytes();
     let Some(mut value) = db.get_cf(cf, key).map_err(db_error)? else {
         return Ok(false);
