@@ -1,1 +1,261 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the end-to-end tests: a real kms server on
+//! 127.0.0.1:<random port>, backed by a fresh SoftHSM2 token and a fresh
+//! RocksDB directory, with typed clients.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms::config::{AuditSettings, Config, Limits, RotationSettings, ServerConfig};
+use kms::server::RunningServer;
+use kms::service::KmsService;
+use kms_hsm::testing::TestToken;
+use kms_proto::v1::audit_client::AuditClient;
+use kms_proto::v1::crypto_client::CryptoClient;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use tonic::transport::Channel;
+
+/// A token and data directory that outlive server restarts.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub token: TestToken,
+    pub data: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        TestEnv {
+            token: TestToken::new(),
+            data: tempfile::tempdir().expect("temp data dir"),
+        }
+    }
+
+    pub fn db_dir(&self) -> PathBuf {
+        self.data.path().join("db")
+    }
+
+    /// The configuration tests run with: loopback, port 0, small limits
+    /// where a test needs them, a fast scheduler.
+    pub fn config(&self) -> Config {
+        Config {
+            server: ServerConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+                request_timeout: Duration::from_secs(30),
+                max_concurrent_requests: 256,
+                max_message_bytes: 8 << 20,
+            },
+            limits: Limits {
+                max_plaintext_bytes: 4096,
+                max_context_bytes: 8192,
+                max_batch_items: 1000,
+            },
+            hsm: self.token.config(4),
+            data_dir: self.db_dir(),
+            audit: AuditSettings {
+                sync: true,
+                checkpoint_every_records: 50,
+                checkpoint_interval: Duration::from_secs(60),
+            },
+            rotation: RotationSettings {
+                default_period: None,
+                gcm_invocation_limit: kms::config::DEFAULT_GCM_INVOCATION_LIMIT,
+                scheduler_interval: Duration::from_secs(3600),
+            },
+        }
+    }
+
+    /// Opens the service (blocking work on a blocking thread) and starts a server.
+    pub async fn start(&self) -> TestServer {
+        self.start_with(self.config()).await
+    }
+
+    pub async fn start_with(&self, config: Config) -> TestServer {
+        let open = config.clone();
+        let service = tokio::task::spawn_blocking(move || KmsService::open(&open))
+            .await
+            .expect("join")
+            .expect("open service");
+        let server = kms::server::start(&config, Arc::new(service))
+            .await
+            .expect("start server");
+        let endpoint = format!("http://{}", server.addr);
+        let channel = Channel::from_shared(endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        TestServer {
+            server: Some(server),
+            endpoint,
+            channel,
+        }
+    }
+
+    pub fn token_dir(&self) -> &Path {
+        self.token.token_dir()
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        TestEnv::new()
+    }
+}
+
+/// A running server and a channel to it.
+#[derive(Debug)]
+pub struct TestServer {
+    server: Option<RunningServer>,
+    pub endpoint: String,
+    pub channel: Channel,
+}
+
+impl TestServer {
+    pub fn keys(&self) -> KeyManagementClient<Channel> {
+        KeyManagementClient::new(self.channel.clone())
+    }
+
+    pub fn crypto(&self) -> CryptoClient<Channel> {
+        CryptoClient::new(self.channel.clone())
+    }
+
+    pub fn audit(&self) -> AuditClient<Channel> {
+        AuditClient::new(self.channel.clone())
+    }
+
+    pub fn service(&self) -> &Arc<KmsService> {
+        self.server.as_ref().expect("running").service()
+    }
+
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .and_then(|s| s.metrics_addr)
+            .expect("metrics address")
+    }
+
+    /// Stops the server and waits until the service (and its audit log and
+    /// database) is closed, so the same directories can be reopened.
+    pub async fn stop(mut self) {
+        let server = self.server.take().expect("running");
+        let service = Arc::clone(server.service());
+        server.shutdown().await.expect("shutdown");
+        drop(self.channel);
+        // In-flight handler tasks may still hold the service briefly.
+        let mut service = Some(service);
+        for _ in 0..500 {
+            match Arc::try_unwrap(service.take().expect("service")) {
+                Ok(service) => {
+                    tokio::task::spawn_blocking(move || drop(service))
+                        .await
+                        .expect("close service");
+                    return;
+                }
+                Err(still_shared) => {
+                    service = Some(still_shared);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        panic!("the service is still referenced after shutdown");
+    }
+}
+
+/// The `kms` binary of this build (built by `cargo build/nextest --workspace`),
+/// next to the test executable's `deps/` directory.
+pub fn kms_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let binary = dir.join("kms");
+    assert!(
+        binary.is_file(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        binary.display()
+    );
+    binary
+}
+
+/// A `kms serve --dev` child process on 127.0.0.1 with a random port.
+#[derive(Debug)]
+pub struct DevServerProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub banner: String,
+}
+
+impl DevServerProcess {
+    /// Starts `kms serve --dev` on `data_dir` and waits for its
+    /// "kms listening on ADDR (…)" line.
+    pub fn start(data_dir: &Path) -> DevServerProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(kms_binary())
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("KMS_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn kms serve --dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read banner");
+        let addr = line
+            .strip_prefix("kms listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("unexpected first line from kms serve: {line:?}")
+            });
+        DevServerProcess {
+            child,
+            addr,
+            banner: line.trim_end().to_owned(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, no flush, no final checkpoint.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DevServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `kms` CLI against `endpoint` with `args`, feeding `stdin`.
+/// Returns (success, stdout, stderr).
+pub fn run_cli(endpoint: &str, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(kms_binary())
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env("KMS_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kms");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin).expect("write stdin");
+    }
+    let output = child.wait_with_output().expect("kms output");
+    (
+        output.status.success(),
+        output.stdout,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,3 +1,19 @@
-//! kms
+//! kms: an HSM-backed key management service and encryption-as-a-service.
+//!
+//! Layout: `config` (TOML → typed config), `dev` (the embedded default),
+//! `envelope` and `encryption_context` (the ciphertext format), `service`
+//! (the domain: keys, envelope encryption, audit; no gRPC), `grpc` (thin
+//! handlers and the only place errors become `tonic::Status`), `server`
+//! (tonic server, health, reflection, limits, metrics), `cli` (the client
+//! commands of the `kms` binary).
+
+pub mod cli;
+pub mod config;
+pub mod dev;
 pub mod encryption_context;
 pub mod envelope;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod server;
+pub mod service;

@@ -1,1 +1,166 @@
-fn main() {}
+//! The `kms` binary: the server (`kms serve`) and a command-line client.
+//! Thin by design: parse arguments, set up logging, run, print the error
+//! chain and exit non-zero on failure.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kms::config::Config;
+use kms::service::KmsService;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kms",
+    version,
+    about = "HSM-backed key management service and its client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    client: kms::cli::ClientOptions,
+    /// Log filter (tracing env-filter syntax), e.g. "info" or "kms=debug".
+    #[arg(long, env = "KMS_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    #[command(flatten)]
+    Client(kms::cli::ClientCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML). Not needed with --dev.
+    #[arg(long, short, env = "KMS_CONFIG", required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// The embedded default: a SoftHSM2 token and RocksDB under --data-dir,
+    /// created on first run, loopback only.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// Data directory of dev mode.
+    #[arg(long, default_value = "./.kms-data", requires = "dev")]
+    data_dir: PathBuf,
+    /// Listen address of dev mode (loopback only).
+    #[arg(long, default_value = kms::config::DEFAULT_LISTEN, requires = "dev")]
+    listen: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_json);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Client(command) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(kms::cli::run(command, &cli.client))
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Dev-mode preparation sets SOFTHSM2_CONF, which must happen before any
+    // other thread exists: before the runtime is built.
+    let (config, banner) = if args.dev {
+        if !args.listen.ip().is_loopback() {
+            anyhow::bail!(kms::dev::DevError::NotLoopback(args.listen));
+        }
+        let layout = kms::dev::prepare_environment(&args.data_dir).context("preparing dev mode")?;
+        let module = kms_hsm_module();
+        let created = kms::dev::initialize_dev_token(&layout, &module)
+            .context("setting up the SoftHSM2 token")?;
+        let config = kms::dev::dev_config(&layout, &module, args.listen)?;
+        let note = if created { "created" } else { "reused" };
+        (
+            config,
+            format!("dev mode, data {note} in {}", layout.data_dir.display()),
+        )
+    } else {
+        let path = args.config.context("--config is required without --dev")?;
+        let config = Config::load(&path)?;
+        (config, format!("config {}", path.display()))
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kms-worker")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let open_config = config.clone();
+        let service = tokio::task::spawn_blocking(move || KmsService::open(&open_config))
+            .await
+            .context("opening the service")??;
+        let server = kms::server::start(&config, Arc::new(service)).await?;
+        let metrics = server
+            .metrics_addr
+            .map(|a| format!(", metrics on http://{a}/metrics"))
+            .unwrap_or_default();
+        #[allow(clippy::print_stdout)]
+        {
+            println!("kms listening on {} ({banner}{metrics})", server.addr);
+        }
+        server.serve_until(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn kms_hsm_module() -> PathBuf {
+    kms_hsm::softhsm2_module_path()
+}

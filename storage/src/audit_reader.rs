@@ -111,7 +111,6 @@ impl AuditReader {
         let limit = limit.clamp(1, crate::catalogue::MAX_PAGE_SIZE);
         let start = after.map_or(1, |a| a.saturating_add(1));
         let mut records = Vec::new();
-        let mut scanned = 0usize;
         let mut last_seen = None;
         let mut exhausted = true;
         let key = schema::seq_key(start);
@@ -119,14 +118,13 @@ impl AuditReader {
             self.db.cf(CF_AUDIT)?,
             IteratorMode::From(&key, Direction::Forward),
         );
-        for item in it {
+        for (scanned, item) in it.enumerate() {
             if records.len() == limit || scanned == MAX_SCAN_PER_PAGE {
                 exhausted = false;
                 break;
             }
             let (k, v) = item.map_err(StorageError::db("iterate audit"))?;
             let rec = decode_record_at(&k, &v)?;
-            scanned += 1;
             last_seen = Some(rec.seq);
             if filter.to_micros.is_some_and(|t| rec.time_micros >= t) {
                 break;

@@ -502,14 +502,15 @@ impl Writer {
                 Err(f) => tracing::warn!(error = %f.to_error(), "timed audit checkpoint skipped"),
             }
         }
-        if failure.is_none() && !wb.is_empty() {
-            if let Err(f) = self.write(wb) {
-                if let Failure::Write(e) = &f {
-                    tracing::error!(error = %e, "audit write failed; poisoning the audit log");
-                }
-                self.shared.poisoned.store(true, Ordering::Release);
-                failure = Some(f);
+        if failure.is_none()
+            && !wb.is_empty()
+            && let Err(f) = self.write(wb)
+        {
+            if let Failure::Write(e) = &f {
+                tracing::error!(error = %e, "audit write failed; poisoning the audit log");
             }
+            self.shared.poisoned.store(true, Ordering::Release);
+            failure = Some(f);
         }
         if let Some(f) = &failure {
             for (done, r) in sealed {

@@ -51,7 +51,12 @@ pub fn event(i: u64) -> AuditEvent {
         principal: format!("svc-{}", i % 3),
         peer: "127.0.0.1:5000".into(),
         request_id: format!("req-{i}"),
-        operation: if i % 2 == 0 { "Encrypt" } else { "Decrypt" }.into(),
+        operation: if i.is_multiple_of(2) {
+            "Encrypt"
+        } else {
+            "Decrypt"
+        }
+        .into(),
         key_id: Some(format!("key-{:032x}", i % 4)),
         key_version: Some(1),
         context_digest: Some([i as u8; 32]),

@@ -1,0 +1,437 @@
+//! Service configuration: a TOML file parsed strictly (unknown fields are
+//! errors) into a raw form, then validated into the typed `Config` the rest
+//! of the service trusts. Every error names the offending field.
+//!
+//! The HSM PIN is never in this file: it comes from a file (`hsm.pin_file`)
+//! or an environment variable (`hsm.pin_env`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kms_hsm::{HsmConfig, PinSource};
+use serde::Deserialize;
+
+/// A configuration error, naming the field (e.g. `limits.max_plaintext_bytes`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    limits: RawLimits,
+    hsm: Option<RawHsm>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    rotation: RawRotation,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    request_timeout_ms: Option<u64>,
+    max_concurrent_requests: Option<usize>,
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_plaintext_bytes: Option<usize>,
+    max_context_bytes: Option<usize>,
+    max_batch_items: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: PathBuf,
+    token_label: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    pool_size: Option<usize>,
+    sync_token_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    sync: Option<bool>,
+    checkpoint_every_records: Option<u64>,
+    checkpoint_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    default_period_days: Option<u32>,
+    gcm_invocation_limit: Option<u64>,
+    scheduler_interval_secs: Option<u64>,
+}
+
+/// Network-facing settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_message_bytes: usize,
+}
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_plaintext_bytes: usize,
+    pub max_context_bytes: usize,
+    pub max_batch_items: usize,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub sync: bool,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_interval: Duration,
+}
+
+/// Rotation defaults and the scheduler.
+#[derive(Debug, Clone)]
+pub struct RotationSettings {
+    /// Period given to new keys that do not name one (None = no automatic rotation).
+    pub default_period: Option<Duration>,
+    /// A version is rotated automatically once it has done this many AES-GCM
+    /// encryptions with random IVs (NIST SP 800-38D §8.3 caps it at 2^32).
+    pub gcm_invocation_limit: u64,
+    pub scheduler_interval: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub hsm: HsmConfig,
+    pub data_dir: PathBuf,
+    pub audit: AuditSettings,
+    pub rotation: RotationSettings,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_MAX_PLAINTEXT: usize = 4096;
+pub const DEFAULT_MAX_CONTEXT: usize = 8192;
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// Far below 2^32 so that rotation happens with a wide margin.
+pub const DEFAULT_GCM_INVOCATION_LIMIT: u64 = 1 << 30;
+
+impl Config {
+    /// Reads and validates a TOML configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        // toml's Display quotes the offending source line, which could hold a
+        // secret someone pasted by mistake: report the message and line only.
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            ConfigError::Parse {
+                path: PathBuf::new(),
+                message: match line {
+                    Some(line) => format!("line {line}: {}", e.message()),
+                    None => e.message().to_owned(),
+                },
+            }
+        })?;
+        let hsm = raw
+            .hsm
+            .ok_or_else(|| invalid("hsm", "missing [hsm] section"))?;
+        let data_dir = raw
+            .storage
+            .data_dir
+            .ok_or_else(|| invalid("storage.data_dir", "missing"))?;
+        Config::validate(
+            raw.server,
+            raw.limits,
+            hsm,
+            data_dir,
+            raw.audit,
+            raw.rotation,
+        )
+    }
+
+    fn validate(
+        server: RawServer,
+        limits: RawLimits,
+        hsm: RawHsm,
+        data_dir: PathBuf,
+        audit: RawAudit,
+        rotation: RawRotation,
+    ) -> Result<Config, ConfigError> {
+        let listen = parse_addr(
+            "server.listen",
+            server.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        )?;
+        let metrics_listen = server
+            .metrics_listen
+            .as_deref()
+            .map(|a| parse_addr("server.metrics_listen", a))
+            .transpose()?;
+        let request_timeout_ms = server.request_timeout_ms.unwrap_or(10_000);
+        if !(1..=600_000).contains(&request_timeout_ms) {
+            return Err(invalid("server.request_timeout_ms", "must be 1 to 600000"));
+        }
+        let max_concurrent_requests = server.max_concurrent_requests.unwrap_or(1024);
+        if !(1..=100_000).contains(&max_concurrent_requests) {
+            return Err(invalid(
+                "server.max_concurrent_requests",
+                "must be 1 to 100000",
+            ));
+        }
+        let limits = Limits {
+            max_plaintext_bytes: limits.max_plaintext_bytes.unwrap_or(DEFAULT_MAX_PLAINTEXT),
+            max_context_bytes: limits.max_context_bytes.unwrap_or(DEFAULT_MAX_CONTEXT),
+            max_batch_items: limits.max_batch_items.unwrap_or(DEFAULT_MAX_BATCH),
+        };
+        if !(1..=65_536).contains(&limits.max_plaintext_bytes) {
+            return Err(invalid("limits.max_plaintext_bytes", "must be 1 to 65536"));
+        }
+        if !(64..=65_536).contains(&limits.max_context_bytes) {
+            return Err(invalid("limits.max_context_bytes", "must be 64 to 65536"));
+        }
+        if !(1..=10_000).contains(&limits.max_batch_items) {
+            return Err(invalid("limits.max_batch_items", "must be 1 to 10000"));
+        }
+        // A message must fit the largest legitimate batch; default generously above it.
+        let needed =
+            limits.max_batch_items * (limits.max_plaintext_bytes + 512) + limits.max_context_bytes;
+        let max_message_bytes = server.max_message_bytes.unwrap_or(needed.max(4 << 20));
+        if max_message_bytes < limits.max_plaintext_bytes + limits.max_context_bytes + 1024 {
+            return Err(invalid(
+                "server.max_message_bytes",
+                "must exceed limits.max_plaintext_bytes + limits.max_context_bytes",
+            ));
+        }
+
+        let pin = match (hsm.pin_file, hsm.pin_env) {
+            (Some(file), None) => PinSource::File(file),
+            (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
+            (None, None) | (None, Some(_)) => {
+                return Err(invalid(
+                    "hsm.pin_file",
+                    "set exactly one of hsm.pin_file or hsm.pin_env",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "hsm.pin_env",
+                    "set only one of hsm.pin_file or hsm.pin_env",
+                ));
+            }
+        };
+        if hsm.token_label.is_empty() || hsm.token_label.len() > 32 {
+            return Err(invalid("hsm.token_label", "must be 1 to 32 bytes"));
+        }
+        let mut hsm_config = HsmConfig::new(hsm.module, hsm.token_label, pin);
+        if let Some(pool) = hsm.pool_size {
+            if !(1..=1024).contains(&pool) {
+                return Err(invalid("hsm.pool_size", "must be 1 to 1024"));
+            }
+            hsm_config.pool_size = pool;
+        }
+        hsm_config.sync_token_dir = hsm.sync_token_dir;
+
+        let audit = AuditSettings {
+            sync: audit.sync.unwrap_or(true),
+            checkpoint_every_records: audit.checkpoint_every_records.unwrap_or(1000),
+            checkpoint_interval: Duration::from_secs(audit.checkpoint_interval_secs.unwrap_or(60)),
+        };
+        if audit.checkpoint_every_records == 0 {
+            return Err(invalid(
+                "audit.checkpoint_every_records",
+                "must be at least 1",
+            ));
+        }
+        if audit.checkpoint_interval.is_zero() {
+            return Err(invalid(
+                "audit.checkpoint_interval_secs",
+                "must be at least 1",
+            ));
+        }
+
+        let default_period = match rotation.default_period_days.unwrap_or(0) {
+            0 => None,
+            days if days <= 3650 => Some(Duration::from_secs(u64::from(days) * 86_400)),
+            _ => {
+                return Err(invalid(
+                    "rotation.default_period_days",
+                    "must be 0 (none) to 3650",
+                ));
+            }
+        };
+        let gcm_invocation_limit = rotation
+            .gcm_invocation_limit
+            .unwrap_or(DEFAULT_GCM_INVOCATION_LIMIT);
+        if gcm_invocation_limit == 0 || gcm_invocation_limit > 1 << 32 {
+            return Err(invalid(
+                "rotation.gcm_invocation_limit",
+                "must be 1 to 2^32",
+            ));
+        }
+        let scheduler_interval =
+            Duration::from_secs(rotation.scheduler_interval_secs.unwrap_or(60));
+        if scheduler_interval.is_zero() {
+            return Err(invalid(
+                "rotation.scheduler_interval_secs",
+                "must be at least 1",
+            ));
+        }
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                metrics_listen,
+                request_timeout: Duration::from_millis(request_timeout_ms),
+                max_concurrent_requests,
+                max_message_bytes,
+            },
+            limits,
+            hsm: hsm_config,
+            data_dir,
+            audit,
+            rotation: RotationSettings {
+                default_period,
+                gcm_invocation_limit,
+                scheduler_interval,
+            },
+        })
+    }
+}
+
+fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(field, format!("{text:?} is not an IP:port address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "kms"
+pin_file = "/etc/kms/pin"
+
+[storage]
+data_dir = "/var/lib/kms"
+"#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.limits.max_plaintext_bytes, 4096);
+        assert!(config.audit.sync);
+        assert_eq!(config.hsm.pin, PinSource::File("/etc/kms/pin".into()));
+        assert!(config.rotation.default_period.is_none());
+    }
+
+    #[test]
+    fn the_example_configuration_in_the_repository_is_valid() {
+        let config =
+            Config::parse(include_str!("../../kms.example.toml")).expect("kms.example.toml");
+        assert_eq!(config.server.metrics_listen.map(|a| a.port()), Some(9464));
+        assert_eq!(config.hsm.pin, PinSource::File("/etc/kms/hsm.pin".into()));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                format!("{MINIMAL}\n[limits]\nmax_plaintext_bytes = 0\n"),
+                "limits.max_plaintext_bytes",
+            ),
+            (
+                format!("{MINIMAL}\n[server]\nlisten = \"nowhere\"\n"),
+                "server.listen",
+            ),
+            (
+                MINIMAL.replace("pin_file = \"/etc/kms/pin\"", ""),
+                "hsm.pin_file",
+            ),
+            (
+                MINIMAL.replace("token_label = \"kms\"", "token_label = \"\""),
+                "hsm.token_label",
+            ),
+            (
+                format!("{MINIMAL}\n[rotation]\ngcm_invocation_limit = 0\n"),
+                "rotation.gcm_invocation_limit",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(&text).expect_err(field);
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::parse(&format!("{MINIMAL}\n[server]\nlisten_adress = \"x\"\n"))
+            .expect_err("typo");
+        assert!(err.to_string().contains("listen_adress"), "{err}");
+    }
+
+    #[test]
+    fn a_pin_is_never_accepted_inline() {
+        let err = Config::parse(&MINIMAL.replace("pin_file = \"/etc/kms/pin\"", "pin = \"1234\""))
+            .expect_err("inline PIN");
+        assert!(err.to_string().contains("pin"), "{err}");
+        assert!(!err.to_string().contains("1234"), "{err}");
+    }
+}

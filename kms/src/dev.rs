@@ -1,0 +1,194 @@
+//! The embedded default (`kms serve --dev`): everything under one local data
+//! directory, created on first run and reused afterwards.
+//!
+//! ```text
+//! <data_dir>/softhsm/softhsm2.conf   SoftHSM2 configuration (token directory below)
+//! <data_dir>/softhsm/tokens/         the SoftHSM2 token "kms-dev"
+//! <data_dir>/softhsm/user.pin        random user PIN, mode 0600
+//! <data_dir>/softhsm/so.pin          random security-officer PIN, mode 0600
+//! <data_dir>/db/                     RocksDB: key catalogue and audit log
+//! ```
+//!
+//! Dev mode listens on loopback only. The PINs are random and stay in 0600
+//! files; they are never printed.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use kms_hsm::{HsmConfig, Pin, PinSource};
+
+use crate::config::{AuditSettings, Config, Limits, RotationSettings, ServerConfig};
+
+/// Label of the dev-mode SoftHSM2 token.
+pub const DEV_TOKEN_LABEL: &str = "kms-dev";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("dev mode listens on loopback only; {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the SoftHSM2 token: {0}")]
+    Hsm(#[from] kms_hsm::HsmError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Paths of the dev layout under `data_dir`.
+#[derive(Debug, Clone)]
+pub struct DevLayout {
+    pub data_dir: PathBuf,
+    pub softhsm_dir: PathBuf,
+    pub tokens_dir: PathBuf,
+    pub softhsm_conf: PathBuf,
+    pub user_pin: PathBuf,
+    pub so_pin: PathBuf,
+    pub db_dir: PathBuf,
+}
+
+impl DevLayout {
+    pub fn new(data_dir: &Path) -> DevLayout {
+        let softhsm_dir = data_dir.join("softhsm");
+        DevLayout {
+            data_dir: data_dir.to_owned(),
+            tokens_dir: softhsm_dir.join("tokens"),
+            softhsm_conf: softhsm_dir.join("softhsm2.conf"),
+            user_pin: softhsm_dir.join("user.pin"),
+            so_pin: softhsm_dir.join("so.pin"),
+            db_dir: data_dir.join("db"),
+            softhsm_dir,
+        }
+    }
+}
+
+/// Creates the directories, configuration and PIN files if missing and
+/// points SoftHSM2 at them. Must run before any other thread exists (it sets
+/// `SOFTHSM2_CONF` in the process environment, which SoftHSM2 reads at
+/// C_Initialize). Returns the layout; `initialize_dev_token` follows.
+pub fn prepare_environment(data_dir: &Path) -> Result<DevLayout, DevError> {
+    let data_dir = if data_dir.is_absolute() {
+        data_dir.to_owned()
+    } else {
+        std::env::current_dir()
+            .map_err(io(data_dir))?
+            .join(data_dir)
+    };
+    let layout = DevLayout::new(&data_dir);
+    for dir in [&layout.data_dir, &layout.softhsm_dir, &layout.tokens_dir] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    if !layout.softhsm_conf.exists() {
+        let conf = format!(
+            "# Written by `kms serve --dev`.\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            layout.tokens_dir.display()
+        );
+        std::fs::write(&layout.softhsm_conf, conf).map_err(io(&layout.softhsm_conf))?;
+    }
+    for pin_file in [&layout.user_pin, &layout.so_pin] {
+        if !pin_file.exists() {
+            write_new_pin(pin_file)?;
+        }
+    }
+    set_softhsm2_conf(&layout.softhsm_conf);
+    Ok(layout)
+}
+
+#[allow(unsafe_code)]
+fn set_softhsm2_conf(conf: &Path) {
+    // SAFETY: called from `main` before the async runtime or any other thread
+    // starts, so no concurrent getenv can race this setenv. SoftHSM2 reads
+    // its configuration only from this variable.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+}
+
+fn write_new_pin(path: &Path) -> Result<(), DevError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 16]);
+    ring::rand::SystemRandom::new()
+        .fill(bytes.as_mut())
+        .map_err(|_| DevError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other("system random generator failed"),
+        })?;
+    let pin = zeroize::Zeroizing::new(hex::encode(bytes.as_ref()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    file.write_all(pin.as_bytes()).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// Initializes the dev token on first run (a no-op afterwards).
+/// Returns true when the token was created now.
+pub fn initialize_dev_token(layout: &DevLayout, module: &Path) -> Result<bool, DevError> {
+    if kms_hsm::token_exists(module, DEV_TOKEN_LABEL)? {
+        return Ok(false);
+    }
+    let so = PinSource::File(layout.so_pin.clone()).read()?;
+    let user = PinSource::File(layout.user_pin.clone()).read()?;
+    kms_hsm::initialize_token(module, DEV_TOKEN_LABEL, &so, &user)?;
+    drop::<(Pin, Pin)>((so, user));
+    Ok(true)
+}
+
+/// The configuration dev mode runs with.
+pub fn dev_config(
+    layout: &DevLayout,
+    module: &Path,
+    listen: SocketAddr,
+) -> Result<Config, DevError> {
+    if !listen.ip().is_loopback() {
+        return Err(DevError::NotLoopback(listen));
+    }
+    let mut hsm = HsmConfig::new(
+        module,
+        DEV_TOKEN_LABEL,
+        PinSource::File(layout.user_pin.clone()),
+    );
+    hsm.sync_token_dir = Some(layout.tokens_dir.clone());
+    let limits = Limits {
+        max_plaintext_bytes: crate::config::DEFAULT_MAX_PLAINTEXT,
+        max_context_bytes: crate::config::DEFAULT_MAX_CONTEXT,
+        max_batch_items: crate::config::DEFAULT_MAX_BATCH,
+    };
+    Ok(Config {
+        server: ServerConfig {
+            listen,
+            metrics_listen: None,
+            request_timeout: std::time::Duration::from_secs(10),
+            max_concurrent_requests: 1024,
+            max_message_bytes: 8 << 20,
+        },
+        limits,
+        hsm,
+        data_dir: layout.db_dir.clone(),
+        audit: AuditSettings {
+            sync: true,
+            checkpoint_every_records: 1000,
+            checkpoint_interval: std::time::Duration::from_secs(60),
+        },
+        rotation: RotationSettings {
+            default_period: None,
+            gcm_invocation_limit: crate::config::DEFAULT_GCM_INVOCATION_LIMIT,
+            scheduler_interval: std::time::Duration::from_secs(60),
+        },
+    })
+}

@@ -1,0 +1,203 @@
+//! Conversions between domain records and proto messages.
+
+use std::time::Duration;
+
+use kms_proto::v1 as pb;
+use kms_storage::{
+    AliasEntry, AuditRecord, KeyRecord, KeyState, RotationPolicy, VersionRecord, VersionState,
+};
+use tonic::Status;
+
+use crate::service::KeyView;
+
+pub(crate) fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub(crate) fn timestamp_micros(us: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(us / 1_000_000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((us % 1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+pub(crate) fn micros_of(ts: &prost_types::Timestamp) -> Result<u64, Status> {
+    if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(Status::invalid_argument(
+            "invalid timestamp: must be after 1970 with nanos in range",
+        ));
+    }
+    let seconds = u64::try_from(ts.seconds).unwrap_or(0);
+    let nanos = u64::try_from(ts.nanos).unwrap_or(0);
+    Ok(seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(nanos / 1000))
+}
+
+pub(crate) fn duration_of(
+    d: &prost_types::Duration,
+    field: &'static str,
+) -> Result<Duration, Status> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(Status::invalid_argument(format!(
+            "invalid {field}: must be positive"
+        )));
+    }
+    Ok(Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0)))
+}
+
+pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
+    let record: &KeyRecord = &view.record;
+    let (state, deletion_time) = match record.state {
+        KeyState::Enabled => (pb::KeyState::Enabled, None),
+        KeyState::Disabled => (pb::KeyState::Disabled, None),
+        KeyState::PendingDeletion { delete_at_ms } => (
+            pb::KeyState::PendingDeletion,
+            Some(timestamp_ms(delete_at_ms)),
+        ),
+        KeyState::Deleted { deleted_at_ms } => {
+            (pb::KeyState::Deleted, Some(timestamp_ms(deleted_at_ms)))
+        }
+        _ => (pb::KeyState::Unspecified, None),
+    };
+    let rotation_period = match record.rotation {
+        RotationPolicy::Every { period_secs } => Some(prost_types::Duration {
+            seconds: i64::try_from(period_secs).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        _ => None,
+    };
+    pb::KeyMetadata {
+        key_id: record.id.to_string(),
+        aliases: view.aliases.iter().map(|a| a.to_string()).collect(),
+        description: record.description.clone(),
+        tags: record
+            .tags
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        key_spec: pb::KeySpec::Aes256Gcm as i32,
+        state: state as i32,
+        primary_version: record.primary_version.unwrap_or(0),
+        rotation_period,
+        next_rotation_time: record.next_rotation_at_ms.map(timestamp_ms),
+        deletion_time,
+        create_time: Some(timestamp_ms(record.created_at_ms)),
+        update_time: Some(timestamp_ms(record.updated_at_ms)),
+    }
+}
+
+pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::KeyVersion {
+    let (state, destroy_time) = match version.state {
+        VersionState::Pending => (pb::KeyVersionState::PendingCreation, None),
+        VersionState::Enabled => (pb::KeyVersionState::Enabled, None),
+        VersionState::Disabled => (pb::KeyVersionState::Disabled, None),
+        VersionState::ScheduledDestruction { destroy_at_ms } => (
+            pb::KeyVersionState::ScheduledDestruction,
+            Some(timestamp_ms(destroy_at_ms)),
+        ),
+        VersionState::Destroyed { destroyed_at_ms } => (
+            pb::KeyVersionState::Destroyed,
+            Some(timestamp_ms(destroyed_at_ms)),
+        ),
+        _ => (pb::KeyVersionState::Unspecified, None),
+    };
+    pb::KeyVersion {
+        key_id: version.key_id.to_string(),
+        version: version.version,
+        state: state as i32,
+        primary: primary == Some(version.version),
+        create_time: Some(timestamp_ms(version.created_at_ms)),
+        update_time: Some(timestamp_ms(version.updated_at_ms)),
+        destroy_time,
+        gcm_invocations: version.gcm_invocations,
+    }
+}
+
+pub(crate) fn alias(entry: &AliasEntry) -> pb::Alias {
+    pb::Alias {
+        alias_name: entry.alias.to_string(),
+        target_key_id: entry.key_id.to_string(),
+        create_time: None,
+        update_time: None,
+    }
+}
+
+/// "GenerateDataKey" → OPERATION_GENERATE_DATA_KEY.
+pub(crate) fn operation_enum(name: &str) -> pb::Operation {
+    let mut upper = String::from("OPERATION_");
+    for (i, ch) in name.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            upper.push('_');
+        }
+        upper.push(ch.to_ascii_uppercase());
+    }
+    pb::Operation::from_str_name(&upper).unwrap_or(pb::Operation::Unspecified)
+}
+
+/// OPERATION_GENERATE_DATA_KEY → "GenerateDataKey".
+pub(crate) fn operation_name(operation: pb::Operation) -> Option<String> {
+    let upper = operation.as_str_name().strip_prefix("OPERATION_")?;
+    if upper == "UNSPECIFIED" {
+        return None;
+    }
+    Some(
+        upper
+            .split('_')
+            .map(|word| {
+                let mut chars = word.chars();
+                match chars.next() {
+                    Some(first) => first.to_string() + &chars.as_str().to_ascii_lowercase(),
+                    None => String::new(),
+                }
+            })
+            .collect(),
+    )
+}
+
+pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        sequence: record.seq,
+        time: Some(timestamp_micros(record.time_micros)),
+        principal: record.event.principal.clone(),
+        peer: record.event.peer.clone(),
+        request_id: record.event.request_id.clone(),
+        operation: operation_enum(&record.event.operation) as i32,
+        key_id: record.event.key_id.clone().unwrap_or_default(),
+        key_version: record.event.key_version.unwrap_or(0),
+        context_digest: record
+            .event
+            .context_digest
+            .map(|d| d.to_vec())
+            .unwrap_or_default(),
+        result_code: i32::from(record.event.result.as_u8()),
+        latency_us: record.event.latency_micros,
+        hash: record.hash.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_names_round_trip_through_the_proto_enum() {
+        for name in [
+            "CreateKey",
+            "Encrypt",
+            "GenerateDataKeyWithoutPlaintext",
+            "ReEncrypt",
+            "ListAuditEvents",
+            "ReconcileKeyVersion",
+            "DeleteKeyMaterial",
+            "BatchGenerateDataKey",
+        ] {
+            let op = operation_enum(name);
+            assert_ne!(op, pb::Operation::Unspecified, "{name}");
+            assert_eq!(operation_name(op).as_deref(), Some(name));
+        }
+    }
+}

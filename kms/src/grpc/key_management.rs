@@ -1,0 +1,480 @@
+//! KeyManagement handlers.
+
+use std::sync::Arc;
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_management_server::KeyManagement;
+use tonic::{Request, Response, Status};
+
+use super::convert::{alias, duration_of, key_metadata, key_version};
+use super::{blocking, page_size, page_token, request_meta, respond};
+use crate::service::{CreateKeyInput, KmsService};
+
+/// The KeyManagement service.
+#[derive(Debug, Clone)]
+pub struct KeyManagementApi {
+    service: Arc<KmsService>,
+}
+
+impl KeyManagementApi {
+    pub fn new(service: Arc<KmsService>) -> Self {
+        KeyManagementApi { service }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl KeyManagement for KeyManagementApi {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Reply<pb::CreateKeyResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        if !matches!(
+            pb::KeySpec::try_from(req.key_spec),
+            Ok(pb::KeySpec::Unspecified | pb::KeySpec::Aes256Gcm)
+        ) {
+            return Err(Status::invalid_argument(
+                "invalid key_spec: only KEY_SPEC_AES_256_GCM is supported",
+            ));
+        }
+        let rotation_period = req
+            .rotation_period
+            .as_ref()
+            .map(|d| duration_of(d, "rotation_period"))
+            .transpose()?;
+        let input = CreateKeyInput {
+            description: req.description,
+            tags: req.tags.into_iter().collect(),
+            aliases: Vec::new(),
+            rotation_period,
+        };
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| s.create_key(&m, input)).await?;
+        Ok(respond(
+            pb::CreateKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn describe_key(
+        &self,
+        request: Request<pb::DescribeKeyRequest>,
+    ) -> Reply<pb::DescribeKeyResponse> {
+        let meta = request_meta(&request);
+        let key = request.into_inner().key_id;
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| s.describe_key(&m, &key)).await?;
+        Ok(respond(
+            pb::DescribeKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Reply<pb::ListKeysResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let m = meta.clone();
+        let token = req.page_token;
+        let page = blocking(&self.service, move |s| {
+            s.list_keys(&m, page_token(&token), limit)
+        })
+        .await?;
+        let keys = page
+            .items
+            .iter()
+            .filter(|v| {
+                req.include_deleted
+                    || !matches!(v.record.state, kms_storage::KeyState::Deleted { .. })
+            })
+            .map(key_metadata)
+            .collect();
+        Ok(respond(
+            pb::ListKeysResponse {
+                keys,
+                next_page_token: page.next_page_token.unwrap_or_default(),
+            },
+            &meta,
+        ))
+    }
+
+    async fn update_key_description(
+        &self,
+        request: Request<pb::UpdateKeyDescriptionRequest>,
+    ) -> Reply<pb::UpdateKeyDescriptionResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.update_description(&m, &req.key_id, req.description)
+        })
+        .await?;
+        Ok(respond(
+            pb::UpdateKeyDescriptionResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn tag_key(&self, request: Request<pb::TagKeyRequest>) -> Reply<pb::TagKeyResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.tag_key(&m, &req.key_id, req.tags.into_iter().collect())
+        })
+        .await?;
+        Ok(respond(
+            pb::TagKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn untag_key(
+        &self,
+        request: Request<pb::UntagKeyRequest>,
+    ) -> Reply<pb::UntagKeyResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.untag_key(&m, &req.key_id, req.tag_keys)
+        })
+        .await?;
+        Ok(respond(
+            pb::UntagKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<pb::EnableKeyRequest>,
+    ) -> Reply<pb::EnableKeyResponse> {
+        let meta = request_meta(&request);
+        let key = request.into_inner().key_id;
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| s.enable_key(&m, &key)).await?;
+        Ok(respond(
+            pb::EnableKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::DisableKeyRequest>,
+    ) -> Reply<pb::DisableKeyResponse> {
+        let meta = request_meta(&request);
+        let key = request.into_inner().key_id;
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| s.disable_key(&m, &key)).await?;
+        Ok(respond(
+            pb::DisableKeyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        request: Request<pb::ScheduleKeyDeletionRequest>,
+    ) -> Reply<pb::ScheduleKeyDeletionResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let days = req.pending_window_days;
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.schedule_key_deletion(&m, &req.key_id, days)
+        })
+        .await?;
+        Ok(respond(
+            pb::ScheduleKeyDeletionResponse {
+                key_metadata: Some(key_metadata(&view)),
+                pending_window_days: days.unwrap_or(crate::service::DEFAULT_DELETION_DAYS),
+            },
+            &meta,
+        ))
+    }
+
+    async fn cancel_key_deletion(
+        &self,
+        request: Request<pb::CancelKeyDeletionRequest>,
+    ) -> Reply<pb::CancelKeyDeletionResponse> {
+        let meta = request_meta(&request);
+        let key = request.into_inner().key_id;
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| s.cancel_key_deletion(&m, &key)).await?;
+        Ok(respond(
+            pb::CancelKeyDeletionResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Reply<pb::RotateKeyResponse> {
+        let meta = request_meta(&request);
+        let key = request.into_inner().key_id;
+        let m = meta.clone();
+        let (view, version) = blocking(&self.service, move |s| {
+            let version = s.rotate_key(&m, &key)?;
+            let view = s.key_view(&version.key_id)?;
+            Ok((view, version))
+        })
+        .await?;
+        Ok(respond(
+            pb::RotateKeyResponse {
+                new_version: Some(key_version(&version, view.record.primary_version)),
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn set_rotation_policy(
+        &self,
+        request: Request<pb::SetRotationPolicyRequest>,
+    ) -> Reply<pb::SetRotationPolicyResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        if req.next_rotation_time.is_some() {
+            return Err(Status::invalid_argument(
+                "invalid next_rotation_time: not supported; the next rotation is one period from now",
+            ));
+        }
+        let period = req
+            .rotation_period
+            .as_ref()
+            .map(|d| duration_of(d, "rotation_period"))
+            .transpose()?
+            .filter(|d| !d.is_zero());
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.set_rotation_policy(&m, &req.key_id, period)
+        })
+        .await?;
+        Ok(respond(
+            pb::SetRotationPolicyResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn list_key_versions(
+        &self,
+        request: Request<pb::ListKeyVersionsRequest>,
+    ) -> Reply<pb::ListKeyVersionsResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let after: u32 = match page_token(&req.page_token) {
+            None => 0,
+            Some(t) => t.parse().map_err(|_| {
+                Status::invalid_argument("invalid page_token: not a token from a previous page")
+            })?,
+        };
+        let m = meta.clone();
+        let (record, versions) =
+            blocking(&self.service, move |s| s.list_key_versions(&m, &req.key_id)).await?;
+        let mut page: Vec<_> = versions
+            .iter()
+            .filter(|v| v.version > after)
+            .take(limit + 1)
+            .collect();
+        let next_page_token = if page.len() > limit {
+            page.truncate(limit);
+            page.last()
+                .map(|v| v.version.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(respond(
+            pb::ListKeyVersionsResponse {
+                versions: page
+                    .into_iter()
+                    .map(|v| key_version(v, record.primary_version))
+                    .collect(),
+                next_page_token,
+            },
+            &meta,
+        ))
+    }
+
+    async fn enable_key_version(
+        &self,
+        request: Request<pb::EnableKeyVersionRequest>,
+    ) -> Reply<pb::EnableKeyVersionResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let (version, primary) = blocking(&self.service, move |s| {
+            let version = s.enable_key_version(&m, &req.key_id, req.version)?;
+            let primary = s.key_view(&version.key_id)?.record.primary_version;
+            Ok((version, primary))
+        })
+        .await?;
+        Ok(respond(
+            pb::EnableKeyVersionResponse {
+                key_version: Some(key_version(&version, primary)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn disable_key_version(
+        &self,
+        request: Request<pb::DisableKeyVersionRequest>,
+    ) -> Reply<pb::DisableKeyVersionResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let (version, primary) = blocking(&self.service, move |s| {
+            let version = s.disable_key_version(&m, &req.key_id, req.version)?;
+            let primary = s.key_view(&version.key_id)?.record.primary_version;
+            Ok((version, primary))
+        })
+        .await?;
+        Ok(respond(
+            pb::DisableKeyVersionResponse {
+                key_version: Some(key_version(&version, primary)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn set_primary_version(
+        &self,
+        request: Request<pb::SetPrimaryVersionRequest>,
+    ) -> Reply<pb::SetPrimaryVersionResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let view = blocking(&self.service, move |s| {
+            s.set_primary_version(&m, &req.key_id, req.version)
+        })
+        .await?;
+        Ok(respond(
+            pb::SetPrimaryVersionResponse {
+                key_metadata: Some(key_metadata(&view)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn create_alias(
+        &self,
+        request: Request<pb::CreateAliasRequest>,
+    ) -> Reply<pb::CreateAliasResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let entry = blocking(&self.service, move |s| {
+            s.create_alias(&m, &req.alias_name, &req.target_key_id)
+        })
+        .await?;
+        Ok(respond(
+            pb::CreateAliasResponse {
+                alias: Some(alias(&entry)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn update_alias(
+        &self,
+        request: Request<pb::UpdateAliasRequest>,
+    ) -> Reply<pb::UpdateAliasResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let m = meta.clone();
+        let entry = blocking(&self.service, move |s| {
+            s.update_alias(&m, &req.alias_name, &req.target_key_id)
+        })
+        .await?;
+        Ok(respond(
+            pb::UpdateAliasResponse {
+                alias: Some(alias(&entry)),
+            },
+            &meta,
+        ))
+    }
+
+    async fn delete_alias(
+        &self,
+        request: Request<pb::DeleteAliasRequest>,
+    ) -> Reply<pb::DeleteAliasResponse> {
+        let meta = request_meta(&request);
+        let name = request.into_inner().alias_name;
+        let m = meta.clone();
+        blocking(&self.service, move |s| s.delete_alias(&m, &name)).await?;
+        Ok(respond(pb::DeleteAliasResponse {}, &meta))
+    }
+
+    async fn list_aliases(
+        &self,
+        request: Request<pb::ListAliasesRequest>,
+    ) -> Reply<pb::ListAliasesResponse> {
+        let meta = request_meta(&request);
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let m = meta.clone();
+        let page = blocking(&self.service, move |s| {
+            s.list_aliases(
+                &m,
+                page_token(&req.key_id),
+                page_token(&req.page_token),
+                limit,
+            )
+        })
+        .await?;
+        Ok(respond(
+            pb::ListAliasesResponse {
+                aliases: page.items.iter().map(alias).collect(),
+                next_page_token: page.next_page_token.unwrap_or_default(),
+            },
+            &meta,
+        ))
+    }
+
+    async fn get_key_policy(
+        &self,
+        _request: Request<pb::GetKeyPolicyRequest>,
+    ) -> Reply<pb::GetKeyPolicyResponse> {
+        Err(Status::unimplemented(
+            "key policies arrive with authorization (a later release)",
+        ))
+    }
+
+    async fn put_key_policy(
+        &self,
+        _request: Request<pb::PutKeyPolicyRequest>,
+    ) -> Reply<pb::PutKeyPolicyResponse> {
+        Err(Status::unimplemented(
+            "key policies arrive with authorization (a later release)",
+        ))
+    }
+}

@@ -1,0 +1,229 @@
+//! The gRPC server: KeyManagement, Crypto and Audit, plus grpc.health.v1 and
+//! server reflection (v1 and v1alpha, so grpcurl and other generic clients
+//! discover the API), with limits on message size, request time and
+//! concurrency, the background scheduler, and the metrics endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kms_proto::v1::audit_server::AuditServer;
+use kms_proto::v1::crypto_server::CryptoServer;
+use kms_proto::v1::key_management_server::KeyManagementServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::grpc::{AuditApi, CryptoApi, KeyManagementApi};
+use crate::metrics::{Metrics, MetricsLayer};
+use crate::service::{KmsService, scheduler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the server task failed")]
+    Task,
+}
+
+/// A running server. Drop or call `shutdown` to stop it.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    service: Arc<KmsService>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    scheduler_stop: Arc<AtomicBool>,
+    scheduler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn service(&self) -> &Arc<KmsService> {
+        &self.service
+    }
+
+    /// Stops accepting, lets in-flight calls finish, stops the scheduler.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop_background();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.map_err(|_| ServerError::Task)??;
+        }
+        Ok(())
+    }
+
+    /// Serves until `signal` completes (then shuts down gracefully) or the
+    /// server fails.
+    pub async fn serve_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        tokio::select! {
+            result = &mut task => {
+                self.stop_background();
+                result.map_err(|_| ServerError::Task)?.map_err(ServerError::from)
+            }
+            () = signal => {
+                tracing::info!("shutting down");
+                if let Some(tx) = self.shutdown.take() {
+                    let _ = tx.send(());
+                }
+                let result = task.await.map_err(|_| ServerError::Task)?.map_err(ServerError::from);
+                self.stop_background();
+                result
+            }
+        }
+    }
+
+    fn stop_background(&mut self) {
+        self.scheduler_stop.store(true, Ordering::Release);
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        if let Some(thread) = self.scheduler.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.scheduler_stop.store(true, Ordering::Release);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Binds the listeners and starts serving. Port 0 picks a free port; the
+/// chosen address is in `RunningServer::addr`.
+pub async fn start(
+    config: &Config,
+    service: Arc<KmsService>,
+) -> Result<RunningServer, ServerError> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+
+    let metrics = Arc::new(Metrics::new());
+    let (metrics_addr, metrics_task) = match config.server.metrics_listen {
+        Some(metrics_listen) => {
+            let metrics_listener =
+                TcpListener::bind(metrics_listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: metrics_listen,
+                        source,
+                    })?;
+            let metrics_addr =
+                metrics_listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind {
+                        addr: metrics_listen,
+                        source,
+                    })?;
+            let task = tokio::spawn(crate::metrics::serve(
+                metrics_listener,
+                Arc::clone(&metrics),
+                Arc::clone(&service),
+            ));
+            (Some(metrics_addr), Some(task))
+        }
+        None => (None, None),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<KeyManagementServer<KeyManagementApi>>()
+        .await;
+    health.set_serving::<CryptoServer<CryptoApi>>().await;
+    health.set_serving::<AuditServer<AuditApi>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let max_message = config.server.max_message_bytes;
+    let key_management = KeyManagementServer::new(KeyManagementApi::new(Arc::clone(&service)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&service)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let audit = AuditServer::new(AuditApi::new(Arc::clone(&service)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .timeout(config.server.request_timeout)
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(256))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.server.max_concurrent_requests,
+        ))
+        .layer(MetricsLayer::new(Arc::clone(&metrics)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(key_management)
+        .add_service(crypto)
+        .add_service(audit);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = shutdown_rx.await;
+        },
+    ));
+
+    let scheduler_stop = Arc::new(AtomicBool::new(false));
+    let scheduler = scheduler::spawn(
+        Arc::clone(&service),
+        config.rotation.scheduler_interval,
+        Arc::clone(&scheduler_stop),
+    );
+
+    Ok(RunningServer {
+        addr,
+        metrics_addr,
+        service,
+        shutdown: Some(shutdown_tx),
+        task: Some(task),
+        metrics_task,
+        scheduler_stop,
+        scheduler: Some(scheduler),
+    })
+}

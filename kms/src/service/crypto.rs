@@ -1,0 +1,462 @@
+//! Envelope encryption with HSM-resident KEKs: Encrypt, Decrypt,
+//! GenerateDataKey (with and without plaintext), ReEncrypt, GenerateRandom,
+//! and their batch forms.
+//!
+//! Encrypt always uses the key's primary version; Decrypt uses the version the
+//! blob names, so rotation never requires re-encryption. Decrypt and
+//! ReEncrypt authorize and audit against the key inside the blob, never the
+//! one the caller names (a named key must match, or the blob is "invalid").
+//! Plaintext and data keys live in zeroizing buffers and are never logged.
+
+use std::collections::HashMap;
+
+use kms_storage::{KeyId, KeyRecord, VersionState};
+use zeroize::Zeroizing;
+
+use super::keys::version_unusable;
+use super::{AuditFields, KmsService, RequestMeta, kek_object_id};
+use crate::encryption_context::{EncryptionContext, context_digest};
+use crate::envelope::{self, Algorithm, Header};
+use crate::error::{KmsError, Result};
+
+/// The result of Encrypt.
+#[derive(Debug)]
+pub struct Encrypted {
+    pub blob: Vec<u8>,
+    pub key_id: KeyId,
+    pub key_version: u32,
+}
+
+/// The result of Decrypt. The plaintext is zeroized on drop.
+pub struct Decrypted {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub key_id: KeyId,
+    pub key_version: u32,
+}
+
+impl std::fmt::Debug for Decrypted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decrypted")
+            .field(
+                "plaintext",
+                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
+            )
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+/// A generated data key: the plaintext (absent for the WithoutPlaintext form,
+/// zeroized on drop) and its ciphertext blob under the master key.
+pub struct DataKey {
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+    pub encrypted: Encrypted,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field(
+                "plaintext",
+                &self
+                    .plaintext
+                    .as_ref()
+                    .map(|p| format!("[REDACTED; {} bytes]", p.len())),
+            )
+            .field("encrypted", &self.encrypted)
+            .finish()
+    }
+}
+
+/// Size of a data key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKeySize {
+    Aes128,
+    Aes256,
+    Bytes(usize),
+}
+
+impl DataKeySize {
+    fn len(self) -> Result<usize> {
+        match self {
+            DataKeySize::Aes128 => Ok(16),
+            DataKeySize::Aes256 => Ok(32),
+            DataKeySize::Bytes(n) if (1..=1024).contains(&n) => Ok(n),
+            DataKeySize::Bytes(_) => Err(KmsError::invalid("number_of_bytes", "must be 1 to 1024")),
+        }
+    }
+}
+
+/// The result of ReEncrypt.
+#[derive(Debug)]
+pub struct ReEncrypted {
+    pub encrypted: Encrypted,
+    pub source_key_id: KeyId,
+    pub source_key_version: u32,
+}
+
+impl KmsService {
+    /// Builds the canonical encryption context, enforcing the size limit.
+    pub(crate) fn context(&self, map: HashMap<String, String>) -> Result<EncryptionContext> {
+        EncryptionContext::new(map, self.limits.max_context_bytes)
+            .map_err(|e| KmsError::invalid("encryption_context", e.to_string()))
+    }
+
+    pub fn encrypt(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        plaintext: &[u8],
+        context: HashMap<String, String>,
+    ) -> Result<Encrypted> {
+        self.audited(meta, "Encrypt", Some(key), |audit| {
+            let context = self.context(context)?;
+            audit.context_digest = Some(context_digest(&context));
+            if plaintext.is_empty() || plaintext.len() > self.limits.max_plaintext_bytes {
+                return Err(KmsError::invalid(
+                    "plaintext",
+                    format!(
+                        "must be 1 to {} bytes; encrypt larger data locally with a data key (GenerateDataKey)",
+                        self.limits.max_plaintext_bytes
+                    ),
+                ));
+            }
+            let record = self.resolve_usable(key)?;
+            self.encrypt_under(audit, &record, plaintext, &context)
+        })
+    }
+
+    /// Encrypts under the primary version of an already-resolved usable key.
+    fn encrypt_under(
+        &self,
+        audit: &mut AuditFields,
+        record: &KeyRecord,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Encrypted> {
+        let version_number =
+            record
+                .primary_version
+                .ok_or_else(|| KmsError::FailedPrecondition {
+                    reason: format!("key {} has no primary version", record.id),
+                })?;
+        audit.key(&record.id, Some(version_number));
+        let version = self.version(&record.id, version_number)?;
+        if version.state != VersionState::Enabled {
+            return Err(version_unusable(&version));
+        }
+        let header = Header::new(record.id.as_str(), version_number, Algorithm::Aes256Gcm)
+            .map_err(|e| {
+                tracing::error!(error = %e, "key id does not fit the ciphertext header");
+                KmsError::Internal
+            })?;
+        let aad = header.aad(context);
+        // Count the invocation before using the key: the count may overshoot
+        // after a crash, never undershoot (NIST SP 800-38D §8.3 budget).
+        let count = self
+            .storage
+            .catalogue()
+            .add_gcm_invocations(&record.id, version_number, 1)?;
+        if count >= self.rotation.gcm_invocation_limit {
+            tracing::warn!(key_id = %record.id, version = version_number, count, "GCM invocation limit reached; rotation due");
+        }
+        let sealed = self
+            .hsm
+            .encrypt(&kek_object_id(&version.kek)?, &aad, plaintext)?;
+        Ok(Encrypted {
+            blob: envelope::seal_blob(&header, &sealed.iv, &sealed.ciphertext_and_tag),
+            key_id: record.id.clone(),
+            key_version: version_number,
+        })
+    }
+
+    pub fn decrypt(
+        &self,
+        meta: &RequestMeta,
+        blob: &[u8],
+        context: HashMap<String, String>,
+        expected_key: Option<&str>,
+    ) -> Result<Decrypted> {
+        // The audit names the key inside the blob once it parses.
+        self.audited(meta, "Decrypt", expected_key, |audit| {
+            self.decrypt_inner(audit, blob, context, expected_key)
+        })
+    }
+
+    fn decrypt_inner(
+        &self,
+        audit: &mut AuditFields,
+        blob: &[u8],
+        context: HashMap<String, String>,
+        expected_key: Option<&str>,
+    ) -> Result<Decrypted> {
+        let context = self.context(context)?;
+        audit.context_digest = Some(context_digest(&context));
+        let parsed = envelope::parse_blob(blob).map_err(|e| {
+            tracing::debug!(reason = ?e.reason(), "ciphertext refused");
+            KmsError::InvalidCiphertext
+        })?;
+        let key_id =
+            KeyId::parse(parsed.header().key_id()).map_err(|_| KmsError::InvalidCiphertext)?;
+        let version_number = parsed.header().key_version();
+        audit.key(&key_id, Some(version_number));
+        if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
+            let named = self.resolve(expected)?;
+            if named.id != key_id {
+                tracing::debug!("ciphertext names another key than the caller required");
+                return Err(KmsError::InvalidCiphertext);
+            }
+        }
+        // A blob naming a key or version that never existed is just invalid.
+        let record = self
+            .storage
+            .catalogue()
+            .get_key(&key_id)?
+            .ok_or(KmsError::InvalidCiphertext)?;
+        super::ensure_usable(&record)?;
+        let version = self
+            .storage
+            .catalogue()
+            .get_version(&key_id, version_number)?
+            .ok_or(KmsError::InvalidCiphertext)?;
+        match version.state {
+            VersionState::Enabled => {}
+            VersionState::Pending => return Err(KmsError::InvalidCiphertext),
+            _ => return Err(version_unusable(&version)),
+        }
+        let plaintext = self.hsm.decrypt(
+            &kek_object_id(&version.kek)?,
+            parsed.iv(),
+            &parsed.aad(&context),
+            parsed.ct_and_tag(),
+        )?;
+        Ok(Decrypted {
+            plaintext,
+            key_id,
+            key_version: version_number,
+        })
+    }
+
+    pub fn generate_data_key(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        size: DataKeySize,
+        context: HashMap<String, String>,
+        with_plaintext: bool,
+    ) -> Result<DataKey> {
+        let operation = if with_plaintext {
+            "GenerateDataKey"
+        } else {
+            "GenerateDataKeyWithoutPlaintext"
+        };
+        self.audited(meta, operation, Some(key), |audit| {
+            let context = self.context(context)?;
+            audit.context_digest = Some(context_digest(&context));
+            let len = size.len()?;
+            let record = self.resolve_usable(key)?;
+            let data_key = self.hsm.random(len)?;
+            let encrypted = self.encrypt_under(audit, &record, &data_key, &context)?;
+            Ok(DataKey {
+                plaintext: with_plaintext.then_some(data_key),
+                encrypted,
+            })
+        })
+    }
+
+    /// Decrypts `blob` and encrypts its plaintext under the primary version of
+    /// `destination_key`, inside the service.
+    pub fn re_encrypt(
+        &self,
+        meta: &RequestMeta,
+        blob: &[u8],
+        source_context: HashMap<String, String>,
+        source_key: Option<&str>,
+        destination_key: &str,
+        destination_context: HashMap<String, String>,
+    ) -> Result<ReEncrypted> {
+        self.audited(meta, "ReEncrypt", source_key, |audit| {
+            let destination_context = self.context(destination_context)?;
+            let decrypted = self.decrypt_inner(audit, blob, source_context, source_key)?;
+            let destination = self.resolve_usable(destination_key)?;
+            // The audit record names the source (the key whose use is the
+            // sensitive part); the destination is in the response.
+            let mut destination_audit = AuditFields::default();
+            let encrypted = self.encrypt_under(
+                &mut destination_audit,
+                &destination,
+                &decrypted.plaintext,
+                &destination_context,
+            )?;
+            Ok(ReEncrypted {
+                encrypted,
+                source_key_id: decrypted.key_id.clone(),
+                source_key_version: decrypted.key_version,
+            })
+        })
+    }
+
+    /// Random bytes from the HSM. Not tied to a key, but audited (it uses the HSM).
+    pub fn generate_random(&self, meta: &RequestMeta, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        self.audited(meta, "GenerateRandom", None, |_| {
+            if !(1..=kms_hsm::MAX_RANDOM_LEN).contains(&len) {
+                return Err(KmsError::invalid("number_of_bytes", "must be 1 to 1024"));
+            }
+            Ok(self.hsm.random(len)?)
+        })
+    }
+}
+
+/// One item of BatchEncrypt.
+pub struct EncryptItem {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub context: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for EncryptItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptItem")
+            .field(
+                "plaintext",
+                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
+            )
+            .field("context_entries", &self.context.len())
+            .finish()
+    }
+}
+
+/// One item of BatchDecrypt.
+#[derive(Debug)]
+pub struct DecryptItem {
+    pub blob: Vec<u8>,
+    pub context: HashMap<String, String>,
+}
+
+/// One item of BatchGenerateDataKey.
+#[derive(Debug)]
+pub struct DataKeyItem {
+    pub size: DataKeySize,
+    pub context: HashMap<String, String>,
+}
+
+impl KmsService {
+    fn check_batch_len(&self, len: usize) -> Result<()> {
+        if len == 0 || len > self.limits.max_batch_items {
+            return Err(KmsError::invalid(
+                "entries",
+                format!("a batch holds 1 to {} entries", self.limits.max_batch_items),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encrypts each item under the key; each item succeeds or fails alone.
+    pub fn batch_encrypt(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        items: Vec<EncryptItem>,
+    ) -> Result<Vec<Result<Encrypted>>> {
+        if let Err(e) = self.check_batch_len(items.len()) {
+            return self.audited(meta, "BatchEncrypt", Some(key), |_| Err(e));
+        }
+        let record = self.resolve_usable(key);
+        self.audited_batch(meta, "BatchEncrypt", Some(key), items, |audit, item| {
+            let context = self.context(item.context)?;
+            audit.context_digest = Some(context_digest(&context));
+            if item.plaintext.is_empty() || item.plaintext.len() > self.limits.max_plaintext_bytes {
+                return Err(KmsError::invalid(
+                    "plaintext",
+                    format!("must be 1 to {} bytes", self.limits.max_plaintext_bytes),
+                ));
+            }
+            let record = record.as_ref().map_err(KmsError::clone)?;
+            self.encrypt_under(audit, record, &item.plaintext, &context)
+        })
+    }
+
+    /// Decrypts each item (each may name a different key); each succeeds or fails alone.
+    pub fn batch_decrypt(
+        &self,
+        meta: &RequestMeta,
+        expected_key: Option<&str>,
+        items: Vec<DecryptItem>,
+    ) -> Result<Vec<Result<Decrypted>>> {
+        if let Err(e) = self.check_batch_len(items.len()) {
+            return self.audited(meta, "BatchDecrypt", expected_key, |_| Err(e));
+        }
+        self.audited_batch(meta, "BatchDecrypt", expected_key, items, |audit, item| {
+            self.decrypt_inner(audit, &item.blob, item.context, expected_key)
+        })
+    }
+
+    /// Generates a data key per item under one key.
+    pub fn batch_generate_data_key(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        items: Vec<DataKeyItem>,
+    ) -> Result<Vec<Result<DataKey>>> {
+        if let Err(e) = self.check_batch_len(items.len()) {
+            return self.audited(meta, "BatchGenerateDataKey", Some(key), |_| Err(e));
+        }
+        let record = self.resolve_usable(key);
+        self.audited_batch(
+            meta,
+            "BatchGenerateDataKey",
+            Some(key),
+            items,
+            |audit, item| {
+                let context = self.context(item.context)?;
+                audit.context_digest = Some(context_digest(&context));
+                let len = item.size.len()?;
+                let record = record.as_ref().map_err(KmsError::clone)?;
+                let data_key = self.hsm.random(len)?;
+                let encrypted = self.encrypt_under(audit, record, &data_key, &context)?;
+                Ok(DataKey {
+                    plaintext: Some(data_key),
+                    encrypted,
+                })
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_plaintext_or_data_keys() {
+        let secret = b"TOP-SECRET-PLAINTEXT-0123456789".to_vec();
+        let key_id = KeyId::from_random([7; 16]);
+        let decrypted = Decrypted {
+            plaintext: Zeroizing::new(secret.clone()),
+            key_id: key_id.clone(),
+            key_version: 1,
+        };
+        let data_key = DataKey {
+            plaintext: Some(Zeroizing::new(secret.clone())),
+            encrypted: Encrypted {
+                blob: vec![1, 2, 3],
+                key_id,
+                key_version: 1,
+            },
+        };
+        let item = EncryptItem {
+            plaintext: Zeroizing::new(secret.clone()),
+            context: HashMap::new(),
+        };
+        let needle = String::from_utf8(secret.clone()).expect("utf8");
+        for text in [
+            format!("{decrypted:?}"),
+            format!("{data_key:?}"),
+            format!("{item:?}"),
+        ] {
+            assert!(!text.contains(&needle), "{text}");
+            assert!(!text.contains("84, 79, 80"), "byte list leaked: {text}");
+            assert!(text.contains("REDACTED"), "{text}");
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! Key lifecycle: create, describe, list, update, enable/disable, rotation,
+//! versions, deletion scheduling, aliases. Every operation is audited.
+//!
+//! Creating a version is two-phase so that a crash at any moment loses
+//! nothing: record it pending (synced) → generate the KEK in the HSM (synced
+//! to disk, confirmed from a fresh session) → mark it enabled and primary
+//! (synced). Start-up reconciliation finishes or discards what a crash left.
+
+use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use kms_hsm::KeyPurpose;
+use kms_storage::{
+    Alias, AliasEntry, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, RotationPolicy,
+    VersionRecord, VersionState,
+};
+use parking_lot::{Mutex, MutexGuard};
+
+use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
+use crate::error::{KmsError, Result};
+
+/// Serializes lifecycle changes of one key (rotation against disable, two
+/// concurrent rotations) without a global lock: 64 stripes by key id.
+#[derive(Debug)]
+pub(crate) struct KeyLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Default for KeyLocks {
+    fn default() -> Self {
+        KeyLocks {
+            stripes: (0..64).map(|_| Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl KeyLocks {
+    fn lock(&self, key: &KeyId) -> MutexGuard<'_, ()> {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = (hasher.finish() % self.stripes.len() as u64) as usize;
+        self.stripes[stripe].lock()
+    }
+}
+
+/// Deletion waiting period bounds, in days (as AWS KMS).
+pub const MIN_DELETION_DAYS: u32 = 7;
+pub const MAX_DELETION_DAYS: u32 = 30;
+pub const DEFAULT_DELETION_DAYS: u32 = 30;
+/// Automatic rotation period bounds.
+pub const MIN_ROTATION_PERIOD: Duration = Duration::from_secs(86_400);
+pub const MAX_ROTATION_PERIOD: Duration = Duration::from_secs(3650 * 86_400);
+
+const MAX_DESCRIPTION: usize = 8192;
+const MAX_TAGS: usize = 50;
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 256;
+
+/// Input of CreateKey.
+#[derive(Debug, Clone, Default)]
+pub struct CreateKeyInput {
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub aliases: Vec<String>,
+    /// None: the configured default (which may be no rotation).
+    pub rotation_period: Option<Duration>,
+}
+
+/// A key with its aliases, as described to callers.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub record: KeyRecord,
+    pub aliases: Vec<Alias>,
+}
+
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
+    if tags.len() > MAX_TAGS {
+        return Err(KmsError::invalid(
+            "tags",
+            format!("at most {MAX_TAGS} tags"),
+        ));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > MAX_TAG_KEY {
+            return Err(KmsError::invalid(
+                "tags",
+                format!("tag keys must be 1 to {MAX_TAG_KEY} bytes"),
+            ));
+        }
+        if v.len() > MAX_TAG_VALUE {
+            return Err(KmsError::invalid(
+                "tags",
+                format!("tag values must be at most {MAX_TAG_VALUE} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_description(description: &str) -> Result<()> {
+    if description.len() > MAX_DESCRIPTION {
+        return Err(KmsError::invalid(
+            "description",
+            format!("at most {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_period(period: Duration) -> Result<()> {
+    if !(MIN_ROTATION_PERIOD..=MAX_ROTATION_PERIOD).contains(&period) {
+        return Err(KmsError::invalid(
+            "rotation_period",
+            "must be between 1 day and 3650 days",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_alias(alias: &str) -> Result<Alias> {
+    Ok(Alias::parse(alias)?)
+}
+
+fn period_ms(period: Duration) -> u64 {
+    u64::try_from(period.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl KmsService {
+    pub fn create_key(&self, meta: &RequestMeta, input: CreateKeyInput) -> Result<KeyView> {
+        self.audited(meta, "CreateKey", None, |audit| {
+            validate_description(&input.description)?;
+            validate_tags(&input.tags)?;
+            let aliases = input
+                .aliases
+                .iter()
+                .map(|a| parse_alias(a.as_str()))
+                .collect::<Result<Vec<_>>>()?;
+            let period = input.rotation_period.or(self.rotation.default_period);
+            if let Some(period) = period {
+                validate_period(period)?;
+            }
+            let now = now_ms();
+            let id = KeyId::from_random(random_id_bytes()?);
+            audit.key(&id, Some(1));
+            let (rotation, next_rotation_at_ms) = match period {
+                Some(p) => (
+                    RotationPolicy::Every {
+                        period_secs: p.as_secs(),
+                    },
+                    Some(now.saturating_add(period_ms(p))),
+                ),
+                None => (RotationPolicy::Manual, None),
+            };
+            let catalogue = self.storage.catalogue();
+            let (_, version) = catalogue.create_key(
+                NewKey {
+                    id: id.clone(),
+                    description: input.description,
+                    tags: input.tags,
+                    spec: KeySpec::Aes256Gcm,
+                    state: KeyState::Enabled,
+                    rotation,
+                    next_rotation_at_ms,
+                    aliases,
+                },
+                new_kek_handle(&id, 1),
+                now,
+            )?;
+            let _guard = self.key_locks.lock(&id);
+            if let Err(e) = self.make_kek(&version) {
+                // The key never became usable: leave a tombstone so its id is
+                // never reused, and report the HSM failure.
+                let _ = catalogue.discard_version(&id, 1, now_ms());
+                let _ = catalogue.finalize_key_deletion(&id, now_ms());
+                return Err(e);
+            }
+            catalogue.commit_version(&id, version.version, now_ms())?;
+            self.key_view(&id)
+        })
+    }
+
+    /// Generates the KEK of a pending version in the HSM.
+    fn make_kek(&self, version: &VersionRecord) -> Result<()> {
+        let object = kek_object_id(&version.kek)?;
+        self.hsm.generate_key(KeyPurpose::Kek, &object)?;
+        Ok(())
+    }
+
+    pub fn key_view(&self, id: &KeyId) -> Result<KeyView> {
+        let catalogue = self.storage.catalogue();
+        let record = catalogue.get_key(id)?.ok_or_else(|| KmsError::NotFound {
+            what: format!("key {id}"),
+        })?;
+        let aliases = catalogue
+            .list_aliases(Some(id), None, kms_storage::MAX_PAGE_SIZE)?
+            .items
+            .into_iter()
+            .map(|entry: AliasEntry| entry.alias)
+            .collect();
+        Ok(KeyView { record, aliases })
+    }
+
+    pub fn describe_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
+        self.audited(meta, "DescribeKey", Some(key), |audit| {
+            let record = self.resolve(key)?;
+            audit.key(&record.id, record.primary_version);
+            self.key_view(&record.id)
+        })
+    }
+
+    pub fn list_keys(
+        &self,
+        meta: &RequestMeta,
+        page_token: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<KeyView>> {
+        self.audited(meta, "ListKeys", None, |_| {
+            if let Some(token) = page_token {
+                KeyId::parse(token).map_err(|_| {
+                    KmsError::invalid("page_token", "not a token from a previous page")
+                })?;
+            }
+            let page = self.storage.catalogue().list_keys(page_token, limit)?;
+            let items = page
+                .items
+                .iter()
+                .map(|record| self.key_view(&record.id))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Page {
+                items,
+                next_page_token: page.next_page_token,
+            })
+        })
+    }
+
+    /// Applies `change` to a live key under its lock, audited as `operation`.
+    fn change_key(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        key: &str,
+        change: impl FnOnce(&mut KeyRecord) -> Result<()>,
+    ) -> Result<KeyView> {
+        self.audited(meta, operation, Some(key), |audit| {
+            let record = self.resolve(key)?;
+            audit.key(&record.id, record.primary_version);
+            let _guard = self.key_locks.lock(&record.id);
+            if let KeyState::Deleted { .. } = record.state {
+                return Err(KmsError::KeyDeleted {
+                    key_id: record.id.to_string(),
+                });
+            }
+            self.storage
+                .catalogue()
+                .update_key::<KmsError>(&record.id, now_ms(), change)?;
+            self.key_view(&record.id)
+        })
+    }
+
+    pub fn update_description(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        description: String,
+    ) -> Result<KeyView> {
+        self.change_key(meta, "UpdateKeyDescription", key, |k| {
+            validate_description(&description)?;
+            k.description = description;
+            Ok(())
+        })
+    }
+
+    pub fn tag_key(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<KeyView> {
+        self.change_key(meta, "TagKey", key, |k| {
+            let mut merged = k.tags.clone();
+            merged.extend(tags);
+            validate_tags(&merged)?;
+            k.tags = merged;
+            Ok(())
+        })
+    }
+
+    pub fn untag_key(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        tag_keys: Vec<String>,
+    ) -> Result<KeyView> {
+        self.change_key(meta, "UntagKey", key, |k| {
+            for tag in &tag_keys {
+                k.tags.remove(tag);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn enable_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
+        self.change_key(meta, "EnableKey", key, |k| match k.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                k.state = KeyState::Enabled;
+                Ok(())
+            }
+            _ => Err(KmsError::KeyPendingDeletion {
+                key_id: k.id.to_string(),
+            }),
+        })
+    }
+
+    pub fn disable_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
+        self.change_key(meta, "DisableKey", key, |k| match k.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                k.state = KeyState::Disabled;
+                Ok(())
+            }
+            _ => Err(KmsError::KeyPendingDeletion {
+                key_id: k.id.to_string(),
+            }),
+        })
+    }
+
+    /// Schedules deletion after `days` (7–30, default 30). Returns the key,
+    /// whose state carries the deletion time.
+    pub fn schedule_key_deletion(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        days: Option<u32>,
+    ) -> Result<KeyView> {
+        let days = days.unwrap_or(DEFAULT_DELETION_DAYS);
+        if !(MIN_DELETION_DAYS..=MAX_DELETION_DAYS).contains(&days) {
+            // Still audited: an invalid request against a key is a use attempt.
+            return self.audited(meta, "ScheduleKeyDeletion", Some(key), |_| {
+                Err(KmsError::invalid(
+                    "pending_window_days",
+                    format!("must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS}"),
+                ))
+            });
+        }
+        let delete_at_ms = now_ms().saturating_add(u64::from(days) * 86_400_000);
+        self.change_key(meta, "ScheduleKeyDeletion", key, |k| match k.state {
+            KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion {
+                key_id: k.id.to_string(),
+            }),
+            _ => {
+                k.state = KeyState::PendingDeletion { delete_at_ms };
+                Ok(())
+            }
+        })
+    }
+
+    /// Cancels a scheduled deletion; the key comes back disabled (as AWS KMS),
+    /// so that an operator re-enables it deliberately.
+    pub fn cancel_key_deletion(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
+        self.change_key(meta, "CancelKeyDeletion", key, |k| match k.state {
+            KeyState::PendingDeletion { .. } => {
+                k.state = KeyState::Disabled;
+                Ok(())
+            }
+            _ => Err(KmsError::FailedPrecondition {
+                reason: format!("key {} is not pending deletion", k.id),
+            }),
+        })
+    }
+
+    /// Makes a new version primary. Older versions keep decrypting.
+    pub fn rotate_key(&self, meta: &RequestMeta, key: &str) -> Result<VersionRecord> {
+        self.audited(meta, "RotateKey", Some(key), |audit| {
+            let record = self.resolve(key)?;
+            audit.key(&record.id, None);
+            let version = self.rotate_locked(&record.id, None)?;
+            audit.key(&record.id, Some(version.version));
+            Ok(version)
+        })
+    }
+
+    /// Rotation under the key's lock. With `due_at: Some(now)`, re-checks
+    /// under the lock that the scheduled rotation is still due at `now` (no
+    /// double rotation when a scheduler and a manual rotation race).
+    pub(crate) fn rotate_locked(&self, id: &KeyId, due_at: Option<u64>) -> Result<VersionRecord> {
+        let _guard = self.key_locks.lock(id);
+        let catalogue = self.storage.catalogue();
+        let record = catalogue.get_key(id)?.ok_or_else(|| KmsError::NotFound {
+            what: format!("key {id}"),
+        })?;
+        super::ensure_usable(&record)?;
+        if let Some(now) = due_at
+            && !self.rotation_due(&record, now)?
+        {
+            return Err(KmsError::FailedPrecondition {
+                reason: "rotation no longer due".into(),
+            });
+        }
+        let now = now_ms();
+        let pending = catalogue.add_pending_version(id, now, |v| new_kek_handle(id, v))?;
+        if let Err(e) = self.make_kek(&pending) {
+            let _ = catalogue.discard_version(id, pending.version, now_ms());
+            return Err(e);
+        }
+        let (_, committed) = catalogue.commit_version(id, pending.version, now_ms())?;
+        // The next scheduled rotation counts from now, whatever caused this one.
+        if let RotationPolicy::Every { period_secs } = record.rotation {
+            let next = due_at
+                .unwrap_or_else(now_ms)
+                .max(now_ms())
+                .saturating_add(period_secs.saturating_mul(1000));
+            catalogue.update_key::<KmsError>(id, now_ms(), |k| {
+                k.next_rotation_at_ms = Some(next);
+                Ok(())
+            })?;
+        }
+        Ok(committed)
+    }
+
+    /// Whether a key is due for rotation by schedule or by GCM usage.
+    pub(crate) fn rotation_due(&self, record: &KeyRecord, now: u64) -> Result<bool> {
+        if let (RotationPolicy::Every { .. }, Some(at)) =
+            (record.rotation, record.next_rotation_at_ms)
+            && at <= now
+        {
+            return Ok(true);
+        }
+        let Some(primary) = record.primary_version else {
+            return Ok(false);
+        };
+        let version = self.version(&record.id, primary)?;
+        Ok(version.gcm_invocations >= self.rotation.gcm_invocation_limit)
+    }
+
+    pub fn set_rotation_policy(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        period: Option<Duration>,
+    ) -> Result<KeyView> {
+        if let Some(Err(e)) = period.map(validate_period) {
+            return self.audited(meta, "SetRotationPolicy", Some(key), |_| Err(e));
+        }
+        self.change_key(meta, "SetRotationPolicy", key, |k| {
+            match period {
+                Some(p) => {
+                    k.rotation = RotationPolicy::Every {
+                        period_secs: p.as_secs(),
+                    };
+                    k.next_rotation_at_ms = Some(now_ms().saturating_add(period_ms(p)));
+                }
+                None => {
+                    k.rotation = RotationPolicy::Manual;
+                    k.next_rotation_at_ms = None;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn list_key_versions(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+    ) -> Result<(KeyRecord, Vec<VersionRecord>)> {
+        self.audited(meta, "ListKeyVersions", Some(key), |audit| {
+            let record = self.resolve(key)?;
+            audit.key(&record.id, record.primary_version);
+            let versions = self.storage.catalogue().list_versions(&record.id)?;
+            Ok((record, versions))
+        })
+    }
+
+    fn change_version(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        key: &str,
+        version: u32,
+        change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
+    ) -> Result<VersionRecord> {
+        self.audited(meta, operation, Some(key), |audit| {
+            let record = self.resolve(key)?;
+            audit.key(&record.id, Some(version));
+            let _guard = self.key_locks.lock(&record.id);
+            if let KeyState::Deleted { .. } = record.state {
+                return Err(KmsError::KeyDeleted {
+                    key_id: record.id.to_string(),
+                });
+            }
+            let updated = self.storage.catalogue().update_version::<KmsError>(
+                &record.id,
+                version,
+                now_ms(),
+                |v| change(&record, v),
+            )?;
+            Ok(updated)
+        })
+    }
+
+    pub fn enable_key_version(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        version: u32,
+    ) -> Result<VersionRecord> {
+        self.change_version(meta, "EnableKeyVersion", key, version, |_, v| {
+            match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::Enabled;
+                    Ok(())
+                }
+                _ => Err(version_unusable(v)),
+            }
+        })
+    }
+
+    pub fn disable_key_version(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        version: u32,
+    ) -> Result<VersionRecord> {
+        self.change_version(meta, "DisableKeyVersion", key, version, |record, v| {
+            if record.primary_version == Some(v.version) {
+                return Err(KmsError::FailedPrecondition {
+                    reason: format!(
+                        "version {} is the primary version of key {}; rotate or set another primary first",
+                        v.version, record.id
+                    ),
+                });
+            }
+            match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::Disabled;
+                    Ok(())
+                }
+                _ => Err(version_unusable(v)),
+            }
+        })
+    }
+
+    pub fn set_primary_version(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        version: u32,
+    ) -> Result<KeyView> {
+        self.change_key(meta, "SetPrimaryVersion", key, |k| {
+            k.primary_version = Some(version);
+            Ok(())
+        })
+    }
+
+    pub fn create_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
+        self.audited(meta, "CreateAlias", Some(key), |audit| {
+            let alias = parse_alias(alias)?;
+            let record = self.resolve(key)?;
+            audit.key(&record.id, None);
+            if let KeyState::Deleted { .. } = record.state {
+                return Err(KmsError::KeyDeleted {
+                    key_id: record.id.to_string(),
+                });
+            }
+            self.storage.catalogue().create_alias(&alias, &record.id)?;
+            Ok(AliasEntry {
+                alias,
+                key_id: record.id,
+            })
+        })
+    }
+
+    pub fn update_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
+        self.audited(meta, "UpdateAlias", Some(key), |audit| {
+            let alias = parse_alias(alias)?;
+            let record = self.resolve(key)?;
+            audit.key(&record.id, None);
+            if let KeyState::Deleted { .. } = record.state {
+                return Err(KmsError::KeyDeleted {
+                    key_id: record.id.to_string(),
+                });
+            }
+            self.storage.catalogue().update_alias(&alias, &record.id)?;
+            Ok(AliasEntry {
+                alias,
+                key_id: record.id,
+            })
+        })
+    }
+
+    pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
+        self.audited(meta, "DeleteAlias", Some(alias), |audit| {
+            let parsed = parse_alias(alias)?;
+            if let Some(id) = self.storage.catalogue().get_alias(&parsed)? {
+                audit.key(&id, None);
+            }
+            self.storage.catalogue().delete_alias(&parsed)?;
+            Ok(())
+        })
+    }
+
+    pub fn list_aliases(
+        &self,
+        meta: &RequestMeta,
+        key: Option<&str>,
+        page_token: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<AliasEntry>> {
+        self.audited(meta, "ListAliases", key, |audit| {
+            let id = match key {
+                Some(k) if !k.is_empty() => {
+                    let record = self.resolve(k)?;
+                    audit.key(&record.id, None);
+                    Some(record.id)
+                }
+                _ => None,
+            };
+            let token = page_token
+                .map(|t| {
+                    Alias::parse(t).map_err(|_| {
+                        KmsError::invalid("page_token", "not a token from a previous page")
+                    })
+                })
+                .transpose()?;
+            Ok(self.storage.catalogue().list_aliases(
+                id.as_ref(),
+                token.as_ref().map(Alias::as_str),
+                limit,
+            )?)
+        })
+    }
+}
+
+pub(crate) fn version_unusable(v: &VersionRecord) -> KmsError {
+    KmsError::VersionUnusable {
+        key_id: v.key_id.to_string(),
+        version: v.version,
+        state: version_state_name(&v.state),
+    }
+}
+
+pub(crate) fn version_state_name(state: &VersionState) -> &'static str {
+    match state {
+        VersionState::Pending => "pending",
+        VersionState::Enabled => "enabled",
+        VersionState::Disabled => "disabled",
+        VersionState::ScheduledDestruction { .. } => "scheduled for destruction",
+        VersionState::Destroyed { .. } => "destroyed",
+        _ => "in an unknown state",
+    }
+}
+
+fn random_id_bytes() -> Result<[u8; 16]> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| {
+            tracing::error!("system random generator failed");
+            KmsError::Internal
+        })?;
+    Ok(bytes)
+}

@@ -1,0 +1,373 @@
+//! The domain service: key lifecycle, envelope encryption and auditing, on top
+//! of the HSM layer and the storage layer. It knows nothing of gRPC.
+//!
+//! Every public operation is blocking (HSM and RocksDB calls) and runs on a
+//! blocking worker thread, never on the async executor. Every operation that
+//! touches a key or the catalogue goes through [`KmsService::audited`]: one
+//! audit record per request, success, failure or denial, made durable before
+//! the result is released. If the record cannot be written, the result is
+//! dropped (plaintext zeroized) and the caller gets UNAVAILABLE: fail closed.
+//!
+//! Never logs plaintext, data keys, ciphertexts or encryption contexts.
+
+mod audit;
+mod crypto;
+mod keys;
+mod reconcile;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kms_hsm::{Hsm, KeyPurpose, ObjectId};
+use kms_storage::{
+    AuditConfig, AuditEvent, AuditLog, KekHandle, KeyId, KeyRecord, KeyState, ResultCode, Storage,
+    StorageOptions, VersionRecord,
+};
+
+use crate::config::{Config, Limits, RotationSettings};
+use crate::error::{KmsError, Result};
+
+pub use audit::{AuditQuery, AuditVerification};
+pub use crypto::{
+    DataKey, DataKeyItem, DataKeySize, DecryptItem, Decrypted, EncryptItem, Encrypted, ReEncrypted,
+};
+pub use keys::{
+    CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
+};
+
+/// Who is calling and from where, as recorded in the audit log.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub principal: String,
+    pub peer: String,
+    pub request_id: String,
+}
+
+impl RequestMeta {
+    /// The service's own background work (rotation, deletion, reconciliation).
+    pub fn internal(what: &str) -> RequestMeta {
+        RequestMeta {
+            principal: "kms".into(),
+            peer: "internal".into(),
+            request_id: what.into(),
+        }
+    }
+}
+
+/// What an operation learned that the audit record should say.
+#[derive(Debug, Default)]
+pub(crate) struct AuditFields {
+    key_id: Option<String>,
+    key_version: Option<u32>,
+    context_digest: Option<[u8; 32]>,
+}
+
+impl AuditFields {
+    pub(crate) fn key(&mut self, key_id: &KeyId, version: Option<u32>) {
+        self.key_id = Some(key_id.to_string());
+        if version.is_some() {
+            self.key_version = version;
+        }
+    }
+}
+
+/// The CKA_ID of the HMAC key that MACs audit checkpoints.
+pub const AUDIT_MAC_KEY_ID: &[u8] = b"kms-audit-hmac/v1";
+
+/// The service. Cheap to share (`Arc`) across handler tasks.
+#[derive(Debug)]
+pub struct KmsService {
+    hsm: Arc<Hsm>,
+    storage: Arc<Storage>,
+    audit_log: AuditLog,
+    limits: Limits,
+    rotation: RotationSettings,
+    audit_checkpoint_every: u64,
+    key_locks: keys::KeyLocks,
+}
+
+impl KmsService {
+    /// Opens the HSM token and the database, makes sure the audit MAC key
+    /// exists, reconciles half-created key versions, and starts the audit writer.
+    pub fn open(config: &Config) -> Result<KmsService, OpenError> {
+        let hsm = Arc::new(Hsm::open(config.hsm.clone()).map_err(OpenError::Hsm)?);
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let storage = Arc::new(
+            Storage::open(&config.data_dir, &StorageOptions::default())
+                .map_err(OpenError::Storage)?,
+        );
+        let mac_key = audit_mac_key();
+        if !hsm.key_exists(&mac_key).map_err(OpenError::Hsm)? {
+            // The first start of a fresh deployment. (An existing database
+            // whose MAC key vanished will fail verification, as it should.)
+            hsm.generate_key(KeyPurpose::Hmac, &mac_key)
+                .map_err(OpenError::Hsm)?;
+            tracing::info!("created the audit checkpoint HMAC key in the HSM");
+        }
+        let mac_hsm = Arc::clone(&hsm);
+        let mac: kms_storage::MacFn = Box::new(move |message: &[u8]| {
+            mac_hsm
+                .hmac_sign(&audit_mac_key(), message)
+                .map(|mac| mac.to_vec())
+                .map_err(|e| Box::new(e) as kms_storage::CallbackError)
+        });
+        let audit_config = AuditConfig {
+            sync: config.audit.sync,
+            checkpoint_every_records: config.audit.checkpoint_every_records,
+            checkpoint_interval: Some(config.audit.checkpoint_interval),
+            ..AuditConfig::default()
+        };
+        let audit_log = storage
+            .open_audit_log(audit_config, mac)
+            .map_err(OpenError::Storage)?;
+        let service = KmsService {
+            hsm,
+            storage,
+            audit_log,
+            limits: config.limits.clone(),
+            rotation: config.rotation.clone(),
+            audit_checkpoint_every: config.audit.checkpoint_every_records,
+            key_locks: keys::KeyLocks::default(),
+        };
+        service
+            .reconcile_pending_versions()
+            .map_err(OpenError::Reconcile)?;
+        Ok(service)
+    }
+
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Runs `work` and records its outcome in the audit log before returning
+    /// it. `named_key` is the key as the request named it; `work` replaces it
+    /// with the canonical id (and version, context digest) once known.
+    pub(crate) fn audited<T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        named_key: Option<&str>,
+        work: impl FnOnce(&mut AuditFields) -> Result<T>,
+    ) -> Result<T> {
+        let (result, event) = self.recorded(meta, operation, named_key, work);
+        match self.audit_log.append(event) {
+            Ok(_) => result,
+            Err(e) => {
+                // Fail closed: whatever `work` produced (possibly plaintext,
+                // zeroized on drop) is withheld.
+                tracing::error!(error = %e, operation, "audit record not durable; failing the request");
+                drop(result);
+                Err(KmsError::AuditUnavailable)
+            }
+        }
+    }
+
+    /// A batch: every item is a key use with its own audit record, and all
+    /// the records are committed together (one group commit) before any
+    /// result is released. If they cannot all be made durable, the whole
+    /// batch fails.
+    pub(crate) fn audited_batch<I, T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        named_key: Option<&str>,
+        items: Vec<I>,
+        mut work: impl FnMut(&mut AuditFields, I) -> Result<T>,
+    ) -> Result<Vec<Result<T>>> {
+        let mut results = Vec::with_capacity(items.len());
+        let mut handles = Vec::with_capacity(items.len());
+        let mut queue_failed = false;
+        for (index, item) in items.into_iter().enumerate() {
+            let item_meta = RequestMeta {
+                request_id: format!("{}#{index}", meta.request_id),
+                ..meta.clone()
+            };
+            let (result, event) =
+                self.recorded(&item_meta, operation, named_key, |audit| work(audit, item));
+            results.push(result);
+            match self.audit_log.submit(event) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    tracing::error!(error = %e, operation, "audit record not queued; failing the batch");
+                    queue_failed = true;
+                    break;
+                }
+            }
+        }
+        let mut durable = !queue_failed;
+        for handle in handles {
+            if let Err(e) = handle.wait() {
+                tracing::error!(error = %e, operation, "audit record not durable; failing the batch");
+                durable = false;
+            }
+        }
+        if durable {
+            Ok(results)
+        } else {
+            drop(results);
+            Err(KmsError::AuditUnavailable)
+        }
+    }
+
+    /// Runs `work` and builds its audit event (not yet written).
+    fn recorded<T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        named_key: Option<&str>,
+        work: impl FnOnce(&mut AuditFields) -> Result<T>,
+    ) -> (Result<T>, AuditEvent) {
+        let started = Instant::now();
+        let mut fields = AuditFields {
+            key_id: named_key
+                .filter(|k| !k.is_empty())
+                .map(|k| truncate(k, 256)),
+            ..AuditFields::default()
+        };
+        let result = work(&mut fields);
+        let code = match &result {
+            Ok(_) => ResultCode::Ok,
+            Err(e) => e.code(),
+        };
+        let event = AuditEvent {
+            principal: truncate(&meta.principal, 1024),
+            peer: truncate(&meta.peer, 256),
+            request_id: truncate(&meta.request_id, 256),
+            operation: operation.to_owned(),
+            key_id: fields.key_id,
+            key_version: fields.key_version,
+            context_digest: fields.context_digest,
+            result: code,
+            latency_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        (result, event)
+    }
+
+    /// Looks a key up by id or alias.
+    pub(crate) fn resolve(&self, key: &str) -> Result<KeyRecord> {
+        if key.is_empty() {
+            return Err(KmsError::invalid(
+                "key_id",
+                "required (a key id or alias/<name>)",
+            ));
+        }
+        self.storage
+            .catalogue()
+            .resolve_key(key)?
+            .ok_or_else(|| KmsError::NotFound {
+                what: format!("key {key}"),
+            })
+    }
+
+    /// The key, refusing keys that cannot be used for cryptography.
+    pub(crate) fn resolve_usable(&self, key: &str) -> Result<KeyRecord> {
+        let record = self.resolve(key)?;
+        ensure_usable(&record)?;
+        Ok(record)
+    }
+
+    pub(crate) fn version(&self, key: &KeyId, version: u32) -> Result<VersionRecord> {
+        self.storage
+            .catalogue()
+            .get_version(key, version)?
+            .ok_or_else(|| KmsError::NotFound {
+                what: format!("version {version} of key {key}"),
+            })
+    }
+}
+
+/// Refuses keys that are not enabled, with a distinct error per state.
+pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
+    let key_id = record.id.to_string();
+    match record.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::KeyDisabled { key_id }),
+        KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion { key_id }),
+        KeyState::Deleted { .. } => Err(KmsError::KeyDeleted { key_id }),
+        _ => Err(KmsError::FailedPrecondition {
+            reason: format!("key {key_id} is in an unknown state"),
+        }),
+    }
+}
+
+/// The HSM object id of a key version's KEK.
+pub(crate) fn kek_object_id(kek: &KekHandle) -> Result<ObjectId> {
+    match kek {
+        KekHandle::HsmObject { object_id } => ObjectId::new(object_id.clone()).map_err(|e| {
+            tracing::error!(error = %e, "corrupt KEK handle in the catalogue");
+            KmsError::Internal
+        }),
+        _ => {
+            tracing::error!("KEK handle of an unsupported kind");
+            Err(KmsError::Internal)
+        }
+    }
+}
+
+pub(crate) fn new_kek_handle(key: &KeyId, version: u32) -> KekHandle {
+    KekHandle::HsmObject {
+        object_id: format!("{key}/v{version}").into_bytes(),
+    }
+}
+
+fn audit_mac_key() -> ObjectId {
+    // A non-empty constant of 17 bytes: always a valid id.
+    ObjectId::new(AUDIT_MAC_KEY_ID.to_vec()).unwrap_or_else(|_| unreachable!("valid constant id"))
+}
+
+pub(crate) fn now_ms() -> u64 {
+    let elapsed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("HSM: {0}")]
+    Hsm(#[source] kms_hsm::HsmError),
+    #[error("storage: {0}")]
+    Storage(#[source] kms_storage::StorageError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reconciling pending key versions: {0}")]
+    Reconcile(#[source] KmsError),
+}
+
+impl KmsService {
+    /// Audits and returns a request refused before it reached the domain
+    /// (e.g. a malformed field): every request that names a key is recorded.
+    pub fn refuse<T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        key: &str,
+        error: KmsError,
+    ) -> Result<T> {
+        self.audited(meta, operation, Some(key), |_| Err(error))
+    }
+}

@@ -1,0 +1,148 @@
+//! The background scheduler: periodic rotation (persisted next time, so it
+//! survives restarts), usage-based rotation (GCM invocation limit), and
+//! execution of due deletions. Each action is audited as the service's own
+//! principal. Rotation re-checks under the key's lock that it is still due,
+//! so a restart or a concurrent manual rotation never rotates twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kms_hsm::HsmError;
+use kms_storage::{KeyRecord, KeyState, VersionState};
+
+use super::{KmsService, RequestMeta, kek_object_id, now_ms};
+use crate::error::{KmsError, Result};
+
+/// What one pass of the scheduler did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerPass {
+    pub rotated: usize,
+    pub deleted: usize,
+    pub failed: usize,
+}
+
+impl KmsService {
+    /// One pass over every key. Safe to run at any time and repeatedly.
+    pub fn run_scheduler_pass(&self) -> SchedulerPass {
+        self.run_scheduler_pass_at(now_ms())
+    }
+
+    /// One pass as if the time were `now` (unix ms): tests use it to reach
+    /// deletion dates and rotation times without waiting for them.
+    pub fn run_scheduler_pass_at(&self, now: u64) -> SchedulerPass {
+        let mut pass = SchedulerPass::default();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self.storage.catalogue().list_keys(token.as_deref(), 500) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduler cannot list keys");
+                    pass.failed += 1;
+                    return pass;
+                }
+            };
+            for record in &page.items {
+                match self.schedule_one(record, now) {
+                    Ok(Some(Action::Rotated)) => pass.rotated += 1,
+                    Ok(Some(Action::Deleted)) => pass.deleted += 1,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(key_id = %record.id, error = %e, "scheduled action failed; will retry");
+                        pass.failed += 1;
+                    }
+                }
+            }
+            match page.next_page_token {
+                Some(next) => token = Some(next),
+                None => return pass,
+            }
+        }
+    }
+
+    fn schedule_one(&self, record: &KeyRecord, now: u64) -> Result<Option<Action>> {
+        match record.state {
+            KeyState::PendingDeletion { delete_at_ms } if delete_at_ms <= now => {
+                self.execute_deletion(record)?;
+                Ok(Some(Action::Deleted))
+            }
+            KeyState::Enabled if self.rotation_due(record, now)? => {
+                let meta = RequestMeta::internal("scheduled-rotation");
+                let key = record.id.to_string();
+                let rotated = self.audited(&meta, "RotateKey", Some(&key), |audit| {
+                    audit.key(&record.id, None);
+                    let version = self.rotate_locked(&record.id, Some(now))?;
+                    audit.key(&record.id, Some(version.version));
+                    Ok(version)
+                });
+                match rotated {
+                    Ok(_) => Ok(Some(Action::Rotated)),
+                    // Someone else rotated in between: nothing to do.
+                    Err(KmsError::FailedPrecondition { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Destroys every KEK of the key in the HSM, then makes the key a
+    /// tombstone (its id is never reused; its audit history stays readable).
+    fn execute_deletion(&self, record: &KeyRecord) -> Result<()> {
+        let meta = RequestMeta::internal("scheduled-deletion");
+        let key = record.id.to_string();
+        self.audited(&meta, "DeleteKeyMaterial", Some(&key), |audit| {
+            audit.key(&record.id, None);
+            let catalogue = self.storage.catalogue();
+            for version in catalogue.list_versions(&record.id)? {
+                if matches!(version.state, VersionState::Destroyed { .. }) {
+                    continue;
+                }
+                match self.hsm.destroy_key(&kek_object_id(&version.kek)?) {
+                    Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {}
+                    Err(e) => return Err(KmsError::from(e)),
+                }
+            }
+            catalogue.finalize_key_deletion(&record.id, now_ms())?;
+            tracing::info!(key_id = %record.id, "key deleted; tombstone kept");
+            Ok(())
+        })
+    }
+}
+
+enum Action {
+    Rotated,
+    Deleted,
+}
+
+/// Runs scheduler passes every `interval` on a dedicated thread until
+/// `stop` is set. The thread is blocking work by nature (HSM, RocksDB).
+pub fn spawn(
+    service: Arc<KmsService>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("kms-scheduler".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let pass = service.run_scheduler_pass();
+                if pass != SchedulerPass::default() {
+                    tracing::info!(
+                        rotated = pass.rotated,
+                        deleted = pass.deleted,
+                        failed = pass.failed,
+                        "scheduler pass"
+                    );
+                }
+                // Sleep in short steps so that shutdown is prompt.
+                let mut slept = Duration::ZERO;
+                while slept < interval && !stop.load(Ordering::Acquire) {
+                    let step = Duration::from_millis(200).min(interval - slept);
+                    std::thread::sleep(step);
+                    slept += step;
+                }
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot start the scheduler thread: {e}"))
+}

@@ -1,0 +1,175 @@
+//! The README's path as a user walks it: `kms serve --dev` as a real process,
+//! the CLI against it, a restart that reuses the dev token and database.
+
+use kms_tests::{DevServerProcess, run_cli};
+
+fn cli_ok(endpoint: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    let (ok, stdout, stderr) = run_cli(endpoint, args, stdin);
+    assert!(ok, "kms {args:?} failed: {stderr}");
+    stdout
+}
+
+#[tokio::test]
+async fn dev_mode_and_the_cli_round_trip_and_survive_a_restart() {
+    let data = tempfile::tempdir().expect("data dir");
+    let work = tempfile::tempdir().expect("work dir");
+    let secret_file = work.path().join("secret.bin");
+    let secret_path = secret_file.to_str().expect("utf8 path").to_owned();
+
+    let server = DevServerProcess::start(data.path());
+    assert!(
+        server.banner.contains("dev mode, data created"),
+        "{}",
+        server.banner
+    );
+    let endpoint = server.endpoint();
+    let ep = endpoint.clone();
+    let secret = secret_path.clone();
+    let key_id = tokio::task::spawn_blocking(move || {
+        let created = cli_ok(
+            &ep,
+            &[
+                "--json",
+                "key",
+                "create",
+                "--description",
+                "cli test",
+                "--alias",
+                "alias/cli",
+            ],
+            b"",
+        );
+        let json: serde_json::Value = serde_json::from_slice(&created).expect("json");
+        let key_id = json
+            .pointer("/key_metadata/key_id")
+            .or_else(|| json.pointer("/key_id"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no key id in {json}"))
+            .to_owned();
+        assert!(key_id.starts_with("key-"), "{key_id}");
+
+        cli_ok(
+            &ep,
+            &[
+                "encrypt",
+                "--key",
+                "alias/cli",
+                "--context",
+                "tenant=acme",
+                "--out",
+                &secret,
+            ],
+            b"the quick brown fox",
+        );
+        let opened = cli_ok(
+            &ep,
+            &["decrypt", "--in", &secret, "--context", "tenant=acme"],
+            b"",
+        );
+        assert_eq!(opened, b"the quick brown fox");
+        // Wrong context: non-zero exit, generic message, no plaintext.
+        let (ok, out, err) = run_cli(
+            &ep,
+            &["decrypt", "--in", &secret, "--context", "tenant=evil"],
+            b"",
+        );
+        assert!(!ok);
+        assert!(out.is_empty());
+        assert!(
+            err.contains("INVALID_ARGUMENT") && err.contains("invalid ciphertext"),
+            "{err}"
+        );
+
+        cli_ok(&ep, &["key", "rotate", "alias/cli"], b"");
+        let versions =
+            String::from_utf8(cli_ok(&ep, &["key", "versions", "alias/cli"], b"")).expect("utf8");
+        assert!(versions.lines().count() >= 3, "{versions}");
+        assert_eq!(
+            cli_ok(
+                &ep,
+                &["decrypt", "--in", &secret, "--context", "tenant=acme"],
+                b""
+            ),
+            b"the quick brown fox"
+        );
+
+        let data_key = cli_ok(
+            &ep,
+            &[
+                "--json",
+                "data-key",
+                "--key",
+                "alias/cli",
+                "--spec",
+                "aes-256",
+            ],
+            b"",
+        );
+        let json: serde_json::Value = serde_json::from_slice(&data_key).expect("json");
+        assert!(json.to_string().contains("plaintext"), "{json}");
+
+        let listed = String::from_utf8(cli_ok(&ep, &["key", "list"], b"")).expect("utf8");
+        assert!(listed.contains(&key_id), "{listed}");
+        let audit = String::from_utf8(cli_ok(&ep, &["audit", "list", "--key", &key_id], b""))
+            .expect("utf8");
+        assert!(
+            audit.contains("Encrypt") && audit.contains("Decrypt"),
+            "{audit}"
+        );
+        cli_ok(&ep, &["audit", "verify"], b"");
+        key_id
+    })
+    .await
+    .expect("cli steps");
+    server.kill();
+
+    // Second run reuses the token and the database.
+    let server = DevServerProcess::start(data.path());
+    assert!(
+        server.banner.contains("dev mode, data reused"),
+        "{}",
+        server.banner
+    );
+    let endpoint = server.endpoint();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(
+            cli_ok(
+                &endpoint,
+                &["decrypt", "--in", &secret_path, "--context", "tenant=acme"],
+                b""
+            ),
+            b"the quick brown fox"
+        );
+        let described =
+            String::from_utf8(cli_ok(&endpoint, &["key", "describe", "alias/cli"], b""))
+                .expect("utf8");
+        assert!(described.contains(&key_id), "{described}");
+        cli_ok(&endpoint, &["audit", "verify"], b"");
+    })
+    .await
+    .expect("after restart");
+    drop(server);
+
+    // The PIN files are private.
+    use std::os::unix::fs::PermissionsExt;
+    for pin in ["softhsm/user.pin", "softhsm/so.pin"] {
+        let mode = std::fs::metadata(data.path().join(pin))
+            .expect("pin file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{pin} is readable by others: {mode:o}");
+    }
+}
+
+#[test]
+fn dev_mode_refuses_a_non_loopback_address() {
+    let data = tempfile::tempdir().expect("data dir");
+    let output = std::process::Command::new(kms_tests::kms_binary())
+        .args(["serve", "--dev", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("loopback"), "{stderr}");
+}

@@ -1,0 +1,70 @@
+mod audit;
+mod cli;
+mod crash;
+mod crypto;
+mod keys;
+mod reflection;
+mod restart;
+mod secrets;
+
+use std::collections::HashMap;
+
+use kms_proto::v1 as pb;
+use kms_tests::TestServer;
+
+pub(crate) fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Creates a key and returns its id.
+pub(crate) async fn create_key(server: &TestServer, description: &str) -> String {
+    server
+        .keys()
+        .create_key(pb::CreateKeyRequest {
+            description: description.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateKey")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id
+}
+
+pub(crate) async fn encrypt(
+    server: &TestServer,
+    key: &str,
+    plaintext: &[u8],
+    context: &[(&str, &str)],
+) -> pb::EncryptResponse {
+    server
+        .crypto()
+        .encrypt(pb::EncryptRequest {
+            key_id: key.to_owned(),
+            plaintext: plaintext.to_vec(),
+            encryption_context: ctx(context),
+        })
+        .await
+        .expect("Encrypt")
+        .into_inner()
+}
+
+pub(crate) async fn decrypt(
+    server: &TestServer,
+    blob: &[u8],
+    context: &[(&str, &str)],
+) -> Result<pb::DecryptResponse, tonic::Status> {
+    server
+        .crypto()
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: blob.to_vec(),
+            encryption_context: ctx(context),
+            key_id: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
