@@ -109,6 +109,19 @@ pub struct Hsm {
     backoff_min: Duration,
     backoff_max: Duration,
     object_searches: AtomicU64,
+    /// Per operation (indexed by `Operation as usize`): calls and total microseconds.
+    timings: [(AtomicU64, AtomicU64); OPERATION_SLOTS],
+}
+
+/// Room for every `Operation` variant.
+const OPERATION_SLOTS: usize = 32;
+
+/// Calls and total time of one kind of HSM operation since the `Hsm` opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperationStats {
+    pub operation: Operation,
+    pub calls: u64,
+    pub total_micros: u64,
 }
 
 impl Hsm {
@@ -141,6 +154,7 @@ impl Hsm {
             backoff_min: config.reconnect_backoff_min,
             backoff_max: config.reconnect_backoff_max,
             object_searches: AtomicU64::new(0),
+            timings: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),
         })
     }
 
@@ -381,6 +395,32 @@ impl Hsm {
         }
     }
 
+    /// Latency totals of the operations performed so far (for metrics).
+    pub fn operation_stats(&self) -> Vec<OperationStats> {
+        const REPORTED: [Operation; 9] = [
+            Operation::Encrypt,
+            Operation::Decrypt,
+            Operation::Sign,
+            Operation::Verify,
+            Operation::GenerateRandom,
+            Operation::GenerateKey,
+            Operation::DestroyObject,
+            Operation::FindObjects,
+            Operation::GetAttributes,
+        ];
+        REPORTED
+            .iter()
+            .map(|&operation| {
+                let (calls, micros) = &self.timings[operation as usize % OPERATION_SLOTS];
+                OperationStats {
+                    operation,
+                    calls: calls.load(Ordering::Relaxed),
+                    total_micros: micros.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
     /// Whether the layer currently considers the HSM unreachable.
     pub fn is_down(&self) -> bool {
         self.recovery.lock().down.is_some()
@@ -395,6 +435,22 @@ impl Hsm {
         mut work: impl FnMut(&Session, &ModuleState) -> Result<T>,
     ) -> Result<T> {
         self.recover_if_due(operation)?;
+        let started = Instant::now();
+        let result = self.run_with_recovery(operation, &mut work);
+        let (calls, micros) = &self.timings[operation as usize % OPERATION_SLOTS];
+        calls.fetch_add(1, Ordering::Relaxed);
+        micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        result
+    }
+
+    fn run_with_recovery<T>(
+        &self,
+        operation: Operation,
+        work: &mut impl FnMut(&Session, &ModuleState) -> Result<T>,
+    ) -> Result<T> {
         let mut retried = false;
         loop {
             let state = self.module.read();

@@ -26,7 +26,7 @@ pub use config::{HsmConfig, Pin, PinSource};
 pub use error::{HsmError, Operation, ReturnCode};
 pub use hsm::{
     GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyObjectInfo, MAX_GCM_INPUT,
-    MAX_RANDOM_LEN, PoolUsage,
+    MAX_RANDOM_LEN, OperationStats, PoolUsage,
 };
 pub use objects::{KeyPurpose, ObjectId};
 pub use token::{initialize_token, token_exists};

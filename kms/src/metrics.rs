@@ -4,8 +4,13 @@
 //!   every gRPC call, by method path and gRPC status;
 //! - `kms_hsm_sessions{state="open|idle"}` and `kms_hsm_pool_size`: the
 //!   session pool, sampled at scrape time;
-//! - `kms_hsm_counters{kind}`: C_FindObjects searches and sessions opened,
-//!   which must stay flat under load.
+//! - `kms_hsm_expensive_calls{state}`: C_FindObjects searches and sessions
+//!   opened, which must stay flat under load;
+//! - `kms_hsm_operations_total{op}` and `kms_hsm_operation_seconds_total{op}`:
+//!   HSM calls and time spent in them (rate of one over the other = latency);
+//! - `kms_audit_batches_total`, `kms_audit_batch_writes_total`,
+//!   `kms_audit_commit_seconds_total`: group commit (writes per batch = batch
+//!   size, seconds per batch = commit latency).
 //!
 //! Labels never carry request content.
 
@@ -38,6 +43,11 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -50,6 +60,19 @@ pub struct Metrics {
     sessions: Family<StateLabels, Gauge>,
     pool_size: Gauge,
     hsm_counters: Family<StateLabels, Gauge>,
+    hsm_operations: Family<OpLabels, Counter>,
+    hsm_operation_micros: Family<OpLabels, Counter>,
+    audit_batches: Counter,
+    audit_batch_writes: Counter,
+    audit_commit_micros: Counter,
+}
+
+/// Advances a counter to a sampled monotonic total.
+fn advance(counter: &Counter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +123,36 @@ impl Metrics {
             "C_FindObjects searches and sessions opened since start (flat under load)",
             hsm_counters.clone(),
         );
+        let hsm_operations = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "hsm_operations",
+            "HSM operations by PKCS#11 function",
+            hsm_operations.clone(),
+        );
+        let hsm_operation_micros = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "hsm_operation_microseconds",
+            "time spent in HSM operations, by PKCS#11 function",
+            hsm_operation_micros.clone(),
+        );
+        let audit_batches = Counter::default();
+        registry.register(
+            "audit_batches",
+            "audit group-commit batches written",
+            audit_batches.clone(),
+        );
+        let audit_batch_writes = Counter::default();
+        registry.register(
+            "audit_batch_writes",
+            "audit records and checkpoints written in those batches",
+            audit_batch_writes.clone(),
+        );
+        let audit_commit_micros = Counter::default();
+        registry.register(
+            "audit_commit_microseconds",
+            "time spent committing audit batches (fsync included)",
+            audit_commit_micros.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -107,6 +160,11 @@ impl Metrics {
             sessions,
             pool_size,
             hsm_counters,
+            hsm_operations,
+            hsm_operation_micros,
+            audit_batches,
+            audit_batch_writes,
+            audit_commit_micros,
         }
     }
 
@@ -146,6 +204,20 @@ impl Metrics {
                 state: "sessions_opened",
             })
             .set(i64::try_from(counters.sessions_opened).unwrap_or(i64::MAX));
+        for stats in service.hsm().operation_stats() {
+            let labels = OpLabels {
+                op: stats.operation.to_string(),
+            };
+            advance(&self.hsm_operations.get_or_create(&labels), stats.calls);
+            advance(
+                &self.hsm_operation_micros.get_or_create(&labels),
+                stats.total_micros,
+            );
+        }
+        let audit = service.audit_stats();
+        advance(&self.audit_batches, audit.batches);
+        advance(&self.audit_batch_writes, audit.writes);
+        advance(&self.audit_commit_micros, audit.commit_micros);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             return String::new();

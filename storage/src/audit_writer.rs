@@ -20,7 +20,7 @@
 //! records uncertified, and on clean shutdown.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -91,11 +91,27 @@ struct Request {
 #[derive(Debug)]
 struct Shared {
     poisoned: AtomicBool,
+    /// Committed write batches, the writes (records, checkpoints) in them,
+    /// and the time spent committing them: for metrics.
+    batches: AtomicU64,
+    batch_writes: AtomicU64,
+    commit_micros: AtomicU64,
     /// Sequence and hash of the last durable record (0 and zeros when empty).
     head: Mutex<(u64, [u8; 32])>,
     /// Test hook: make the next batch write fail inside RocksDB.
     #[cfg(test)]
     fail_next_write: AtomicBool,
+}
+
+/// Group-commit totals of an open audit log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Committed write batches (each one synced write when `sync` is on).
+    pub batches: u64,
+    /// Records and checkpoints written in them.
+    pub writes: u64,
+    /// Time spent in the batch writes (including fsync), microseconds.
+    pub commit_micros: u64,
 }
 
 /// A pending append; [`AppendHandle::wait`] blocks until the record is durable.
@@ -146,6 +162,9 @@ impl AuditLog {
         let last_cp = last_checkpoint_seq(&db)?;
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
+            batches: AtomicU64::new(0),
+            batch_writes: AtomicU64::new(0),
+            commit_micros: AtomicU64::new(0),
             head: Mutex::new((last_seq, head)),
             #[cfg(test)]
             fail_next_write: AtomicBool::new(false),
@@ -206,6 +225,16 @@ impl AuditLog {
         done: impl FnOnce(Result<u64, StorageError>) + Send + 'static,
     ) -> Result<(), StorageError> {
         self.send(event, Completion::Callback(Box::new(done)))
+    }
+
+    /// Totals since the log was opened, for metrics: average batch size is
+    /// `writes / batches`, average commit latency `commit_micros / batches`.
+    pub fn stats(&self) -> AuditStats {
+        AuditStats {
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            writes: self.shared.batch_writes.load(Ordering::Relaxed),
+            commit_micros: self.shared.commit_micros.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether a write failure has poisoned the log (reopen it to recover).
@@ -389,10 +418,21 @@ impl Writer {
             wo.set_sync(true);
             wo.disable_wal(true);
         }
+        let writes = batch.len() as u64;
+        let started = Instant::now();
         self.db
             .db
             .write_opt(batch, &wo)
-            .map_err(|e| Failure::Write(DbError::new(e)))
+            .map_err(|e| Failure::Write(DbError::new(e)))?;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .batch_writes
+            .fetch_add(writes, Ordering::Relaxed);
+        self.shared
+            .commit_micros
+            .fetch_add(micros, Ordering::Relaxed);
+        Ok(())
     }
 
     fn next_time(&self) -> u64 {

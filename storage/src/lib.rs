@@ -30,7 +30,7 @@ pub use audit_record::{
 pub use audit_verify::{
     VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
 };
-pub use audit_writer::{AppendHandle, AuditConfig, AuditLog, MacFn};
+pub use audit_writer::{AppendHandle, AuditConfig, AuditLog, AuditStats, MacFn};
 pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
 pub use db::{Storage, StorageOptions};
 pub use error::{CallbackError, DbError, StorageError};

@@ -79,6 +79,15 @@ async fn health_and_metrics_endpoints_answer() {
         "{body}"
     );
     assert!(body.contains("kms_hsm_pool_size 4"), "{body}");
+    assert!(
+        body.contains("kms_hsm_operations_total{op=\"C_GenerateKey\"} 2"),
+        "{body}"
+    );
+    assert!(body.contains("kms_audit_batches_total"), "{body}");
+    assert!(
+        !body.contains("kms_audit_batches_total 0\n"),
+        "no audit batch counted: {body}"
+    );
 }
 
 async fn tonic_health_client(

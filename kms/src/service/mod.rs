@@ -143,6 +143,11 @@ impl KmsService {
         &self.hsm
     }
 
+    /// Group-commit totals of the audit log, for metrics.
+    pub fn audit_stats(&self) -> kms_storage::AuditStats {
+        self.audit_log.stats()
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
