@@ -77,13 +77,16 @@ impl DevLayout {
 /// `SOFTHSM2_CONF` in the process environment, which SoftHSM2 reads at
 /// C_Initialize). Returns the layout; `initialize_dev_token` follows.
 pub fn prepare_environment(data_dir: &Path) -> Result<DevLayout, DevError> {
-    let data_dir = if data_dir.is_absolute() {
+    let data_dir: PathBuf = if data_dir.is_absolute() {
         data_dir.to_owned()
     } else {
         std::env::current_dir()
             .map_err(io(data_dir))?
             .join(data_dir)
-    };
+    }
+    // Drops "." components: messages show /work/.kms-data, not /work/./.kms-data.
+    .components()
+    .collect();
     let layout = DevLayout::new(&data_dir);
     for dir in [&layout.data_dir, &layout.softhsm_dir, &layout.tokens_dir] {
         std::fs::DirBuilder::new()

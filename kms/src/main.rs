@@ -24,7 +24,14 @@ struct Cli {
     #[command(flatten)]
     client: kms::cli::ClientOptions,
     /// Log filter (tracing env-filter syntax), e.g. "info" or "kms=debug".
-    #[arg(long, env = "KMS_LOG", default_value = "info", global = true)]
+    /// (cryptoki reports mechanisms it has no name for at ERROR level while
+    /// the token is probed: noise, hidden by default.)
+    #[arg(
+        long,
+        env = "KMS_LOG",
+        default_value = "info,cryptoki::mechanism=off",
+        global = true
+    )]
     log: String,
     /// Log as JSON lines.
     #[arg(long, global = true)]

@@ -113,6 +113,27 @@ async fn every_request_leaves_exactly_one_record_and_the_chain_verifies() {
         .into_inner()
         .events;
     assert_eq!(for_key.len(), 4);
+    // By alias: the key the alias names.
+    server
+        .keys()
+        .create_alias(pb::CreateAliasRequest {
+            alias_name: "alias/audited".into(),
+            target_key_id: key.clone(),
+        })
+        .await
+        .expect("alias");
+    let by_alias = audit
+        .list_audit_events(pb::ListAuditEventsRequest {
+            key_id: "alias/audited".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("filter by alias")
+        .into_inner()
+        .events;
+    assert!(by_alias.len() >= 5, "{}", by_alias.len());
+    assert!(by_alias.iter().all(|e| e.key_id == key));
     // Pagination.
     let page = audit
         .list_audit_events(pb::ListAuditEventsRequest {

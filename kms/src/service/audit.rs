@@ -28,11 +28,20 @@ impl KmsService {
             "ListAuditEvents",
             query.filter.key_id.as_deref(),
             |_| {
-                Ok(self.storage.audit_reader().query(
-                    &query.filter,
-                    query.after,
-                    query.limit.max(1),
-                )?)
+                // Records name keys canonically: a filter by alias means the
+                // key the alias points to now. (An unknown alias filters
+                // literally, so refused requests that named it can be found.)
+                let mut filter = query.filter.clone();
+                if let Some(named) = filter.key_id.as_deref()
+                    && named.starts_with("alias/")
+                    && let Ok(Some(record)) = self.storage.catalogue().resolve_key(named)
+                {
+                    filter.key_id = Some(record.id.to_string());
+                }
+                Ok(self
+                    .storage
+                    .audit_reader()
+                    .query(&filter, query.after, query.limit.max(1))?)
             },
         )
     }
