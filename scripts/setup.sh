@@ -12,7 +12,8 @@ command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
-command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
