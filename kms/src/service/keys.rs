@@ -554,25 +554,35 @@ impl KmsService {
     }
 
     pub fn create_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
-        self.audited(meta, "CreateAlias", Some(key), |audit| {
-            let alias = parse_alias(alias)?;
-            let record = self.resolve(key)?;
-            audit.key(&record.id, None);
-            if let KeyState::Deleted { .. } = record.state {
-                return Err(KmsError::KeyDeleted {
-                    key_id: record.id.to_string(),
-                });
-            }
-            self.storage.catalogue().create_alias(&alias, &record.id)?;
-            Ok(AliasEntry {
-                alias,
-                key_id: record.id,
-            })
-        })
+        self.point_alias(
+            meta,
+            "CreateAlias",
+            alias,
+            key,
+            kms_storage::Catalogue::create_alias,
+        )
     }
 
     pub fn update_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
-        self.audited(meta, "UpdateAlias", Some(key), |audit| {
+        self.point_alias(
+            meta,
+            "UpdateAlias",
+            alias,
+            key,
+            kms_storage::Catalogue::update_alias,
+        )
+    }
+
+    /// Creates or moves an alias (`write`) to a live key.
+    fn point_alias(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        alias: &str,
+        key: &str,
+        write: fn(&kms_storage::Catalogue, &Alias, &KeyId) -> Result<(), kms_storage::StorageError>,
+    ) -> Result<AliasEntry> {
+        self.audited(meta, operation, Some(key), |audit| {
             let alias = parse_alias(alias)?;
             let record = self.resolve(key)?;
             audit.key(&record.id, None);
@@ -581,7 +591,7 @@ impl KmsService {
                     key_id: record.id.to_string(),
                 });
             }
-            self.storage.catalogue().update_alias(&alias, &record.id)?;
+            write(self.storage.catalogue(), &alias, &record.id)?;
             Ok(AliasEntry {
                 alias,
                 key_id: record.id,
