@@ -217,6 +217,16 @@ impl Config {
             "server.listen",
             server.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
         )?;
+        // Until TLS and authentication exist, anyone who reaches the port can
+        // use every key: refuse to listen beyond this machine.
+        if !listen.ip().is_loopback() {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "{listen} is not a loopback address; without TLS and authentication kms listens on loopback only"
+                ),
+            ));
+        }
         let metrics_listen = server
             .metrics_listen
             .as_deref()
@@ -418,6 +428,17 @@ data_dir = "/var/lib/kms"
             let err = Config::parse(&text).expect_err(field);
             assert!(err.to_string().contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn a_non_loopback_listen_address_is_refused_without_tls() {
+        let err = Config::parse(&format!("{MINIMAL}\n[server]\nlisten = \"0.0.0.0:7443\"\n"))
+            .expect_err("public address");
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let ok = Config::parse(&format!("{MINIMAL}\n[server]\nlisten = \"[::1]:7443\"\n"))
+            .expect("IPv6 loopback");
+        assert!(ok.server.listen.ip().is_loopback());
     }
 
     #[test]
