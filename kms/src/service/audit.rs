@@ -65,7 +65,6 @@ impl KmsService {
             start: from_checkpoint.map_or(VerifyStart::Genesis, VerifyStart::Checkpoint),
             max_records_between_checkpoints: None,
         };
-        let _ = self.audit_checkpoint_every;
         let hsm = &self.hsm;
         let key = audit_mac_key();
         let verifier = |message: &[u8], mac: &[u8]| {

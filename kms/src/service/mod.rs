@@ -83,7 +83,6 @@ pub struct KmsService {
     audit_log: AuditLog,
     limits: Limits,
     rotation: RotationSettings,
-    audit_checkpoint_every: u64,
     key_locks: keys::KeyLocks,
 }
 
@@ -130,7 +129,6 @@ impl KmsService {
             audit_log,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
-            audit_checkpoint_every: config.audit.checkpoint_every_records,
             key_locks: keys::KeyLocks::default(),
         };
         service
