@@ -19,6 +19,8 @@ mod session_pool;
 mod token;
 mod token_sync;
 
+#[cfg(feature = "bench")]
+pub mod baseline;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -61,6 +61,10 @@ struct ServeArgs {
     /// Listen address of dev mode (loopback only).
     #[arg(long, default_value = kms::config::DEFAULT_LISTEN, requires = "dev")]
     listen: SocketAddr,
+    /// Benchmarks only (kms-bench's synced/unsynced comparison): acknowledge
+    /// requests before their audit records reach the disk. Dev mode only.
+    #[arg(long, hide = true, requires = "dev")]
+    unsafe_audit_no_sync: bool,
 }
 
 fn main() -> ExitCode {
@@ -112,7 +116,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let module = kms_hsm_module();
         let created = kms::dev::initialize_dev_token(&layout, &module)
             .context("setting up the SoftHSM2 token")?;
-        let config = kms::dev::dev_config(&layout, &module, args.listen)?;
+        let mut config = kms::dev::dev_config(&layout, &module, args.listen)?;
+        if args.unsafe_audit_no_sync {
+            tracing::warn!(
+                "--unsafe-audit-no-sync: audit records are not synced; a crash loses acknowledged records"
+            );
+            config.audit.sync = false;
+        }
         let note = if created { "created" } else { "reused" };
         (
             config,
