@@ -2,7 +2,8 @@
 # Installs what building and testing kms needs on Debian 12, if missing:
 # SoftHSM2 (the HSM in every test and in dev mode), clang/libclang (RocksDB's
 # bindings), OpenSC's pkcs11-tool (operator convenience), and the Python gRPC
-# packages one test uses as an independent gRPC client. Idempotent and quiet
+# packages one test uses as an independent gRPC client, and Python cryptography
+# for the envelope format's independent check. Idempotent and quiet
 # when everything is present.
 set -euo pipefail
 
@@ -28,4 +29,12 @@ if ! python3 -c 'import grpc, grpc_reflection' >/dev/null 2>&1; then
   echo "setup: installing grpcio, grpcio-reflection (pip)" >&2
   python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection protobuf \
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-reflection protobuf
+fi
+
+# The envelope format's independent check (tests/scripts/envelope_check.py):
+# AES-GCM and HKDF from a library that is not ours.
+if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1; then
+  echo "setup: installing cryptography (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check cryptography \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages cryptography
 fi
