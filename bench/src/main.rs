@@ -2,6 +2,13 @@
 //! Each subcommand lives in its own module; main only parses and dispatches.
 
 mod audit;
+mod load;
+mod machine;
+mod report;
+mod run;
+mod server;
+mod soak;
+mod workloads;
 
 use std::process::ExitCode;
 
@@ -16,12 +23,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The service vs. the raw HSM and a gRPC no-op, at several concurrencies:
+    /// ops/s, p50/p99/p99.9, ratios, audit synced vs. unsynced, targets.
+    Run(Box<run::RunArgs>),
+    /// Server RSS over many Encrypt requests (1M by default): is it flat?
+    Soak(soak::SoakArgs),
     /// Audit log appends/s: synced group commit vs. unsynced, at several writer counts.
     Audit(audit::AuditArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Audit(args) => audit::run(&args),
     }
 }

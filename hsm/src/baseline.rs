@@ -22,6 +22,7 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
+use parking_lot::Mutex;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::Pin;
@@ -43,7 +44,9 @@ pub struct Baseline {
     module: Arc<Module>,
     slot: Slot,
     /// Keeps the login alive for the workers' sessions, and owns the key.
-    anchor: Session,
+    /// In a mutex so that workers can be made on their own threads (a
+    /// session is Send, not Sync).
+    anchor: Mutex<Session>,
     key: ObjectHandle,
     id: ObjectId,
 }
@@ -76,7 +79,7 @@ impl Baseline {
         Ok(Baseline {
             module,
             slot,
-            anchor,
+            anchor: Mutex::new(anchor),
             key,
             id,
         })
@@ -123,7 +126,7 @@ impl Drop for Baseline {
     fn drop(&mut self) {
         let _state = self.module.read();
         // Best effort: a leftover bench key is harmless (its own CKA_ID) but untidy.
-        if let Err(e) = self.anchor.destroy_object(self.key) {
+        if let Err(e) = self.anchor.get_mut().destroy_object(self.key) {
             tracing::warn!(id = %self.id, error = %e, "cannot destroy the baseline key");
         }
     }
@@ -178,7 +181,11 @@ impl BaselineWorker<'_> {
             .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
         let sealed = self
             .session
-            .encrypt(&Mechanism::AesGcm(params), self.baseline.key, &self.plaintext)
+            .encrypt(
+                &Mechanism::AesGcm(params),
+                self.baseline.key,
+                &self.plaintext,
+            )
             .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
         if sealed.len() != self.plaintext.len() + GCM_TAG_LEN {
             return Err(HsmError::Wrapper {
@@ -209,6 +216,9 @@ mod tests {
         let id = baseline.key_id().clone();
         drop(baseline);
         let hsm = token.open();
-        assert!(!hsm.key_exists(&id).expect("search"), "baseline key left behind");
+        assert!(
+            !hsm.key_exists(&id).expect("search"),
+            "baseline key left behind"
+        );
     }
 }
