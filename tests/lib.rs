@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kms::config::{AuditSettings, Config, Limits, RotationSettings, ServerConfig};
+use kms::auth::admission::PrincipalLimits;
+use kms::config::{AuditSettings, AuthSettings, Config, Limits, RotationSettings, ServerConfig};
 use kms::server::RunningServer;
 use kms::service::KmsService;
 use kms_hsm::testing::TestToken;
@@ -44,11 +45,15 @@ impl TestEnv {
                 request_timeout: Duration::from_secs(30),
                 max_concurrent_requests: 256,
                 max_message_bytes: 8 << 20,
+                max_connections: 1024,
+                max_concurrent_streams: 256,
+                tls: None,
             },
             limits: Limits {
                 max_plaintext_bytes: 4096,
                 max_context_bytes: 8192,
                 max_batch_items: 1000,
+                per_principal: PrincipalLimits::default(),
             },
             hsm: self.token.config(4),
             data_dir: self.db_dir(),
@@ -62,6 +67,7 @@ impl TestEnv {
                 gcm_invocation_limit: kms::config::DEFAULT_GCM_INVOCATION_LIMIT,
                 scheduler_interval: Duration::from_secs(3600),
             },
+            auth: AuthSettings::local_development("anonymous"),
         }
     }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use kms_hsm::{HsmConfig, Pin, PinSource};
 
-use crate::config::{AuditSettings, Config, Limits, RotationSettings, ServerConfig};
+use crate::config::{AuditSettings, AuthSettings, Config, Limits, RotationSettings, ServerConfig};
 
 /// Label of the dev-mode SoftHSM2 token.
 pub const DEV_TOKEN_LABEL: &str = "kms-dev";
@@ -152,6 +152,9 @@ pub fn initialize_dev_token(layout: &DevLayout, module: &Path) -> Result<bool, D
     Ok(true)
 }
 
+/// The principal of dev-mode callers (no credentials on loopback).
+pub const DEV_PRINCIPAL: &str = "dev";
+
 /// The configuration dev mode runs with.
 pub fn dev_config(
     layout: &DevLayout,
@@ -171,6 +174,7 @@ pub fn dev_config(
         max_plaintext_bytes: crate::config::DEFAULT_MAX_PLAINTEXT,
         max_context_bytes: crate::config::DEFAULT_MAX_CONTEXT,
         max_batch_items: crate::config::DEFAULT_MAX_BATCH,
+        per_principal: crate::auth::admission::PrincipalLimits::default(),
     };
     Ok(Config {
         server: ServerConfig {
@@ -179,6 +183,9 @@ pub fn dev_config(
             request_timeout: std::time::Duration::from_secs(10),
             max_concurrent_requests: 1024,
             max_message_bytes: 8 << 20,
+            max_connections: 1024,
+            max_concurrent_streams: 256,
+            tls: None,
         },
         limits,
         hsm,
@@ -193,5 +200,7 @@ pub fn dev_config(
             gcm_invocation_limit: crate::config::DEFAULT_GCM_INVOCATION_LIMIT,
             scheduler_interval: std::time::Duration::from_secs(60),
         },
+        // Loopback only (checked above), so the local user is trusted.
+        auth: AuthSettings::local_development(DEV_PRINCIPAL),
     })
 }

@@ -58,6 +58,11 @@ pub enum KmsError {
     #[error("the audit log is unavailable")]
     AuditUnavailable,
 
+    /// The principal may not do this. Names the principal and what was
+    /// refused (both known to the caller), never why a grant did not match.
+    #[error("{principal} is not allowed to {action}")]
+    PermissionDenied { principal: String, action: String },
+
     /// The service is saturated.
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
@@ -90,6 +95,7 @@ impl KmsError {
             | KmsError::FailedPrecondition { .. } => ResultCode::FailedPrecondition,
             KmsError::HsmUnavailable | KmsError::AuditUnavailable => ResultCode::Unavailable,
             KmsError::ResourceExhausted { .. } => ResultCode::ResourceExhausted,
+            KmsError::PermissionDenied { .. } => ResultCode::PermissionDenied,
             KmsError::Internal => ResultCode::Internal,
         }
     }

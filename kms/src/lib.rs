@@ -1,12 +1,14 @@
 //! kms: an HSM-backed key management service and encryption-as-a-service.
 //!
-//! Layout: `config` (TOML → typed config), `dev` (the embedded default),
+//! Layout: `auth` (who is calling, what they may do, admission limits),
+//! `config` (TOML → typed config), `dev` (the embedded default),
 //! `envelope` and `encryption_context` (the ciphertext format), `service`
 //! (the domain: keys, envelope encryption, audit; no gRPC), `grpc` (thin
 //! handlers and the only place errors become `tonic::Status`), `server`
 //! (tonic server, health, reflection, limits, metrics), `cli` (the client
 //! commands of the `kms` binary).
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dev;
@@ -14,6 +16,7 @@ pub mod encryption_context;
 pub mod envelope;
 pub mod error;
 pub mod grpc;
+pub mod hardening;
 pub mod metrics;
 pub mod server;
 pub mod service;

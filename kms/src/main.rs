@@ -106,6 +106,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before the PIN is read or any key material exists in this process.
+    let hardening = kms::hardening::harden_process();
+    tracing::info!(
+        core_dumps_disabled = hardening.core_dumps_disabled,
+        not_dumpable = hardening.not_dumpable,
+        "process hardening"
+    );
     // Dev-mode preparation sets SOFTHSM2_CONF, which must happen before any
     // other thread exists: before the runtime is built.
     let (config, banner) = if args.dev {

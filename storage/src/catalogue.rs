@@ -135,6 +135,7 @@ impl Catalogue {
             next_rotation_at_ms: new.next_rotation_at_ms,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
+            policy: None,
         };
         let version = VersionRecord {
             key_id: key.id.clone(),

@@ -5,7 +5,7 @@
 //! No key material lives here, ever: a version records only *where* its KEK is
 //! held ([`KekHandle`]), never the KEK.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,79 @@ pub struct KeyRecord {
     pub next_rotation_at_ms: Option<u64>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Who may use and manage the key. `None`: the service's default policy.
+    /// (Absent in records written before policies existed.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<KeyPolicy>,
+}
+
+/// A key's access policy: a request is allowed when one grant matches it.
+/// The catalogue stores it; the service evaluates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct KeyPolicy {
+    pub grants: Vec<Grant>,
+}
+
+/// Permission for the principals matching `principal` (`*` matches any run of
+/// characters) to perform `permissions`, provided the request's encryption
+/// context contains every entry of `required_context`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub principal: String,
+    pub permissions: BTreeSet<Permission>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub required_context: BTreeMap<String, String>,
+}
+
+/// What a grant allows on one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Permission {
+    Encrypt,
+    Decrypt,
+    GenerateDataKey,
+    /// Decrypt as the source of a ReEncrypt (the key named in the blob).
+    ReEncryptFrom,
+    /// Encrypt as the destination of a ReEncrypt.
+    ReEncryptTo,
+    /// Read the key's metadata, versions and policy.
+    Describe,
+    Rotate,
+    /// Change the key's state, description, tags, rotation policy, versions
+    /// and aliases (not its policy: that is for administrators).
+    Manage,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 8] = [
+        Permission::Encrypt,
+        Permission::Decrypt,
+        Permission::GenerateDataKey,
+        Permission::ReEncryptFrom,
+        Permission::ReEncryptTo,
+        Permission::Describe,
+        Permission::Rotate,
+        Permission::Manage,
+    ];
+
+    /// The kebab-case name used in configuration, the CLI and the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Encrypt => "encrypt",
+            Permission::Decrypt => "decrypt",
+            Permission::GenerateDataKey => "generate-data-key",
+            Permission::ReEncryptFrom => "re-encrypt-from",
+            Permission::ReEncryptTo => "re-encrypt-to",
+            Permission::Describe => "describe",
+            Permission::Rotate => "rotate",
+            Permission::Manage => "manage",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Permission> {
+        Permission::ALL.into_iter().find(|p| p.as_str() == name)
+    }
 }
 
 /// The fields of a new key; the catalogue fills in the rest.

@@ -35,6 +35,6 @@ pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
 pub use db::{Storage, StorageOptions};
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
-    Alias, KekHandle, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, RotationPolicy,
-    VersionRecord, VersionState,
+    Alias, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey, Page,
+    Permission, RotationPolicy, VersionRecord, VersionState,
 };

@@ -536,3 +536,42 @@ fn missing_database_is_not_created_when_told_not_to() {
     };
     assert!(Storage::open(&dir.path().join("nope"), &opts).is_err());
 }
+
+#[test]
+fn key_policies_survive_a_reopen_and_old_records_have_none() {
+    use kms_storage::{Grant, KeyPolicy, Permission};
+    let dir = tempfile::tempdir().unwrap();
+    let policy = KeyPolicy {
+        grants: vec![Grant {
+            principal: "spiffe://example.org/billing/*".into(),
+            permissions: [Permission::Encrypt, Permission::Describe].into(),
+            required_context: BTreeMap::from([("tenant".to_owned(), "acme".to_owned())]),
+        }],
+    };
+    let id = {
+        let s = open(dir.path());
+        let id = create(&s, 30, &[]);
+        // A key created without a policy uses the service default (None).
+        assert_eq!(s.catalogue().get_key(&id).unwrap().unwrap().policy, None);
+        s.catalogue()
+            .update_key(&id, 9_000, |k| {
+                k.policy = Some(policy.clone());
+                Ok::<_, AppError>(())
+            })
+            .unwrap();
+        id
+    };
+    let s = open(dir.path());
+    assert_eq!(
+        s.catalogue().get_key(&id).unwrap().unwrap().policy,
+        Some(policy)
+    );
+    // Permission names are the documented kebab-case ones.
+    for p in Permission::ALL {
+        assert_eq!(Permission::parse(p.as_str()), Some(p));
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            format!("\"{}\"", p.as_str())
+        );
+    }
+}

@@ -225,12 +225,15 @@ async fn key_catalogue_rpcs() {
     sorted.sort();
     assert_eq!(seen, sorted, "ordered by id");
 
-    // Unknown key policies are not implemented yet (authorization issue).
-    let status = keys
+    // A key without its own policy reports the empty policy (service default).
+    let policy = keys
         .get_key_policy(pb::GetKeyPolicyRequest { key_id: id })
         .await
-        .expect_err("policy");
-    assert_eq!(status.code(), Code::Unimplemented);
+        .expect("policy")
+        .into_inner()
+        .policy
+        .expect("policy");
+    assert!(policy.grants.is_empty());
 }
 
 #[tokio::test]

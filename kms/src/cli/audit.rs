@@ -56,7 +56,7 @@ pub struct AuditExportArgs {
     pub output: Option<PathBuf>,
 }
 
-type Client = AuditClient<tonic::transport::Channel>;
+type Client = AuditClient<super::Connection>;
 
 pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyhow::Result<()> {
     let mut client = AuditClient::new(connect(options).await?);

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use kms_proto::v1::{self as pb, key_management_client::KeyManagementClient};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use super::output::{self, Table};
 use super::{ClientOptions, connect, next_page_token, parse, required, rpc_error};
@@ -164,7 +163,7 @@ pub struct UpdateDescriptionArgs {
     pub description: String,
 }
 
-type Client = KeyManagementClient<Channel>;
+type Client = KeyManagementClient<super::Connection>;
 
 async fn client(options: &ClientOptions) -> anyhow::Result<Client> {
     Ok(KeyManagementClient::new(connect(options).await?))

@@ -15,20 +15,26 @@
 mod aliases;
 mod audit;
 mod crypto;
+mod envelope;
 mod keys;
 mod output;
 mod parse;
 mod rfc3339;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
 
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
+pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use keys::{
     CreateKeyArgs, KeyArg, KeyCommand, ListKeysArgs, RotationPolicyArgs, ScheduleDeletionArgs,
     TagArgs, UntagArgs, UpdateDescriptionArgs, VersionArgs,
@@ -53,6 +59,22 @@ pub struct ClientOptions {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// File holding a bearer token (the token itself may instead be in the
+    /// KMS_TOKEN environment variable; never on the command line).
+    #[arg(long, env = "KMS_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs the server's certificate; implies TLS.
+    #[arg(long, env = "KMS_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; needs --client-key.
+    #[arg(long, env = "KMS_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "KMS_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Name to verify the server certificate against (default: the endpoint's host).
+    #[arg(long, env = "KMS_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
 }
 
 /// The client commands (each talks to a running `kms serve`).
@@ -70,6 +92,9 @@ pub enum ClientCommand {
     Decrypt(DecryptArgs),
     /// Generate a data key for local (envelope) encryption of larger data.
     DataKey(DataKeyArgs),
+    /// Envelope-encrypt or decrypt files and stdin of any size (kms-client).
+    #[command(subcommand)]
+    Envelope(EnvelopeCommand),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -83,6 +108,7 @@ pub async fn run(command: ClientCommand, options: &ClientOptions) -> anyhow::Res
         ClientCommand::Encrypt(args) => crypto::encrypt(args, options).await,
         ClientCommand::Decrypt(args) => crypto::decrypt(args, options).await,
         ClientCommand::DataKey(args) => crypto::data_key(args, options).await,
+        ClientCommand::Envelope(command) => envelope::run(command, options).await,
         ClientCommand::Audit(command) => audit::run(command, options).await,
     }
 }
@@ -142,19 +168,120 @@ pub(crate) fn required<T>(field: Option<T>, name: &str) -> anyhow::Result<T> {
     field.ok_or_else(|| anyhow::anyhow!("the server's reply has no {name}"))
 }
 
+/// The channel every client command uses: HTTP/2 (TLS when configured) with
+/// the caller's bearer token, if any, on every request.
+pub(crate) type Connection = InterceptedService<Channel, BearerToken>;
+
+/// Adds `authorization: Bearer <token>` (marked sensitive, so HTTP/2 header
+/// compression never indexes it).
+#[derive(Clone)]
+pub struct BearerToken(Option<AsciiMetadataValue>);
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken([REDACTED])"
+        } else {
+            "BearerToken(None)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The token from KMS_TOKEN or --token-file (KMS_TOKEN_FILE), if any.
+fn bearer_token(options: &ClientOptions) -> anyhow::Result<BearerToken> {
+    let token: Option<Zeroizing<String>> = match (&options.token_file, std::env::var("KMS_TOKEN")) {
+        (Some(path), _) => Some(Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?,
+        )),
+        (None, Ok(token)) => Some(Zeroizing::new(token)),
+        (None, Err(_)) => None,
+    };
+    let Some(token) = token else {
+        return Ok(BearerToken(None));
+    };
+    let header = Zeroizing::new(format!("Bearer {}", token.trim()));
+    let mut value: AsciiMetadataValue = MetadataValue::try_from(header.as_str())
+        .map_err(|_| anyhow::anyhow!("the bearer token must be printable ASCII"))?;
+    value.set_sensitive(true);
+    Ok(BearerToken(Some(value)))
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
 /// Opens the HTTP/2 channel to the server. Clients of the three services share it.
-pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(options.endpoint.clone())
+pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Connection> {
+    let token = bearer_token(options)?;
+    let mut endpoint = Endpoint::from_shared(options.endpoint.clone())
         .with_context(|| format!("invalid --endpoint {:?}", options.endpoint))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
-    endpoint.connect().await.with_context(|| {
+    let https = options.endpoint.starts_with("https://");
+    if options.ca_cert.is_some() && !https {
+        anyhow::bail!("--ca-cert needs an https:// endpoint");
+    }
+    if https {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &options.ca_cert {
+            tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca, "--ca-cert")?));
+        }
+        if let (Some(cert), Some(key)) = (&options.client_cert, &options.client_key) {
+            let key = Zeroizing::new(read_pem(key, "--client-key")?);
+            tls = tls.identity(Identity::from_pem(
+                read_pem(cert, "--client-cert")?,
+                key.as_slice(),
+            ));
+        }
+        if let Some(name) = &options.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("invalid TLS settings (--ca-cert, --client-cert, --client-key)")?;
+    } else if token.0.is_some() && !is_loopback_endpoint(&options.endpoint) {
+        anyhow::bail!(
+            "refusing to send a bearer token over plaintext to {}: use an https:// endpoint",
+            options.endpoint
+        );
+    }
+    let channel = endpoint.connect().await.with_context(|| {
         format!(
             "cannot connect to the kms server at {} (is `kms serve` running? \
              set --endpoint or KMS_ENDPOINT)",
             options.endpoint
         )
-    })
+    })?;
+    Ok(InterceptedService::new(channel, token))
+}
+
+fn is_loopback_endpoint(endpoint: &str) -> bool {
+    endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+        .is_some_and(|host| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
 }
 
 #[cfg(test)]

@@ -12,6 +12,12 @@ use std::time::Duration;
 use kms_hsm::{HsmConfig, PinSource};
 use serde::Deserialize;
 
+mod security;
+
+pub use security::{AuthSettings, TlsSettings, grant};
+
+use crate::auth::admission::PrincipalLimits;
+
 /// A configuration error, naming the field (e.g. `limits.max_plaintext_bytes`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -48,6 +54,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     rotation: RawRotation,
+    #[serde(default)]
+    auth: security::RawAuth,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -58,6 +66,9 @@ struct RawServer {
     request_timeout_ms: Option<u64>,
     max_concurrent_requests: Option<usize>,
     max_message_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    tls: Option<security::RawTls>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -66,6 +77,8 @@ struct RawLimits {
     max_plaintext_bytes: Option<usize>,
     max_context_bytes: Option<usize>,
     max_batch_items: Option<usize>,
+    #[serde(default)]
+    per_principal: security::RawPrincipalLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,8 +120,14 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
     pub request_timeout: Duration,
+    /// Requests in flight across all callers; beyond it, RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: usize,
     pub max_message_bytes: usize,
+    /// Open client connections; further connections wait in the accept queue.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    pub tls: Option<TlsSettings>,
 }
 
 /// Request limits.
@@ -117,6 +136,7 @@ pub struct Limits {
     pub max_plaintext_bytes: usize,
     pub max_context_bytes: usize,
     pub max_batch_items: usize,
+    pub per_principal: PrincipalLimits,
 }
 
 /// Audit log settings.
@@ -147,6 +167,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub audit: AuditSettings,
     pub rotation: RotationSettings,
+    pub auth: AuthSettings,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -202,6 +223,7 @@ impl Config {
             data_dir,
             raw.audit,
             raw.rotation,
+            raw.auth,
         )
     }
 
@@ -212,19 +234,23 @@ impl Config {
         data_dir: PathBuf,
         audit: RawAudit,
         rotation: RawRotation,
+        auth: security::RawAuth,
     ) -> Result<Config, ConfigError> {
         let listen = parse_addr(
             "server.listen",
             server.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
         )?;
-        // Until TLS and authentication exist, anyone who reaches the port can
-        // use every key: refuse to listen beyond this machine.
-        if !listen.ip().is_loopback() {
+        let tls = security::validate_tls(server.tls)?;
+        let auth = security::validate_auth(auth, listen, tls.as_ref())?;
+        let max_connections = server.max_connections.unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(invalid("server.max_connections", "must be 1 to 1000000"));
+        }
+        let max_concurrent_streams = server.max_concurrent_streams.unwrap_or(256);
+        if !(1..=10_000).contains(&max_concurrent_streams) {
             return Err(invalid(
-                "server.listen",
-                format!(
-                    "{listen} is not a loopback address; without TLS and authentication kms listens on loopback only"
-                ),
+                "server.max_concurrent_streams",
+                "must be 1 to 10000",
             ));
         }
         let metrics_listen = server
@@ -247,6 +273,7 @@ impl Config {
             max_plaintext_bytes: limits.max_plaintext_bytes.unwrap_or(DEFAULT_MAX_PLAINTEXT),
             max_context_bytes: limits.max_context_bytes.unwrap_or(DEFAULT_MAX_CONTEXT),
             max_batch_items: limits.max_batch_items.unwrap_or(DEFAULT_MAX_BATCH),
+            per_principal: security::validate_principal_limits(limits.per_principal)?,
         };
         if !(1..=65_536).contains(&limits.max_plaintext_bytes) {
             return Err(invalid("limits.max_plaintext_bytes", "must be 1 to 65536"));
@@ -349,6 +376,9 @@ impl Config {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 max_concurrent_requests,
                 max_message_bytes,
+                max_connections,
+                max_concurrent_streams,
+                tls,
             },
             limits,
             hsm: hsm_config,
@@ -359,6 +389,7 @@ impl Config {
                 gcm_invocation_limit,
                 scheduler_interval,
             },
+            auth,
         })
     }
 }
@@ -395,7 +426,7 @@ data_dir = "/var/lib/kms"
     #[test]
     fn the_example_configuration_in_the_repository_is_valid() {
         let config =
-            Config::parse(include_str!("../../kms.example.toml")).expect("kms.example.toml");
+            Config::parse(include_str!("../../../kms.example.toml")).expect("kms.example.toml");
         assert_eq!(config.server.metrics_listen.map(|a| a.port()), Some(9464));
         assert_eq!(config.hsm.pin, PinSource::File("/etc/kms/hsm.pin".into()));
     }

@@ -29,7 +29,7 @@ impl Audit for AuditApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let operation = match pb::Operation::try_from(req.operation) {
             Ok(pb::Operation::Unspecified) => None,
@@ -68,7 +68,7 @@ impl Audit for AuditApi {
         &self,
         request: Request<pb::VerifyAuditLogRequest>,
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let m = meta.clone();
         let verification = blocking(&self.service, move |s| s.verify_audit_log(&m, None)).await?;
         let report = verification.report;

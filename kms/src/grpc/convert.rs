@@ -1,13 +1,16 @@
 //! Conversions between domain records and proto messages.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use kms_storage::{
-    AliasEntry, AuditRecord, KeyRecord, KeyState, RotationPolicy, VersionRecord, VersionState,
+    AliasEntry, AuditRecord, Grant, KeyPolicy, KeyRecord, KeyState, Permission, RotationPolicy,
+    VersionRecord, VersionState,
 };
 use tonic::Status;
 
+use crate::error::KmsError;
 use crate::service::KeyView;
 
 pub(crate) fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
@@ -179,9 +182,103 @@ pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
     }
 }
 
+/// A key policy for the wire. A key without its own policy (the service
+/// default applies) is shown as an empty policy, as the proto documents.
+pub(crate) fn key_policy(policy: &KeyPolicy, is_default: bool) -> pb::KeyPolicy {
+    if is_default {
+        return pb::KeyPolicy::default();
+    }
+    pb::KeyPolicy {
+        grants: policy
+            .grants
+            .iter()
+            .map(|grant| pb::Grant {
+                principal: grant.principal.clone(),
+                permissions: grant
+                    .permissions
+                    .iter()
+                    .map(|p| permission_enum(*p) as i32)
+                    .collect(),
+                required_encryption_context: grant
+                    .required_context
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A policy from the wire; unknown or unspecified permissions are refused.
+pub(crate) fn key_policy_from(policy: pb::KeyPolicy) -> Result<KeyPolicy, KmsError> {
+    let grants = policy
+        .grants
+        .into_iter()
+        .map(|grant| {
+            let permissions = grant
+                .permissions
+                .iter()
+                .map(|&p| {
+                    pb::Permission::try_from(p)
+                        .ok()
+                        .and_then(permission_of)
+                        .ok_or_else(|| {
+                            KmsError::invalid(
+                                "policy.grants.permissions",
+                                format!("{p} is not a permission"),
+                            )
+                        })
+                })
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            Ok(Grant {
+                principal: grant.principal,
+                permissions,
+                required_context: grant.required_encryption_context.into_iter().collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, KmsError>>()?;
+    Ok(KeyPolicy { grants })
+}
+
+fn permission_enum(permission: Permission) -> pb::Permission {
+    match permission {
+        Permission::Encrypt => pb::Permission::Encrypt,
+        Permission::Decrypt => pb::Permission::Decrypt,
+        Permission::GenerateDataKey => pb::Permission::GenerateDataKey,
+        Permission::ReEncryptFrom => pb::Permission::ReEncryptFrom,
+        Permission::ReEncryptTo => pb::Permission::ReEncryptTo,
+        Permission::Describe => pb::Permission::Describe,
+        Permission::Rotate => pb::Permission::Rotate,
+        Permission::Manage => pb::Permission::Manage,
+        _ => pb::Permission::Unspecified,
+    }
+}
+
+fn permission_of(permission: pb::Permission) -> Option<Permission> {
+    Some(match permission {
+        pb::Permission::Encrypt => Permission::Encrypt,
+        pb::Permission::Decrypt => Permission::Decrypt,
+        pb::Permission::GenerateDataKey => Permission::GenerateDataKey,
+        pb::Permission::ReEncryptFrom => Permission::ReEncryptFrom,
+        pb::Permission::ReEncryptTo => Permission::ReEncryptTo,
+        pb::Permission::Describe => Permission::Describe,
+        pb::Permission::Rotate => Permission::Rotate,
+        pb::Permission::Manage => Permission::Manage,
+        pb::Permission::Unspecified => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_permission_round_trips_through_the_proto_enum() {
+        for p in Permission::ALL {
+            assert_eq!(permission_of(permission_enum(p)), Some(p));
+        }
+        assert_eq!(permission_of(pb::Permission::Unspecified), None);
+    }
 
     #[test]
     fn operation_names_round_trip_through_the_proto_enum() {

@@ -88,7 +88,7 @@ fn data_key_response(data_key: DataKey) -> pb::GenerateDataKeyResponse {
 #[tonic::async_trait]
 impl Crypto for CryptoApi {
     async fn encrypt(&self, request: Request<pb::EncryptRequest>) -> Reply<pb::EncryptResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let plaintext = Zeroizing::new(req.plaintext);
         let m = meta.clone();
@@ -100,7 +100,7 @@ impl Crypto for CryptoApi {
     }
 
     async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Reply<pb::DecryptResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let decrypted = blocking(&self.service, move |s| {
@@ -122,7 +122,7 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Reply<pb::GenerateDataKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let data_key = blocking(&self.service, move |s| {
@@ -142,7 +142,7 @@ impl Crypto for CryptoApi {
         request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Reply<pb::GenerateDataKeyWithoutPlaintextResponse> {
         use pb::generate_data_key_without_plaintext_request::Length;
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let data_key = blocking(&self.service, move |s| {
@@ -172,7 +172,7 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<pb::ReEncryptRequest>,
     ) -> Reply<pb::ReEncryptResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let result = blocking(&self.service, move |s| {
@@ -203,7 +203,7 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<pb::GenerateRandomRequest>,
     ) -> Reply<pb::GenerateRandomResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let n = usize::try_from(request.into_inner().number_of_bytes).unwrap_or(usize::MAX);
         let m = meta.clone();
         let bytes = blocking(&self.service, move |s| s.generate_random(&m, n)).await?;
@@ -219,7 +219,7 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<pb::BatchEncryptRequest>,
     ) -> Reply<pb::BatchEncryptResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let items: Vec<EncryptItem> = req
             .entries
@@ -252,7 +252,7 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<pb::BatchDecryptRequest>,
     ) -> Reply<pb::BatchDecryptResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let items: Vec<DecryptItem> = req
             .entries
@@ -289,7 +289,7 @@ impl Crypto for CryptoApi {
         request: Request<pb::BatchGenerateDataKeyRequest>,
     ) -> Reply<pb::BatchGenerateDataKeyResponse> {
         use pb::batch_generate_data_key_entry::Length;
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let mut items = Vec::with_capacity(req.entries.len());
         let mut refused = None;

@@ -6,7 +6,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::convert::{alias, duration_of, key_metadata, key_version};
+use super::convert::{alias, duration_of, key_metadata, key_policy, key_policy_from, key_version};
 use super::{blocking, page_size, page_token, request_meta, respond};
 use crate::service::{CreateKeyInput, KmsService};
 
@@ -30,7 +30,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Reply<pb::CreateKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         if !matches!(
             pb::KeySpec::try_from(req.key_spec),
@@ -65,7 +65,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::DescribeKeyRequest>,
     ) -> Reply<pb::DescribeKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let key = request.into_inner().key_id;
         let m = meta.clone();
         let view = blocking(&self.service, move |s| s.describe_key(&m, &key)).await?;
@@ -81,7 +81,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Reply<pb::ListKeysResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
         let m = meta.clone();
@@ -112,7 +112,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::UpdateKeyDescriptionRequest>,
     ) -> Reply<pb::UpdateKeyDescriptionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let view = blocking(&self.service, move |s| {
@@ -128,7 +128,7 @@ impl KeyManagement for KeyManagementApi {
     }
 
     async fn tag_key(&self, request: Request<pb::TagKeyRequest>) -> Reply<pb::TagKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let view = blocking(&self.service, move |s| {
@@ -147,7 +147,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::UntagKeyRequest>,
     ) -> Reply<pb::UntagKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let view = blocking(&self.service, move |s| {
@@ -166,7 +166,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Reply<pb::EnableKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let key = request.into_inner().key_id;
         let m = meta.clone();
         let view = blocking(&self.service, move |s| s.enable_key(&m, &key)).await?;
@@ -182,7 +182,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Reply<pb::DisableKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let key = request.into_inner().key_id;
         let m = meta.clone();
         let view = blocking(&self.service, move |s| s.disable_key(&m, &key)).await?;
@@ -198,7 +198,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::ScheduleKeyDeletionRequest>,
     ) -> Reply<pb::ScheduleKeyDeletionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let days = req.pending_window_days;
         let m = meta.clone();
@@ -219,7 +219,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::CancelKeyDeletionRequest>,
     ) -> Reply<pb::CancelKeyDeletionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let key = request.into_inner().key_id;
         let m = meta.clone();
         let view = blocking(&self.service, move |s| s.cancel_key_deletion(&m, &key)).await?;
@@ -235,7 +235,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Reply<pb::RotateKeyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let key = request.into_inner().key_id;
         let m = meta.clone();
         let (view, version) = blocking(&self.service, move |s| {
@@ -257,7 +257,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::SetRotationPolicyRequest>,
     ) -> Reply<pb::SetRotationPolicyResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         if req.next_rotation_time.is_some() {
             return Err(Status::invalid_argument(
@@ -287,7 +287,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::ListKeyVersionsRequest>,
     ) -> Reply<pb::ListKeyVersionsResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
         let after: u32 = match page_token(&req.page_token) {
@@ -328,7 +328,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::EnableKeyVersionRequest>,
     ) -> Reply<pb::EnableKeyVersionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let (version, primary) = blocking(&self.service, move |s| {
@@ -349,7 +349,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::DisableKeyVersionRequest>,
     ) -> Reply<pb::DisableKeyVersionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let (version, primary) = blocking(&self.service, move |s| {
@@ -370,7 +370,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::SetPrimaryVersionRequest>,
     ) -> Reply<pb::SetPrimaryVersionResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let view = blocking(&self.service, move |s| {
@@ -389,7 +389,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::CreateAliasRequest>,
     ) -> Reply<pb::CreateAliasResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let entry = blocking(&self.service, move |s| {
@@ -408,7 +408,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::UpdateAliasRequest>,
     ) -> Reply<pb::UpdateAliasResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
         let entry = blocking(&self.service, move |s| {
@@ -427,7 +427,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::DeleteAliasRequest>,
     ) -> Reply<pb::DeleteAliasResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let name = request.into_inner().alias_name;
         let m = meta.clone();
         blocking(&self.service, move |s| s.delete_alias(&m, &name)).await?;
@@ -438,7 +438,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::ListAliasesRequest>,
     ) -> Reply<pb::ListAliasesResponse> {
-        let meta = request_meta(&request);
+        let meta = request_meta(&request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
         let m = meta.clone();
@@ -462,19 +462,51 @@ impl KeyManagement for KeyManagementApi {
 
     async fn get_key_policy(
         &self,
-        _request: Request<pb::GetKeyPolicyRequest>,
+        request: Request<pb::GetKeyPolicyRequest>,
     ) -> Reply<pb::GetKeyPolicyResponse> {
-        Err(Status::unimplemented(
-            "key policies arrive with authorization (a later release)",
+        let meta = request_meta(&request)?;
+        let req = request.into_inner();
+        let m = meta.clone();
+        let (policy, is_default) =
+            blocking(&self.service, move |s| s.get_key_policy(&m, &req.key_id)).await?;
+        Ok(respond(
+            pb::GetKeyPolicyResponse {
+                policy: Some(key_policy(&policy, is_default)),
+            },
+            &meta,
         ))
     }
 
     async fn put_key_policy(
         &self,
-        _request: Request<pb::PutKeyPolicyRequest>,
+        request: Request<pb::PutKeyPolicyRequest>,
     ) -> Reply<pb::PutKeyPolicyResponse> {
-        Err(Status::unimplemented(
-            "key policies arrive with authorization (a later release)",
+        let meta = request_meta(&request)?;
+        let req = request.into_inner();
+        let policy = match req.policy.map(key_policy_from).transpose() {
+            Ok(policy) => policy.unwrap_or_default(),
+            Err(error) => {
+                // Still audited: a malformed policy change names a key.
+                let m = meta.clone();
+                let refused: Result<(), Status> = blocking(&self.service, move |s| {
+                    s.refuse(&m, "PutKeyPolicy", &req.key_id, error)
+                })
+                .await;
+                return Err(refused
+                    .err()
+                    .unwrap_or_else(|| Status::internal("internal error")));
+            }
+        };
+        let m = meta.clone();
+        let (policy, is_default) = blocking(&self.service, move |s| {
+            s.put_key_policy(&m, &req.key_id, policy)
+        })
+        .await?;
+        Ok(respond(
+            pb::PutKeyPolicyResponse {
+                policy: Some(key_policy(&policy, is_default)),
+            },
+            &meta,
         ))
     }
 }

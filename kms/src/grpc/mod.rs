@@ -3,6 +3,7 @@
 //! errors into `tonic::Status`.
 
 mod audit;
+pub mod auth_layer;
 mod convert;
 mod crypto;
 mod key_management;
@@ -40,9 +41,16 @@ impl From<KmsError> for Status {
     }
 }
 
-/// The audit identity of a request. The principal is "anonymous" until
-/// authentication lands; the request id is the caller's (if sane) or ours.
-pub(crate) fn request_meta<T>(request: &Request<T>) -> RequestMeta {
+/// The audit identity of a request: the principal the authentication layer
+/// established, the peer address, and the caller's request id (if sane) or ours.
+pub(crate) fn request_meta<T>(request: &Request<T>) -> Result<RequestMeta, Status> {
+    // Every kms.v1 route passes the authentication layer; a request without
+    // its mark is refused rather than given some default identity.
+    let principal = request
+        .extensions()
+        .get::<auth_layer::Authenticated>()
+        .map(|a| a.principal.clone())
+        .ok_or_else(|| Status::unauthenticated("missing credentials"))?;
     let peer = request
         .remote_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
@@ -52,11 +60,11 @@ pub(crate) fn request_meta<T>(request: &Request<T>) -> RequestMeta {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(new_request_id, str::to_owned);
-    RequestMeta {
-        principal: "anonymous".to_owned(),
+    Ok(RequestMeta {
+        principal,
         peer,
         request_id,
-    }
+    })
 }
 
 fn new_request_id() -> String {

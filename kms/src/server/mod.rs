@@ -1,7 +1,11 @@
 //! The gRPC server: KeyManagement, Crypto and Audit, plus grpc.health.v1 and
 //! server reflection (v1 and v1alpha, so grpcurl and other generic clients
-//! discover the API), with limits on message size, request time and
-//! concurrency, the background scheduler, and the metrics endpoint.
+//! discover the API); TLS/mTLS, authentication and admission limits
+//! (`grpc::auth_layer`); limits on connections, streams, message size and
+//! request time; the background scheduler; and the metrics endpoint.
+
+mod incoming;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +16,12 @@ use kms_proto::v1::crypto_server::CryptoServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::Authenticator;
+use crate::auth::admission::Admission;
+use crate::auth::tokens::TokenStore;
 use crate::config::Config;
+use crate::grpc::auth_layer::AuthLayer;
 use crate::grpc::{AuditApi, CryptoApi, KeyManagementApi};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{KmsService, scheduler};
@@ -27,6 +34,14 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TLS configuration (server.tls): {0}")]
+    Tls(String),
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
     #[error("the gRPC server failed: {0}")]
@@ -187,15 +202,32 @@ pub async fn start(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
-    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let authenticator = Arc::new(Authenticator::new(
+        TokenStore::new(config.auth.tokens.clone()),
+        config.auth.anonymous_principal.clone(),
+    ));
+    let admission = Arc::new(Admission::new(
+        config.server.max_concurrent_requests,
+        config.limits.per_principal,
+    ));
+
+    let mut builder = tonic::transport::Server::builder()
         .timeout(config.server.request_timeout)
-        .tcp_nodelay(true)
-        .max_concurrent_streams(Some(256))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.server.max_concurrent_requests,
-        ))
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        // Bounded headers; dead peers are noticed and their streams freed.
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
+    if let Some(tls_settings) = &config.server.tls {
+        builder = builder
+            .tls_config(tls::server_tls_config(tls_settings)?)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = builder
         .layer(MetricsLayer::new(Arc::clone(&metrics)))
+        .layer(AuthLayer::new(authenticator, admission))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -203,7 +235,7 @@ pub async fn start(
         .add_service(crypto)
         .add_service(audit);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        incoming::limited_incoming(listener, config.server.max_connections),
         async {
             let _ = shutdown_rx.await;
         },

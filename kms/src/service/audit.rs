@@ -28,6 +28,7 @@ impl KmsService {
             "ListAuditEvents",
             query.filter.key_id.as_deref(),
             |_| {
+                self.require_audit_reader(meta, "read the audit log")?;
                 // Records name keys canonically: a filter by alias means the
                 // key the alias points to now. (An unknown alias filters
                 // literally, so refused requests that named it can be found.)
@@ -53,6 +54,7 @@ impl KmsService {
         from_checkpoint: Option<u64>,
     ) -> Result<AuditVerification> {
         self.audited(meta, "VerifyAuditLog", None, |_| {
+            self.require_audit_reader(meta, "verify the audit log")?;
             let report = self.verify_chain(from_checkpoint)?;
             Ok(AuditVerification { report })
         })

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use kms_storage::{KeyId, KeyRecord, VersionState};
+use kms_storage::{KeyId, KeyRecord, Permission, VersionState};
 use zeroize::Zeroizing;
 
 use super::keys::version_unusable;
@@ -122,7 +122,7 @@ impl KmsService {
                     ),
                 ));
             }
-            let record = self.resolve_usable(key)?;
+            let record = self.resolve_for_use(meta, key, Permission::Encrypt, &context)?;
             self.encrypt_under(audit, &record, plaintext, &context)
         })
     }
@@ -180,12 +180,23 @@ impl KmsService {
     ) -> Result<Decrypted> {
         // The audit names the key inside the blob once it parses.
         self.audited(meta, "Decrypt", expected_key, |audit| {
-            self.decrypt_inner(audit, blob, context, expected_key)
+            self.decrypt_inner(
+                meta,
+                Permission::Decrypt,
+                audit,
+                blob,
+                context,
+                expected_key,
+            )
         })
     }
 
+    /// Decrypts a blob, authorizing `permission` on the key named inside the
+    /// blob (whatever key the caller named).
     fn decrypt_inner(
         &self,
+        meta: &RequestMeta,
+        permission: Permission,
         audit: &mut AuditFields,
         blob: &[u8],
         context: HashMap<String, String>,
@@ -214,6 +225,7 @@ impl KmsService {
             .catalogue()
             .get_key(&key_id)?
             .ok_or(KmsError::InvalidCiphertext)?;
+        self.authorize(meta, &record, permission, Some(&context))?;
         super::ensure_usable(&record)?;
         let version = self
             .storage
@@ -255,7 +267,7 @@ impl KmsService {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             let len = size.len()?;
-            let record = self.resolve_usable(key)?;
+            let record = self.resolve_for_use(meta, key, Permission::GenerateDataKey, &context)?;
             let data_key = self.hsm.random(len)?;
             let encrypted = self.encrypt_under(audit, &record, &data_key, &context)?;
             Ok(DataKey {
@@ -278,8 +290,22 @@ impl KmsService {
     ) -> Result<ReEncrypted> {
         self.audited(meta, "ReEncrypt", source_key, |audit| {
             let destination_context = self.context(destination_context)?;
-            let decrypted = self.decrypt_inner(audit, blob, source_context, source_key)?;
-            let destination = self.resolve_usable(destination_key)?;
+            // The destination first: a caller who may not write there never
+            // gets the source decrypted.
+            let destination = self.resolve_for_use(
+                meta,
+                destination_key,
+                Permission::ReEncryptTo,
+                &destination_context,
+            )?;
+            let decrypted = self.decrypt_inner(
+                meta,
+                Permission::ReEncryptFrom,
+                audit,
+                blob,
+                source_context,
+                source_key,
+            )?;
             // The audit record names the source (the key whose use is the
             // sensitive part); the destination is in the response.
             let mut destination_audit = AuditFields::default();
@@ -361,7 +387,7 @@ impl KmsService {
         if let Err(e) = self.check_batch_len(items.len()) {
             return self.audited(meta, "BatchEncrypt", Some(key), |_| Err(e));
         }
-        let record = self.resolve_usable(key);
+        let record = self.resolve(key);
         self.audited_batch(meta, "BatchEncrypt", Some(key), items, |audit, item| {
             let context = self.context(item.context)?;
             audit.context_digest = Some(context_digest(&context));
@@ -372,6 +398,9 @@ impl KmsService {
                 ));
             }
             let record = record.as_ref().map_err(KmsError::clone)?;
+            // Per item: grants may require entries of each item's own context.
+            self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
+            super::ensure_usable(record)?;
             self.encrypt_under(audit, record, &item.plaintext, &context)
         })
     }
@@ -387,7 +416,14 @@ impl KmsService {
             return self.audited(meta, "BatchDecrypt", expected_key, |_| Err(e));
         }
         self.audited_batch(meta, "BatchDecrypt", expected_key, items, |audit, item| {
-            self.decrypt_inner(audit, &item.blob, item.context, expected_key)
+            self.decrypt_inner(
+                meta,
+                Permission::Decrypt,
+                audit,
+                &item.blob,
+                item.context,
+                expected_key,
+            )
         })
     }
 
@@ -401,7 +437,7 @@ impl KmsService {
         if let Err(e) = self.check_batch_len(items.len()) {
             return self.audited(meta, "BatchGenerateDataKey", Some(key), |_| Err(e));
         }
-        let record = self.resolve_usable(key);
+        let record = self.resolve(key);
         self.audited_batch(
             meta,
             "BatchGenerateDataKey",
@@ -412,6 +448,8 @@ impl KmsService {
                 audit.context_digest = Some(context_digest(&context));
                 let len = item.size.len()?;
                 let record = record.as_ref().map_err(KmsError::clone)?;
+                self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
+                super::ensure_usable(record)?;
                 let data_key = self.hsm.random(len)?;
                 let encrypted = self.encrypt_under(audit, record, &data_key, &context)?;
                 Ok(DataKey {

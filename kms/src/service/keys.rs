@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use kms_hsm::KeyPurpose;
 use kms_storage::{
-    Alias, AliasEntry, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, RotationPolicy,
-    VersionRecord, VersionState,
+    Alias, AliasEntry, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, Permission,
+    RotationPolicy, VersionRecord, VersionState,
 };
 use parking_lot::{Mutex, MutexGuard};
 
@@ -37,7 +37,7 @@ impl Default for KeyLocks {
 }
 
 impl KeyLocks {
-    fn lock(&self, key: &KeyId) -> MutexGuard<'_, ()> {
+    pub(super) fn lock(&self, key: &KeyId) -> MutexGuard<'_, ()> {
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
         let stripe = (hasher.finish() % self.stripes.len() as u64) as usize;
@@ -130,6 +130,7 @@ fn period_ms(period: Duration) -> u64 {
 impl KmsService {
     pub fn create_key(&self, meta: &RequestMeta, input: CreateKeyInput) -> Result<KeyView> {
         self.audited(meta, "CreateKey", None, |audit| {
+            self.require_admin(meta, "create keys")?;
             validate_description(&input.description)?;
             validate_tags(&input.tags)?;
             let aliases = input
@@ -204,7 +205,7 @@ impl KmsService {
 
     pub fn describe_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
         self.audited(meta, "DescribeKey", Some(key), |audit| {
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             self.key_view(&record.id)
         })
@@ -217,6 +218,7 @@ impl KmsService {
         limit: usize,
     ) -> Result<Page<KeyView>> {
         self.audited(meta, "ListKeys", None, |_| {
+            self.require_admin(meta, "list keys")?;
             if let Some(token) = page_token {
                 KeyId::parse(token).map_err(|_| {
                     KmsError::invalid("page_token", "not a token from a previous page")
@@ -244,7 +246,7 @@ impl KmsService {
         change: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Manage)?;
             audit.key(&record.id, record.primary_version);
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
@@ -372,7 +374,7 @@ impl KmsService {
     /// Makes a new version primary. Older versions keep decrypting.
     pub fn rotate_key(&self, meta: &RequestMeta, key: &str) -> Result<VersionRecord> {
         self.audited(meta, "RotateKey", Some(key), |audit| {
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Rotate)?;
             audit.key(&record.id, None);
             let version = self.rotate_locked(&record.id, None)?;
             audit.key(&record.id, Some(version.version));
@@ -465,7 +467,7 @@ impl KmsService {
         key: &str,
     ) -> Result<(KeyRecord, Vec<VersionRecord>)> {
         self.audited(meta, "ListKeyVersions", Some(key), |audit| {
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             let versions = self.storage.catalogue().list_versions(&record.id)?;
             Ok((record, versions))
@@ -481,7 +483,7 @@ impl KmsService {
         change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
     ) -> Result<VersionRecord> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Manage)?;
             audit.key(&record.id, Some(version));
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
@@ -584,8 +586,16 @@ impl KmsService {
     ) -> Result<AliasEntry> {
         self.audited(meta, operation, Some(key), |audit| {
             let alias = parse_alias(alias)?;
-            let record = self.resolve(key)?;
+            let record = self.resolve_for(meta, key, Permission::Manage)?;
             audit.key(&record.id, None);
+            // Moving an alias also takes it away from its current key: whoever
+            // may not manage that key must not redirect its callers.
+            if let Some(current) = self.storage.catalogue().get_alias(&alias)?
+                && current != record.id
+                && let Some(current) = self.storage.catalogue().get_key(&current)?
+            {
+                self.authorize(meta, &current, Permission::Manage, None)?;
+            }
             if let KeyState::Deleted { .. } = record.state {
                 return Err(KmsError::KeyDeleted {
                     key_id: record.id.to_string(),
@@ -602,8 +612,15 @@ impl KmsService {
     pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
         self.audited(meta, "DeleteAlias", Some(alias), |audit| {
             let parsed = parse_alias(alias)?;
-            if let Some(id) = self.storage.catalogue().get_alias(&parsed)? {
-                audit.key(&id, None);
+            match self.storage.catalogue().get_alias(&parsed)? {
+                Some(id) => {
+                    audit.key(&id, None);
+                    match self.storage.catalogue().get_key(&id)? {
+                        Some(record) => self.authorize(meta, &record, Permission::Manage, None)?,
+                        None => self.require_admin(meta, "delete aliases")?,
+                    }
+                }
+                None => self.require_admin(meta, "delete aliases")?,
             }
             self.storage.catalogue().delete_alias(&parsed)?;
             Ok(())
@@ -620,11 +637,14 @@ impl KmsService {
         self.audited(meta, "ListAliases", key, |audit| {
             let id = match key {
                 Some(k) if !k.is_empty() => {
-                    let record = self.resolve(k)?;
+                    let record = self.resolve_for(meta, k, Permission::Describe)?;
                     audit.key(&record.id, None);
                     Some(record.id)
                 }
-                _ => None,
+                _ => {
+                    self.require_admin(meta, "list all aliases")?;
+                    None
+                }
             };
             let token = page_token
                 .map(|t| {

@@ -11,6 +11,7 @@
 //! Never logs plaintext, data keys, ciphertexts or encryption contexts.
 
 mod audit;
+mod authz;
 mod crypto;
 mod keys;
 mod reconcile;
@@ -25,6 +26,7 @@ use kms_storage::{
     StorageOptions, VersionRecord,
 };
 
+use crate::auth::policy::AccessControl;
 use crate::config::{Config, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
@@ -83,6 +85,7 @@ pub struct KmsService {
     audit_log: AuditLog,
     limits: Limits,
     rotation: RotationSettings,
+    access: AccessControl,
     key_locks: keys::KeyLocks,
 }
 
@@ -129,6 +132,11 @@ impl KmsService {
             audit_log,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
+            access: AccessControl {
+                admins: config.auth.admins.clone(),
+                auditors: config.auth.auditors.clone(),
+                default_policy: config.auth.default_policy.clone(),
+            },
             key_locks: keys::KeyLocks::default(),
         };
         service
@@ -268,13 +276,6 @@ impl KmsService {
             .ok_or_else(|| KmsError::NotFound {
                 what: format!("key {key}"),
             })
-    }
-
-    /// The key, refusing keys that cannot be used for cryptography.
-    pub(crate) fn resolve_usable(&self, key: &str) -> Result<KeyRecord> {
-        let record = self.resolve(key)?;
-        ensure_usable(&record)?;
-        Ok(record)
     }
 
     pub(crate) fn version(&self, key: &KeyId, version: u32) -> Result<VersionRecord> {
