@@ -2,6 +2,8 @@
 //! 127.0.0.1:<random port>, backed by a fresh SoftHSM2 token and a fresh
 //! RocksDB directory, with typed clients.
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,12 +87,17 @@ impl TestEnv {
         let server = kms::server::start(&config, Arc::new(service))
             .await
             .expect("start server");
-        let endpoint = format!("http://{}", server.addr);
-        let channel = Channel::from_shared(endpoint.clone())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+        let tls = config.server.tls.is_some();
+        let scheme = if tls { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{}", server.addr);
+        let builder = Channel::from_shared(endpoint.clone()).expect("endpoint");
+        // A TLS server needs per-test client credentials (see e2e::authz);
+        // this default channel is then never used, so do not dial it.
+        let channel = if tls {
+            builder.connect_lazy()
+        } else {
+            builder.connect().await.expect("connect")
+        };
         TestServer {
             server: Some(server),
             endpoint,

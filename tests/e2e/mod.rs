@@ -1,5 +1,7 @@
 mod audit;
+mod authz;
 mod cli;
+mod envelope;
 mod crash;
 mod crypto;
 mod keys;

@@ -1,0 +1,87 @@
+//! A throwaway PKI for the TLS/mTLS tests: a CA, a server certificate for
+//! 127.0.0.1/localhost, and client certificates naming principals, written
+//! as PEM files the way an operator would configure them.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// A CA able to sign server and client certificates.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: PathBuf,
+    name: String,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCa").field("name", &self.name).finish()
+    }
+}
+
+/// PEM files of one certificate and its key.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA whose files go under `dir`.
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("ca key");
+        let issuer = CertifiedIssuer::self_signed(params, key).expect("ca cert");
+        let ca = TestCa {
+            issuer,
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+        };
+        std::fs::write(ca.ca_file(), ca.issuer.pem()).expect("write ca");
+        ca
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
+    /// A server certificate for localhost and 127.0.0.1.
+    pub fn server(&self) -> CertFiles {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue("server", params)
+    }
+
+    /// A client certificate whose URI SAN is `principal` (e.g. a SPIFFE id).
+    pub fn client(&self, file_name: &str, principal: &str) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = vec![SanType::URI(principal.try_into().expect("uri"))];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, file_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(file_name, params)
+    }
+
+    fn issue(&self, file_name: &str, params: CertificateParams) -> CertFiles {
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let files = CertFiles {
+            cert: self.dir.join(format!("{}-{file_name}.pem", self.name)),
+            key: self.dir.join(format!("{}-{file_name}.key", self.name)),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("write cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+        files
+    }
+}
