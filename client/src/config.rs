@@ -169,6 +169,9 @@ impl ClientConfig {
             .connect_timeout(self.connect_timeout)
             .timeout(self.call_timeout);
         let https = self.endpoint.starts_with("https://");
+        if self.token.is_some() && !https && !endpoint_is_loopback(endpoint.uri()) {
+            return Err(crate::Error::TokenNeedsTls);
+        }
         match &self.tls {
             None if https => return Err(crate::Error::TlsNeedsCa),
             None => {}
@@ -193,6 +196,18 @@ impl ClientConfig {
         }
         Ok(endpoint)
     }
+}
+
+/// Whether `uri` names a loopback host (`localhost`, 127.0.0.0/8, ::1), where
+/// a plaintext connection never leaves the machine.
+fn endpoint_is_loopback(uri: &tonic::codegen::http::Uri) -> bool {
+    uri.host().is_some_and(|host| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 impl TlsSettings {

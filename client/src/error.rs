@@ -20,6 +20,11 @@ pub enum Error {
     /// TLS settings for an `http://` endpoint.
     #[error("TLS settings need an https:// endpoint")]
     TlsNeedsHttps,
+    /// A bearer token with a plaintext endpoint that is not on this machine.
+    #[error(
+        "refusing to send a bearer token over plaintext to a non-loopback endpoint: use https://"
+    )]
+    TokenNeedsTls,
     /// The connection could not be established.
     #[error("cannot connect to the kms server at {endpoint}")]
     Connect {

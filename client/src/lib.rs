@@ -14,6 +14,7 @@
 //! cheaply. Data keys, plaintext and tokens live in zeroizing types with
 //! redacted `Debug` and never appear in errors or logs.
 
+pub mod baseline;
 pub mod cache;
 mod client;
 pub mod config;

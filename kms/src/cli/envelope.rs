@@ -1,0 +1,260 @@
+//! `kms envelope encrypt|decrypt`: client-side envelope encryption of files and
+//! stdin/stdout of any size in constant memory, with kms-client (a fresh data
+//! key from GenerateDataKey per message; format in the README, "Client library
+//! and envelope format").
+//!
+//! Output to a file goes to a temporary file beside it (mode 0600) that is
+//! renamed into place only when the whole envelope has been written or
+//! verified, so a failed decryption never leaves a partial plaintext under the
+//! requested name. On stdout, a failure after some output is reported, and the
+//! output must be discarded.
+//!
+//! Never: print the data key, the plaintext or the token.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kms_client::envelope::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
+use kms_client::{
+    BearerToken, ClientConfig, ClientIdentity, EncryptionContext, Envelope, EnvelopeError,
+    KmsClient,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use zeroize::Zeroizing;
+
+use super::{ClientOptions, IoArgs, parse};
+
+/// Deadline of each GenerateDataKey / Decrypt call (the data itself never
+/// travels to the server, so this does not grow with the input).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `kms envelope ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum EnvelopeCommand {
+    /// Encrypt a file or stdin of any size under a fresh data key of KEY.
+    Encrypt(EnvelopeEncryptArgs),
+    /// Decrypt an envelope made by `kms envelope encrypt`.
+    Decrypt(EnvelopeDecryptArgs),
+}
+
+/// Arguments of `kms envelope encrypt`.
+#[derive(Debug, clap::Args)]
+pub struct EnvelopeEncryptArgs {
+    /// Key id ("key-...") or alias ("alias/<name>") that wraps the data key.
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+    /// Encryption context entry, needed again to decrypt; repeat for several.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
+    pub context: Vec<(String, String)>,
+    #[command(flatten)]
+    pub io: IoArgs,
+    /// Plaintext bytes per authenticated chunk (1 to 16 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CHUNK_SIZE)))]
+    pub chunk_size: u32,
+}
+
+/// Arguments of `kms envelope decrypt`.
+#[derive(Debug, clap::Args)]
+pub struct EnvelopeDecryptArgs {
+    /// Require the data key to have been wrapped by this key id or alias
+    /// (default: whichever key the envelope names).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Encryption context entry given to encrypt; repeat for several.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
+    pub context: Vec<(String, String)>,
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+pub(crate) async fn run(command: EnvelopeCommand, options: &ClientOptions) -> anyhow::Result<()> {
+    match command {
+        EnvelopeCommand::Encrypt(args) => encrypt(args, options).await,
+        EnvelopeCommand::Decrypt(args) => decrypt(args, options).await,
+    }
+}
+
+async fn encrypt(args: EnvelopeEncryptArgs, options: &ClientOptions) -> anyhow::Result<()> {
+    let context = context(args.context)?;
+    let output = Output::open(args.io.output.as_deref(), true).await?;
+    let mut input = open_input(args.io.input.as_deref()).await?;
+    let envelope = Envelope::new(connect(options).await?).with_chunk_size(args.chunk_size)?;
+    output
+        .finish(async |mut writer| {
+            envelope
+                .encrypt(&args.key, &context, &mut input, &mut writer)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .context("envelope encryption failed")
+}
+
+async fn decrypt(args: EnvelopeDecryptArgs, options: &ClientOptions) -> anyhow::Result<()> {
+    let context = context(args.context)?;
+    let output = Output::open(args.io.output.as_deref(), false).await?;
+    let mut input = open_input(args.io.input.as_deref()).await?;
+    let envelope = Envelope::new(connect(options).await?);
+    output
+        .finish(async |mut writer| {
+            envelope
+                .decrypt(args.key.as_deref(), &context, &mut input, &mut writer)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .context("envelope decryption failed")
+}
+
+fn context(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
+    let map = parse::pairs_to_map(pairs, "encryption context")?;
+    Ok(EncryptionContext::new(map)?)
+}
+
+/// The kms-client configuration for the global client options: endpoint, TLS
+/// (--ca-cert, --client-cert/--client-key, --tls-server-name) and the bearer
+/// token (KMS_TOKEN or --token-file).
+pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<ClientConfig> {
+    let mut config = ClientConfig::new(options.endpoint.clone())
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_call_timeout(CALL_TIMEOUT);
+    let token: Option<Zeroizing<String>> = match &options.token_file {
+        Some(path) => Some(Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?,
+        )),
+        None => std::env::var("KMS_TOKEN").ok().map(Zeroizing::new),
+    };
+    if let Some(token) = token {
+        config = config.with_bearer_token(BearerToken::new(token.trim())?);
+    }
+    if let Some(ca) = &options.ca_cert {
+        config = config.with_ca_pem(read_file(ca, "--ca-cert")?);
+    }
+    if let (Some(cert), Some(key)) = (&options.client_cert, &options.client_key) {
+        let key = Zeroizing::new(read_file(key, "--client-key")?);
+        config = config.with_client_identity(ClientIdentity::from_pem(
+            read_file(cert, "--client-cert")?,
+            key.as_slice(),
+        ));
+    }
+    if let Some(name) = &options.tls_server_name {
+        config = config.with_domain_name(name.clone());
+    }
+    Ok(config)
+}
+
+fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
+    KmsClient::connect(client_config(options)?)
+        .await
+        .with_context(|| {
+            format!(
+                "is `kms serve` running? set --endpoint or KMS_ENDPOINT ({})",
+                options.endpoint
+            )
+        })
+}
+
+fn is_stdio(path: Option<&Path>) -> bool {
+    path.is_none_or(|p| p == Path::new("-"))
+}
+
+async fn open_input(path: Option<&Path>) -> anyhow::Result<Box<dyn AsyncRead + Unpin + Send>> {
+    if is_stdio(path) {
+        return Ok(Box::new(tokio::io::stdin()));
+    }
+    let path = path.unwrap_or(Path::new("-"));
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot open --in {}", path.display()))?;
+    Ok(Box::new(tokio::io::BufReader::with_capacity(1 << 16, file)))
+}
+
+/// Where the result goes: stdout, or a temporary file renamed to the requested
+/// path on success and removed on failure.
+enum Output {
+    Stdout,
+    File { temp: PathBuf, path: PathBuf },
+}
+
+impl Output {
+    async fn open(path: Option<&Path>, binary: bool) -> anyhow::Result<Output> {
+        if is_stdio(path) {
+            if binary && std::io::stdout().is_terminal() {
+                anyhow::bail!(
+                    "refusing to write a binary envelope to the terminal; use --out FILE"
+                );
+            }
+            return Ok(Output::Stdout);
+        }
+        let path = path.unwrap_or(Path::new("-")).to_path_buf();
+        let name = path
+            .file_name()
+            .with_context(|| format!("--out {} names no file", path.display()))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".partial-{}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        Ok(Output::File { temp, path })
+    }
+
+    /// Runs `work` on the writer, then publishes (file) or flushes (stdout).
+    async fn finish(
+        self,
+        work: impl AsyncFnOnce(&mut (dyn AsyncWrite + Unpin + Send)) -> Result<(), EnvelopeError>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Output::Stdout => {
+                let mut stdout = tokio::io::stdout();
+                let result = work(&mut stdout).await;
+                stdout.flush().await.context("writing to stdout")?;
+                Ok(result?)
+            }
+            Output::File { temp, path } => {
+                let file = create_private(&temp)?;
+                let mut writer = tokio::io::BufWriter::with_capacity(1 << 16, file);
+                let result = match work(&mut writer).await {
+                    Ok(()) => writer.flush().await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                let result = match result {
+                    Ok(()) => writer
+                        .into_inner()
+                        .sync_all()
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => tokio::fs::rename(&temp, &path)
+                        .await
+                        .with_context(|| format!("cannot create --out {}", path.display())),
+                    Err(e) => {
+                        let _ = tokio::fs::remove_file(&temp).await;
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A new file readable by its owner only (it may hold plaintext).
+fn create_private(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(tokio::fs::File::from_std(file))
+}
