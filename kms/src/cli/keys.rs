@@ -51,6 +51,9 @@ pub enum KeyCommand {
     Untag(UntagArgs),
     /// Replace a key's description.
     UpdateDescription(UpdateDescriptionArgs),
+    /// Show or change who may use and manage the key.
+    #[command(subcommand)]
+    Policy(super::policy::PolicyCommand),
 }
 
 /// A key named on the command line.
@@ -172,6 +175,7 @@ async fn client(options: &ClientOptions) -> anyhow::Result<Client> {
 pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow::Result<()> {
     match command {
         KeyCommand::Create(args) => create(args, options).await,
+        KeyCommand::Policy(command) => super::policy::run(command, options).await,
         KeyCommand::List(args) => list(args, options).await,
         KeyCommand::Describe(KeyArg { key }) => {
             let reply = client(options)

@@ -19,6 +19,7 @@ mod envelope;
 mod keys;
 mod output;
 mod parse;
+mod policy;
 mod rfc3339;
 
 use std::fmt;
@@ -98,6 +99,9 @@ pub enum ClientCommand {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Bearer tokens for callers without client certificates.
+    #[command(subcommand)]
+    Token(policy::TokenCommand),
 }
 
 /// Runs one client command against the server named in `options`.
@@ -110,6 +114,7 @@ pub async fn run(command: ClientCommand, options: &ClientOptions) -> anyhow::Res
         ClientCommand::DataKey(args) => crypto::data_key(args, options).await,
         ClientCommand::Envelope(command) => envelope::run(command, options).await,
         ClientCommand::Audit(command) => audit::run(command, options).await,
+        ClientCommand::Token(command) => policy::run_token(command),
     }
 }
 

@@ -461,6 +461,88 @@ data_dir = "/var/lib/kms"
         }
     }
 
+    const TLS: &str = r#"
+[server.tls]
+cert_file = "/etc/kms/tls/server.pem"
+key_file = "/etc/kms/tls/server.key"
+client_ca_file = "/etc/kms/tls/clients-ca.pem"
+"#;
+
+    #[test]
+    fn a_tls_listener_may_face_the_network() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[server]\nlisten = \"0.0.0.0:7443\"\n{TLS}\n[auth]\nadmins = [\"spiffe://example.org/ops/*\"]\n"
+        ))
+        .expect("public TLS listener");
+        let tls = config.server.tls.expect("tls");
+        assert!(tls.client_cert_required, "mTLS is required by default");
+        assert_eq!(config.auth.admins, ["spiffe://example.org/ops/*"]);
+        assert!(config.auth.anonymous_principal.is_none());
+        assert!(config.auth.default_policy.grants.is_empty(), "default deny");
+    }
+
+    #[test]
+    fn security_settings_are_validated() {
+        let digest = "ab".repeat(32);
+        let cases = [
+            // Anonymous callers only on plaintext loopback.
+            (
+                format!("{MINIMAL}\n{TLS}\n[auth]\nanonymous_principal = \"dev\"\n"),
+                "auth.anonymous_principal",
+            ),
+            // TLS without client certificates needs tokens.
+            (
+                format!("{MINIMAL}\n[server.tls]\ncert_file = \"a\"\nkey_file = \"b\"\n"),
+                "auth.tokens",
+            ),
+            // A token is configured by its digest, never in clear.
+            (
+                format!(
+                    "{MINIMAL}\n[[auth.tokens]]\nprincipal = \"job\"\nsha256 = \"kms_plaintext-token\"\n"
+                ),
+                "auth.tokens.sha256",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[[auth.tokens]]\nprincipal = \"a\"\nsha256 = \"{digest}\"\n[[auth.tokens]]\nprincipal = \"b\"\nsha256 = \"{digest}\"\n"
+                ),
+                "auth.tokens.sha256",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[[auth.default_grants]]\nprincipal = \"*\"\npermissions = [\"encrpyt\"]\n"
+                ),
+                "auth.default_grants",
+            ),
+            (
+                format!("{MINIMAL}\n[auth]\nadmins = [\"two words\"]\n"),
+                "auth.admins",
+            ),
+            (
+                format!("{MINIMAL}\n[limits.per_principal]\nrequests_per_second = 0\n"),
+                "limits.per_principal.requests_per_second",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[server.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_ca_file = \"c\"\nclient_cert = \"sometimes\"\n"
+                ),
+                "server.tls.client_cert",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(&text).expect_err(field);
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        let ok = Config::parse(&format!(
+            "{MINIMAL}\n[[auth.tokens]]\nprincipal = \"job\"\nsha256 = \"{digest}\"\n[limits.per_principal]\nrequests_per_second = 100\nmax_in_flight = 8\n"
+        ))
+        .expect("tokens on loopback");
+        assert_eq!(ok.auth.tokens.len(), 1);
+        assert_eq!(ok.limits.per_principal.requests_per_second, Some(100.0));
+        assert_eq!(ok.limits.per_principal.burst, 100.0);
+        assert_eq!(ok.limits.per_principal.max_in_flight, Some(8));
+    }
+
     #[test]
     fn a_non_loopback_listen_address_is_refused_without_tls() {
         let err = Config::parse(&format!("{MINIMAL}\n[server]\nlisten = \"0.0.0.0:7443\"\n"))
