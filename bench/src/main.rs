@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own module; main only parses and dispatches.
 
 mod audit;
+mod envelope;
 mod load;
 mod machine;
 mod report;
@@ -30,6 +31,8 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Audit log appends/s: synced group commit vs. unsynced, at several writer counts.
     Audit(audit::AuditArgs),
+    /// Envelope encryption (kms-client) vs raw AES-GCM in MB/s, and KMS calls saved by caching.
+    Envelope(envelope::EnvelopeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Audit(args) => audit::run(&args),
+        Command::Envelope(args) => envelope::run(&args),
     }
 }
 

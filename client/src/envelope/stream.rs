@@ -11,7 +11,7 @@
 use aes_gcm::aead::{AeadInPlace as _, KeyInit as _};
 use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use zeroize::Zeroizing;
+use zeroize::Zeroize as _;
 
 use super::EnvelopeError;
 use super::format::{self, FIXED_PREFIX_LEN, Header, MAX_CHUNKS, TAG_LEN};
@@ -47,32 +47,37 @@ impl ChunkCipher {
         Ok(index)
     }
 
-    /// Encrypts `buf` (one chunk of plaintext) in place and appends its tag.
-    pub(crate) fn seal(&mut self, buf: &mut Vec<u8>, last: bool) -> Result<(), EnvelopeError> {
+    /// Encrypts `chunk` (one chunk of plaintext) in place; returns its tag.
+    pub(crate) fn seal(
+        &mut self,
+        chunk: &mut [u8],
+        last: bool,
+    ) -> Result<[u8; TAG_LEN], EnvelopeError> {
         let nonce = format::chunk_nonce(self.take_index(last)?, last);
-        let tag = self
-            .aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, buf)
+        self.aead
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, chunk)
+            .map(Into::into)
             // Only a chunk beyond GCM's 64 GiB limit fails; chunks are ≤ 16 MiB.
-            .map_err(|_| EnvelopeError::Invalid)?;
-        buf.extend_from_slice(&tag);
-        Ok(())
+            .map_err(|_| EnvelopeError::Invalid)
     }
 
-    /// Verifies and decrypts `buf` (ciphertext ‖ tag) in place, leaving the
-    /// plaintext. On failure the buffer holds no plaintext (GCM decrypts only
-    /// after the tag matched).
-    pub(crate) fn open(&mut self, buf: &mut Vec<u8>, last: bool) -> Result<(), EnvelopeError> {
-        let body_len = buf
-            .len()
-            .checked_sub(TAG_LEN)
-            .ok_or(EnvelopeError::Invalid)?;
+    /// Verifies `tag` and decrypts `body` in place. On failure `body` holds no
+    /// plaintext (GCM decrypts only after the tag matched).
+    pub(crate) fn open(
+        &mut self,
+        body: &mut [u8],
+        tag: &[u8; TAG_LEN],
+        last: bool,
+    ) -> Result<(), EnvelopeError> {
         let index = self.take_index(last).map_err(|_| EnvelopeError::Invalid)?;
         let nonce = format::chunk_nonce(index, last);
-        let tag = *Tag::from_slice(&buf[body_len..]);
-        buf.truncate(body_len);
         self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, buf, &tag)
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                &self.aad,
+                body,
+                Tag::from_slice(tag),
+            )
             .map_err(|_| EnvelopeError::Invalid)
     }
 
@@ -82,11 +87,52 @@ impl ChunkCipher {
     }
 }
 
+/// The one chunk buffer of a stream. Erased on drop up to the furthest byte
+/// ever written: the rest still holds the allocator's zeros, and a small
+/// message in a large-chunk buffer then costs a small erase.
+struct ChunkBuffer {
+    bytes: Vec<u8>,
+    dirty: usize,
+}
+
+impl ChunkBuffer {
+    fn new(len: usize) -> Self {
+        ChunkBuffer {
+            bytes: vec![0u8; len],
+            dirty: 0,
+        }
+    }
+
+    /// Fills the buffer from `reader` as far as the input goes; returns the
+    /// bytes read.
+    async fn fill(&mut self, reader: &mut Reader<'_>) -> Result<usize, std::io::Error> {
+        let mut filled = 0;
+        while filled < self.bytes.len() {
+            match reader.read(&mut self.bytes[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    self.dirty = self.dirty.max(filled);
+                }
+                Err(error) => {
+                    // A failed read may have written anywhere in what it was given.
+                    self.dirty = self.bytes.len();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(filled)
+    }
+}
+
+impl Drop for ChunkBuffer {
+    fn drop(&mut self) {
+        self.bytes[..self.dirty].zeroize();
+    }
+}
+
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-async fn read_full<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> Result<usize, std::io::Error> {
+async fn read_full(reader: &mut Reader<'_>, buf: &mut [u8]) -> Result<usize, std::io::Error> {
     let mut filled = 0;
     while filled < buf.len() {
         match reader.read(&mut buf[filled..]).await? {
@@ -97,34 +143,32 @@ async fn read_full<R: AsyncRead + Unpin>(
     Ok(filled)
 }
 
+// The loops below take trait objects rather than generic streams so that they
+// (and the AES-GCM code they call) are compiled once, here, with this crate's
+// optimization level, whatever the caller's build profile.
+pub(crate) type Reader<'a> = dyn AsyncRead + Unpin + 'a;
+pub(crate) type Writer<'a> = dyn AsyncWrite + Unpin + 'a;
+
 /// Writes `header`, then the chunks of everything `reader` yields. With
 /// `expected_len`, the input must be exactly that long (a cached data key's byte
 /// budget was charged for it). Returns the plaintext length.
-pub(crate) async fn encrypt<R, W>(
+pub(crate) async fn encrypt(
     header: &Header,
     mut cipher: ChunkCipher,
-    reader: &mut R,
-    writer: &mut W,
+    reader: &mut Reader<'_>,
+    writer: &mut Writer<'_>,
     expected_len: Option<u64>,
-) -> Result<u64, EnvelopeError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<u64, EnvelopeError> {
     writer
         .write_all(header.as_bytes())
         .await
         .map_err(EnvelopeError::Write)?;
     let chunk_size = usize::try_from(header.chunk_size()).map_err(|_| EnvelopeError::Invalid)?;
-    // Allocated once at its final capacity: no reallocation leaves plaintext behind.
-    let mut buf = Zeroizing::new(Vec::with_capacity(chunk_size + TAG_LEN));
+    // Allocated once at its final size and erased on drop.
+    let mut buf = ChunkBuffer::new(chunk_size);
     let mut total: u64 = 0;
     loop {
-        buf.resize(chunk_size, 0);
-        let n = read_full(reader, &mut buf)
-            .await
-            .map_err(EnvelopeError::Read)?;
-        buf.truncate(n);
+        let n = buf.fill(reader).await.map_err(EnvelopeError::Read)?;
         total += n as u64;
         if expected_len.is_some_and(|expected| total > expected) {
             return Err(EnvelopeError::LengthMismatch);
@@ -132,8 +176,12 @@ where
         // A short chunk is the final one; a message whose length is a multiple
         // of the chunk size ends with an empty final chunk.
         let last = n < chunk_size;
-        cipher.seal(&mut buf, last)?;
-        writer.write_all(&buf).await.map_err(EnvelopeError::Write)?;
+        let tag = cipher.seal(&mut buf.bytes[..n], last)?;
+        writer
+            .write_all(&buf.bytes[..n])
+            .await
+            .map_err(EnvelopeError::Write)?;
+        writer.write_all(&tag).await.map_err(EnvelopeError::Write)?;
         if last {
             break;
         }
@@ -146,9 +194,7 @@ where
 }
 
 /// Reads exactly one envelope header from `reader` (nothing after it).
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
-    reader: &mut R,
-) -> Result<Header, EnvelopeError> {
+pub(crate) async fn read_header(reader: &mut Reader<'_>) -> Result<Header, EnvelopeError> {
     let mut prefix = [0u8; FIXED_PREFIX_LEN];
     read_exact(reader, &mut prefix).await?;
     let (chunk_size, message_id, wrapped_len) =
@@ -164,10 +210,7 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(
 }
 
 /// `read_exact`, with a short input reported as an invalid envelope.
-async fn read_exact<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> Result<(), EnvelopeError> {
+async fn read_exact(reader: &mut Reader<'_>, buf: &mut [u8]) -> Result<(), EnvelopeError> {
     let n = read_full(reader, buf).await.map_err(EnvelopeError::Read)?;
     if n == buf.len() {
         Ok(())
@@ -180,31 +223,28 @@ async fn read_exact<R: AsyncRead + Unpin>(
 /// writing each chunk's plaintext only after its tag verified. Returns the
 /// plaintext length. On error, the output holds a prefix of the plaintext made
 /// of authenticated chunks: callers must discard it.
-pub(crate) async fn decrypt<R, W>(
+pub(crate) async fn decrypt(
     header: &Header,
     mut cipher: ChunkCipher,
-    reader: &mut R,
-    writer: &mut W,
-) -> Result<u64, EnvelopeError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    reader: &mut Reader<'_>,
+    writer: &mut Writer<'_>,
+) -> Result<u64, EnvelopeError> {
     let chunk_size = usize::try_from(header.chunk_size()).map_err(|_| EnvelopeError::Invalid)?;
     let full = chunk_size + TAG_LEN;
-    let mut buf = Zeroizing::new(Vec::with_capacity(full));
+    let mut buf = ChunkBuffer::new(full);
     let mut total: u64 = 0;
     loop {
-        buf.resize(full, 0);
-        let n = read_full(reader, &mut buf)
-            .await
-            .map_err(EnvelopeError::Read)?;
-        buf.truncate(n);
+        let n = buf.fill(reader).await.map_err(EnvelopeError::Read)?;
+        let body_len = n.checked_sub(TAG_LEN).ok_or(EnvelopeError::Invalid)?;
         // Only the final chunk is short; a full-length one is never final.
         let last = n < full;
-        cipher.open(&mut buf, last)?;
-        total += buf.len() as u64;
-        writer.write_all(&buf).await.map_err(EnvelopeError::Write)?;
+        let (body, rest) = buf.bytes.split_at_mut(body_len);
+        let tag: [u8; TAG_LEN] = rest[..TAG_LEN]
+            .try_into()
+            .map_err(|_| EnvelopeError::Invalid)?;
+        cipher.open(body, &tag, last)?;
+        total += body_len as u64;
+        writer.write_all(body).await.map_err(EnvelopeError::Write)?;
         if last {
             break;
         }

@@ -264,27 +264,27 @@ fn the_chunk_count_limit_is_enforced() {
     cipher.set_next_index(MAX_CHUNKS - 1);
     // The last index can only be the final chunk.
     assert!(matches!(
-        cipher.seal(&mut vec![0; 16], false),
+        cipher.seal(&mut [0; 16], false),
         Err(EnvelopeError::TooManyChunks)
     ));
-    let mut sealed = vec![1, 2, 3];
-    cipher
+    let mut sealed = [1, 2, 3];
+    let tag = cipher
         .seal(&mut sealed, true)
         .expect("final chunk at the last index");
     assert!(matches!(
-        cipher.seal(&mut vec![0; 3], true),
+        cipher.seal(&mut [0; 3], true),
         Err(EnvelopeError::TooManyChunks)
     ));
     let mut opener = ChunkCipher::new(&header, &key());
     opener.set_next_index(MAX_CHUNKS - 1);
     opener
-        .open(&mut sealed, true)
+        .open(&mut sealed, &tag, true)
         .expect("opens at the last index");
     assert_eq!(sealed, [1, 2, 3]);
     let mut beyond = ChunkCipher::new(&header, &key());
     beyond.set_next_index(MAX_CHUNKS);
     assert!(matches!(
-        beyond.open(&mut vec![0; TAG_LEN], true),
+        beyond.open(&mut [], &tag, true),
         Err(EnvelopeError::Invalid)
     ));
 }
