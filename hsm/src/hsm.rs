@@ -196,7 +196,7 @@ impl Hsm {
             }
             Ok(())
         })?;
-        self.sync_token_directory()?;
+        self.sync_or_fail(Operation::GenerateKey)?;
         self.confirm_from_fresh_session(id, true)?;
         Ok(())
     }
@@ -225,7 +225,7 @@ impl Hsm {
             Ok(())
         })?;
         self.handles.write().handles.remove(id);
-        self.sync_token_directory()?;
+        self.sync_or_fail(Operation::DestroyObject)?;
         self.confirm_from_fresh_session(id, false)
     }
 
@@ -570,7 +570,9 @@ impl Hsm {
             match probe {
                 Ok(_) => {
                     self.pool.check_in(pooled);
-                    Ok(())
+                    // A module that answers from memory is not enough: the
+                    // token's storage must be back too.
+                    self.sync_token_directory()
                 }
                 Err(e) => {
                     self.pool.discard(pooled);
@@ -633,6 +635,24 @@ impl Hsm {
             Some(dir) => crate::token_sync::sync_tree(dir),
             None => Ok(()),
         }
+    }
+
+    /// Makes a token change durable. If the token's storage is gone or
+    /// failing, the module may still have accepted the change in memory
+    /// (SoftHSM2 does), but nothing it records is durable any more: fail
+    /// closed exactly as for a lost device, until recovery finds the storage.
+    fn sync_or_fail(&self, operation: Operation) -> Result<()> {
+        self.sync_token_directory().map_err(|e| {
+            tracing::error!(%operation, error = %e, "the token's storage is unusable");
+            self.fail(
+                operation,
+                HsmError::Unavailable {
+                    operation,
+                    code: crate::error::ReturnCode::token_not_present(),
+                },
+                self.module.generation(),
+            )
+        })
     }
 
     /// Confirms from a brand-new session (not the one that made the change)

@@ -2,6 +2,7 @@ mod audit;
 mod authz;
 mod cli;
 mod envelope;
+mod faults;
 mod crash;
 mod crypto;
 mod keys;
