@@ -258,3 +258,87 @@ fn create_private(path: &Path) -> anyhow::Result<tokio::fs::File> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     Ok(tokio::fs::File::from_std(file))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        options: ClientOptions,
+        #[command(subcommand)]
+        command: EnvelopeCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("kms").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn encrypt_needs_a_key_and_bounds_the_chunk_size() {
+        assert!(parse(&["encrypt"]).is_err());
+        assert!(parse(&["encrypt", "--key", "k", "--chunk-size", "0"]).is_err());
+        assert!(parse(&["encrypt", "--key", "k", "--chunk-size", "16777217"]).is_err());
+        let cli = parse(&[
+            "encrypt",
+            "--key",
+            "alias/a",
+            "--context",
+            "t=a=b",
+            "--in",
+            "-",
+            "--out",
+            "x.kmse",
+        ])
+        .expect("parses");
+        let EnvelopeCommand::Encrypt(args) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(args.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(args.context, [("t".to_owned(), "a=b".to_owned())]);
+        assert_eq!(args.io.output.as_deref(), Some(Path::new("x.kmse")));
+    }
+
+    #[test]
+    fn decrypt_key_is_optional_and_contexts_must_be_unique() {
+        let cli = parse(&["decrypt", "--context", "a=1", "--context", "a=2"]).expect("parses");
+        let EnvelopeCommand::Decrypt(args) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert!(args.key.is_none());
+        assert!(context(args.context).is_err(), "duplicate context key");
+        assert!(context(vec![("k".into(), String::new())]).is_ok());
+    }
+
+    #[test]
+    fn client_config_carries_the_endpoint_and_never_prints_the_token() {
+        let dir = tempfile_dir();
+        let token = dir.join("token");
+        std::fs::write(&token, "tok-91ab-secret\n").expect("write token");
+        let cli = parse(&[
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--token-file",
+            token.to_str().expect("utf8"),
+            "decrypt",
+        ])
+        .expect("parses");
+        let config = client_config(&cli.options).expect("config");
+        assert_eq!(config.endpoint(), "http://127.0.0.1:9");
+        let out = format!("{config:?}");
+        assert!(
+            !out.contains("tok-91ab") && out.contains("REDACTED"),
+            "{out}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kms-envelope-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+}
