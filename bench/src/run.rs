@@ -231,6 +231,12 @@ struct UnderTest {
 
 impl UnderTest {
     fn child(process: ServerProcess) -> UnderTest {
+        // For profiling (perf record -p PID) while the rows run.
+        eprintln!(
+            "kms-bench: server pid {} on {}",
+            process.pid(),
+            process.endpoint()
+        );
         UnderTest {
             endpoint: process.endpoint(),
             pid: Some(process.pid()),
