@@ -1,5 +1,6 @@
 mod audit;
 mod authz;
+mod bad_input;
 mod cli;
 mod envelope;
 mod faults;
