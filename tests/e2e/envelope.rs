@@ -691,3 +691,146 @@ async fn a_1_gib_file_round_trips_in_bounded_memory_across_a_key_rotation() {
         "peak RSS grew by {growth} KiB for a 1 GiB file"
     );
 }
+
+/// kms-client's TLS, mTLS and bearer-token settings against a server that
+/// requires credentials (issue 6): an mTLS administrator creates a key and
+/// grants a token principal GenerateDataKey and Decrypt; the token holder
+/// then envelope-encrypts; callers without or with a wrong credential, and a
+/// plaintext client, are refused, and refusals are not retried.
+#[tokio::test]
+async fn the_client_speaks_mtls_and_bearer_tokens_to_a_secure_server() {
+    use kms::auth::tokens::token_digest;
+    use kms::config::{AuthSettings, TlsSettings};
+    use kms_client::{BearerToken, ClientIdentity};
+    use kms_tests::pki::TestCa;
+
+    const ADMIN: &str = "spiffe://test.kms/ops/admin";
+    const JOB: &str = "envelope-job";
+    const TOKEN: &str = "kms_envelope-token-0123456789abcdefghijklmnop";
+
+    let env = TestEnv::new();
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    let ca = TestCa::new(pki_dir.path(), "kms");
+    let server_files = ca.server();
+    let admin_files = ca.client("admin", ADMIN);
+    let mut config = env.config();
+    config.server.tls = Some(TlsSettings {
+        cert_file: server_files.cert.clone(),
+        key_file: server_files.key.clone(),
+        client_ca_file: Some(ca.ca_file()),
+        client_cert_required: false,
+    });
+    config.auth = AuthSettings {
+        admins: vec![ADMIN.to_owned()],
+        auditors: Vec::new(),
+        anonymous_principal: None,
+        tokens: vec![(JOB.to_owned(), token_digest(TOKEN.as_bytes()))],
+        default_policy: Default::default(),
+    };
+    let server = env.start_with(config).await;
+    assert!(
+        server.endpoint.starts_with("https://"),
+        "{}",
+        server.endpoint
+    );
+    let ca_pem = std::fs::read(ca.ca_file()).expect("ca");
+    let tls = |config: ClientConfig| {
+        config
+            .with_ca_pem(ca_pem.clone())
+            .with_domain_name("localhost")
+    };
+
+    let admin = KmsClient::connect(
+        tls(ClientConfig::new(server.endpoint.clone())).with_client_identity(
+            ClientIdentity::from_pem(
+                std::fs::read(&admin_files.cert).expect("cert"),
+                std::fs::read(&admin_files.key).expect("key"),
+            ),
+        ),
+    )
+    .await
+    .expect("mTLS connect");
+    let key = admin
+        .create_key(pb::CreateKeyRequest {
+            description: "envelope over tls".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the admin creates keys")
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    admin
+        .put_key_policy(pb::PutKeyPolicyRequest {
+            key_id: key.clone(),
+            policy: Some(pb::KeyPolicy {
+                grants: vec![pb::Grant {
+                    principal: JOB.to_owned(),
+                    permissions: vec![
+                        pb::Permission::GenerateDataKey as i32,
+                        pb::Permission::Decrypt as i32,
+                    ],
+                    required_encryption_context: Default::default(),
+                }],
+            }),
+        })
+        .await
+        .expect("the admin sets the policy");
+
+    let job = KmsClient::connect(
+        tls(ClientConfig::new(server.endpoint.clone()))
+            .with_bearer_token(BearerToken::new(TOKEN).expect("token")),
+    )
+    .await
+    .expect("TLS connect");
+    let envelope = Envelope::new(job.clone());
+    let context = ctx(&[("tenant", "acme")]);
+    let plain = data(100_000);
+    let sealed = seal(&envelope, &key, &context, &plain).await;
+    assert!(open(&envelope, &context, &sealed).await.expect("decrypt") == plain);
+    // The token holder may not manage keys: PERMISSION_DENIED, sent once.
+    let before = job.stats().attempts;
+    let denied = job
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect_err("not an admin");
+    assert_eq!(
+        denied.code(),
+        Some(tonic::Code::PermissionDenied),
+        "{denied}"
+    );
+    assert_eq!(job.stats().attempts - before, 1);
+
+    // No credentials, or a wrong token: refused, not retried.
+    for token in [None, Some("kms_wrong-token-0123456789abcdefghijklmnopq")] {
+        let mut config = tls(ClientConfig::new(server.endpoint.clone()));
+        if let Some(token) = token {
+            config = config.with_bearer_token(BearerToken::new(token).expect("token"));
+        }
+        let stranger = KmsClient::connect(config).await.expect("TLS connect");
+        let result = Envelope::new(stranger.clone())
+            .encrypt(&key, &context, &mut &b"x"[..], &mut Vec::new())
+            .await;
+        let Err(EnvelopeError::Kms(error)) = result else {
+            panic!("expected a KMS refusal, got {result:?}");
+        };
+        assert_eq!(error.code(), Some(tonic::Code::Unauthenticated), "{error}");
+        assert_eq!(
+            stranger.stats(),
+            kms_client::ClientStats {
+                attempts: 1,
+                retries: 0
+            }
+        );
+    }
+    // A plaintext client cannot talk to the TLS port.
+    let plaintext = ClientConfig::new(server.endpoint.replacen("https://", "http://", 1))
+        .with_retry(RetryPolicy::none());
+    let plaintext = KmsClient::connect_lazy(plaintext).expect("lazy");
+    assert!(
+        plaintext
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .is_err()
+    );
+}
