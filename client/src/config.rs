@@ -75,11 +75,20 @@ impl fmt::Debug for ClientIdentity {
 }
 
 /// TLS settings for an `https://` endpoint.
-#[derive(Debug)]
 pub struct TlsSettings {
     ca_pem: Vec<u8>,
     identity: Option<ClientIdentity>,
     domain_name: Option<String>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_pem", &format_args!("[{} bytes]", self.ca_pem.len()))
+            .field("identity", &self.identity)
+            .field("domain_name", &self.domain_name)
+            .finish()
+    }
 }
 
 /// Everything needed to connect a [`crate::KmsClient`].
