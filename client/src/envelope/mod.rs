@@ -2,7 +2,7 @@
 //! GenerateDataKey per message (or a cached one, see [`crate::cache`]), a
 //! versioned header carrying the wrapped data key, the encryption context and
 //! the chunk size, then the data in AES-256-GCM chunks under a per-message key
-//! (format in [`format`] and the README).
+//! (format in [`mod@format`] and the README).
 //!
 //! Decryption reads the header, unwraps the data key with the kms Decrypt RPC
 //! (passing the same context, which the KMS checks too) and streams the chunks
