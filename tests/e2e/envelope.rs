@@ -124,7 +124,6 @@ async fn envelope_round_trips_through_the_kms_and_survive_rotation() {
     // Rotation: new messages use version 2, old ones still decrypt.
     kms.rotate_key(pb::RotateKeyRequest {
         key_id: key.clone(),
-        ..Default::default()
     })
     .await
     .expect("rotate");
@@ -659,7 +658,6 @@ async fn a_1_gib_file_round_trips_in_bounded_memory_across_a_key_rotation() {
 
     kms.rotate_key(pb::RotateKeyRequest {
         key_id: key.clone(),
-        ..Default::default()
     })
     .await
     .expect("rotate");
