@@ -195,26 +195,60 @@ pub struct DevServerProcess {
     pub child: std::process::Child,
     pub addr: std::net::SocketAddr,
     pub banner: String,
+    stdout_rest: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl DevServerProcess {
     /// Starts `kms serve --dev` on `data_dir` and waits for its
     /// "kms listening on ADDR (…)" line.
     pub fn start(data_dir: &Path) -> DevServerProcess {
-        use std::io::BufRead;
+        Self::spawn(data_dir, "warn", std::process::Stdio::inherit())
+    }
+
+    /// Like `start`, with log filter `log` and the server's stderr (its log)
+    /// written to `log_file`.
+    pub fn start_logged(data_dir: &Path, log: &str, log_file: &Path) -> DevServerProcess {
+        let file = std::fs::File::create(log_file).expect("log file");
+        Self::spawn(data_dir, log, std::process::Stdio::from(file))
+    }
+
+    /// Everything the server printed on stdout after its banner (read until
+    /// it exits: call after `terminate`).
+    pub fn take_stdout_rest(&mut self) -> Vec<u8> {
+        self.stdout_rest
+            .take()
+            .map(|reader| reader.join().expect("stdout reader"))
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the graceful exit.
+    pub fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    fn spawn(data_dir: &Path, log: &str, stderr: std::process::Stdio) -> DevServerProcess {
+        use std::io::{BufRead, Read};
         let mut child = std::process::Command::new(kms_binary())
             .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .env("KMS_LOG", "warn")
+            .env("KMS_LOG", log)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn kms serve --dev");
         let stdout = child.stdout.take().expect("stdout");
+        let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read banner");
+        reader.read_line(&mut line).expect("read banner");
+        // Keep draining stdout so the server never blocks on a full pipe.
+        let stdout_rest = std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            rest
+        });
         let addr = line
             .strip_prefix("kms listening on ")
             .and_then(|rest| rest.split_whitespace().next())
@@ -227,6 +261,7 @@ impl DevServerProcess {
             child,
             addr,
             banner: line.trim_end().to_owned(),
+            stdout_rest: Some(stdout_rest),
         }
     }
 

@@ -80,3 +80,215 @@ async fn no_plaintext_or_data_key_is_written_to_disk_or_the_audit_log() {
         }
     }
 }
+
+/// Every textual form a secret could take in a log line or a file.
+fn encodings(secret: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    use base64::Engine as _;
+    let debug_prefix = format!("{:?}", &secret[..secret.len().min(8)]);
+    vec![
+        ("raw", secret.to_vec()),
+        ("hex", hex::encode(secret).into_bytes()),
+        ("HEX", hex::encode_upper(secret).into_bytes()),
+        (
+            "base64",
+            base64::engine::general_purpose::STANDARD
+                .encode(secret)
+                .into_bytes(),
+        ),
+        (
+            "base64url",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(secret)
+                .into_bytes(),
+        ),
+        // `{:?}` of a byte slice, cut before the closing bracket.
+        (
+            "debug list",
+            debug_prefix.trim_end_matches(']').as_bytes().to_vec(),
+        ),
+    ]
+}
+
+fn find_secrets(haystacks: &[(String, Vec<u8>)], secrets: &[Vec<u8>]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for secret in secrets {
+        for (form, needle) in encodings(secret) {
+            for (name, bytes) in haystacks {
+                // memchr is built optimised (a dependency); a naive window
+                // scan of megabytes of logs is slow in a debug test build.
+                if memchr::memmem::find(bytes, &needle).is_some() {
+                    hits.push(format!("a {}-byte secret ({form}) in {name}", secret.len()));
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test]
+async fn secrets_never_reach_debug_logs_stdout_the_disk_or_the_audit_export_of_a_real_server() {
+    use kms_tests::{DevServerProcess, run_cli};
+    let data = tempfile::tempdir().expect("data dir");
+    let log_file = data.path().join("server.log");
+    let server = DevServerProcess::start_logged(
+        &data.path().join("kms"),
+        "debug,kms=trace,kms_hsm=trace,kms_storage=trace",
+        &log_file,
+    );
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut keys = kms_proto::v1::key_management_client::KeyManagementClient::new(channel.clone());
+    let mut crypto = kms_proto::v1::crypto_client::CryptoClient::new(channel);
+    let key = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    let other = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+
+    // Every plaintext and data key sent or received.
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    let context = ctx(&[("tenant", "acme")]);
+    for i in 0..10u8 {
+        let plaintext = format!("LOG-LEAK-PLAINTEXT-{i:02}-Hq3vP9sZ").into_bytes();
+        secrets.push(plaintext.clone());
+        let blob = crypto
+            .encrypt(pb::EncryptRequest {
+                key_id: key.clone(),
+                plaintext,
+                encryption_context: context.clone(),
+            })
+            .await
+            .expect("encrypt")
+            .into_inner()
+            .ciphertext_blob;
+        let opened = crypto
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.clone(),
+                encryption_context: context.clone(),
+                key_id: String::new(),
+            })
+            .await
+            .expect("decrypt")
+            .into_inner();
+        secrets.push(opened.plaintext.to_vec());
+        // A failing decrypt (wrong context) must not log what it tried either.
+        let _ = crypto
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.clone(),
+                encryption_context: ctx(&[("tenant", "other")]),
+                key_id: String::new(),
+            })
+            .await
+            .expect_err("wrong context");
+        crypto
+            .re_encrypt(pb::ReEncryptRequest {
+                ciphertext_blob: blob,
+                source_encryption_context: context.clone(),
+                destination_key_id: other.clone(),
+                destination_encryption_context: context.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("re-encrypt");
+        let data_key = crypto
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key.clone(),
+                encryption_context: context.clone(),
+                length: Some(pb::generate_data_key_request::Length::KeySpec(
+                    pb::DataKeySpec::Aes256 as i32,
+                )),
+            })
+            .await
+            .expect("data key")
+            .into_inner();
+        secrets.push(data_key.plaintext.to_vec());
+        let random = crypto
+            .generate_random(pb::GenerateRandomRequest {
+                number_of_bytes: 32,
+            })
+            .await
+            .expect("random")
+            .into_inner();
+        secrets.push(random.random_bytes.to_vec());
+    }
+    let batch = crypto
+        .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+            key_id: key.clone(),
+            entries: (0..20)
+                .map(|_| pb::BatchGenerateDataKeyEntry {
+                    encryption_context: context.clone(),
+                    length: Some(pb::batch_generate_data_key_entry::Length::KeySpec(
+                        pb::DataKeySpec::Aes256 as i32,
+                    )),
+                })
+                .collect(),
+        })
+        .await
+        .expect("batch data keys")
+        .into_inner();
+    for result in batch.results {
+        if let Some(pb::batch_generate_data_key_result::Outcome::Result(dk)) = result.outcome {
+            secrets.push(dk.plaintext.to_vec());
+        }
+    }
+    assert!(secrets.len() >= 60, "{}", secrets.len());
+
+    let (ok, export, stderr) = run_cli(&server.endpoint(), &["audit", "export"], b"");
+    assert!(ok, "{stderr}");
+    // A graceful shutdown waits for open connections: close ours and keep
+    // the runtime free to do so while the server exits.
+    drop((keys, crypto));
+    let mut server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.terminate();
+        server
+    })
+    .await
+    .expect("terminate");
+    let stdout = server.take_stdout_rest();
+    let log = std::fs::read(&log_file).expect("log");
+    assert!(
+        log.len() > 1000,
+        "the server logged almost nothing at debug level: is the filter applied?"
+    );
+
+    let mut haystacks = vec![
+        ("server log (debug)".to_owned(), log),
+        ("server stdout".to_owned(), stdout),
+        ("audit export".to_owned(), export),
+        ("CLI stderr".to_owned(), stderr.into_bytes()),
+    ];
+    let mut files = Vec::new();
+    files_under(&data.path().join("kms"), &mut files);
+    assert!(files.len() > 5, "nothing to scan?");
+    for file in files {
+        haystacks.push((
+            file.display().to_string(),
+            std::fs::read(&file).unwrap_or_default(),
+        ));
+    }
+    // The scanner itself finds a planted secret in every form.
+    for (form, needle) in encodings(&secrets[0]) {
+        let planted = [(
+            "control".to_owned(),
+            [b"..".as_slice(), &needle, b".."].concat(),
+        )];
+        assert!(!find_secrets(&planted, &secrets[..1]).is_empty(), "{form}");
+    }
+    let hits = find_secrets(&haystacks, &secrets);
+    assert!(hits.is_empty(), "secrets leaked: {hits:#?}");
+}
