@@ -46,7 +46,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut key: Option<String> = None;
     let mut acked_requests = 0u64;
 
-    for round in 0..6 {
+    for round in 0..12 {
         let server = DevServerProcess::start(data.path());
         let channel = connect(&server).await;
         let mut keys = KeyManagementClient::new(channel.clone());
@@ -126,6 +126,28 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                         }
                         requests += 1;
                         continue;
+                    }
+                    if i % 10 == 5 {
+                        // A data key: after any crash, its wrapped form must
+                        // still unwrap to exactly the key the caller got.
+                        match crypto
+                            .generate_data_key(pb::GenerateDataKeyRequest {
+                                key_id: key_id.clone(),
+                                length: Some(pb::generate_data_key_request::Length::KeySpec(
+                                    pb::DataKeySpec::Aes256 as i32,
+                                )),
+                                ..Default::default()
+                            })
+                            .await
+                        {
+                            Ok(reply) => {
+                                let reply = reply.into_inner();
+                                acked.push((reply.plaintext.to_vec(), reply.ciphertext_blob));
+                                requests += 1;
+                                continue;
+                            }
+                            Err(_) => break,
+                        }
                     }
                     let plaintext = format!("round {round} message {i}").into_bytes();
                     match crypto
