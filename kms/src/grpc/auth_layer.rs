@@ -118,11 +118,11 @@ where
     }
 }
 
-fn refuse<R: Default, E>(
+fn refuse<R, E>(
     status: Status,
 ) -> Pin<Box<dyn Future<Output = Result<http::Response<R>, E>> + Send>>
 where
-    R: Send + 'static,
+    R: Default + Send + 'static,
     E: Send + 'static,
 {
     let response = status.into_http::<R>();
