@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing kms needs on Debian 12, if missing:
 # SoftHSM2 (the HSM in every test and in dev mode), clang/libclang (RocksDB's
-# bindings), OpenSC's pkcs11-tool (operator convenience), and the Python gRPC
+# bindings), OpenSC's pkcs11-tool (operator convenience), openssl (the TLS
+# walkthrough's demo certificates), and the Python gRPC
 # packages one test uses as an independent gRPC client, and Python cryptography
 # for the envelope format's independent check. Idempotent and quiet
 # when everything is present.
@@ -13,6 +14,7 @@ command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 

@@ -10,6 +10,7 @@ mod keys;
 mod reflection;
 mod restart;
 mod secrets;
+mod tls_walkthrough;
 
 use std::collections::HashMap;
 

@@ -144,9 +144,22 @@ impl std::error::Error for RpcError {}
 
 impl From<tonic::Status> for RpcError {
     fn from(status: tonic::Status) -> Self {
+        // A transport failure says only "transport error"; its cause (e.g. a
+        // TLS alert such as CertificateRequired or UnknownCA) is what the
+        // user needs, so append the chain of sources.
+        let mut message = status.message().to_owned();
+        let mut source = std::error::Error::source(&status);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
         RpcError {
             code: status.code(),
-            message: status.message().to_owned(),
+            message,
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use kms_storage::{Grant, KeyPolicy, KeyRecord, Permission};
 
-use super::{KmsService, RequestMeta, ensure_usable, now_ms};
+use super::{AuditFields, KmsService, RequestMeta, ensure_usable, now_ms};
 use crate::auth::is_valid_principal;
 use crate::encryption_context::EncryptionContext;
 use crate::error::{KmsError, Result};
@@ -44,11 +44,14 @@ impl KmsService {
     pub(crate) fn resolve_for_use(
         &self,
         meta: &RequestMeta,
+        audit: &mut AuditFields,
         key: &str,
         permission: Permission,
         context: &EncryptionContext,
     ) -> Result<KeyRecord> {
         let record = self.resolve(key)?;
+        // A denial is recorded under the canonical key id, not the alias.
+        audit.key(&record.id, None);
         self.authorize(meta, &record, permission, Some(context))?;
         ensure_usable(&record)?;
         Ok(record)
@@ -58,10 +61,12 @@ impl KmsService {
     pub(crate) fn resolve_for(
         &self,
         meta: &RequestMeta,
+        audit: &mut AuditFields,
         key: &str,
         permission: Permission,
     ) -> Result<KeyRecord> {
         let record = self.resolve(key)?;
+        audit.key(&record.id, None);
         self.authorize(meta, &record, permission, None)?;
         Ok(record)
     }
@@ -93,7 +98,7 @@ impl KmsService {
     /// The key's policy, and whether it is the service default (the key has none).
     pub fn get_key_policy(&self, meta: &RequestMeta, key: &str) -> Result<(KeyPolicy, bool)> {
         self.audited(meta, "GetKeyPolicy", Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Describe)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, None);
             Ok(match record.policy {
                 Some(policy) => (policy, false),

@@ -122,7 +122,7 @@ impl KmsService {
                     ),
                 ));
             }
-            let record = self.resolve_for_use(meta, key, Permission::Encrypt, &context)?;
+            let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, &context)?;
             self.encrypt_under(audit, &record, plaintext, &context)
         })
     }
@@ -267,7 +267,8 @@ impl KmsService {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             let len = size.len()?;
-            let record = self.resolve_for_use(meta, key, Permission::GenerateDataKey, &context)?;
+            let record =
+                self.resolve_for_use(meta, audit, key, Permission::GenerateDataKey, &context)?;
             let data_key = self.hsm.random(len)?;
             let encrypted = self.encrypt_under(audit, &record, &data_key, &context)?;
             Ok(DataKey {
@@ -292,8 +293,10 @@ impl KmsService {
             let destination_context = self.context(destination_context)?;
             // The destination first: a caller who may not write there never
             // gets the source decrypted.
+            // (The record names the source key; the destination is in the reply.)
             let destination = self.resolve_for_use(
                 meta,
+                &mut AuditFields::default(),
                 destination_key,
                 Permission::ReEncryptTo,
                 &destination_context,
@@ -399,6 +402,7 @@ impl KmsService {
             }
             let record = record.as_ref().map_err(KmsError::clone)?;
             // Per item: grants may require entries of each item's own context.
+            audit.key(&record.id, None);
             self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
             super::ensure_usable(record)?;
             self.encrypt_under(audit, record, &item.plaintext, &context)
@@ -448,6 +452,7 @@ impl KmsService {
                 audit.context_digest = Some(context_digest(&context));
                 let len = item.size.len()?;
                 let record = record.as_ref().map_err(KmsError::clone)?;
+                audit.key(&record.id, None);
                 self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
                 super::ensure_usable(record)?;
                 let data_key = self.hsm.random(len)?;

@@ -205,7 +205,7 @@ impl KmsService {
 
     pub fn describe_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
         self.audited(meta, "DescribeKey", Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Describe)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             self.key_view(&record.id)
         })
@@ -246,7 +246,7 @@ impl KmsService {
         change: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Manage)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
             audit.key(&record.id, record.primary_version);
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
@@ -374,7 +374,7 @@ impl KmsService {
     /// Makes a new version primary. Older versions keep decrypting.
     pub fn rotate_key(&self, meta: &RequestMeta, key: &str) -> Result<VersionRecord> {
         self.audited(meta, "RotateKey", Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Rotate)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Rotate)?;
             audit.key(&record.id, None);
             let version = self.rotate_locked(&record.id, None)?;
             audit.key(&record.id, Some(version.version));
@@ -467,7 +467,7 @@ impl KmsService {
         key: &str,
     ) -> Result<(KeyRecord, Vec<VersionRecord>)> {
         self.audited(meta, "ListKeyVersions", Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Describe)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             let versions = self.storage.catalogue().list_versions(&record.id)?;
             Ok((record, versions))
@@ -483,7 +483,7 @@ impl KmsService {
         change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
     ) -> Result<VersionRecord> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve_for(meta, key, Permission::Manage)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
             audit.key(&record.id, Some(version));
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
@@ -586,7 +586,7 @@ impl KmsService {
     ) -> Result<AliasEntry> {
         self.audited(meta, operation, Some(key), |audit| {
             let alias = parse_alias(alias)?;
-            let record = self.resolve_for(meta, key, Permission::Manage)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
             audit.key(&record.id, None);
             // Moving an alias also takes it away from its current key: whoever
             // may not manage that key must not redirect its callers.
@@ -637,7 +637,7 @@ impl KmsService {
         self.audited(meta, "ListAliases", key, |audit| {
             let id = match key {
                 Some(k) if !k.is_empty() => {
-                    let record = self.resolve_for(meta, k, Permission::Describe)?;
+                    let record = self.resolve_for(meta, audit, k, Permission::Describe)?;
                     audit.key(&record.id, None);
                     Some(record.id)
                 }
