@@ -65,6 +65,39 @@ pub struct Metrics {
     audit_batches: Counter,
     audit_batch_writes: Counter,
     audit_commit_micros: Counter,
+    /// Method paths that get their own label; anything else is "other", so a
+    /// client sending made-up paths cannot grow the label set without bound.
+    known_rpcs: std::collections::HashSet<String>,
+}
+
+/// "/package.Service/Method" of every method in our descriptor sets (the
+/// kms.v1 API and grpc.health.v1), plus the reflection streams.
+fn known_rpcs() -> std::collections::HashSet<String> {
+    use prost::Message as _;
+    let mut known = std::collections::HashSet::new();
+    for set in [
+        kms_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let name = service.name.unwrap_or_default();
+                for method in service.method {
+                    known.insert(format!(
+                        "/{package}.{name}/{}",
+                        method.name.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    known.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned());
+    known.insert("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_owned());
+    known
 }
 
 /// Advances a counter to a sampled monotonic total.
@@ -165,10 +198,16 @@ impl Metrics {
             audit_batches,
             audit_batch_writes,
             audit_commit_micros,
+            known_rpcs: known_rpcs(),
         }
     }
 
     fn observe(&self, rpc: &str, code: &str, seconds: f64) {
+        let rpc = if self.known_rpcs.contains(rpc) {
+            rpc
+        } else {
+            "other"
+        };
         self.requests
             .get_or_create(&RpcCodeLabels {
                 rpc: rpc.to_owned(),
@@ -359,5 +398,33 @@ impl CodeName for tonic::Code {
             tonic::Code::DataLoss => "DATA_LOSS",
             tonic::Code::Unauthenticated => "UNAUTHENTICATED",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_real_methods_get_their_own_label() {
+        let known = known_rpcs();
+        for path in [
+            "/kms.v1.Crypto/Encrypt",
+            "/kms.v1.KeyManagement/PutKeyPolicy",
+            "/kms.v1.Audit/VerifyAuditLog",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(known.contains(path), "{path}");
+        }
+        assert!(!known.contains("/kms.v1.Crypto/MadeUp"));
+        let metrics = Metrics::new();
+        for i in 0..100 {
+            metrics.observe(&format!("/x.Y/Z{i}"), "UNIMPLEMENTED", 0.001);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
+        assert!(!text.contains("/x.Y/Z"), "made-up paths became labels");
+        assert!(text.contains("rpc=\"other\""), "{text}");
     }
 }

@@ -135,6 +135,18 @@ async fn secrets_never_reach_debug_logs_stdout_the_disk_or_the_audit_export_of_a
         "debug,kms=trace,kms_hsm=trace,kms_storage=trace",
         &log_file,
     );
+    // Process hardening: no core dumps (a crash must not write secrets to disk).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id()))
+        .expect("limits of the server process");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core limit line");
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
     let channel = tonic::transport::Channel::from_shared(server.endpoint())
         .expect("endpoint")
         .connect()
