@@ -64,6 +64,9 @@ pub struct Row {
     pub server_cpu_us_per_call: Option<f64>,
     /// The server's VmRSS right after the row.
     pub server_rss_kib: Option<u64>,
+    /// ops/s of every run of the row (`--repeat`); the row reports the median run.
+    #[serde(default)]
+    pub runs_items_per_sec: Vec<f64>,
 }
 
 fn us(ns: u64) -> f64 {
@@ -114,6 +117,7 @@ impl Row {
             client_cpu_us_per_call: cpu_per_call(m.client_cpu_ticks),
             server_cpu_us_per_call: m.server_cpu_ticks.and_then(cpu_per_call),
             server_rss_kib,
+            runs_items_per_sec: Vec::new(),
         }
     }
 
@@ -259,10 +263,17 @@ pub struct Settings {
     pub concurrency: Vec<usize>,
     pub batch_items: usize,
     pub tasks_per_channel: usize,
+    /// Runs per row; each row is the median run.
+    #[serde(default = "one")]
+    pub repeat: usize,
     pub server: String,
     pub build: String,
     pub data_dir_parent: Option<String>,
     pub quick: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,8 +351,8 @@ pub fn print(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{} s per row after {} s warm-up (at most {} calls), server {}, {} client tasks per HTTP/2 connection",
-        s.duration_s, s.warmup_s, s.max_calls_per_row, s.server, s.tasks_per_channel
+        "{} s per row after {} s warm-up (at most {} calls), median of {} run(s), server {}, {} client tasks per HTTP/2 connection",
+        s.duration_s, s.warmup_s, s.max_calls_per_row, s.repeat, s.server, s.tasks_per_channel
     )?;
     writeln!(out)?;
     writeln!(
@@ -523,6 +534,7 @@ mod tests {
             client_cpu_us_per_call: None,
             server_cpu_us_per_call: None,
             server_rss_kib: None,
+            runs_items_per_sec: Vec::new(),
         }
     }
 

@@ -53,12 +53,17 @@ pub struct RunArgs {
     /// Items per call of the batch rows.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Measure every row this many times and report the run with the median
+    /// ops/s (all runs' ops/s are in the JSON): steadier figures on a noisy
+    /// machine, for before/after comparisons.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Client tasks per HTTP/2 connection: c tasks share ceil(c / N) connections.
     #[arg(long, default_value_t = 8)]
     tasks_per_channel: usize,
-    /// Run only rows whose name contains one of these (comma separated,
-    /// case-insensitive). The baselines still run for the ratio columns
-    /// unless --no-baselines.
+    /// Run only rows whose name starts with one of these (comma separated,
+    /// case-insensitive; e.g. "Encrypt 32B,Batch,grpc-noop"). The baselines
+    /// still run for the ratio columns unless --no-baselines.
     #[arg(long, value_delimiter = ',')]
     filter: Vec<String>,
     /// Do not add the hsm-raw and grpc-noop rows that --filter left out.
@@ -124,6 +129,7 @@ struct Plan {
     with_baselines: bool,
     batch: usize,
     tasks_per_channel: usize,
+    repeat: usize,
 }
 
 impl Plan {
@@ -157,6 +163,10 @@ impl Plan {
             args.tasks_per_channel > 0,
             "--tasks-per-channel must be positive"
         );
+        anyhow::ensure!(
+            (1..=100).contains(&args.repeat),
+            "--repeat must be 1 to 100"
+        );
         let largest = concurrency.iter().copied().max().unwrap_or(1);
         let unsynced_concurrency = args.unsynced_concurrency.unwrap_or(
             if concurrency.contains(&crate::report::TARGET_CONCURRENCY) {
@@ -183,6 +193,7 @@ impl Plan {
             with_baselines: false,
             batch: args.batch,
             tasks_per_channel: args.tasks_per_channel,
+            repeat: args.repeat,
         };
         let any_service = Workload::service_rows()
             .iter()
@@ -191,9 +202,11 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Prefix match: "Encrypt" selects the Encrypt rows, not ReEncrypt,
+    /// BatchEncrypt or "hsm-raw encrypt".
     fn selected(&self, name: &str) -> bool {
         let name = name.to_lowercase();
-        self.filter.is_empty() || self.filter.iter().any(|f| name.contains(f.as_str()))
+        self.filter.is_empty() || self.filter.iter().any(|f| name.starts_with(f.as_str()))
     }
 
     fn baseline_selected(&self, name: &str) -> bool {
@@ -280,7 +293,25 @@ impl Session {
         })
     }
 
+    /// `plan.repeat` runs of a row; the median one, with every run's ops/s.
     async fn measure(
+        &self,
+        plan: &Plan,
+        workload: Workload,
+        concurrency: usize,
+        audit: Audit,
+    ) -> anyhow::Result<Row> {
+        let mut runs = Vec::with_capacity(plan.repeat);
+        for _ in 0..plan.repeat {
+            runs.push(
+                self.measure_once(plan, workload, concurrency, audit)
+                    .await?,
+            );
+        }
+        median(runs)
+    }
+
+    async fn measure_once(
         &self,
         plan: &Plan,
         workload: Workload,
@@ -310,6 +341,24 @@ impl Session {
             self.server.rss(),
         ))
     }
+}
+
+/// The run with the median ops/s, carrying every run's ops/s and the
+/// failures of all runs (a failure in any run must not hide).
+fn median(mut runs: Vec<Row>) -> anyhow::Result<Row> {
+    let all: Vec<f64> = runs.iter().map(|r| r.items_per_sec).collect();
+    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    let first_error = runs.iter().find_map(|r| r.first_error.clone());
+    runs.sort_by(|a, b| a.items_per_sec.total_cmp(&b.items_per_sec));
+    let middle = runs.len() / 2;
+    let mut row = runs
+        .into_iter()
+        .nth(middle)
+        .context("a row needs at least one run")?;
+    row.errors = errors;
+    row.first_error = first_error;
+    row.runs_items_per_sec = all;
+    Ok(row)
 }
 
 fn progress(row: &Row) {
@@ -352,17 +401,26 @@ fn hsm_raw_rows(
     drop(pin);
     for (op, name) in wanted {
         for &threads in &plan.concurrency {
-            let m = drive_threads(
-                threads,
-                &plan.limits,
-                probe,
-                |i| {
-                    let index = u32::try_from(i).context("thread index")?;
-                    Ok(baseline.worker(op, index, SMALL)?)
-                },
-                |worker| worker.call().map(|()| 1).map_err(|e| e.to_string()),
-            )?;
-            let row = Row::new(name.to_owned(), Kind::HsmRaw, None, threads, 1, &m, None);
+            let mut runs = Vec::with_capacity(plan.repeat);
+            for _ in 0..plan.repeat {
+                let m = drive_threads(
+                    threads,
+                    &plan.limits,
+                    probe,
+                    |_| Ok(baseline.worker(op, SMALL)?),
+                    |worker| worker.call().map(|()| 1).map_err(|e| e.to_string()),
+                )?;
+                runs.push(Row::new(
+                    name.to_owned(),
+                    Kind::HsmRaw,
+                    None,
+                    threads,
+                    1,
+                    &m,
+                    None,
+                ));
+            }
+            let row = median(runs)?;
             progress(&row);
             rows.push(row);
         }
@@ -485,10 +543,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 let c = plan.unsynced_concurrency;
                 for workload in compared {
                     // Back to back, so that the machine's drift hits both alike.
-                    let on = session.measure(&plan, workload, c, Audit::Synced).await?;
-                    let off = unsynced
-                        .measure(&plan, workload, c, Audit::Unsynced)
-                        .await?;
+                    let (mut on, mut off) = (Vec::new(), Vec::new());
+                    for _ in 0..plan.repeat {
+                        on.push(
+                            session
+                                .measure_once(&plan, workload, c, Audit::Synced)
+                                .await?,
+                        );
+                        off.push(
+                            unsynced
+                                .measure_once(&plan, workload, c, Audit::Unsynced)
+                                .await?,
+                        );
+                    }
+                    let (on, off) = (median(on)?, median(off)?);
                     progress(&off);
                     pairs.push(SyncPair {
                         name: on.name.clone(),
@@ -528,6 +596,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             concurrency: plan.concurrency.clone(),
             batch_items: plan.batch,
             tasks_per_channel: plan.tasks_per_channel,
+            repeat: plan.repeat,
             server: server_label,
             build: build_profile().into(),
             data_dir_parent: args
@@ -563,4 +632,64 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         failed.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(ops: f64, errors: u64) -> Row {
+        let mut row = Row::new(
+            "Encrypt 32B".into(),
+            Kind::Service,
+            Some(Audit::Synced),
+            8,
+            1,
+            &crate::load::Measurement {
+                calls: 1,
+                items: 1,
+                elapsed: Duration::from_secs(1),
+                latency: hdrhistogram::Histogram::new(3).expect("histogram"),
+                errors,
+                first_error: (errors > 0).then(|| "boom".to_owned()),
+                client_cpu_ticks: 0,
+                server_cpu_ticks: None,
+            },
+            None,
+        );
+        row.items_per_sec = ops;
+        row
+    }
+
+    #[test]
+    fn median_run_keeps_every_runs_ops_and_every_failure() {
+        let row = median(vec![
+            run_with(300.0, 0),
+            run_with(100.0, 2),
+            run_with(200.0, 0),
+        ])
+        .expect("median");
+        assert_eq!(row.items_per_sec, 200.0);
+        assert_eq!(row.runs_items_per_sec, [300.0, 100.0, 200.0]);
+        assert_eq!(row.errors, 2);
+        assert_eq!(row.first_error.as_deref(), Some("boom"));
+        assert!(median(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn filter_selects_by_prefix() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["run", "--filter", "Encrypt 32B,batch"]);
+        let plan = Plan::new(&cli.expect("args").run).expect("plan");
+        assert!(plan.selected("Encrypt 32B"));
+        assert!(plan.selected("BatchDecrypt 100x32B"));
+        assert!(!plan.selected("ReEncrypt 32B"));
+        assert!(!plan.selected("hsm-raw encrypt 32B"));
+        assert!(plan.with_baselines);
+        assert!(plan.baseline_selected(GRPC_NOOP));
+    }
 }

@@ -16,6 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
@@ -49,6 +50,9 @@ pub struct Baseline {
     anchor: Mutex<Session>,
     key: ObjectHandle,
     id: ObjectId,
+    /// Numbers the workers: the first 4 bytes of their GCM IVs, so that no
+    /// two workers of this key ever use the same IV.
+    next_worker: AtomicU32,
 }
 
 impl Baseline {
@@ -82,6 +86,7 @@ impl Baseline {
             anchor: Mutex::new(anchor),
             key,
             id,
+            next_worker: AtomicU32::new(0),
         })
     }
 
@@ -90,14 +95,9 @@ impl Baseline {
         &self.id
     }
 
-    /// A worker with its own session. `index` distinguishes the IVs of
-    /// concurrent encrypting workers (a GCM IV must never repeat under a key).
-    pub fn worker(
-        &self,
-        op: BaselineOp,
-        index: u32,
-        plaintext_len: usize,
-    ) -> Result<BaselineWorker<'_>> {
+    /// A worker with its own session.
+    pub fn worker(&self, op: BaselineOp, plaintext_len: usize) -> Result<BaselineWorker<'_>> {
+        let index = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let state = self.module.read();
         let session = state
             .context()?
@@ -208,7 +208,7 @@ mod tests {
         let baseline =
             Baseline::open(token.module_path(), token.label(), &pin).expect("open baseline");
         for op in [BaselineOp::Encrypt, BaselineOp::Decrypt] {
-            let mut worker = baseline.worker(op, 1, 32).expect("worker");
+            let mut worker = baseline.worker(op, 32).expect("worker");
             for _ in 0..3 {
                 worker.call().expect("call");
             }
