@@ -9,7 +9,7 @@ use kms_proto::v1::crypto_server::Crypto;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{blocking, request_meta, respond};
+use super::{blocking, key_use, request_meta, respond};
 use crate::error::KmsError;
 use crate::service::{
     DataKey, DataKeyItem, DataKeySize, DecryptItem, EncryptItem, Encrypted, KmsService,
@@ -92,8 +92,8 @@ impl Crypto for CryptoApi {
         let req = request.into_inner();
         let plaintext = Zeroizing::new(req.plaintext);
         let m = meta.clone();
-        let encrypted = blocking(&self.service, move |s| {
-            s.encrypt(&m, &req.key_id, &plaintext, req.encryption_context)
+        let encrypted = key_use(&self.service, move |s| {
+            s.encrypt_deferred(&m, &req.key_id, &plaintext, req.encryption_context)
         })
         .await?;
         Ok(respond(encrypt_response(encrypted), &meta))
@@ -103,9 +103,9 @@ impl Crypto for CryptoApi {
         let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
-        let decrypted = blocking(&self.service, move |s| {
+        let decrypted = key_use(&self.service, move |s| {
             let key = (!req.key_id.is_empty()).then_some(req.key_id.as_str());
-            s.decrypt(&m, &req.ciphertext_blob, req.encryption_context, key)
+            s.decrypt_deferred(&m, &req.ciphertext_blob, req.encryption_context, key)
         })
         .await?;
         Ok(respond(
@@ -125,13 +125,13 @@ impl Crypto for CryptoApi {
         let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
-        let data_key = blocking(&self.service, move |s| {
+        let data_key = key_use(&self.service, move |s| {
             let size = gdk_length(req.length);
             let size = match size {
                 Ok(size) => size,
-                Err(e) => return s.refuse(&m, "GenerateDataKey", &req.key_id, e),
+                Err(e) => return s.refuse_deferred(&m, "GenerateDataKey", &req.key_id, e),
             };
-            s.generate_data_key(&m, &req.key_id, size, req.encryption_context, true)
+            s.generate_data_key_deferred(&m, &req.key_id, size, req.encryption_context, true)
         })
         .await?;
         Ok(respond(data_key_response(data_key), &meta))
@@ -145,7 +145,7 @@ impl Crypto for CryptoApi {
         let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
-        let data_key = blocking(&self.service, move |s| {
+        let data_key = key_use(&self.service, move |s| {
             let size = match req.length {
                 Some(Length::KeySpec(spec)) => data_key_size(Some(spec), None),
                 Some(Length::NumberOfBytes(n)) => data_key_size(None, Some(n)),
@@ -153,9 +153,16 @@ impl Crypto for CryptoApi {
             };
             let size = match size {
                 Ok(size) => size,
-                Err(e) => return s.refuse(&m, "GenerateDataKeyWithoutPlaintext", &req.key_id, e),
+                Err(e) => {
+                    return s.refuse_deferred(
+                        &m,
+                        "GenerateDataKeyWithoutPlaintext",
+                        &req.key_id,
+                        e,
+                    );
+                }
             };
-            s.generate_data_key(&m, &req.key_id, size, req.encryption_context, false)
+            s.generate_data_key_deferred(&m, &req.key_id, size, req.encryption_context, false)
         })
         .await?;
         Ok(respond(
@@ -175,9 +182,9 @@ impl Crypto for CryptoApi {
         let meta = request_meta(&request)?;
         let req = request.into_inner();
         let m = meta.clone();
-        let result = blocking(&self.service, move |s| {
+        let result = key_use(&self.service, move |s| {
             let source = (!req.source_key_id.is_empty()).then_some(req.source_key_id.as_str());
-            s.re_encrypt(
+            s.re_encrypt_deferred(
                 &m,
                 &req.ciphertext_blob,
                 req.source_encryption_context,

@@ -14,7 +14,7 @@ use kms_storage::{KeyId, KeyRecord, Permission, VersionState};
 use zeroize::Zeroizing;
 
 use super::keys::version_unusable;
-use super::{AuditFields, KmsService, RequestMeta, kek_object_id};
+use super::{AuditFields, Deferred, KmsService, RequestMeta, kek_object_id};
 use crate::encryption_context::{EncryptionContext, context_digest};
 use crate::envelope::{self, Algorithm, Header};
 use crate::error::{KmsError, Result};
@@ -110,7 +110,17 @@ impl KmsService {
         plaintext: &[u8],
         context: HashMap<String, String>,
     ) -> Result<Encrypted> {
-        self.audited(meta, "Encrypt", Some(key), |audit| {
+        self.finish(self.encrypt_deferred(meta, key, plaintext, context))
+    }
+
+    pub fn encrypt_deferred(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        plaintext: &[u8],
+        context: HashMap<String, String>,
+    ) -> Deferred<Encrypted> {
+        self.deferred(meta, "Encrypt", Some(key), |audit| {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             if plaintext.is_empty() || plaintext.len() > self.limits.max_plaintext_bytes {
@@ -178,8 +188,18 @@ impl KmsService {
         context: HashMap<String, String>,
         expected_key: Option<&str>,
     ) -> Result<Decrypted> {
+        self.finish(self.decrypt_deferred(meta, blob, context, expected_key))
+    }
+
+    pub fn decrypt_deferred(
+        &self,
+        meta: &RequestMeta,
+        blob: &[u8],
+        context: HashMap<String, String>,
+        expected_key: Option<&str>,
+    ) -> Deferred<Decrypted> {
         // The audit names the key inside the blob once it parses.
-        self.audited(meta, "Decrypt", expected_key, |audit| {
+        self.deferred(meta, "Decrypt", expected_key, |audit| {
             self.decrypt_inner(
                 meta,
                 Permission::Decrypt,
@@ -258,12 +278,23 @@ impl KmsService {
         context: HashMap<String, String>,
         with_plaintext: bool,
     ) -> Result<DataKey> {
+        self.finish(self.generate_data_key_deferred(meta, key, size, context, with_plaintext))
+    }
+
+    pub fn generate_data_key_deferred(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        size: DataKeySize,
+        context: HashMap<String, String>,
+        with_plaintext: bool,
+    ) -> Deferred<DataKey> {
         let operation = if with_plaintext {
             "GenerateDataKey"
         } else {
             "GenerateDataKeyWithoutPlaintext"
         };
-        self.audited(meta, operation, Some(key), |audit| {
+        self.deferred(meta, operation, Some(key), |audit| {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             let len = size.len()?;
@@ -289,7 +320,26 @@ impl KmsService {
         destination_key: &str,
         destination_context: HashMap<String, String>,
     ) -> Result<ReEncrypted> {
-        self.audited(meta, "ReEncrypt", source_key, |audit| {
+        self.finish(self.re_encrypt_deferred(
+            meta,
+            blob,
+            source_context,
+            source_key,
+            destination_key,
+            destination_context,
+        ))
+    }
+
+    pub fn re_encrypt_deferred(
+        &self,
+        meta: &RequestMeta,
+        blob: &[u8],
+        source_context: HashMap<String, String>,
+        source_key: Option<&str>,
+        destination_key: &str,
+        destination_context: HashMap<String, String>,
+    ) -> Deferred<ReEncrypted> {
+        self.deferred(meta, "ReEncrypt", source_key, |audit| {
             let destination_context = self.context(destination_context)?;
             // The destination first: a caller who may not write there never
             // gets the source decrypted.

@@ -74,6 +74,23 @@ impl AuditFields {
     }
 }
 
+/// The outcome of an operation whose audit record is not durable yet. The
+/// result (possibly plaintext) is released only by `finish`/`finish_async`.
+#[derive(Debug)]
+pub struct Deferred<T> {
+    result: Result<T>,
+    event: AuditEvent,
+    operation: &'static str,
+}
+
+/// Fail closed: whatever the operation produced (possibly plaintext,
+/// zeroized on drop) is withheld when its audit record is not durable.
+fn withhold<T>(result: Result<T>, operation: &str, error: &kms_storage::StorageError) -> Result<T> {
+    tracing::error!(%error, operation, "audit record not durable; failing the request");
+    drop(result);
+    Err(KmsError::AuditUnavailable)
+}
+
 /// The CKA_ID of the HMAC key that MACs audit checkpoints.
 pub const AUDIT_MAC_KEY_ID: &[u8] = b"kms-audit-hmac/v1";
 
@@ -168,16 +185,59 @@ impl KmsService {
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
     ) -> Result<T> {
+        self.finish(self.deferred(meta, operation, named_key, work))
+    }
+
+    /// Runs `work` and builds its audit record, without writing it yet: the
+    /// result must go through [`KmsService::finish`] or
+    /// [`KmsService::finish_async`] before anyone sees it.
+    pub(crate) fn deferred<T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        named_key: Option<&str>,
+        work: impl FnOnce(&mut AuditFields) -> Result<T>,
+    ) -> Deferred<T> {
         let (result, event) = self.recorded(meta, operation, named_key, work);
+        Deferred {
+            result,
+            event,
+            operation,
+        }
+    }
+
+    /// Makes the audit record durable (blocking), then releases the result.
+    pub fn finish<T>(&self, deferred: Deferred<T>) -> Result<T> {
+        let Deferred {
+            result,
+            event,
+            operation,
+        } = deferred;
         match self.audit_log.append(event) {
             Ok(_) => result,
-            Err(e) => {
-                // Fail closed: whatever `work` produced (possibly plaintext,
-                // zeroized on drop) is withheld.
-                tracing::error!(error = %e, operation, "audit record not durable; failing the request");
-                drop(result);
-                Err(KmsError::AuditUnavailable)
-            }
+            Err(e) => withhold(result, operation, &e),
+        }
+    }
+
+    /// Like [`KmsService::finish`], but waits for the group commit without
+    /// holding a thread: the writer thread wakes this task when the record
+    /// is durable.
+    pub async fn finish_async<T>(&self, deferred: Deferred<T>) -> Result<T> {
+        let Deferred {
+            result,
+            event,
+            operation,
+        } = deferred;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.audit_log.submit_with_callback(event, move |outcome| {
+            let _ = tx.send(outcome);
+        }) {
+            return withhold(result, operation, &e);
+        }
+        match rx.await {
+            Ok(Ok(_)) => result,
+            Ok(Err(e)) => withhold(result, operation, &e),
+            Err(_) => withhold(result, operation, &kms_storage::StorageError::AuditClosed),
         }
     }
 
@@ -373,5 +433,16 @@ impl KmsService {
         error: KmsError,
     ) -> Result<T> {
         self.audited(meta, operation, Some(key), |_| Err(error))
+    }
+
+    /// `refuse` for the deferred (async-audited) path.
+    pub fn refuse_deferred<T>(
+        &self,
+        meta: &RequestMeta,
+        operation: &'static str,
+        key: &str,
+        error: KmsError,
+    ) -> Deferred<T> {
+        self.deferred(meta, operation, Some(key), |_| Err(error))
     }
 }
