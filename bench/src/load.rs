@@ -4,8 +4,8 @@
 //!
 //! A row runs a warm-up (calls made, not counted), then measures until the
 //! duration is over or `max_calls` calls are counted, whichever comes first.
-//! A call counts when it started after the warm-up and finished before the
-//! end; latency is recorded per call in nanoseconds in an HDR histogram
+//! A call counts when it started after the warm-up and before the end (the
+//! window then stretches to the end of the last counted call); latency is recorded per call in nanoseconds in an HDR histogram
 //! (3 significant digits). Everything is bounded: no row runs past its deadline
 //! plus the time one in-flight call takes to return.
 
@@ -66,6 +66,11 @@ struct Window {
     counted: AtomicU64,
     stopped_at: OnceLock<Instant>,
     stopping: AtomicBool,
+    /// End of the latest counted call, in ns after `warmup_end`: a call
+    /// started before the deadline counts even if it ends after it (a slow
+    /// batch call on a loaded machine must not leave a row with no calls),
+    /// and the window then stretches to its end.
+    last_end_ns: AtomicU64,
 }
 
 impl Window {
@@ -78,6 +83,7 @@ impl Window {
             counted: AtomicU64::new(0),
             stopped_at: OnceLock::new(),
             stopping: AtomicBool::new(false),
+            last_end_ns: AtomicU64::new(0),
         }
     }
 
@@ -87,9 +93,12 @@ impl Window {
 
     /// Whether a call that ran from `start` to `end` counts.
     fn counts(&self, start: Instant, end: Instant) -> bool {
-        if start < self.warmup_end || end > self.deadline {
+        if start < self.warmup_end || start >= self.deadline {
             return false;
         }
+        let end_ns = u64::try_from(end.saturating_duration_since(self.warmup_end).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.last_end_ns.fetch_max(end_ns, Ordering::Relaxed);
         let before = self.counted.fetch_add(1, Ordering::Relaxed);
         if before >= self.max_calls {
             return false;
@@ -102,11 +111,18 @@ impl Window {
     }
 
     fn elapsed(&self) -> Duration {
-        self.stopped_at
+        let window = self
+            .stopped_at
             .get()
             .copied()
             .unwrap_or(self.deadline)
-            .saturating_duration_since(self.warmup_end)
+            .saturating_duration_since(self.warmup_end);
+        if self.stopped_at.get().is_some() {
+            return window;
+        }
+        window.max(Duration::from_nanos(
+            self.last_end_ns.load(Ordering::Relaxed),
+        ))
     }
 }
 
