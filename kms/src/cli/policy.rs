@@ -242,7 +242,7 @@ fn show(key: &str, policy: &pb::KeyPolicy, options: &ClientOptions) -> anyhow::R
     }
     if policy.grants.is_empty() {
         return output::emit(&format!(
-            "{} has no policy of its own: the service's default policy applies.",
+            "{} has no policy of its own: the service's default policy applies.\n",
             output::sanitize(key)
         ));
     }
