@@ -86,6 +86,24 @@ fn audited_encrypt_successes(server: &TestServer) -> u64 {
         .count() as u64
 }
 
+/// Every `stride`-th acknowledged blob decrypts to its exact plaintext.
+async fn check_acknowledged(server: &TestServer, tally: &Tally, stride: usize) {
+    let acknowledged = std::mem::take(&mut *tally.acknowledged.lock());
+    let mut crypto = server.crypto();
+    for (plaintext, blob) in acknowledged.iter().step_by(stride) {
+        let opened = crypto
+            .decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.clone(),
+                encryption_context: ctx(&[("client", "load")]),
+                key_id: String::new(),
+            })
+            .await
+            .expect("an acknowledged blob decrypts")
+            .into_inner();
+        assert_eq!(&opened.plaintext, plaintext);
+    }
+}
+
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -183,20 +201,7 @@ async fn the_token_vanishing_under_load_fails_closed_and_recovers_without_a_rest
         tally.ok.load(Ordering::Relaxed)
     );
     // Everything acknowledged decrypts.
-    let acknowledged = std::mem::take(&mut *tally.acknowledged.lock());
-    let mut crypto = server.crypto();
-    for (plaintext, blob) in acknowledged.iter().step_by(7) {
-        let opened = crypto
-            .decrypt(pb::DecryptRequest {
-                ciphertext_blob: blob.clone(),
-                encryption_context: ctx(&[("client", "load")]),
-                key_id: String::new(),
-            })
-            .await
-            .expect("acknowledged blob decrypts")
-            .into_inner();
-        assert_eq!(&opened.plaintext, plaintext);
-    }
+    check_acknowledged(&server, &tally, 7).await;
     let report = server.service().verify_chain(None).expect("verify");
     assert!(report.is_ok(), "{report:?}");
     server.stop().await;
@@ -301,20 +306,7 @@ async fn a_full_audit_filesystem_fails_every_key_use_and_loses_nothing_acknowled
         audited >= acknowledged,
         "{acknowledged} acknowledged, {audited} audited"
     );
-    let blobs = std::mem::take(&mut *tally.acknowledged.lock());
-    let mut crypto = server.crypto();
-    for (plaintext, blob) in blobs.iter().step_by(11) {
-        let opened = crypto
-            .decrypt(pb::DecryptRequest {
-                ciphertext_blob: blob.clone(),
-                encryption_context: ctx(&[("client", "load")]),
-                key_id: String::new(),
-            })
-            .await
-            .expect("acknowledged blob decrypts after restart")
-            .into_inner();
-        assert_eq!(&opened.plaintext, plaintext);
-    }
+    check_acknowledged(&server, &tally, 11).await;
     server.stop().await;
     drop(fs);
 }

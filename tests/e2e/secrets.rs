@@ -154,22 +154,17 @@ async fn secrets_never_reach_debug_logs_stdout_the_disk_or_the_audit_export_of_a
         .expect("connect");
     let mut keys = kms_proto::v1::key_management_client::KeyManagementClient::new(channel.clone());
     let mut crypto = kms_proto::v1::crypto_client::CryptoClient::new(channel);
-    let key = keys
-        .create_key(pb::CreateKeyRequest::default())
-        .await
-        .expect("create")
-        .into_inner()
-        .key_metadata
-        .expect("metadata")
-        .key_id;
-    let other = keys
-        .create_key(pb::CreateKeyRequest::default())
-        .await
-        .expect("create")
-        .into_inner()
-        .key_metadata
-        .expect("metadata")
-        .key_id;
+    let mut new_key = async || {
+        keys.create_key(pb::CreateKeyRequest::default())
+            .await
+            .expect("create")
+            .into_inner()
+            .key_metadata
+            .expect("metadata")
+            .key_id
+    };
+    let key = new_key().await;
+    let other = new_key().await;
 
     // Every plaintext and data key sent or received.
     let mut secrets: Vec<Vec<u8>> = Vec::new();
