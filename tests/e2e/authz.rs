@@ -582,3 +582,54 @@ async fn per_principal_rate_limits_answer_resource_exhausted() {
     let _ = key;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_connection_cap_makes_further_clients_wait_not_crash_the_server() {
+    let env = TestEnv::new();
+    let mut config = env.config();
+    config.server.max_connections = 1;
+    // The test server's own channel holds the one slot.
+    let mut server = env.start_with(config).await;
+    server
+        .crypto()
+        .generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 })
+        .await
+        .expect("the first connection is served");
+
+    // A second client is accepted by the kernel but not served while the
+    // slot is taken: its call runs into its deadline.
+    let second = Channel::from_shared(server.endpoint.clone())
+        .expect("endpoint")
+        .timeout(std::time::Duration::from_millis(500))
+        .connect_lazy();
+    let status = CryptoClient::new(second.clone())
+        .generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 })
+        .await
+        .expect_err("no free connection slot");
+    assert!(
+        matches!(
+            status.code(),
+            Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable
+        ),
+        "{status:?}"
+    );
+
+    // Once the first connection closes, a new client gets the slot.
+    drop(second);
+    let first = std::mem::replace(
+        &mut server.channel,
+        Channel::from_static("http://127.0.0.1:9").connect_lazy(),
+    );
+    drop(first);
+    let third = Channel::from_shared(server.endpoint.clone())
+        .expect("endpoint")
+        .timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect after the slot is free");
+    CryptoClient::new(third)
+        .generate_random(pb::GenerateRandomRequest { number_of_bytes: 8 })
+        .await
+        .expect("served once a slot is free");
+    server.stop().await;
+}
