@@ -12,6 +12,8 @@ set -euo pipefail
 dir=${1:-./kms-tls-demo}
 listen=${2:-127.0.0.1:7443}
 module=${KMS_SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+# The kms binary (KMS=target/debug/kms if it is not on PATH).
+kms=${KMS:-kms}
 trust_domain=example.org
 
 mkdir -p "$dir/tokens" "$dir/pki" "$dir/db"
@@ -25,11 +27,13 @@ objectstore.backend = file
 log.level = ERROR
 CONF
 export SOFTHSM2_CONF="$dir/softhsm2.conf"
-if ! softhsm2-util --show-slots 2>/dev/null | grep -q 'Label:\s*kms-demo\b'; then
+if [ ! -f "$dir/hsm.pin" ]; then
+  # PINs go to 0600 files and reach the token through `kms hsm init-token`,
+  # never through a command line (visible in ps).
   head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24 >"$dir/hsm.pin"
-  so_pin=$(head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24)
-  softhsm2-util --init-token --free --label kms-demo \
-    --pin "$(cat "$dir/hsm.pin")" --so-pin "$so_pin" >/dev/null
+  head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24 >"$dir/so.pin"
+  "$kms" hsm init-token --module "$module" --label kms-demo \
+    --pin-file "$dir/hsm.pin" --so-pin-file "$dir/so.pin"
 fi
 
 # --- the demo PKI ------------------------------------------------------------

@@ -79,6 +79,8 @@ fn the_readme_tls_walkthrough_works_as_written() {
         .arg(&script)
         .arg(&dir)
         .arg("127.0.0.1:0")
+        .env("KMS", kms_binary())
+        .env("KMS_LOG", "warn,cryptoki::mechanism=off")
         .stderr(Stdio::null())
         .status()
         .expect("run tls-demo.sh");

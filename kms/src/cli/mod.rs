@@ -16,6 +16,7 @@ mod aliases;
 mod audit;
 mod crypto;
 mod envelope;
+mod hsm;
 mod keys;
 mod output;
 mod parse;
@@ -102,6 +103,9 @@ pub enum ClientCommand {
     /// Bearer tokens for callers without client certificates.
     #[command(subcommand)]
     Token(policy::TokenCommand),
+    /// HSM provisioning that needs no server (PINs from files, never argv).
+    #[command(subcommand)]
+    Hsm(hsm::HsmCommand),
 }
 
 /// Runs one client command against the server named in `options`.
@@ -115,6 +119,7 @@ pub async fn run(command: ClientCommand, options: &ClientOptions) -> anyhow::Res
         ClientCommand::Envelope(command) => envelope::run(command, options).await,
         ClientCommand::Audit(command) => audit::run(command, options).await,
         ClientCommand::Token(command) => policy::run_token(command),
+        ClientCommand::Hsm(command) => hsm::run(command),
     }
 }
 
