@@ -95,7 +95,9 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// and waits for its audit record without holding a thread.
 ///
 /// The work itself runs on the calling executor thread: on this path it is
-/// one HSM call with a cached handle and a few catalogue reads (tens of µs),
+/// one HSM call with a cached handle and a few catalogue reads (tens of µs;
+/// once per 4096 encryptions of a key version also one synced write that
+/// reserves the next block of GCM invocation counts),
 /// cheaper than the two thread hand-offs of `spawn_blocking`, which measured
 /// as the largest cost per request. While the HSM is recovering (calls may
 /// then wait on reconnects) the work goes to a blocking thread instead.
