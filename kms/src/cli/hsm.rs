@@ -1,6 +1,6 @@
 //! `kms hsm init-token`: initializes a PKCS#11 token slot for kms with PINs
 //! read from files, so that no PIN ever appears on a command line (visible
-//! in `ps`), as it would with `softhsm2-util --init-token --pin ...`. Local:
+//! in `ps`), as it would with softhsm2-util, which takes its PINs as arguments. Local:
 //! talks to the PKCS#11 module, not to a server.
 
 use std::path::PathBuf;
