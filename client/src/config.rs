@@ -32,7 +32,7 @@ impl BearerToken {
 
     /// The `authorization` header value (marked sensitive so that http's own
     /// Debug and HPACK indexing leave it out).
-    pub(crate) fn header_value(
+    pub fn header_value(
         &self,
     ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, crate::Error> {
         let text = Zeroizing::new(format!("Bearer {}", self.0.as_str()));
@@ -166,8 +166,20 @@ impl ClientConfig {
         &self.endpoint
     }
 
-    /// The tonic endpoint these settings describe.
-    pub(crate) fn tonic_endpoint(&self) -> Result<tonic::transport::Endpoint, crate::Error> {
+    /// The `authorization` header these settings send, if any.
+    pub fn authorization_header(
+        &self,
+    ) -> Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, crate::Error> {
+        self.token
+            .as_ref()
+            .map(BearerToken::header_value)
+            .transpose()
+    }
+
+    /// The tonic endpoint these settings describe (TLS, timeouts; refuses a
+    /// token over plaintext to a non-loopback address). For callers that use
+    /// the generated clients directly, with [`ClientConfig::authorization_header`].
+    pub fn tonic_endpoint(&self) -> Result<tonic::transport::Endpoint, crate::Error> {
         use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
         let invalid = |source| crate::Error::Endpoint {
             endpoint: self.endpoint.clone(),

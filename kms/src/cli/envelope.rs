@@ -17,19 +17,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kms_client::envelope::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
-use kms_client::{
-    BearerToken, ClientConfig, ClientIdentity, EncryptionContext, Envelope, EnvelopeError,
-    KmsClient,
-};
+use kms_client::{EncryptionContext, Envelope, EnvelopeError, KmsClient};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use zeroize::Zeroizing;
 
 use super::{ClientOptions, IoArgs, parse};
 
 /// Deadline of each GenerateDataKey / Decrypt call (the data itself never
 /// travels to the server, so this does not grow with the input).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `kms envelope ...`
 #[derive(Debug, clap::Subcommand)]
@@ -115,45 +110,8 @@ fn context(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
     Ok(EncryptionContext::new(map)?)
 }
 
-/// The kms-client configuration for the global client options: endpoint, TLS
-/// (--ca-cert, --client-cert/--client-key, --tls-server-name) and the bearer
-/// token (KMS_TOKEN or --token-file).
-pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<ClientConfig> {
-    let mut config = ClientConfig::new(options.endpoint.clone())
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_call_timeout(CALL_TIMEOUT);
-    let token: Option<Zeroizing<String>> = match &options.token_file {
-        Some(path) => Some(Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --token-file {}", path.display()))?,
-        )),
-        None => std::env::var("KMS_TOKEN").ok().map(Zeroizing::new),
-    };
-    if let Some(token) = token {
-        config = config.with_bearer_token(BearerToken::new(token.trim())?);
-    }
-    if let Some(ca) = &options.ca_cert {
-        config = config.with_ca_pem(read_file(ca, "--ca-cert")?);
-    }
-    if let (Some(cert), Some(key)) = (&options.client_cert, &options.client_key) {
-        let key = Zeroizing::new(read_file(key, "--client-key")?);
-        config = config.with_client_identity(ClientIdentity::from_pem(
-            read_file(cert, "--client-cert")?,
-            key.as_slice(),
-        ));
-    }
-    if let Some(name) = &options.tls_server_name {
-        config = config.with_domain_name(name.clone());
-    }
-    Ok(config)
-}
-
-fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
-}
-
 async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
-    KmsClient::connect(client_config(options)?)
+    KmsClient::connect(super::client_config(options)?.with_call_timeout(CALL_TIMEOUT))
         .await
         .with_context(|| {
             format!(
@@ -326,7 +284,7 @@ mod tests {
             "decrypt",
         ])
         .expect("parses");
-        let config = client_config(&cli.options).expect("config");
+        let config = crate::cli::client_config(&cli.options).expect("config");
         assert_eq!(config.endpoint(), "http://127.0.0.1:9");
         let out = format!("{config:?}");
         assert!(

@@ -28,9 +28,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
@@ -224,24 +224,38 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-/// The token from KMS_TOKEN or --token-file (KMS_TOKEN_FILE), if any.
-fn bearer_token(options: &ClientOptions) -> anyhow::Result<BearerToken> {
-    let token: Option<Zeroizing<String>> = match (&options.token_file, std::env::var("KMS_TOKEN")) {
-        (Some(path), _) => Some(Zeroizing::new(
+/// The kms-client settings for the global client options: endpoint, TLS
+/// (--ca-cert, --client-cert/--client-key, --tls-server-name) and the bearer
+/// token (KMS_TOKEN or --token-file). Every command connects through these.
+pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<kms_client::ClientConfig> {
+    use kms_client::{BearerToken as Token, ClientConfig, ClientIdentity};
+    let mut config = ClientConfig::new(options.endpoint.clone())
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_call_timeout(REQUEST_TIMEOUT);
+    let token: Option<Zeroizing<String>> = match &options.token_file {
+        Some(path) => Some(Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --token-file {}", path.display()))?,
         )),
-        (None, Ok(token)) => Some(Zeroizing::new(token)),
-        (None, Err(_)) => None,
+        None => std::env::var("KMS_TOKEN").ok().map(Zeroizing::new),
     };
-    let Some(token) = token else {
-        return Ok(BearerToken(None));
-    };
-    let header = Zeroizing::new(format!("Bearer {}", token.trim()));
-    let mut value: AsciiMetadataValue = MetadataValue::try_from(header.as_str())
-        .map_err(|_| anyhow::anyhow!("the bearer token must be printable ASCII"))?;
-    value.set_sensitive(true);
-    Ok(BearerToken(Some(value)))
+    if let Some(token) = token {
+        config = config.with_bearer_token(Token::new(token.trim())?);
+    }
+    if let Some(ca) = &options.ca_cert {
+        config = config.with_ca_pem(read_pem(ca, "--ca-cert")?);
+    }
+    if let (Some(cert), Some(key)) = (&options.client_cert, &options.client_key) {
+        let key = Zeroizing::new(read_pem(key, "--client-key")?);
+        config = config.with_client_identity(ClientIdentity::from_pem(
+            read_pem(cert, "--client-cert")?,
+            key.as_slice(),
+        ));
+    }
+    if let Some(name) = &options.tls_server_name {
+        config = config.with_domain_name(name.clone());
+    }
+    Ok(config)
 }
 
 fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -250,40 +264,9 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
 
 /// Opens the HTTP/2 channel to the server. Clients of the three services share it.
 pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Connection> {
-    let token = bearer_token(options)?;
-    let mut endpoint = Endpoint::from_shared(options.endpoint.clone())
-        .with_context(|| format!("invalid --endpoint {:?}", options.endpoint))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT);
-    let https = options.endpoint.starts_with("https://");
-    if options.ca_cert.is_some() && !https {
-        anyhow::bail!("--ca-cert needs an https:// endpoint");
-    }
-    if https {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &options.ca_cert {
-            tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca, "--ca-cert")?));
-        }
-        if let (Some(cert), Some(key)) = (&options.client_cert, &options.client_key) {
-            let key = Zeroizing::new(read_pem(key, "--client-key")?);
-            tls = tls.identity(Identity::from_pem(
-                read_pem(cert, "--client-cert")?,
-                key.as_slice(),
-            ));
-        }
-        if let Some(name) = &options.tls_server_name {
-            tls = tls.domain_name(name.clone());
-        }
-        endpoint = endpoint
-            .tls_config(tls)
-            .context("invalid TLS settings (--ca-cert, --client-cert, --client-key)")?;
-    } else if token.0.is_some() && !is_loopback_endpoint(&options.endpoint) {
-        anyhow::bail!(
-            "refusing to send a bearer token over plaintext to {}: use an https:// endpoint",
-            options.endpoint
-        );
-    }
-    let channel = endpoint.connect().await.with_context(|| {
+    let config = client_config(options)?;
+    let token = BearerToken(config.authorization_header()?);
+    let channel = config.tonic_endpoint()?.connect().await.with_context(|| {
         format!(
             "cannot connect to the kms server at {} (is `kms serve` running? \
              set --endpoint or KMS_ENDPOINT)",
@@ -291,20 +274,6 @@ pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Connectio
         )
     })?;
     Ok(InterceptedService::new(channel, token))
-}
-
-fn is_loopback_endpoint(endpoint: &str) -> bool {
-    endpoint
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|uri| uri.host().map(str::to_owned))
-        .is_some_and(|host| {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        })
 }
 
 #[cfg(test)]
