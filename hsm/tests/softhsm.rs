@@ -304,6 +304,29 @@ fn random_bytes_come_from_the_token_and_sizes_are_bounded() {
 }
 
 #[test]
+fn random_many_splits_one_token_call_into_values_of_the_asked_lengths() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    let values = hsm.random_many(&[32, 16, 1, 1024, 32]).expect("random");
+    let lens: Vec<usize> = values.iter().map(|v| v.len()).collect();
+    assert_eq!(lens, [32, 16, 1, 1024, 32]);
+    // Distinct values: no slice of the pool is handed out twice.
+    assert_ne!(values[0].as_slice(), values[4].as_slice());
+    assert!(values[3].iter().any(|&b| b != 0));
+    assert!(hsm.random_many(&[]).expect("empty").is_empty());
+    for bad in [&[32, 0][..], &[1025][..]] {
+        assert!(matches!(
+            hsm.random_many(bad),
+            Err(HsmError::InvalidArgument(_))
+        ));
+    }
+    assert!(matches!(
+        hsm.random_many(&vec![1024; 1025]),
+        Err(HsmError::InvalidArgument(_))
+    ));
+}
+
+#[test]
 fn hot_path_neither_searches_the_token_nor_opens_sessions() {
     let token = TestToken::new();
     let hsm = token.open();
