@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use kms_storage::{KeyId, KeyRecord, Permission, VersionState};
+use kms_storage::{KeyId, KeyRecord, Permission, VersionRecord, VersionState};
 use zeroize::Zeroizing;
 
 use super::keys::version_unusable;
@@ -145,17 +145,36 @@ impl KmsService {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Encrypted> {
-        let version_number =
-            record
-                .primary_version
-                .ok_or_else(|| KmsError::FailedPrecondition {
-                    reason: format!("key {} has no primary version", record.id),
-                })?;
-        audit.key(&record.id, Some(version_number));
-        let version = self.version(&record.id, version_number)?;
+        if let Some(number) = record.primary_version {
+            audit.key(&record.id, Some(number));
+        }
+        let version = self.primary_version(record)?;
+        self.encrypt_with(record, &version, plaintext, context)
+    }
+
+    /// The enabled primary version of a key (batches read it once, not per item).
+    fn primary_version(&self, record: &KeyRecord) -> Result<VersionRecord> {
+        let number = record
+            .primary_version
+            .ok_or_else(|| KmsError::FailedPrecondition {
+                reason: format!("key {} has no primary version", record.id),
+            })?;
+        let version = self.version(&record.id, number)?;
         if version.state != VersionState::Enabled {
             return Err(version_unusable(&version));
         }
+        Ok(version)
+    }
+
+    /// Encrypts under `version` (the enabled primary of `record`).
+    fn encrypt_with(
+        &self,
+        record: &KeyRecord,
+        version: &VersionRecord,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Encrypted> {
+        let version_number = version.version;
         let header = Header::new(record.id.as_str(), version_number, Algorithm::Aes256Gcm)
             .map_err(|e| {
                 tracing::error!(error = %e, "key id does not fit the ciphertext header");
@@ -441,6 +460,10 @@ impl KmsService {
             return self.audited(meta, "BatchEncrypt", Some(key), |_| Err(e));
         }
         let record = self.resolve(key);
+        let primary = record
+            .as_ref()
+            .map_err(KmsError::clone)
+            .and_then(|r| self.primary_version(r));
         self.audited_batch(meta, "BatchEncrypt", Some(key), items, |audit, item| {
             let context = self.context(item.context)?;
             audit.context_digest = Some(context_digest(&context));
@@ -455,7 +478,9 @@ impl KmsService {
             audit.key(&record.id, None);
             self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
             super::ensure_usable(record)?;
-            self.encrypt_under(audit, record, &item.plaintext, &context)
+            let version = primary.as_ref().map_err(KmsError::clone)?;
+            audit.key(&record.id, Some(version.version));
+            self.encrypt_with(record, version, &item.plaintext, &context)
         })
     }
 
@@ -492,21 +517,47 @@ impl KmsService {
             return self.audited(meta, "BatchGenerateDataKey", Some(key), |_| Err(e));
         }
         let record = self.resolve(key);
+        let primary = record
+            .as_ref()
+            .map_err(KmsError::clone)
+            .and_then(|r| self.primary_version(r));
+        // The randomness of every well-formed item in one HSM call; an item
+        // that then fails (denied, bad context) just drops its unused key.
+        let lens: Vec<usize> = items.iter().filter_map(|i| i.size.len().ok()).collect();
+        let mut data_keys = self
+            .hsm
+            .random_many(&lens)
+            .map(Vec::into_iter)
+            .map_err(KmsError::from);
         self.audited_batch(
             meta,
             "BatchGenerateDataKey",
             Some(key),
             items,
             |audit, item| {
+                // Every item with a valid size takes its key first, so the
+                // keys stay in step with the items; errors are reported in
+                // the same order as for a single GenerateDataKey.
+                let len = item.size.len();
+                let data_key = match (&len, &mut data_keys) {
+                    (Err(_), _) => Err(KmsError::Internal),
+                    (Ok(len), Ok(keys)) => keys
+                        .next()
+                        .filter(|k| k.len() == *len)
+                        .ok_or(KmsError::Internal),
+                    (Ok(_), Err(e)) => Err(e.clone()),
+                };
                 let context = self.context(item.context)?;
                 audit.context_digest = Some(context_digest(&context));
-                let len = item.size.len()?;
+                len?;
                 let record = record.as_ref().map_err(KmsError::clone)?;
                 audit.key(&record.id, None);
                 self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
                 super::ensure_usable(record)?;
-                let data_key = self.hsm.random(len)?;
-                let encrypted = self.encrypt_under(audit, record, &data_key, &context)?;
+                let data_key = data_key?;
+                let version = primary.as_ref().map_err(KmsError::clone)?;
+                audit.key(&record.id, Some(version.version));
+                let encrypted = self.encrypt_with(record, version, &data_key, &context)?;
                 Ok(DataKey {
                     plaintext: Some(data_key),
                     encrypted,

@@ -254,8 +254,7 @@ impl KmsService {
         mut work: impl FnMut(&mut AuditFields, I) -> Result<T>,
     ) -> Result<Vec<Result<T>>> {
         let mut results = Vec::with_capacity(items.len());
-        let mut handles = Vec::with_capacity(items.len());
-        let mut queue_failed = false;
+        let mut events = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
             let item_meta = RequestMeta {
                 request_id: format!("{}#{index}", meta.request_id),
@@ -264,27 +263,16 @@ impl KmsService {
             let (result, event) =
                 self.recorded(&item_meta, operation, named_key, |audit| work(audit, item));
             results.push(result);
-            match self.audit_log.submit(event) {
-                Ok(handle) => handles.push(handle),
-                Err(e) => {
-                    tracing::error!(error = %e, operation, "audit record not queued; failing the batch");
-                    queue_failed = true;
-                    break;
-                }
-            }
+            events.push(event);
         }
-        let mut durable = !queue_failed;
-        for handle in handles {
-            if let Err(e) = handle.wait() {
-                tracing::error!(error = %e, operation, "audit record not durable; failing the batch");
-                durable = false;
+        // One group: consecutive records in one write, one wake-up for the batch.
+        match self.audit_log.submit_group(events).and_then(|h| h.wait()) {
+            Ok(_) => Ok(results),
+            Err(e) => {
+                tracing::error!(error = %e, operation, "audit records not durable; failing the batch");
+                drop(results);
+                Err(KmsError::AuditUnavailable)
             }
-        }
-        if durable {
-            Ok(results)
-        } else {
-            drop(results);
-            Err(KmsError::AuditUnavailable)
         }
     }
 
