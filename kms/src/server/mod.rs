@@ -106,12 +106,16 @@ impl RunningServer {
         }
     }
 
+    /// Stops the scheduler thread and waits for it: it holds the service, so
+    /// until it has stopped the database and audit log stay open. (A process
+    /// that exits with it still running races RocksDB's static destructors.)
     fn stop_background(&mut self) {
         self.scheduler_stop.store(true, Ordering::Release);
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
         if let Some(thread) = self.scheduler.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -119,13 +123,11 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        self.scheduler_stop.store(true, Ordering::Release);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.metrics_task.take() {
-            task.abort();
-        }
+        // Prompt: the scheduler is woken, and a pass in progress is short.
+        self.stop_background();
     }
 }
 

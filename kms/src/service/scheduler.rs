@@ -116,7 +116,8 @@ enum Action {
 }
 
 /// Runs scheduler passes every `interval` on a dedicated thread until
-/// `stop` is set. The thread is blocking work by nature (HSM, RocksDB).
+/// `stop` is set (then unpark the thread to stop it at once). The thread is
+/// blocking work by nature (HSM, RocksDB).
 pub fn spawn(
     service: Arc<KmsService>,
     interval: Duration,
@@ -135,12 +136,15 @@ pub fn spawn(
                         "scheduler pass"
                     );
                 }
-                // Sleep in short steps so that shutdown is prompt.
-                let mut slept = Duration::ZERO;
-                while slept < interval && !stop.load(Ordering::Acquire) {
-                    let step = Duration::from_millis(200).min(interval - slept);
-                    std::thread::sleep(step);
-                    slept += step;
+                // Parked, so that whoever sets `stop` can wake it at once
+                // (unpark) and join it without waiting out the interval.
+                let next = std::time::Instant::now() + interval;
+                while !stop.load(Ordering::Acquire) {
+                    let left = next.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::park_timeout(left);
                 }
             }
         })
