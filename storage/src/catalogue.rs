@@ -20,6 +20,7 @@ use crate::gcm_counter::GcmCounters;
 use crate::keys::{
     Alias, KekHandle, KeyId, KeyRecord, KeyState, NewKey, Page, VersionRecord, VersionState,
 };
+use crate::record_cache::{Generation, RecordCache};
 use crate::schema::{self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING, CF_VERSIONS};
 
 /// Largest page a listing returns, whatever the caller asks for.
@@ -38,6 +39,10 @@ pub struct Catalogue {
     db: Arc<Db>,
     write_lock: Mutex<()>,
     counters: GcmCounters,
+    /// Bumped after every catalogue write: invalidates the decoded records.
+    generation: Generation,
+    keys: RecordCache<KeyId, KeyRecord>,
+    versions: RecordCache<Vec<u8>, VersionRecord>,
 }
 
 pub(crate) fn encode_record<T: Serialize>(
@@ -81,7 +86,18 @@ impl Catalogue {
             counters: GcmCounters::new(gcm_reservation_block),
             db,
             write_lock: Mutex::new(()),
+            generation: Generation::new(),
+            keys: RecordCache::new(),
+            versions: RecordCache::new(),
         }
+    }
+
+    /// Every change to keys, versions and aliases goes through here: one
+    /// synced batch, then the decoded records read before it are invalid.
+    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let result = self.db.write_synced(batch);
+        self.generation.bump();
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -157,16 +173,22 @@ impl Catalogue {
         for alias in &aliases {
             self.put_alias(&mut batch, alias, &key.id)?;
         }
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok((key, version))
     }
 
     pub fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StorageError> {
+        let generation = self.generation.current();
+        if let Some(record) = self.keys.get(id, generation) {
+            return Ok(Some(record));
+        }
         let k = id.as_str().as_bytes();
-        self.db
-            .get(CF_KEYS, k)?
-            .map(|v| decode_record(CF_KEYS, k, &v))
-            .transpose()
+        let Some(bytes) = self.db.get(CF_KEYS, k)? else {
+            return Ok(None);
+        };
+        let record: KeyRecord = decode_record(CF_KEYS, k, &bytes)?;
+        self.keys.put(id.clone(), generation, record.clone());
+        Ok(Some(record))
     }
 
     /// Looks a key up by id (`key-…`) or alias (`alias/…`).
@@ -263,7 +285,7 @@ impl Catalogue {
         new.updated_at_ms = now_ms;
         let mut batch = WriteBatch::default();
         self.put_key(&mut batch, &new)?;
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok(new)
     }
 
@@ -303,7 +325,7 @@ impl Catalogue {
         };
         key.updated_at_ms = now_ms;
         self.put_key(&mut batch, &key)?;
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok(key)
     }
 
@@ -342,7 +364,7 @@ impl Catalogue {
             schema::version_key(id.as_str(), v),
             [],
         );
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok(version)
     }
 
@@ -368,7 +390,7 @@ impl Catalogue {
             self.db.cf(CF_PENDING)?,
             schema::version_key(id.as_str(), version),
         );
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok((key, ver))
     }
 
@@ -392,7 +414,7 @@ impl Catalogue {
             self.db.cf(CF_PENDING)?,
             schema::version_key(id.as_str(), version),
         );
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok(ver)
     }
 
@@ -418,10 +440,19 @@ impl Catalogue {
         version: u32,
     ) -> Result<Option<VersionRecord>, StorageError> {
         let k = schema::version_key(id.as_str(), version);
-        let Some(bytes) = self.db.get(CF_VERSIONS, &k)? else {
-            return Ok(None);
+        let generation = self.generation.current();
+        let mut ver = match self.versions.get(&k, generation) {
+            Some(ver) => ver,
+            None => {
+                let Some(bytes) = self.db.get(CF_VERSIONS, &k)? else {
+                    return Ok(None);
+                };
+                let ver: VersionRecord = decode_record(CF_VERSIONS, &k, &bytes)?;
+                self.versions.put(k.clone(), generation, ver.clone());
+                ver
+            }
         };
-        let mut ver: VersionRecord = decode_record(CF_VERSIONS, &k, &bytes)?;
+        // The count lives in the counters, not the record: never cached.
         ver.gcm_invocations = self.counters.current(&self.db, &k)?;
         Ok(Some(ver))
     }
@@ -481,7 +512,7 @@ impl Catalogue {
         new.gcm_invocations = old.gcm_invocations;
         let mut batch = WriteBatch::default();
         self.put_version(&mut batch, &new)?;
-        self.db.write_synced(batch)?;
+        self.commit(batch)?;
         Ok(new)
     }
 
@@ -534,7 +565,7 @@ impl Catalogue {
         self.require_live_key(id)?;
         let mut batch = WriteBatch::default();
         self.put_alias(&mut batch, alias, id)?;
-        self.db.write_synced(batch)
+        self.commit(batch)
     }
 
     /// Points an existing alias at another live key.
@@ -552,7 +583,7 @@ impl Catalogue {
             schema::alias_by_key(old.as_str(), alias.as_str()),
         );
         self.put_alias(&mut batch, alias, id)?;
-        self.db.write_synced(batch)
+        self.commit(batch)
     }
 
     pub fn delete_alias(&self, alias: &Alias) -> Result<(), StorageError> {
@@ -568,7 +599,7 @@ impl Catalogue {
             self.db.cf(CF_ALIASES_BY_KEY)?,
             schema::alias_by_key(old.as_str(), alias.as_str()),
         );
-        self.db.write_synced(batch)
+        self.commit(batch)
     }
 
     pub fn get_alias(&self, alias: &Alias) -> Result<Option<KeyId>, StorageError> {

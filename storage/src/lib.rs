@@ -18,6 +18,7 @@ mod db;
 mod error;
 mod gcm_counter;
 mod keys;
+mod record_cache;
 pub mod schema;
 #[cfg(feature = "testing")]
 pub mod testing;

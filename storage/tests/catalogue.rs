@@ -575,3 +575,59 @@ fn key_policies_survive_a_reopen_and_old_records_have_none() {
         );
     }
 }
+
+#[test]
+fn cached_records_never_outlive_a_committed_write() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let c = s.catalogue();
+    let id = create(&s, 30, &[]);
+    let set_description = |n: u64| {
+        c.update_key(&id, 10_000 + n, |k| {
+            k.description = n.to_string();
+            Ok::<_, StorageError>(())
+        })
+        .unwrap();
+    };
+    set_description(0);
+    // The last update that has returned; a read that starts after it must see it.
+    let committed = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        for _ in 0..2 {
+            sc.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    let floor = committed.load(Ordering::Acquire);
+                    let seen: u64 = c
+                        .get_key(&id)
+                        .unwrap()
+                        .unwrap()
+                        .description
+                        .parse()
+                        .unwrap();
+                    assert!(seen >= floor, "read {seen} after {floor} was committed");
+                    c.get_version(&id, 1).unwrap().unwrap();
+                }
+            });
+        }
+        for n in 1..=200u64 {
+            set_description(n);
+            committed.store(n, Ordering::Release);
+            assert_eq!(c.get_key(&id).unwrap().unwrap().description, n.to_string());
+            let state = if n % 2 == 0 {
+                VersionState::Enabled
+            } else {
+                VersionState::Disabled
+            };
+            c.set_version_state(&id, 1, state, 20_000 + n)
+                .unwrap();
+            assert_eq!(c.get_version(&id, 1).unwrap().unwrap().state, state);
+        }
+        done.store(true, Ordering::Release);
+    });
+    // The GCM count is never served from the cache.
+    c.get_version(&id, 1).unwrap();
+    c.add_gcm_invocations(&id, 1, 5).unwrap();
+    assert_eq!(c.get_version(&id, 1).unwrap().unwrap().gcm_invocations, 5);
+}
