@@ -620,8 +620,7 @@ fn cached_records_never_outlive_a_committed_write() {
             } else {
                 VersionState::Disabled
             };
-            c.set_version_state(&id, 1, state, 20_000 + n)
-                .unwrap();
+            c.set_version_state(&id, 1, state, 20_000 + n).unwrap();
             assert_eq!(c.get_version(&id, 1).unwrap().unwrap().state, state);
         }
         done.store(true, Ordering::Release);
