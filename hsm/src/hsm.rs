@@ -644,6 +644,15 @@ impl Hsm {
         let found = self.find(session, id)?;
         let handle = match found.as_slice() {
             [handle] => *handle,
+            [] if self.token_storage_missing() => {
+                // SoftHSM2 answers searches from its directory: with the
+                // directory gone every object is "missing". That is the
+                // device going away (fail closed, recover), not a lost key.
+                return Err(HsmError::Unavailable {
+                    operation: Operation::FindObjects,
+                    code: crate::error::ReturnCode::token_not_present(),
+                });
+            }
             [] => return Err(HsmError::ObjectNotFound { id: id.to_string() }),
             many => {
                 return Err(HsmError::ObjectAmbiguous {
@@ -664,6 +673,13 @@ impl Hsm {
     fn find(&self, session: &Session, id: &ObjectId) -> Result<Vec<ObjectHandle>> {
         self.object_searches.fetch_add(1, Ordering::Relaxed);
         find_objects(session, id)
+    }
+
+    /// Whether the configured token directory (SoftHSM2) is gone.
+    fn token_storage_missing(&self) -> bool {
+        self.sync_token_dir
+            .as_ref()
+            .is_some_and(|dir| !dir.is_dir())
     }
 
     fn sync_token_directory(&self) -> Result<()> {

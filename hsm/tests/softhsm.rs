@@ -457,3 +457,32 @@ fn token_removed_and_restored_fails_closed_then_recovers() {
     hsm.generate_key(KeyPurpose::Kek, &id("key-recover/v2"))
         .expect("generate after recovery");
 }
+
+/// Encrypting with a cached handle while the token directory disappears:
+/// SoftHSM2 then reports the handle invalid, and after reconnecting the object
+/// cannot be found either. That is the device going away, not a missing key:
+/// the caller must see Unavailable (fail closed), never a "not found".
+#[test]
+fn a_cached_key_vanishing_with_its_token_is_unavailable_not_missing() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    let kek = id("key-cached/v1");
+    hsm.generate_key(KeyPurpose::Kek, &kek).expect("generate");
+    hsm.encrypt(&kek, b"", b"warm the handle cache")
+        .expect("encrypt");
+    // A key made just before the token goes, its handle not looked up yet
+    // (a rotation that has just committed).
+    let fresh = id("key-cached/v2");
+    hsm.generate_key(KeyPurpose::Kek, &fresh).expect("generate");
+    let parked = token.token_dir().with_extension("removed");
+    std::fs::rename(token.token_dir(), &parked).expect("remove token");
+    for key in [&fresh, &kek, &fresh] {
+        for _ in 0..10 {
+            match hsm.encrypt(key, b"", b"while removed") {
+                Ok(_) => {}
+                Err(e) => assert!(e.is_unavailable(), "{key}: not fail-closed: {e}"),
+            }
+        }
+    }
+    std::fs::rename(&parked, token.token_dir()).expect("restore token");
+}

@@ -103,9 +103,20 @@ async fn dropping_a_server_stops_its_scheduler_thread_before_returning() {
     // RocksDB's static destructors ("pthread lock: Invalid argument").
     let env = TestEnv::new();
     let server = env.start().await;
+    // The thread names itself once it runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while threads_named("kms-scheduler") == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(threads_named("kms-scheduler"), 1);
     let started = std::time::Instant::now();
     drop(server);
+    // Joined: gone at once (allowing the kernel a moment to reap the task,
+    // far less than the 200 ms steps the scheduler used to sleep in).
+    let reaped = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    while threads_named("kms-scheduler") > 0 && std::time::Instant::now() < reaped {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert_eq!(threads_named("kms-scheduler"), 0);
     // Woken, not waited out: the scheduler interval here is an hour.
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
