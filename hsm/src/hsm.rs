@@ -383,40 +383,22 @@ impl Hsm {
         })
     }
 
-    /// Random values of the given lengths (each 1 to [`MAX_RANDOM_LEN`]) from
-    /// ONE call into the token: a batch of data keys costs one HSM round trip
-    /// for its randomness instead of one per key.
-    pub fn random_many(&self, lens: &[usize]) -> Result<Vec<Zeroizing<Vec<u8>>>> {
-        if lens.iter().any(|&len| len == 0 || len > MAX_RANDOM_LEN) {
+    /// `len` random bytes (up to 1 MiB) from ONE call into the token, for
+    /// callers that cut many values out of it: a batch of data keys costs one
+    /// HSM round trip for its randomness instead of one per key.
+    pub fn random_pool(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        if len == 0 || len > MAX_GCM_INPUT {
             return Err(HsmError::InvalidArgument(
-                "random length must be 1 to 1024 bytes",
+                "random pool must be 1 byte to 1 MiB",
             ));
         }
-        let total: usize = lens.iter().sum();
-        if total == 0 {
-            return Ok(Vec::new());
-        }
-        if total > MAX_GCM_INPUT {
-            return Err(HsmError::InvalidArgument(
-                "too many random bytes in one call",
-            ));
-        }
-        let pool = self.run(Operation::GenerateRandom, |session, _| {
-            let mut bytes = Zeroizing::new(vec![0u8; total]);
+        self.run(Operation::GenerateRandom, |session, _| {
+            let mut bytes = Zeroizing::new(vec![0u8; len]);
             session
                 .generate_random_slice(&mut bytes)
                 .map_err(|e| from_cryptoki(Operation::GenerateRandom, e))?;
             Ok(bytes)
-        })?;
-        let mut rest: &[u8] = &pool;
-        Ok(lens
-            .iter()
-            .map(|&len| {
-                let (value, tail) = rest.split_at(len);
-                rest = tail;
-                Zeroizing::new(value.to_vec())
-            })
-            .collect())
+        })
     }
 
     /// A cheap round trip to the token (for health checks).

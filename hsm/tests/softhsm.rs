@@ -304,26 +304,21 @@ fn random_bytes_come_from_the_token_and_sizes_are_bounded() {
 }
 
 #[test]
-fn random_many_splits_one_token_call_into_values_of_the_asked_lengths() {
+fn a_random_pool_is_one_token_call_of_any_size_up_to_1_mib() {
     let token = TestToken::new();
     let hsm = token.open();
-    let values = hsm.random_many(&[32, 16, 1, 1024, 32]).expect("random");
-    let lens: Vec<usize> = values.iter().map(|v| v.len()).collect();
-    assert_eq!(lens, [32, 16, 1, 1024, 32]);
-    // Distinct values: no slice of the pool is handed out twice.
-    assert_ne!(values[0].as_slice(), values[4].as_slice());
-    assert!(values[3].iter().any(|&b| b != 0));
-    assert!(hsm.random_many(&[]).expect("empty").is_empty());
-    for bad in [&[32, 0][..], &[1025][..]] {
+    let pool = hsm.random_pool(3200).expect("random");
+    assert_eq!(pool.len(), 3200);
+    // Not a short read padded with zeros: every 32-byte slice differs.
+    let slices: std::collections::HashSet<&[u8]> = pool.chunks(32).collect();
+    assert_eq!(slices.len(), 100);
+    assert_eq!(hsm.random_pool(1 << 20).expect("1 MiB").len(), 1 << 20);
+    for bad in [0, (1 << 20) + 1] {
         assert!(matches!(
-            hsm.random_many(bad),
+            hsm.random_pool(bad),
             Err(HsmError::InvalidArgument(_))
         ));
     }
-    assert!(matches!(
-        hsm.random_many(&vec![1024; 1025]),
-        Err(HsmError::InvalidArgument(_))
-    ));
 }
 
 #[test]

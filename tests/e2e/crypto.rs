@@ -585,3 +585,109 @@ async fn limits_on_plaintext_and_context_and_unknown_keys() {
         assert_eq!(status.code(), code, "{name}: {status:?}");
     }
 }
+
+fn hsm_random_calls(server: &kms_tests::TestServer) -> u64 {
+    server
+        .service()
+        .hsm()
+        .operation_stats()
+        .iter()
+        .find(|s| s.operation == kms_hsm::Operation::GenerateRandom)
+        .map_or(0, |s| s.calls)
+}
+
+fn batch_of(contexts: &[&[(&str, &str)]]) -> Vec<pb::BatchGenerateDataKeyEntry> {
+    contexts
+        .iter()
+        .map(|c| pb::BatchGenerateDataKeyEntry {
+            encryption_context: ctx(c),
+            length: Some(pb::batch_generate_data_key_entry::Length::KeySpec(
+                pb::DataKeySpec::Aes256 as i32,
+            )),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_of_data_keys_draws_hsm_randomness_once_and_never_for_denied_items() {
+    let env = TestEnv::new();
+    let server = env.start().await;
+    let key = create_key(&server, "batch randomness").await;
+    // The caller may generate (and decrypt) data keys only with tenant=acme
+    // in the context.
+    server
+        .keys()
+        .put_key_policy(pb::PutKeyPolicyRequest {
+            key_id: key.clone(),
+            policy: Some(pb::KeyPolicy {
+                grants: vec![pb::Grant {
+                    principal: "anonymous".to_owned(),
+                    permissions: vec![
+                        pb::Permission::GenerateDataKey as i32,
+                        pb::Permission::Decrypt as i32,
+                    ],
+                    required_encryption_context: ctx(&[("tenant", "acme")]),
+                }],
+            }),
+        })
+        .await
+        .expect("policy");
+    let mut crypto = server.crypto();
+    let before = hsm_random_calls(&server);
+    let denied = crypto
+        .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+            key_id: key.clone(),
+            entries: batch_of(&[&[("tenant", "other")], &[], &[("tenant", "evil")]]),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    use pb::batch_generate_data_key_result::Outcome;
+    assert!(denied.results.iter().all(|r| matches!(
+        &r.outcome,
+        Some(Outcome::Error(e)) if e.code == Code::PermissionDenied as i32
+    )));
+    assert_eq!(
+        hsm_random_calls(&server),
+        before,
+        "randomness drawn for a denied caller"
+    );
+
+    let acme: &[(&str, &str)] = &[("tenant", "acme")];
+    let mixed = crypto
+        .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+            key_id: key.clone(),
+            entries: batch_of(&[&[], acme, acme, &[("tenant", "x")], acme]),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(
+        hsm_random_calls(&server),
+        before + 1,
+        "one HSM call per batch"
+    );
+    let issued: Vec<&pb::GenerateDataKeyResponse> = mixed
+        .results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Some(Outcome::Result(key)) => Some(key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(issued.len(), 3);
+    assert!(issued.iter().all(|k| k.plaintext.len() == 32));
+    // Distinct slices of the pool, and each one is the key in its blob.
+    let (a, b, c) = (
+        &issued[0].plaintext,
+        &issued[1].plaintext,
+        &issued[2].plaintext,
+    );
+    assert!(a != b && b != c && a != c);
+    for key in issued {
+        let opened = decrypt(&server, &key.ciphertext_blob, acme)
+            .await
+            .expect("the data key decrypts");
+        assert_eq!(opened.plaintext, key.plaintext);
+    }
+}

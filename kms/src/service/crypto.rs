@@ -88,6 +88,50 @@ impl DataKeySize {
     }
 }
 
+/// Random bytes drawn from the HSM in as few calls as possible and handed
+/// out in slices, each byte at most once; what is left is zeroized.
+#[derive(Default)]
+struct RandomPool {
+    drawn: Option<Result<(Zeroizing<Vec<u8>>, usize)>>,
+}
+
+/// Most bytes drawn per HSM call (the layer's limit).
+const RANDOM_POOL_MAX: usize = 1 << 20;
+
+impl RandomPool {
+    /// The next `len` bytes. When the pool is empty or short, draws
+    /// `wanted` more (what this item and every later one could need, at
+    /// most 1 MiB) with `draw`; a failed draw fails this and later takes.
+    fn take(
+        &mut self,
+        len: usize,
+        wanted: usize,
+        draw: impl FnOnce(usize) -> Result<Zeroizing<Vec<u8>>>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let short = match &self.drawn {
+            None => true,
+            Some(Ok((bytes, used))) => bytes.len() - used < len,
+            Some(Err(e)) => return Err(e.clone()),
+        };
+        if short {
+            let amount = wanted.clamp(len, RANDOM_POOL_MAX.max(len));
+            self.drawn = Some(draw(amount).map(|bytes| (bytes, 0)));
+        }
+        match &mut self.drawn {
+            Some(Ok((bytes, used))) if bytes.len() - *used >= len => {
+                let value = Zeroizing::new(bytes[*used..*used + len].to_vec());
+                *used += len;
+                Ok(value)
+            }
+            Some(Err(e)) => Err(e.clone()),
+            _ => {
+                tracing::error!("batch random pool came back short");
+                Err(KmsError::Internal)
+            }
+        }
+    }
+}
+
 /// The result of ReEncrypt.
 #[derive(Debug)]
 pub struct ReEncrypted {
@@ -521,42 +565,33 @@ impl KmsService {
             .as_ref()
             .map_err(KmsError::clone)
             .and_then(|r| self.primary_version(r));
-        // The randomness of every well-formed item in one HSM call; an item
-        // that then fails (denied, bad context) just drops its unused key.
-        let lens: Vec<usize> = items.iter().filter_map(|i| i.size.len().ok()).collect();
-        let mut data_keys = self
-            .hsm
-            .random_many(&lens)
-            .map(Vec::into_iter)
-            .map_err(KmsError::from);
+        // Randomness for the data keys comes from one HSM call, drawn when the
+        // first item is authorized (never for a caller who may use nothing):
+        // enough for that item and every later one, each key a fresh slice.
+        let sizes: Vec<usize> = items.iter().map(|i| i.size.len().unwrap_or(0)).collect();
+        let mut pool = RandomPool::default();
+        let mut index = 0;
         self.audited_batch(
             meta,
             "BatchGenerateDataKey",
             Some(key),
             items,
             |audit, item| {
-                // Every item with a valid size takes its key first, so the
-                // keys stay in step with the items; errors are reported in
-                // the same order as for a single GenerateDataKey.
-                let len = item.size.len();
-                let data_key = match (&len, &mut data_keys) {
-                    (Err(_), _) => Err(KmsError::Internal),
-                    (Ok(len), Ok(keys)) => keys
-                        .next()
-                        .filter(|k| k.len() == *len)
-                        .ok_or(KmsError::Internal),
-                    (Ok(_), Err(e)) => Err(e.clone()),
-                };
+                let this = index;
+                index += 1;
                 let context = self.context(item.context)?;
                 audit.context_digest = Some(context_digest(&context));
-                len?;
+                let len = item.size.len()?;
                 let record = record.as_ref().map_err(KmsError::clone)?;
                 audit.key(&record.id, None);
                 self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
                 super::ensure_usable(record)?;
-                let data_key = data_key?;
                 let version = primary.as_ref().map_err(KmsError::clone)?;
                 audit.key(&record.id, Some(version.version));
+                let wanted = sizes[this..].iter().sum();
+                let data_key = pool.take(len, wanted, |amount| {
+                    self.hsm.random_pool(amount).map_err(KmsError::from)
+                })?;
                 let encrypted = self.encrypt_with(record, version, &data_key, &context)?;
                 Ok(DataKey {
                     plaintext: Some(data_key),
@@ -570,6 +605,39 @@ impl KmsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_random_pool_hands_out_each_byte_once_and_redraws_when_short() {
+        let mut draws = Vec::new();
+        let mut pool = RandomPool::default();
+        let mut next = 0u8;
+        let mut draw = |amount: usize, draws: &mut Vec<usize>| {
+            draws.push(amount);
+            Ok(Zeroizing::new(
+                (0..amount)
+                    .map(|_| {
+                        next = next.wrapping_add(1);
+                        next
+                    })
+                    .collect(),
+            ))
+        };
+        let a = pool.take(2, 5, |n| draw(n, &mut draws)).expect("a");
+        let b = pool.take(3, 3, |n| draw(n, &mut draws)).expect("b");
+        assert_eq!((a.as_slice(), b.as_slice()), (&[1, 2][..], &[3, 4, 5][..]));
+        // Short: a new draw, never a reused byte.
+        let c = pool.take(4, 1, |n| draw(n, &mut draws)).expect("c");
+        assert_eq!(c.as_slice(), &[6, 7, 8, 9]);
+        assert_eq!(draws, [5, 4]);
+        // A failed draw fails this take and the later ones.
+        let mut failing = RandomPool::default();
+        assert!(
+            failing
+                .take(1, 1, |_| Err(KmsError::HsmUnavailable))
+                .is_err()
+        );
+        assert!(failing.take(1, 1, |n| draw(n, &mut draws)).is_err());
+    }
 
     #[test]
     fn debug_output_never_shows_plaintext_or_data_keys() {
