@@ -386,10 +386,16 @@ impl Writer {
                 self.standalone_checkpoint("timed");
                 continue;
             };
+            // At most `max_batch` records per write (a group may overshoot
+            // alone: it is never split).
+            let mut records = first.events.len();
             batch.push(first);
-            while batch.len() < self.max_batch {
+            while records < self.max_batch {
                 match rx.try_recv() {
-                    Ok(r) => batch.push(r),
+                    Ok(r) => {
+                        records += r.events.len();
+                        batch.push(r);
+                    }
                     Err(_) => break,
                 }
             }
