@@ -374,13 +374,7 @@ impl Hsm {
                 "random length must be 1 to 1024 bytes",
             ));
         }
-        self.run(Operation::GenerateRandom, |session, _| {
-            let mut bytes = Zeroizing::new(vec![0u8; len]);
-            session
-                .generate_random_slice(&mut bytes)
-                .map_err(|e| from_cryptoki(Operation::GenerateRandom, e))?;
-            Ok(bytes)
-        })
+        self.generate_random(len)
     }
 
     /// `len` random bytes (up to 1 MiB) from ONE call into the token, for
@@ -392,6 +386,11 @@ impl Hsm {
                 "random pool must be 1 byte to 1 MiB",
             ));
         }
+        self.generate_random(len)
+    }
+
+    /// One C_GenerateRandom of `len` bytes (bounds checked by the callers).
+    fn generate_random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
         self.run(Operation::GenerateRandom, |session, _| {
             let mut bytes = Zeroizing::new(vec![0u8; len]);
             session
