@@ -364,40 +364,12 @@ where
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK", |c| tonic::Code::from_i32(c).description_name()),
+                    .map_or("OK", |c| kms_proto::code_name(tonic::Code::from_i32(c))),
                 Err(_) => "TRANSPORT_ERROR",
             };
             metrics.observe(&rpc, code, started.elapsed().as_secs_f64());
             response
         })
-    }
-}
-
-trait CodeName {
-    fn description_name(self) -> &'static str;
-}
-
-impl CodeName for tonic::Code {
-    fn description_name(self) -> &'static str {
-        match self {
-            tonic::Code::Ok => "OK",
-            tonic::Code::Cancelled => "CANCELLED",
-            tonic::Code::Unknown => "UNKNOWN",
-            tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-            tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            tonic::Code::NotFound => "NOT_FOUND",
-            tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-            tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-            tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-            tonic::Code::Aborted => "ABORTED",
-            tonic::Code::OutOfRange => "OUT_OF_RANGE",
-            tonic::Code::Unimplemented => "UNIMPLEMENTED",
-            tonic::Code::Internal => "INTERNAL",
-            tonic::Code::Unavailable => "UNAVAILABLE",
-            tonic::Code::DataLoss => "DATA_LOSS",
-            tonic::Code::Unauthenticated => "UNAUTHENTICATED",
-        }
     }
 }
 

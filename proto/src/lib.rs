@@ -20,6 +20,9 @@ pub mod v1 {
 }
 
 mod redacted_debug;
+mod status;
+
+pub use status::{code_name, numeric_code_name};
 
 /// Encoded `google.protobuf.FileDescriptorSet` of the kms.v1 API and everything it
 /// imports, with source comments; register it with tonic-reflection so that
