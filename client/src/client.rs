@@ -213,7 +213,7 @@ impl KmsClient {
                     return Err(Error::Rpc {
                         rpc,
                         code: status.code(),
-                        message: status.message().to_owned(),
+                        message: crate::error::status_message(&status),
                         attempts: attempt,
                     });
                 }

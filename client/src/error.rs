@@ -38,13 +38,20 @@ pub enum Error {
     #[error("the bearer token must be non-empty visible ASCII")]
     InvalidToken,
     /// The server (or the transport) answered with a non-OK status.
-    #[error("{rpc} failed: {code:?}: {message} (after {attempts} attempt(s))")]
+    ///
+    /// Display: `NOT_FOUND: key alias/x not found` (the code's gRPC name, then
+    /// the server's message, which may contain any characters: escape it before
+    /// writing it to a terminal), with ` (after N attempts)` when the call was
+    /// retried.
+    #[error("{}", display_rpc(*code, message, *attempts))]
     Rpc {
         /// The RPC name, e.g. `GenerateDataKey`.
         rpc: &'static str,
         /// The gRPC status code.
         code: tonic::Code,
-        /// The status message as the server wrote it.
+        /// The status message as the server wrote it, followed by the chain of
+        /// causes of a transport failure (e.g. the TLS alert behind a bare
+        /// "transport error").
         message: String,
         /// Attempts made (more than 1 only for retryable calls).
         attempts: u32,
@@ -66,5 +73,70 @@ impl Error {
             Error::Rpc { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+fn display_rpc(code: tonic::Code, message: &str, attempts: u32) -> String {
+    let mut text = kms_proto::code_name(code).to_owned();
+    if !message.is_empty() {
+        text.push_str(": ");
+        text.push_str(message);
+    }
+    if attempts > 1 {
+        text.push_str(&format!(" (after {attempts} attempts)"));
+    }
+    text
+}
+
+/// The status message and, for a transport failure, its causes: tonic says
+/// only "transport error", while the user needs the reason behind it (a TLS
+/// alert such as `CertificateRequired` or `UnknownCA`, a refused connection).
+pub(crate) fn status_message(status: &tonic::Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: tonic::Code, message: &str, attempts: u32) -> Error {
+        Error::Rpc {
+            rpc: "DescribeKey",
+            code,
+            message: message.to_owned(),
+            attempts,
+        }
+    }
+
+    #[test]
+    fn rpc_errors_display_the_code_name_and_the_message() {
+        assert_eq!(
+            rpc(tonic::Code::NotFound, "key alias/x not found", 1).to_string(),
+            "NOT_FOUND: key alias/x not found"
+        );
+        assert_eq!(
+            rpc(tonic::Code::Unavailable, "", 1).to_string(),
+            "UNAVAILABLE"
+        );
+        assert_eq!(
+            rpc(tonic::Code::Unavailable, "the HSM is unavailable", 3).to_string(),
+            "UNAVAILABLE: the HSM is unavailable (after 3 attempts)"
+        );
+    }
+
+    #[test]
+    fn status_messages_keep_their_text() {
+        let status = tonic::Status::invalid_argument("invalid ciphertext");
+        assert_eq!(status_message(&status), "invalid ciphertext");
     }
 }

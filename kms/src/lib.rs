@@ -5,11 +5,11 @@
 //! `envelope` and `encryption_context` (the ciphertext format), `service`
 //! (the domain: keys, envelope encryption, audit; no gRPC), `grpc` (thin
 //! handlers and the only place errors become `tonic::Status`), `server`
-//! (tonic server, health, reflection, limits, metrics), `cli` (the client
-//! commands of the `kms` binary).
+//! (tonic server, health, reflection, limits, metrics), `operator` (the
+//! server-side operator commands `kms hsm` and `kms token`; every other
+//! command of the `kms` binary is a client, in the kms-cli crate).
 
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod encryption_context;
@@ -18,5 +18,6 @@ pub mod error;
 pub mod grpc;
 pub mod hardening;
 pub mod metrics;
+pub mod operator;
 pub mod server;
 pub mod service;

@@ -1,6 +1,7 @@
-//! The `kms` binary: the server (`kms serve`) and a command-line client.
-//! Thin by design: parse arguments, set up logging, run, print the error
-//! chain and exit non-zero on failure.
+//! The `kms` binary: the server (`kms serve`), the server-side operator
+//! commands (`kms hsm ...`, `kms token new`) and, through the kms-cli crate,
+//! every client command. Thin by design: parse arguments, set up logging, run,
+//! print the error chain and exit non-zero on failure.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
-    client: kms::cli::ClientOptions,
+    client: kms_cli::ClientOptions,
     /// Log filter (tracing env-filter syntax), e.g. "info" or "kms=debug".
     /// (cryptoki reports mechanisms it has no name for at ERROR level while
     /// the token is probed: noise, hidden by default.)
@@ -42,8 +43,14 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Bearer tokens for callers without client certificates.
+    #[command(subcommand)]
+    Token(kms::operator::token::TokenCommand),
+    /// HSM provisioning that needs no server (PINs from files, never argv).
+    #[command(subcommand)]
+    Hsm(kms::operator::hsm::HsmCommand),
     #[command(flatten)]
-    Client(kms::cli::ClientCommand),
+    Client(kms_cli::Command),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,7 +80,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain may hold a server's message: no terminal control
+            // characters reach the terminal.
+            eprintln!("error: {}", kms_cli::sanitize(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -95,12 +104,14 @@ fn init_tracing(filter: &str, json: bool) {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Token(command) => kms::operator::token::run(command),
+        Command::Hsm(command) => kms::operator::hsm::run(command),
         Command::Client(command) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(kms::cli::run(command, &cli.client))
+            runtime.block_on(kms_cli::run(command, &cli.client))
         }
     }
 }

@@ -12,8 +12,6 @@ use std::io::{self, Write};
 use kms_proto::v1 as pb;
 use serde_json::Value;
 
-use super::rfc3339;
-
 /// Columns of text, each as wide as its widest cell, separated by two spaces.
 #[derive(Debug)]
 pub(crate) struct Table {
@@ -86,9 +84,11 @@ pub(crate) fn render_pairs(pairs: &[(&str, String)]) -> String {
     out
 }
 
-/// Escapes control characters and bidirectional overrides, which could move the
-/// cursor, clear the screen or reorder what the reader sees.
-pub(crate) fn sanitize(text: &str) -> String {
+/// Escapes control characters and bidirectional overrides (as `\u{1b}`), which
+/// could move the cursor, clear the screen or reorder what the reader sees:
+/// for any text that came from the network (server messages, descriptions,
+/// tags) before it reaches a terminal.
+pub fn sanitize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         let dangerous =
@@ -142,40 +142,6 @@ pub(crate) fn emit_json(value: &Value) -> anyhow::Result<()> {
     emit(&text)
 }
 
-/// The gRPC name of a status code, as in the gRPC specification.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// Name of a numeric status code recorded in an audit event.
-pub(crate) fn result_name(code: i32) -> String {
-    // Code::from maps every unknown number to UNKNOWN; keep the number instead.
-    if (0..=16).contains(&code) {
-        code_name(tonic::Code::from(code)).to_owned()
-    } else {
-        format!("CODE_{code}")
-    }
-}
-
 /// `KEY_STATE_ENABLED` -> `ENABLED`; a value this client does not know keeps its
 /// number.
 fn short_enum_name(full: Option<&str>, prefix: &str, value: i32) -> String {
@@ -202,14 +168,34 @@ pub(crate) fn key_spec_name(value: i32) -> String {
     short_enum_name(full, "KEY_SPEC_", value)
 }
 
-/// A time for a table cell (whole seconds, UTC), `-` when unset.
+/// A time for a table cell: RFC 3339 in whole seconds, UTC
+/// (`2026-01-31T12:00:00Z`), `-` when unset.
 pub(crate) fn time_cell(time: Option<&prost_types::Timestamp>) -> String {
-    time.map_or_else(|| "-".to_owned(), rfc3339::format_seconds)
+    time.map_or_else(
+        || "-".to_owned(),
+        |t| {
+            let mut whole = *t;
+            whole.normalize();
+            whole.nanos = 0;
+            whole.to_string()
+        },
+    )
 }
 
-/// A time for JSON (full precision, UTC), null when unset.
+/// A time for JSON: RFC 3339 at full precision, UTC
+/// (`2026-01-31T12:00:00.123Z`), null when unset.
 pub(crate) fn time_json(time: Option<&prost_types::Timestamp>) -> Value {
-    time.map_or(Value::Null, |t| Value::String(rfc3339::format(t)))
+    time.map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+/// Parses a time on the command line (`--since`, `--until`): RFC 3339
+/// (`2026-01-31T12:00:00Z`, `2026-01-31T14:00:00+02:00`; a time without an
+/// offset is UTC) or a bare date (`2026-01-31`, midnight UTC), through
+/// `prost_types::Timestamp`'s parser.
+pub(crate) fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
+    text.trim().parse().map_err(|_| {
+        format!("invalid time {text:?}: expected RFC 3339, e.g. 2026-01-31T12:00:00Z or 2026-01-31")
+    })
 }
 
 /// A period in the unit it was most likely given in: `90 days`, `12 hours`, `90s`.
@@ -318,20 +304,6 @@ mod tests {
     }
 
     #[test]
-    fn status_codes_have_their_grpc_names() {
-        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
-        assert_eq!(
-            code_name(tonic::Code::FailedPrecondition),
-            "FAILED_PRECONDITION"
-        );
-        assert_eq!(result_name(0), "OK");
-        assert_eq!(result_name(3), "INVALID_ARGUMENT");
-        assert_eq!(result_name(16), "UNAUTHENTICATED");
-        assert_eq!(result_name(17), "CODE_17");
-        assert_eq!(result_name(-1), "CODE_-1");
-    }
-
-    #[test]
     fn enum_names_lose_their_prefix_and_unknown_values_keep_their_number() {
         assert_eq!(
             key_state_name(pb::KeyState::PendingDeletion as i32),
@@ -386,7 +358,26 @@ mod tests {
         };
         assert_eq!(time_cell(Some(&t)), "2026-01-01T00:00:00Z");
         assert_eq!(time_cell(None), "-");
-        assert_eq!(time_json(Some(&t)), Value::from("2026-01-01T00:00:00.25Z"));
+        assert_eq!(time_json(Some(&t)), Value::from("2026-01-01T00:00:00.250Z"));
         assert_eq!(time_json(None), Value::Null);
+    }
+
+    #[test]
+    fn command_line_times_are_rfc3339_or_dates() {
+        let at = |text| parse_time(text).map(|t| (t.seconds, t.nanos));
+        assert_eq!(at("2026-01-01T00:00:00Z"), Ok((1_767_225_600, 0)));
+        assert_eq!(at("2026-01-01"), Ok((1_767_225_600, 0)));
+        assert_eq!(at(" 2026-01-01T02:00:00+02:00 "), Ok((1_767_225_600, 0)));
+        assert_eq!(at("1970-01-01T00:00:00.5Z"), Ok((0, 500_000_000)));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-02-29",
+            "2026-01-01T24:00:00Z",
+        ] {
+            let error = parse_time(bad).expect_err(bad);
+            assert!(error.contains("expected RFC 3339"), "{error}");
+        }
     }
 }

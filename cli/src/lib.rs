@@ -1,36 +1,38 @@
-//! The client commands of the `kms` binary: `kms key|alias|encrypt|decrypt|
-//! data-key|audit ...`, each a thin caller of one or a few kms.v1 RPCs on a
-//! running server.
+//! kms-cli: the client commands of the `kms` binary (`kms key|alias|encrypt|
+//! decrypt|data-key|envelope|audit ...`), each a thin caller of one or a few
+//! kms.v1 RPCs on a running server, through [`kms_client::KmsClient`] (TLS,
+//! bearer token, deadlines and retries come from there).
+//!
+//! This crate is a client: it depends on kms-client and kms-proto only, never
+//! on the server's crates, RocksDB or cryptoki. The server-side operator
+//! commands (`kms serve`, `kms hsm ...`, `kms token new`) live in the `kms`
+//! crate, which hands every other subcommand to [`run`].
 //!
 //! Output goes to stdout: aligned tables for people by default, JSON with
-//! `--json` for scripts. A failed RPC becomes an [`RpcError`] whose Display is
-//! `CODE_NAME: message` (e.g. `NOT_FOUND: key alias/x not found`), returned so
-//! that `main` prints it and exits non-zero.
+//! `--json` for scripts. A failed RPC is returned as a [`kms_client::Error`]
+//! whose Display is `CODE_NAME: message` (e.g. `NOT_FOUND: key alias/x not
+//! found`); `main` prints it (escaped with [`sanitize`]) and exits non-zero.
 //!
 //! Never: print, log or put in an error the plaintext or data-key bytes that pass
 //! through `encrypt`, `decrypt` and `data-key`; those live in `Zeroizing` buffers
 //! and are written only to the requested output.
+#![warn(missing_docs)]
 #![allow(clippy::print_stdout)]
 
 mod aliases;
 mod audit;
 mod crypto;
 mod envelope;
-mod hsm;
 mod keys;
 mod output;
 mod parse;
 mod policy;
-mod rfc3339;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use kms_client::{BearerToken, ClientConfig, ClientIdentity, KmsClient};
 use zeroize::Zeroizing;
 
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
@@ -41,6 +43,8 @@ pub use keys::{
     CreateKeyArgs, KeyArg, KeyCommand, ListKeysArgs, RotationPolicyArgs, ScheduleDeletionArgs,
     TagArgs, UntagArgs, UpdateDescriptionArgs, VersionArgs,
 };
+pub use output::sanitize;
+pub use policy::{GrantArgs, PolicyCommand, PolicyKeyArg, RevokeArgs, SetPolicyArgs};
 
 /// How long to wait for the TCP/HTTP2 connection to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +85,7 @@ pub struct ClientOptions {
 
 /// The client commands (each talks to a running `kms serve`).
 #[derive(Debug, clap::Subcommand)]
-pub enum ClientCommand {
+pub enum Command {
     /// Manage keys: create, list, describe, rotate, enable/disable, delete, versions, tags.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -100,78 +104,25 @@ pub enum ClientCommand {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Bearer tokens for callers without client certificates.
-    #[command(subcommand)]
-    Token(policy::TokenCommand),
-    /// HSM provisioning that needs no server (PINs from files, never argv).
-    #[command(subcommand)]
-    Hsm(hsm::HsmCommand),
 }
 
 /// Runs one client command against the server named in `options`.
-pub async fn run(command: ClientCommand, options: &ClientOptions) -> anyhow::Result<()> {
+///
+/// # Errors
+/// A [`kms_client::Error`] when the server cannot be reached or answers with a
+/// non-OK status; otherwise the command's own failure (unreadable input file,
+/// malformed policy file, output that cannot be written), with context naming
+/// the file or argument.
+pub async fn run(command: Command, options: &ClientOptions) -> anyhow::Result<()> {
     match command {
-        ClientCommand::Key(command) => keys::run(command, options).await,
-        ClientCommand::Alias(command) => aliases::run(command, options).await,
-        ClientCommand::Encrypt(args) => crypto::encrypt(args, options).await,
-        ClientCommand::Decrypt(args) => crypto::decrypt(args, options).await,
-        ClientCommand::DataKey(args) => crypto::data_key(args, options).await,
-        ClientCommand::Envelope(command) => envelope::run(command, options).await,
-        ClientCommand::Audit(command) => audit::run(command, options).await,
-        ClientCommand::Token(command) => policy::run_token(command),
-        ClientCommand::Hsm(command) => hsm::run(command),
+        Command::Key(command) => keys::run(command, options).await,
+        Command::Alias(command) => aliases::run(command, options).await,
+        Command::Encrypt(args) => crypto::encrypt(args, options).await,
+        Command::Decrypt(args) => crypto::decrypt(args, options).await,
+        Command::DataKey(args) => crypto::data_key(args, options).await,
+        Command::Envelope(command) => envelope::run(command, options).await,
+        Command::Audit(command) => audit::run(command, options).await,
     }
-}
-
-/// A gRPC call that the server (or the transport) answered with a non-OK status.
-/// Display: `NOT_FOUND: key alias/x not found`.
-#[derive(Debug)]
-pub struct RpcError {
-    /// The status code.
-    pub code: tonic::Code,
-    /// The status message, as the server wrote it.
-    pub message: String,
-}
-
-impl fmt::Display for RpcError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = output::code_name(self.code);
-        if self.message.is_empty() {
-            f.write_str(name)
-        } else {
-            // The message comes from the network: no terminal control characters.
-            write!(f, "{name}: {}", output::sanitize(&self.message))
-        }
-    }
-}
-
-impl std::error::Error for RpcError {}
-
-impl From<tonic::Status> for RpcError {
-    fn from(status: tonic::Status) -> Self {
-        // A transport failure says only "transport error"; its cause (e.g. a
-        // TLS alert such as CertificateRequired or UnknownCA) is what the
-        // user needs, so append the chain of sources.
-        let mut message = status.message().to_owned();
-        let mut source = std::error::Error::source(&status);
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
-        RpcError {
-            code: status.code(),
-            message,
-        }
-    }
-}
-
-/// Turns a failed RPC into the error the command returns.
-pub(crate) fn rpc_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::Error::new(RpcError::from(status))
 }
 
 /// Pagination: the token for the next page, or `None` after the last page. A
@@ -191,44 +142,10 @@ pub(crate) fn required<T>(field: Option<T>, name: &str) -> anyhow::Result<T> {
     field.ok_or_else(|| anyhow::anyhow!("the server's reply has no {name}"))
 }
 
-/// The channel every client command uses: HTTP/2 (TLS when configured) with
-/// the caller's bearer token, if any, on every request.
-pub(crate) type Connection = InterceptedService<Channel, BearerToken>;
-
-/// Adds `authorization: Bearer <token>` (marked sensitive, so HTTP/2 header
-/// compression never indexes it).
-#[derive(Clone)]
-pub struct BearerToken(Option<AsciiMetadataValue>);
-
-impl fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "BearerToken([REDACTED])"
-        } else {
-            "BearerToken(None)"
-        })
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// The kms-client settings for the global client options: endpoint, TLS
 /// (--ca-cert, --client-cert/--client-key, --tls-server-name) and the bearer
 /// token (KMS_TOKEN or --token-file). Every command connects through these.
-pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<kms_client::ClientConfig> {
-    use kms_client::{BearerToken as Token, ClientConfig, ClientIdentity};
+pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<ClientConfig> {
     let mut config = ClientConfig::new(options.endpoint.clone())
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_call_timeout(REQUEST_TIMEOUT);
@@ -240,7 +157,7 @@ pub(crate) fn client_config(options: &ClientOptions) -> anyhow::Result<kms_clien
         None => std::env::var("KMS_TOKEN").ok().map(Zeroizing::new),
     };
     if let Some(token) = token {
-        config = config.with_bearer_token(Token::new(token.trim())?);
+        config = config.with_bearer_token(BearerToken::new(token.trim())?);
     }
     if let Some(ca) = &options.ca_cert {
         config = config.with_ca_pem(read_pem(ca, "--ca-cert")?);
@@ -262,18 +179,23 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
-/// Opens the HTTP/2 channel to the server. Clients of the three services share it.
-pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<Connection> {
-    let config = client_config(options)?;
-    let token = BearerToken(config.authorization_header()?);
-    let channel = config.tonic_endpoint()?.connect().await.with_context(|| {
+/// Connects to the server with the global options' settings.
+pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
+    connect_with(client_config(options)?, options).await
+}
+
+/// Connects with `config` (the global options' settings, possibly adjusted by
+/// the command), naming the usual remedy when the server is not there.
+pub(crate) async fn connect_with(
+    config: ClientConfig,
+    options: &ClientOptions,
+) -> anyhow::Result<KmsClient> {
+    KmsClient::connect(config).await.with_context(|| {
         format!(
-            "cannot connect to the kms server at {} (is `kms serve` running? \
-             set --endpoint or KMS_ENDPOINT)",
+            "is `kms serve` running? set --endpoint or KMS_ENDPOINT ({})",
             options.endpoint
         )
-    })?;
-    Ok(InterceptedService::new(channel, token))
+    })
 }
 
 #[cfg(test)]
@@ -290,7 +212,7 @@ mod tests {
         #[command(flatten)]
         options: ClientOptions,
         #[command(subcommand)]
-        command: ClientCommand,
+        command: Command,
     }
 
     fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
@@ -308,10 +230,7 @@ mod tests {
             parse(&["key", "list", "--json", "--endpoint", "http://[::1]:9"]).expect("parses");
         assert!(cli.options.json);
         assert_eq!(cli.options.endpoint, "http://[::1]:9");
-        assert!(matches!(
-            cli.command,
-            ClientCommand::Key(KeyCommand::List(_))
-        ));
+        assert!(matches!(cli.command, Command::Key(KeyCommand::List(_))));
     }
 
     #[test]
@@ -331,7 +250,7 @@ mod tests {
             "alias/payments",
         ])
         .expect("parses");
-        let ClientCommand::Key(KeyCommand::Create(args)) = cli.command else {
+        let Command::Key(KeyCommand::Create(args)) = cli.command else {
             panic!("wrong command: {:?}", cli.command);
         };
         assert_eq!(args.description, "payments");
@@ -383,7 +302,7 @@ mod tests {
         assert!(parse(&["data-key", "--key", "k", "--spec", "aes-512"]).is_err());
         let cli =
             parse(&["data-key", "--key", "k", "--bytes", "64", "--no-plaintext"]).expect("parses");
-        let ClientCommand::DataKey(args) = cli.command else {
+        let Command::DataKey(args) = cli.command else {
             panic!("wrong command: {:?}", cli.command);
         };
         assert_eq!(args.bytes, Some(64));
@@ -397,7 +316,7 @@ mod tests {
             "encrypt", "--key", "alias/a", "--in", "-", "--out", "blob.bin",
         ])
         .expect("parses");
-        let ClientCommand::Encrypt(args) = cli.command else {
+        let Command::Encrypt(args) = cli.command else {
             panic!("wrong command: {:?}", cli.command);
         };
         assert_eq!(args.key, "alias/a");
@@ -421,7 +340,7 @@ mod tests {
             "5",
         ])
         .expect("parses");
-        let ClientCommand::Audit(AuditCommand::List(args)) = cli.command else {
+        let Command::Audit(AuditCommand::List(args)) = cli.command else {
             panic!("wrong command: {:?}", cli.command);
         };
         assert_eq!(args.operation, Some(kms_proto::v1::Operation::ReEncrypt));
@@ -442,15 +361,5 @@ mod tests {
             Some("t2".to_owned())
         );
         assert!(next_page_token("t1", "t1".into()).is_err());
-    }
-
-    #[test]
-    fn rpc_error_display_names_the_code() {
-        let error = RpcError::from(tonic::Status::not_found("key alias/x not found"));
-        assert_eq!(error.to_string(), "NOT_FOUND: key alias/x not found");
-        let error = RpcError::from(tonic::Status::new(tonic::Code::Unavailable, ""));
-        assert_eq!(error.to_string(), "UNAVAILABLE");
-        let error = RpcError::from(tonic::Status::internal("bad\x1b[2Jthing"));
-        assert_eq!(error.to_string(), "INTERNAL: bad\\u{1b}[2Jthing");
     }
 }

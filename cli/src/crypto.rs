@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use kms_proto::v1::{self as pb, crypto_client::CryptoClient};
+use kms_proto::v1 as pb;
 use zeroize::Zeroizing;
 
-use super::{ClientOptions, connect, output, parse, rpc_error};
+use super::{ClientOptions, connect, output, parse};
 
 /// The plaintext limit of a server with the default configuration.
 const DEFAULT_SERVER_PLAINTEXT_LIMIT: usize = 4 * 1024;
@@ -51,6 +51,7 @@ pub struct EncryptArgs {
     /// Encryption context entry, needed again to decrypt; repeat for several.
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
     pub context: Vec<(String, String)>,
+    /// Where the input comes from and the output goes (`--in`, `--out`).
     #[command(flatten)]
     pub io: IoArgs,
     /// Write the ciphertext blob as base64 text instead of raw bytes.
@@ -68,6 +69,7 @@ pub struct DecryptArgs {
     /// Encryption context entry given to encrypt; repeat for several.
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
     pub context: Vec<(String, String)>,
+    /// Where the input comes from and the output goes (`--in`, `--out`).
     #[command(flatten)]
     pub io: IoArgs,
     /// Read the ciphertext blob as base64 text instead of raw bytes.
@@ -125,7 +127,7 @@ pub(crate) async fn encrypt(args: EncryptArgs, options: &ClientOptions) -> anyho
         anyhow::bail!("the input is empty: nothing to encrypt");
     }
     let size = plaintext.len();
-    let mut client = CryptoClient::new(connect(options).await?);
+    let client = connect(options).await?;
     let request = pb::EncryptRequest {
         key_id: args.key,
         // Moved, not copied: the only copy left is the one tonic encodes.
@@ -133,14 +135,14 @@ pub(crate) async fn encrypt(args: EncryptArgs, options: &ClientOptions) -> anyho
         encryption_context: context,
     };
     let reply = match client.encrypt(request).await {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => {
-            if status.code() == tonic::Code::InvalidArgument
+        Ok(reply) => reply,
+        Err(error) => {
+            if error.code() == Some(tonic::Code::InvalidArgument)
                 && size > DEFAULT_SERVER_PLAINTEXT_LIMIT
             {
                 eprintln!("hint: the input is {size} bytes; {}", too_large_hint());
             }
-            return Err(rpc_error(status));
+            return Err(error.into());
         }
     };
     let text;
@@ -178,19 +180,22 @@ pub(crate) async fn decrypt(args: DecryptArgs, options: &ClientOptions) -> anyho
     if blob.is_empty() {
         anyhow::bail!("the input is empty: no ciphertext blob to decrypt");
     }
-    let mut client = CryptoClient::new(connect(options).await?);
+    let client = connect(options).await?;
     let request = pb::DecryptRequest {
         ciphertext_blob: blob,
         encryption_context: context,
         key_id: args.key.unwrap_or_default(),
     };
     let mut reply = match client.decrypt(request).await {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => {
-            if status.code() == tonic::Code::InvalidArgument && !args.base64 && looks_like_base64 {
+        Ok(reply) => reply,
+        Err(error) => {
+            if error.code() == Some(tonic::Code::InvalidArgument)
+                && !args.base64
+                && looks_like_base64
+            {
                 eprintln!("hint: the input looks like base64 text; did you mean --base64?");
             }
-            return Err(rpc_error(status));
+            return Err(error.into());
         }
     };
     // Take ownership of the decoded plaintext so that it is erased when dropped.
@@ -215,7 +220,7 @@ pub(crate) async fn data_key(args: DataKeyArgs, options: &ClientOptions) -> anyh
         DataKeySpecArg::Aes256 => pb::DataKeySpec::Aes256,
         DataKeySpecArg::Aes128 => pb::DataKeySpec::Aes128,
     };
-    let mut client = CryptoClient::new(connect(options).await?);
+    let client = connect(options).await?;
     let (key_id, key_version, ciphertext_blob, plaintext) = if args.no_plaintext {
         use pb::generate_data_key_without_plaintext_request::Length;
         let length = match args.bytes {
@@ -228,9 +233,7 @@ pub(crate) async fn data_key(args: DataKeyArgs, options: &ClientOptions) -> anyh
                 encryption_context,
                 length: Some(length),
             })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+            .await?;
         (reply.key_id, reply.key_version, reply.ciphertext_blob, None)
     } else {
         use pb::generate_data_key_request::Length;
@@ -244,9 +247,7 @@ pub(crate) async fn data_key(args: DataKeyArgs, options: &ClientOptions) -> anyh
                 encryption_context,
                 length: Some(length),
             })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+            .await?;
         let plaintext = Zeroizing::new(std::mem::take(&mut reply.plaintext));
         (
             reply.key_id,

@@ -8,11 +8,12 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kms_proto::v1::{self as pb, audit_client::AuditClient};
+use kms_client::KmsClient;
+use kms_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use super::output::{self, Table};
-use super::{ClientOptions, connect, next_page_token, parse, rfc3339, rpc_error};
+use super::{ClientOptions, connect, next_page_token, parse};
 
 /// `kms audit` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -38,10 +39,10 @@ pub struct AuditListArgs {
     #[arg(long, value_name = "NAME", value_parser = parse::operation)]
     pub operation: Option<pb::Operation>,
     /// Only events at or after this time (RFC 3339, e.g. 2026-01-31T12:00:00Z).
-    #[arg(long, value_name = "TIME", value_parser = rfc3339::parse)]
+    #[arg(long, value_name = "TIME", value_parser = output::parse_time)]
     pub since: Option<prost_types::Timestamp>,
     /// Only events strictly before this time (RFC 3339).
-    #[arg(long, value_name = "TIME", value_parser = rfc3339::parse)]
+    #[arg(long, value_name = "TIME", value_parser = output::parse_time)]
     pub until: Option<prost_types::Timestamp>,
     /// Show at most N events (default: all that match).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -56,19 +57,17 @@ pub struct AuditExportArgs {
     pub output: Option<PathBuf>,
 }
 
-type Client = AuditClient<super::Connection>;
-
 pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyhow::Result<()> {
-    let mut client = AuditClient::new(connect(options).await?);
+    let client = connect(options).await?;
     match command {
-        AuditCommand::List(args) => list(&mut client, args, options).await,
-        AuditCommand::Verify => verify(&mut client, options).await,
-        AuditCommand::Export(args) => export(&mut client, args).await,
+        AuditCommand::List(args) => list(&client, args, options).await,
+        AuditCommand::Verify => verify(&client, options).await,
+        AuditCommand::Export(args) => export(&client, args).await,
     }
 }
 
 async fn list(
-    client: &mut Client,
+    client: &KmsClient,
     args: AuditListArgs,
     options: &ClientOptions,
 ) -> anyhow::Result<()> {
@@ -88,11 +87,7 @@ async fn list(
             page_size: remaining.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX)),
             page_token: page_token.clone(),
         };
-        let reply = client
-            .list_audit_events(request)
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+        let reply = client.list_audit_events(request).await?;
         events.extend(reply.events);
         if let Some(limit) = limit
             && events.len() >= limit
@@ -137,19 +132,17 @@ fn events_table(events: &[pb::AuditEvent]) -> Table {
             } else {
                 event.key_version.to_string()
             },
-            output::result_name(event.result_code),
+            kms_proto::numeric_code_name(event.result_code),
             output::latency_cell(event.latency_us),
         ]);
     }
     table
 }
 
-async fn verify(client: &mut Client, options: &ClientOptions) -> anyhow::Result<()> {
+async fn verify(client: &KmsClient, options: &ClientOptions) -> anyhow::Result<()> {
     let reply = client
         .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await?;
     if options.json {
         output::emit_json(&verify_json(&reply))?;
     } else {
@@ -207,7 +200,7 @@ fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
 
 /// Pages through the whole log and writes one compact JSON event per line, page
 /// by page, so that memory use does not grow with the log.
-async fn export(client: &mut Client, args: AuditExportArgs) -> anyhow::Result<()> {
+async fn export(client: &KmsClient, args: AuditExportArgs) -> anyhow::Result<()> {
     let to_file = args.output.as_deref().filter(|p| p.as_os_str() != "-");
     // Send (no StdoutLock): the writer lives across awaits.
     let sink: Box<dyn Write + Send> = match to_file {
@@ -226,11 +219,7 @@ async fn export(client: &mut Client, args: AuditExportArgs) -> anyhow::Result<()
             page_token: page_token.clone(),
             ..Default::default()
         };
-        let reply = client
-            .list_audit_events(request)
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+        let reply = client.list_audit_events(request).await?;
         for event in &reply.events {
             serde_json::to_writer(&mut writer, &event_json(event))?;
             writer
@@ -267,7 +256,7 @@ fn event_json(event: &pb::AuditEvent) -> Value {
         "key_version": event.key_version,
         "context_digest": hex::encode(event.context_digest.as_slice()),
         "result_code": event.result_code,
-        "result": output::result_name(event.result_code),
+        "result": kms_proto::numeric_code_name(event.result_code),
         "latency_us": event.latency_us,
         "hash": hex::encode(event.hash.as_slice()),
     })

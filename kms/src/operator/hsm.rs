@@ -15,6 +15,7 @@ pub enum HsmCommand {
     InitToken(InitTokenArgs),
 }
 
+/// Arguments of `kms hsm init-token`.
 #[derive(Debug, clap::Args)]
 pub struct InitTokenArgs {
     /// The PKCS#11 module (for SoftHSM2 the token directory comes from
@@ -32,7 +33,12 @@ pub struct InitTokenArgs {
     pub so_pin_file: PathBuf,
 }
 
-pub(crate) fn run(command: HsmCommand) -> anyhow::Result<()> {
+/// Runs a `kms hsm` command.
+///
+/// # Errors
+/// The module cannot be loaded, a token with the label exists already, a PIN
+/// file cannot be read, or the token cannot be initialized.
+pub fn run(command: HsmCommand) -> anyhow::Result<()> {
     match command {
         HsmCommand::InitToken(args) => {
             if kms_hsm::token_exists(&args.module, &args.label)? {

@@ -1,11 +1,11 @@
 //! `kms alias ...`: named pointers to keys, through the KeyManagement service.
 #![allow(clippy::print_stdout)]
 
-use kms_proto::v1::{self as pb, key_management_client::KeyManagementClient};
+use kms_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use super::output::{self, Table};
-use super::{ClientOptions, connect, next_page_token, required, rpc_error};
+use super::{ClientOptions, connect, next_page_token, required};
 
 /// `kms alias` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -48,7 +48,7 @@ pub struct ListAliasesArgs {
 }
 
 pub(crate) async fn run(command: AliasCommand, options: &ClientOptions) -> anyhow::Result<()> {
-    let mut client = KeyManagementClient::new(connect(options).await?);
+    let client = connect(options).await?;
     match command {
         AliasCommand::Create(AliasTargetArgs { alias, key }) => {
             let reply = client
@@ -56,9 +56,7 @@ pub(crate) async fn run(command: AliasCommand, options: &ClientOptions) -> anyho
                     alias_name: alias,
                     target_key_id: key,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_alias(&required(reply.alias, "alias")?, options)
         }
         AliasCommand::Update(AliasTargetArgs { alias, key }) => {
@@ -67,9 +65,7 @@ pub(crate) async fn run(command: AliasCommand, options: &ClientOptions) -> anyho
                     alias_name: alias,
                     target_key_id: key,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_alias(&required(reply.alias, "alias")?, options)
         }
         AliasCommand::Delete(AliasNameArg { alias }) => {
@@ -77,8 +73,7 @@ pub(crate) async fn run(command: AliasCommand, options: &ClientOptions) -> anyho
                 .delete_alias(pb::DeleteAliasRequest {
                     alias_name: alias.clone(),
                 })
-                .await
-                .map_err(rpc_error)?;
+                .await?;
             if options.json {
                 output::emit_json(&json!({ "deleted": alias }))
             } else {
@@ -96,9 +91,7 @@ pub(crate) async fn run(command: AliasCommand, options: &ClientOptions) -> anyho
                         page_size: 0,
                         page_token: page_token.clone(),
                     })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
+                    .await?;
                 aliases.extend(reply.aliases);
                 match next_page_token(&page_token, reply.next_page_token)? {
                     Some(next) => page_token = next,

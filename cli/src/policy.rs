@@ -1,10 +1,10 @@
 //! `kms key policy ...`: who may use and manage a key (GetKeyPolicy and
-//! PutKeyPolicy), and `kms token new`: a bearer token and the configuration
-//! entry that accepts it.
+//! PutKeyPolicy).
 //!
-//! Grants name principals (patterns with `*`), permissions by their
-//! kebab-case names (encrypt, decrypt, generate-data-key, re-encrypt-from,
-//! re-encrypt-to, describe, rotate, manage) and optional required
+//! Grants name principals (patterns with `*`), permissions by the kebab-case
+//! form of the proto `Permission` enum's names (encrypt, decrypt,
+//! generate-data-key, re-encrypt-from, re-encrypt-to, describe, rotate,
+//! manage) and optional required
 //! encryption-context entries. Policy files are JSON:
 //! `{"grants": [{"principal": "...", "permissions": ["encrypt"],
 //!   "required_encryption_context": {"tenant": "acme"}}]}`.
@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use kms_proto::v1::{self as pb, key_management_client::KeyManagementClient};
-use kms_storage::Permission;
+use kms_client::KmsClient;
+use kms_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use super::output::{self, Table};
-use super::{ClientOptions, connect, parse, required, rpc_error};
+use super::{ClientOptions, connect, parse, required};
 
 /// `kms key policy` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -36,6 +36,7 @@ pub enum PolicyCommand {
     Reset(PolicyKeyArg),
 }
 
+/// Arguments of `kms key policy get` and `reset`.
 #[derive(Debug, clap::Args)]
 pub struct PolicyKeyArg {
     /// Key id ("key-...") or alias ("alias/<name>").
@@ -43,6 +44,7 @@ pub struct PolicyKeyArg {
     pub key: String,
 }
 
+/// Arguments of `kms key policy grant`.
 #[derive(Debug, clap::Args)]
 pub struct GrantArgs {
     /// Key id or alias.
@@ -54,12 +56,13 @@ pub struct GrantArgs {
     /// A permission; repeat for several (encrypt, decrypt, generate-data-key,
     /// re-encrypt-from, re-encrypt-to, describe, rotate, manage).
     #[arg(long = "permission", required = true, value_parser = parse_permission)]
-    pub permissions: Vec<Permission>,
+    pub permissions: Vec<pb::Permission>,
     /// An encryption-context entry the request must carry; repeat for several.
     #[arg(long = "require-context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
     pub required_context: Vec<(String, String)>,
 }
 
+/// Arguments of `kms key policy revoke`.
 #[derive(Debug, clap::Args)]
 pub struct RevokeArgs {
     /// Key id or alias.
@@ -70,6 +73,7 @@ pub struct RevokeArgs {
     pub principal: String,
 }
 
+/// Arguments of `kms key policy set`.
 #[derive(Debug, clap::Args)]
 pub struct SetPolicyArgs {
     /// Key id or alias.
@@ -80,55 +84,64 @@ pub struct SetPolicyArgs {
     pub file: PathBuf,
 }
 
-fn parse_permission(name: &str) -> Result<Permission, String> {
-    Permission::parse(name).ok_or_else(|| {
-        format!(
-            "unknown permission {name:?}; expected one of: {}",
-            Permission::ALL.map(Permission::as_str).join(", ")
-        )
-    })
+/// Every permission a grant may hold: the proto enum's values after UNSPECIFIED.
+fn all_permissions() -> impl Iterator<Item = pb::Permission> {
+    (1..).map_while(|value| pb::Permission::try_from(value).ok())
 }
 
+/// The command-line name of a permission: `PERMISSION_RE_ENCRYPT_FROM` ->
+/// `re-encrypt-from`.
+fn cli_name(permission: pb::Permission) -> String {
+    permission
+        .as_str_name()
+        .trim_start_matches("PERMISSION_")
+        .to_ascii_lowercase()
+        .replace('_', "-")
+}
+
+fn parse_permission(name: &str) -> Result<pb::Permission, String> {
+    all_permissions()
+        .find(|p| cli_name(*p) == name)
+        .ok_or_else(|| {
+            format!(
+                "unknown permission {name:?}; expected one of: {}",
+                all_permissions()
+                    .map(cli_name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// The name of a permission value in a reply; a value this client does not
+/// know keeps its number.
 fn permission_name(value: i32) -> String {
-    pb::Permission::try_from(value).map_or_else(
-        |_| format!("unknown({value})"),
-        |p| {
-            p.as_str_name()
-                .trim_start_matches("PERMISSION_")
-                .to_ascii_lowercase()
-                .replace('_', "-")
-        },
-    )
-}
-
-fn permission_value(permission: Permission) -> i32 {
-    let name = format!(
-        "PERMISSION_{}",
-        permission.as_str().to_ascii_uppercase().replace('-', "_")
-    );
-    pb::Permission::from_str_name(&name).map_or(0, |p| p as i32)
+    pb::Permission::try_from(value)
+        .ok()
+        .filter(|p| *p != pb::Permission::Unspecified)
+        .map_or_else(|| format!("unknown({value})"), cli_name)
 }
 
 pub(crate) async fn run(command: PolicyCommand, options: &ClientOptions) -> anyhow::Result<()> {
-    let mut client = KeyManagementClient::new(connect(options).await?);
+    let client = connect(options).await?;
     match command {
         PolicyCommand::Get(PolicyKeyArg { key }) => {
-            let policy = get(&mut client, &key).await?;
+            let policy = get(&client, &key).await?;
             show(&key, &policy, options)
         }
         PolicyCommand::Grant(args) => {
             // Read-modify-write; PutKeyPolicy replaces the policy whole.
-            let mut policy = get(&mut client, &args.key).await?;
+            let mut policy = get(&client, &args.key).await?;
             policy.grants.push(pb::Grant {
                 principal: args.principal,
-                permissions: args.permissions.into_iter().map(permission_value).collect(),
+                permissions: args.permissions.into_iter().map(i32::from).collect(),
                 required_encryption_context: args.required_context.into_iter().collect(),
             });
-            let policy = put(&mut client, &args.key, policy).await?;
+            let policy = put(&client, &args.key, policy).await?;
             show(&args.key, &policy, options)
         }
         PolicyCommand::Revoke(args) => {
-            let mut policy = get(&mut client, &args.key).await?;
+            let mut policy = get(&client, &args.key).await?;
             let before = policy.grants.len();
             policy.grants.retain(|g| g.principal != args.principal);
             if policy.grants.len() == before {
@@ -138,7 +151,7 @@ pub(crate) async fn run(command: PolicyCommand, options: &ClientOptions) -> anyh
                     args.principal
                 );
             }
-            let policy = put(&mut client, &args.key, policy).await?;
+            let policy = put(&client, &args.key, policy).await?;
             show(&args.key, &policy, options)
         }
         PolicyCommand::Set(args) => {
@@ -150,32 +163,27 @@ pub(crate) async fn run(command: PolicyCommand, options: &ClientOptions) -> anyh
                     .with_context(|| format!("cannot read {}", args.file.display()))?
             };
             let policy = policy_from_json(&text)?;
-            let policy = put(&mut client, &args.key, policy).await?;
+            let policy = put(&client, &args.key, policy).await?;
             show(&args.key, &policy, options)
         }
         PolicyCommand::Reset(PolicyKeyArg { key }) => {
-            let policy = put(&mut client, &key, pb::KeyPolicy::default()).await?;
+            let policy = put(&client, &key, pb::KeyPolicy::default()).await?;
             show(&key, &policy, options)
         }
     }
 }
 
-async fn get(
-    client: &mut KeyManagementClient<super::Connection>,
-    key: &str,
-) -> anyhow::Result<pb::KeyPolicy> {
+async fn get(client: &KmsClient, key: &str) -> anyhow::Result<pb::KeyPolicy> {
     let reply = client
         .get_key_policy(pb::GetKeyPolicyRequest {
             key_id: key.to_owned(),
         })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await?;
     required(reply.policy, "policy")
 }
 
 async fn put(
-    client: &mut KeyManagementClient<super::Connection>,
+    client: &KmsClient,
     key: &str,
     policy: pb::KeyPolicy,
 ) -> anyhow::Result<pb::KeyPolicy> {
@@ -184,9 +192,7 @@ async fn put(
             key_id: key.to_owned(),
             policy: Some(policy),
         })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await?;
     required(reply.policy, "policy")
 }
 
@@ -213,7 +219,7 @@ pub(crate) fn policy_from_json(text: &str) -> anyhow::Result<pb::KeyPolicy> {
             let permissions = g
                 .permissions
                 .iter()
-                .map(|p| parse_permission(p).map(permission_value))
+                .map(|p| parse_permission(p).map(i32::from))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("grant for {}: {e}", g.principal))?;
             Ok(pb::Grant {
@@ -270,57 +276,34 @@ fn show(key: &str, policy: &pb::KeyPolicy, options: &ClientOptions) -> anyhow::R
     output::emit(&table.render())
 }
 
-/// `kms token` subcommands (local: no server involved).
-#[derive(Debug, clap::Subcommand)]
-pub enum TokenCommand {
-    /// Generate a bearer token for a principal and print it with the
-    /// [[auth.tokens]] entry (its SHA-256) for the server's configuration.
-    New(NewTokenArgs),
-}
-
-#[derive(Debug, clap::Args)]
-pub struct NewTokenArgs {
-    /// The principal callers presenting this token will be.
-    #[arg(long)]
-    pub principal: String,
-}
-
-pub(crate) fn run_token(command: TokenCommand) -> anyhow::Result<()> {
-    match command {
-        TokenCommand::New(args) => {
-            if !crate::auth::is_valid_principal(&args.principal) || args.principal.contains('*') {
-                anyhow::bail!(
-                    "--principal must be printable ASCII without spaces or '*' (at most 1024 characters)"
-                );
-            }
-            let token = crate::auth::tokens::generate_token()
-                .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
-            let digest = hex::encode(crate::auth::tokens::token_digest(token.as_bytes()));
-            // The token goes to stdout alone (easy to redirect into a 0600
-            // file); the configuration entry goes to stderr.
-            println!("{}", token.as_str());
-            eprintln!(
-                "# Give the token above to {principal} (e.g. in a 0600 file read with \
-                 --token-file, or KMS_TOKEN). Add this to the server configuration; the \
-                 token itself is never stored there:\n[[auth.tokens]]\nprincipal = \"{principal}\"\nsha256 = \"{digest}\"",
-                principal = args.principal
-            );
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn permission_names_match_the_proto_enum() {
-        for p in Permission::ALL {
-            let value = permission_value(p);
-            assert_ne!(value, 0, "{p:?}");
-            assert_eq!(permission_name(value), p.as_str());
+    fn permission_names_come_from_the_proto_enum() {
+        let names: Vec<String> = all_permissions().map(cli_name).collect();
+        assert_eq!(
+            names,
+            [
+                "encrypt",
+                "decrypt",
+                "generate-data-key",
+                "re-encrypt-from",
+                "re-encrypt-to",
+                "describe",
+                "rotate",
+                "manage"
+            ]
+        );
+        for p in all_permissions() {
+            assert_eq!(parse_permission(&cli_name(p)), Ok(p));
+            assert_eq!(permission_name(p.into()), cli_name(p));
         }
+        assert_eq!(permission_name(0), "unknown(0)");
+        assert_eq!(permission_name(99), "unknown(99)");
+        let error = parse_permission("encrpyt").expect_err("typo");
+        assert!(error.contains("re-encrypt-from"), "{error}");
     }
 
     #[test]

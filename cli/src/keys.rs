@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use kms_proto::v1::{self as pb, key_management_client::KeyManagementClient};
+use kms_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use super::output::{self, Table};
-use super::{ClientOptions, connect, next_page_token, parse, required, rpc_error};
+use super::{ClientOptions, connect, next_page_token, parse, required};
 
 const SECONDS_PER_DAY: i64 = 86_400;
 /// Longest description shown in `kms key list` (describe shows it whole).
@@ -166,33 +166,23 @@ pub struct UpdateDescriptionArgs {
     pub description: String,
 }
 
-type Client = KeyManagementClient<super::Connection>;
-
-async fn client(options: &ClientOptions) -> anyhow::Result<Client> {
-    Ok(KeyManagementClient::new(connect(options).await?))
-}
-
 pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow::Result<()> {
     match command {
         KeyCommand::Create(args) => create(args, options).await,
         KeyCommand::Policy(command) => super::policy::run(command, options).await,
         KeyCommand::List(args) => list(args, options).await,
         KeyCommand::Describe(KeyArg { key }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .describe_key(pb::DescribeKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Rotate(KeyArg { key }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .rotate_key(pb::RotateKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             let metadata = required(reply.key_metadata, "key metadata")?;
             let version = required(reply.new_version, "new version")?;
             if options.json {
@@ -210,31 +200,25 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
             }
         }
         KeyCommand::Enable(KeyArg { key }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .enable_key(pb::EnableKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Disable(KeyArg { key }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .disable_key(pb::DisableKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::ScheduleDeletion(args) => schedule_deletion(args, options).await,
         KeyCommand::CancelDeletion(KeyArg { key }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .cancel_key_deletion(pb::CancelKeyDeletionRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Versions(KeyArg { key }) => versions(key, options).await,
@@ -243,86 +227,72 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
                 seconds: i64::from(days) * SECONDS_PER_DAY,
                 nanos: 0,
             });
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .set_rotation_policy(pb::SetRotationPolicyRequest {
                     key_id: args.key,
                     rotation_period,
                     next_rotation_time: None,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::EnableVersion(VersionArgs { key, version }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .enable_key_version(pb::EnableKeyVersionRequest {
                     key_id: key,
                     version,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_version(required(reply.key_version, "key version")?, options)
         }
         KeyCommand::DisableVersion(VersionArgs { key, version }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .disable_key_version(pb::DisableKeyVersionRequest {
                     key_id: key,
                     version,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_version(required(reply.key_version, "key version")?, options)
         }
         KeyCommand::SetPrimary(VersionArgs { key, version }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .set_primary_version(pb::SetPrimaryVersionRequest {
                     key_id: key,
                     version,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Tag(TagArgs { key, tags }) => {
             let tags = parse::pairs_to_map(tags, "tag")?;
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .tag_key(pb::TagKeyRequest { key_id: key, tags })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Untag(UntagArgs { key, tag_keys }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .untag_key(pb::UntagKeyRequest {
                     key_id: key,
                     tag_keys,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::UpdateDescription(UpdateDescriptionArgs { key, description }) => {
-            let reply = client(options)
+            let reply = connect(options)
                 .await?
                 .update_key_description(pb::UpdateKeyDescriptionRequest {
                     key_id: key,
                     description,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
     }
@@ -335,7 +305,7 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
         seconds: i64::from(days) * SECONDS_PER_DAY,
         nanos: 0,
     });
-    let mut client = client(options).await?;
+    let client = connect(options).await?;
     let reply = client
         .create_key(pb::CreateKeyRequest {
             description: args.description,
@@ -343,9 +313,7 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
             tags,
             rotation_period,
         })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await?;
     let mut metadata = required(reply.key_metadata, "key metadata")?;
     if let Some(alias_name) = args.alias {
         let reply = client
@@ -354,13 +322,12 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
                 target_key_id: metadata.key_id.clone(),
             })
             .await
-            .map_err(|status| {
-                rpc_error(status).context(format!(
+            .map_err(|error| {
+                anyhow::Error::new(error).context(format!(
                     "key {} was created, but alias {alias_name} was not",
                     metadata.key_id
                 ))
-            })?
-            .into_inner();
+            })?;
         // The metadata predates the alias; show the key as it is now.
         let name = reply.alias.map_or(alias_name, |a| a.alias_name);
         if !metadata.aliases.contains(&name) {
@@ -372,7 +339,7 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
 }
 
 async fn list(args: ListKeysArgs, options: &ClientOptions) -> anyhow::Result<()> {
-    let mut client = client(options).await?;
+    let client = connect(options).await?;
     let mut keys = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -382,9 +349,7 @@ async fn list(args: ListKeysArgs, options: &ClientOptions) -> anyhow::Result<()>
                 page_token: page_token.clone(),
                 include_deleted: args.all,
             })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+            .await?;
         keys.extend(reply.keys);
         match next_page_token(&page_token, reply.next_page_token)? {
             Some(next) => page_token = next,
@@ -428,15 +393,13 @@ async fn schedule_deletion(
     args: ScheduleDeletionArgs,
     options: &ClientOptions,
 ) -> anyhow::Result<()> {
-    let reply = client(options)
+    let reply = connect(options)
         .await?
         .schedule_key_deletion(pb::ScheduleKeyDeletionRequest {
             key_id: args.key,
             pending_window_days: args.days,
         })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await?;
     let metadata = required(reply.key_metadata, "key metadata")?;
     if options.json {
         return output::emit_json(&json!({
@@ -455,7 +418,7 @@ async fn schedule_deletion(
 }
 
 async fn versions(key: String, options: &ClientOptions) -> anyhow::Result<()> {
-    let mut client = client(options).await?;
+    let client = connect(options).await?;
     let mut versions = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -465,9 +428,7 @@ async fn versions(key: String, options: &ClientOptions) -> anyhow::Result<()> {
                 page_size: 0,
                 page_token: page_token.clone(),
             })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+            .await?;
         versions.extend(reply.versions);
         match next_page_token(&page_token, reply.next_page_token)? {
             Some(next) => page_token = next,

@@ -44,6 +44,7 @@ pub struct EnvelopeEncryptArgs {
     /// Encryption context entry, needed again to decrypt; repeat for several.
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
     pub context: Vec<(String, String)>,
+    /// Where the input comes from and the output goes (`--in`, `--out`).
     #[command(flatten)]
     pub io: IoArgs,
     /// Plaintext bytes per authenticated chunk (1 to 16 MiB).
@@ -62,6 +63,7 @@ pub struct EnvelopeDecryptArgs {
     /// Encryption context entry given to encrypt; repeat for several.
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse::key_value)]
     pub context: Vec<(String, String)>,
+    /// Where the input comes from and the output goes (`--in`, `--out`).
     #[command(flatten)]
     pub io: IoArgs,
 }
@@ -111,14 +113,11 @@ fn context(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
 }
 
 async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
-    KmsClient::connect(super::client_config(options)?.with_call_timeout(CALL_TIMEOUT))
-        .await
-        .with_context(|| {
-            format!(
-                "is `kms serve` running? set --endpoint or KMS_ENDPOINT ({})",
-                options.endpoint
-            )
-        })
+    super::connect_with(
+        super::client_config(options)?.with_call_timeout(CALL_TIMEOUT),
+        options,
+    )
+    .await
 }
 
 fn is_stdio(path: Option<&Path>) -> bool {
@@ -284,7 +283,7 @@ mod tests {
             "decrypt",
         ])
         .expect("parses");
-        let config = crate::cli::client_config(&cli.options).expect("config");
+        let config = crate::client_config(&cli.options).expect("config");
         assert_eq!(config.endpoint(), "http://127.0.0.1:9");
         let out = format!("{config:?}");
         assert!(
