@@ -35,7 +35,9 @@ pub enum StorageError {
     /// The database engine failed (I/O error, corruption detected by RocksDB, ...).
     #[error("database operation {op} failed")]
     Db {
+        /// The operation that failed (e.g. `"get"`, `"write"`, `"open"`).
         op: &'static str,
+        /// RocksDB's error.
         #[source]
         source: DbError,
     },
@@ -43,74 +45,144 @@ pub enum StorageError {
     #[error(
         "database format version {found} is newer than the newest this build supports ({supported}); upgrade kms"
     )]
-    FormatTooNew { found: u32, supported: u32 },
+    FormatTooNew {
+        /// The format version stored in the database.
+        found: u32,
+        /// The newest format this build reads ([`crate::schema::FORMAT_VERSION`]).
+        supported: u32,
+    },
     /// The database has a format version this build can no longer read.
     #[error(
         "database format version {found} is older than the oldest this build supports ({supported})"
     )]
-    FormatTooOld { found: u32, supported: u32 },
+    FormatTooOld {
+        /// The format version stored in the database.
+        found: u32,
+        /// The oldest format this build reads ([`crate::schema::MIN_FORMAT_VERSION`]).
+        supported: u32,
+    },
     /// A column family the schema requires is missing after open.
     #[error("column family {name} is missing")]
-    MissingColumnFamily { name: &'static str },
+    MissingColumnFamily {
+        /// The column family's name (see [`crate::schema`]).
+        name: &'static str,
+    },
     /// A stored key or value could not be decoded.
     #[error("corrupt record in column family {cf} at key {key_hex}: {reason}")]
     Corrupt {
+        /// The column family holding the record.
         cf: &'static str,
+        /// The record's key, hex-encoded (keys hold no secrets).
         key_hex: String,
+        /// What was wrong with it.
         reason: &'static str,
     },
     /// A stored JSON record could not be decoded.
     #[error("corrupt JSON record in column family {cf} at key {key_hex}")]
     CorruptJson {
+        /// The column family holding the record.
         cf: &'static str,
+        /// The record's key, hex-encoded.
         key_hex: String,
+        /// The JSON decoder's error.
         #[source]
         source: serde_json::Error,
     },
     /// A record could not be serialized (never expected for our own types).
     #[error("could not serialize a {what} record")]
     Serialize {
+        /// The kind of record (`"key"`, `"version"`).
         what: &'static str,
+        /// The JSON encoder's error.
         #[source]
         source: serde_json::Error,
     },
     /// Not a well-formed key id (`key-` followed by 32 lowercase hex digits).
     #[error("invalid key id {value:?}")]
-    InvalidKeyId { value: String },
+    InvalidKeyId {
+        /// The rejected text.
+        value: String,
+    },
     /// Not a well-formed alias (`alias/` followed by 1-250 of `[A-Za-z0-9/_-]`).
     #[error("invalid alias {value:?}")]
-    InvalidAlias { value: String },
+    InvalidAlias {
+        /// The rejected text.
+        value: String,
+    },
     /// A key with this id already exists (ids are never reused, even after deletion).
     #[error("key {id} already exists")]
-    KeyExists { id: String },
+    KeyExists {
+        /// The key id.
+        id: String,
+    },
+    /// No key with this id exists.
     #[error("key {id} not found")]
-    KeyNotFound { id: String },
+    KeyNotFound {
+        /// The key id.
+        id: String,
+    },
     /// The key is a tombstone; it can no longer be changed or aliased.
     #[error("key {id} is deleted")]
-    KeyDeleted { id: String },
+    KeyDeleted {
+        /// The key id.
+        id: String,
+    },
+    /// The alias already names a key (move it with `update_alias`).
     #[error("alias {alias} already exists")]
-    AliasExists { alias: String },
+    AliasExists {
+        /// The alias.
+        alias: String,
+    },
+    /// No such alias.
     #[error("alias {alias} not found")]
-    AliasNotFound { alias: String },
+    AliasNotFound {
+        /// The alias.
+        alias: String,
+    },
+    /// The key has no version with this number.
     #[error("version {version} of key {id} not found")]
-    VersionNotFound { id: String, version: u32 },
+    VersionNotFound {
+        /// The key id.
+        id: String,
+        /// The version number.
+        version: u32,
+    },
     /// The operation requires a pending version (commit/discard of two-phase creation).
     #[error("version {version} of key {id} is not pending")]
-    VersionNotPending { id: String, version: u32 },
+    VersionNotPending {
+        /// The key id.
+        id: String,
+        /// The version number.
+        version: u32,
+    },
     /// Pending versions may only be committed or discarded, not moved to another state.
     #[error("version {version} of key {id}: invalid state change")]
-    InvalidVersionTransition { id: String, version: u32 },
+    InvalidVersionTransition {
+        /// The key id.
+        id: String,
+        /// The version number.
+        version: u32,
+    },
     /// An update closure tried to change a field that is fixed at creation.
     #[error("field {field} cannot be changed")]
-    ImmutableField { field: &'static str },
+    ImmutableField {
+        /// The field's name in the record.
+        field: &'static str,
+    },
     /// A key's version numbers are exhausted (u32::MAX versions).
     #[error("key {id} has no version numbers left")]
-    VersionsExhausted { id: String },
+    VersionsExhausted {
+        /// The key id.
+        id: String,
+    },
     /// An audit event field exceeds what the record format can hold.
     #[error("audit field {field} is {len} bytes long; the maximum is {max}")]
     AuditFieldTooLong {
+        /// The field's name.
         field: &'static str,
+        /// Its length, bytes.
         len: usize,
+        /// The longest the format holds, bytes ([`crate::MAX_FIELD_LEN`]).
         max: usize,
     },
     /// A previous audit write failed; the log refuses every append until it is reopened.
@@ -119,6 +191,7 @@ pub enum StorageError {
     /// The audit batch holding this record could not be written; the log is now poisoned.
     #[error("audit write failed; the log is now poisoned")]
     AuditWrite {
+        /// RocksDB's error.
         #[source]
         source: DbError,
     },
@@ -131,20 +204,25 @@ pub enum StorageError {
     /// The checkpoint MAC callback failed; the batch was not written (nothing is poisoned).
     #[error("computing the MAC of audit checkpoint {seq} failed")]
     CheckpointMac {
+        /// Sequence number of the record the checkpoint would certify.
         seq: u64,
+        /// The MAC callback's error.
         #[source]
         source: Arc<dyn std::error::Error + Send + Sync + 'static>,
     },
     /// The checkpoint verifier callback itself failed (not a bad MAC: an unusable verifier).
     #[error("verifying the MAC of audit checkpoint {seq} failed")]
     CheckpointVerifier {
+        /// Sequence number of the checkpoint being verified.
         seq: u64,
+        /// The verifier callback's error.
         #[source]
         source: CallbackError,
     },
     /// Writing an export failed.
     #[error("writing the audit export failed")]
     Export {
+        /// The writer's error.
         #[source]
         source: std::io::Error,
     },

@@ -23,6 +23,11 @@ impl KeyId {
     pub const LEN: usize = 4 + 32;
 
     /// Parses and validates a key id.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::InvalidKeyId`] unless `s` is `key-` followed by exactly
+    /// 32 lowercase hex digits.
     pub fn parse(s: &str) -> Result<KeyId, StorageError> {
         let ok = s.len() == Self::LEN
             && s.starts_with(Self::PREFIX)
@@ -43,6 +48,7 @@ impl KeyId {
         KeyId(format!("{}{}", Self::PREFIX, hex::encode(bytes)))
     }
 
+    /// The id as text (`key-…`, [`KeyId::LEN`] ASCII bytes).
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -82,6 +88,12 @@ impl Alias {
     const PREFIX: &'static str = "alias/";
     const MAX_NAME: usize = 250;
 
+    /// Parses and validates an alias.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::InvalidAlias`] unless `s` is `alias/` followed by 1 to
+    /// 250 characters of `[A-Za-z0-9/_-]`.
     pub fn parse(s: &str) -> Result<Alias, StorageError> {
         let name = s.strip_prefix(Self::PREFIX).unwrap_or("");
         let ok = !name.is_empty()
@@ -98,6 +110,7 @@ impl Alias {
         }
     }
 
+    /// The alias as text (`alias/…`, at most 256 ASCII bytes).
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -132,6 +145,7 @@ impl fmt::Debug for Alias {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum KeySpec {
+    /// A 256-bit AES key used with GCM (stored as `"AES_256_GCM"`).
     #[serde(rename = "AES_256_GCM")]
     Aes256Gcm,
 }
@@ -141,15 +155,19 @@ pub enum KeySpec {
 #[serde(tag = "state")]
 #[non_exhaustive]
 pub enum KeyState {
+    /// Usable for every operation.
     Enabled,
+    /// Refuses cryptographic operations; can be enabled again.
     Disabled,
     /// Deletion is scheduled for `delete_at_ms`; cancellable until then.
     PendingDeletion {
+        /// When the deletion may be finalized, unix milliseconds.
         delete_at_ms: u64,
     },
     /// A tombstone: the versions are destroyed, the id is never reused and the
     /// record stays so that the audit history remains readable.
     Deleted {
+        /// When the key was deleted, unix milliseconds.
         deleted_at_ms: u64,
     },
 }
@@ -162,25 +180,37 @@ pub enum RotationPolicy {
     /// Rotated only on request.
     Manual,
     /// Rotated every `period_secs` seconds (the next time is `KeyRecord::next_rotation_at_ms`).
-    Every { period_secs: u64 },
+    Every {
+        /// The rotation period, seconds.
+        period_secs: u64,
+    },
 }
 
 /// A key's catalogue record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
+    /// The key's id; never reused, even after deletion.
     pub id: KeyId,
+    /// Free text set by the key's managers.
     pub description: String,
+    /// Free-form name/value labels.
     pub tags: BTreeMap<String, String>,
+    /// What kind of key this is.
     pub spec: KeySpec,
+    /// Lifecycle state.
     pub state: KeyState,
     /// The version Encrypt uses; `None` until the first version is committed.
     pub primary_version: Option<u32>,
     /// The highest version number ever allocated (pending, committed or discarded);
     /// the next version is this plus one, so numbers are never reused.
     pub latest_version: u32,
+    /// When the service rotates the key on its own.
     pub rotation: RotationPolicy,
+    /// The next automatic rotation, unix milliseconds (`None` when manual).
     pub next_rotation_at_ms: Option<u64>,
+    /// Creation time, unix milliseconds.
     pub created_at_ms: u64,
+    /// Time of the last change to this record, unix milliseconds.
     pub updated_at_ms: u64,
     /// Who may use and manage the key. `None`: the service's default policy.
     /// (Absent in records written before policies existed.)
@@ -192,6 +222,7 @@ pub struct KeyRecord {
 /// The catalogue stores it; the service evaluates it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct KeyPolicy {
+    /// The grants, in the order they were given (order does not matter).
     pub grants: Vec<Grant>,
 }
 
@@ -200,8 +231,11 @@ pub struct KeyPolicy {
 /// context contains every entry of `required_context`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
+    /// Principal pattern: `*` matches any run of characters, all else literally.
     pub principal: String,
+    /// What the grant allows.
     pub permissions: BTreeSet<Permission>,
+    /// Encryption-context entries the request must carry (empty: none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub required_context: BTreeMap<String, String>,
 }
@@ -211,8 +245,11 @@ pub struct Grant {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Permission {
+    /// Encrypt with the key.
     Encrypt,
+    /// Decrypt with the key.
     Decrypt,
+    /// Generate data keys under the key.
     GenerateDataKey,
     /// Decrypt as the source of a ReEncrypt (the key named in the blob).
     ReEncryptFrom,
@@ -220,6 +257,7 @@ pub enum Permission {
     ReEncryptTo,
     /// Read the key's metadata, versions and policy.
     Describe,
+    /// Rotate the key (add a new primary version).
     Rotate,
     /// Change the key's state, description, tags, rotation policy, versions
     /// and aliases (not its policy: that is for administrators).
@@ -227,6 +265,7 @@ pub enum Permission {
 }
 
 impl Permission {
+    /// Every permission, in declaration order.
     pub const ALL: [Permission; 8] = [
         Permission::Encrypt,
         Permission::Decrypt,
@@ -252,6 +291,8 @@ impl Permission {
         }
     }
 
+    /// The permission named `name` (kebab-case, see [`Permission::as_str`]);
+    /// `None` for an unknown name.
     pub fn parse(name: &str) -> Option<Permission> {
         Permission::ALL.into_iter().find(|p| p.as_str() == name)
     }
@@ -260,13 +301,19 @@ impl Permission {
 /// The fields of a new key; the catalogue fills in the rest.
 #[derive(Debug, Clone)]
 pub struct NewKey {
+    /// The new key's id (the caller draws it at random).
     pub id: KeyId,
+    /// Free text.
     pub description: String,
+    /// Free-form name/value labels.
     pub tags: BTreeMap<String, String>,
+    /// What kind of key this is.
     pub spec: KeySpec,
     /// The state the key starts in once created (normally `Enabled`).
     pub state: KeyState,
+    /// When the service rotates the key on its own.
     pub rotation: RotationPolicy,
+    /// The first automatic rotation, unix milliseconds (`None` when manual).
     pub next_rotation_at_ms: Option<u64>,
     /// Aliases created together with the key, in the same atomic write.
     pub aliases: Vec<Alias>,
@@ -280,12 +327,19 @@ pub enum VersionState {
     /// Recorded before the KEK is created in the HSM; committed or discarded
     /// by the service (at start-up, by reconciliation with the HSM).
     Pending,
+    /// Usable for encryption (if primary) and decryption.
     Enabled,
+    /// Refuses every operation; can be enabled again.
     Disabled,
+    /// Refuses every operation; its KEK is destroyed at `destroy_at_ms`
+    /// unless the destruction is cancelled.
     ScheduledDestruction {
+        /// When the KEK may be destroyed, unix milliseconds.
         destroy_at_ms: u64,
     },
+    /// The KEK is gone (or was never made); final.
     Destroyed {
+        /// When the version was destroyed, unix milliseconds.
         destroyed_at_ms: u64,
     },
 }
@@ -298,6 +352,7 @@ pub enum VersionState {
 pub enum KekHandle {
     /// A token object in the HSM, found by its CKA_ID.
     HsmObject {
+        /// The object's CKA_ID (stored hex-encoded).
         #[serde(with = "hex::serde")]
         object_id: Vec<u8>,
     },
@@ -317,11 +372,17 @@ impl fmt::Debug for KekHandle {
 /// A key version's catalogue record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRecord {
+    /// The key this version belongs to.
     pub key_id: KeyId,
+    /// The version number: 1 for the first, never reused.
     pub version: u32,
+    /// Lifecycle state.
     pub state: VersionState,
+    /// Where the version's KEK lives.
     pub kek: KekHandle,
+    /// Creation time, unix milliseconds.
     pub created_at_ms: u64,
+    /// Time of the last change to this record, unix milliseconds.
     pub updated_at_ms: u64,
     /// AES-GCM invocations counted for this version: an upper bound on the
     /// real count (see `Catalogue::add_gcm_invocations`). Stored apart from the
@@ -330,11 +391,16 @@ pub struct VersionRecord {
     pub gcm_invocations: u64,
 }
 
+/// Largest page a listing returns, whatever the caller asks for.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
 /// One page of a listing, ordered by id (or alias); pass `next_page_token` back
 /// to get the next page; `None` means this was the last page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page<T> {
+    /// At most the requested number of items (and never more than [`MAX_PAGE_SIZE`]).
     pub items: Vec<T>,
+    /// Where the next page starts; `None` on the last page.
     pub next_page_token: Option<String>,
 }
 

@@ -9,10 +9,9 @@
 //! stores key material, plaintext, ciphertexts or encryption contexts: versions
 //! record where their KEK lives, and audit records hold only a context digest.
 
-mod audit_reader;
-mod audit_record;
-mod audit_verify;
-mod audit_writer;
+#![warn(missing_docs)]
+
+mod audit;
 mod catalogue;
 mod db;
 mod error;
@@ -20,22 +19,20 @@ mod gcm_counter;
 mod keys;
 mod record_cache;
 pub mod schema;
+mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use audit_reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
-pub use audit_record::{
-    AuditEvent, AuditRecord, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
-    RECORD_FORMAT_V1, ResultCode,
+pub use audit::{
+    AppendHandle, AuditConfig, AuditEvent, AuditFilter, AuditLog, AuditPage, AuditReader,
+    AuditRecord, AuditStats, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
+    MAX_SCAN_PER_PAGE, MacFn, RECORD_FORMAT_V1, ResultCode, VerifyFailure, VerifyFailureReason,
+    VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
 };
-pub use audit_verify::{
-    VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
-};
-pub use audit_writer::{AppendHandle, AuditConfig, AuditLog, AuditStats, MacFn};
 pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
-pub use db::{Storage, StorageOptions};
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
     Alias, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey, Page,
     Permission, RotationPolicy, VersionRecord, VersionState,
 };
+pub use storage::{Storage, StorageOptions};

@@ -97,7 +97,7 @@ fn regenerate() {
         })
     };
     let doc = serde_json::json!({
-        "comment": "kms audit record format 1 and checkpoint format 1; see storage/src/audit_record.rs. MAC key: the tests' MAC_KEY, HMAC-SHA256.",
+        "comment": "kms audit record format 1 and checkpoint format 1; see storage/src/audit/record.rs. MAC key: the tests' MAC_KEY, HMAC-SHA256.",
         "records": [rec(&r1), rec(&r2)],
         "checkpoint": {
             "mac_message": hex::encode(&msg),

@@ -3,6 +3,7 @@
 
 mod audit;
 mod catalogue;
+mod catalogue_fixture;
 mod crash;
 mod golden;
 

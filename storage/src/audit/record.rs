@@ -46,22 +46,39 @@ const CHECKPOINT_DOMAIN: &[u8] = b"kms-audit-checkpoint-v1\0";
 #[repr(u8)]
 #[non_exhaustive]
 pub enum ResultCode {
+    /// gRPC `OK` (stored as 0).
     Ok = 0,
+    /// gRPC `CANCELLED` (stored as 1).
     Cancelled = 1,
+    /// gRPC `UNKNOWN` (stored as 2).
     Unknown = 2,
+    /// gRPC `INVALID_ARGUMENT` (stored as 3).
     InvalidArgument = 3,
+    /// gRPC `DEADLINE_EXCEEDED` (stored as 4).
     DeadlineExceeded = 4,
+    /// gRPC `NOT_FOUND` (stored as 5).
     NotFound = 5,
+    /// gRPC `ALREADY_EXISTS` (stored as 6).
     AlreadyExists = 6,
+    /// gRPC `PERMISSION_DENIED` (stored as 7).
     PermissionDenied = 7,
+    /// gRPC `RESOURCE_EXHAUSTED` (stored as 8).
     ResourceExhausted = 8,
+    /// gRPC `FAILED_PRECONDITION` (stored as 9).
     FailedPrecondition = 9,
+    /// gRPC `ABORTED` (stored as 10).
     Aborted = 10,
+    /// gRPC `OUT_OF_RANGE` (stored as 11).
     OutOfRange = 11,
+    /// gRPC `UNIMPLEMENTED` (stored as 12).
     Unimplemented = 12,
+    /// gRPC `INTERNAL` (stored as 13).
     Internal = 13,
+    /// gRPC `UNAVAILABLE` (stored as 14).
     Unavailable = 14,
+    /// gRPC `DATA_LOSS` (stored as 15).
     DataLoss = 15,
+    /// gRPC `UNAUTHENTICATED` (stored as 16).
     Unauthenticated = 16,
 }
 
@@ -86,10 +103,12 @@ const ALL_CODES: [ResultCode; 17] = [
 ];
 
 impl ResultCode {
+    /// The code stored as `v`; `None` for a value no code has.
     pub fn from_u8(v: u8) -> Option<ResultCode> {
         ALL_CODES.get(usize::from(v)).copied()
     }
 
+    /// The value stored on disk (the gRPC code number).
     pub fn as_u8(self) -> u8 {
         self as u8
     }
@@ -132,18 +151,24 @@ impl Serialize for ResultCode {
 /// What the service hands to the audit log; the log adds sequence, time and hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEvent {
+    /// Who made the request (the authenticated principal), at most [`MAX_FIELD_LEN`] bytes.
     pub principal: String,
+    /// The caller's network address, e.g. `"10.0.0.7:51234"`.
     pub peer: String,
+    /// The request id the service assigned (empty if none).
     pub request_id: String,
     /// The operation name, e.g. `"Encrypt"`, `"CreateKey"`.
     pub operation: String,
     /// The key as named in the request (it may not exist, e.g. on a denial).
     pub key_id: Option<String>,
+    /// The key version used, if one was.
     pub key_version: Option<u32>,
     /// SHA-256 of the canonical encryption context; never the context itself.
     #[serde(serialize_with = "hex_opt")]
     pub context_digest: Option<[u8; 32]>,
+    /// The request's outcome.
     pub result: ResultCode,
+    /// Time the request took, microseconds.
     pub latency_micros: u64,
 }
 
@@ -160,6 +185,10 @@ fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
 
 impl AuditEvent {
     /// Checks that every field fits the record format.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] for a string longer than [`MAX_FIELD_LEN`] bytes.
     pub fn validate(&self) -> Result<(), StorageError> {
         let fields: [(&'static str, usize); 5] = [
             ("principal", self.principal.len()),
@@ -184,13 +213,17 @@ impl AuditEvent {
 /// A stored audit record: the event plus its place in the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
+    /// Sequence number: 1 for the first record, then consecutive.
     pub seq: u64,
     /// Commit time, unix microseconds; never decreases along the chain.
     pub time_micros: u64,
+    /// What happened.
     #[serde(flatten)]
     pub event: AuditEvent,
+    /// The previous record's hash ([`GENESIS_HASH`] for the first).
     #[serde(serialize_with = "hex32")]
     pub prev_hash: [u8; 32],
+    /// SHA-256(prev_hash ‖ body), as stored.
     #[serde(serialize_with = "hex32")]
     pub hash: [u8; 32],
 }
@@ -246,6 +279,10 @@ impl<'a> Reader<'a> {
 
 impl AuditRecord {
     /// Encodes the hashed part of the record (everything but the two hashes).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] for a string longer than [`MAX_FIELD_LEN`] bytes.
     pub fn encode_body(&self) -> Result<Vec<u8>, StorageError> {
         let e = &self.event;
         let mut out = Vec::with_capacity(
@@ -291,7 +328,12 @@ impl AuditRecord {
         h.finalize().into()
     }
 
-    /// Builds a record chained onto `prev_hash`, computing its hash.
+    /// Builds a record chained onto `prev_hash`, computing its hash; returns
+    /// the record and its stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] for a string longer than [`MAX_FIELD_LEN`] bytes.
     pub fn seal(
         seq: u64,
         time_micros: u64,
@@ -313,6 +355,10 @@ impl AuditRecord {
     }
 
     /// The stored form: body ‖ prev_hash ‖ hash (the stored hash, as is).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] for a string longer than [`MAX_FIELD_LEN`] bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
         let mut bytes = self.encode_body()?;
         bytes.extend_from_slice(&self.prev_hash);
@@ -322,6 +368,11 @@ impl AuditRecord {
 
     /// Decodes a stored record. Does not check the hash: see
     /// [`AuditRecord::hash_is_valid`] and the verifier.
+    ///
+    /// # Errors
+    ///
+    /// A short static description of what does not decode (unknown format
+    /// byte, truncated field, invalid UTF-8, trailing bytes, ...).
     pub fn decode(bytes: &[u8]) -> Result<AuditRecord, &'static str> {
         let mut r = Reader { buf: bytes };
         if r.u8()? != RECORD_FORMAT_V1 {
@@ -379,6 +430,10 @@ impl AuditRecord {
     }
 
     /// Whether the stored hash equals SHA-256(prev_hash ‖ body).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] if the body cannot be encoded.
     pub fn hash_is_valid(&self) -> Result<bool, StorageError> {
         Ok(Self::chain_hash(&self.prev_hash, &self.encode_body()?) == self.hash)
     }
@@ -387,10 +442,14 @@ impl AuditRecord {
 /// A MACed statement "the chain up to `seq` has head `head_hash`".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Checkpoint {
+    /// Sequence number of the record it certifies.
     pub seq: u64,
+    /// When it was written, unix microseconds.
     pub time_micros: u64,
+    /// That record's hash: the head of the chain it certifies.
     #[serde(serialize_with = "hex32")]
     pub head_hash: [u8; 32],
+    /// MAC over [`Checkpoint::mac_message`] (HMAC-SHA256 in the service's HSM).
     #[serde(serialize_with = "hex::serde::serialize")]
     pub mac: Vec<u8>,
 }
@@ -406,6 +465,11 @@ impl Checkpoint {
         m
     }
 
+    /// The stored form (checkpoint format 1, see the module docs).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] if the MAC is longer than [`MAX_FIELD_LEN`] bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
         let mac_len =
             u16::try_from(self.mac.len()).map_err(|_| StorageError::AuditFieldTooLong {
@@ -423,6 +487,11 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// Decodes a stored checkpoint. Does not check the MAC.
+    ///
+    /// # Errors
+    ///
+    /// A short static description of what does not decode.
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
         let mut r = Reader { buf: bytes };
         if r.u8()? != CHECKPOINT_FORMAT_V1 {

@@ -11,8 +11,8 @@
 
 use rocksdb::{Direction, IteratorMode};
 
-use crate::audit_reader::AuditReader;
-use crate::audit_record::{AuditRecord, Checkpoint, GENESIS_HASH};
+use super::reader::AuditReader;
+use super::record::{AuditRecord, Checkpoint, GENESIS_HASH};
 use crate::error::{CallbackError, StorageError};
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
 
@@ -30,8 +30,10 @@ pub enum VerifyStart {
     Checkpoint(u64),
 }
 
+/// How [`crate::AuditReader::verify`] walks the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifyOptions {
+    /// Where to start (default: the genesis).
     pub start: VerifyStart,
     /// Fail if more records than this follow a checkpoint (or the start)
     /// without the next one. Set to the writer's `checkpoint_every_records`.
@@ -54,11 +56,20 @@ pub enum VerifyFailureReason {
     /// The record's key is not an 8-byte sequence number.
     BadKey,
     /// A sequence number is missing (a record was deleted).
-    Gap { found: u64 },
+    Gap {
+        /// The sequence number found instead of the expected one.
+        found: u64,
+    },
     /// The record does not decode.
-    Undecodable { detail: &'static str },
+    Undecodable {
+        /// What does not decode.
+        detail: &'static str,
+    },
     /// The sequence inside the record differs from its key.
-    SequenceMismatch { stored: u64 },
+    SequenceMismatch {
+        /// The sequence number inside the record.
+        stored: u64,
+    },
     /// The record's prev_hash is not the previous record's hash.
     PrevHashMismatch,
     /// The record's hash is not SHA-256(prev_hash ‖ body): it was altered.
@@ -77,10 +88,12 @@ pub enum VerifyFailureReason {
     StartCheckpointMissing,
 }
 
+/// Where and why verification failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyFailure {
     /// The first bad sequence number.
     pub seq: u64,
+    /// What was wrong with it.
     pub reason: VerifyFailureReason,
 }
 
@@ -93,7 +106,9 @@ pub struct VerifyReport {
     pub last_good_seq: u64,
     /// Hash of that record.
     pub head_hash: [u8; 32],
+    /// Checkpoints whose head hash and MAC verified.
     pub checkpoints_verified: u64,
+    /// Sequence number of the last of them.
     pub last_checkpoint_seq: Option<u64>,
     /// Records after the last verified checkpoint (protected by the chain only).
     pub uncheckpointed_tail: u64,
@@ -102,6 +117,7 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// Whether everything verified.
     pub fn is_ok(&self) -> bool {
         self.failure.is_none()
     }
@@ -149,6 +165,12 @@ impl Walk<'_> {
 impl AuditReader {
     /// Walks the chain and checks the checkpoints; see the module docs. Returns
     /// `Err` only if the walk itself could not be done (I/O, verifier error).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails and
+    /// [`StorageError::CheckpointVerifier`] if `verifier` returns an error.
+    /// Tampering is not an error: it is reported in [`VerifyReport::failure`].
     pub fn verify(
         &self,
         options: &VerifyOptions,

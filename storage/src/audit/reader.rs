@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode};
 
-use crate::audit_record::{AuditRecord, Checkpoint};
+use super::record::{AuditRecord, Checkpoint};
 use crate::db::Db;
 use crate::error::StorageError;
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
@@ -18,14 +18,20 @@ pub const MAX_SCAN_PER_PAGE: usize = 100_000;
 /// inclusive `from_micros` and exclusive `to_micros`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {
+    /// Records at or after this time, unix microseconds.
     pub from_micros: Option<u64>,
+    /// Records before this time, unix microseconds.
     pub to_micros: Option<u64>,
+    /// Records naming this key id (as named in the request).
     pub key_id: Option<String>,
+    /// Records of this principal.
     pub principal: Option<String>,
+    /// Records of this operation, e.g. `"Encrypt"`.
     pub operation: Option<String>,
 }
 
 impl AuditFilter {
+    /// Whether `r` matches every set field.
     pub fn matches(&self, r: &AuditRecord) -> bool {
         self.from_micros.is_none_or(|t| r.time_micros >= t)
             && self.to_micros.is_none_or(|t| r.time_micros < t)
@@ -48,7 +54,9 @@ impl AuditFilter {
 /// as `after` to continue (the page may be short when the scan budget ran out).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditPage {
+    /// The matching records, in sequence order.
     pub records: Vec<AuditRecord>,
+    /// The last sequence number examined, when there may be more.
     pub next_after: Option<u64>,
 }
 
@@ -72,6 +80,11 @@ impl AuditReader {
     }
 
     /// The record with sequence number `seq`, if present.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// stored record does not decode.
     pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, StorageError> {
         let k = schema::seq_key(seq);
         self.db
@@ -81,6 +94,11 @@ impl AuditReader {
     }
 
     /// The highest sequence number stored (0 when empty).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// stored key does not decode.
     pub fn last_seq(&self) -> Result<u64, StorageError> {
         let mut it = self
             .db
@@ -102,13 +120,20 @@ impl AuditReader {
     /// Records matching `filter` with sequence numbers greater than `after`, at
     /// most `limit` of them. Scans in sequence order; since record times never
     /// decrease along the chain, the scan stops at the end of the time range.
+    /// `limit` is clamped to 1..=[`crate::MAX_PAGE_SIZE`]; at most
+    /// [`MAX_SCAN_PER_PAGE`] records are examined per call.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// stored record does not decode.
     pub fn query(
         &self,
         filter: &AuditFilter,
         after: Option<u64>,
         limit: usize,
     ) -> Result<AuditPage, StorageError> {
-        let limit = limit.clamp(1, crate::catalogue::MAX_PAGE_SIZE);
+        let limit = limit.clamp(1, crate::keys::MAX_PAGE_SIZE);
         let start = after.map_or(1, |a| a.saturating_add(1));
         let mut records = Vec::new();
         let mut last_seen = None;
@@ -141,6 +166,12 @@ impl AuditReader {
 
     /// Writes every record matching `filter` as one JSON object per line;
     /// returns how many were written.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// stored record does not decode.
+    /// [`StorageError::Export`] if writing to `out` fails (what was written stays written).
     pub fn export_jsonl(
         &self,
         filter: &AuditFilter,
@@ -149,7 +180,7 @@ impl AuditReader {
         let mut after = None;
         let mut n = 0u64;
         loop {
-            let page = self.query(filter, after, crate::catalogue::MAX_PAGE_SIZE)?;
+            let page = self.query(filter, after, crate::keys::MAX_PAGE_SIZE)?;
             for rec in &page.records {
                 serde_json::to_writer(&mut *out, rec).map_err(|source| {
                     StorageError::Serialize {
@@ -172,6 +203,11 @@ impl AuditReader {
     }
 
     /// Checkpoints with sequence numbers greater than `after`, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// stored checkpoint does not decode.
     pub fn checkpoints(
         &self,
         after: Option<u64>,

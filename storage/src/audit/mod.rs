@@ -1,0 +1,24 @@
+//! The tamper-evident audit log: record and checkpoint formats (`record`),
+//! the group-commit writer (`writer`, `group_commit`, `checkpoint`),
+//! queries and export (`reader`) and verification (`verify`).
+//!
+//! Records are appended, never changed: nothing here updates or deletes an
+//! audit record. No record holds a secret (see `record`).
+
+pub(crate) mod checkpoint;
+pub(crate) mod group_commit;
+pub(crate) mod reader;
+pub(crate) mod record;
+pub(crate) mod verify;
+pub(crate) mod writer;
+
+pub use group_commit::{AuditConfig, MacFn};
+pub use reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
+pub use record::{
+    AuditEvent, AuditRecord, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
+    RECORD_FORMAT_V1, ResultCode,
+};
+pub use verify::{
+    VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
+};
+pub use writer::{AppendHandle, AuditLog, AuditStats};

@@ -1,0 +1,378 @@
+//! Every catalogue write that moves a key or a version through its
+//! lifecycle: creation, two-phase version creation (pending, then committed or
+//! discarded), state changes and the final tombstone.
+//!
+//! Each is one synced write under the catalogue lock, and checks the
+//! transition against the state it read under that lock.
+
+use rocksdb::WriteBatch;
+
+use super::Catalogue;
+use crate::error::StorageError;
+use crate::keys::{KekHandle, KeyId, KeyRecord, KeyState, NewKey, VersionRecord, VersionState};
+use crate::schema::{self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING};
+
+impl Catalogue {
+    /// Creates a key and its first version (version 1, `Pending`) plus any
+    /// aliases, in one synced write. Commit the version with
+    /// [`Catalogue::commit_version`] once its KEK exists in the HSM.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::KeyExists`] if the id was ever used;
+    /// [`StorageError::AliasExists`] if one of the aliases names a key already;
+    /// [`StorageError::Db`] if RocksDB fails. Nothing is written on error.
+    pub fn create_key(
+        &self,
+        new: NewKey,
+        first_kek: KekHandle,
+        now_ms: u64,
+    ) -> Result<(KeyRecord, VersionRecord), StorageError> {
+        let _guard = self.lock();
+        if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
+            return Err(StorageError::KeyExists {
+                id: new.id.to_string(),
+            });
+        }
+        let mut aliases = new.aliases;
+        aliases.sort();
+        aliases.dedup();
+        for alias in &aliases {
+            if self
+                .db
+                .get(CF_ALIASES, alias.as_str().as_bytes())?
+                .is_some()
+            {
+                return Err(StorageError::AliasExists {
+                    alias: alias.to_string(),
+                });
+            }
+        }
+        let key = KeyRecord {
+            id: new.id,
+            description: new.description,
+            tags: new.tags,
+            spec: new.spec,
+            state: new.state,
+            primary_version: None,
+            latest_version: 1,
+            rotation: new.rotation,
+            next_rotation_at_ms: new.next_rotation_at_ms,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            policy: None,
+        };
+        let version = VersionRecord {
+            key_id: key.id.clone(),
+            version: 1,
+            state: VersionState::Pending,
+            kek: first_kek,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            gcm_invocations: 0,
+        };
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &key)?;
+        self.put_version(&mut batch, &version)?;
+        batch.put_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(key.id.as_str(), 1),
+            [],
+        );
+        for alias in &aliases {
+            self.put_alias(&mut batch, alias, &key.id)?;
+        }
+        self.commit(batch)?;
+        Ok((key, version))
+    }
+
+    /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
+    /// change by returning an error (nothing is written). The id, creation time
+    /// and `latest_version` cannot change; a new `primary_version` must name an
+    /// enabled version. Tombstones cannot be updated. Returns the new record.
+    ///
+    /// # Errors
+    ///
+    /// `f`'s own error; [`StorageError::KeyNotFound`] or
+    /// [`StorageError::KeyDeleted`]; [`StorageError::ImmutableField`] if `f`
+    /// changed a fixed field (or set the state to `Deleted`: use
+    /// [`Catalogue::finalize_key_deletion`]); [`StorageError::VersionNotFound`] or
+    /// [`StorageError::InvalidVersionTransition`] for a primary version that is
+    /// not an enabled version; [`StorageError::Db`] if RocksDB fails.
+    pub fn update_key<E: From<StorageError>>(
+        &self,
+        id: &KeyId,
+        now_ms: u64,
+        f: impl FnOnce(&mut KeyRecord) -> Result<(), E>,
+    ) -> Result<KeyRecord, E> {
+        let _guard = self.lock();
+        let old = self.require_live_key(id)?;
+        let mut new = old.clone();
+        f(&mut new)?;
+        if new.id != old.id {
+            return Err(StorageError::ImmutableField { field: "id" }.into());
+        }
+        if new.created_at_ms != old.created_at_ms {
+            return Err(StorageError::ImmutableField {
+                field: "created_at_ms",
+            }
+            .into());
+        }
+        if new.latest_version != old.latest_version {
+            return Err(StorageError::ImmutableField {
+                field: "latest_version",
+            }
+            .into());
+        }
+        if matches!(new.state, KeyState::Deleted { .. }) {
+            // Tombstoning must also destroy versions and drop aliases.
+            return Err(StorageError::ImmutableField { field: "state" }.into());
+        }
+        if new.primary_version != old.primary_version {
+            let Some(v) = new.primary_version else {
+                return Err(StorageError::ImmutableField {
+                    field: "primary_version",
+                }
+                .into());
+            };
+            let ver = self.require_version(id, v)?;
+            if ver.state != VersionState::Enabled {
+                return Err(StorageError::InvalidVersionTransition {
+                    id: id.to_string(),
+                    version: v,
+                }
+                .into());
+            }
+        }
+        new.updated_at_ms = now_ms;
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &new)?;
+        self.commit(batch)?;
+        Ok(new)
+    }
+
+    /// Turns a key into a tombstone in one synced write: state `Deleted`, every
+    /// version `Destroyed`, pending markers and aliases removed. Call it after
+    /// the KEKs have been destroyed in the HSM.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
+    /// [`StorageError::CorruptJson`] if a stored record does not decode.
+    pub fn finalize_key_deletion(
+        &self,
+        id: &KeyId,
+        now_ms: u64,
+    ) -> Result<KeyRecord, StorageError> {
+        let _guard = self.lock();
+        let mut key = self.require_live_key(id)?;
+        let mut batch = WriteBatch::default();
+        for mut ver in self.list_versions(id)? {
+            if !matches!(ver.state, VersionState::Destroyed { .. }) {
+                ver.state = VersionState::Destroyed {
+                    destroyed_at_ms: now_ms,
+                };
+                ver.updated_at_ms = now_ms;
+                self.put_version(&mut batch, &ver)?;
+            }
+            batch.delete_cf(
+                self.db.cf(CF_PENDING)?,
+                schema::version_key(id.as_str(), ver.version),
+            );
+        }
+        for entry in self.aliases_of(id)? {
+            batch.delete_cf(self.db.cf(CF_ALIASES)?, entry.alias.as_str().as_bytes());
+            batch.delete_cf(
+                self.db.cf(CF_ALIASES_BY_KEY)?,
+                schema::alias_by_key(id.as_str(), entry.alias.as_str()),
+            );
+        }
+        key.state = KeyState::Deleted {
+            deleted_at_ms: now_ms,
+        };
+        key.updated_at_ms = now_ms;
+        self.put_key(&mut batch, &key)?;
+        self.commit(batch)?;
+        Ok(key)
+    }
+
+    /// Allocates the next version number and records it as `Pending` (synced).
+    /// `kek` receives the new version number and says where its KEK will live.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::VersionsExhausted`] after `u32::MAX` versions;
+    /// [`StorageError::Db`] if RocksDB fails.
+    pub fn add_pending_version(
+        &self,
+        id: &KeyId,
+        now_ms: u64,
+        kek: impl FnOnce(u32) -> KekHandle,
+    ) -> Result<VersionRecord, StorageError> {
+        let _guard = self.lock();
+        let mut key = self.require_live_key(id)?;
+        let v = key
+            .latest_version
+            .checked_add(1)
+            .ok_or_else(|| StorageError::VersionsExhausted { id: id.to_string() })?;
+        key.latest_version = v;
+        key.updated_at_ms = now_ms;
+        let version = VersionRecord {
+            key_id: id.clone(),
+            version: v,
+            state: VersionState::Pending,
+            kek: kek(v),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            gcm_invocations: 0,
+        };
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &key)?;
+        self.put_version(&mut batch, &version)?;
+        batch.put_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), v),
+            [],
+        );
+        self.commit(batch)?;
+        Ok(version)
+    }
+
+    /// Second phase of version creation: the pending version becomes `Enabled`
+    /// and the key's primary, in one synced write.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::VersionNotFound`]; [`StorageError::VersionNotPending`] if
+    /// the version was already committed or discarded; [`StorageError::Db`] if
+    /// RocksDB fails.
+    pub fn commit_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        now_ms: u64,
+    ) -> Result<(KeyRecord, VersionRecord), StorageError> {
+        let _guard = self.lock();
+        let mut key = self.require_live_key(id)?;
+        let mut ver = self.require_pending(id, version)?;
+        ver.state = VersionState::Enabled;
+        ver.updated_at_ms = now_ms;
+        key.primary_version = Some(version);
+        key.updated_at_ms = now_ms;
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &key)?;
+        self.put_version(&mut batch, &ver)?;
+        batch.delete_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), version),
+        );
+        self.commit(batch)?;
+        Ok((key, ver))
+    }
+
+    /// Abandons a pending version (its KEK was never made, or was destroyed):
+    /// it becomes `Destroyed` and its number is never reused.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::VersionNotFound`]; [`StorageError::VersionNotPending`];
+    /// [`StorageError::Db`] if RocksDB fails.
+    pub fn discard_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        now_ms: u64,
+    ) -> Result<VersionRecord, StorageError> {
+        let _guard = self.lock();
+        let mut ver = self.require_pending(id, version)?;
+        ver.state = VersionState::Destroyed {
+            destroyed_at_ms: now_ms,
+        };
+        ver.updated_at_ms = now_ms;
+        let mut batch = WriteBatch::default();
+        self.put_version(&mut batch, &ver)?;
+        batch.delete_cf(
+            self.db.cf(CF_PENDING)?,
+            schema::version_key(id.as_str(), version),
+        );
+        self.commit(batch)?;
+        Ok(ver)
+    }
+
+    /// Read-modify-write of a version under the catalogue lock. The key id,
+    /// number, KEK handle and creation time cannot change; pending versions
+    /// change only through commit/discard; `Destroyed` is final.
+    ///
+    /// # Errors
+    ///
+    /// `f`'s own error; [`StorageError::KeyNotFound`] or
+    /// [`StorageError::KeyDeleted`]; [`StorageError::VersionNotFound`];
+    /// [`StorageError::ImmutableField`] if `f` changed a fixed field;
+    /// [`StorageError::InvalidVersionTransition`] for a pending version or a
+    /// move into or out of `Pending` or out of `Destroyed`;
+    /// [`StorageError::Db`] if RocksDB fails.
+    pub fn update_version<E: From<StorageError>>(
+        &self,
+        id: &KeyId,
+        version: u32,
+        now_ms: u64,
+        f: impl FnOnce(&mut VersionRecord) -> Result<(), E>,
+    ) -> Result<VersionRecord, E> {
+        let _guard = self.lock();
+        self.require_live_key(id)?;
+        let old = self.require_version(id, version)?;
+        let mut new = old.clone();
+        f(&mut new)?;
+        if new.key_id != old.key_id || new.version != old.version {
+            return Err(StorageError::ImmutableField { field: "version" }.into());
+        }
+        if new.kek != old.kek {
+            return Err(StorageError::ImmutableField { field: "kek" }.into());
+        }
+        if new.created_at_ms != old.created_at_ms {
+            return Err(StorageError::ImmutableField {
+                field: "created_at_ms",
+            }
+            .into());
+        }
+        let bad = match (old.state, new.state) {
+            (VersionState::Pending, _) | (_, VersionState::Pending) => old.state != new.state,
+            (VersionState::Destroyed { .. }, _) => old.state != new.state,
+            _ => false,
+        };
+        if bad || old.state == VersionState::Pending {
+            return Err(StorageError::InvalidVersionTransition {
+                id: id.to_string(),
+                version,
+            }
+            .into());
+        }
+        new.updated_at_ms = now_ms;
+        new.gcm_invocations = old.gcm_invocations;
+        let mut batch = WriteBatch::default();
+        self.put_version(&mut batch, &new)?;
+        self.commit(batch)?;
+        Ok(new)
+    }
+
+    /// Sets a committed version's state (Enabled, Disabled, ScheduledDestruction, Destroyed).
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::update_version`].
+    pub fn set_version_state(
+        &self,
+        id: &KeyId,
+        version: u32,
+        state: VersionState,
+        now_ms: u64,
+    ) -> Result<VersionRecord, StorageError> {
+        self.update_version(id, version, now_ms, |v| {
+            v.state = state;
+            Ok::<(), StorageError>(())
+        })
+    }
+}

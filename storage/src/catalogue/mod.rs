@@ -1,0 +1,181 @@
+//! The key catalogue: keys, versions, aliases and the pending-version index.
+//!
+//! Every change that touches more than one record is one synced `WriteBatch`.
+//! Writers are serialised by one catalogue-wide mutex, which makes every
+//! read-modify-write here (including the `update_*` closures) a compare-and-set
+//! against concurrent catalogue writers in this process; catalogue writes are
+//! rare, so one lock costs nothing. Reads take no lock.
+//!
+//! Never stores key material: versions record where their KEK lives, not the KEK.
+//!
+//! This file holds the catalogue's plumbing (lock, commit, cache, scans);
+//! `lifecycle` its writes, `reads` its reads and `aliases` the alias index.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use crate::db::Db;
+use crate::error::StorageError;
+use crate::gcm_counter::GcmCounters;
+use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState};
+use crate::record_cache::{Generation, RecordCache};
+use crate::schema::{self, CF_KEYS, CF_VERSIONS, encode_record};
+
+mod aliases;
+mod lifecycle;
+mod reads;
+
+pub use crate::keys::MAX_PAGE_SIZE;
+pub use aliases::AliasEntry;
+
+/// The key catalogue. Obtain it with [`crate::Storage::catalogue`].
+#[derive(Debug)]
+pub struct Catalogue {
+    db: Arc<Db>,
+    write_lock: Mutex<()>,
+    counters: GcmCounters,
+    /// Bumped after every catalogue write: invalidates the decoded records.
+    generation: Generation,
+    keys: RecordCache<KeyId, KeyRecord>,
+    versions: RecordCache<Vec<u8>, VersionRecord>,
+}
+
+fn clamp_limit(limit: usize) -> usize {
+    limit.clamp(1, MAX_PAGE_SIZE)
+}
+
+impl Catalogue {
+    pub(crate) fn new(db: Arc<Db>, gcm_reservation_block: u64) -> Self {
+        Catalogue {
+            counters: GcmCounters::new(gcm_reservation_block),
+            db,
+            write_lock: Mutex::new(()),
+            generation: Generation::new(),
+            keys: RecordCache::new(),
+            versions: RecordCache::new(),
+        }
+    }
+
+    /// Every change to keys, versions and aliases goes through here: one
+    /// synced batch, then the decoded records read before it are invalid.
+    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let result = self.db.write_synced(batch);
+        self.generation.bump();
+        result
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The mutex guards no data (the state is in the database), so a panic
+        // in another writer leaves nothing inconsistent behind.
+        self.write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts `n` AES-GCM invocations of a version and returns the total so far.
+    /// See [`GcmCounters`](crate::gcm_counter) for why this is cheap and never
+    /// under-counts across crashes. After a restart the total resumes from
+    /// the persisted reservation, so it can exceed the real count by at most
+    /// one [`crate::StorageOptions::gcm_reservation_block`].
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::VersionNotFound`] (checked on a version's first count
+    /// in this process); [`StorageError::Db`] if the reservation cannot be
+    /// written; [`StorageError::Corrupt`] if the stored counter is malformed.
+    pub fn add_gcm_invocations(
+        &self,
+        id: &KeyId,
+        version: u32,
+        n: u64,
+    ) -> Result<u64, StorageError> {
+        let k = schema::version_key(id.as_str(), version);
+        self.counters.add(&self.db, &k, n, || {
+            if self.db.get(CF_VERSIONS, &k)?.is_some() {
+                Ok(())
+            } else {
+                Err(StorageError::VersionNotFound {
+                    id: id.to_string(),
+                    version,
+                })
+            }
+        })
+    }
+
+    fn require_live_key(&self, id: &KeyId) -> Result<KeyRecord, StorageError> {
+        let key = self
+            .get_key(id)?
+            .ok_or_else(|| StorageError::KeyNotFound { id: id.to_string() })?;
+        if matches!(key.state, KeyState::Deleted { .. }) {
+            return Err(StorageError::KeyDeleted { id: id.to_string() });
+        }
+        Ok(key)
+    }
+
+    fn require_version(&self, id: &KeyId, version: u32) -> Result<VersionRecord, StorageError> {
+        self.get_version(id, version)?
+            .ok_or_else(|| StorageError::VersionNotFound {
+                id: id.to_string(),
+                version,
+            })
+    }
+
+    fn require_pending(&self, id: &KeyId, version: u32) -> Result<VersionRecord, StorageError> {
+        let ver = self.require_version(id, version)?;
+        if ver.state != VersionState::Pending {
+            return Err(StorageError::VersionNotPending {
+                id: id.to_string(),
+                version,
+            });
+        }
+        Ok(ver)
+    }
+
+    fn put_key(&self, batch: &mut WriteBatch, key: &KeyRecord) -> Result<(), StorageError> {
+        batch.put_cf(
+            self.db.cf(CF_KEYS)?,
+            key.id.as_str().as_bytes(),
+            encode_record("key", key)?,
+        );
+        Ok(())
+    }
+
+    fn put_version(&self, batch: &mut WriteBatch, ver: &VersionRecord) -> Result<(), StorageError> {
+        batch.put_cf(
+            self.db.cf(CF_VERSIONS)?,
+            schema::version_key(ver.key_id.as_str(), ver.version),
+            encode_record("version", ver)?,
+        );
+        Ok(())
+    }
+
+    /// Walks `cf` in key order over keys starting with `prefix`, beginning
+    /// after `after` (exclusive) if given, until `f` returns false.
+    fn scan(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        let start = after.unwrap_or(prefix);
+        let iter = self.db.db.iterator_cf(
+            self.db.cf(cf)?,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(StorageError::db("iterate"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|a| *a == *k) {
+                continue;
+            }
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
