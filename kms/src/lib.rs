@@ -2,18 +2,19 @@
 //!
 //! Layout: `auth` (who is calling, what they may do, admission limits),
 //! `config` (TOML → typed config), `dev` (the embedded default),
-//! `envelope` and `encryption_context` (the ciphertext format), `service`
-//! (the domain: keys, envelope encryption, audit; no gRPC), `grpc` (thin
-//! handlers and the only place errors become `tonic::Status`), `server`
-//! (tonic server, health, reflection, limits, metrics), `cli` (the client
-//! commands of the `kms` binary).
+//! `ciphertext` and `encryption_context` (the ciphertext blob format; "envelope"
+//! means client-side envelope encryption only, in kms-client), `service`
+//! (the domain: keys, encryption, audit; no gRPC), `grpc` (thin handlers and
+//! the only place errors become `tonic::Status`), `server` (tonic server,
+//! health that follows the HSM and the audit log, reflection, limits,
+//! metrics), `cli` (the client commands of the `kms` binary).
 
 pub mod auth;
+pub mod ciphertext;
 pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod encryption_context;
-pub mod envelope;
 pub mod error;
 pub mod grpc;
 pub mod hardening;
