@@ -1,13 +1,18 @@
 //! The domain error of the service. Each variant knows its result code (a
-//! gRPC code, also what the audit log records); `grpc::status` turns it into
-//! a `tonic::Status`. Messages are safe to send to callers: they never carry
-//! plaintext, key material, PINs, or detail about why a ciphertext failed.
-//! Internal detail (HSM return codes, database errors) is logged once,
-//! server-side, where the error is created.
+//! gRPC code, also what the audit log records); `From<KmsError> for
+//! tonic::Status` (in `grpc`) is the one step that turns it into a status.
+//!
+//! Display is what callers see: it never carries plaintext, key material,
+//! PINs, or detail about why a ciphertext failed, and for server-side
+//! failures (INTERNAL, UNAVAILABLE) it is a generic sentence. The detail
+//! stays in the `#[source]` chain and is logged once, at the request
+//! boundary, inside the request's span (see `grpc::Rpc`), or by the
+//! background task that met it. Conversions here never log.
 
-use kms_storage::{ResultCode, StorageError};
+use kms_hsm::HsmError;
+use kms_storage::{KeyId, ResultCode, StorageError};
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsError {
     /// A request field is malformed or out of range.
@@ -19,44 +24,91 @@ pub enum KmsError {
     #[error("invalid ciphertext")]
     InvalidCiphertext,
 
-    #[error("{what} not found")]
-    NotFound { what: String },
+    /// No key with this id or alias, as the caller named it.
+    #[error("key {key} not found")]
+    KeyNotFound { key: String },
 
-    #[error("{what} already exists")]
-    AlreadyExists { what: String },
+    /// The key has no such version.
+    #[error("version {version} of key {key_id} not found")]
+    VersionNotFound { key_id: String, version: u32 },
+
+    /// No such alias.
+    #[error("alias {alias} not found")]
+    AliasNotFound { alias: String },
+
+    /// A key with this id exists already (ids are never reused).
+    #[error("key {key_id} already exists")]
+    KeyExists { key_id: String },
+
+    /// The alias points to a key already.
+    #[error("alias {alias} already exists")]
+    AliasExists { alias: String },
 
     /// The key exists but is disabled.
     #[error("key {key_id} is disabled")]
-    KeyDisabled { key_id: String },
+    KeyDisabled { key_id: KeyId },
 
     /// The key is scheduled for deletion and cannot be used.
     #[error("key {key_id} is pending deletion")]
-    KeyPendingDeletion { key_id: String },
+    KeyPendingDeletion { key_id: KeyId },
 
     /// The key was deleted; only its tombstone remains.
     #[error("key {key_id} is deleted")]
     KeyDeleted { key_id: String },
 
+    /// The key is in a state this build does not know.
+    #[error("key {key_id} is in an unknown state")]
+    KeyStateUnknown { key_id: KeyId },
+
+    /// CancelKeyDeletion of a key that is not pending deletion.
+    #[error("key {key_id} is not pending deletion")]
+    NotPendingDeletion { key_id: KeyId },
+
+    /// The key has no primary version (its first is still being created).
+    #[error("key {key_id} has no primary version")]
+    NoPrimaryVersion { key_id: KeyId },
+
     /// The key version named by the ciphertext (or request) is not usable.
     #[error("version {version} of key {key_id} is {state}")]
     VersionUnusable {
-        key_id: String,
+        key_id: KeyId,
         version: u32,
         state: &'static str,
     },
 
-    /// The operation is not allowed in the current state.
-    #[error("{reason}")]
-    FailedPrecondition { reason: String },
+    /// DisableKeyVersion of the primary version.
+    #[error(
+        "version {version} is the primary version of key {key_id}; rotate or set another primary first"
+    )]
+    PrimaryVersionDisable { key_id: KeyId, version: u32 },
+
+    /// A version state change the catalogue does not allow.
+    #[error("version {version} of key {key_id} cannot make that state change")]
+    VersionTransition { key_id: String, version: u32 },
+
+    /// A key's version numbers are exhausted.
+    #[error("key {key_id} has no version numbers left")]
+    VersionsExhausted { key_id: String },
+
+    /// A scheduled rotation found, under the key's lock, that someone else
+    /// rotated first (the scheduler treats this as nothing to do).
+    #[error("rotation no longer due")]
+    RotationNotDue,
 
     /// The HSM is unreachable; the service fails closed.
     #[error("the HSM is unavailable")]
-    HsmUnavailable,
+    HsmUnavailable {
+        #[source]
+        source: Option<HsmError>,
+    },
 
     /// The audit log cannot record the request, so it was not carried out
     /// (or its result was withheld).
     #[error("the audit log is unavailable")]
-    AuditUnavailable,
+    AuditUnavailable {
+        #[source]
+        source: Option<StorageError>,
+    },
 
     /// The principal may not do this. Names the principal and what was
     /// refused (both known to the caller), never why a grant did not match.
@@ -67,9 +119,23 @@ pub enum KmsError {
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
 
-    /// Anything else. The detail was logged server-side.
+    /// An HSM operation failed for a reason other than unavailability.
     #[error("internal error")]
-    Internal,
+    Hsm {
+        #[source]
+        source: HsmError,
+    },
+
+    /// A storage operation failed unexpectedly.
+    #[error("internal error")]
+    Storage {
+        #[source]
+        source: StorageError,
+    },
+
+    /// Anything else; `what` says what broke (server-side only).
+    #[error("internal error")]
+    Internal { what: &'static str },
 }
 
 impl KmsError {
@@ -86,34 +152,153 @@ impl KmsError {
             KmsError::InvalidArgument { .. } | KmsError::InvalidCiphertext => {
                 ResultCode::InvalidArgument
             }
-            KmsError::NotFound { .. } => ResultCode::NotFound,
-            KmsError::AlreadyExists { .. } => ResultCode::AlreadyExists,
+            KmsError::KeyNotFound { .. }
+            | KmsError::VersionNotFound { .. }
+            | KmsError::AliasNotFound { .. } => ResultCode::NotFound,
+            KmsError::KeyExists { .. } | KmsError::AliasExists { .. } => ResultCode::AlreadyExists,
             KmsError::KeyDisabled { .. }
             | KmsError::KeyPendingDeletion { .. }
             | KmsError::KeyDeleted { .. }
+            | KmsError::KeyStateUnknown { .. }
+            | KmsError::NotPendingDeletion { .. }
+            | KmsError::NoPrimaryVersion { .. }
             | KmsError::VersionUnusable { .. }
-            | KmsError::FailedPrecondition { .. } => ResultCode::FailedPrecondition,
-            KmsError::HsmUnavailable | KmsError::AuditUnavailable => ResultCode::Unavailable,
+            | KmsError::PrimaryVersionDisable { .. }
+            | KmsError::VersionTransition { .. }
+            | KmsError::VersionsExhausted { .. }
+            | KmsError::RotationNotDue => ResultCode::FailedPrecondition,
+            KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
+                ResultCode::Unavailable
+            }
             KmsError::ResourceExhausted { .. } => ResultCode::ResourceExhausted,
             KmsError::PermissionDenied { .. } => ResultCode::PermissionDenied,
-            KmsError::Internal => ResultCode::Internal,
+            KmsError::Hsm { .. } | KmsError::Storage { .. } | KmsError::Internal { .. } => {
+                ResultCode::Internal
+            }
         }
+    }
+
+    /// Whether this is the server's failure (INTERNAL, UNAVAILABLE) rather
+    /// than the caller's: such errors are logged with their cause.
+    pub fn is_server_side(&self) -> bool {
+        matches!(self.code(), ResultCode::Internal | ResultCode::Unavailable)
+    }
+
+    /// The same answer for another caller or batch item: every field the
+    /// caller sees, without the cause (which belongs to the first, and is
+    /// logged with it). Errors holding a cause are not `Clone`.
+    pub fn same_answer(&self) -> KmsError {
+        match self {
+            KmsError::InvalidArgument { field, reason } => KmsError::InvalidArgument {
+                field,
+                reason: reason.clone(),
+            },
+            KmsError::InvalidCiphertext => KmsError::InvalidCiphertext,
+            KmsError::KeyNotFound { key } => KmsError::KeyNotFound { key: key.clone() },
+            KmsError::VersionNotFound { key_id, version } => KmsError::VersionNotFound {
+                key_id: key_id.clone(),
+                version: *version,
+            },
+            KmsError::AliasNotFound { alias } => KmsError::AliasNotFound {
+                alias: alias.clone(),
+            },
+            KmsError::KeyExists { key_id } => KmsError::KeyExists {
+                key_id: key_id.clone(),
+            },
+            KmsError::AliasExists { alias } => KmsError::AliasExists {
+                alias: alias.clone(),
+            },
+            KmsError::KeyDisabled { key_id } => KmsError::KeyDisabled {
+                key_id: key_id.clone(),
+            },
+            KmsError::KeyPendingDeletion { key_id } => KmsError::KeyPendingDeletion {
+                key_id: key_id.clone(),
+            },
+            KmsError::KeyDeleted { key_id } => KmsError::KeyDeleted {
+                key_id: key_id.clone(),
+            },
+            KmsError::KeyStateUnknown { key_id } => KmsError::KeyStateUnknown {
+                key_id: key_id.clone(),
+            },
+            KmsError::NotPendingDeletion { key_id } => KmsError::NotPendingDeletion {
+                key_id: key_id.clone(),
+            },
+            KmsError::NoPrimaryVersion { key_id } => KmsError::NoPrimaryVersion {
+                key_id: key_id.clone(),
+            },
+            KmsError::VersionUnusable {
+                key_id,
+                version,
+                state,
+            } => KmsError::VersionUnusable {
+                key_id: key_id.clone(),
+                version: *version,
+                state,
+            },
+            KmsError::PrimaryVersionDisable { key_id, version } => {
+                KmsError::PrimaryVersionDisable {
+                    key_id: key_id.clone(),
+                    version: *version,
+                }
+            }
+            KmsError::VersionTransition { key_id, version } => KmsError::VersionTransition {
+                key_id: key_id.clone(),
+                version: *version,
+            },
+            KmsError::VersionsExhausted { key_id } => KmsError::VersionsExhausted {
+                key_id: key_id.clone(),
+            },
+            KmsError::RotationNotDue => KmsError::RotationNotDue,
+            KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
+            KmsError::AuditUnavailable { .. } => KmsError::AuditUnavailable { source: None },
+            KmsError::PermissionDenied { principal, action } => KmsError::PermissionDenied {
+                principal: principal.clone(),
+                action: action.clone(),
+            },
+            KmsError::ResourceExhausted { what } => KmsError::ResourceExhausted { what },
+            KmsError::Hsm { .. } => KmsError::Internal {
+                what: "HSM operation failed (cause logged with an earlier item)",
+            },
+            KmsError::Storage { .. } => KmsError::Internal {
+                what: "storage operation failed (cause logged with an earlier item)",
+            },
+            KmsError::Internal { what } => KmsError::Internal { what },
+        }
+    }
+
+    /// Display of this error with its whole cause chain, for server-side
+    /// logs only (never sent to a caller).
+    pub fn chain(&self) -> Chain<'_> {
+        Chain(self)
     }
 }
 
-impl From<kms_hsm::HsmError> for KmsError {
-    fn from(error: kms_hsm::HsmError) -> Self {
-        use kms_hsm::HsmError;
+/// Formats an error and its sources as `error: cause: cause`.
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a>(&'a KmsError);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            // The caller-facing text of these says nothing; name what broke.
+            KmsError::Internal { what } => write!(f, "internal error: {what}")?,
+            other => write!(f, "{other}")?,
+        }
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl From<HsmError> for KmsError {
+    fn from(error: HsmError) -> Self {
         match error {
             HsmError::InvalidCiphertext => KmsError::InvalidCiphertext,
-            e if e.is_unavailable() => {
-                tracing::warn!(error = %e, "HSM unavailable");
-                KmsError::HsmUnavailable
-            }
-            e => {
-                tracing::error!(error = %e, "HSM operation failed");
-                KmsError::Internal
-            }
+            e if e.is_unavailable() => KmsError::HsmUnavailable { source: Some(e) },
+            e => KmsError::Hsm { source: e },
         }
     }
 }
@@ -129,42 +314,83 @@ impl From<StorageError> for KmsError {
                 "alias",
                 "expected alias/<name> with 1-250 characters from [A-Za-z0-9/_-]",
             ),
-            StorageError::KeyExists { id } => KmsError::AlreadyExists {
-                what: format!("key {id}"),
-            },
-            StorageError::KeyNotFound { id } => KmsError::NotFound {
-                what: format!("key {id}"),
-            },
+            StorageError::KeyExists { id } => KmsError::KeyExists { key_id: id },
+            StorageError::KeyNotFound { id } => KmsError::KeyNotFound { key: id },
             StorageError::KeyDeleted { id } => KmsError::KeyDeleted { key_id: id },
-            StorageError::AliasExists { alias } => KmsError::AlreadyExists {
-                what: format!("alias {alias}"),
+            StorageError::AliasExists { alias } => KmsError::AliasExists { alias },
+            StorageError::AliasNotFound { alias } => KmsError::AliasNotFound { alias },
+            StorageError::VersionNotFound { id, version } => KmsError::VersionNotFound {
+                key_id: id,
+                version,
             },
-            StorageError::AliasNotFound { alias } => KmsError::NotFound {
-                what: format!("alias {alias}"),
+            StorageError::InvalidVersionTransition { id, version } => KmsError::VersionTransition {
+                key_id: id,
+                version,
             },
-            StorageError::VersionNotFound { id, version } => KmsError::NotFound {
-                what: format!("version {version} of key {id}"),
-            },
-            StorageError::InvalidVersionTransition { id, version } => {
-                KmsError::FailedPrecondition {
-                    reason: format!("version {version} of key {id} cannot make that state change"),
-                }
-            }
-            StorageError::VersionsExhausted { id } => KmsError::FailedPrecondition {
-                reason: format!("key {id} has no version numbers left"),
-            },
-            StorageError::AuditPoisoned
+            StorageError::VersionsExhausted { id } => KmsError::VersionsExhausted { key_id: id },
+            e @ (StorageError::AuditPoisoned
             | StorageError::AuditWrite { .. }
-            | StorageError::AuditClosed => {
-                tracing::error!(error = %error, "audit log unavailable");
-                KmsError::AuditUnavailable
-            }
-            other => {
-                tracing::error!(error = %other, "storage operation failed");
-                KmsError::Internal
-            }
+            | StorageError::AuditClosed) => KmsError::AuditUnavailable { source: Some(e) },
+            other => KmsError::Storage { source: other },
         }
     }
 }
 
 pub type Result<T, E = KmsError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_side_errors_keep_their_cause_but_show_callers_a_generic_message() {
+        let error = KmsError::from(StorageError::MissingColumnFamily { name: "keys" });
+        assert_eq!(error.to_string(), "internal error");
+        assert_eq!(error.code(), ResultCode::Internal);
+        assert_eq!(
+            error.chain().to_string(),
+            "internal error: column family keys is missing"
+        );
+        let again = error.same_answer();
+        assert_eq!(again.to_string(), "internal error");
+        assert_eq!(again.code(), ResultCode::Internal);
+
+        let audit = KmsError::from(StorageError::AuditPoisoned);
+        assert_eq!(audit.to_string(), "the audit log is unavailable");
+        assert_eq!(audit.code(), ResultCode::Unavailable);
+        assert!(std::error::Error::source(&audit).is_some());
+    }
+
+    #[test]
+    fn caller_errors_keep_their_messages() {
+        let key_id = KeyId::from_random([1; 16]);
+        let cases = [
+            (
+                KmsError::from(StorageError::KeyNotFound {
+                    id: "alias/x".into(),
+                }),
+                "key alias/x not found".to_owned(),
+            ),
+            (
+                KmsError::from(StorageError::VersionNotFound {
+                    id: key_id.to_string(),
+                    version: 3,
+                }),
+                format!("version 3 of key {key_id} not found"),
+            ),
+            (
+                KmsError::PrimaryVersionDisable {
+                    key_id: key_id.clone(),
+                    version: 2,
+                },
+                format!(
+                    "version 2 is the primary version of key {key_id}; rotate or set another primary first"
+                ),
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+            assert_eq!(error.same_answer().to_string(), message);
+        }
+    }
+}

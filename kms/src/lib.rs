@@ -2,18 +2,20 @@
 //!
 //! Layout: `auth` (who is calling, what they may do, admission limits),
 //! `config` (TOML → typed config), `dev` (the embedded default),
-//! `envelope` and `encryption_context` (the ciphertext format), `service`
-//! (the domain: keys, envelope encryption, audit; no gRPC), `grpc` (thin
-//! handlers and the only place errors become `tonic::Status`), `server`
-//! (tonic server, health, reflection, limits, metrics), `operator` (the
-//! server-side operator commands `kms hsm` and `kms token`; every other
-//! command of the `kms` binary is a client, in the kms-cli crate).
+//! `ciphertext` and `encryption_context` (the ciphertext blob format; "envelope"
+//! means client-side envelope encryption only, in kms-client), `service`
+//! (the domain: keys, encryption, audit; no gRPC), `grpc` (thin handlers and
+//! the only place errors become `tonic::Status`), `server` (tonic server,
+//! health that follows the HSM and the audit log, reflection, limits,
+//! metrics), `operator` (the server-side operator commands `kms hsm` and
+//! `kms token`; every other command of the `kms` binary is a client, in the
+//! kms-cli crate).
 
 pub mod auth;
+pub mod ciphertext;
 pub mod config;
 pub mod dev;
 pub mod encryption_context;
-pub mod envelope;
 pub mod error;
 pub mod grpc;
 pub mod hardening;

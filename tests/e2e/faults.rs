@@ -288,6 +288,14 @@ async fn a_full_audit_filesystem_fails_every_key_use_and_loses_nothing_acknowled
         .await
         .expect_err("data key without an audit log");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Health says so: a poisoned audit log takes every service down.
+    {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let limit = Duration::from_secs(10);
+        for service in ["", "kms.v1.Crypto", "kms.v1.KeyManagement", "kms.v1.Audit"] {
+            super::health::wait_for(&server, service, ServingStatus::NotServing, limit).await;
+        }
+    }
     stop.store(true, Ordering::Release);
     for task in load {
         task.await.expect("load task");

@@ -6,6 +6,7 @@ mod crash;
 mod crypto;
 mod envelope;
 mod faults;
+mod health;
 mod keys;
 mod reflection;
 mod restart;

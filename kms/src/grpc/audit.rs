@@ -7,9 +7,9 @@ use kms_proto::v1::audit_server::Audit;
 use kms_storage::AuditFilter;
 use tonic::{Request, Response, Status};
 
-use super::convert::{audit_event, micros_of, operation_name};
-use super::{blocking, page_size, page_token, request_meta, respond};
-use crate::service::{AuditQuery, KmsService};
+use super::convert::{audit_event, micros_of};
+use super::{Rpc, page_size, page_token};
+use crate::service::{AuditQuery, KmsService, Operation, operation};
 
 /// The Audit service.
 #[derive(Debug, Clone)]
@@ -29,11 +29,11 @@ impl Audit for AuditApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::ListAuditEvents, &request)?;
         let req = request.into_inner();
         let operation = match pb::Operation::try_from(req.operation) {
             Ok(pb::Operation::Unspecified) => None,
-            Ok(op) => operation_name(op),
+            Ok(op) => Some(operation::name(op).to_owned()),
             Err(_) => return Err(Status::invalid_argument("invalid operation")),
         };
         let after = match page_token(&req.page_token) {
@@ -53,40 +53,36 @@ impl Audit for AuditApi {
             after,
             limit: page_size(req.page_size)?,
         };
-        let m = meta.clone();
-        let page = blocking(&self.service, move |s| s.list_audit_events(&m, &query)).await?;
-        Ok(respond(
-            pb::ListAuditEventsResponse {
-                events: page.records.iter().map(audit_event).collect(),
-                next_page_token: page.next_after.map(|a| a.to_string()).unwrap_or_default(),
-            },
-            &meta,
-        ))
+        let page = rpc
+            .blocking(&self.service, move |s, m| s.list_audit_events(m, &query))
+            .await?;
+        rpc.respond(pb::ListAuditEventsResponse {
+            events: page.records.iter().map(audit_event).collect(),
+            next_page_token: page.next_after.map(|a| a.to_string()).unwrap_or_default(),
+        })
     }
 
     async fn verify_audit_log(
         &self,
         request: Request<pb::VerifyAuditLogRequest>,
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
-        let meta = request_meta(&request)?;
-        let m = meta.clone();
-        let verification = blocking(&self.service, move |s| s.verify_audit_log(&m, None)).await?;
+        let rpc = Rpc::start(Operation::VerifyAuditLog, &request)?;
+        let verification = rpc
+            .blocking(&self.service, move |s, m| s.verify_audit_log(m, None))
+            .await?;
         let report = verification.report;
         let (first_invalid_sequence, failure_reason) = match &report.failure {
             Some(f) => (f.seq, format!("{:?}", f.reason)),
             None => (0, String::new()),
         };
-        Ok(respond(
-            pb::VerifyAuditLogResponse {
-                valid: report.is_ok(),
-                events_verified: report.records,
-                checkpoints_verified: report.checkpoints_verified,
-                last_sequence: report.last_good_seq,
-                head_hash: report.head_hash.to_vec(),
-                first_invalid_sequence,
-                failure_reason,
-            },
-            &meta,
-        ))
+        rpc.respond(pb::VerifyAuditLogResponse {
+            valid: report.is_ok(),
+            events_verified: report.records,
+            checkpoints_verified: report.checkpoints_verified,
+            last_sequence: report.last_good_seq,
+            head_hash: report.head_hash.to_vec(),
+            first_invalid_sequence,
+            failure_reason,
+        })
     }
 }

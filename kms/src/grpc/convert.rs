@@ -11,7 +11,7 @@ use kms_storage::{
 use tonic::Status;
 
 use crate::error::KmsError;
-use crate::service::KeyView;
+use crate::service::{DataKeySize, EffectivePolicy, KeyView, operation};
 
 pub(crate) fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -129,36 +129,67 @@ pub(crate) fn alias(entry: &AliasEntry) -> pb::Alias {
     }
 }
 
-/// "GenerateDataKey" → OPERATION_GENERATE_DATA_KEY.
-pub(crate) fn operation_enum(name: &str) -> pb::Operation {
-    let mut upper = String::from("OPERATION_");
-    for (i, ch) in name.chars().enumerate() {
-        if ch.is_ascii_uppercase() && i > 0 {
-            upper.push('_');
-        }
-        upper.push(ch.to_ascii_uppercase());
-    }
-    pb::Operation::from_str_name(&upper).unwrap_or(pb::Operation::Unspecified)
+/// The data-key length oneof, which GenerateDataKey, its WithoutPlaintext
+/// twin and BatchGenerateDataKey entries each declare as their own type.
+/// They all convert to this one, and this one to a [`DataKeySize`] in the
+/// one `TryFrom` below, where the validation lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataKeyLength {
+    KeySpec(i32),
+    NumberOfBytes(u32),
 }
 
-/// OPERATION_GENERATE_DATA_KEY → "GenerateDataKey".
-pub(crate) fn operation_name(operation: pb::Operation) -> Option<String> {
-    let upper = operation.as_str_name().strip_prefix("OPERATION_")?;
-    if upper == "UNSPECIFIED" {
-        return None;
-    }
-    Some(
-        upper
-            .split('_')
-            .map(|word| {
-                let mut chars = word.chars();
-                match chars.next() {
-                    Some(first) => first.to_string() + &chars.as_str().to_ascii_lowercase(),
-                    None => String::new(),
+macro_rules! data_key_length_from {
+    ($($oneof:ty),+) => {$(
+        impl From<$oneof> for DataKeyLength {
+            fn from(length: $oneof) -> Self {
+                type Length = $oneof;
+                match length {
+                    Length::KeySpec(spec) => DataKeyLength::KeySpec(spec),
+                    Length::NumberOfBytes(n) => DataKeyLength::NumberOfBytes(n),
                 }
-            })
-            .collect(),
-    )
+            }
+        }
+    )+};
+}
+
+data_key_length_from!(
+    pb::generate_data_key_request::Length,
+    pb::generate_data_key_without_plaintext_request::Length,
+    pb::batch_generate_data_key_entry::Length
+);
+
+impl TryFrom<Option<DataKeyLength>> for DataKeySize {
+    type Error = KmsError;
+
+    /// A key spec (AES-128 or AES-256) or a byte count; the count's range
+    /// (1 to 1024) is checked by the service.
+    fn try_from(length: Option<DataKeyLength>) -> Result<Self, KmsError> {
+        match length {
+            Some(DataKeyLength::KeySpec(spec)) => match pb::DataKeySpec::try_from(spec) {
+                Ok(pb::DataKeySpec::Aes128) => Ok(DataKeySize::Aes128),
+                Ok(pb::DataKeySpec::Aes256) => Ok(DataKeySize::Aes256),
+                _ => Err(KmsError::invalid(
+                    "key_spec",
+                    "must be DATA_KEY_SPEC_AES_128 or DATA_KEY_SPEC_AES_256",
+                )),
+            },
+            Some(DataKeyLength::NumberOfBytes(n)) => {
+                Ok(DataKeySize::Bytes(usize::try_from(n).unwrap_or(usize::MAX)))
+            }
+            None => Err(KmsError::invalid(
+                "key_spec",
+                "set key_spec or number_of_bytes",
+            )),
+        }
+    }
+}
+
+/// The size a request's length oneof asks for.
+pub(crate) fn data_key_size<L: Into<DataKeyLength>>(
+    length: Option<L>,
+) -> Result<DataKeySize, KmsError> {
+    DataKeySize::try_from(length.map(Into::into))
 }
 
 pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
@@ -168,7 +199,8 @@ pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
         principal: record.event.principal.clone(),
         peer: record.event.peer.clone(),
         request_id: record.event.request_id.clone(),
-        operation: operation_enum(&record.event.operation) as i32,
+        operation: operation::parse(&record.event.operation).unwrap_or(pb::Operation::Unspecified)
+            as i32,
         key_id: record.event.key_id.clone().unwrap_or_default(),
         key_version: record.event.key_version.unwrap_or(0),
         context_digest: record
@@ -184,10 +216,11 @@ pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
 
 /// A key policy for the wire. A key without its own policy (the service
 /// default applies) is shown as an empty policy, as the proto documents.
-pub(crate) fn key_policy(policy: &KeyPolicy, is_default: bool) -> pb::KeyPolicy {
-    if is_default {
-        return pb::KeyPolicy::default();
-    }
+pub(crate) fn key_policy(effective: &EffectivePolicy) -> pb::KeyPolicy {
+    let policy = match effective {
+        EffectivePolicy::Own(policy) => policy,
+        EffectivePolicy::Default(_) => return pb::KeyPolicy::default(),
+    };
     pb::KeyPolicy {
         grants: policy
             .grants
@@ -273,28 +306,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_data_key_length_oneofs_convert_alike() {
+        use pb::generate_data_key_request::Length as Gdk;
+        use pb::generate_data_key_without_plaintext_request::Length as Wp;
+        assert_eq!(
+            data_key_size(Some(Gdk::KeySpec(pb::DataKeySpec::Aes128 as i32))).ok(),
+            Some(DataKeySize::Aes128)
+        );
+        assert_eq!(
+            data_key_size(Some(Wp::KeySpec(pb::DataKeySpec::Aes256 as i32))).ok(),
+            Some(DataKeySize::Aes256)
+        );
+        assert_eq!(
+            data_key_size(Some(Wp::NumberOfBytes(7))).ok(),
+            Some(DataKeySize::Bytes(7))
+        );
+        let unspecified = data_key_size(Some(Gdk::KeySpec(0))).expect_err("unspecified spec");
+        assert_eq!(
+            unspecified.to_string(),
+            "invalid key_spec: must be DATA_KEY_SPEC_AES_128 or DATA_KEY_SPEC_AES_256"
+        );
+        let missing = data_key_size(None::<Gdk>).expect_err("no length");
+        assert_eq!(
+            missing.to_string(),
+            "invalid key_spec: set key_spec or number_of_bytes"
+        );
+    }
+
+    #[test]
     fn every_permission_round_trips_through_the_proto_enum() {
         for p in Permission::ALL {
             assert_eq!(permission_of(permission_enum(p)), Some(p));
         }
         assert_eq!(permission_of(pb::Permission::Unspecified), None);
-    }
-
-    #[test]
-    fn operation_names_round_trip_through_the_proto_enum() {
-        for name in [
-            "CreateKey",
-            "Encrypt",
-            "GenerateDataKeyWithoutPlaintext",
-            "ReEncrypt",
-            "ListAuditEvents",
-            "ReconcileKeyVersion",
-            "DeleteKeyMaterial",
-            "BatchGenerateDataKey",
-        ] {
-            let op = operation_enum(name);
-            assert_ne!(op, pb::Operation::Unspecified, "{name}");
-            assert_eq!(operation_name(op).as_deref(), Some(name));
-        }
     }
 }

@@ -7,7 +7,8 @@ use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
 use super::convert::{alias, duration_of, key_metadata, key_policy, key_policy_from, key_version};
-use super::{blocking, page_size, page_token, request_meta, respond};
+use super::{Rpc, page_size, page_token};
+use crate::service::Operation;
 use crate::service::{CreateKeyInput, KmsService};
 
 /// The KeyManagement service.
@@ -30,7 +31,7 @@ impl KeyManagement for KeyManagementApi {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Reply<pb::CreateKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::CreateKey, &request)?;
         let req = request.into_inner();
         if !matches!(
             pb::KeySpec::try_from(req.key_spec),
@@ -51,45 +52,41 @@ impl KeyManagement for KeyManagementApi {
             aliases: Vec::new(),
             rotation_period,
         };
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| s.create_key(&m, input)).await?;
-        Ok(respond(
-            pb::CreateKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
+        let view = rpc
+            .blocking(&self.service, move |s, m| s.create_key(m, input))
+            .await?;
+        rpc.respond(pb::CreateKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
+        })
     }
 
     async fn describe_key(
         &self,
         request: Request<pb::DescribeKeyRequest>,
     ) -> Reply<pb::DescribeKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::DescribeKey, &request)?;
         let key = request.into_inner().key_id;
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| s.describe_key(&m, &key)).await?;
-        Ok(respond(
-            pb::DescribeKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
+        let view = rpc
+            .blocking(&self.service, move |s, m| s.describe_key(m, &key))
+            .await?;
+        rpc.respond(pb::DescribeKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
+        })
     }
 
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Reply<pb::ListKeysResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::ListKeys, &request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
-        let m = meta.clone();
         let token = req.page_token;
-        let page = blocking(&self.service, move |s| {
-            s.list_keys(&m, page_token(&token), limit)
-        })
-        .await?;
+        let page = rpc
+            .blocking(&self.service, move |s, m| {
+                s.list_keys(m, page_token(&token), limit)
+            })
+            .await?;
         let keys = page
             .items
             .iter()
@@ -99,165 +96,141 @@ impl KeyManagement for KeyManagementApi {
             })
             .map(key_metadata)
             .collect();
-        Ok(respond(
-            pb::ListKeysResponse {
-                keys,
-                next_page_token: page.next_page_token.unwrap_or_default(),
-            },
-            &meta,
-        ))
+        rpc.respond(pb::ListKeysResponse {
+            keys,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        })
     }
 
     async fn update_key_description(
         &self,
         request: Request<pb::UpdateKeyDescriptionRequest>,
     ) -> Reply<pb::UpdateKeyDescriptionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::UpdateKeyDescription, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.update_description(&m, &req.key_id, req.description)
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.update_description(m, &req.key_id, req.description)
+            })
+            .await?;
+        rpc.respond(pb::UpdateKeyDescriptionResponse {
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::UpdateKeyDescriptionResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn tag_key(&self, request: Request<pb::TagKeyRequest>) -> Reply<pb::TagKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::TagKey, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.tag_key(&m, &req.key_id, req.tags.into_iter().collect())
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.tag_key(m, &req.key_id, req.tags.into_iter().collect())
+            })
+            .await?;
+        rpc.respond(pb::TagKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::TagKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn untag_key(
         &self,
         request: Request<pb::UntagKeyRequest>,
     ) -> Reply<pb::UntagKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::UntagKey, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.untag_key(&m, &req.key_id, req.tag_keys)
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.untag_key(m, &req.key_id, req.tag_keys)
+            })
+            .await?;
+        rpc.respond(pb::UntagKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::UntagKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn enable_key(
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Reply<pb::EnableKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::EnableKey, &request)?;
         let key = request.into_inner().key_id;
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| s.enable_key(&m, &key)).await?;
-        Ok(respond(
-            pb::EnableKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
+        let view = rpc
+            .blocking(&self.service, move |s, m| s.enable_key(m, &key))
+            .await?;
+        rpc.respond(pb::EnableKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
+        })
     }
 
     async fn disable_key(
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Reply<pb::DisableKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::DisableKey, &request)?;
         let key = request.into_inner().key_id;
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| s.disable_key(&m, &key)).await?;
-        Ok(respond(
-            pb::DisableKeyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
+        let view = rpc
+            .blocking(&self.service, move |s, m| s.disable_key(m, &key))
+            .await?;
+        rpc.respond(pb::DisableKeyResponse {
+            key_metadata: Some(key_metadata(&view)),
+        })
     }
 
     async fn schedule_key_deletion(
         &self,
         request: Request<pb::ScheduleKeyDeletionRequest>,
     ) -> Reply<pb::ScheduleKeyDeletionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::ScheduleKeyDeletion, &request)?;
         let req = request.into_inner();
         let days = req.pending_window_days;
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.schedule_key_deletion(&m, &req.key_id, days)
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.schedule_key_deletion(m, &req.key_id, days)
+            })
+            .await?;
+        rpc.respond(pb::ScheduleKeyDeletionResponse {
+            key_metadata: Some(key_metadata(&view)),
+            pending_window_days: days.unwrap_or(crate::service::DEFAULT_DELETION_DAYS),
         })
-        .await?;
-        Ok(respond(
-            pb::ScheduleKeyDeletionResponse {
-                key_metadata: Some(key_metadata(&view)),
-                pending_window_days: days.unwrap_or(crate::service::DEFAULT_DELETION_DAYS),
-            },
-            &meta,
-        ))
     }
 
     async fn cancel_key_deletion(
         &self,
         request: Request<pb::CancelKeyDeletionRequest>,
     ) -> Reply<pb::CancelKeyDeletionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::CancelKeyDeletion, &request)?;
         let key = request.into_inner().key_id;
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| s.cancel_key_deletion(&m, &key)).await?;
-        Ok(respond(
-            pb::CancelKeyDeletionResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
+        let view = rpc
+            .blocking(&self.service, move |s, m| s.cancel_key_deletion(m, &key))
+            .await?;
+        rpc.respond(pb::CancelKeyDeletionResponse {
+            key_metadata: Some(key_metadata(&view)),
+        })
     }
 
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Reply<pb::RotateKeyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::RotateKey, &request)?;
         let key = request.into_inner().key_id;
-        let m = meta.clone();
-        let (view, version) = blocking(&self.service, move |s| {
-            let version = s.rotate_key(&m, &key)?;
-            let view = s.key_view(&version.key_id)?;
-            Ok((view, version))
+        let (view, version) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.rotate_key(m, &key)?;
+                let view = s.key_view(&version.key_id)?;
+                Ok((view, version))
+            })
+            .await?;
+        rpc.respond(pb::RotateKeyResponse {
+            new_version: Some(key_version(&version, view.record.primary_version)),
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::RotateKeyResponse {
-                new_version: Some(key_version(&version, view.record.primary_version)),
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn set_rotation_policy(
         &self,
         request: Request<pb::SetRotationPolicyRequest>,
     ) -> Reply<pb::SetRotationPolicyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::SetRotationPolicy, &request)?;
         let req = request.into_inner();
         if req.next_rotation_time.is_some() {
             return Err(Status::invalid_argument(
@@ -270,24 +243,21 @@ impl KeyManagement for KeyManagementApi {
             .map(|d| duration_of(d, "rotation_period"))
             .transpose()?
             .filter(|d| !d.is_zero());
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.set_rotation_policy(&m, &req.key_id, period)
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.set_rotation_policy(m, &req.key_id, period)
+            })
+            .await?;
+        rpc.respond(pb::SetRotationPolicyResponse {
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::SetRotationPolicyResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn list_key_versions(
         &self,
         request: Request<pb::ListKeyVersionsRequest>,
     ) -> Reply<pb::ListKeyVersionsResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::ListKeyVersions, &request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
         let after: u32 = match page_token(&req.page_token) {
@@ -296,9 +266,11 @@ impl KeyManagement for KeyManagementApi {
                 Status::invalid_argument("invalid page_token: not a token from a previous page")
             })?,
         };
-        let m = meta.clone();
-        let (record, versions) =
-            blocking(&self.service, move |s| s.list_key_versions(&m, &req.key_id)).await?;
+        let (record, versions) = rpc
+            .blocking(&self.service, move |s, m| {
+                s.list_key_versions(m, &req.key_id)
+            })
+            .await?;
         let mut page: Vec<_> = versions
             .iter()
             .filter(|v| v.version > after)
@@ -312,201 +284,174 @@ impl KeyManagement for KeyManagementApi {
         } else {
             String::new()
         };
-        Ok(respond(
-            pb::ListKeyVersionsResponse {
-                versions: page
-                    .into_iter()
-                    .map(|v| key_version(v, record.primary_version))
-                    .collect(),
-                next_page_token,
-            },
-            &meta,
-        ))
+        rpc.respond(pb::ListKeyVersionsResponse {
+            versions: page
+                .into_iter()
+                .map(|v| key_version(v, record.primary_version))
+                .collect(),
+            next_page_token,
+        })
     }
 
     async fn enable_key_version(
         &self,
         request: Request<pb::EnableKeyVersionRequest>,
     ) -> Reply<pb::EnableKeyVersionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::EnableKeyVersion, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let (version, primary) = blocking(&self.service, move |s| {
-            let version = s.enable_key_version(&m, &req.key_id, req.version)?;
-            let primary = s.key_view(&version.key_id)?.record.primary_version;
-            Ok((version, primary))
+        let (version, primary) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.enable_key_version(m, &req.key_id, req.version)?;
+                let primary = s.key_view(&version.key_id)?.record.primary_version;
+                Ok((version, primary))
+            })
+            .await?;
+        rpc.respond(pb::EnableKeyVersionResponse {
+            key_version: Some(key_version(&version, primary)),
         })
-        .await?;
-        Ok(respond(
-            pb::EnableKeyVersionResponse {
-                key_version: Some(key_version(&version, primary)),
-            },
-            &meta,
-        ))
     }
 
     async fn disable_key_version(
         &self,
         request: Request<pb::DisableKeyVersionRequest>,
     ) -> Reply<pb::DisableKeyVersionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::DisableKeyVersion, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let (version, primary) = blocking(&self.service, move |s| {
-            let version = s.disable_key_version(&m, &req.key_id, req.version)?;
-            let primary = s.key_view(&version.key_id)?.record.primary_version;
-            Ok((version, primary))
+        let (version, primary) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.disable_key_version(m, &req.key_id, req.version)?;
+                let primary = s.key_view(&version.key_id)?.record.primary_version;
+                Ok((version, primary))
+            })
+            .await?;
+        rpc.respond(pb::DisableKeyVersionResponse {
+            key_version: Some(key_version(&version, primary)),
         })
-        .await?;
-        Ok(respond(
-            pb::DisableKeyVersionResponse {
-                key_version: Some(key_version(&version, primary)),
-            },
-            &meta,
-        ))
     }
 
     async fn set_primary_version(
         &self,
         request: Request<pb::SetPrimaryVersionRequest>,
     ) -> Reply<pb::SetPrimaryVersionResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::SetPrimaryVersion, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let view = blocking(&self.service, move |s| {
-            s.set_primary_version(&m, &req.key_id, req.version)
+        let view = rpc
+            .blocking(&self.service, move |s, m| {
+                s.set_primary_version(m, &req.key_id, req.version)
+            })
+            .await?;
+        rpc.respond(pb::SetPrimaryVersionResponse {
+            key_metadata: Some(key_metadata(&view)),
         })
-        .await?;
-        Ok(respond(
-            pb::SetPrimaryVersionResponse {
-                key_metadata: Some(key_metadata(&view)),
-            },
-            &meta,
-        ))
     }
 
     async fn create_alias(
         &self,
         request: Request<pb::CreateAliasRequest>,
     ) -> Reply<pb::CreateAliasResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::CreateAlias, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let entry = blocking(&self.service, move |s| {
-            s.create_alias(&m, &req.alias_name, &req.target_key_id)
+        let entry = rpc
+            .blocking(&self.service, move |s, m| {
+                s.create_alias(m, &req.alias_name, &req.target_key_id)
+            })
+            .await?;
+        rpc.respond(pb::CreateAliasResponse {
+            alias: Some(alias(&entry)),
         })
-        .await?;
-        Ok(respond(
-            pb::CreateAliasResponse {
-                alias: Some(alias(&entry)),
-            },
-            &meta,
-        ))
     }
 
     async fn update_alias(
         &self,
         request: Request<pb::UpdateAliasRequest>,
     ) -> Reply<pb::UpdateAliasResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::UpdateAlias, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let entry = blocking(&self.service, move |s| {
-            s.update_alias(&m, &req.alias_name, &req.target_key_id)
+        let entry = rpc
+            .blocking(&self.service, move |s, m| {
+                s.update_alias(m, &req.alias_name, &req.target_key_id)
+            })
+            .await?;
+        rpc.respond(pb::UpdateAliasResponse {
+            alias: Some(alias(&entry)),
         })
-        .await?;
-        Ok(respond(
-            pb::UpdateAliasResponse {
-                alias: Some(alias(&entry)),
-            },
-            &meta,
-        ))
     }
 
     async fn delete_alias(
         &self,
         request: Request<pb::DeleteAliasRequest>,
     ) -> Reply<pb::DeleteAliasResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::DeleteAlias, &request)?;
         let name = request.into_inner().alias_name;
-        let m = meta.clone();
-        blocking(&self.service, move |s| s.delete_alias(&m, &name)).await?;
-        Ok(respond(pb::DeleteAliasResponse {}, &meta))
+        rpc.blocking(&self.service, move |s, m| s.delete_alias(m, &name))
+            .await?;
+        rpc.respond(pb::DeleteAliasResponse {})
     }
 
     async fn list_aliases(
         &self,
         request: Request<pb::ListAliasesRequest>,
     ) -> Reply<pb::ListAliasesResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::ListAliases, &request)?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
-        let m = meta.clone();
-        let page = blocking(&self.service, move |s| {
-            s.list_aliases(
-                &m,
-                page_token(&req.key_id),
-                page_token(&req.page_token),
-                limit,
-            )
+        let page = rpc
+            .blocking(&self.service, move |s, m| {
+                s.list_aliases(
+                    m,
+                    page_token(&req.key_id),
+                    page_token(&req.page_token),
+                    limit,
+                )
+            })
+            .await?;
+        rpc.respond(pb::ListAliasesResponse {
+            aliases: page.items.iter().map(alias).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
         })
-        .await?;
-        Ok(respond(
-            pb::ListAliasesResponse {
-                aliases: page.items.iter().map(alias).collect(),
-                next_page_token: page.next_page_token.unwrap_or_default(),
-            },
-            &meta,
-        ))
     }
 
     async fn get_key_policy(
         &self,
         request: Request<pb::GetKeyPolicyRequest>,
     ) -> Reply<pb::GetKeyPolicyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::GetKeyPolicy, &request)?;
         let req = request.into_inner();
-        let m = meta.clone();
-        let (policy, is_default) =
-            blocking(&self.service, move |s| s.get_key_policy(&m, &req.key_id)).await?;
-        Ok(respond(
-            pb::GetKeyPolicyResponse {
-                policy: Some(key_policy(&policy, is_default)),
-            },
-            &meta,
-        ))
+        let policy = rpc
+            .blocking(&self.service, move |s, m| s.get_key_policy(m, &req.key_id))
+            .await?;
+        rpc.respond(pb::GetKeyPolicyResponse {
+            policy: Some(key_policy(&policy)),
+        })
     }
 
     async fn put_key_policy(
         &self,
         request: Request<pb::PutKeyPolicyRequest>,
     ) -> Reply<pb::PutKeyPolicyResponse> {
-        let meta = request_meta(&request)?;
+        let rpc = Rpc::start(Operation::PutKeyPolicy, &request)?;
         let req = request.into_inner();
         let policy = match req.policy.map(key_policy_from).transpose() {
             Ok(policy) => policy.unwrap_or_default(),
             Err(error) => {
                 // Still audited: a malformed policy change names a key.
-                let m = meta.clone();
-                let refused: Result<(), Status> = blocking(&self.service, move |s| {
-                    s.refuse(&m, "PutKeyPolicy", &req.key_id, error)
-                })
-                .await;
+                let refused: Result<(), Status> = rpc
+                    .blocking(&self.service, move |s, m| {
+                        s.refuse(m, Operation::PutKeyPolicy, &req.key_id, error)
+                    })
+                    .await;
                 return Err(refused
                     .err()
                     .unwrap_or_else(|| Status::internal("internal error")));
             }
         };
-        let m = meta.clone();
-        let (policy, is_default) = blocking(&self.service, move |s| {
-            s.put_key_policy(&m, &req.key_id, policy)
+        let policy = rpc
+            .blocking(&self.service, move |s, m| {
+                s.put_key_policy(m, &req.key_id, policy)
+            })
+            .await?;
+        rpc.respond(pb::PutKeyPolicyResponse {
+            policy: Some(key_policy(&policy)),
         })
-        .await?;
-        Ok(respond(
-            pb::PutKeyPolicyResponse {
-                policy: Some(key_policy(&policy, is_default)),
-            },
-            &meta,
-        ))
     }
 }

@@ -10,10 +10,13 @@ mod key_management;
 
 use std::sync::Arc;
 
+use kms_proto::v1 as pb;
+use kms_storage::ResultCode;
 use tonic::{Code, Request, Status};
+use tracing::{Instrument, Span};
 
 use crate::error::KmsError;
-use crate::service::{Deferred, KmsService, RequestMeta};
+use crate::service::{Deferred, KmsService, Operation, RequestMeta, operation};
 
 pub use audit::AuditApi;
 pub use crypto::CryptoApi;
@@ -22,28 +25,159 @@ pub use key_management::KeyManagementApi;
 /// Metadata header carrying the caller's request id (echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The one conversion of a domain error into a status: the code through
+/// its numeric value (the audit log's `ResultCode` numbers are gRPC's), the
+/// message from Display, which is caller-safe by construction (generic for
+/// INTERNAL and UNAVAILABLE; see `error.rs`). No side effects: logging is
+/// the request boundary's job ([`Rpc`]).
 impl From<KmsError> for Status {
     fn from(error: KmsError) -> Status {
-        let code = match error.code() {
-            kms_storage::ResultCode::InvalidArgument => Code::InvalidArgument,
-            kms_storage::ResultCode::NotFound => Code::NotFound,
-            kms_storage::ResultCode::AlreadyExists => Code::AlreadyExists,
-            kms_storage::ResultCode::FailedPrecondition => Code::FailedPrecondition,
-            kms_storage::ResultCode::Unavailable => Code::Unavailable,
-            kms_storage::ResultCode::ResourceExhausted => Code::ResourceExhausted,
-            kms_storage::ResultCode::PermissionDenied => Code::PermissionDenied,
-            kms_storage::ResultCode::Unauthenticated => Code::Unauthenticated,
-            kms_storage::ResultCode::DeadlineExceeded => Code::DeadlineExceeded,
-            _ => Code::Internal,
+        Status::new(status_code(error.code()), error.to_string())
+    }
+}
+
+/// A storage `ResultCode` as a `tonic::Code` (same numbers, 0-16).
+pub(crate) fn status_code(code: ResultCode) -> Code {
+    Code::from(i32::from(code.as_u8()))
+}
+
+/// One RPC in flight: its audit identity and its tracing span. Every
+/// handler starts one, runs its domain work through it and answers through
+/// it, so that every log line about the request (the service's, the HSM
+/// layer's, the error's) carries rpc, request id and principal, and a
+/// failure is logged once, with its cause, where the request is known.
+#[derive(Debug)]
+pub(crate) struct Rpc {
+    pub(crate) meta: RequestMeta,
+    span: Span,
+}
+
+impl Rpc {
+    /// The audit identity of a request (the principal the authentication
+    /// layer established, the peer address, the caller's request id if sane
+    /// or ours) and its span.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED if the request did not pass the authentication layer.
+    pub(crate) fn start<T>(rpc: Operation, request: &Request<T>) -> Result<Rpc, Status> {
+        let meta = request_meta(request)?;
+        let span = tracing::info_span!(
+            "rpc",
+            rpc = operation::name(rpc),
+            request_id = %meta.request_id,
+            principal = %meta.principal,
+        );
+        Ok(Rpc { meta, span })
+    }
+
+    /// Runs blocking domain work (HSM and RocksDB calls) off the async
+    /// executor, inside the request's span.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        service: &Arc<KmsService>,
+        work: impl FnOnce(&KmsService, &RequestMeta) -> Result<T, KmsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let service = Arc::clone(service);
+        let meta = self.meta.clone();
+        let span = self.span.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            work(&service, &meta)
+        })
+        .instrument(self.span.clone())
+        .await;
+        match joined {
+            Ok(result) => result.map_err(|e| self.fail(e)),
+            Err(e) => Err(self.task_failed(&e)),
+        }
+    }
+
+    /// Runs a key-use operation (Encrypt, Decrypt, GenerateDataKey, ReEncrypt)
+    /// and waits for its audit record without holding a thread.
+    ///
+    /// The work itself runs on the calling executor thread: on this path it is
+    /// one HSM call with a cached handle and a few catalogue reads (tens of µs;
+    /// once per 4096 encryptions of a key version also one synced write that
+    /// reserves the next block of GCM invocation counts),
+    /// cheaper than the two thread hand-offs of `spawn_blocking`, which measured
+    /// as the largest cost per request. While the HSM is recovering (calls may
+    /// then wait on reconnects) the work goes to a blocking thread instead.
+    pub(crate) async fn key_use<T: Send + 'static>(
+        &self,
+        service: &Arc<KmsService>,
+        work: impl FnOnce(&KmsService, &RequestMeta) -> Deferred<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let deferred = if service.hsm().is_down() {
+            let owned = Arc::clone(service);
+            let meta = self.meta.clone();
+            let span = self.span.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                work(&owned, &meta)
+            })
+            .await;
+            match joined {
+                Ok(deferred) => deferred,
+                Err(e) => return Err(self.task_failed(&e)),
+            }
+        } else {
+            let _entered = self.span.enter();
+            work(service, &self.meta)
         };
-        // Display of KmsError is caller-safe by construction (see error.rs).
-        Status::new(code, error.to_string())
+        service
+            .finish_async(deferred)
+            .instrument(self.span.clone())
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// The status for a failed request, logged once here, in the span:
+    /// server-side failures with their whole cause chain, the caller's
+    /// mistakes and refusals at debug level (the audit log has them).
+    pub(crate) fn fail(&self, error: KmsError) -> Status {
+        self.log(&error);
+        Status::from(error)
+    }
+
+    /// The status of one failed batch item (logged like a request's error).
+    pub(crate) fn item_status(&self, error: KmsError) -> pb::ItemStatus {
+        let status = self.fail(error);
+        pb::ItemStatus {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }
+    }
+
+    fn log(&self, error: &KmsError) {
+        let _entered = self.span.enter();
+        match error.code() {
+            ResultCode::Unavailable => {
+                tracing::warn!(error = %error.chain(), "request failed: unavailable");
+            }
+            ResultCode::Internal => tracing::error!(error = %error.chain(), "request failed"),
+            code => tracing::debug!(code = code.as_str(), error = %error, "request refused"),
+        }
+    }
+
+    fn task_failed(&self, error: &tokio::task::JoinError) -> Status {
+        let _entered = self.span.enter();
+        tracing::error!(%error, "blocking task failed");
+        Status::internal("internal error")
+    }
+
+    /// The reply, with the request id in its metadata.
+    pub(crate) fn respond<T>(&self, message: T) -> Result<tonic::Response<T>, Status> {
+        let mut response = tonic::Response::new(message);
+        if let Ok(value) = self.meta.request_id.parse() {
+            response.metadata_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        Ok(response)
     }
 }
 
 /// The audit identity of a request: the principal the authentication layer
 /// established, the peer address, and the caller's request id (if sane) or ours.
-pub(crate) fn request_meta<T>(request: &Request<T>) -> Result<RequestMeta, Status> {
+fn request_meta<T>(request: &Request<T>) -> Result<RequestMeta, Status> {
     // Every kms.v1 route passes the authentication layer; a request without
     // its mark is refused rather than given some default identity.
     let principal = request
@@ -76,59 +210,6 @@ fn new_request_id() -> String {
     hex::encode(bytes)
 }
 
-/// Runs blocking domain work (HSM and RocksDB calls) off the async executor.
-pub(crate) async fn blocking<T: Send + 'static>(
-    service: &Arc<KmsService>,
-    work: impl FnOnce(&KmsService) -> Result<T, KmsError> + Send + 'static,
-) -> Result<T, Status> {
-    let service = Arc::clone(service);
-    match tokio::task::spawn_blocking(move || work(&service)).await {
-        Ok(result) => result.map_err(Status::from),
-        Err(e) => {
-            tracing::error!(error = %e, "blocking task failed");
-            Err(Status::internal("internal error"))
-        }
-    }
-}
-
-/// Runs a key-use operation (Encrypt, Decrypt, GenerateDataKey, ReEncrypt)
-/// and waits for its audit record without holding a thread.
-///
-/// The work itself runs on the calling executor thread: on this path it is
-/// one HSM call with a cached handle and a few catalogue reads (tens of µs;
-/// once per 4096 encryptions of a key version also one synced write that
-/// reserves the next block of GCM invocation counts),
-/// cheaper than the two thread hand-offs of `spawn_blocking`, which measured
-/// as the largest cost per request. While the HSM is recovering (calls may
-/// then wait on reconnects) the work goes to a blocking thread instead.
-pub(crate) async fn key_use<T: Send + 'static>(
-    service: &Arc<KmsService>,
-    work: impl FnOnce(&KmsService) -> Deferred<T> + Send + 'static,
-) -> Result<T, Status> {
-    let deferred = if service.hsm().is_down() {
-        let owned = Arc::clone(service);
-        match tokio::task::spawn_blocking(move || work(&owned)).await {
-            Ok(deferred) => deferred,
-            Err(e) => {
-                tracing::error!(error = %e, "blocking task failed");
-                return Err(Status::internal("internal error"));
-            }
-        }
-    } else {
-        work(service)
-    };
-    service.finish_async(deferred).await.map_err(Status::from)
-}
-
-/// Adds the request id to a response.
-pub(crate) fn respond<T>(message: T, meta: &RequestMeta) -> tonic::Response<T> {
-    let mut response = tonic::Response::new(message);
-    if let Ok(value) = meta.request_id.parse() {
-        response.metadata_mut().insert(REQUEST_ID_HEADER, value);
-    }
-    response
-}
-
 /// Page sizes: 0 means the default; anything above the maximum is clamped.
 pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
     match requested {
@@ -144,4 +225,24 @@ pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
 
 pub(crate) fn page_token(token: &str) -> Option<&str> {
     (!token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_codes_are_grpc_codes_by_number_and_by_name() {
+        let mut seen = 0;
+        for number in 0..=u8::MAX {
+            let Some(code) = ResultCode::from_u8(number) else {
+                continue;
+            };
+            seen += 1;
+            let status = status_code(code);
+            assert_eq!(status as i32, i32::from(number));
+            assert_eq!(code.as_str(), kms_proto::code_name(status), "{number}");
+        }
+        assert_eq!(seen, 17);
+    }
 }

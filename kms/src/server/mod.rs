@@ -4,6 +4,7 @@
 //! (`grpc::auth_layer`); limits on connections, streams, message size and
 //! request time; the background scheduler; and the metrics endpoint.
 
+pub mod health;
 mod incoming;
 mod tls;
 
@@ -48,6 +49,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("the server task failed")]
     Task,
+    #[error("cannot start the health probe thread: {0}")]
+    HealthThread(#[source] std::io::Error),
 }
 
 /// A running server. Drop or call `shutdown` to stop it.
@@ -59,8 +62,9 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
-    scheduler_stop: Arc<AtomicBool>,
+    background_stop: Arc<AtomicBool>,
     scheduler: Option<std::thread::JoinHandle<()>>,
+    health: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -106,15 +110,19 @@ impl RunningServer {
         }
     }
 
-    /// Stops the scheduler thread and waits for it: it holds the service, so
-    /// until it has stopped the database and audit log stay open. (A process
-    /// that exits with it still running races RocksDB's static destructors.)
+    /// Stops the scheduler and health threads and waits for them: they hold
+    /// the service, so until they have stopped the database and audit log
+    /// stay open. (A process that exits with them still running races
+    /// RocksDB's static destructors.)
     fn stop_background(&mut self) {
-        self.scheduler_stop.store(true, Ordering::Release);
+        self.background_stop.store(true, Ordering::Release);
         if let Some(task) = self.metrics_task.take() {
             task.abort();
         }
-        if let Some(thread) = self.scheduler.take() {
+        for thread in [self.scheduler.take(), self.health.take()]
+            .into_iter()
+            .flatten()
+        {
             thread.thread().unpark();
             let _ = thread.join();
         }
@@ -175,12 +183,8 @@ pub async fn start(
         None => (None, None),
     };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<KeyManagementServer<KeyManagementApi>>()
-        .await;
-    health.set_serving::<CryptoServer<CryptoApi>>().await;
-    health.set_serving::<AuditServer<AuditApi>>().await;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let first_probe = health::report_first(&health_reporter, &service).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
@@ -243,21 +247,36 @@ pub async fn start(
         },
     ));
 
-    let scheduler_stop = Arc::new(AtomicBool::new(false));
+    // Stops the scheduler and the health probe (see `stop_background`).
+    let background_stop = Arc::new(AtomicBool::new(false));
     let scheduler = scheduler::spawn(
         Arc::clone(&service),
         config.rotation.scheduler_interval,
-        Arc::clone(&scheduler_stop),
+        Arc::clone(&background_stop),
     );
 
-    Ok(RunningServer {
+    let mut running = RunningServer {
         addr,
         metrics_addr,
-        service,
+        service: Arc::clone(&service),
         shutdown: Some(shutdown_tx),
         task: Some(task),
         metrics_task,
-        scheduler_stop,
+        background_stop: Arc::clone(&background_stop),
         scheduler: Some(scheduler),
-    })
+        health: None,
+    };
+    // If the thread cannot start, dropping `running` stops everything else.
+    running.health = Some(
+        health::spawn(
+            health_reporter,
+            service,
+            first_probe,
+            health::PROBE_INTERVAL,
+            background_stop,
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(ServerError::HealthThread)?,
+    );
+    Ok(running)
 }

@@ -3,6 +3,7 @@
 
 use kms_storage::{AuditFilter, AuditPage, VerifyOptions, VerifyReport, VerifyStart};
 
+use super::operation::Operation;
 use super::{KmsService, RequestMeta, audit_mac_key};
 use crate::error::{KmsError, Result};
 
@@ -25,7 +26,7 @@ impl KmsService {
     pub fn list_audit_events(&self, meta: &RequestMeta, query: &AuditQuery) -> Result<AuditPage> {
         self.audited(
             meta,
-            "ListAuditEvents",
+            Operation::ListAuditEvents,
             query.filter.key_id.as_deref(),
             |_| {
                 self.require_audit_reader(meta, "read the audit log")?;
@@ -53,7 +54,7 @@ impl KmsService {
         meta: &RequestMeta,
         from_checkpoint: Option<u64>,
     ) -> Result<AuditVerification> {
-        self.audited(meta, "VerifyAuditLog", None, |_| {
+        self.audited(meta, Operation::VerifyAuditLog, None, |_| {
             self.require_audit_reader(meta, "verify the audit log")?;
             let report = self.verify_chain(from_checkpoint)?;
             Ok(AuditVerification { report })
@@ -77,7 +78,11 @@ impl KmsService {
             .audit_reader()
             .verify(&options, &verifier)
             .map_err(|e| match e {
-                kms_storage::StorageError::CheckpointVerifier { .. } => KmsError::HsmUnavailable,
+                kms_storage::StorageError::CheckpointVerifier { source, .. } => {
+                    KmsError::HsmUnavailable {
+                        source: source.downcast::<kms_hsm::HsmError>().ok().map(|e| *e),
+                    }
+                }
                 other => other.into(),
             })
     }

@@ -7,10 +7,20 @@
 
 use kms_storage::{Grant, KeyPolicy, KeyRecord, Permission};
 
-use super::{AuditFields, KmsService, RequestMeta, ensure_usable, now_ms};
+use super::operation::Operation;
+use super::{KmsService, RequestMeta, now_ms};
 use crate::auth::is_valid_principal;
 use crate::encryption_context::EncryptionContext;
 use crate::error::{KmsError, Result};
+
+/// The policy that governs a key: its own, or the service default.
+#[derive(Debug, Clone)]
+pub enum EffectivePolicy {
+    /// The key has its own policy.
+    Own(KeyPolicy),
+    /// The key has none; the service default (configuration) applies.
+    Default(KeyPolicy),
+}
 
 /// At most this many grants per key policy.
 pub const MAX_GRANTS: usize = 100;
@@ -39,38 +49,6 @@ impl KmsService {
         })
     }
 
-    /// Resolves `key`, authorizes `permission` and only then says whether
-    /// the key is usable (so a denied caller learns nothing of its state).
-    pub(crate) fn resolve_for_use(
-        &self,
-        meta: &RequestMeta,
-        audit: &mut AuditFields,
-        key: &str,
-        permission: Permission,
-        context: &EncryptionContext,
-    ) -> Result<KeyRecord> {
-        let record = self.resolve(key)?;
-        // A denial is recorded under the canonical key id, not the alias.
-        audit.key(&record.id, None);
-        self.authorize(meta, &record, permission, Some(context))?;
-        ensure_usable(&record)?;
-        Ok(record)
-    }
-
-    /// Resolves `key` and authorizes an operation that has no context.
-    pub(crate) fn resolve_for(
-        &self,
-        meta: &RequestMeta,
-        audit: &mut AuditFields,
-        key: &str,
-        permission: Permission,
-    ) -> Result<KeyRecord> {
-        let record = self.resolve(key)?;
-        audit.key(&record.id, None);
-        self.authorize(meta, &record, permission, None)?;
-        Ok(record)
-    }
-
     /// Operations not tied to one key: creating keys, listing all keys and
     /// aliases, changing policies.
     pub(crate) fn require_admin(&self, meta: &RequestMeta, action: &str) -> Result<()> {
@@ -95,15 +73,19 @@ impl KmsService {
         })
     }
 
-    /// The key's policy, and whether it is the service default (the key has none).
-    pub fn get_key_policy(&self, meta: &RequestMeta, key: &str) -> Result<(KeyPolicy, bool)> {
-        self.audited(meta, "GetKeyPolicy", Some(key), |audit| {
+    fn effective_policy(&self, own: Option<KeyPolicy>) -> EffectivePolicy {
+        match own {
+            Some(policy) => EffectivePolicy::Own(policy),
+            None => EffectivePolicy::Default(self.access.default_policy.clone()),
+        }
+    }
+
+    /// The key's policy, or the service default if it has none.
+    pub fn get_key_policy(&self, meta: &RequestMeta, key: &str) -> Result<EffectivePolicy> {
+        self.audited(meta, Operation::GetKeyPolicy, Some(key), |audit| {
             let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, None);
-            Ok(match record.policy {
-                Some(policy) => (policy, false),
-                None => (self.access.default_policy.clone(), true),
-            })
+            Ok(self.effective_policy(record.policy))
         })
     }
 
@@ -114,8 +96,8 @@ impl KmsService {
         meta: &RequestMeta,
         key: &str,
         policy: KeyPolicy,
-    ) -> Result<(KeyPolicy, bool)> {
-        self.audited(meta, "PutKeyPolicy", Some(key), |audit| {
+    ) -> Result<EffectivePolicy> {
+        self.audited(meta, Operation::PutKeyPolicy, Some(key), |audit| {
             let record = self.resolve(key)?;
             audit.key(&record.id, None);
             self.require_admin(meta, &format!("change the policy of key {}", record.id))?;
@@ -129,10 +111,7 @@ impl KmsService {
                         k.policy = stored;
                         Ok(())
                     })?;
-            Ok(match updated.policy {
-                Some(policy) => (policy, false),
-                None => (self.access.default_policy.clone(), true),
-            })
+            Ok(self.effective_policy(updated.policy))
         })
     }
 }

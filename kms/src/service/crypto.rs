@@ -1,4 +1,4 @@
-//! Envelope encryption with HSM-resident KEKs: Encrypt, Decrypt,
+//! Encryption under HSM-resident KEKs: Encrypt, Decrypt,
 //! GenerateDataKey (with and without plaintext), ReEncrypt, GenerateRandom,
 //! and their batch forms.
 //!
@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use kms_storage::{KeyId, KeyRecord, Permission, VersionRecord, VersionState};
 use zeroize::Zeroizing;
 
-use super::keys::version_unusable;
+use super::lookup::version_unusable;
+use super::operation::Operation;
 use super::{AuditFields, Deferred, KmsService, RequestMeta, kek_object_id};
+use crate::ciphertext::{self, Algorithm, Header};
 use crate::encryption_context::{EncryptionContext, context_digest};
-use crate::envelope::{self, Algorithm, Header};
 use crate::error::{KmsError, Result};
 
 /// The result of Encrypt.
@@ -111,7 +112,7 @@ impl RandomPool {
         let short = match &self.drawn {
             None => true,
             Some(Ok((bytes, used))) => bytes.len() - used < len,
-            Some(Err(e)) => return Err(e.clone()),
+            Some(Err(e)) => return Err(e.same_answer()),
         };
         if short {
             let amount = wanted.clamp(len, RANDOM_POOL_MAX.max(len));
@@ -123,13 +124,83 @@ impl RandomPool {
                 *used += len;
                 Ok(value)
             }
-            Some(Err(e)) => Err(e.clone()),
-            _ => {
-                tracing::error!("batch random pool came back short");
-                Err(KmsError::Internal)
-            }
+            Some(Err(e)) => Err(e.same_answer()),
+            _ => Err(KmsError::Internal {
+                what: "batch random pool came back short",
+            }),
         }
     }
+}
+
+/// Input of Encrypt. The plaintext is zeroized on drop.
+pub struct EncryptInput {
+    /// Key id or alias.
+    pub key: String,
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub context: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for EncryptInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptInput")
+            .field("key", &self.key)
+            .field(
+                "plaintext",
+                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
+            )
+            .field("context_entries", &self.context.len())
+            .finish()
+    }
+}
+
+/// Input of Decrypt.
+#[derive(Debug)]
+pub struct DecryptInput {
+    pub blob: Vec<u8>,
+    pub context: HashMap<String, String>,
+    /// If set, the blob must be under this key (id or alias), or it is
+    /// "invalid ciphertext".
+    pub expected_key: Option<String>,
+}
+
+/// Whether a generated data key is returned in plaintext too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKeyForm {
+    /// GenerateDataKey: the plaintext key and its blob.
+    WithPlaintext,
+    /// GenerateDataKeyWithoutPlaintext: the blob only.
+    WithoutPlaintext,
+}
+
+impl DataKeyForm {
+    fn operation(self) -> Operation {
+        match self {
+            DataKeyForm::WithPlaintext => Operation::GenerateDataKey,
+            DataKeyForm::WithoutPlaintext => Operation::GenerateDataKeyWithoutPlaintext,
+        }
+    }
+}
+
+/// Input of GenerateDataKey and GenerateDataKeyWithoutPlaintext.
+#[derive(Debug)]
+pub struct DataKeyInput {
+    /// Key id or alias of the master key.
+    pub key: String,
+    pub size: DataKeySize,
+    pub context: HashMap<String, String>,
+    pub form: DataKeyForm,
+}
+
+/// Input of ReEncrypt.
+#[derive(Debug)]
+pub struct ReEncryptInput {
+    pub blob: Vec<u8>,
+    pub source_context: HashMap<String, String>,
+    /// If set, the blob must be under this key (id or alias).
+    pub source_key: Option<String>,
+    /// Key id or alias to encrypt under.
+    pub destination_key: String,
+    pub destination_context: HashMap<String, String>,
 }
 
 /// The result of ReEncrypt.
@@ -147,24 +218,16 @@ impl KmsService {
             .map_err(|e| KmsError::invalid("encryption_context", e.to_string()))
     }
 
-    pub fn encrypt(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        plaintext: &[u8],
-        context: HashMap<String, String>,
-    ) -> Result<Encrypted> {
-        self.finish(self.encrypt_deferred(meta, key, plaintext, context))
-    }
-
-    pub fn encrypt_deferred(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        plaintext: &[u8],
-        context: HashMap<String, String>,
-    ) -> Deferred<Encrypted> {
-        self.deferred(meta, "Encrypt", Some(key), |audit| {
+    /// Encrypt under the key's primary version. The result is released by
+    /// [`KmsService::finish_async`] once its audit record is durable.
+    pub fn encrypt(&self, meta: &RequestMeta, input: EncryptInput) -> Deferred<Encrypted> {
+        let EncryptInput {
+            key,
+            plaintext,
+            context,
+        } = input;
+        let key = key.as_str();
+        self.deferred(meta, Operation::Encrypt, Some(key), |audit| {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             if plaintext.is_empty() || plaintext.len() > self.limits.max_plaintext_bytes {
@@ -177,7 +240,7 @@ impl KmsService {
                 ));
             }
             let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, &context)?;
-            self.encrypt_under(audit, &record, plaintext, &context)
+            self.encrypt_under(audit, &record, &plaintext, &context)
         })
     }
 
@@ -196,20 +259,6 @@ impl KmsService {
         self.encrypt_with(record, &version, plaintext, context)
     }
 
-    /// The enabled primary version of a key (batches read it once, not per item).
-    fn primary_version(&self, record: &KeyRecord) -> Result<VersionRecord> {
-        let number = record
-            .primary_version
-            .ok_or_else(|| KmsError::FailedPrecondition {
-                reason: format!("key {} has no primary version", record.id),
-            })?;
-        let version = self.version(&record.id, number)?;
-        if version.state != VersionState::Enabled {
-            return Err(version_unusable(&version));
-        }
-        Ok(version)
-    }
-
     /// Encrypts under `version` (the enabled primary of `record`).
     fn encrypt_with(
         &self,
@@ -220,9 +269,8 @@ impl KmsService {
     ) -> Result<Encrypted> {
         let version_number = version.version;
         let header = Header::new(record.id.as_str(), version_number, Algorithm::Aes256Gcm)
-            .map_err(|e| {
-                tracing::error!(error = %e, "key id does not fit the ciphertext header");
-                KmsError::Internal
+            .map_err(|_| KmsError::Internal {
+                what: "key id does not fit the ciphertext header",
             })?;
         let aad = header.aad(context);
         // Count the invocation before using the key: the count may overshoot
@@ -238,36 +286,29 @@ impl KmsService {
             .hsm
             .encrypt(&kek_object_id(&version.kek)?, &aad, plaintext)?;
         Ok(Encrypted {
-            blob: envelope::seal_blob(&header, &sealed.iv, &sealed.ciphertext_and_tag),
+            blob: ciphertext::seal_blob(&header, &sealed.iv, &sealed.ciphertext_and_tag),
             key_id: record.id.clone(),
             key_version: version_number,
         })
     }
 
-    pub fn decrypt(
-        &self,
-        meta: &RequestMeta,
-        blob: &[u8],
-        context: HashMap<String, String>,
-        expected_key: Option<&str>,
-    ) -> Result<Decrypted> {
-        self.finish(self.decrypt_deferred(meta, blob, context, expected_key))
-    }
-
-    pub fn decrypt_deferred(
-        &self,
-        meta: &RequestMeta,
-        blob: &[u8],
-        context: HashMap<String, String>,
-        expected_key: Option<&str>,
-    ) -> Deferred<Decrypted> {
+    /// Decrypt with the key version the blob names. The result (plaintext)
+    /// is released by [`KmsService::finish_async`] once its audit record is
+    /// durable.
+    pub fn decrypt(&self, meta: &RequestMeta, input: DecryptInput) -> Deferred<Decrypted> {
+        let DecryptInput {
+            blob,
+            context,
+            expected_key,
+        } = input;
+        let expected_key = expected_key.as_deref();
         // The audit names the key inside the blob once it parses.
-        self.deferred(meta, "Decrypt", expected_key, |audit| {
+        self.deferred(meta, Operation::Decrypt, expected_key, |audit| {
             self.decrypt_inner(
                 meta,
                 Permission::Decrypt,
                 audit,
-                blob,
+                &blob,
                 context,
                 expected_key,
             )
@@ -287,7 +328,7 @@ impl KmsService {
     ) -> Result<Decrypted> {
         let context = self.context(context)?;
         audit.context_digest = Some(context_digest(&context));
-        let parsed = envelope::parse_blob(blob).map_err(|e| {
+        let parsed = ciphertext::parse_blob(blob).map_err(|e| {
             tracing::debug!(reason = ?e.reason(), "ciphertext refused");
             KmsError::InvalidCiphertext
         })?;
@@ -333,31 +374,18 @@ impl KmsService {
         })
     }
 
-    pub fn generate_data_key(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        size: DataKeySize,
-        context: HashMap<String, String>,
-        with_plaintext: bool,
-    ) -> Result<DataKey> {
-        self.finish(self.generate_data_key_deferred(meta, key, size, context, with_plaintext))
-    }
-
-    pub fn generate_data_key_deferred(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        size: DataKeySize,
-        context: HashMap<String, String>,
-        with_plaintext: bool,
-    ) -> Deferred<DataKey> {
-        let operation = if with_plaintext {
-            "GenerateDataKey"
-        } else {
-            "GenerateDataKeyWithoutPlaintext"
-        };
-        self.deferred(meta, operation, Some(key), |audit| {
+    /// GenerateDataKey and GenerateDataKeyWithoutPlaintext (`input.form`).
+    /// The result is released by [`KmsService::finish_async`] once its audit
+    /// record is durable.
+    pub fn generate_data_key(&self, meta: &RequestMeta, input: DataKeyInput) -> Deferred<DataKey> {
+        let DataKeyInput {
+            key,
+            size,
+            context,
+            form,
+        } = input;
+        let key = key.as_str();
+        self.deferred(meta, form.operation(), Some(key), |audit| {
             let context = self.context(context)?;
             audit.context_digest = Some(context_digest(&context));
             let len = size.len()?;
@@ -366,43 +394,26 @@ impl KmsService {
             let data_key = self.hsm.random(len)?;
             let encrypted = self.encrypt_under(audit, &record, &data_key, &context)?;
             Ok(DataKey {
-                plaintext: with_plaintext.then_some(data_key),
+                plaintext: (form == DataKeyForm::WithPlaintext).then_some(data_key),
                 encrypted,
             })
         })
     }
 
-    /// Decrypts `blob` and encrypts its plaintext under the primary version of
-    /// `destination_key`, inside the service.
-    pub fn re_encrypt(
-        &self,
-        meta: &RequestMeta,
-        blob: &[u8],
-        source_context: HashMap<String, String>,
-        source_key: Option<&str>,
-        destination_key: &str,
-        destination_context: HashMap<String, String>,
-    ) -> Result<ReEncrypted> {
-        self.finish(self.re_encrypt_deferred(
-            meta,
+    /// Decrypts the blob and encrypts its plaintext under the primary version
+    /// of the destination key, inside the service. The result is released by
+    /// [`KmsService::finish_async`] once its audit record is durable.
+    pub fn re_encrypt(&self, meta: &RequestMeta, input: ReEncryptInput) -> Deferred<ReEncrypted> {
+        let ReEncryptInput {
             blob,
             source_context,
             source_key,
             destination_key,
             destination_context,
-        ))
-    }
-
-    pub fn re_encrypt_deferred(
-        &self,
-        meta: &RequestMeta,
-        blob: &[u8],
-        source_context: HashMap<String, String>,
-        source_key: Option<&str>,
-        destination_key: &str,
-        destination_context: HashMap<String, String>,
-    ) -> Deferred<ReEncrypted> {
-        self.deferred(meta, "ReEncrypt", source_key, |audit| {
+        } = input;
+        let source_key = source_key.as_deref();
+        let destination_key = destination_key.as_str();
+        self.deferred(meta, Operation::ReEncrypt, source_key, |audit| {
             let destination_context = self.context(destination_context)?;
             // The destination first: a caller who may not write there never
             // gets the source decrypted.
@@ -418,7 +429,7 @@ impl KmsService {
                 meta,
                 Permission::ReEncryptFrom,
                 audit,
-                blob,
+                &blob,
                 source_context,
                 source_key,
             )?;
@@ -441,7 +452,7 @@ impl KmsService {
 
     /// Random bytes from the HSM. Not tied to a key, but audited (it uses the HSM).
     pub fn generate_random(&self, meta: &RequestMeta, len: usize) -> Result<Zeroizing<Vec<u8>>> {
-        self.audited(meta, "GenerateRandom", None, |_| {
+        self.audited(meta, Operation::GenerateRandom, None, |_| {
             if !(1..=kms_hsm::MAX_RANDOM_LEN).contains(&len) {
                 return Err(KmsError::invalid("number_of_bytes", "must be 1 to 1024"));
             }
@@ -501,31 +512,39 @@ impl KmsService {
         items: Vec<EncryptItem>,
     ) -> Result<Vec<Result<Encrypted>>> {
         if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, "BatchEncrypt", Some(key), |_| Err(e));
+            return self.audited(meta, Operation::BatchEncrypt, Some(key), |_| Err(e));
         }
         let record = self.resolve(key);
         let primary = record
             .as_ref()
-            .map_err(KmsError::clone)
+            .map_err(KmsError::same_answer)
             .and_then(|r| self.primary_version(r));
-        self.audited_batch(meta, "BatchEncrypt", Some(key), items, |audit, item| {
-            let context = self.context(item.context)?;
-            audit.context_digest = Some(context_digest(&context));
-            if item.plaintext.is_empty() || item.plaintext.len() > self.limits.max_plaintext_bytes {
-                return Err(KmsError::invalid(
-                    "plaintext",
-                    format!("must be 1 to {} bytes", self.limits.max_plaintext_bytes),
-                ));
-            }
-            let record = record.as_ref().map_err(KmsError::clone)?;
-            // Per item: grants may require entries of each item's own context.
-            audit.key(&record.id, None);
-            self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
-            super::ensure_usable(record)?;
-            let version = primary.as_ref().map_err(KmsError::clone)?;
-            audit.key(&record.id, Some(version.version));
-            self.encrypt_with(record, version, &item.plaintext, &context)
-        })
+        self.audited_batch(
+            meta,
+            Operation::BatchEncrypt,
+            Some(key),
+            items,
+            |audit, item| {
+                let context = self.context(item.context)?;
+                audit.context_digest = Some(context_digest(&context));
+                if item.plaintext.is_empty()
+                    || item.plaintext.len() > self.limits.max_plaintext_bytes
+                {
+                    return Err(KmsError::invalid(
+                        "plaintext",
+                        format!("must be 1 to {} bytes", self.limits.max_plaintext_bytes),
+                    ));
+                }
+                let record = record.as_ref().map_err(KmsError::same_answer)?;
+                // Per item: grants may require entries of each item's own context.
+                audit.key(&record.id, None);
+                self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
+                super::ensure_usable(record)?;
+                let version = primary.as_ref().map_err(KmsError::same_answer)?;
+                audit.key(&record.id, Some(version.version));
+                self.encrypt_with(record, version, &item.plaintext, &context)
+            },
+        )
     }
 
     /// Decrypts each item (each may name a different key); each succeeds or fails alone.
@@ -536,18 +555,24 @@ impl KmsService {
         items: Vec<DecryptItem>,
     ) -> Result<Vec<Result<Decrypted>>> {
         if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, "BatchDecrypt", expected_key, |_| Err(e));
+            return self.audited(meta, Operation::BatchDecrypt, expected_key, |_| Err(e));
         }
-        self.audited_batch(meta, "BatchDecrypt", expected_key, items, |audit, item| {
-            self.decrypt_inner(
-                meta,
-                Permission::Decrypt,
-                audit,
-                &item.blob,
-                item.context,
-                expected_key,
-            )
-        })
+        self.audited_batch(
+            meta,
+            Operation::BatchDecrypt,
+            expected_key,
+            items,
+            |audit, item| {
+                self.decrypt_inner(
+                    meta,
+                    Permission::Decrypt,
+                    audit,
+                    &item.blob,
+                    item.context,
+                    expected_key,
+                )
+            },
+        )
     }
 
     /// Generates a data key per item under one key.
@@ -558,12 +583,12 @@ impl KmsService {
         items: Vec<DataKeyItem>,
     ) -> Result<Vec<Result<DataKey>>> {
         if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, "BatchGenerateDataKey", Some(key), |_| Err(e));
+            return self.audited(meta, Operation::BatchGenerateDataKey, Some(key), |_| Err(e));
         }
         let record = self.resolve(key);
         let primary = record
             .as_ref()
-            .map_err(KmsError::clone)
+            .map_err(KmsError::same_answer)
             .and_then(|r| self.primary_version(r));
         // Randomness for the data keys comes from one HSM call, drawn when the
         // first item is authorized (never for a caller who may use nothing):
@@ -573,7 +598,7 @@ impl KmsService {
         let mut index = 0;
         self.audited_batch(
             meta,
-            "BatchGenerateDataKey",
+            Operation::BatchGenerateDataKey,
             Some(key),
             items,
             |audit, item| {
@@ -582,11 +607,11 @@ impl KmsService {
                 let context = self.context(item.context)?;
                 audit.context_digest = Some(context_digest(&context));
                 let len = item.size.len()?;
-                let record = record.as_ref().map_err(KmsError::clone)?;
+                let record = record.as_ref().map_err(KmsError::same_answer)?;
                 audit.key(&record.id, None);
                 self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
                 super::ensure_usable(record)?;
-                let version = primary.as_ref().map_err(KmsError::clone)?;
+                let version = primary.as_ref().map_err(KmsError::same_answer)?;
                 audit.key(&record.id, Some(version.version));
                 let wanted = sizes[this..].iter().sum();
                 let data_key = pool.take(len, wanted, |amount| {
@@ -633,7 +658,7 @@ mod tests {
         let mut failing = RandomPool::default();
         assert!(
             failing
-                .take(1, 1, |_| Err(KmsError::HsmUnavailable))
+                .take(1, 1, |_| Err(KmsError::HsmUnavailable { source: None }))
                 .is_err()
         );
         assert!(failing.take(1, 1, |n| draw(n, &mut draws)).is_err());

@@ -18,6 +18,8 @@ use kms_storage::{
 };
 use parking_lot::{Mutex, MutexGuard};
 
+use super::lookup::version_unusable;
+use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
 use crate::error::{KmsError, Result};
 
@@ -129,7 +131,7 @@ fn period_ms(period: Duration) -> u64 {
 
 impl KmsService {
     pub fn create_key(&self, meta: &RequestMeta, input: CreateKeyInput) -> Result<KeyView> {
-        self.audited(meta, "CreateKey", None, |audit| {
+        self.audited(meta, Operation::CreateKey, None, |audit| {
             self.require_admin(meta, "create keys")?;
             validate_description(&input.description)?;
             validate_tags(&input.tags)?;
@@ -191,9 +193,11 @@ impl KmsService {
 
     pub fn key_view(&self, id: &KeyId) -> Result<KeyView> {
         let catalogue = self.storage.catalogue();
-        let record = catalogue.get_key(id)?.ok_or_else(|| KmsError::NotFound {
-            what: format!("key {id}"),
-        })?;
+        let record = catalogue
+            .get_key(id)?
+            .ok_or_else(|| KmsError::KeyNotFound {
+                key: id.to_string(),
+            })?;
         let aliases = catalogue
             .list_aliases(Some(id), None, kms_storage::MAX_PAGE_SIZE)?
             .items
@@ -204,7 +208,7 @@ impl KmsService {
     }
 
     pub fn describe_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
-        self.audited(meta, "DescribeKey", Some(key), |audit| {
+        self.audited(meta, Operation::DescribeKey, Some(key), |audit| {
             let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             self.key_view(&record.id)
@@ -217,7 +221,7 @@ impl KmsService {
         page_token: Option<&str>,
         limit: usize,
     ) -> Result<Page<KeyView>> {
-        self.audited(meta, "ListKeys", None, |_| {
+        self.audited(meta, Operation::ListKeys, None, |_| {
             self.require_admin(meta, "list keys")?;
             if let Some(token) = page_token {
                 KeyId::parse(token).map_err(|_| {
@@ -241,7 +245,7 @@ impl KmsService {
     fn change_key(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         key: &str,
         change: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
@@ -267,7 +271,7 @@ impl KmsService {
         key: &str,
         description: String,
     ) -> Result<KeyView> {
-        self.change_key(meta, "UpdateKeyDescription", key, |k| {
+        self.change_key(meta, Operation::UpdateKeyDescription, key, |k| {
             validate_description(&description)?;
             k.description = description;
             Ok(())
@@ -280,7 +284,7 @@ impl KmsService {
         key: &str,
         tags: BTreeMap<String, String>,
     ) -> Result<KeyView> {
-        self.change_key(meta, "TagKey", key, |k| {
+        self.change_key(meta, Operation::TagKey, key, |k| {
             let mut merged = k.tags.clone();
             merged.extend(tags);
             validate_tags(&merged)?;
@@ -295,7 +299,7 @@ impl KmsService {
         key: &str,
         tag_keys: Vec<String>,
     ) -> Result<KeyView> {
-        self.change_key(meta, "UntagKey", key, |k| {
+        self.change_key(meta, Operation::UntagKey, key, |k| {
             for tag in &tag_keys {
                 k.tags.remove(tag);
             }
@@ -304,25 +308,25 @@ impl KmsService {
     }
 
     pub fn enable_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
-        self.change_key(meta, "EnableKey", key, |k| match k.state {
+        self.change_key(meta, Operation::EnableKey, key, |k| match k.state {
             KeyState::Enabled | KeyState::Disabled => {
                 k.state = KeyState::Enabled;
                 Ok(())
             }
             _ => Err(KmsError::KeyPendingDeletion {
-                key_id: k.id.to_string(),
+                key_id: k.id.clone(),
             }),
         })
     }
 
     pub fn disable_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
-        self.change_key(meta, "DisableKey", key, |k| match k.state {
+        self.change_key(meta, Operation::DisableKey, key, |k| match k.state {
             KeyState::Enabled | KeyState::Disabled => {
                 k.state = KeyState::Disabled;
                 Ok(())
             }
             _ => Err(KmsError::KeyPendingDeletion {
-                key_id: k.id.to_string(),
+                key_id: k.id.clone(),
             }),
         })
     }
@@ -338,7 +342,7 @@ impl KmsService {
         let days = days.unwrap_or(DEFAULT_DELETION_DAYS);
         if !(MIN_DELETION_DAYS..=MAX_DELETION_DAYS).contains(&days) {
             // Still audited: an invalid request against a key is a use attempt.
-            return self.audited(meta, "ScheduleKeyDeletion", Some(key), |_| {
+            return self.audited(meta, Operation::ScheduleKeyDeletion, Some(key), |_| {
                 Err(KmsError::invalid(
                     "pending_window_days",
                     format!("must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS}"),
@@ -346,13 +350,15 @@ impl KmsService {
             });
         }
         let delete_at_ms = now_ms().saturating_add(u64::from(days) * 86_400_000);
-        self.change_key(meta, "ScheduleKeyDeletion", key, |k| match k.state {
-            KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion {
-                key_id: k.id.to_string(),
-            }),
-            _ => {
-                k.state = KeyState::PendingDeletion { delete_at_ms };
-                Ok(())
+        self.change_key(meta, Operation::ScheduleKeyDeletion, key, |k| {
+            match k.state {
+                KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion {
+                    key_id: k.id.clone(),
+                }),
+                _ => {
+                    k.state = KeyState::PendingDeletion { delete_at_ms };
+                    Ok(())
+                }
             }
         })
     }
@@ -360,20 +366,20 @@ impl KmsService {
     /// Cancels a scheduled deletion; the key comes back disabled (as AWS KMS),
     /// so that an operator re-enables it deliberately.
     pub fn cancel_key_deletion(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {
-        self.change_key(meta, "CancelKeyDeletion", key, |k| match k.state {
+        self.change_key(meta, Operation::CancelKeyDeletion, key, |k| match k.state {
             KeyState::PendingDeletion { .. } => {
                 k.state = KeyState::Disabled;
                 Ok(())
             }
-            _ => Err(KmsError::FailedPrecondition {
-                reason: format!("key {} is not pending deletion", k.id),
+            _ => Err(KmsError::NotPendingDeletion {
+                key_id: k.id.clone(),
             }),
         })
     }
 
     /// Makes a new version primary. Older versions keep decrypting.
     pub fn rotate_key(&self, meta: &RequestMeta, key: &str) -> Result<VersionRecord> {
-        self.audited(meta, "RotateKey", Some(key), |audit| {
+        self.audited(meta, Operation::RotateKey, Some(key), |audit| {
             let record = self.resolve_for(meta, audit, key, Permission::Rotate)?;
             audit.key(&record.id, None);
             let version = self.rotate_locked(&record.id, None)?;
@@ -388,16 +394,16 @@ impl KmsService {
     pub(crate) fn rotate_locked(&self, id: &KeyId, due_at: Option<u64>) -> Result<VersionRecord> {
         let _guard = self.key_locks.lock(id);
         let catalogue = self.storage.catalogue();
-        let record = catalogue.get_key(id)?.ok_or_else(|| KmsError::NotFound {
-            what: format!("key {id}"),
-        })?;
+        let record = catalogue
+            .get_key(id)?
+            .ok_or_else(|| KmsError::KeyNotFound {
+                key: id.to_string(),
+            })?;
         super::ensure_usable(&record)?;
         if let Some(now) = due_at
             && !self.rotation_due(&record, now)?
         {
-            return Err(KmsError::FailedPrecondition {
-                reason: "rotation no longer due".into(),
-            });
+            return Err(KmsError::RotationNotDue);
         }
         let now = now_ms();
         let pending = catalogue.add_pending_version(id, now, |v| new_kek_handle(id, v))?;
@@ -442,9 +448,9 @@ impl KmsService {
         period: Option<Duration>,
     ) -> Result<KeyView> {
         if let Some(Err(e)) = period.map(validate_period) {
-            return self.audited(meta, "SetRotationPolicy", Some(key), |_| Err(e));
+            return self.audited(meta, Operation::SetRotationPolicy, Some(key), |_| Err(e));
         }
-        self.change_key(meta, "SetRotationPolicy", key, |k| {
+        self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
             match period {
                 Some(p) => {
                     k.rotation = RotationPolicy::Every {
@@ -466,7 +472,7 @@ impl KmsService {
         meta: &RequestMeta,
         key: &str,
     ) -> Result<(KeyRecord, Vec<VersionRecord>)> {
-        self.audited(meta, "ListKeyVersions", Some(key), |audit| {
+        self.audited(meta, Operation::ListKeyVersions, Some(key), |audit| {
             let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
             let versions = self.storage.catalogue().list_versions(&record.id)?;
@@ -477,7 +483,7 @@ impl KmsService {
     fn change_version(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         key: &str,
         version: u32,
         change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
@@ -507,15 +513,19 @@ impl KmsService {
         key: &str,
         version: u32,
     ) -> Result<VersionRecord> {
-        self.change_version(meta, "EnableKeyVersion", key, version, |_, v| {
-            match v.state {
+        self.change_version(
+            meta,
+            Operation::EnableKeyVersion,
+            key,
+            version,
+            |_, v| match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
                     v.state = VersionState::Enabled;
                     Ok(())
                 }
                 _ => Err(version_unusable(v)),
-            }
-        })
+            },
+        )
     }
 
     pub fn disable_key_version(
@@ -524,23 +534,27 @@ impl KmsService {
         key: &str,
         version: u32,
     ) -> Result<VersionRecord> {
-        self.change_version(meta, "DisableKeyVersion", key, version, |record, v| {
-            if record.primary_version == Some(v.version) {
-                return Err(KmsError::FailedPrecondition {
-                    reason: format!(
-                        "version {} is the primary version of key {}; rotate or set another primary first",
-                        v.version, record.id
-                    ),
-                });
-            }
-            match v.state {
-                VersionState::Enabled | VersionState::Disabled => {
-                    v.state = VersionState::Disabled;
-                    Ok(())
+        self.change_version(
+            meta,
+            Operation::DisableKeyVersion,
+            key,
+            version,
+            |record, v| {
+                if record.primary_version == Some(v.version) {
+                    return Err(KmsError::PrimaryVersionDisable {
+                        key_id: record.id.clone(),
+                        version: v.version,
+                    });
                 }
-                _ => Err(version_unusable(v)),
-            }
-        })
+                match v.state {
+                    VersionState::Enabled | VersionState::Disabled => {
+                        v.state = VersionState::Disabled;
+                        Ok(())
+                    }
+                    _ => Err(version_unusable(v)),
+                }
+            },
+        )
     }
 
     pub fn set_primary_version(
@@ -549,7 +563,7 @@ impl KmsService {
         key: &str,
         version: u32,
     ) -> Result<KeyView> {
-        self.change_key(meta, "SetPrimaryVersion", key, |k| {
+        self.change_key(meta, Operation::SetPrimaryVersion, key, |k| {
             k.primary_version = Some(version);
             Ok(())
         })
@@ -558,7 +572,7 @@ impl KmsService {
     pub fn create_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
         self.point_alias(
             meta,
-            "CreateAlias",
+            Operation::CreateAlias,
             alias,
             key,
             kms_storage::Catalogue::create_alias,
@@ -568,7 +582,7 @@ impl KmsService {
     pub fn update_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
         self.point_alias(
             meta,
-            "UpdateAlias",
+            Operation::UpdateAlias,
             alias,
             key,
             kms_storage::Catalogue::update_alias,
@@ -579,7 +593,7 @@ impl KmsService {
     fn point_alias(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         alias: &str,
         key: &str,
         write: fn(&kms_storage::Catalogue, &Alias, &KeyId) -> Result<(), kms_storage::StorageError>,
@@ -610,7 +624,7 @@ impl KmsService {
     }
 
     pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
-        self.audited(meta, "DeleteAlias", Some(alias), |audit| {
+        self.audited(meta, Operation::DeleteAlias, Some(alias), |audit| {
             let parsed = parse_alias(alias)?;
             match self.storage.catalogue().get_alias(&parsed)? {
                 Some(id) => {
@@ -634,7 +648,7 @@ impl KmsService {
         page_token: Option<&str>,
         limit: usize,
     ) -> Result<Page<AliasEntry>> {
-        self.audited(meta, "ListAliases", key, |audit| {
+        self.audited(meta, Operation::ListAliases, key, |audit| {
             let id = match key {
                 Some(k) if !k.is_empty() => {
                     let record = self.resolve_for(meta, audit, k, Permission::Describe)?;
@@ -662,33 +676,13 @@ impl KmsService {
     }
 }
 
-pub(crate) fn version_unusable(v: &VersionRecord) -> KmsError {
-    KmsError::VersionUnusable {
-        key_id: v.key_id.to_string(),
-        version: v.version,
-        state: version_state_name(&v.state),
-    }
-}
-
-pub(crate) fn version_state_name(state: &VersionState) -> &'static str {
-    match state {
-        VersionState::Pending => "pending",
-        VersionState::Enabled => "enabled",
-        VersionState::Disabled => "disabled",
-        VersionState::ScheduledDestruction { .. } => "scheduled for destruction",
-        VersionState::Destroyed { .. } => "destroyed",
-        _ => "in an unknown state",
-    }
-}
-
 fn random_id_bytes() -> Result<[u8; 16]> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| {
-            tracing::error!("system random generator failed");
-            KmsError::Internal
+        .map_err(|_| KmsError::Internal {
+            what: "system random generator failed",
         })?;
     Ok(bytes)
 }

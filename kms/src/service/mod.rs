@@ -1,4 +1,4 @@
-//! The domain service: key lifecycle, envelope encryption and auditing, on top
+//! The domain service: key lifecycle, encryption and auditing, on top
 //! of the HSM layer and the storage layer. It knows nothing of gRPC.
 //!
 //! Every public operation is blocking (HSM and RocksDB calls) and runs on a
@@ -14,6 +14,8 @@ mod audit;
 mod authz;
 mod crypto;
 mod keys;
+mod lookup;
+pub mod operation;
 mod reconcile;
 pub mod scheduler;
 
@@ -21,22 +23,32 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kms_hsm::{Hsm, KeyPurpose, ObjectId};
-use kms_storage::{
-    AuditConfig, AuditEvent, AuditLog, KekHandle, KeyId, KeyRecord, KeyState, ResultCode, Storage,
-    StorageOptions, VersionRecord,
-};
+use kms_storage::{AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions};
 
 use crate::auth::policy::AccessControl;
 use crate::config::{Config, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
 pub use audit::{AuditQuery, AuditVerification};
+pub use authz::EffectivePolicy;
 pub use crypto::{
-    DataKey, DataKeyItem, DataKeySize, DecryptItem, Decrypted, EncryptItem, Encrypted, ReEncrypted,
+    DataKey, DataKeyForm, DataKeyInput, DataKeyItem, DataKeySize, DecryptInput, DecryptItem,
+    Decrypted, EncryptInput, EncryptItem, Encrypted, ReEncryptInput, ReEncrypted,
 };
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
 };
+pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
+pub use operation::Operation;
+
+/// What the health probe found (see [`KmsService::readiness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The HSM answered a token search and holds the audit MAC key.
+    pub hsm_available: bool,
+    /// The audit log accepts records (it is not poisoned).
+    pub audit_writable: bool,
+}
 
 /// Who is calling and from where, as recorded in the audit log.
 #[derive(Debug, Clone)]
@@ -80,15 +92,16 @@ impl AuditFields {
 pub struct Deferred<T> {
     result: Result<T>,
     event: AuditEvent,
-    operation: &'static str,
 }
 
 /// Fail closed: whatever the operation produced (possibly plaintext,
-/// zeroized on drop) is withheld when its audit record is not durable.
-fn withhold<T>(result: Result<T>, operation: &str, error: &kms_storage::StorageError) -> Result<T> {
-    tracing::error!(%error, operation, "audit record not durable; failing the request");
+/// zeroized on drop) is withheld when its audit record is not durable. (The
+/// cause travels in the error and is logged at the request boundary.)
+fn withhold<T>(result: Result<T>, error: kms_storage::StorageError) -> Result<T> {
     drop(result);
-    Err(KmsError::AuditUnavailable)
+    Err(KmsError::AuditUnavailable {
+        source: Some(error),
+    })
 }
 
 /// The CKA_ID of the HMAC key that MACs audit checkpoints.
@@ -175,13 +188,34 @@ impl KmsService {
         &self.limits
     }
 
+    /// Probes the dependencies every request needs (blocking: one HSM
+    /// round trip). The HSM counts as available when a token search finds
+    /// the audit MAC key: a search reads the token's storage, which a
+    /// cached-handle operation would not, and goes through the HSM layer's
+    /// recovery (so probing while it is down also brings it back once the
+    /// token returns). The audit log is writable until a failed write has
+    /// poisoned it (only a restart clears that).
+    pub fn readiness(&self) -> Readiness {
+        let hsm_available = match self.hsm.key_exists(&audit_mac_key()) {
+            Ok(found) => found && !self.hsm.is_down(),
+            Err(e) => {
+                tracing::debug!(error = %e, "health probe: HSM unavailable");
+                false
+            }
+        };
+        Readiness {
+            hsm_available,
+            audit_writable: !self.audit_log.is_poisoned(),
+        }
+    }
+
     /// Runs `work` and records its outcome in the audit log before returning
     /// it. `named_key` is the key as the request named it; `work` replaces it
     /// with the canonical id (and version, context digest) once known.
     pub(crate) fn audited<T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
     ) -> Result<T> {
@@ -194,28 +228,20 @@ impl KmsService {
     pub(crate) fn deferred<T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
     ) -> Deferred<T> {
         let (result, event) = self.recorded(meta, operation, named_key, work);
-        Deferred {
-            result,
-            event,
-            operation,
-        }
+        Deferred { result, event }
     }
 
     /// Makes the audit record durable (blocking), then releases the result.
     pub fn finish<T>(&self, deferred: Deferred<T>) -> Result<T> {
-        let Deferred {
-            result,
-            event,
-            operation,
-        } = deferred;
+        let Deferred { result, event } = deferred;
         match self.audit_log.append(event) {
             Ok(_) => result,
-            Err(e) => withhold(result, operation, &e),
+            Err(e) => withhold(result, e),
         }
     }
 
@@ -223,21 +249,17 @@ impl KmsService {
     /// holding a thread: the writer thread wakes this task when the record
     /// is durable.
     pub async fn finish_async<T>(&self, deferred: Deferred<T>) -> Result<T> {
-        let Deferred {
-            result,
-            event,
-            operation,
-        } = deferred;
+        let Deferred { result, event } = deferred;
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let Err(e) = self.audit_log.submit_with_callback(event, move |outcome| {
             let _ = tx.send(outcome);
         }) {
-            return withhold(result, operation, &e);
+            return withhold(result, e);
         }
         match rx.await {
             Ok(Ok(_)) => result,
-            Ok(Err(e)) => withhold(result, operation, &e),
-            Err(_) => withhold(result, operation, &kms_storage::StorageError::AuditClosed),
+            Ok(Err(e)) => withhold(result, e),
+            Err(_) => withhold(result, kms_storage::StorageError::AuditClosed),
         }
     }
 
@@ -248,7 +270,7 @@ impl KmsService {
     pub(crate) fn audited_batch<I, T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         named_key: Option<&str>,
         items: Vec<I>,
         mut work: impl FnMut(&mut AuditFields, I) -> Result<T>,
@@ -269,9 +291,9 @@ impl KmsService {
         match self.audit_log.submit_group(events).and_then(|h| h.wait()) {
             Ok(_) => Ok(results),
             Err(e) => {
-                tracing::error!(error = %e, operation, "audit records not durable; failing the batch");
+                // Fail closed; the cause is logged at the request boundary.
                 drop(results);
-                Err(KmsError::AuditUnavailable)
+                Err(KmsError::AuditUnavailable { source: Some(e) })
             }
         }
     }
@@ -280,7 +302,7 @@ impl KmsService {
     fn recorded<T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
     ) -> (Result<T>, AuditEvent) {
@@ -300,7 +322,7 @@ impl KmsService {
             principal: truncate(&meta.principal, 1024),
             peer: truncate(&meta.peer, 256),
             request_id: truncate(&meta.request_id, 256),
-            operation: operation.to_owned(),
+            operation: operation::name(operation).to_owned(),
             key_id: fields.key_id,
             key_version: fields.key_version,
             context_digest: fields.context_digest,
@@ -308,65 +330,6 @@ impl KmsService {
             latency_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         };
         (result, event)
-    }
-
-    /// Looks a key up by id or alias.
-    pub(crate) fn resolve(&self, key: &str) -> Result<KeyRecord> {
-        if key.is_empty() {
-            return Err(KmsError::invalid(
-                "key_id",
-                "required (a key id or alias/<name>)",
-            ));
-        }
-        self.storage
-            .catalogue()
-            .resolve_key(key)?
-            .ok_or_else(|| KmsError::NotFound {
-                what: format!("key {key}"),
-            })
-    }
-
-    pub(crate) fn version(&self, key: &KeyId, version: u32) -> Result<VersionRecord> {
-        self.storage
-            .catalogue()
-            .get_version(key, version)?
-            .ok_or_else(|| KmsError::NotFound {
-                what: format!("version {version} of key {key}"),
-            })
-    }
-}
-
-/// Refuses keys that are not enabled, with a distinct error per state.
-pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
-    let key_id = record.id.to_string();
-    match record.state {
-        KeyState::Enabled => Ok(()),
-        KeyState::Disabled => Err(KmsError::KeyDisabled { key_id }),
-        KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion { key_id }),
-        KeyState::Deleted { .. } => Err(KmsError::KeyDeleted { key_id }),
-        _ => Err(KmsError::FailedPrecondition {
-            reason: format!("key {key_id} is in an unknown state"),
-        }),
-    }
-}
-
-/// The HSM object id of a key version's KEK.
-pub(crate) fn kek_object_id(kek: &KekHandle) -> Result<ObjectId> {
-    match kek {
-        KekHandle::HsmObject { object_id } => ObjectId::new(object_id.clone()).map_err(|e| {
-            tracing::error!(error = %e, "corrupt KEK handle in the catalogue");
-            KmsError::Internal
-        }),
-        _ => {
-            tracing::error!("KEK handle of an unsupported kind");
-            Err(KmsError::Internal)
-        }
-    }
-}
-
-pub(crate) fn new_kek_handle(key: &KeyId, version: u32) -> KekHandle {
-    KekHandle::HsmObject {
-        object_id: format!("{key}/v{version}").into_bytes(),
     }
 }
 
@@ -416,7 +379,7 @@ impl KmsService {
     pub fn refuse<T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         key: &str,
         error: KmsError,
     ) -> Result<T> {
@@ -427,7 +390,7 @@ impl KmsService {
     pub fn refuse_deferred<T>(
         &self,
         meta: &RequestMeta,
-        operation: &'static str,
+        operation: Operation,
         key: &str,
         error: KmsError,
     ) -> Deferred<T> {

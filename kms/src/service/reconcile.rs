@@ -8,6 +8,7 @@
 
 use kms_hsm::{HsmError, KeyPurpose};
 
+use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, now_ms};
 use crate::error::{KmsError, Result};
 
@@ -17,7 +18,7 @@ impl KmsService {
         for pending in catalogue.list_pending_versions()? {
             let meta = RequestMeta::internal("reconcile");
             let key = pending.key_id.to_string();
-            self.audited(&meta, "ReconcileKeyVersion", Some(&key), |audit| {
+            self.audited(&meta, Operation::ReconcileKeyVersion, Some(&key), |audit| {
                 audit.key(&pending.key_id, Some(pending.version));
                 let object = kek_object_id(&pending.kek)?;
                 let sound = match self.hsm.key_object_info(&object, KeyPurpose::Kek) {

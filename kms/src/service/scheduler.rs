@@ -11,6 +11,7 @@ use std::time::Duration;
 use kms_hsm::HsmError;
 use kms_storage::{KeyRecord, KeyState, VersionState};
 
+use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, now_ms};
 use crate::error::{KmsError, Result};
 
@@ -48,7 +49,7 @@ impl KmsService {
                     Ok(Some(Action::Deleted)) => pass.deleted += 1,
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::warn!(key_id = %record.id, error = %e, "scheduled action failed; will retry");
+                        tracing::warn!(key_id = %record.id, error = %e.chain(), "scheduled action failed; will retry");
                         pass.failed += 1;
                     }
                 }
@@ -69,7 +70,7 @@ impl KmsService {
             KeyState::Enabled if self.rotation_due(record, now)? => {
                 let meta = RequestMeta::internal("scheduled-rotation");
                 let key = record.id.to_string();
-                let rotated = self.audited(&meta, "RotateKey", Some(&key), |audit| {
+                let rotated = self.audited(&meta, Operation::RotateKey, Some(&key), |audit| {
                     audit.key(&record.id, None);
                     let version = self.rotate_locked(&record.id, Some(now))?;
                     audit.key(&record.id, Some(version.version));
@@ -78,7 +79,7 @@ impl KmsService {
                 match rotated {
                     Ok(_) => Ok(Some(Action::Rotated)),
                     // Someone else rotated in between: nothing to do.
-                    Err(KmsError::FailedPrecondition { .. }) => Ok(None),
+                    Err(KmsError::RotationNotDue) => Ok(None),
                     Err(e) => Err(e),
                 }
             }
@@ -91,7 +92,7 @@ impl KmsService {
     fn execute_deletion(&self, record: &KeyRecord) -> Result<()> {
         let meta = RequestMeta::internal("scheduled-deletion");
         let key = record.id.to_string();
-        self.audited(&meta, "DeleteKeyMaterial", Some(&key), |audit| {
+        self.audited(&meta, Operation::DeleteKeyMaterial, Some(&key), |audit| {
             audit.key(&record.id, None);
             let catalogue = self.storage.catalogue();
             for version in catalogue.list_versions(&record.id)? {

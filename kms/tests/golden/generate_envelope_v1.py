@@ -4,7 +4,7 @@
 This is an independent implementation of the format (README "Ciphertext format"),
 written from the specification rather than from the Rust code, using the
 `cryptography` package's AES-GCM with a fixed test KEK and fixed IVs. The Rust test
-kms/tests/envelope_golden.rs checks that kms::envelope and kms::encryption_context
+kms/tests/ciphertext_golden.rs checks that kms::ciphertext and kms::encryption_context
 produce these bytes exactly and that software AES-GCM decrypts every blob.
 
 Changing the output of this script changes the wire format: a deliberate act that

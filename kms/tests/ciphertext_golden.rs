@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use kms::ciphertext::{Algorithm, Header, parse_blob, seal_blob};
 use kms::encryption_context::{DEFAULT_MAX_ENCODED_LEN, EncryptionContext, context_digest};
-use kms::envelope::{Algorithm, Header, parse_blob, seal_blob};
 use serde::Deserialize;
 
 const GOLDEN: &str = include_str!("golden/envelope_v1.json");

@@ -1,4 +1,4 @@
-//! The ciphertext blob: a self-describing, versioned envelope around one AES-GCM
+//! The ciphertext blob: a self-describing, versioned container around one AES-GCM
 //! ciphertext made by a KEK in the HSM.
 //!
 //! ```text
@@ -24,7 +24,7 @@
 //!
 //! This module only lays out and parses bytes; it performs no cryptography (the HSM
 //! generates the IV and computes ciphertext ‖ tag) and never sees plaintext. Parse
-//! failures of every kind are one [`EnvelopeError`] whose message is always
+//! failures of every kind are one [`CiphertextError`] whose message is always
 //! "invalid ciphertext", so that callers learn nothing about which check failed.
 
 use std::fmt;
@@ -170,16 +170,16 @@ pub fn seal_blob(header: &Header, iv: &[u8; IV_LEN], ct_and_tag: &[u8]) -> Vec<u
 
 /// A blob split into its parts, borrowing from the input. Parsing succeeded, so the
 /// header is well formed; whether the blob is authentic is only known once the HSM
-/// has verified the tag with [`ParsedBlob::aad`].
+/// has verified the tag with [`CiphertextBlob::aad`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedBlob<'a> {
+pub struct CiphertextBlob<'a> {
     header: Header,
     header_bytes: &'a [u8],
     iv: [u8; IV_LEN],
     ct_and_tag: &'a [u8],
 }
 
-impl<'a> ParsedBlob<'a> {
+impl<'a> CiphertextBlob<'a> {
     /// The decoded header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -217,53 +217,53 @@ impl<'a> ParsedBlob<'a> {
 }
 
 /// Splits a blob into header, IV and ciphertext ‖ tag, checking everything that can
-/// be checked without the key. Every failure is the same [`EnvelopeError`].
-pub fn parse_blob(blob: &[u8]) -> Result<ParsedBlob<'_>, EnvelopeError> {
+/// be checked without the key. Every failure is the same [`CiphertextError`].
+pub fn parse_blob(blob: &[u8]) -> Result<CiphertextBlob<'_>, CiphertextError> {
     use InvalidReason as R;
 
-    let fixed = blob.get(..4).ok_or(EnvelopeError::new(R::Truncated))?;
+    let fixed = blob.get(..4).ok_or(CiphertextError::new(R::Truncated))?;
     let (magic, format, algorithm, key_id_len) = (fixed[0], fixed[1], fixed[2], fixed[3]);
     if magic != MAGIC {
-        return Err(EnvelopeError::new(R::BadMagic));
+        return Err(CiphertextError::new(R::BadMagic));
     }
     if format != FORMAT_VERSION {
-        return Err(EnvelopeError::new(R::UnsupportedFormatVersion));
+        return Err(CiphertextError::new(R::UnsupportedFormatVersion));
     }
     let algorithm =
-        Algorithm::from_id(algorithm).ok_or(EnvelopeError::new(R::UnsupportedAlgorithm))?;
+        Algorithm::from_id(algorithm).ok_or(CiphertextError::new(R::UnsupportedAlgorithm))?;
     let key_id_len = usize::from(key_id_len);
     if key_id_len == 0 || key_id_len > MAX_KEY_ID_LEN {
-        return Err(EnvelopeError::new(R::BadKeyIdLength));
+        return Err(CiphertextError::new(R::BadKeyIdLength));
     }
 
     let header_len = FIXED_HEADER_LEN + key_id_len;
     let header_bytes = blob
         .get(..header_len)
-        .ok_or(EnvelopeError::new(R::Truncated))?;
+        .ok_or(CiphertextError::new(R::Truncated))?;
     let key_id = &header_bytes[4..4 + key_id_len];
     if !is_valid_key_id(key_id) {
-        return Err(EnvelopeError::new(R::BadKeyIdByte));
+        return Err(CiphertextError::new(R::BadKeyIdByte));
     }
     let mut version_bytes = [0u8; 4];
     version_bytes.copy_from_slice(&header_bytes[4 + key_id_len..]);
     let key_version = u32::from_be_bytes(version_bytes);
     if key_version == 0 {
-        return Err(EnvelopeError::new(R::ZeroKeyVersion));
+        return Err(CiphertextError::new(R::ZeroKeyVersion));
     }
 
     let rest = &blob[header_len..];
     let (iv, ct_and_tag) = rest
         .split_first_chunk::<IV_LEN>()
-        .ok_or(EnvelopeError::new(R::Truncated))?;
+        .ok_or(CiphertextError::new(R::Truncated))?;
     if ct_and_tag.len() < TAG_LEN {
-        return Err(EnvelopeError::new(R::CiphertextTooShort));
+        return Err(CiphertextError::new(R::CiphertextTooShort));
     }
 
     // The key id bytes were just checked to be printable ASCII, hence UTF-8.
     let key_id = std::str::from_utf8(key_id)
-        .map_err(|_| EnvelopeError::new(R::BadKeyIdByte))?
+        .map_err(|_| CiphertextError::new(R::BadKeyIdByte))?
         .to_owned();
-    Ok(ParsedBlob {
+    Ok(CiphertextBlob {
         header: Header {
             key_id,
             key_version,
@@ -282,16 +282,16 @@ fn is_valid_key_id(key_id: &[u8]) -> bool {
 
 /// A blob is not a well-formed ciphertext of this service. Its `Display` is always
 /// exactly "invalid ciphertext", whatever the reason, and is what the caller sees;
-/// the reason is for server-side debug logs only ([`EnvelopeError::reason`] and
+/// the reason is for server-side debug logs only ([`CiphertextError::reason`] and
 /// `Debug`). A blob that parses but fails the tag check, or that names another key,
-/// must be reported with this same error (see [`EnvelopeError::authentication_failed`]).
+/// must be reported with this same error (see [`CiphertextError::authentication_failed`]).
 #[derive(Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("invalid ciphertext")]
-pub struct EnvelopeError {
+pub struct CiphertextError {
     reason: InvalidReason,
 }
 
-impl EnvelopeError {
+impl CiphertextError {
     fn new(reason: InvalidReason) -> Self {
         Self { reason }
     }
@@ -314,9 +314,9 @@ impl EnvelopeError {
     }
 }
 
-impl fmt::Debug for EnvelopeError {
+impl fmt::Debug for CiphertextError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EnvelopeError")
+        f.debug_struct("CiphertextError")
             .field("reason", &self.reason)
             .finish()
     }
@@ -553,8 +553,8 @@ mod tests {
             parse_blob(&[]).expect_err("must be refused"),
             parse_blob(&[0x00; 64]).expect_err("must be refused"),
             parse_blob(&blob[..blob.len() - 20]).expect_err("must be refused"),
-            EnvelopeError::authentication_failed(),
-            EnvelopeError::key_mismatch(),
+            CiphertextError::authentication_failed(),
+            CiphertextError::key_mismatch(),
         ];
         let mut bad_version = blob.clone();
         bad_version[1] = 9;

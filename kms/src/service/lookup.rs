@@ -1,0 +1,140 @@
+//! The key-lookup chain every key use walks, in one place and in this
+//! order: resolve the name (id or alias) → authorize the caller → ensure
+//! the key is usable → its primary version → the HSM object of that
+//! version's KEK. Authorization comes before the usability check so that a
+//! denied caller learns nothing of the key's state; the checks themselves
+//! (policy grants) live in `authz.rs`.
+
+use kms_hsm::ObjectId;
+use kms_storage::{KekHandle, KeyId, KeyRecord, KeyState, Permission, VersionRecord, VersionState};
+
+use super::{AuditFields, KmsService, RequestMeta};
+use crate::encryption_context::EncryptionContext;
+use crate::error::{KmsError, Result};
+
+impl KmsService {
+    /// Looks a key up by id or alias.
+    pub(crate) fn resolve(&self, key: &str) -> Result<KeyRecord> {
+        if key.is_empty() {
+            return Err(KmsError::invalid(
+                "key_id",
+                "required (a key id or alias/<name>)",
+            ));
+        }
+        self.storage
+            .catalogue()
+            .resolve_key(key)?
+            .ok_or_else(|| KmsError::KeyNotFound {
+                key: key.to_owned(),
+            })
+    }
+
+    pub(crate) fn version(&self, key: &KeyId, version: u32) -> Result<VersionRecord> {
+        self.storage
+            .catalogue()
+            .get_version(key, version)?
+            .ok_or_else(|| KmsError::VersionNotFound {
+                key_id: key.to_string(),
+                version,
+            })
+    }
+
+    /// Resolves `key`, authorizes `permission` and only then says whether
+    /// the key is usable (so a denied caller learns nothing of its state).
+    pub(crate) fn resolve_for_use(
+        &self,
+        meta: &RequestMeta,
+        audit: &mut AuditFields,
+        key: &str,
+        permission: Permission,
+        context: &EncryptionContext,
+    ) -> Result<KeyRecord> {
+        let record = self.resolve(key)?;
+        // A denial is recorded under the canonical key id, not the alias.
+        audit.key(&record.id, None);
+        self.authorize(meta, &record, permission, Some(context))?;
+        ensure_usable(&record)?;
+        Ok(record)
+    }
+
+    /// Resolves `key` and authorizes an operation that has no context.
+    pub(crate) fn resolve_for(
+        &self,
+        meta: &RequestMeta,
+        audit: &mut AuditFields,
+        key: &str,
+        permission: Permission,
+    ) -> Result<KeyRecord> {
+        let record = self.resolve(key)?;
+        audit.key(&record.id, None);
+        self.authorize(meta, &record, permission, None)?;
+        Ok(record)
+    }
+
+    /// The enabled primary version of a key (batches read it once, not per item).
+    pub(crate) fn primary_version(&self, record: &KeyRecord) -> Result<VersionRecord> {
+        let number = record
+            .primary_version
+            .ok_or_else(|| KmsError::NoPrimaryVersion {
+                key_id: record.id.clone(),
+            })?;
+        let version = self.version(&record.id, number)?;
+        if version.state != VersionState::Enabled {
+            return Err(version_unusable(&version));
+        }
+        Ok(version)
+    }
+}
+
+/// Refuses keys that are not enabled, with a distinct error per state.
+pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
+    let key_id = record.id.clone();
+    match record.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::KeyDisabled { key_id }),
+        KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion { key_id }),
+        KeyState::Deleted { .. } => Err(KmsError::KeyDeleted {
+            key_id: key_id.to_string(),
+        }),
+        _ => Err(KmsError::KeyStateUnknown { key_id }),
+    }
+}
+
+/// The HSM object id of a key version's KEK.
+pub(crate) fn kek_object_id(kek: &KekHandle) -> Result<ObjectId> {
+    match kek {
+        KekHandle::HsmObject { object_id } => {
+            ObjectId::new(object_id.clone()).map_err(|_| KmsError::Internal {
+                what: "corrupt KEK handle in the catalogue",
+            })
+        }
+        _ => Err(KmsError::Internal {
+            what: "KEK handle of an unsupported kind",
+        }),
+    }
+}
+
+pub(crate) fn new_kek_handle(key: &KeyId, version: u32) -> KekHandle {
+    KekHandle::HsmObject {
+        object_id: format!("{key}/v{version}").into_bytes(),
+    }
+}
+
+pub(crate) fn version_unusable(v: &VersionRecord) -> KmsError {
+    KmsError::VersionUnusable {
+        key_id: v.key_id.clone(),
+        version: v.version,
+        state: version_state_name(&v.state),
+    }
+}
+
+pub(crate) fn version_state_name(state: &VersionState) -> &'static str {
+    match state {
+        VersionState::Pending => "pending",
+        VersionState::Enabled => "enabled",
+        VersionState::Disabled => "disabled",
+        VersionState::ScheduledDestruction { .. } => "scheduled for destruction",
+        VersionState::Destroyed { .. } => "destroyed",
+        _ => "in an unknown state",
+    }
+}
