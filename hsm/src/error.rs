@@ -9,8 +9,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
-pub use crate::return_code::ReturnCode;
 use crate::return_code::FailureClass;
+pub use crate::return_code::ReturnCode;
 
 /// The PKCS#11 (or layer-level) operation that failed or was measured.
 ///
@@ -425,7 +425,10 @@ mod tests {
             assert!(!e.is_unavailable());
         }
         for rv in [RvError::PinIncorrect, RvError::PinLocked] {
-            assert!(matches!(pkcs11(Operation::Login, rv), HsmError::PinRejected));
+            assert!(matches!(
+                pkcs11(Operation::Login, rv),
+                HsmError::PinRejected
+            ));
         }
     }
 
@@ -467,7 +470,10 @@ mod tests {
     #[test]
     fn messages_name_the_operation_and_the_ckr_code() {
         let e = pkcs11(Operation::Encrypt, RvError::KeyFunctionNotPermitted);
-        assert_eq!(e.to_string(), "C_Encrypt failed: CKR_KEY_FUNCTION_NOT_PERMITTED");
+        assert_eq!(
+            e.to_string(),
+            "C_Encrypt failed: CKR_KEY_FUNCTION_NOT_PERMITTED"
+        );
         let e = pkcs11(Operation::Decrypt, RvError::DeviceRemoved);
         assert_eq!(
             e.to_string(),

@@ -365,9 +365,15 @@ mod tests {
                 Attribute::NeverExtractable(true),
                 Attribute::Local(true),
             ] {
-                assert!(conforming(purpose).contains(&must_be_true), "{must_be_true:?}");
+                assert!(
+                    conforming(purpose).contains(&must_be_true),
+                    "{must_be_true:?}"
+                );
             }
-            assert!(!read.contains(&AttributeType::Value), "never read CKA_VALUE");
+            assert!(
+                !read.contains(&AttributeType::Value),
+                "never read CKA_VALUE"
+            );
         }
     }
 
@@ -390,7 +396,13 @@ mod tests {
 
                 let wrong: Vec<Attribute> = conforming(purpose)
                     .iter()
-                    .map(|a| if a.attribute_type() == kind { altered(a) } else { a.clone() })
+                    .map(|a| {
+                        if a.attribute_type() == kind {
+                            altered(a)
+                        } else {
+                            a.clone()
+                        }
+                    })
                     .collect();
                 let err = verify(purpose, &id, &wrong).expect_err("wrong value");
                 assert!(err.to_string().contains(row.name), "{err}");
@@ -402,7 +414,13 @@ mod tests {
             &id(),
             &conforming(KeyPurpose::Kek)
                 .into_iter()
-                .map(|a| if a == Attribute::Local(true) { Attribute::Local(false) } else { a })
+                .map(|a| {
+                    if a == Attribute::Local(true) {
+                        Attribute::Local(false)
+                    } else {
+                        a
+                    }
+                })
                 .collect::<Vec<_>>(),
         )
         .expect_err("imported key");

@@ -151,10 +151,7 @@ impl Hsm {
             pool,
             handles: HandleCache::default(),
             rng: SystemRandom::new(),
-            recovery: Recovery::new(
-                config.reconnect_backoff_min,
-                config.reconnect_backoff_max,
-            ),
+            recovery: Recovery::new(config.reconnect_backoff_min, config.reconnect_backoff_max),
             sync_token_dir: config.sync_token_dir,
             object_searches: AtomicU64::new(0),
             timings: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),

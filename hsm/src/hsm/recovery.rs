@@ -236,11 +236,7 @@ impl Hsm {
     pub(super) fn sync_or_fail(&self, operation: Operation) -> Result<()> {
         self.sync_token_directory().map_err(|e| {
             tracing::error!(%operation, error = %e, "the token's storage is unusable");
-            self.fail(
-                operation,
-                unavailable(operation),
-                self.module.generation(),
-            )
+            self.fail(operation, unavailable(operation), self.module.generation())
         })
     }
 }
