@@ -14,7 +14,7 @@
 //! Every row is bounded in time and count and stops by itself.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -352,7 +352,7 @@ mod tests {
             let id = id();
             let read = read_back_types(purpose, &id);
             let template = template(purpose, &id);
-            assert!(template.iter().any(|a| *a == Attribute::Copyable(false)));
+            assert!(template.contains(&Attribute::Copyable(false)));
             for attribute in &template {
                 assert!(
                     read.contains(&attribute.attribute_type()),
