@@ -14,13 +14,14 @@
 //! Every row is bounded in time and count and stops by itself.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use kms_hsm::PinSource;
 use kms_hsm::baseline::{Baseline, BaselineOp};
+use kms_hsm::softhsm::SoftHsmHome;
 use tonic::transport::Channel;
 
 use crate::load::{Limits, drive_async, drive_threads};
@@ -223,14 +224,6 @@ impl Plan {
 struct TokenAccess {
     label: String,
     pin_file: PathBuf,
-}
-
-#[allow(unsafe_code)]
-fn set_softhsm2_conf(conf: &Path) {
-    // SAFETY: called from `run` before the async runtime or any other thread
-    // of this process exists, so no concurrent getenv can race this setenv.
-    // SoftHSM2 reads its configuration only from this variable, at C_Initialize.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
 }
 
 /// The server the rows run against.
@@ -448,15 +441,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         (Some(dir), _, _) => {
             // The server creates these on start; SoftHSM2 reads them only
             // when the module is loaded, after the server is up.
-            let softhsm = dir.path().join("softhsm");
-            set_softhsm2_conf(&softhsm.join("softhsm2.conf"));
+            let softhsm = SoftHsmHome::new(dir.path().join("softhsm"));
+            softhsm.use_config()?;
             Some(TokenAccess {
                 label: DEV_TOKEN_LABEL.to_owned(),
-                pin_file: softhsm.join("user.pin"),
+                pin_file: softhsm.root().join("user.pin"),
             })
         }
         (None, Some(conf), Some(pin_file)) => {
-            set_softhsm2_conf(conf);
+            kms_hsm::softhsm::use_config(conf)?;
             Some(TokenAccess {
                 label: args.token_label.clone(),
                 pin_file: pin_file.clone(),

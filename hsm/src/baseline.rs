@@ -35,7 +35,9 @@ use crate::objects::{self, KeyPurpose, ObjectId};
 /// Which AES-GCM operation a worker repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaselineOp {
+    /// AES-256-GCM encryption under a fresh IV each call.
     Encrypt,
+    /// AES-256-GCM decryption (and check) of the worker's own ciphertext.
     Decrypt,
 }
 
@@ -58,6 +60,11 @@ pub struct Baseline {
 impl Baseline {
     /// Loads the module (SoftHSM2 reads `SOFTHSM2_CONF` now: set it first),
     /// finds the token by label, logs in and generates the baseline key.
+    ///
+    /// # Errors
+    /// `ModuleLoad`, `TokenNotFound`, `PinRejected`, `RngFailed` (the key id
+    /// suffix comes from the host's generator), or the PKCS#11 error of the
+    /// call that failed.
     pub fn open(module_path: &Path, token_label: &str, pin: &Pin) -> Result<Baseline> {
         let module = crate::module::module(module_path)?;
         let state = module.read();
@@ -71,7 +78,7 @@ impl Baseline {
         let mut suffix = [0u8; 8];
         SystemRandom::new()
             .fill(&mut suffix)
-            .map_err(|_| HsmError::InvalidArgument("system RNG failed"))?;
+            .map_err(|_| HsmError::host_rng(Operation::GenerateKey))?;
         let id = ObjectId::new(format!("kms-bench-baseline/{}", hex::encode(suffix)))?;
         let key = anchor
             .generate_key(
@@ -95,7 +102,10 @@ impl Baseline {
         &self.id
     }
 
-    /// A worker with its own session.
+    /// A worker with its own session, for `plaintext_len`-byte messages.
+    ///
+    /// # Errors
+    /// The PKCS#11 error of C_OpenSession or of the first encryption.
     pub fn worker(&self, op: BaselineOp, plaintext_len: usize) -> Result<BaselineWorker<'_>> {
         let index = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let state = self.module.read();
@@ -148,6 +158,10 @@ pub struct BaselineWorker<'a> {
 impl BaselineWorker<'_> {
     /// One operation: an encryption under a fresh IV, or a decryption of the
     /// worker's ciphertext (which is checked, so a failure cannot pass as fast).
+    ///
+    /// # Errors
+    /// The PKCS#11 error of the call; `InvalidCiphertext` if the decryption
+    /// does not give back the plaintext.
     pub fn call(&mut self) -> Result<()> {
         match self.op {
             BaselineOp::Encrypt => self.encrypt_once().map(drop),

@@ -31,7 +31,11 @@ impl fmt::Display for PinSource {
 }
 
 impl PinSource {
-    /// Reads the PIN now. Errors name the source, never the value.
+    /// Reads the PIN now: the first line of the file or the variable's value.
+    ///
+    /// # Errors
+    /// `HsmError::PinUnavailable` if the source cannot be read or the PIN is
+    /// empty. Errors name the source, never the value.
     pub fn read(&self) -> Result<Pin> {
         let unavailable = |reason: String| HsmError::PinUnavailable {
             source_description: self.to_string(),
@@ -57,6 +61,7 @@ impl PinSource {
 pub struct Pin(SecretString);
 
 impl Pin {
+    /// Wraps a PIN the caller already holds (token initialization, tests).
     pub fn new(pin: &str) -> Self {
         Pin(SecretString::from(pin))
     }
@@ -93,11 +98,14 @@ pub struct HsmConfig {
     /// First delay between attempts to re-initialize a lost device; doubles up
     /// to `reconnect_backoff_max`.
     pub reconnect_backoff_min: Duration,
+    /// Longest delay between attempts to re-initialize a lost device.
     pub reconnect_backoff_max: Duration,
 }
 
 impl HsmConfig {
-    /// A configuration with the defaults for everything but the essentials.
+    /// A configuration with the defaults for everything but the essentials:
+    /// 4 sessions, a 5 s session wait, no token-directory sync, reconnect
+    /// backoff from 50 ms to 5 s. Nothing is checked until `Hsm::open`.
     pub fn new(
         module_path: impl Into<PathBuf>,
         token_label: impl Into<String>,

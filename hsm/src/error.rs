@@ -2,35 +2,64 @@
 //!
 //! Errors carry the PKCS#11 operation and return code so that operators can
 //! tell a missing mechanism from a dead token, but they never carry PINs, key
-//! material or plaintext: nothing secret ever reaches this module.
+//! material or plaintext: nothing secret ever reaches this module. Return
+//! codes are classified by their typed value (see `return_code`), never by
+//! their text.
 
 use std::fmt;
 use std::path::PathBuf;
 
-/// The PKCS#11 (or layer-level) operation that failed.
+use crate::return_code::FailureClass;
+pub use crate::return_code::ReturnCode;
+
+/// The PKCS#11 (or layer-level) operation that failed or was measured.
+///
+/// `Display` gives the PKCS#11 function name (`C_Encrypt`), which is also the
+/// `op` label of the service's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Operation {
+    /// Loading the PKCS#11 shared library.
     LoadModule,
+    /// `C_Initialize`.
     Initialize,
+    /// `C_Finalize`.
     Finalize,
+    /// `C_GetSlotList`.
     ListSlots,
+    /// `C_GetTokenInfo`.
     TokenInfo,
+    /// `C_GetMechanismList` / `C_GetMechanismInfo`.
     MechanismList,
+    /// `C_OpenSession`.
     OpenSession,
+    /// `C_Login`.
     Login,
+    /// `C_InitToken`.
     InitToken,
+    /// `C_InitPIN`.
     InitPin,
+    /// `C_GenerateKey` (and the test-only `C_CreateObject` import).
     GenerateKey,
+    /// `C_FindObjects` (with its `Init`/`Final`).
     FindObjects,
+    /// `C_GetAttributeValue`.
     GetAttributes,
+    /// `C_DestroyObject`.
     DestroyObject,
+    /// `C_Encrypt` (AES-GCM).
     Encrypt,
+    /// `C_Decrypt` (AES-GCM).
     Decrypt,
+    /// `C_Sign` (HMAC-SHA256).
     Sign,
+    /// `C_Verify` (HMAC-SHA256).
     Verify,
+    /// `C_GenerateRandom`.
     GenerateRandom,
+    /// fsync of the SoftHSM2 token directory.
     SyncTokenDirectory,
+    /// Reading the PIN from its source.
     ReadPin,
 }
 
@@ -63,45 +92,23 @@ impl fmt::Display for Operation {
     }
 }
 
-/// A PKCS#11 return code, by its specification name (e.g. `CKR_GENERAL_ERROR`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReturnCode(String);
-
-impl ReturnCode {
-    pub fn name(&self) -> &str {
-        &self.0
-    }
-
-    pub(crate) fn from_cryptoki(rv: cryptoki::error::RvError) -> Self {
-        // cryptoki's Debug gives the CamelCase variant ("GeneralError"); the
-        // PKCS#11 name operators search for is "CKR_GENERAL_ERROR".
-        let camel = format!("{rv:?}");
-        let mut name = String::from("CKR_");
-        for (i, ch) in camel.chars().enumerate() {
-            if ch.is_ascii_uppercase() && i > 0 {
-                name.push('_');
-            }
-            name.push(ch.to_ascii_uppercase());
-        }
-        ReturnCode(name)
-    }
-}
-
-impl fmt::Display for ReturnCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// What the recovery logic should do about a failure.
+/// Which random number generator failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FailureClass {
-    /// The session or its login is gone: reopen and log in again, once.
-    SessionLost,
-    /// The token or device is gone: fail closed, re-initialize with backoff.
-    DeviceLost,
-    /// Anything else: report it as it is.
-    Other,
+#[non_exhaustive]
+pub enum RngSource {
+    /// The token's generator (`C_GenerateRandom`, or a `CKR_RANDOM_*` code).
+    Token(ReturnCode),
+    /// The host's system generator, which chooses the AES-GCM IVs.
+    Host,
+}
+
+impl fmt::Display for RngSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RngSource::Token(code) => write!(f, "token generator: {code}"),
+            RngSource::Host => f.write_str("host system generator"),
+        }
+    }
 }
 
 /// Errors of the HSM layer.
@@ -110,12 +117,20 @@ pub(crate) enum FailureClass {
 pub enum HsmError {
     /// The PKCS#11 module could not be loaded (wrong path, not a PKCS#11 library).
     #[error("cannot load PKCS#11 module {path}: {reason}")]
-    ModuleLoad { path: PathBuf, reason: String },
+    ModuleLoad {
+        /// The module path as configured (or canonicalized).
+        path: PathBuf,
+        /// What the loader reported.
+        reason: String,
+    },
 
-    /// A PKCS#11 call returned an error.
+    /// A PKCS#11 call returned an error that is neither a lost device nor
+    /// a verdict on the caller's input.
     #[error("{operation} failed: {code}")]
     Pkcs11 {
+        /// The call that failed.
         operation: Operation,
+        /// Its return code.
         code: ReturnCode,
     },
 
@@ -123,30 +138,47 @@ pub enum HsmError {
     /// integer conversion); no return code exists.
     #[error("{operation} failed in the PKCS#11 wrapper: {reason}")]
     Wrapper {
+        /// The call being made.
         operation: Operation,
+        /// What the wrapper reported.
         reason: String,
     },
 
     /// No initialized token carries the configured label.
     #[error("no initialized token with label {label:?} in PKCS#11 module {module}")]
-    TokenNotFound { label: String, module: PathBuf },
+    TokenNotFound {
+        /// The configured token label.
+        label: String,
+        /// The module searched.
+        module: PathBuf,
+    },
 
     /// More than one token carries the configured label: refuse to guess.
     #[error("{count} tokens carry label {label:?}; token labels must be unique")]
-    TokenLabelAmbiguous { label: String, count: usize },
+    TokenLabelAmbiguous {
+        /// The configured token label.
+        label: String,
+        /// How many initialized tokens carry it.
+        count: usize,
+    },
 
     /// The token lacks a mechanism (or a capability of it) the service needs.
     #[error("token {label:?} lacks required mechanism {mechanism} ({capability})")]
     MechanismMissing {
+        /// The token's label.
         label: String,
+        /// The mechanism's PKCS#11 name, e.g. `CKM_AES_GCM`.
         mechanism: &'static str,
+        /// What the service needs it to do.
         capability: &'static str,
     },
 
     /// The PIN could not be read from its configured source. The PIN itself is never shown.
     #[error("cannot read the HSM PIN from {source_description}: {reason}")]
     PinUnavailable {
+        /// The source (file path or variable name), never the PIN.
         source_description: String,
+        /// Why it could not be read.
         reason: String,
     },
 
@@ -156,51 +188,103 @@ pub enum HsmError {
 
     /// No key object with this CKA_ID exists on the token.
     #[error("no key object with id {id} on the token")]
-    ObjectNotFound { id: String },
+    ObjectNotFound {
+        /// The CKA_ID, as `ObjectId` displays it.
+        id: String,
+    },
 
     /// A key object with this CKA_ID already exists; ids are never reused.
     #[error("a key object with id {id} already exists on the token")]
-    ObjectExists { id: String },
+    ObjectExists {
+        /// The CKA_ID, as `ObjectId` displays it.
+        id: String,
+    },
 
     /// More than one object carries the same CKA_ID: the token is inconsistent.
     #[error("{count} objects carry id {id}; refusing to pick one")]
-    ObjectAmbiguous { id: String, count: usize },
+    ObjectAmbiguous {
+        /// The CKA_ID, as `ObjectId` displays it.
+        id: String,
+        /// How many objects carry it.
+        count: usize,
+    },
 
     /// A generated key did not read back with a required attribute value.
     #[error("key object {id} violates the key template: {attribute} should be {expected}")]
     TemplateViolation {
+        /// The CKA_ID, as `ObjectId` displays it.
         id: String,
+        /// The attribute's PKCS#11 name, e.g. `CKA_LOCAL`.
         attribute: &'static str,
-        expected: bool,
+        /// The value it must have, as an operator reads it (`true`, `CKK_AES`, …).
+        expected: &'static str,
     },
 
     /// The ciphertext, IV, tag or AAD did not verify. Deliberately says no more.
     #[error("invalid ciphertext")]
     InvalidCiphertext,
 
+    /// A random number generator failed: the token's (any failure of
+    /// `C_GenerateRandom` other than a lost session or device, or a
+    /// `CKR_RANDOM_*` code from any call) or the host's (choosing an IV).
+    /// Nothing that needed the randomness was done.
+    #[error("random number generation failed in {operation} ({generator})")]
+    RngFailed {
+        /// The operation that needed randomness.
+        operation: Operation,
+        /// Which generator failed, with the token's return code if it was the token.
+        generator: RngSource,
+    },
+
     /// The HSM is unreachable (token removed, device error, re-initializing).
     /// The service fails closed until it returns.
     #[error("the HSM is unavailable ({operation}: {code})")]
     Unavailable {
+        /// The call that found it unreachable.
         operation: Operation,
+        /// The code it answered with (`CKR_TOKEN_NOT_PRESENT` when the layer
+        /// fails fast during backoff or finds the token's storage gone).
         code: ReturnCode,
     },
 
     /// Every session of the pool stayed busy for the configured wait.
     #[error("all {size} HSM sessions stayed busy for {waited_ms} ms")]
-    PoolExhausted { size: usize, waited_ms: u64 },
+    PoolExhausted {
+        /// The pool size.
+        size: usize,
+        /// How long the caller waited, in milliseconds.
+        waited_ms: u64,
+    },
 
     /// Syncing the SoftHSM token directory to disk failed.
     #[error("cannot sync token directory {path}: {source}")]
     TokenSync {
+        /// The file or directory that could not be synced.
         path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The SoftHSM2 home (configuration file or token directory) could not
+    /// be created.
+    #[error("cannot set up SoftHSM2 at {path}: {source}")]
+    SoftHsmSetup {
+        /// The file or directory that could not be created or written.
+        path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
 
     /// The configuration is unusable.
     #[error("invalid HSM configuration: {field}: {reason}")]
-    Config { field: &'static str, reason: String },
+    Config {
+        /// The configuration field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// A request argument is outside what the layer accepts.
     #[error("invalid argument: {0}")]
@@ -216,49 +300,45 @@ impl HsmError {
         )
     }
 
+    /// What recovery does about this error: only a PKCS#11 return code can
+    /// mean a lost session or device.
     pub(crate) fn class(&self) -> FailureClass {
         match self {
-            HsmError::Pkcs11 { code, .. } | HsmError::Unavailable { code, .. } => {
-                classify(code.name())
-            }
+            HsmError::Pkcs11 { code, .. } | HsmError::Unavailable { code, .. } => code.class(),
             _ => FailureClass::Other,
+        }
+    }
+
+    /// The host's generator failed while `operation` needed randomness.
+    pub(crate) fn host_rng(operation: Operation) -> HsmError {
+        HsmError::RngFailed {
+            operation,
+            generator: RngSource::Host,
         }
     }
 }
 
-fn classify(code: &str) -> FailureClass {
-    match code {
-        "CKR_SESSION_HANDLE_INVALID"
-        | "CKR_SESSION_CLOSED"
-        | "CKR_USER_NOT_LOGGED_IN"
-        | "CKR_OBJECT_HANDLE_INVALID"
-        | "CKR_KEY_HANDLE_INVALID" => FailureClass::SessionLost,
-        "CKR_DEVICE_REMOVED"
-        | "CKR_TOKEN_NOT_PRESENT"
-        | "CKR_TOKEN_NOT_RECOGNIZED"
-        | "CKR_DEVICE_ERROR"
-        | "CKR_DEVICE_MEMORY"
-        | "CKR_SLOT_ID_INVALID"
-        | "CKR_CRYPTOKI_NOT_INITIALIZED"
-        // "Some horrible, unrecoverable error" (PKCS#11 §5.1): SoftHSM2 returns
-        // it when its token directory vanishes. On the decrypt path it is
-        // mapped to "invalid ciphertext" before it gets here.
-        | "CKR_GENERAL_ERROR" => FailureClass::DeviceLost,
-        _ => FailureClass::Other,
-    }
-}
-
-/// Converts a cryptoki error for `operation` into the layer's error.
+/// Converts a cryptoki error for `operation` into the layer's error,
+/// classifying the return code by its variant.
 pub(crate) fn from_cryptoki(operation: Operation, err: cryptoki::error::Error) -> HsmError {
     use cryptoki::error::{Error, RvError};
     match err {
         Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _) => HsmError::PinRejected,
         Error::Pkcs11(rv, _) => {
-            let code = ReturnCode::from_cryptoki(rv);
-            if classify(code.name()) == FailureClass::DeviceLost {
-                HsmError::Unavailable { operation, code }
-            } else {
-                HsmError::Pkcs11 { operation, code }
+            let code = ReturnCode::new(rv);
+            match code.class() {
+                FailureClass::DeviceLost => HsmError::Unavailable { operation, code },
+                // A lost session is retried whatever the call was.
+                FailureClass::SessionLost => HsmError::Pkcs11 { operation, code },
+                FailureClass::Other
+                    if code.is_rng_failure() || operation == Operation::GenerateRandom =>
+                {
+                    HsmError::RngFailed {
+                        operation,
+                        generator: RngSource::Token(code),
+                    }
+                }
+                FailureClass::Other => HsmError::Pkcs11 { operation, code },
             }
         }
         other => HsmError::Wrapper {
@@ -268,44 +348,26 @@ pub(crate) fn from_cryptoki(operation: Operation, err: cryptoki::error::Error) -
     }
 }
 
+/// The layer's result type.
 pub type Result<T, E = HsmError> = std::result::Result<T, E>;
-
-impl ReturnCode {
-    pub(crate) fn not_initialized() -> Self {
-        ReturnCode("CKR_CRYPTOKI_NOT_INITIALIZED".into())
-    }
-
-    pub(crate) fn token_not_present() -> Self {
-        ReturnCode("CKR_TOKEN_NOT_PRESENT".into())
-    }
-}
 
 #[cfg(test)]
 mod tests {
+    use cryptoki::context::Function;
+    use cryptoki::error::{Error, RvError};
+
     use super::*;
 
-    #[test]
-    fn return_codes_use_pkcs11_names() {
-        let code = ReturnCode::from_cryptoki(cryptoki::error::RvError::GeneralError);
-        assert_eq!(code.name(), "CKR_GENERAL_ERROR");
-        let code = ReturnCode::from_cryptoki(cryptoki::error::RvError::SessionHandleInvalid);
-        assert_eq!(code.name(), "CKR_SESSION_HANDLE_INVALID");
+    fn pkcs11(operation: Operation, rv: RvError) -> HsmError {
+        from_cryptoki(operation, Error::Pkcs11(rv, Function::Encrypt))
     }
 
     #[test]
     fn device_errors_are_unavailable_and_session_errors_are_retried() {
-        use cryptoki::context::Function;
-        use cryptoki::error::{Error, RvError};
-        let gone = from_cryptoki(
-            Operation::Encrypt,
-            Error::Pkcs11(RvError::DeviceRemoved, Function::Encrypt),
-        );
+        let gone = pkcs11(Operation::Encrypt, RvError::DeviceRemoved);
         assert!(gone.is_unavailable());
         assert_eq!(gone.class(), FailureClass::DeviceLost);
-        let lost = from_cryptoki(
-            Operation::Encrypt,
-            Error::Pkcs11(RvError::SessionHandleInvalid, Function::Encrypt),
-        );
+        let lost = pkcs11(Operation::Encrypt, RvError::SessionHandleInvalid);
         assert!(!lost.is_unavailable());
         assert_eq!(lost.class(), FailureClass::SessionLost);
         let pin = from_cryptoki(
@@ -313,5 +375,109 @@ mod tests {
             Error::Pkcs11(RvError::PinIncorrect, Function::Login),
         );
         assert!(matches!(pin, HsmError::PinRejected));
+    }
+
+    /// The error each class of return code becomes, per variant.
+    #[test]
+    fn each_return_code_becomes_the_error_of_its_class() {
+        for rv in [
+            RvError::DeviceRemoved,
+            RvError::DeviceError,
+            RvError::DeviceMemory,
+            RvError::TokenNotPresent,
+            RvError::TokenNotRecognized,
+            RvError::SlotIdInvalid,
+            RvError::CryptokiNotInitialized,
+            RvError::GeneralError,
+        ] {
+            for operation in [Operation::Encrypt, Operation::GenerateRandom] {
+                let e = pkcs11(operation, rv);
+                assert!(
+                    matches!(e, HsmError::Unavailable { operation: o, .. } if o == operation),
+                    "{rv:?}: {e:?}"
+                );
+                assert_eq!(e.class(), FailureClass::DeviceLost);
+            }
+        }
+        for rv in [
+            RvError::SessionHandleInvalid,
+            RvError::SessionClosed,
+            RvError::UserNotLoggedIn,
+            RvError::ObjectHandleInvalid,
+            RvError::KeyHandleInvalid,
+        ] {
+            for operation in [Operation::Sign, Operation::GenerateRandom] {
+                let e = pkcs11(operation, rv);
+                assert!(matches!(e, HsmError::Pkcs11 { .. }), "{rv:?}: {e:?}");
+                assert_eq!(e.class(), FailureClass::SessionLost, "{rv:?}");
+                assert!(!e.is_unavailable());
+            }
+        }
+        for rv in [
+            RvError::MechanismInvalid,
+            RvError::KeyFunctionNotPermitted,
+            RvError::FunctionFailed,
+            RvError::VendorDefined(0x8000_0001),
+        ] {
+            let e = pkcs11(Operation::Encrypt, rv);
+            assert!(matches!(e, HsmError::Pkcs11 { .. }), "{rv:?}: {e:?}");
+            assert_eq!(e.class(), FailureClass::Other);
+            assert!(!e.is_unavailable());
+        }
+        for rv in [RvError::PinIncorrect, RvError::PinLocked] {
+            assert!(matches!(
+                pkcs11(Operation::Login, rv),
+                HsmError::PinRejected
+            ));
+        }
+    }
+
+    #[test]
+    fn rng_failures_are_their_own_variant() {
+        // CKR_RANDOM_* from any call, and any other failure of C_GenerateRandom.
+        for (operation, rv) in [
+            (Operation::GenerateRandom, RvError::RandomNoRng),
+            (Operation::GenerateKey, RvError::RandomNoRng),
+            (Operation::GenerateRandom, RvError::RandomSeedNotSupported),
+            (Operation::GenerateRandom, RvError::FunctionFailed),
+        ] {
+            let e = pkcs11(operation, rv);
+            match &e {
+                HsmError::RngFailed {
+                    operation: o,
+                    generator: RngSource::Token(code),
+                } => {
+                    assert_eq!(*o, operation);
+                    assert_eq!(*code, ReturnCode::new(rv));
+                }
+                other => panic!("{rv:?} in {operation}: {other:?}"),
+            }
+            assert_eq!(e.class(), FailureClass::Other);
+            assert!(!e.is_unavailable());
+        }
+        let e = pkcs11(Operation::GenerateRandom, RvError::RandomNoRng);
+        assert_eq!(
+            e.to_string(),
+            "random number generation failed in C_GenerateRandom (token generator: CKR_RANDOM_NO_RNG)"
+        );
+        let host = HsmError::host_rng(Operation::Encrypt);
+        assert_eq!(
+            host.to_string(),
+            "random number generation failed in C_Encrypt (host system generator)"
+        );
+    }
+
+    #[test]
+    fn messages_name_the_operation_and_the_ckr_code() {
+        let e = pkcs11(Operation::Encrypt, RvError::KeyFunctionNotPermitted);
+        assert_eq!(
+            e.to_string(),
+            "C_Encrypt failed: CKR_KEY_FUNCTION_NOT_PERMITTED"
+        );
+        let e = pkcs11(Operation::Decrypt, RvError::DeviceRemoved);
+        assert_eq!(
+            e.to_string(),
+            "the HSM is unavailable (C_Decrypt: CKR_DEVICE_REMOVED)"
+        );
     }
 }

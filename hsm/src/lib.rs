@@ -9,13 +9,23 @@
 //! What it must never do: log or display a PIN or key material, share a
 //! session between threads, search the token or open a session on the hot
 //! path once warm, or fall back to software keys when the HSM is gone.
+//!
+//! Layout: `hsm/` is the `Hsm` facade with its recovery policy and
+//! object-handle cache; `session_pool` the logged-in sessions; `module` the
+//! process-wide PKCS#11 module registry; `objects` the key attribute table;
+//! `error`/`return_code` the typed errors; `softhsm` SoftHSM2's
+//! configuration; `token` finding and initializing tokens.
+
+#![warn(missing_docs)]
 
 mod config;
 mod error;
 mod hsm;
 mod module;
 mod objects;
+mod return_code;
 mod session_pool;
+pub mod softhsm;
 mod token;
 mod token_sync;
 
@@ -25,20 +35,11 @@ pub mod baseline;
 pub mod testing;
 
 pub use config::{HsmConfig, Pin, PinSource};
-pub use error::{HsmError, Operation, ReturnCode};
+pub use error::{HsmError, Operation, Result, ReturnCode, RngSource};
 pub use hsm::{
     GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyObjectInfo, MAX_GCM_INPUT,
     MAX_RANDOM_LEN, OperationStats, PoolUsage,
 };
 pub use objects::{KeyPurpose, ObjectId};
+pub use softhsm::{DEBIAN_SOFTHSM2_MODULE, softhsm2_module_path};
 pub use token::{initialize_token, token_exists};
-
-/// Where Debian's softhsm2 package installs the module.
-pub const DEBIAN_SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// The SoftHSM2 module path: `$KMS_SOFTHSM2_MODULE` if set, else Debian's.
-pub fn softhsm2_module_path() -> std::path::PathBuf {
-    std::env::var_os("KMS_SOFTHSM2_MODULE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(DEBIAN_SOFTHSM2_MODULE))
-}

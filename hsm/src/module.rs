@@ -50,6 +50,12 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<Module>>> {
     REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Whether any PKCS#11 module has been loaded in this process (after which
+/// SoftHSM2 no longer reads `SOFTHSM2_CONF`).
+pub(crate) fn any_loaded() -> bool {
+    !registry().lock().is_empty()
+}
+
 /// Returns the module at `path`, loading and initializing it on first use.
 pub(crate) fn module(path: &Path) -> Result<Arc<Module>> {
     // Canonicalize so that two spellings of one library share one C_Initialize.

@@ -1,9 +1,13 @@
-//! Key object templates and their verification.
+//! Key objects: their ids, what they are for, and the one attribute table
+//! from which both the generation template and its read-back check derive.
 //!
 //! SoftHSM2's defaults are unsafe (a non-private token key is stored in
 //! plaintext on disk even when sensitive), so every attribute that matters is
-//! set explicitly, and after generation the security-relevant attributes are
-//! read back: a token that silently ignored part of the template is refused.
+//! set explicitly, and after generation every attribute that was set is read
+//! back and compared, together with the ones only the token can set
+//! (ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, LOCAL: proof that the key was born in
+//! the HSM and never left it). A token that silently ignored part of the
+//! template is refused. Nothing here ever reads CKA_VALUE.
 
 use std::fmt;
 
@@ -17,6 +21,10 @@ use crate::error::{HsmError, Result};
 pub struct ObjectId(Vec<u8>);
 
 impl ObjectId {
+    /// An id of 1 to 128 bytes.
+    ///
+    /// # Errors
+    /// `HsmError::InvalidArgument` if `id` is empty or longer than 128 bytes.
     pub fn new(id: impl Into<Vec<u8>>) -> Result<Self> {
         let id = id.into();
         if id.is_empty() || id.len() > 128 {
@@ -27,6 +35,7 @@ impl ObjectId {
         Ok(ObjectId(id))
     }
 
+    /// The raw CKA_ID bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -56,135 +65,259 @@ pub enum KeyPurpose {
     Hmac,
 }
 
-/// Attributes common to every key we create: a private, sensitive,
-/// non-extractable, immutable token object.
-fn common(id: &ObjectId) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Copyable(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
-        Attribute::Id(id.0.clone()),
-        Attribute::Label(id.0.clone()),
-    ]
+/// Who gives an attribute its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Set in the `C_GenerateKey` template.
+    Template,
+    /// Computed by the token; only read back.
+    Token,
 }
 
-/// The full generation template for a key of `purpose`.
-pub(crate) fn template(purpose: KeyPurpose, id: &ObjectId) -> Vec<Attribute> {
-    let mut attributes = common(id);
-    match purpose {
-        KeyPurpose::Kek => attributes.extend([
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-        ]),
-        KeyPurpose::Hmac => attributes.extend([
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::ValueLen(32.into()),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Sign(true),
-            Attribute::Verify(true),
-        ]),
+/// One row of the attribute table: the value a key object must carry.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyAttribute {
+    /// The attribute with its required value.
+    value: Attribute,
+    /// The PKCS#11 name, for errors and operators.
+    name: &'static str,
+    /// The required value as an operator reads it (for errors).
+    expected: &'static str,
+    source: Source,
+}
+
+fn flag(value: Attribute, name: &'static str, source: Source) -> KeyAttribute {
+    let expected = match bool_value(&value) {
+        Some(true) => "true",
+        Some(false) => "false",
+        // Only boolean attributes are built with `flag`.
+        None => "a boolean",
+    };
+    KeyAttribute {
+        value,
+        name,
+        expected,
+        source,
     }
-    attributes
 }
 
-/// The boolean attributes read back after generation, with required values.
-pub(crate) fn required_flags(purpose: KeyPurpose) -> Vec<(AttributeType, &'static str, bool)> {
-    let mut flags = vec![
-        (AttributeType::Token, "CKA_TOKEN", true),
-        (AttributeType::Private, "CKA_PRIVATE", true),
-        (AttributeType::Sensitive, "CKA_SENSITIVE", true),
-        (AttributeType::Extractable, "CKA_EXTRACTABLE", false),
-        (AttributeType::Modifiable, "CKA_MODIFIABLE", false),
-        (AttributeType::Wrap, "CKA_WRAP", false),
-        (AttributeType::Unwrap, "CKA_UNWRAP", false),
-        (AttributeType::Derive, "CKA_DERIVE", false),
-        // Proof that the key was born in the HSM and never left it.
-        (AttributeType::AlwaysSensitive, "CKA_ALWAYS_SENSITIVE", true),
-        (
-            AttributeType::NeverExtractable,
-            "CKA_NEVER_EXTRACTABLE",
-            true,
-        ),
-        (AttributeType::Local, "CKA_LOCAL", true),
-    ];
+/// THE table: every attribute a key object of `purpose` named `id` must
+/// carry. The template is its `Template` rows; the read-back check is all of
+/// its rows.
+pub(crate) fn key_attributes(purpose: KeyPurpose, id: &ObjectId) -> Vec<KeyAttribute> {
+    use Source::{Template, Token};
+    let (key_type, key_type_name) = match purpose {
+        KeyPurpose::Kek => (KeyType::AES, "CKK_AES"),
+        KeyPurpose::Hmac => (KeyType::GENERIC_SECRET, "CKK_GENERIC_SECRET"),
+    };
     let (encrypt, sign) = match purpose {
         KeyPurpose::Kek => (true, false),
         KeyPurpose::Hmac => (false, true),
     };
-    flags.extend([
-        (AttributeType::Encrypt, "CKA_ENCRYPT", encrypt),
-        (AttributeType::Decrypt, "CKA_DECRYPT", encrypt),
-        (AttributeType::Sign, "CKA_SIGN", sign),
-        (AttributeType::Verify, "CKA_VERIFY", sign),
-    ]);
-    flags
+    vec![
+        KeyAttribute {
+            value: Attribute::Class(ObjectClass::SECRET_KEY),
+            name: "CKA_CLASS",
+            expected: "CKO_SECRET_KEY",
+            source: Template,
+        },
+        KeyAttribute {
+            value: Attribute::KeyType(key_type),
+            name: "CKA_KEY_TYPE",
+            expected: key_type_name,
+            source: Template,
+        },
+        KeyAttribute {
+            value: Attribute::ValueLen(32.into()),
+            name: "CKA_VALUE_LEN",
+            expected: "32 (bytes)",
+            source: Template,
+        },
+        KeyAttribute {
+            value: Attribute::Id(id.0.clone()),
+            name: "CKA_ID",
+            expected: "the requested object id",
+            source: Template,
+        },
+        KeyAttribute {
+            value: Attribute::Label(id.0.clone()),
+            name: "CKA_LABEL",
+            expected: "the requested object id",
+            source: Template,
+        },
+        // A private, sensitive, non-extractable, immutable token object.
+        flag(Attribute::Token(true), "CKA_TOKEN", Template),
+        flag(Attribute::Private(true), "CKA_PRIVATE", Template),
+        flag(Attribute::Sensitive(true), "CKA_SENSITIVE", Template),
+        flag(Attribute::Extractable(false), "CKA_EXTRACTABLE", Template),
+        flag(Attribute::Modifiable(false), "CKA_MODIFIABLE", Template),
+        flag(Attribute::Copyable(false), "CKA_COPYABLE", Template),
+        flag(Attribute::Wrap(false), "CKA_WRAP", Template),
+        flag(Attribute::Unwrap(false), "CKA_UNWRAP", Template),
+        flag(Attribute::Derive(false), "CKA_DERIVE", Template),
+        // One use only: AES-GCM for a KEK, HMAC for an HMAC key.
+        flag(Attribute::Encrypt(encrypt), "CKA_ENCRYPT", Template),
+        flag(Attribute::Decrypt(encrypt), "CKA_DECRYPT", Template),
+        flag(Attribute::Sign(sign), "CKA_SIGN", Template),
+        flag(Attribute::Verify(sign), "CKA_VERIFY", Template),
+        // Proof that the key was born in the HSM and never left it.
+        flag(
+            Attribute::AlwaysSensitive(true),
+            "CKA_ALWAYS_SENSITIVE",
+            Token,
+        ),
+        flag(
+            Attribute::NeverExtractable(true),
+            "CKA_NEVER_EXTRACTABLE",
+            Token,
+        ),
+        flag(Attribute::Local(true), "CKA_LOCAL", Token),
+    ]
 }
 
-/// Checks read-back attributes against `required_flags`. A flag the token did
+/// The `C_GenerateKey` template for a key of `purpose`: the table's
+/// `Template` rows.
+pub(crate) fn template(purpose: KeyPurpose, id: &ObjectId) -> Vec<Attribute> {
+    key_attributes(purpose, id)
+        .into_iter()
+        .filter(|a| a.source == Source::Template)
+        .map(|a| a.value)
+        .collect()
+}
+
+/// The attributes read back after generation: every row of the table.
+pub(crate) fn read_back_types(purpose: KeyPurpose, id: &ObjectId) -> Vec<AttributeType> {
+    key_attributes(purpose, id)
+        .iter()
+        .map(|a| a.value.attribute_type())
+        .collect()
+}
+
+/// Checks read-back attributes against the table. An attribute the token did
 /// not return at all counts as a violation: we cannot prove it holds.
-pub(crate) fn verify_flags(
-    purpose: KeyPurpose,
-    id: &ObjectId,
-    read_back: &[Attribute],
-) -> Result<()> {
-    for (kind, name, expected) in required_flags(purpose) {
-        let actual = read_back
-            .iter()
-            .find_map(|attribute| bool_of(attribute, kind));
-        if actual != Some(expected) {
+///
+/// # Errors
+/// `HsmError::TemplateViolation` naming the first attribute that is missing
+/// or differs.
+pub(crate) fn verify(purpose: KeyPurpose, id: &ObjectId, read_back: &[Attribute]) -> Result<()> {
+    for required in key_attributes(purpose, id) {
+        let kind = required.value.attribute_type();
+        let actual = read_back.iter().find(|a| a.attribute_type() == kind);
+        if actual != Some(&required.value) {
             return Err(HsmError::TemplateViolation {
                 id: id.to_string(),
-                attribute: name,
-                expected,
+                attribute: required.name,
+                expected: required.expected,
             });
         }
     }
     Ok(())
 }
 
-fn bool_of(attribute: &Attribute, kind: AttributeType) -> Option<bool> {
-    let (actual_kind, value) = match attribute {
-        Attribute::Token(v) => (AttributeType::Token, *v),
-        Attribute::Private(v) => (AttributeType::Private, *v),
-        Attribute::Sensitive(v) => (AttributeType::Sensitive, *v),
-        Attribute::Extractable(v) => (AttributeType::Extractable, *v),
-        Attribute::Modifiable(v) => (AttributeType::Modifiable, *v),
-        Attribute::Wrap(v) => (AttributeType::Wrap, *v),
-        Attribute::Unwrap(v) => (AttributeType::Unwrap, *v),
-        Attribute::Derive(v) => (AttributeType::Derive, *v),
-        Attribute::AlwaysSensitive(v) => (AttributeType::AlwaysSensitive, *v),
-        Attribute::NeverExtractable(v) => (AttributeType::NeverExtractable, *v),
-        Attribute::Local(v) => (AttributeType::Local, *v),
-        Attribute::Encrypt(v) => (AttributeType::Encrypt, *v),
-        Attribute::Decrypt(v) => (AttributeType::Decrypt, *v),
-        Attribute::Sign(v) => (AttributeType::Sign, *v),
-        Attribute::Verify(v) => (AttributeType::Verify, *v),
-        _ => return None,
-    };
-    (actual_kind == kind).then_some(value)
+/// The table's boolean attributes as the token reported them, by PKCS#11
+/// name (for `Hsm::key_object_info`).
+///
+/// CKA_COPYABLE is checked (`verify`, `KeyObjectInfo::conforms`) but not
+/// listed: kms's crash reconciliation judges a pending KEK by this list
+/// against its own copy of the expected flags, which does not know
+/// CKA_COPYABLE, and would discard a sound key. Listing it waits for that
+/// check to use `conforms` instead.
+pub(crate) fn reported_flags(
+    purpose: KeyPurpose,
+    id: &ObjectId,
+    read_back: &[Attribute],
+) -> Vec<(&'static str, bool)> {
+    key_attributes(purpose, id)
+        .iter()
+        .filter(|required| bool_value(&required.value).is_some())
+        .filter(|required| required.value.attribute_type() != AttributeType::Copyable)
+        .filter_map(|required| {
+            let kind = required.value.attribute_type();
+            read_back
+                .iter()
+                .find(|a| a.attribute_type() == kind)
+                .and_then(bool_value)
+                .map(|value| (required.name, value))
+        })
+        .collect()
+}
+
+/// The value of a boolean attribute; `None` for every other attribute.
+fn bool_value(attribute: &Attribute) -> Option<bool> {
+    match attribute {
+        Attribute::Token(v)
+        | Attribute::Private(v)
+        | Attribute::Sensitive(v)
+        | Attribute::Extractable(v)
+        | Attribute::Modifiable(v)
+        | Attribute::Copyable(v)
+        | Attribute::Wrap(v)
+        | Attribute::Unwrap(v)
+        | Attribute::Derive(v)
+        | Attribute::AlwaysSensitive(v)
+        | Attribute::NeverExtractable(v)
+        | Attribute::Local(v)
+        | Attribute::Encrypt(v)
+        | Attribute::Decrypt(v)
+        | Attribute::Sign(v)
+        | Attribute::Verify(v) => Some(*v),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const PURPOSES: [KeyPurpose; 2] = [KeyPurpose::Kek, KeyPurpose::Hmac];
+
+    fn id() -> ObjectId {
+        ObjectId::new(b"key-1/v1".to_vec()).expect("id")
+    }
+
+    /// What a conforming token reports: exactly the table.
+    fn conforming(purpose: KeyPurpose) -> Vec<Attribute> {
+        key_attributes(purpose, &id())
+            .into_iter()
+            .map(|a| a.value)
+            .collect()
+    }
+
+    /// The same attribute with a different value.
+    fn altered(attribute: &Attribute) -> Attribute {
+        match attribute {
+            Attribute::Class(_) => Attribute::Class(ObjectClass::DATA),
+            Attribute::KeyType(_) => Attribute::KeyType(KeyType::DES3),
+            Attribute::ValueLen(_) => Attribute::ValueLen(16.into()),
+            Attribute::Id(_) => Attribute::Id(b"key-2/v1".to_vec()),
+            Attribute::Label(_) => Attribute::Label(b"other".to_vec()),
+            Attribute::Token(v) => Attribute::Token(!v),
+            Attribute::Private(v) => Attribute::Private(!v),
+            Attribute::Sensitive(v) => Attribute::Sensitive(!v),
+            Attribute::Extractable(v) => Attribute::Extractable(!v),
+            Attribute::Modifiable(v) => Attribute::Modifiable(!v),
+            Attribute::Copyable(v) => Attribute::Copyable(!v),
+            Attribute::Wrap(v) => Attribute::Wrap(!v),
+            Attribute::Unwrap(v) => Attribute::Unwrap(!v),
+            Attribute::Derive(v) => Attribute::Derive(!v),
+            Attribute::AlwaysSensitive(v) => Attribute::AlwaysSensitive(!v),
+            Attribute::NeverExtractable(v) => Attribute::NeverExtractable(!v),
+            Attribute::Local(v) => Attribute::Local(!v),
+            Attribute::Encrypt(v) => Attribute::Encrypt(!v),
+            Attribute::Decrypt(v) => Attribute::Decrypt(!v),
+            Attribute::Sign(v) => Attribute::Sign(!v),
+            Attribute::Verify(v) => Attribute::Verify(!v),
+            other => panic!("no alteration for {other:?}; add one"),
+        }
+    }
+
     #[test]
     fn kek_template_sets_every_attribute_design_requires() {
-        let id = ObjectId::new(b"key-1/v1".to_vec()).expect("id");
-        let t = template(KeyPurpose::Kek, &id);
+        let t = template(KeyPurpose::Kek, &id());
         for required in [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
@@ -198,46 +331,113 @@ mod tests {
             Attribute::Sign(false),
             Attribute::Verify(false),
             Attribute::Derive(false),
+            Attribute::Id(b"key-1/v1".to_vec()),
         ] {
             assert!(t.contains(&required), "template lacks {required:?}");
+        }
+        // Only the token may set these; a template that tried would fail.
+        for kind in [
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Local,
+            AttributeType::Value,
+        ] {
+            assert!(t.iter().all(|a| a.attribute_type() != kind), "{kind:?}");
         }
     }
 
     #[test]
-    fn verification_refuses_a_missing_or_wrong_flag() {
-        let id = ObjectId::new(b"k".to_vec()).expect("id");
-        let good: Vec<Attribute> = required_flags(KeyPurpose::Kek)
-            .into_iter()
-            .map(|(kind, _, value)| match kind {
-                AttributeType::Token => Attribute::Token(value),
-                AttributeType::Private => Attribute::Private(value),
-                AttributeType::Sensitive => Attribute::Sensitive(value),
-                AttributeType::Extractable => Attribute::Extractable(value),
-                AttributeType::Modifiable => Attribute::Modifiable(value),
-                AttributeType::Wrap => Attribute::Wrap(value),
-                AttributeType::Unwrap => Attribute::Unwrap(value),
-                AttributeType::Derive => Attribute::Derive(value),
-                AttributeType::AlwaysSensitive => Attribute::AlwaysSensitive(value),
-                AttributeType::NeverExtractable => Attribute::NeverExtractable(value),
-                AttributeType::Local => Attribute::Local(value),
-                AttributeType::Encrypt => Attribute::Encrypt(value),
-                AttributeType::Decrypt => Attribute::Decrypt(value),
-                AttributeType::Sign => Attribute::Sign(value),
-                AttributeType::Verify => Attribute::Verify(value),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        verify_flags(KeyPurpose::Kek, &id, &good).expect("all flags right");
+    fn every_template_attribute_is_read_back_and_checked() {
+        for purpose in PURPOSES {
+            let id = id();
+            let read = read_back_types(purpose, &id);
+            let template = template(purpose, &id);
+            assert!(template.contains(&Attribute::Copyable(false)));
+            for attribute in &template {
+                assert!(
+                    read.contains(&attribute.attribute_type()),
+                    "{purpose:?}: {attribute:?} is set but never read back"
+                );
+            }
+            // And the provenance attributes are read back, required true.
+            for must_be_true in [
+                Attribute::AlwaysSensitive(true),
+                Attribute::NeverExtractable(true),
+                Attribute::Local(true),
+            ] {
+                assert!(
+                    conforming(purpose).contains(&must_be_true),
+                    "{must_be_true:?}"
+                );
+            }
+            assert!(
+                !read.contains(&AttributeType::Value),
+                "never read CKA_VALUE"
+            );
+        }
+    }
 
-        let mut imported = good.clone();
-        imported.retain(|a| !matches!(a, Attribute::Local(_)));
-        imported.push(Attribute::Local(false));
-        let err = verify_flags(KeyPurpose::Kek, &id, &imported).expect_err("LOCAL false");
-        assert!(err.to_string().contains("CKA_LOCAL"), "{err}");
+    #[test]
+    fn verification_refuses_every_missing_or_wrong_attribute() {
+        for purpose in PURPOSES {
+            let id = id();
+            verify(purpose, &id, &conforming(purpose)).expect("conforming token");
+            for row in key_attributes(purpose, &id) {
+                let kind = row.value.attribute_type();
 
-        let mut missing = good;
-        missing.retain(|a| !matches!(a, Attribute::NeverExtractable(_)));
-        let err = verify_flags(KeyPurpose::Kek, &id, &missing).expect_err("flag absent");
-        assert!(err.to_string().contains("CKA_NEVER_EXTRACTABLE"), "{err}");
+                let mut missing = conforming(purpose);
+                missing.retain(|a| a.attribute_type() != kind);
+                let err = verify(purpose, &id, &missing).expect_err("absent");
+                assert!(
+                    matches!(err, HsmError::TemplateViolation { attribute, .. } if attribute == row.name),
+                    "{purpose:?} {}: {err}",
+                    row.name
+                );
+
+                let wrong: Vec<Attribute> = conforming(purpose)
+                    .iter()
+                    .map(|a| {
+                        if a.attribute_type() == kind {
+                            altered(a)
+                        } else {
+                            a.clone()
+                        }
+                    })
+                    .collect();
+                let err = verify(purpose, &id, &wrong).expect_err("wrong value");
+                assert!(err.to_string().contains(row.name), "{err}");
+                assert!(err.to_string().contains(row.expected), "{err}");
+            }
+        }
+        let err = verify(
+            KeyPurpose::Kek,
+            &id(),
+            &conforming(KeyPurpose::Kek)
+                .into_iter()
+                .map(|a| {
+                    if a == Attribute::Local(true) {
+                        Attribute::Local(false)
+                    } else {
+                        a
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+        .expect_err("imported key");
+        assert_eq!(
+            err.to_string(),
+            "key object key-1/v1 violates the key template: CKA_LOCAL should be true"
+        );
+    }
+
+    #[test]
+    fn reported_flags_are_the_tables_booleans() {
+        let flags = reported_flags(KeyPurpose::Hmac, &id(), &conforming(KeyPurpose::Hmac));
+        assert_eq!(flags.len(), 15);
+        assert!(flags.contains(&("CKA_SIGN", true)));
+        assert!(flags.contains(&("CKA_ENCRYPT", false)));
+        assert!(flags.contains(&("CKA_LOCAL", true)));
+        // Checked, not listed (see `reported_flags`).
+        assert!(flags.iter().all(|(name, _)| *name != "CKA_COPYABLE"));
     }
 }

@@ -3,9 +3,9 @@
 //! serialised.
 //!
 //! SoftHSM2 reads its configuration once, at C_Initialize, from
-//! `$SOFTHSM2_CONF`. The harness writes a configuration whose token
-//! directory lives in a per-process temporary directory and points the
-//! variable at it before the module is first loaded. Every token is created
+//! `$SOFTHSM2_CONF`. The harness makes a SoftHSM2 home (`crate::softhsm`) in
+//! a per-process temporary directory and points the variable at it before
+//! the module is first loaded. Every token is created
 //! under one mutex (SoftHSM2 offers a new empty slot each time slots are
 //! listed); the tests themselves then run concurrently.
 
@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use crate::config::{HsmConfig, Pin, PinSource};
 use crate::hsm::Hsm;
+use crate::softhsm::SoftHsmHome;
 
 struct Harness {
     root: PathBuf,
@@ -37,37 +38,18 @@ fn harness() -> &'static Harness {
         );
         remove_stale_harness_dirs();
         let root = std::env::temp_dir().join(format!("kms-softhsm-{}", std::process::id()));
-        let tokens_dir = root.join("tokens");
-        std::fs::create_dir_all(&tokens_dir).expect("create SoftHSM2 token directory");
-        let conf = root.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens_dir.display()
-            ),
-        )
-        .expect("write softhsm2.conf");
-        set_softhsm2_conf(&conf);
+        let home = SoftHsmHome::new(&root);
+        home.create("the kms-hsm test harness")
+            .expect("create the SoftHSM2 home");
+        home.use_config().expect("point SoftHSM2 at the harness configuration");
         Harness {
+            tokens_dir: home.tokens_dir(),
             root,
-            tokens_dir,
             module_path,
             create_lock: Mutex::new(()),
             counter: AtomicU64::new(0),
         }
     })
-}
-
-#[allow(unsafe_code)]
-fn set_softhsm2_conf(conf: &Path) {
-    // SAFETY: set_var races with concurrent getenv in other threads. This
-    // runs once, inside a OnceLock initializer, before any PKCS#11 module is
-    // loaded in this process; other test threads may be running, but none of
-    // our code reads the environment concurrently, and nextest (our runner)
-    // gives each test its own process. SoftHSM2 offers no other way to
-    // choose its configuration.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
 }
 
 /// Removes the token directories of earlier test processes that are gone.
@@ -136,6 +118,7 @@ impl TestToken {
         }
     }
 
+    /// The token's label (unique per test process and test).
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -150,6 +133,7 @@ impl TestToken {
         &self.tokens_root
     }
 
+    /// The SoftHSM2 module the token lives in.
     pub fn module_path(&self) -> &Path {
         &self.module_path
     }

@@ -106,7 +106,11 @@ pub(crate) fn probe_mechanisms(context: &Pkcs11, slot: Slot, label: &str) -> Res
     Ok(())
 }
 
-/// Whether an initialized token labelled `label` exists in the module.
+/// Whether an initialized token labelled `label` exists in the module
+/// (loading the module if this process has not yet).
+///
+/// # Errors
+/// `ModuleLoad`, `TokenLabelAmbiguous`, or the PKCS#11 error of listing slots.
 pub fn token_exists(module_path: &Path, label: &str) -> Result<bool> {
     let module = crate::module::module(module_path)?;
     let state = module.read();
@@ -120,6 +124,11 @@ pub fn token_exists(module_path: &Path, label: &str) -> Result<bool> {
 /// Initializes a fresh token in the first slot without one, sets the SO and
 /// user PINs, and returns nothing secret. Used by `kms serve --dev` and the
 /// test harness; never on a configured production HSM.
+///
+/// # Errors
+/// `Config` if the label is not 1 to 32 bytes, is already taken, or the
+/// module offers no uninitialized token; `ModuleLoad`; or the PKCS#11 error
+/// of the call that failed (C_InitToken, C_Login as SO, C_InitPIN).
 pub fn initialize_token(
     module_path: &Path,
     label: &str,

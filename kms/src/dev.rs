@@ -60,10 +60,11 @@ pub struct DevLayout {
 impl DevLayout {
     pub fn new(data_dir: &Path) -> DevLayout {
         let softhsm_dir = data_dir.join("softhsm");
+        let softhsm = kms_hsm::softhsm::SoftHsmHome::new(&softhsm_dir);
         DevLayout {
             data_dir: data_dir.to_owned(),
-            tokens_dir: softhsm_dir.join("tokens"),
-            softhsm_conf: softhsm_dir.join("softhsm2.conf"),
+            tokens_dir: softhsm.tokens_dir(),
+            softhsm_conf: softhsm.conf_path(),
             user_pin: softhsm_dir.join("user.pin"),
             so_pin: softhsm_dir.join("so.pin"),
             db_dir: data_dir.join("db"),
@@ -88,35 +89,20 @@ pub fn prepare_environment(data_dir: &Path) -> Result<DevLayout, DevError> {
     .components()
     .collect();
     let layout = DevLayout::new(&data_dir);
-    for dir in [&layout.data_dir, &layout.softhsm_dir, &layout.tokens_dir] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-    }
-    if !layout.softhsm_conf.exists() {
-        let conf = format!(
-            "# Written by `kms serve --dev`.\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            layout.tokens_dir.display()
-        );
-        std::fs::write(&layout.softhsm_conf, conf).map_err(io(&layout.softhsm_conf))?;
-    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&layout.data_dir)
+        .map_err(io(&layout.data_dir))?;
+    let softhsm = kms_hsm::softhsm::SoftHsmHome::new(&layout.softhsm_dir);
+    softhsm.create("`kms serve --dev`")?;
     for pin_file in [&layout.user_pin, &layout.so_pin] {
         if !pin_file.exists() {
             write_new_pin(pin_file)?;
         }
     }
-    set_softhsm2_conf(&layout.softhsm_conf);
+    softhsm.use_config()?;
     Ok(layout)
-}
-
-#[allow(unsafe_code)]
-fn set_softhsm2_conf(conf: &Path) {
-    // SAFETY: called from `main` before the async runtime or any other thread
-    // starts, so no concurrent getenv can race this setenv. SoftHSM2 reads
-    // its configuration only from this variable.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
 }
 
 fn write_new_pin(path: &Path) -> Result<(), DevError> {

@@ -1,59 +1,62 @@
 //! `Hsm`: the blocking facade the rest of kms uses. It owns one token's
-//! session pool and object-handle cache and wraps every PKCS#11 call in the
-//! recovery policy:
-//!
-//! - session or login lost → reconnect (new sessions, log in) and retry once;
-//! - device or token lost → fail closed with `Unavailable`, then try to
-//!   reconnect (and, failing that, re-initialize the module) with exponential
-//!   backoff on later calls, recovering without a restart when the token returns;
-//! - never any fallback to software keys.
+//! session pool, object-handle cache (`handle_cache`) and recovery state
+//! (`recovery`), and runs every PKCS#11 call under the recovery policy.
 //!
 //! Nothing secret is logged here: errors carry operations, return codes and
-//! object ids only.
+//! object ids only. There is never a fallback to software keys.
 
-use std::collections::HashMap;
+mod handle_cache;
+mod recovery;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
-use parking_lot::{Mutex, RwLock};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use self::handle_cache::HandleCache;
+use self::recovery::Recovery;
 use crate::config::HsmConfig;
-use crate::error::{FailureClass, HsmError, Operation, Result, from_cryptoki};
-use crate::module::{Module, ModuleState};
+use crate::error::{HsmError, Operation, Result, from_cryptoki};
+use crate::module::Module;
 use crate::objects::{self, KeyPurpose, ObjectId};
 use crate::session_pool::SessionPool;
 use crate::token;
 
-/// Length of the GCM IV the layer generates: 96 bits, the only size accepted.
+/// Length of the GCM IV the layer generates, in bytes: 96 bits, the only size accepted.
 pub const GCM_IV_LEN: usize = 12;
-/// Length of the GCM tag: 128 bits, the only size produced or accepted.
+/// Length of the GCM tag, in bytes: 128 bits, the only size produced or accepted.
 pub const GCM_TAG_LEN: usize = 16;
-/// Largest single plaintext or ciphertext the layer passes to the HSM. The
-/// service caps requests far lower; this guards the layer itself.
+/// Largest single plaintext, ciphertext (without tag) or AAD the layer passes
+/// to the HSM, in bytes (1 MiB). The service caps requests far lower; this
+/// guards the layer itself.
 pub const MAX_GCM_INPUT: usize = 1 << 20;
-/// Largest random request served in one call.
+/// Largest `Hsm::random` request, in bytes.
 pub const MAX_RANDOM_LEN: usize = 1024;
 
 /// The output of AES-GCM encryption: the IV the layer chose and the
 /// ciphertext with the 16-byte tag appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcmSealed {
+    /// The 96-bit IV, chosen by the layer from the host's generator.
     pub iv: [u8; GCM_IV_LEN],
+    /// Ciphertext (as long as the plaintext) followed by the `GCM_TAG_LEN`-byte tag.
     pub ciphertext_and_tag: Vec<u8>,
 }
 
 /// Session pool occupancy, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolUsage {
+    /// Configured number of work sessions.
     pub size: usize,
+    /// Work sessions open now (idle or checked out).
     pub open: usize,
+    /// Work sessions open and idle now.
     pub idle: usize,
 }
 
@@ -69,64 +72,63 @@ pub struct HsmCounters {
 /// Attributes of a key object as the token reports them (for operators and tests).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyObjectInfo {
-    /// (attribute name, value) for every security-relevant boolean attribute.
+    /// (attribute name, value) for every security-relevant boolean attribute
+    /// (`CKA_TOKEN`, `CKA_SENSITIVE`, …, `CKA_LOCAL`) the token reported.
     pub flags: Vec<(&'static str, bool)>,
+    /// Whether the object carries every attribute of the key table (class,
+    /// key type, length, id, label and every flag), exactly as
+    /// `Hsm::generate_key` checks it after generation.
+    pub conforms: bool,
     /// Whether the token handed out CKA_VALUE. Must always be false.
     pub value_readable: bool,
 }
 
-#[derive(Debug, Default)]
-struct HandleCache {
-    generation: u64,
-    handles: HashMap<ObjectId, ObjectHandle>,
+/// Calls and total time of one kind of HSM operation since the `Hsm` opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperationStats {
+    /// The operation.
+    pub operation: Operation,
+    /// Calls made, successful or not.
+    pub calls: u64,
+    /// Their total wall-clock time, in microseconds (including pool waits and recovery retries).
+    pub total_micros: u64,
 }
 
-#[derive(Debug)]
-struct RecoveryState {
-    /// Set while the HSM is considered unreachable.
-    down: Option<DownState>,
-}
-
-#[derive(Debug)]
-struct DownState {
-    next_attempt: Instant,
-    backoff: Duration,
-    generation_seen: u64,
-}
+/// Room for every `Operation` variant.
+const OPERATION_SLOTS: usize = 32;
 
 /// One token of one PKCS#11 module, ready for cryptographic work.
+///
+/// Every method blocks on the token; call it from blocking threads. Methods
+/// that touch the token return `HsmError::Unavailable` while the token is
+/// unreachable (and fail fast during the reconnect backoff), and
+/// `HsmError::PoolExhausted` if no session frees up within the configured
+/// wait; those two are what `HsmError::is_unavailable` reports.
 #[derive(Debug)]
 pub struct Hsm {
     module: Arc<Module>,
     label: String,
     pool: SessionPool,
     /// Object handles by CKA_ID, valid only for the module generation they
-    /// were found in (a re-initialization may renumber every handle).
-    handles: RwLock<HandleCache>,
+    /// were found in.
+    handles: HandleCache,
     rng: SystemRandom,
-    recovery: Mutex<RecoveryState>,
+    recovery: Recovery,
     sync_token_dir: Option<std::path::PathBuf>,
-    backoff_min: Duration,
-    backoff_max: Duration,
     object_searches: AtomicU64,
     /// Per operation (indexed by `Operation as usize`): calls and total microseconds.
     timings: [(AtomicU64, AtomicU64); OPERATION_SLOTS],
 }
 
-/// Room for every `Operation` variant.
-const OPERATION_SLOTS: usize = 32;
-
-/// Calls and total time of one kind of HSM operation since the `Hsm` opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OperationStats {
-    pub operation: Operation,
-    pub calls: u64,
-    pub total_micros: u64,
-}
-
 impl Hsm {
     /// Loads the module (once per process), finds the token by label, logs in
     /// and checks that the token offers every mechanism the service needs.
+    ///
+    /// # Errors
+    /// `Config` for an invalid configuration, `PinUnavailable` if the PIN
+    /// cannot be read, `ModuleLoad`, `TokenNotFound`/`TokenLabelAmbiguous`,
+    /// `PinRejected`, `MechanismMissing`, or the PKCS#11 error of the call
+    /// that failed.
     pub fn open(config: HsmConfig) -> Result<Hsm> {
         config.validate()?;
         let pin = config.pin.read()?;
@@ -147,21 +149,21 @@ impl Hsm {
             module,
             label: config.token_label,
             pool,
-            handles: RwLock::new(HandleCache::default()),
+            handles: HandleCache::default(),
             rng: SystemRandom::new(),
-            recovery: Mutex::new(RecoveryState { down: None }),
+            recovery: Recovery::new(config.reconnect_backoff_min, config.reconnect_backoff_max),
             sync_token_dir: config.sync_token_dir,
-            backoff_min: config.reconnect_backoff_min,
-            backoff_max: config.reconnect_backoff_max,
             object_searches: AtomicU64::new(0),
             timings: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),
         })
     }
 
+    /// The label of the token this `Hsm` uses.
     pub fn token_label(&self) -> &str {
         &self.label
     }
 
+    /// Session pool occupancy now.
     pub fn pool_usage(&self) -> PoolUsage {
         let (open, idle) = self.pool.usage();
         PoolUsage {
@@ -171,9 +173,15 @@ impl Hsm {
         }
     }
 
-    /// Generates a key of `purpose` inside the HSM under `id`, verifies its
-    /// attributes, syncs the token directory if configured, and returns only
-    /// once a fresh session can find it.
+    /// Generates a key of `purpose` inside the HSM under `id`, reads back and
+    /// checks every attribute of the key table, syncs the token directory if
+    /// configured, and returns only once a fresh session can find it.
+    ///
+    /// # Errors
+    /// `ObjectExists` if `id` is taken; `TemplateViolation` if the token did
+    /// not honour the template (the object is destroyed again); `Unavailable`
+    /// if the token or its storage is gone; `ObjectNotFound` if a fresh
+    /// session cannot see the new key.
     pub fn generate_key(&self, purpose: KeyPurpose, id: &ObjectId) -> Result<()> {
         let template = objects::template(purpose, id);
         let mechanism = match purpose {
@@ -187,8 +195,8 @@ impl Hsm {
             let handle = session
                 .generate_key(&mechanism, &template)
                 .map_err(|e| from_cryptoki(Operation::GenerateKey, e))?;
-            let check = read_flags(session, handle, purpose)
-                .and_then(|read_back| objects::verify_flags(purpose, id, &read_back));
+            let check = read_key_attributes(session, handle, purpose, id)
+                .and_then(|read_back| objects::verify(purpose, id, &read_back));
             if let Err(violation) = check {
                 // Never leave a key that breaks the template on the token.
                 let _ = session.destroy_object(handle);
@@ -203,14 +211,22 @@ impl Hsm {
 
     /// Whether a key object with `id` exists (searches the token: start-up
     /// reconciliation, not the hot path).
+    ///
+    /// # Errors
+    /// `Unavailable` if the token is gone, or the PKCS#11 error of the search.
     pub fn key_exists(&self, id: &ObjectId) -> Result<bool> {
         self.run(Operation::FindObjects, |session, _| {
             Ok(!self.find(session, id)?.is_empty())
         })
     }
 
-    /// Destroys the key object `id`. Destroying an absent key is an error the
-    /// caller can treat as done (`ObjectNotFound`).
+    /// Destroys the key object `id`, syncs the token directory if configured,
+    /// and confirms from a fresh session that it is gone.
+    ///
+    /// # Errors
+    /// `ObjectNotFound` if there is no such object (callers can treat that as
+    /// done); `ObjectExists` if a fresh session still sees it; `Unavailable`
+    /// if the token or its storage is gone.
     pub fn destroy_key(&self, id: &ObjectId) -> Result<()> {
         self.run(Operation::DestroyObject, |session, _| {
             let handles = self.find(session, id)?;
@@ -224,43 +240,23 @@ impl Hsm {
             }
             Ok(())
         })?;
-        self.handles.write().handles.remove(id);
+        self.handles.remove(id);
         self.sync_or_fail(Operation::DestroyObject)?;
         self.confirm_from_fresh_session(id, false)
     }
 
-    /// Reads the security-relevant attributes of a key and whether its value
+    /// Reads the attributes of the key table for `id` and whether its value
     /// can be read.
+    ///
+    /// # Errors
+    /// `ObjectNotFound`/`ObjectAmbiguous` for a missing or duplicated id,
+    /// `Unavailable` if the token is gone.
     pub fn key_object_info(&self, id: &ObjectId, purpose: KeyPurpose) -> Result<KeyObjectInfo> {
         self.run(Operation::GetAttributes, |session, state| {
             let handle = self.handle(session, state, id)?;
-            let read_back = read_flags(session, handle, purpose)?;
-            let flags = objects::required_flags(purpose)
-                .into_iter()
-                .filter_map(|(kind, name, _)| {
-                    read_back
-                        .iter()
-                        .find(|a| a.attribute_type() == kind)
-                        .and_then(|a| match a {
-                            Attribute::Token(v)
-                            | Attribute::Private(v)
-                            | Attribute::Sensitive(v)
-                            | Attribute::Extractable(v)
-                            | Attribute::Modifiable(v)
-                            | Attribute::Wrap(v)
-                            | Attribute::Unwrap(v)
-                            | Attribute::Derive(v)
-                            | Attribute::AlwaysSensitive(v)
-                            | Attribute::NeverExtractable(v)
-                            | Attribute::Local(v)
-                            | Attribute::Encrypt(v)
-                            | Attribute::Decrypt(v)
-                            | Attribute::Sign(v)
-                            | Attribute::Verify(v) => Some((name, *v)),
-                            _ => None,
-                        })
-                })
-                .collect();
+            let read_back = read_key_attributes(session, handle, purpose, id)?;
+            let flags = objects::reported_flags(purpose, id, &read_back);
+            let conforms = objects::verify(purpose, id, &read_back).is_ok();
             // A sensitive value must not come back: cryptoki drops attributes
             // the token refuses (CKR_ATTRIBUTE_SENSITIVE), so presence = leak.
             let value_readable = match session.get_attributes(handle, &[AttributeType::Value]) {
@@ -271,6 +267,7 @@ impl Hsm {
             };
             Ok(KeyObjectInfo {
                 flags,
+                conforms,
                 value_readable,
             })
         })
@@ -278,6 +275,11 @@ impl Hsm {
 
     /// AES-256-GCM encryption under the KEK `kek` with a fresh random 96-bit
     /// IV chosen here (never by a caller) and a 128-bit tag.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if `plaintext` or `aad` exceeds `MAX_GCM_INPUT`;
+    /// `RngFailed` if the host's generator fails; `ObjectNotFound` for an
+    /// unknown KEK; `Unavailable` if the token is gone.
     pub fn encrypt(&self, kek: &ObjectId, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed> {
         if plaintext.len() > MAX_GCM_INPUT || aad.len() > MAX_GCM_INPUT {
             return Err(HsmError::InvalidArgument("plaintext or AAD too large"));
@@ -287,7 +289,7 @@ impl Hsm {
             let mut iv = [0u8; GCM_IV_LEN];
             self.rng
                 .fill(&mut iv)
-                .map_err(|_| HsmError::InvalidArgument("system RNG failed"))?;
+                .map_err(|_| HsmError::host_rng(Operation::Encrypt))?;
             let mut iv_param = iv;
             let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
                 .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
@@ -307,8 +309,14 @@ impl Hsm {
         })
     }
 
-    /// AES-256-GCM decryption. Any authentication failure (wrong key, AAD,
-    /// IV, tag, truncation) is `InvalidCiphertext`, with no detail.
+    /// AES-256-GCM decryption of `ciphertext_and_tag` (tag last) with the
+    /// 12-byte `iv`.
+    ///
+    /// # Errors
+    /// `InvalidCiphertext`, with no detail, for any authentication failure
+    /// (wrong key, AAD, IV, tag, truncation) and for lengths the layer never
+    /// produces; `ObjectNotFound` for an unknown KEK; `Unavailable` if the
+    /// token is gone.
     pub fn decrypt(
         &self,
         kek: &ObjectId,
@@ -337,7 +345,11 @@ impl Hsm {
         })
     }
 
-    /// HMAC-SHA256 of `data` under the HSM-resident key `key`.
+    /// HMAC-SHA256 (32 bytes) of `data` under the HSM-resident key `key`.
+    ///
+    /// # Errors
+    /// `ObjectNotFound` for an unknown key; the PKCS#11 error if the key is
+    /// not an HMAC key; `Unavailable` if the token is gone.
     pub fn hmac_sign(&self, key: &ObjectId, data: &[u8]) -> Result<[u8; 32]> {
         self.run(Operation::Sign, |session, state| {
             let handle = self.handle(session, state, key)?;
@@ -351,7 +363,11 @@ impl Hsm {
         })
     }
 
-    /// Verifies an HMAC-SHA256 inside the HSM (constant-time there).
+    /// Verifies an HMAC-SHA256 inside the HSM (constant-time there). A wrong
+    /// or wrongly sized `mac` is `Ok(false)`, not an error.
+    ///
+    /// # Errors
+    /// As `hmac_sign`.
     pub fn hmac_verify(&self, key: &ObjectId, data: &[u8], mac: &[u8]) -> Result<bool> {
         self.run(Operation::Verify, |session, state| {
             let handle = self.handle(session, state, key)?;
@@ -367,7 +383,11 @@ impl Hsm {
         })
     }
 
-    /// `len` random bytes from the HSM's generator.
+    /// `len` random bytes (1 to `MAX_RANDOM_LEN`) from the HSM's generator.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a length out of range; `RngFailed` if the
+    /// token's generator fails; `Unavailable` if the token is gone.
     pub fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
         if len == 0 || len > MAX_RANDOM_LEN {
             return Err(HsmError::InvalidArgument(
@@ -377,9 +397,12 @@ impl Hsm {
         self.generate_random(len)
     }
 
-    /// `len` random bytes (up to 1 MiB) from ONE call into the token, for
-    /// callers that cut many values out of it: a batch of data keys costs one
-    /// HSM round trip for its randomness instead of one per key.
+    /// `len` random bytes (1 to `MAX_GCM_INPUT`, 1 MiB) from ONE call into
+    /// the token, for callers that cut many values out of it: a batch of data
+    /// keys costs one HSM round trip for its randomness instead of one per key.
+    ///
+    /// # Errors
+    /// As `random`.
     pub fn random_pool(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
         if len == 0 || len > MAX_GCM_INPUT {
             return Err(HsmError::InvalidArgument(
@@ -400,11 +423,15 @@ impl Hsm {
         })
     }
 
-    /// A cheap round trip to the token (for health checks).
+    /// A cheap round trip to the token (one random byte), for health checks.
+    ///
+    /// # Errors
+    /// As `random`.
     pub fn ping(&self) -> Result<()> {
         self.random(1).map(drop)
     }
 
+    /// Expensive-call counters since the `Hsm` opened.
     pub fn counters(&self) -> HsmCounters {
         HsmCounters {
             object_searches: self.object_searches.load(Ordering::Relaxed),
@@ -412,7 +439,8 @@ impl Hsm {
         }
     }
 
-    /// Latency totals of the operations performed so far (for metrics).
+    /// Latency totals of the operations performed so far (for metrics): one
+    /// entry per reported operation, zero if it never ran.
     pub fn operation_stats(&self) -> Vec<OperationStats> {
         const REPORTED: [Operation; 9] = [
             Operation::Encrypt,
@@ -438,254 +466,19 @@ impl Hsm {
             .collect()
     }
 
-    /// Whether the layer currently considers the HSM unreachable.
+    /// Whether the layer currently considers the HSM unreachable (and fails
+    /// closed until a reconnect succeeds).
     pub fn is_down(&self) -> bool {
-        self.recovery.lock().down.is_some()
+        self.recovery.is_down()
     }
 
-    // ----- internals -----
-
-    /// Runs `work` on a pooled session under the recovery policy.
-    fn run<T>(
-        &self,
-        operation: Operation,
-        mut work: impl FnMut(&Session, &ModuleState) -> Result<T>,
-    ) -> Result<T> {
-        self.recover_if_due(operation)?;
-        let started = Instant::now();
-        let result = self.run_with_recovery(operation, &mut work);
+    fn record_timing(&self, operation: Operation, elapsed: Duration) {
         let (calls, micros) = &self.timings[operation as usize % OPERATION_SLOTS];
         calls.fetch_add(1, Ordering::Relaxed);
         micros.fetch_add(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        result
-    }
-
-    fn run_with_recovery<T>(
-        &self,
-        operation: Operation,
-        work: &mut impl FnMut(&Session, &ModuleState) -> Result<T>,
-    ) -> Result<T> {
-        let mut retried = false;
-        loop {
-            let state = self.module.read();
-            let generation = state.generation();
-            let pooled = match self.pool.check_out(&state) {
-                Ok(pooled) => pooled,
-                Err(e) => {
-                    drop(state);
-                    return Err(self.fail(operation, e, generation));
-                }
-            };
-            match work(pooled.session(), &state) {
-                Ok(value) => {
-                    self.pool.check_in(pooled);
-                    return Ok(value);
-                }
-                Err(e) => match e.class() {
-                    FailureClass::SessionLost if !retried => {
-                        tracing::warn!(%operation, error = %e, "HSM session lost; reconnecting once");
-                        retried = true;
-                        self.pool.discard(pooled);
-                        self.handles.write().handles.clear();
-                        if let Err(e) = self.pool.reconnect(&state) {
-                            drop(state);
-                            return Err(self.fail(operation, e, generation));
-                        }
-                    }
-                    FailureClass::DeviceLost | FailureClass::SessionLost => {
-                        self.pool.discard(pooled);
-                        drop(state);
-                        return Err(self.fail(operation, e, generation));
-                    }
-                    FailureClass::Other => {
-                        self.pool.check_in(pooled);
-                        if matches!(e, HsmError::TokenNotFound { .. }) {
-                            return Err(self.fail(operation, e, generation));
-                        }
-                        return Err(e);
-                    }
-                },
-            }
-        }
-    }
-
-    /// Records a failure; device-level failures put the layer in the "down"
-    /// state (fail closed) and come back as `Unavailable`.
-    fn fail(&self, operation: Operation, error: HsmError, generation: u64) -> HsmError {
-        let device_level = matches!(
-            error,
-            HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. }
-        ) || error.class() != FailureClass::Other;
-        if !device_level {
-            return error;
-        }
-        let mut recovery = self.recovery.lock();
-        if recovery.down.is_none() {
-            tracing::error!(%operation, %error, token = %self.label, "HSM unavailable; failing closed until it returns");
-            recovery.down = Some(DownState {
-                next_attempt: Instant::now() + self.backoff_min,
-                backoff: self.backoff_min,
-                generation_seen: generation,
-            });
-        }
-        self.handles.write().handles.clear();
-        match error {
-            HsmError::Unavailable { .. } => error,
-            other => HsmError::Unavailable {
-                operation,
-                code: match other {
-                    HsmError::Pkcs11 { code, .. } => code,
-                    _ => crate::error::ReturnCode::token_not_present(),
-                },
-            },
-        }
-    }
-
-    /// While down: fail fast until the backoff expires, then try to come back
-    /// (reconnect; if the token is still unreachable, re-initialize the module).
-    fn recover_if_due(&self, operation: Operation) -> Result<()> {
-        let mut recovery = self.recovery.lock();
-        let Some(down) = recovery.down.as_mut() else {
-            return Ok(());
-        };
-        let unavailable = || HsmError::Unavailable {
-            operation,
-            code: crate::error::ReturnCode::token_not_present(),
-        };
-        if Instant::now() < down.next_attempt {
-            return Err(unavailable());
-        }
-        match self.try_reconnect(down.generation_seen) {
-            Ok(()) => {
-                tracing::info!(token = %self.label, "HSM reachable again; resuming");
-                recovery.down = None;
-                Ok(())
-            }
-            Err(e) => {
-                down.backoff = (down.backoff * 2).min(self.backoff_max);
-                down.next_attempt = Instant::now() + down.backoff;
-                down.generation_seen = self.module.generation();
-                tracing::warn!(error = %e, retry_in_ms = down.backoff.as_millis() as u64, "HSM still unavailable");
-                Err(unavailable())
-            }
-        }
-    }
-
-    fn try_reconnect(&self, generation_seen: u64) -> Result<()> {
-        self.handles.write().handles.clear();
-        let attempt = || -> Result<()> {
-            let state = self.module.read();
-            self.pool.reconnect(&state)?;
-            let pooled = self.pool.check_out(&state)?;
-            let probe = pooled
-                .session()
-                .generate_random_vec(1)
-                .map_err(|e| from_cryptoki(Operation::GenerateRandom, e));
-            match probe {
-                Ok(_) => {
-                    self.pool.check_in(pooled);
-                    // A module that answers from memory is not enough: the
-                    // token's storage must be back too.
-                    self.sync_token_directory()
-                }
-                Err(e) => {
-                    self.pool.discard(pooled);
-                    Err(e)
-                }
-            }
-        };
-        match attempt() {
-            Ok(()) => Ok(()),
-            Err(first) => {
-                tracing::debug!(error = %first, "reconnect failed; re-initializing the module");
-                self.module.reinitialize(generation_seen)?;
-                attempt()
-            }
-        }
-    }
-
-    /// The cached object handle for `id`, searching the token only on a miss.
-    fn handle(
-        &self,
-        session: &Session,
-        state: &ModuleState,
-        id: &ObjectId,
-    ) -> Result<ObjectHandle> {
-        {
-            let cache = self.handles.read();
-            if let Some(handle) = cache.handles.get(id)
-                && cache.generation == state.generation()
-            {
-                return Ok(*handle);
-            }
-        }
-        let found = self.find(session, id)?;
-        let handle = match found.as_slice() {
-            [handle] => *handle,
-            [] if self.token_storage_missing() => {
-                // SoftHSM2 answers searches from its directory: with the
-                // directory gone every object is "missing". That is the
-                // device going away (fail closed, recover), not a lost key.
-                return Err(HsmError::Unavailable {
-                    operation: Operation::FindObjects,
-                    code: crate::error::ReturnCode::token_not_present(),
-                });
-            }
-            [] => return Err(HsmError::ObjectNotFound { id: id.to_string() }),
-            many => {
-                return Err(HsmError::ObjectAmbiguous {
-                    id: id.to_string(),
-                    count: many.len(),
-                });
-            }
-        };
-        let mut cache = self.handles.write();
-        if cache.generation != state.generation() {
-            cache.handles.clear();
-            cache.generation = state.generation();
-        }
-        cache.handles.insert(id.clone(), handle);
-        Ok(handle)
-    }
-
-    fn find(&self, session: &Session, id: &ObjectId) -> Result<Vec<ObjectHandle>> {
-        self.object_searches.fetch_add(1, Ordering::Relaxed);
-        find_objects(session, id)
-    }
-
-    /// Whether the configured token directory (SoftHSM2) is gone.
-    fn token_storage_missing(&self) -> bool {
-        self.sync_token_dir
-            .as_ref()
-            .is_some_and(|dir| !dir.is_dir())
-    }
-
-    fn sync_token_directory(&self) -> Result<()> {
-        match &self.sync_token_dir {
-            Some(dir) => crate::token_sync::sync_tree(dir),
-            None => Ok(()),
-        }
-    }
-
-    /// Makes a token change durable. If the token's storage is gone or
-    /// failing, the module may still have accepted the change in memory
-    /// (SoftHSM2 does), but nothing it records is durable any more: fail
-    /// closed exactly as for a lost device, until recovery finds the storage.
-    fn sync_or_fail(&self, operation: Operation) -> Result<()> {
-        self.sync_token_directory().map_err(|e| {
-            tracing::error!(%operation, error = %e, "the token's storage is unusable");
-            self.fail(
-                operation,
-                HsmError::Unavailable {
-                    operation,
-                    code: crate::error::ReturnCode::token_not_present(),
-                },
-                self.module.generation(),
-            )
-        })
     }
 
     /// Confirms from a brand-new session (not the one that made the change)
@@ -712,6 +505,9 @@ impl Hsm {
     /// Imports a known AES-256 key as a sensitive, non-extractable token
     /// object. For test vectors only: an imported key is not LOCAL, so the
     /// service itself would never accept it as a KEK.
+    ///
+    /// # Errors
+    /// `Unavailable` if the token is gone, or the PKCS#11 error of C_CreateObject.
     pub fn import_aes_key_for_tests(&self, id: &ObjectId, value: &[u8]) -> Result<()> {
         use cryptoki::object::{KeyType, ObjectClass};
         self.run(Operation::GenerateKey, |session, _| {
@@ -734,26 +530,15 @@ impl Hsm {
     }
 }
 
-fn find_objects(session: &Session, id: &ObjectId) -> Result<Vec<ObjectHandle>> {
-    session
-        .find_objects(&[
-            Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
-            Attribute::Id(id.as_bytes().to_vec()),
-        ])
-        .map_err(|e| from_cryptoki(Operation::FindObjects, e))
-}
-
-fn read_flags(
+/// Reads every attribute of the key table (never CKA_VALUE).
+fn read_key_attributes(
     session: &Session,
     handle: ObjectHandle,
     purpose: KeyPurpose,
+    id: &ObjectId,
 ) -> Result<Vec<Attribute>> {
-    let kinds: Vec<AttributeType> = objects::required_flags(purpose)
-        .into_iter()
-        .map(|(kind, _, _)| kind)
-        .collect();
     session
-        .get_attributes(handle, &kinds)
+        .get_attributes(handle, &objects::read_back_types(purpose, id))
         .map_err(|e| from_cryptoki(Operation::GetAttributes, e))
 }
 
