@@ -65,6 +65,11 @@ macro_rules! rpcs {
         impl KmsClient {
             $(
                 #[doc = concat!("Calls `", $rpc, "` (", stringify!($idem), ").")]
+                #[doc = ""]
+                #[doc = "# Errors"]
+                #[doc = "[`Error::Rpc`] with the gRPC status if the server (or the transport)"]
+                #[doc = "answers non-OK, after retries for a retryable call;"]
+                #[doc = "[`Error::InvalidToken`] if the bearer token is not a valid header value."]
                 pub async fn $name(&self, request: pb::$req) -> Result<pb::$resp, Error> {
                     let channel = self.channel.clone();
                     self.call($rpc, Idempotency::$idem, request, move |request| {
@@ -116,6 +121,11 @@ rpcs! {
 
 impl KmsClient {
     /// Connects now; fails if the server cannot be reached.
+    ///
+    /// # Errors
+    /// As [`ClientConfig::tonic_endpoint`] for settings it refuses, and
+    /// [`Error::Connect`] if the connection (TCP, TLS handshake) fails within the
+    /// connect timeout.
     pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
         let endpoint = config.tonic_endpoint()?;
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
@@ -127,6 +137,9 @@ impl KmsClient {
 
     /// Connects on the first call (and reconnects as needed); an unreachable
     /// server then shows up as UNAVAILABLE, which retryable calls retry.
+    ///
+    /// # Errors
+    /// As [`ClientConfig::tonic_endpoint`] for settings it refuses.
     pub fn connect_lazy(config: ClientConfig) -> Result<Self, Error> {
         let channel = config.tonic_endpoint()?.connect_lazy();
         Ok(Self::with_channel(config, channel))

@@ -11,10 +11,10 @@ use zeroize::Zeroizing;
 
 use crate::retry::RetryPolicy;
 
-/// Default time allowed to establish the connection.
+/// Default time allowed to establish the connection (10 s).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default deadline of one call attempt (sent as `grpc-timeout` and enforced
-/// locally too).
+/// Default deadline of one call attempt, 30 s (sent as `grpc-timeout` and
+/// enforced locally too).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A bearer token, sent as `authorization: Bearer <token>` metadata.
@@ -22,6 +22,10 @@ pub struct BearerToken(Zeroizing<String>);
 
 impl BearerToken {
     /// Wraps `token`, which must be visible ASCII without spaces (a header value).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidToken`] if `token` is empty or holds anything but
+    /// visible ASCII. The error does not echo the token.
     pub fn new(token: impl Into<String>) -> Result<Self, crate::Error> {
         let token = Zeroizing::new(token.into());
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -32,6 +36,10 @@ impl BearerToken {
 
     /// The `authorization` header value (marked sensitive so that http's own
     /// Debug and HPACK indexing leave it out).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidToken`] if the value is not a valid header value
+    /// (not reachable for a token [`BearerToken::new`] accepted).
     pub fn header_value(
         &self,
     ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, crate::Error> {
@@ -143,13 +151,15 @@ impl ClientConfig {
         self
     }
 
-    /// Time allowed to establish the connection.
+    /// Time allowed to establish the connection (default
+    /// [`DEFAULT_CONNECT_TIMEOUT`]).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Deadline of each call attempt.
+    /// Deadline of each call attempt, retries each getting their own (default
+    /// [`DEFAULT_CALL_TIMEOUT`]).
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self
@@ -167,6 +177,9 @@ impl ClientConfig {
     }
 
     /// The `authorization` header these settings send, if any.
+    ///
+    /// # Errors
+    /// As [`BearerToken::header_value`].
     pub fn authorization_header(
         &self,
     ) -> Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, crate::Error> {
@@ -179,6 +192,13 @@ impl ClientConfig {
     /// The tonic endpoint these settings describe (TLS, timeouts; refuses a
     /// token over plaintext to a non-loopback address). For callers that use
     /// the generated clients directly, with [`ClientConfig::authorization_header`].
+    ///
+    /// # Errors
+    /// [`crate::Error::Endpoint`] if the URL or the TLS settings are refused by
+    /// the transport; [`crate::Error::TlsNeedsCa`] for an `https://` endpoint
+    /// without a CA; [`crate::Error::TlsNeedsHttps`] for TLS settings on an
+    /// `http://` endpoint; [`crate::Error::TokenNeedsTls`] for a bearer token
+    /// over plaintext to a host other than loopback. Nothing is connected yet.
     pub fn tonic_endpoint(&self) -> Result<tonic::transport::Endpoint, crate::Error> {
         use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
         let invalid = |source| crate::Error::Endpoint {

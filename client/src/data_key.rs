@@ -5,20 +5,24 @@ use std::fmt;
 
 use zeroize::{Zeroize as _, ZeroizeOnDrop, Zeroizing};
 
-/// Length of an envelope data key (AES-256).
+/// Length of an envelope data key, in bytes (AES-256).
 pub const DATA_KEY_LEN: usize = 32;
 
 /// A plaintext data key. Never printed, never cloned, erased when dropped.
 #[derive(ZeroizeOnDrop)]
 pub struct DataKey([u8; DATA_KEY_LEN]);
 
-/// The KMS returned a data key of the wrong length.
+/// The KMS returned a data key of the wrong length; holds that length, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("data key is {0} bytes, expected {DATA_KEY_LEN}")]
 pub struct DataKeyLengthError(pub usize);
 
 impl DataKey {
     /// Takes the key out of `bytes` and erases `bytes` (whatever its length).
+    ///
+    /// # Errors
+    /// [`DataKeyLengthError`] if `bytes` is not [`DATA_KEY_LEN`] bytes long
+    /// (`bytes` is erased all the same).
     pub fn from_vec(mut bytes: Vec<u8>) -> Result<Self, DataKeyLengthError> {
         let result = <[u8; DATA_KEY_LEN]>::try_from(bytes.as_slice())
             .map(DataKey)

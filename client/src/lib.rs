@@ -14,6 +14,8 @@
 //! cheaply. Data keys, plaintext and tokens live in zeroizing types with
 //! redacted `Debug` and never appear in errors or logs.
 
+#![warn(missing_docs)]
+
 pub mod baseline;
 pub mod cache;
 mod client;

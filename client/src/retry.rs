@@ -31,7 +31,7 @@ pub enum Idempotency {
 pub struct RetryPolicy {
     /// Attempts in total, the first included (1 = no retry).
     pub max_attempts: u32,
-    /// Backoff ceiling before the first retry.
+    /// Backoff ceiling before the first retry; doubles with each retry.
     pub initial_backoff: Duration,
     /// Largest backoff ceiling.
     pub max_backoff: Duration,
@@ -57,7 +57,8 @@ impl RetryPolicy {
         }
     }
 
-    /// The ceiling of the sleep after failed attempt number `attempt` (1-based).
+    /// The ceiling of the sleep after failed attempt number `attempt` (1-based):
+    /// `initial_backoff × 2^(attempt−1)`, capped at `max_backoff`.
     pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
         let doublings = attempt.saturating_sub(1).min(30);
         self.initial_backoff

@@ -3,33 +3,54 @@
 //! - `kms_requests_total{rpc, code}` and `kms_request_duration_seconds{rpc}`:
 //!   every gRPC call, by method path and gRPC status;
 //! - `kms_hsm_sessions{state="open|idle"}` and `kms_hsm_pool_size`: the
-//!   session pool, sampled at scrape time;
+//!   session pool;
 //! - `kms_hsm_expensive_calls{state}`: C_FindObjects searches and sessions
 //!   opened, which must stay flat under load;
-//! - `kms_hsm_operations_total{op}` and `kms_hsm_operation_seconds_total{op}`:
+//! - `kms_hsm_operations_total{op}` and `kms_hsm_operation_microseconds_total{op}`:
 //!   HSM calls and time spent in them (rate of one over the other = latency);
 //! - `kms_audit_batches_total`, `kms_audit_batch_writes_total`,
-//!   `kms_audit_commit_seconds_total`: group commit (writes per batch = batch
-//!   size, seconds per batch = commit latency).
+//!   `kms_audit_commit_microseconds_total`: group commit (writes per batch =
+//!   batch size, time per batch = commit latency).
+//!
+//! The request metrics are recorded as calls complete ([`MetricsLayer`]); the
+//! others are read from the HSM and the audit writer when a scrape encodes them
+//! (a prometheus-client [`Collector`], [`SampledMetrics`]), so nothing copies them
+//! in by hand. The endpoint is hyper's HTTP/1.1 server ([`serve`]).
 //!
 //! Labels never carry request content.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::service::KmsService;
+
+/// Prefix of every metric name.
+const PREFIX: &str = "kms";
+/// `Content-Type` of the exposition (the Prometheus text format).
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+/// How long a scraper may take to send its request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a request head, in bytes (hyper's minimum buffer size).
+const MAX_REQUEST_HEAD: usize = 8192;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcCodeLabels {
@@ -52,19 +73,12 @@ struct StateLabels {
     state: &'static str,
 }
 
-/// The metrics of one server.
+/// The request metrics of one server, recorded by [`MetricsLayer`] as calls
+/// complete. The sampled metrics are [`SampledMetrics`].
 pub struct Metrics {
     registry: Registry,
     requests: Family<RpcCodeLabels, Counter>,
     durations: Family<RpcLabels, Histogram>,
-    sessions: Family<StateLabels, Gauge>,
-    pool_size: Gauge,
-    hsm_counters: Family<StateLabels, Gauge>,
-    hsm_operations: Family<OpLabels, Counter>,
-    hsm_operation_micros: Family<OpLabels, Counter>,
-    audit_batches: Counter,
-    audit_batch_writes: Counter,
-    audit_commit_micros: Counter,
     /// Method paths that get their own label; anything else is "other", so a
     /// client sending made-up paths cannot grow the label set without bound.
     known_rpcs: std::collections::HashSet<String>,
@@ -100,14 +114,6 @@ fn known_rpcs() -> std::collections::HashSet<String> {
     known
 }
 
-/// Advances a counter to a sampled monotonic total.
-fn advance(counter: &Counter, total: u64) {
-    let current = counter.get();
-    if total > current {
-        counter.inc_by(total - current);
-    }
-}
-
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
@@ -121,8 +127,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Empty request metrics, registered under the `kms_` prefix.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("kms");
+        let mut registry = Registry::with_prefix(PREFIX);
         let requests = Family::<RpcCodeLabels, Counter>::default();
         registry.register(
             "requests",
@@ -138,66 +145,10 @@ impl Metrics {
             "gRPC request latency",
             durations.clone(),
         );
-        let sessions = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "hsm_sessions",
-            "HSM sessions open for work, and idle",
-            sessions.clone(),
-        );
-        let pool_size = Gauge::default();
-        registry.register(
-            "hsm_pool_size",
-            "configured HSM session pool size",
-            pool_size.clone(),
-        );
-        let hsm_counters = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "hsm_expensive_calls",
-            "C_FindObjects searches and sessions opened since start (flat under load)",
-            hsm_counters.clone(),
-        );
-        let hsm_operations = Family::<OpLabels, Counter>::default();
-        registry.register(
-            "hsm_operations",
-            "HSM operations by PKCS#11 function",
-            hsm_operations.clone(),
-        );
-        let hsm_operation_micros = Family::<OpLabels, Counter>::default();
-        registry.register(
-            "hsm_operation_microseconds",
-            "time spent in HSM operations, by PKCS#11 function",
-            hsm_operation_micros.clone(),
-        );
-        let audit_batches = Counter::default();
-        registry.register(
-            "audit_batches",
-            "audit group-commit batches written",
-            audit_batches.clone(),
-        );
-        let audit_batch_writes = Counter::default();
-        registry.register(
-            "audit_batch_writes",
-            "audit records and checkpoints written in those batches",
-            audit_batch_writes.clone(),
-        );
-        let audit_commit_micros = Counter::default();
-        registry.register(
-            "audit_commit_microseconds",
-            "time spent committing audit batches (fsync included)",
-            audit_commit_micros.clone(),
-        );
         Metrics {
             registry,
             requests,
             durations,
-            sessions,
-            pool_size,
-            hsm_counters,
-            hsm_operations,
-            hsm_operation_micros,
-            audit_batches,
-            audit_batch_writes,
-            audit_commit_micros,
             known_rpcs: known_rpcs(),
         }
     }
@@ -220,92 +171,250 @@ impl Metrics {
             })
             .observe(seconds);
     }
+}
 
-    /// The text exposition, sampling the HSM gauges now.
-    pub fn render(&self, service: &KmsService) -> String {
-        let usage = service.hsm().pool_usage();
-        let counters = service.hsm().counters();
-        self.pool_size
-            .set(i64::try_from(usage.size).unwrap_or(i64::MAX));
-        self.sessions
-            .get_or_create(&StateLabels { state: "open" })
-            .set(i64::try_from(usage.open).unwrap_or(i64::MAX));
-        self.sessions
-            .get_or_create(&StateLabels { state: "idle" })
-            .set(i64::try_from(usage.idle).unwrap_or(i64::MAX));
-        self.hsm_counters
-            .get_or_create(&StateLabels {
-                state: "object_searches",
-            })
-            .set(i64::try_from(counters.object_searches).unwrap_or(i64::MAX));
-        self.hsm_counters
-            .get_or_create(&StateLabels {
-                state: "sessions_opened",
-            })
-            .set(i64::try_from(counters.sessions_opened).unwrap_or(i64::MAX));
-        for stats in service.hsm().operation_stats() {
-            let labels = OpLabels {
-                op: stats.operation.to_string(),
-            };
-            advance(&self.hsm_operations.get_or_create(&labels), stats.calls);
-            advance(
-                &self.hsm_operation_micros.get_or_create(&labels),
-                stats.total_micros,
-            );
+/// What a scrape answers: the request metrics and a registry holding the
+/// [`SampledMetrics`] collector.
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    sampled: Registry,
+}
+
+impl Scrape {
+    fn new(metrics: Arc<Metrics>, sampled: SampledMetrics) -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        registry.register_collector(Box::new(sampled));
+        Scrape {
+            metrics,
+            sampled: registry,
         }
-        let audit = service.audit_stats();
-        advance(&self.audit_batches, audit.batches);
-        advance(&self.audit_batch_writes, audit.writes);
-        advance(&self.audit_commit_micros, audit.commit_micros);
+    }
+
+    /// The text exposition; the sampled metrics are read now, while encoding.
+    fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        let encoded = encode_registry(&mut out, &self.metrics.registry)
+            .and_then(|()| encode_registry(&mut out, &self.sampled))
+            .and_then(|()| encode_eof(&mut out));
+        // Writing to a String cannot fail; an encoder error would be a bug in a
+        // collector, and a partial exposition would mislead, so answer nothing.
+        if encoded.is_err() {
             return String::new();
         }
         out
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. A tiny
-/// HTTP/1.1 responder: one request per connection, bounded header size.
+/// The values of the sampled metrics at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Sample {
+    /// Configured HSM session pool size, sessions open for work, idle sessions.
+    pool_size: u64,
+    sessions_open: u64,
+    sessions_idle: u64,
+    /// C_FindObjects searches and sessions opened since start.
+    object_searches: u64,
+    sessions_opened: u64,
+    /// Per PKCS#11 function: (name, calls, total microseconds), since start.
+    operations: Vec<(String, u64, u64)>,
+    /// Audit group commit since start: batches, writes in them, microseconds.
+    audit_batches: u64,
+    audit_batch_writes: u64,
+    audit_commit_micros: u64,
+}
+
+impl Sample {
+    /// Reads the HSM pool and counters and the audit writer's statistics.
+    fn of(service: &KmsService) -> Sample {
+        let usage = service.hsm().pool_usage();
+        let counters = service.hsm().counters();
+        let audit = service.audit_stats();
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Sample {
+            pool_size: count(usage.size),
+            sessions_open: count(usage.open),
+            sessions_idle: count(usage.idle),
+            object_searches: counters.object_searches,
+            sessions_opened: counters.sessions_opened,
+            operations: service
+                .hsm()
+                .operation_stats()
+                .into_iter()
+                .map(|s| (s.operation.to_string(), s.calls, s.total_micros))
+                .collect(),
+            audit_batches: audit.batches,
+            audit_batch_writes: audit.writes,
+            audit_commit_micros: audit.commit_micros,
+        }
+    }
+
+    /// Writes every sampled metric (names without the `kms_` prefix, which the
+    /// registry adds; counters get `_total` from the encoder).
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let mut sessions = encoder.encode_descriptor(
+            "hsm_sessions",
+            "HSM sessions open for work, and idle",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, value) in [("open", self.sessions_open), ("idle", self.sessions_idle)] {
+            gauge(value).encode(sessions.encode_family(&StateLabels { state })?)?;
+        }
+        gauge(self.pool_size).encode(encoder.encode_descriptor(
+            "hsm_pool_size",
+            "configured HSM session pool size",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut expensive = encoder.encode_descriptor(
+            "hsm_expensive_calls",
+            "C_FindObjects searches and sessions opened since start (flat under load)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, value) in [
+            ("object_searches", self.object_searches),
+            ("sessions_opened", self.sessions_opened),
+        ] {
+            gauge(value).encode(expensive.encode_family(&StateLabels { state })?)?;
+        }
+        let mut operations = encoder.encode_descriptor(
+            "hsm_operations",
+            "HSM operations by PKCS#11 function",
+            None,
+            MetricType::Counter,
+        )?;
+        for (op, calls, _) in &self.operations {
+            let labels = OpLabels { op: op.clone() };
+            ConstCounter::new(*calls).encode(operations.encode_family(&labels)?)?;
+        }
+        let mut micros = encoder.encode_descriptor(
+            "hsm_operation_microseconds",
+            "time spent in HSM operations, by PKCS#11 function",
+            None,
+            MetricType::Counter,
+        )?;
+        for (op, _, total_micros) in &self.operations {
+            let labels = OpLabels { op: op.clone() };
+            ConstCounter::new(*total_micros).encode(micros.encode_family(&labels)?)?;
+        }
+        for (name, help, value) in [
+            (
+                "audit_batches",
+                "audit group-commit batches written",
+                self.audit_batches,
+            ),
+            (
+                "audit_batch_writes",
+                "audit records and checkpoints written in those batches",
+                self.audit_batch_writes,
+            ),
+            (
+                "audit_commit_microseconds",
+                "time spent committing audit batches (fsync included)",
+                self.audit_commit_micros,
+            ),
+        ] {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics sampled at scrape time (HSM session pool, expensive-call and
+/// operation counters, audit group commit): a prometheus-client [`Collector`]
+/// that reads its source each time the registry is encoded.
+pub struct SampledMetrics {
+    sample: Box<dyn Fn() -> Sample + Send + Sync>,
+}
+
+impl SampledMetrics {
+    /// Samples `service`'s HSM and audit writer on every scrape.
+    pub fn of_service(service: Arc<KmsService>) -> Self {
+        SampledMetrics {
+            sample: Box::new(move || Sample::of(&service)),
+        }
+    }
+}
+
+impl std::fmt::Debug for SampledMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SampledMetrics")
+    }
+}
+
+impl Collector for SampledMetrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        (self.sample)().encode(encoder)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped, with hyper's
+/// HTTP/1.1 server: one request per connection, the request head bounded in
+/// size ([`MAX_REQUEST_HEAD`]) and time ([`HEADER_READ_TIMEOUT`]). Any other
+/// method or path is answered 404.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<KmsService>) {
+    let scrape = Arc::new(Scrape::new(metrics, SampledMetrics::of_service(service)));
+    serve_exposition(listener, move || scrape.render()).await;
+}
+
+/// The HTTP side of [`serve`], over any source of the exposition text.
+async fn serve_exposition<F>(listener: TcpListener, render: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let render = Arc::new(render);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = Arc::clone(&metrics);
-        let service = Arc::clone(&service);
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
-            let mut head = Vec::with_capacity(512);
-            let mut buf = [0u8; 512];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let response = if head.starts_with(b"GET /metrics ")
-                || head.starts_with(b"GET /metrics?")
-            {
-                let body = metrics.render(&service);
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let respond = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let response = respond(&request, &*render);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            // A failed connection concerns only that scraper: nothing to report.
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), respond)
+                .await;
         });
     }
+}
+
+/// 200 with the exposition for `GET /metrics` (any query), else an empty 404.
+fn respond<B>(
+    request: &http::Request<B>,
+    render: &dyn Fn() -> String,
+) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(Bytes::new()));
+    if request.method() == http::Method::GET && request.uri().path() == "/metrics" {
+        *response.body_mut() = Full::new(Bytes::from(render()));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(CONTENT_TYPE),
+        );
+    } else {
+        *response.status_mut() = http::StatusCode::NOT_FOUND;
+        // Explicit, so that a HEAD gets it too (hyper omits it there).
+        response.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("0"),
+        );
+    }
+    response
 }
 
 /// A tower layer recording every gRPC call.
@@ -375,6 +484,10 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
 
     #[test]
@@ -398,5 +511,149 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
         assert!(!text.contains("/x.Y/Z"), "made-up paths became labels");
         assert!(text.contains("rpc=\"other\""), "{text}");
+    }
+
+    fn sample(audit_batches: u64) -> Sample {
+        Sample {
+            pool_size: 4,
+            sessions_open: 3,
+            sessions_idle: 1,
+            object_searches: 7,
+            sessions_opened: 5,
+            operations: vec![
+                ("C_GenerateKey".to_owned(), 2, 1500),
+                ("C_Encrypt".to_owned(), 9, 300),
+            ],
+            audit_batches,
+            audit_batch_writes: 12,
+            audit_commit_micros: 4000,
+        }
+    }
+
+    /// A scrape whose audit batch count is read from `batches` at encode time.
+    fn scrape(batches: Arc<AtomicU64>) -> Scrape {
+        let sampled = SampledMetrics {
+            sample: Box::new(move || sample(batches.load(Ordering::Relaxed))),
+        };
+        Scrape::new(Arc::new(Metrics::new()), sampled)
+    }
+
+    #[test]
+    fn sampled_metrics_are_read_when_the_scrape_is_encoded() {
+        let batches = Arc::new(AtomicU64::new(0));
+        let scrape = scrape(Arc::clone(&batches));
+        scrape
+            .metrics
+            .observe("/kms.v1.Crypto/Encrypt", "OK", 0.001);
+        let first = scrape.render();
+        for line in [
+            "kms_requests_total{rpc=\"/kms.v1.Crypto/Encrypt\",code=\"OK\"} 1\n",
+            "# TYPE kms_hsm_sessions gauge\n",
+            "kms_hsm_sessions{state=\"open\"} 3\n",
+            "kms_hsm_sessions{state=\"idle\"} 1\n",
+            "# TYPE kms_hsm_pool_size gauge\n",
+            "kms_hsm_pool_size 4\n",
+            "kms_hsm_expensive_calls{state=\"object_searches\"} 7\n",
+            "kms_hsm_expensive_calls{state=\"sessions_opened\"} 5\n",
+            "# TYPE kms_hsm_operations counter\n",
+            "kms_hsm_operations_total{op=\"C_GenerateKey\"} 2\n",
+            "kms_hsm_operations_total{op=\"C_Encrypt\"} 9\n",
+            "kms_hsm_operation_microseconds_total{op=\"C_GenerateKey\"} 1500\n",
+            "kms_hsm_operation_microseconds_total{op=\"C_Encrypt\"} 300\n",
+            "kms_audit_batches_total 0\n",
+            "kms_audit_batch_writes_total 12\n",
+            "kms_audit_commit_microseconds_total 4000\n",
+        ] {
+            assert!(first.contains(line), "missing {line:?} in\n{first}");
+        }
+        assert!(first.ends_with("# EOF\n"), "{first}");
+        assert_eq!(first.matches("# EOF").count(), 1, "{first}");
+        // Nothing is copied in: the next scrape sees the new value.
+        batches.store(41, Ordering::Relaxed);
+        let second = scrape.render();
+        assert!(second.contains("kms_audit_batches_total 41\n"), "{second}");
+        assert!(!second.contains("kms_audit_batches_total 0\n"), "{second}");
+    }
+
+    /// Sends `request` to a fresh endpoint and reads until the server closes.
+    /// I/O errors are ignored (the server may reset a connection it refused
+    /// before reading it all): the callers check what came back.
+    async fn exchange(request: &[u8]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let scrape = scrape(Arc::new(AtomicU64::new(3)));
+        let server = tokio::spawn(serve_exposition(listener, move || scrape.render()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = stream.write_all(request).await;
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+            .await
+            .expect("the server closes the connection after one response");
+        server.abort();
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+        let head = response.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+
+    #[tokio::test]
+    async fn get_metrics_answers_the_exposition_and_closes() {
+        for path in ["/metrics", "/metrics?name=kms"] {
+            let response =
+                exchange(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+            assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+            assert_eq!(header(&response, "content-type"), Some(CONTENT_TYPE));
+            assert_eq!(header(&response, "connection"), Some("close"));
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body)
+                .expect("body");
+            assert_eq!(
+                header(&response, "content-length"),
+                Some(body.len().to_string().as_str())
+            );
+            assert!(body.contains("kms_audit_batches_total 3\n"), "{body}");
+            assert!(body.ends_with("# EOF\n"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_paths_and_methods_are_not_found() {
+        for request in [
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /metricsx HTTP/1.1\r\nHost: x\r\n\r\n",
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            let response = exchange(request.as_bytes()).await;
+            assert!(
+                response.starts_with("HTTP/1.1 404 Not Found\r\n"),
+                "{request:?}: {response}"
+            );
+            assert_eq!(
+                header(&response, "content-length"),
+                Some("0"),
+                "{request:?}"
+            );
+            assert!(!response.contains("kms_"), "{request:?}: {response}");
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_heads_get_no_exposition() {
+        let oversized = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(2 * MAX_REQUEST_HEAD)
+        );
+        for request in ["not http at all\r\n\r\n", oversized.as_str()] {
+            let response = exchange(request.as_bytes()).await;
+            assert!(!response.contains("kms_"), "{response}");
+            assert!(!response.starts_with("HTTP/1.1 200"), "{response}");
+        }
     }
 }

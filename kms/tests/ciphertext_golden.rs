@@ -114,6 +114,28 @@ fn encoding_matches_golden_bytes() {
     }
 }
 
+/// The encoding exists once, in kms-client: the client's own constructor and
+/// parser agree with the server's golden bytes, so an envelope header and a
+/// ciphertext blob bind a context identically.
+#[test]
+fn client_context_encoding_matches_golden_bytes() {
+    for v in golden().vectors {
+        let name = &v.name;
+        let client = kms_client::EncryptionContext::new(v.encryption_context.clone())
+            .expect("golden context is valid");
+        assert_eq!(
+            hex::encode(client.canonical_bytes()),
+            v.context_encoding_hex,
+            "{name}: client context encoding"
+        );
+        let parsed =
+            kms_client::EncryptionContext::from_canonical_bytes(&unhex(&v.context_encoding_hex))
+                .expect("golden encoding parses");
+        assert_eq!(parsed, client, "{name}: parsed back");
+        assert_eq!(context(&v).as_client(), &client, "{name}: server type");
+    }
+}
+
 #[test]
 fn parsing_golden_blobs_recovers_every_field() {
     for v in golden().vectors {

@@ -32,20 +32,21 @@ pub const MAGIC: [u8; 4] = *b"KMSE";
 pub const VERSION: u8 = 1;
 /// HKDF-SHA256 → AES-256-GCM with STREAM nonces and 16-byte tags.
 pub const SUITE: u8 = 1;
-/// Bytes before the wrapped data key.
+/// Bytes before the wrapped data key (magic to wrapped-key length).
 pub const FIXED_PREFIX_LEN: usize = 44;
-/// Length of the random message id.
+/// Length of the random message id, in bytes.
 pub const MESSAGE_ID_LEN: usize = 32;
-/// Smallest and largest chunk sizes. The upper bound caps what a decryptor
-/// allocates for a chunk before anything is authenticated.
+/// Smallest and largest chunk sizes, in plaintext bytes. The upper bound caps
+/// what a decryptor allocates for a chunk before anything is authenticated.
 pub const MIN_CHUNK_SIZE: u32 = 1;
-/// See [`MIN_CHUNK_SIZE`].
+/// Largest chunk size (16 MiB); see [`MIN_CHUNK_SIZE`].
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
-/// The chunk size used unless the caller picks another one.
+/// The chunk size used unless the caller picks another one (64 KiB).
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
-/// Largest wrapped data key accepted (a service blob for a 32-byte key is ~104 bytes).
+/// Largest wrapped data key accepted, in bytes (a service blob for a 32-byte
+/// key is ~104 bytes).
 pub const MAX_WRAPPED_KEY_LEN: usize = 4096;
-/// AES-GCM tag length.
+/// AES-GCM tag length, in bytes.
 pub const TAG_LEN: usize = 16;
 /// Chunks per message: indexes 0 ..= 2^32 − 1 (the final chunk included).
 pub const MAX_CHUNKS: u64 = 1 << 32;
@@ -75,7 +76,13 @@ pub enum HeaderError {
 }
 
 impl Header {
-    /// A header for a new message with a random message id.
+    /// A header for a new message with a random message id. `chunk_size` is in
+    /// plaintext bytes per full chunk.
+    ///
+    /// # Errors
+    /// [`HeaderError::ChunkSize`] if `chunk_size` is outside 1 ..= 16 MiB;
+    /// [`HeaderError::WrappedKeyLength`] if `wrapped_data_key` is empty or longer
+    /// than [`MAX_WRAPPED_KEY_LEN`] bytes.
     pub fn new(
         chunk_size: u32,
         wrapped_data_key: Vec<u8>,

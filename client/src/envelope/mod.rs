@@ -132,6 +132,10 @@ impl Envelope {
 
     /// Plaintext bytes per chunk (1 ..= 16 MiB; 64 KiB by default). Decryption
     /// uses whatever the header says.
+    ///
+    /// # Errors
+    /// [`EnvelopeError::Header`] ([`HeaderError::ChunkSize`]) if `chunk_size` is
+    /// outside 1 ..= [`MAX_CHUNK_SIZE`].
     pub fn with_chunk_size(mut self, chunk_size: u32) -> Result<Self, EnvelopeError> {
         if !(format::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(HeaderError::ChunkSize(chunk_size).into());
@@ -162,6 +166,14 @@ impl Envelope {
     /// Encrypts everything `reader` yields under a fresh data key of `key_id`
     /// (id or alias) and `context`. The length is unknown, so the cache is not
     /// used (its byte budget could not be charged first).
+    ///
+    /// # Errors
+    /// [`EnvelopeError::Kms`] if GenerateDataKey fails (unknown key, denied,
+    /// unavailable after retries); [`EnvelopeError::DataKey`] if it returns a key
+    /// that is not 32 bytes; [`EnvelopeError::Header`] if the wrapped key is
+    /// empty or over 4096 bytes; [`EnvelopeError::TooManyChunks`] past 2^32
+    /// chunks; [`EnvelopeError::Read`] / [`EnvelopeError::Write`] for I/O
+    /// errors. On error, discard whatever was written.
     pub async fn encrypt<R, W>(
         &self,
         key_id: &str,
@@ -179,6 +191,10 @@ impl Envelope {
 
     /// Encrypts exactly `plaintext_len` bytes from `reader` (a different length
     /// is an error), using the cache if one is set and the limits allow.
+    ///
+    /// # Errors
+    /// As [`Envelope::encrypt`], and [`EnvelopeError::LengthMismatch`] if
+    /// `reader` yields more or fewer than `plaintext_len` bytes.
     pub async fn encrypt_sized<R, W>(
         &self,
         key_id: &str,
@@ -252,6 +268,13 @@ impl Envelope {
     /// given to encrypt (it is compared with the header and passed to the kms
     /// Decrypt). With `expected_key` (id or alias), the data key must have been
     /// wrapped by that key. On error, discard whatever was written.
+    ///
+    /// # Errors
+    /// [`EnvelopeError::Invalid`] for anything wrong with the envelope (not an
+    /// envelope, tampered, truncated, another context, a wrapped key the KMS
+    /// refuses as invalid ciphertext); [`EnvelopeError::Kms`] if Decrypt fails
+    /// otherwise (denied, key disabled, unavailable after retries);
+    /// [`EnvelopeError::Read`] / [`EnvelopeError::Write`] for I/O errors.
     pub async fn decrypt<R, W>(
         &self,
         expected_key: Option<&str>,
@@ -349,6 +372,10 @@ impl Envelope {
 
 /// Reads just the header of an envelope (to see its context, chunk size or
 /// wrapped key) without decrypting anything.
+///
+/// # Errors
+/// [`EnvelopeError::Invalid`] if the bytes are not a well-formed version 1
+/// header; [`EnvelopeError::Read`] if reading fails.
 pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, EnvelopeError> {
     stream::read_header(reader).await
 }
@@ -357,6 +384,11 @@ pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header,
 /// without calling a KMS: for callers that manage data keys themselves, tests
 /// and benchmarks. A fresh random message id keeps messages apart even when
 /// the same data key is used for many of them.
+///
+/// # Errors
+/// [`EnvelopeError::Header`] for a chunk size outside 1 ..= 16 MiB or a wrapped
+/// key that is empty or over 4096 bytes; [`EnvelopeError::TooManyChunks`] past
+/// 2^32 chunks; [`EnvelopeError::Read`] / [`EnvelopeError::Write`] for I/O errors.
 pub async fn encrypt_with_data_key<R, W>(
     data_key: &DataKey,
     wrapped_data_key: Vec<u8>,
@@ -394,6 +426,12 @@ where
 
 /// Decrypts with a data key the caller already holds (see
 /// [`encrypt_with_data_key`]); `context` must equal the header's.
+///
+/// # Errors
+/// [`EnvelopeError::Invalid`] for a malformed or tampered envelope, another
+/// context or another data key; [`EnvelopeError::Read`] /
+/// [`EnvelopeError::Write`] for I/O errors. On error, discard whatever was
+/// written.
 pub async fn decrypt_with_data_key<R, W>(
     data_key: &DataKey,
     context: &EncryptionContext,

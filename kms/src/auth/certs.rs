@@ -3,88 +3,66 @@
 //! the first URI SAN (e.g. a SPIFFE id), else the first DNS SAN, else the
 //! subject's CN.
 //!
-//! A small strict DER reader instead of a full X.509 crate: we need three
-//! fields of a certificate that webpki has already parsed and verified, and
-//! the usual parser crates change the feature set of the RocksDB build's
-//! host dependencies (a 15-minute C++ rebuild on every fresh machine).
-//! Anything unexpected is an error, never a guess.
+//! The certificate and its subjectAltName are read by `rustls-webpki` (the
+//! parser rustls verified the chain with, already compiled: no new X.509 crate,
+//! whose host dependencies would change the RocksDB build's feature set). webpki
+//! exposes the subject only as raw DER, so the CN is read from it by a small
+//! strict reader below. Anything unexpected is an error, never a guess.
 
+use tonic::transport::CertificateDer;
+use webpki::EndEntityCert;
+
+/// Why no principal could be read from a client certificate. Names nothing from
+/// the certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
+    /// webpki refused the certificate, or its subject is not a DER Name.
     #[error("the client certificate cannot be parsed")]
     Unparsable,
+    /// The chosen name (see the module documentation) is missing or is not a
+    /// valid principal (`super::is_valid_principal`).
     #[error("the client certificate names no usable principal")]
     NoPrincipal,
 }
 
-/// OID 2.5.29.17 (subjectAltName), content bytes.
-const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
 /// OID 2.5.4.3 (commonName), content bytes.
 const OID_COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
 
 const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
-const BOOLEAN: u8 = 0x01;
-const OCTET_STRING: u8 = 0x04;
-/// [3] EXPLICIT, constructed: the extensions of a v3 certificate.
-const EXTENSIONS_TAG: u8 = 0xa3;
-/// GeneralName choices (context-specific, primitive, IMPLICIT IA5String).
-const DNS_NAME: u8 = 0x82;
-const URI: u8 = 0x86;
 /// Directory string types a CN may use.
 const UTF8_STRING: u8 = 0x0c;
 const PRINTABLE_STRING: u8 = 0x13;
 const IA5_STRING: u8 = 0x16;
 
+/// The principal named by the DER certificate `der`: its first URI SAN, else its
+/// first valid DNS SAN (as webpki's `valid_dns_names` reads them), else its
+/// subject CN.
+///
+/// # Errors
+/// [`CertError::Unparsable`] if webpki cannot parse the certificate or its subject
+/// is malformed; [`CertError::NoPrincipal`] if it names none of the three or the
+/// chosen one is not a valid principal.
 pub fn principal_from_certificate(der: &[u8]) -> Result<String, CertError> {
-    let identity = identity_of(der).ok_or(CertError::Unparsable)?;
-    identity
-        .uri
-        .or(identity.dns)
-        .or(identity.common_name)
+    let der = CertificateDer::from(der);
+    let cert = EndEntityCert::try_from(&der).map_err(|_| CertError::Unparsable)?;
+    let san = cert
+        .valid_uri_names()
+        .next()
+        .or_else(|| cert.valid_dns_names().next());
+    let principal = match san {
+        Some(name) => Some(name.to_owned()),
+        None => common_name(cert.subject()).ok_or(CertError::Unparsable)?,
+    };
+    principal
         .filter(|p| super::is_valid_principal(p))
         .ok_or(CertError::NoPrincipal)
 }
 
-#[derive(Debug, Default)]
-struct Identity {
-    uri: Option<String>,
-    dns: Option<String>,
-    common_name: Option<String>,
-}
-
-fn identity_of(der: &[u8]) -> Option<Identity> {
-    let mut outer = Der::new(der);
-    let certificate = outer.expect(SEQUENCE)?;
-    if !outer.is_empty() {
-        return None;
-    }
-    let mut certificate = Der::new(certificate);
-    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
-    // version [0] (optional), serialNumber, signature, issuer, validity.
-    if tbs.peek_tag() == Some(0xa0) {
-        tbs.any()?;
-    }
-    for _ in 0..4 {
-        tbs.any()?;
-    }
-    let subject = tbs.expect(SEQUENCE)?;
-    tbs.expect(SEQUENCE)?; // subjectPublicKeyInfo
-    let mut identity = Identity {
-        common_name: common_name(subject)?,
-        ..Identity::default()
-    };
-    while !tbs.is_empty() {
-        let (tag, value) = tbs.any()?;
-        if tag == EXTENSIONS_TAG {
-            subject_alt_names(value, &mut identity)?;
-        }
-    }
-    Some(identity)
-}
-
-/// The first CN of a Name (SEQUENCE OF SET OF AttributeTypeAndValue).
+/// The first CN of a Name's contents (SEQUENCE OF SET OF AttributeTypeAndValue,
+/// without the outer SEQUENCE header, as webpki's `Cert::subject` returns it).
+/// `None` if malformed; `Some(None)` if there is no CN in a string type.
 fn common_name(name: &[u8]) -> Option<Option<String>> {
     let mut rdns = Der::new(name);
     while !rdns.is_empty() {
@@ -106,39 +84,8 @@ fn common_name(name: &[u8]) -> Option<Option<String>> {
     Some(None)
 }
 
-/// Reads the SAN extension, if present, from `[3] { SEQUENCE OF Extension }`.
-fn subject_alt_names(explicit: &[u8], identity: &mut Identity) -> Option<()> {
-    let mut wrapper = Der::new(explicit);
-    let mut extensions = Der::new(wrapper.expect(SEQUENCE)?);
-    while !extensions.is_empty() {
-        let mut extension = Der::new(extensions.expect(SEQUENCE)?);
-        let oid = extension.expect(OID)?;
-        if extension.peek_tag() == Some(BOOLEAN) {
-            extension.any()?;
-        }
-        let value = extension.expect(OCTET_STRING)?;
-        if oid != OID_SUBJECT_ALT_NAME {
-            continue;
-        }
-        let mut names_outer = Der::new(value);
-        let mut names = Der::new(names_outer.expect(SEQUENCE)?);
-        while !names.is_empty() {
-            let (tag, name) = names.any()?;
-            let slot = match tag {
-                URI => &mut identity.uri,
-                DNS_NAME => &mut identity.dns,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(std::str::from_utf8(name).ok()?.to_owned());
-            }
-        }
-    }
-    Some(())
-}
-
-/// A cursor over DER TLVs with single-byte tags (all X.509 uses here) and
-/// definite lengths; rejects anything else.
+/// A cursor over DER TLVs with single-byte tags (all a Name uses) and definite
+/// lengths; rejects anything else.
 struct Der<'a> {
     rest: &'a [u8],
 }
@@ -150,10 +97,6 @@ impl<'a> Der<'a> {
 
     fn is_empty(&self) -> bool {
         self.rest.is_empty()
-    }
-
-    fn peek_tag(&self) -> Option<u8> {
-        self.rest.first().copied()
     }
 
     fn expect(&mut self, tag: u8) -> Option<&'a [u8]> {
@@ -229,10 +172,41 @@ mod tests {
     }
 
     #[test]
+    fn the_first_san_of_a_kind_wins_and_other_san_kinds_are_ignored() {
+        let two_uris = cert(
+            vec![
+                SanType::URI("spiffe://example.org/first".try_into().expect("uri")),
+                SanType::URI("spiffe://example.org/second".try_into().expect("uri")),
+            ],
+            Some("billing"),
+        );
+        assert_eq!(
+            principal_from_certificate(&two_uris).expect("uri"),
+            "spiffe://example.org/first"
+        );
+        let ip_only = cert(
+            vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())],
+            Some("billing"),
+        );
+        assert_eq!(principal_from_certificate(&ip_only).expect("cn"), "billing");
+        let ip_only_no_cn = cert(
+            vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())],
+            None,
+        );
+        assert_eq!(
+            principal_from_certificate(&ip_only_no_cn),
+            Err(CertError::NoPrincipal)
+        );
+    }
+
+    #[test]
     fn certificates_without_an_identity_or_with_odd_names_are_refused() {
         assert!(principal_from_certificate(&cert(Vec::new(), None)).is_err());
         assert!(principal_from_certificate(&cert(Vec::new(), Some("two words"))).is_err());
-        assert!(principal_from_certificate(b"not a certificate").is_err());
+        assert_eq!(
+            principal_from_certificate(b"not a certificate"),
+            Err(CertError::Unparsable)
+        );
     }
 
     #[test]
