@@ -215,13 +215,9 @@ pub(crate) fn verify(purpose: KeyPurpose, id: &ObjectId, read_back: &[Attribute]
 }
 
 /// The table's boolean attributes as the token reported them, by PKCS#11
-/// name (for `Hsm::key_object_info`).
-///
-/// CKA_COPYABLE is checked (`verify`, `KeyObjectInfo::conforms`) but not
-/// listed: kms's crash reconciliation judges a pending KEK by this list
-/// against its own copy of the expected flags, which does not know
-/// CKA_COPYABLE, and would discard a sound key. Listing it waits for that
-/// check to use `conforms` instead.
+/// name (for `Hsm::key_object_info`; what to show an operator). Whether the
+/// object is sound is `KeyObjectInfo::conforms`, judged by `verify` against
+/// the same table.
 pub(crate) fn reported_flags(
     purpose: KeyPurpose,
     id: &ObjectId,
@@ -230,7 +226,6 @@ pub(crate) fn reported_flags(
     key_attributes(purpose, id)
         .iter()
         .filter(|required| bool_value(&required.value).is_some())
-        .filter(|required| required.value.attribute_type() != AttributeType::Copyable)
         .filter_map(|required| {
             let kind = required.value.attribute_type();
             read_back
@@ -433,11 +428,10 @@ mod tests {
     #[test]
     fn reported_flags_are_the_tables_booleans() {
         let flags = reported_flags(KeyPurpose::Hmac, &id(), &conforming(KeyPurpose::Hmac));
-        assert_eq!(flags.len(), 15);
+        assert_eq!(flags.len(), 16);
         assert!(flags.contains(&("CKA_SIGN", true)));
         assert!(flags.contains(&("CKA_ENCRYPT", false)));
         assert!(flags.contains(&("CKA_LOCAL", true)));
-        // Checked, not listed (see `reported_flags`).
-        assert!(flags.iter().all(|(name, _)| *name != "CKA_COPYABLE"));
+        assert!(flags.contains(&("CKA_COPYABLE", false)));
     }
 }

@@ -22,12 +22,9 @@ impl KmsService {
                 audit.key(&pending.key_id, Some(pending.version));
                 let object = kek_object_id(&pending.kek)?;
                 let sound = match self.hsm.key_object_info(&object, KeyPurpose::Kek) {
-                    Ok(info) => {
-                        !info.value_readable
-                            && info.flags.iter().all(|(name, value)| {
-                                crate::service::reconcile::expected_flag(name) == Some(*value)
-                            })
-                    }
+                    // The HSM layer checks the object against the same attribute
+                    // table the generation template is made from.
+                    Ok(info) => !info.value_readable && info.conforms,
                     Err(HsmError::ObjectNotFound { .. }) => false,
                     Err(e) => return Err(KmsError::from(e)),
                 };
@@ -53,21 +50,4 @@ impl KmsService {
         }
         Ok(())
     }
-}
-
-/// The value a KEK's flag must have (as in the generation template).
-fn expected_flag(name: &str) -> Option<bool> {
-    Some(match name {
-        "CKA_TOKEN"
-        | "CKA_PRIVATE"
-        | "CKA_SENSITIVE"
-        | "CKA_ALWAYS_SENSITIVE"
-        | "CKA_NEVER_EXTRACTABLE"
-        | "CKA_LOCAL"
-        | "CKA_ENCRYPT"
-        | "CKA_DECRYPT" => true,
-        "CKA_EXTRACTABLE" | "CKA_MODIFIABLE" | "CKA_WRAP" | "CKA_UNWRAP" | "CKA_DERIVE"
-        | "CKA_SIGN" | "CKA_VERIFY" => false,
-        _ => return None,
-    })
 }
