@@ -6,7 +6,7 @@
 //! this module only adds what is the service's own: the configured size limit in
 //! the constructor ([`EncryptionContext::new`]) and the digest the audit log stores
 //! instead of the context ([`context_digest`]). The encoding goes into the AAD after
-//! the blob header (see [`crate::envelope`]); `kms/tests/envelope_golden.rs` pins it
+//! the blob header (see [`crate::ciphertext`]); `kms/tests/ciphertext_golden.rs` pins it
 //! to independently generated vectors.
 //!
 //! This module holds no secrets and does no cryptography besides SHA-256 for the

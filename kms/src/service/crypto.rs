@@ -1,6 +1,6 @@
 //! Encryption under HSM-resident KEKs: Encrypt, Decrypt,
-//! GenerateDataKey (with and without plaintext), ReEncrypt, GenerateRandom,
-//! and their batch forms.
+//! GenerateDataKey (with and without plaintext), ReEncrypt, GenerateRandom
+//! (batch forms: `batch.rs`).
 //!
 //! Encrypt always uses the key's primary version; Decrypt uses the version the
 //! blob names, so rotation never requires re-encryption. Decrypt and
@@ -79,7 +79,7 @@ pub enum DataKeySize {
 }
 
 impl DataKeySize {
-    fn len(self) -> Result<usize> {
+    pub(super) fn len(self) -> Result<usize> {
         match self {
             DataKeySize::Aes128 => Ok(16),
             DataKeySize::Aes256 => Ok(32),
@@ -92,7 +92,7 @@ impl DataKeySize {
 /// Random bytes drawn from the HSM in as few calls as possible and handed
 /// out in slices, each byte at most once; what is left is zeroized.
 #[derive(Default)]
-struct RandomPool {
+pub(super) struct RandomPool {
     drawn: Option<Result<(Zeroizing<Vec<u8>>, usize)>>,
 }
 
@@ -103,7 +103,7 @@ impl RandomPool {
     /// The next `len` bytes. When the pool is empty or short, draws
     /// `wanted` more (what this item and every later one could need, at
     /// most 1 MiB) with `draw`; a failed draw fails this and later takes.
-    fn take(
+    pub(super) fn take(
         &mut self,
         len: usize,
         wanted: usize,
@@ -260,7 +260,7 @@ impl KmsService {
     }
 
     /// Encrypts under `version` (the enabled primary of `record`).
-    fn encrypt_with(
+    pub(super) fn encrypt_with(
         &self,
         record: &KeyRecord,
         version: &VersionRecord,
@@ -317,7 +317,7 @@ impl KmsService {
 
     /// Decrypts a blob, authorizing `permission` on the key named inside the
     /// blob (whatever key the caller named).
-    fn decrypt_inner(
+    pub(super) fn decrypt_inner(
         &self,
         meta: &RequestMeta,
         permission: Permission,
@@ -461,175 +461,10 @@ impl KmsService {
     }
 }
 
-/// One item of BatchEncrypt.
-pub struct EncryptItem {
-    pub plaintext: Zeroizing<Vec<u8>>,
-    pub context: HashMap<String, String>,
-}
-
-impl std::fmt::Debug for EncryptItem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EncryptItem")
-            .field(
-                "plaintext",
-                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
-            )
-            .field("context_entries", &self.context.len())
-            .finish()
-    }
-}
-
-/// One item of BatchDecrypt.
-#[derive(Debug)]
-pub struct DecryptItem {
-    pub blob: Vec<u8>,
-    pub context: HashMap<String, String>,
-}
-
-/// One item of BatchGenerateDataKey.
-#[derive(Debug)]
-pub struct DataKeyItem {
-    pub size: DataKeySize,
-    pub context: HashMap<String, String>,
-}
-
-impl KmsService {
-    fn check_batch_len(&self, len: usize) -> Result<()> {
-        if len == 0 || len > self.limits.max_batch_items {
-            return Err(KmsError::invalid(
-                "entries",
-                format!("a batch holds 1 to {} entries", self.limits.max_batch_items),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Encrypts each item under the key; each item succeeds or fails alone.
-    pub fn batch_encrypt(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        items: Vec<EncryptItem>,
-    ) -> Result<Vec<Result<Encrypted>>> {
-        if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, Operation::BatchEncrypt, Some(key), |_| Err(e));
-        }
-        let record = self.resolve(key);
-        let primary = record
-            .as_ref()
-            .map_err(KmsError::same_answer)
-            .and_then(|r| self.primary_version(r));
-        self.audited_batch(
-            meta,
-            Operation::BatchEncrypt,
-            Some(key),
-            items,
-            |audit, item| {
-                let context = self.context(item.context)?;
-                audit.context_digest = Some(context_digest(&context));
-                if item.plaintext.is_empty()
-                    || item.plaintext.len() > self.limits.max_plaintext_bytes
-                {
-                    return Err(KmsError::invalid(
-                        "plaintext",
-                        format!("must be 1 to {} bytes", self.limits.max_plaintext_bytes),
-                    ));
-                }
-                let record = record.as_ref().map_err(KmsError::same_answer)?;
-                // Per item: grants may require entries of each item's own context.
-                audit.key(&record.id, None);
-                self.authorize(meta, record, Permission::Encrypt, Some(&context))?;
-                super::ensure_usable(record)?;
-                let version = primary.as_ref().map_err(KmsError::same_answer)?;
-                audit.key(&record.id, Some(version.version));
-                self.encrypt_with(record, version, &item.plaintext, &context)
-            },
-        )
-    }
-
-    /// Decrypts each item (each may name a different key); each succeeds or fails alone.
-    pub fn batch_decrypt(
-        &self,
-        meta: &RequestMeta,
-        expected_key: Option<&str>,
-        items: Vec<DecryptItem>,
-    ) -> Result<Vec<Result<Decrypted>>> {
-        if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, Operation::BatchDecrypt, expected_key, |_| Err(e));
-        }
-        self.audited_batch(
-            meta,
-            Operation::BatchDecrypt,
-            expected_key,
-            items,
-            |audit, item| {
-                self.decrypt_inner(
-                    meta,
-                    Permission::Decrypt,
-                    audit,
-                    &item.blob,
-                    item.context,
-                    expected_key,
-                )
-            },
-        )
-    }
-
-    /// Generates a data key per item under one key.
-    pub fn batch_generate_data_key(
-        &self,
-        meta: &RequestMeta,
-        key: &str,
-        items: Vec<DataKeyItem>,
-    ) -> Result<Vec<Result<DataKey>>> {
-        if let Err(e) = self.check_batch_len(items.len()) {
-            return self.audited(meta, Operation::BatchGenerateDataKey, Some(key), |_| Err(e));
-        }
-        let record = self.resolve(key);
-        let primary = record
-            .as_ref()
-            .map_err(KmsError::same_answer)
-            .and_then(|r| self.primary_version(r));
-        // Randomness for the data keys comes from one HSM call, drawn when the
-        // first item is authorized (never for a caller who may use nothing):
-        // enough for that item and every later one, each key a fresh slice.
-        let sizes: Vec<usize> = items.iter().map(|i| i.size.len().unwrap_or(0)).collect();
-        let mut pool = RandomPool::default();
-        let mut index = 0;
-        self.audited_batch(
-            meta,
-            Operation::BatchGenerateDataKey,
-            Some(key),
-            items,
-            |audit, item| {
-                let this = index;
-                index += 1;
-                let context = self.context(item.context)?;
-                audit.context_digest = Some(context_digest(&context));
-                let len = item.size.len()?;
-                let record = record.as_ref().map_err(KmsError::same_answer)?;
-                audit.key(&record.id, None);
-                self.authorize(meta, record, Permission::GenerateDataKey, Some(&context))?;
-                super::ensure_usable(record)?;
-                let version = primary.as_ref().map_err(KmsError::same_answer)?;
-                audit.key(&record.id, Some(version.version));
-                let wanted = sizes[this..].iter().sum();
-                let data_key = pool.take(len, wanted, |amount| {
-                    self.hsm.random_pool(amount).map_err(KmsError::from)
-                })?;
-                let encrypted = self.encrypt_with(record, version, &data_key, &context)?;
-                Ok(DataKey {
-                    plaintext: Some(data_key),
-                    encrypted,
-                })
-            },
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::EncryptItem;
 
     #[test]
     fn the_random_pool_hands_out_each_byte_once_and_redraws_when_short() {

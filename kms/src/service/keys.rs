@@ -1,5 +1,6 @@
 //! Key lifecycle: create, describe, list, update, enable/disable, rotation,
-//! versions, deletion scheduling, aliases. Every operation is audited.
+//! versions, deletion scheduling (aliases: `aliases.rs`). Every operation is
+//! audited.
 //!
 //! Creating a version is two-phase so that a crash at any moment loses
 //! nothing: record it pending (synced) → generate the KEK in the HSM (synced
@@ -18,6 +19,7 @@ use kms_storage::{
 };
 use parking_lot::{Mutex, MutexGuard};
 
+use super::aliases::parse_alias;
 use super::lookup::version_unusable;
 use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
@@ -119,10 +121,6 @@ fn validate_period(period: Duration) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-fn parse_alias(alias: &str) -> Result<Alias> {
-    Ok(Alias::parse(alias)?)
 }
 
 fn period_ms(period: Duration) -> u64 {
@@ -566,112 +564,6 @@ impl KmsService {
         self.change_key(meta, Operation::SetPrimaryVersion, key, |k| {
             k.primary_version = Some(version);
             Ok(())
-        })
-    }
-
-    pub fn create_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
-        self.point_alias(
-            meta,
-            Operation::CreateAlias,
-            alias,
-            key,
-            kms_storage::Catalogue::create_alias,
-        )
-    }
-
-    pub fn update_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
-        self.point_alias(
-            meta,
-            Operation::UpdateAlias,
-            alias,
-            key,
-            kms_storage::Catalogue::update_alias,
-        )
-    }
-
-    /// Creates or moves an alias (`write`) to a live key.
-    fn point_alias(
-        &self,
-        meta: &RequestMeta,
-        operation: Operation,
-        alias: &str,
-        key: &str,
-        write: fn(&kms_storage::Catalogue, &Alias, &KeyId) -> Result<(), kms_storage::StorageError>,
-    ) -> Result<AliasEntry> {
-        self.audited(meta, operation, Some(key), |audit| {
-            let alias = parse_alias(alias)?;
-            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
-            audit.key(&record.id, None);
-            // Moving an alias also takes it away from its current key: whoever
-            // may not manage that key must not redirect its callers.
-            if let Some(current) = self.storage.catalogue().get_alias(&alias)?
-                && current != record.id
-                && let Some(current) = self.storage.catalogue().get_key(&current)?
-            {
-                self.authorize(meta, &current, Permission::Manage, None)?;
-            }
-            if let KeyState::Deleted { .. } = record.state {
-                return Err(KmsError::KeyDeleted {
-                    key_id: record.id.to_string(),
-                });
-            }
-            write(self.storage.catalogue(), &alias, &record.id)?;
-            Ok(AliasEntry {
-                alias,
-                key_id: record.id,
-            })
-        })
-    }
-
-    pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
-        self.audited(meta, Operation::DeleteAlias, Some(alias), |audit| {
-            let parsed = parse_alias(alias)?;
-            match self.storage.catalogue().get_alias(&parsed)? {
-                Some(id) => {
-                    audit.key(&id, None);
-                    match self.storage.catalogue().get_key(&id)? {
-                        Some(record) => self.authorize(meta, &record, Permission::Manage, None)?,
-                        None => self.require_admin(meta, "delete aliases")?,
-                    }
-                }
-                None => self.require_admin(meta, "delete aliases")?,
-            }
-            self.storage.catalogue().delete_alias(&parsed)?;
-            Ok(())
-        })
-    }
-
-    pub fn list_aliases(
-        &self,
-        meta: &RequestMeta,
-        key: Option<&str>,
-        page_token: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<AliasEntry>> {
-        self.audited(meta, Operation::ListAliases, key, |audit| {
-            let id = match key {
-                Some(k) if !k.is_empty() => {
-                    let record = self.resolve_for(meta, audit, k, Permission::Describe)?;
-                    audit.key(&record.id, None);
-                    Some(record.id)
-                }
-                _ => {
-                    self.require_admin(meta, "list all aliases")?;
-                    None
-                }
-            };
-            let token = page_token
-                .map(|t| {
-                    Alias::parse(t).map_err(|_| {
-                        KmsError::invalid("page_token", "not a token from a previous page")
-                    })
-                })
-                .transpose()?;
-            Ok(self.storage.catalogue().list_aliases(
-                id.as_ref(),
-                token.as_ref().map(Alias::as_str),
-                limit,
-            )?)
         })
     }
 }

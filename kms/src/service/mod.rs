@@ -10,8 +10,10 @@
 //!
 //! Never logs plaintext, data keys, ciphertexts or encryption contexts.
 
+mod aliases;
 mod audit;
 mod authz;
+mod batch;
 mod crypto;
 mod keys;
 mod lookup;
@@ -31,9 +33,10 @@ use crate::error::{KmsError, Result};
 
 pub use audit::{AuditQuery, AuditVerification};
 pub use authz::EffectivePolicy;
+pub use batch::{DataKeyItem, DecryptItem, EncryptItem};
 pub use crypto::{
-    DataKey, DataKeyForm, DataKeyInput, DataKeyItem, DataKeySize, DecryptInput, DecryptItem,
-    Decrypted, EncryptInput, EncryptItem, Encrypted, ReEncryptInput, ReEncrypted,
+    DataKey, DataKeyForm, DataKeyInput, DataKeySize, DecryptInput, Decrypted, EncryptInput,
+    Encrypted, ReEncryptInput, ReEncrypted,
 };
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,

@@ -1,0 +1,122 @@
+//! Aliases (`alias/<name>` pointers to keys): create, move, delete, list.
+//! Every operation is audited; moving or deleting an alias needs the Manage
+//! permission on every key it points to before and after, so that nobody can
+//! redirect another key's callers.
+
+use kms_storage::{Alias, AliasEntry, KeyId, KeyState, Page, Permission};
+
+use super::operation::Operation;
+use super::{KmsService, RequestMeta};
+use crate::error::{KmsError, Result};
+
+pub(super) fn parse_alias(alias: &str) -> Result<Alias> {
+    Ok(Alias::parse(alias)?)
+}
+
+impl KmsService {
+    pub fn create_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
+        self.point_alias(
+            meta,
+            Operation::CreateAlias,
+            alias,
+            key,
+            kms_storage::Catalogue::create_alias,
+        )
+    }
+
+    pub fn update_alias(&self, meta: &RequestMeta, alias: &str, key: &str) -> Result<AliasEntry> {
+        self.point_alias(
+            meta,
+            Operation::UpdateAlias,
+            alias,
+            key,
+            kms_storage::Catalogue::update_alias,
+        )
+    }
+
+    /// Creates or moves an alias (`write`) to a live key.
+    fn point_alias(
+        &self,
+        meta: &RequestMeta,
+        operation: Operation,
+        alias: &str,
+        key: &str,
+        write: fn(&kms_storage::Catalogue, &Alias, &KeyId) -> Result<(), kms_storage::StorageError>,
+    ) -> Result<AliasEntry> {
+        self.audited(meta, operation, Some(key), |audit| {
+            let alias = parse_alias(alias)?;
+            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
+            audit.key(&record.id, None);
+            // Moving an alias also takes it away from its current key: whoever
+            // may not manage that key must not redirect its callers.
+            if let Some(current) = self.storage.catalogue().get_alias(&alias)?
+                && current != record.id
+                && let Some(current) = self.storage.catalogue().get_key(&current)?
+            {
+                self.authorize(meta, &current, Permission::Manage, None)?;
+            }
+            if let KeyState::Deleted { .. } = record.state {
+                return Err(KmsError::KeyDeleted {
+                    key_id: record.id.to_string(),
+                });
+            }
+            write(self.storage.catalogue(), &alias, &record.id)?;
+            Ok(AliasEntry {
+                alias,
+                key_id: record.id,
+            })
+        })
+    }
+
+    pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
+        self.audited(meta, Operation::DeleteAlias, Some(alias), |audit| {
+            let parsed = parse_alias(alias)?;
+            match self.storage.catalogue().get_alias(&parsed)? {
+                Some(id) => {
+                    audit.key(&id, None);
+                    match self.storage.catalogue().get_key(&id)? {
+                        Some(record) => self.authorize(meta, &record, Permission::Manage, None)?,
+                        None => self.require_admin(meta, "delete aliases")?,
+                    }
+                }
+                None => self.require_admin(meta, "delete aliases")?,
+            }
+            self.storage.catalogue().delete_alias(&parsed)?;
+            Ok(())
+        })
+    }
+
+    pub fn list_aliases(
+        &self,
+        meta: &RequestMeta,
+        key: Option<&str>,
+        page_token: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<AliasEntry>> {
+        self.audited(meta, Operation::ListAliases, key, |audit| {
+            let id = match key {
+                Some(k) if !k.is_empty() => {
+                    let record = self.resolve_for(meta, audit, k, Permission::Describe)?;
+                    audit.key(&record.id, None);
+                    Some(record.id)
+                }
+                _ => {
+                    self.require_admin(meta, "list all aliases")?;
+                    None
+                }
+            };
+            let token = page_token
+                .map(|t| {
+                    Alias::parse(t).map_err(|_| {
+                        KmsError::invalid("page_token", "not a token from a previous page")
+                    })
+                })
+                .transpose()?;
+            Ok(self.storage.catalogue().list_aliases(
+                id.as_ref(),
+                token.as_ref().map(Alias::as_str),
+                limit,
+            )?)
+        })
+    }
+}
