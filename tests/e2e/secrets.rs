@@ -272,6 +272,25 @@ async fn secrets_never_reach_debug_logs_stdout_the_disk_or_the_audit_export_of_a
         log.len() > 1000,
         "the server logged almost nothing at debug level: is the filter applied?"
     );
+    // Every log line about a request carries the request's span (rpc, request
+    // id, principal), which joins it to the request's audit record: here the
+    // refused decrypts (wrong context), logged once each at debug level.
+    let text = String::from_utf8_lossy(&log);
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("request refused"))
+        .collect();
+    assert!(refused.len() >= 10, "refusals not logged:\n{text}");
+    for line in &refused {
+        assert!(
+            line.contains("rpc{") && line.contains("request_id=") && line.contains("principal=dev"),
+            "a request's log line without its span: {line}"
+        );
+    }
+    assert!(
+        refused.iter().any(|line| line.contains("rpc=\"Decrypt\"")),
+        "{refused:#?}"
+    );
 
     let mut haystacks = vec![
         ("server log (debug)".to_owned(), log),
