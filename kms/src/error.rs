@@ -30,7 +30,7 @@ pub enum KmsError {
 
     /// The key has no such version.
     #[error("version {version} of key {key_id} not found")]
-    VersionNotFound { key_id: String, version: u32 },
+    VersionNotFound { key_id: KeyId, version: u32 },
 
     /// No such alias.
     #[error("alias {alias} not found")]
@@ -38,7 +38,7 @@ pub enum KmsError {
 
     /// A key with this id exists already (ids are never reused).
     #[error("key {key_id} already exists")]
-    KeyExists { key_id: String },
+    KeyExists { key_id: KeyId },
 
     /// The alias points to a key already.
     #[error("alias {alias} already exists")]
@@ -54,7 +54,7 @@ pub enum KmsError {
 
     /// The key was deleted; only its tombstone remains.
     #[error("key {key_id} is deleted")]
-    KeyDeleted { key_id: String },
+    KeyDeleted { key_id: KeyId },
 
     /// The key is in a state this build does not know.
     #[error("key {key_id} is in an unknown state")]
@@ -84,11 +84,11 @@ pub enum KmsError {
 
     /// A version state change the catalogue does not allow.
     #[error("version {version} of key {key_id} cannot make that state change")]
-    VersionTransition { key_id: String, version: u32 },
+    VersionTransition { key_id: KeyId, version: u32 },
 
     /// A key's version numbers are exhausted.
     #[error("key {key_id} has no version numbers left")]
-    VersionsExhausted { key_id: String },
+    VersionsExhausted { key_id: KeyId },
 
     /// A scheduled rotation found, under the key's lock, that someone else
     /// rotated first (the scheduler treats this as nothing to do).
@@ -315,7 +315,9 @@ impl From<StorageError> for KmsError {
                 "expected alias/<name> with 1-250 characters from [A-Za-z0-9/_-]",
             ),
             StorageError::KeyExists { id } => KmsError::KeyExists { key_id: id },
-            StorageError::KeyNotFound { id } => KmsError::KeyNotFound { key: id },
+            StorageError::KeyNotFound { id } => KmsError::KeyNotFound {
+                key: id.to_string(),
+            },
             StorageError::KeyDeleted { id } => KmsError::KeyDeleted { key_id: id },
             StorageError::AliasExists { alias } => KmsError::AliasExists { alias },
             StorageError::AliasNotFound { alias } => KmsError::AliasNotFound { alias },
@@ -366,14 +368,12 @@ mod tests {
         let key_id = KeyId::from_random([1; 16]);
         let cases = [
             (
-                KmsError::from(StorageError::KeyNotFound {
-                    id: "alias/x".into(),
-                }),
-                "key alias/x not found".to_owned(),
+                KmsError::from(StorageError::KeyNotFound { id: key_id.clone() }),
+                format!("key {key_id} not found"),
             ),
             (
                 KmsError::from(StorageError::VersionNotFound {
-                    id: key_id.to_string(),
+                    id: key_id.clone(),
                     version: 3,
                 }),
                 format!("version 3 of key {key_id} not found"),

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use crate::keys::KeyId;
+
 /// A failed call into the database engine (wrapped so that rocksdb's type stays private).
 #[derive(Debug, Clone)]
 pub struct DbError(Arc<rocksdb::Error>);
@@ -113,19 +115,19 @@ pub enum StorageError {
     #[error("key {id} already exists")]
     KeyExists {
         /// The key id.
-        id: String,
+        id: KeyId,
     },
     /// No key with this id exists.
     #[error("key {id} not found")]
     KeyNotFound {
         /// The key id.
-        id: String,
+        id: KeyId,
     },
     /// The key is a tombstone; it can no longer be changed or aliased.
     #[error("key {id} is deleted")]
     KeyDeleted {
         /// The key id.
-        id: String,
+        id: KeyId,
     },
     /// The alias already names a key (move it with `update_alias`).
     #[error("alias {alias} already exists")]
@@ -143,7 +145,7 @@ pub enum StorageError {
     #[error("version {version} of key {id} not found")]
     VersionNotFound {
         /// The key id.
-        id: String,
+        id: KeyId,
         /// The version number.
         version: u32,
     },
@@ -151,7 +153,7 @@ pub enum StorageError {
     #[error("version {version} of key {id} is not pending")]
     VersionNotPending {
         /// The key id.
-        id: String,
+        id: KeyId,
         /// The version number.
         version: u32,
     },
@@ -159,7 +161,7 @@ pub enum StorageError {
     #[error("version {version} of key {id}: invalid state change")]
     InvalidVersionTransition {
         /// The key id.
-        id: String,
+        id: KeyId,
         /// The version number.
         version: u32,
     },
@@ -173,7 +175,7 @@ pub enum StorageError {
     #[error("key {id} has no version numbers left")]
     VersionsExhausted {
         /// The key id.
-        id: String,
+        id: KeyId,
     },
     /// An audit event field exceeds what the record format can hold.
     #[error("audit field {field} is {len} bytes long; the maximum is {max}")]

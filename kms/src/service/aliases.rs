@@ -57,7 +57,7 @@ impl KmsService {
             }
             if let KeyState::Deleted { .. } = record.state {
                 return Err(KmsError::KeyDeleted {
-                    key_id: record.id.to_string(),
+                    key_id: record.id.clone(),
                 });
             }
             write(self.storage.catalogue(), &alias, &record.id)?;

@@ -253,7 +253,7 @@ impl KmsService {
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
                 return Err(KmsError::KeyDeleted {
-                    key_id: record.id.to_string(),
+                    key_id: record.id.clone(),
                 });
             }
             self.storage
@@ -492,7 +492,7 @@ impl KmsService {
             let _guard = self.key_locks.lock(&record.id);
             if let KeyState::Deleted { .. } = record.state {
                 return Err(KmsError::KeyDeleted {
-                    key_id: record.id.to_string(),
+                    key_id: record.id.clone(),
                 });
             }
             let updated = self.storage.catalogue().update_version::<KmsError>(

@@ -34,7 +34,7 @@ impl KmsService {
             .catalogue()
             .get_version(key, version)?
             .ok_or_else(|| KmsError::VersionNotFound {
-                key_id: key.to_string(),
+                key_id: key.clone(),
                 version,
             })
     }
@@ -93,9 +93,7 @@ pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(KmsError::KeyDisabled { key_id }),
         KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion { key_id }),
-        KeyState::Deleted { .. } => Err(KmsError::KeyDeleted {
-            key_id: key_id.to_string(),
-        }),
+        KeyState::Deleted { .. } => Err(KmsError::KeyDeleted { key_id }),
         _ => Err(KmsError::KeyStateUnknown { key_id }),
     }
 }

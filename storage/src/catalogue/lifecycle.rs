@@ -30,9 +30,7 @@ impl Catalogue {
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
         let _guard = self.lock();
         if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
-            return Err(StorageError::KeyExists {
-                id: new.id.to_string(),
-            });
+            return Err(StorageError::KeyExists { id: new.id.clone() });
         }
         let mut aliases = new.aliases;
         aliases.sort();
@@ -138,7 +136,7 @@ impl Catalogue {
             let ver = self.require_version(id, v)?;
             if ver.state != VersionState::Enabled {
                 return Err(StorageError::InvalidVersionTransition {
-                    id: id.to_string(),
+                    id: id.clone(),
                     version: v,
                 }
                 .into());
@@ -216,7 +214,7 @@ impl Catalogue {
         let v = key
             .latest_version
             .checked_add(1)
-            .ok_or_else(|| StorageError::VersionsExhausted { id: id.to_string() })?;
+            .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
         key.latest_version = v;
         key.updated_at_ms = now_ms;
         let version = VersionRecord {
@@ -345,7 +343,7 @@ impl Catalogue {
         };
         if bad || old.state == VersionState::Pending {
             return Err(StorageError::InvalidVersionTransition {
-                id: id.to_string(),
+                id: id.clone(),
                 version,
             }
             .into());

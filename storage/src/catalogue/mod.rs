@@ -96,7 +96,7 @@ impl Catalogue {
                 Ok(())
             } else {
                 Err(StorageError::VersionNotFound {
-                    id: id.to_string(),
+                    id: id.clone(),
                     version,
                 })
             }
@@ -106,9 +106,9 @@ impl Catalogue {
     fn require_live_key(&self, id: &KeyId) -> Result<KeyRecord, StorageError> {
         let key = self
             .get_key(id)?
-            .ok_or_else(|| StorageError::KeyNotFound { id: id.to_string() })?;
+            .ok_or_else(|| StorageError::KeyNotFound { id: id.clone() })?;
         if matches!(key.state, KeyState::Deleted { .. }) {
-            return Err(StorageError::KeyDeleted { id: id.to_string() });
+            return Err(StorageError::KeyDeleted { id: id.clone() });
         }
         Ok(key)
     }
@@ -116,7 +116,7 @@ impl Catalogue {
     fn require_version(&self, id: &KeyId, version: u32) -> Result<VersionRecord, StorageError> {
         self.get_version(id, version)?
             .ok_or_else(|| StorageError::VersionNotFound {
-                id: id.to_string(),
+                id: id.clone(),
                 version,
             })
     }
@@ -125,7 +125,7 @@ impl Catalogue {
         let ver = self.require_version(id, version)?;
         if ver.state != VersionState::Pending {
             return Err(StorageError::VersionNotPending {
-                id: id.to_string(),
+                id: id.clone(),
                 version,
             });
         }
