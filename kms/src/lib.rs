@@ -12,6 +12,7 @@
 //! kms-cli crate).
 
 pub mod auth;
+mod background;
 pub mod ciphertext;
 pub mod config;
 pub mod dev;

@@ -15,7 +15,7 @@
 //! The probe never logs secrets; it logs each change of status once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use kms_proto::v1::audit_server::AuditServer;
@@ -96,15 +96,7 @@ pub fn spawn(
         .spawn(move || {
             let mut last = first;
             loop {
-                let next = std::time::Instant::now() + interval;
-                while !stop.load(Ordering::Acquire) {
-                    let left = next.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    std::thread::park_timeout(left);
-                }
-                if stop.load(Ordering::Acquire) {
+                if crate::background::wait_or_stop(&stop, interval) {
                     return;
                 }
                 let now = service.readiness();

@@ -137,15 +137,8 @@ pub fn spawn(
                         "scheduler pass"
                     );
                 }
-                // Parked, so that whoever sets `stop` can wake it at once
-                // (unpark) and join it without waiting out the interval.
-                let next = std::time::Instant::now() + interval;
-                while !stop.load(Ordering::Acquire) {
-                    let left = next.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    std::thread::park_timeout(left);
+                if crate::background::wait_or_stop(&stop, interval) {
+                    break;
                 }
             }
         })
