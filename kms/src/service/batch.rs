@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use kms_storage::Permission;
 use zeroize::Zeroizing;
 
-use super::crypto::{DataKey, DataKeySize, Decrypted, Encrypted, RandomPool};
+use super::crypto::{DataKey, DataKeySize, Decrypted, Encrypted, RandomPool, Redacted};
 use super::operation::Operation;
 use super::{KmsService, RequestMeta};
 use crate::encryption_context::context_digest;
@@ -25,10 +25,7 @@ pub struct EncryptItem {
 impl std::fmt::Debug for EncryptItem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EncryptItem")
-            .field(
-                "plaintext",
-                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field("context_entries", &self.context.len())
             .finish()
     }

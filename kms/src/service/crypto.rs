@@ -20,6 +20,16 @@ use crate::ciphertext::{self, Algorithm, Header};
 use crate::encryption_context::{EncryptionContext, context_digest};
 use crate::error::{KmsError, Result};
 
+/// What the `Debug` of a secret byte string prints instead of it:
+/// `[REDACTED; n bytes]` (plaintext, data keys).
+pub(super) struct Redacted(pub(super) usize);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[REDACTED; {} bytes]", self.0)
+    }
+}
+
 /// The result of Encrypt.
 #[derive(Debug)]
 pub struct Encrypted {
@@ -38,10 +48,7 @@ pub struct Decrypted {
 impl std::fmt::Debug for Decrypted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decrypted")
-            .field(
-                "plaintext",
-                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field("key_id", &self.key_id)
             .field("key_version", &self.key_version)
             .finish()
@@ -60,10 +67,7 @@ impl std::fmt::Debug for DataKey {
         f.debug_struct("DataKey")
             .field(
                 "plaintext",
-                &self
-                    .plaintext
-                    .as_ref()
-                    .map(|p| format!("[REDACTED; {} bytes]", p.len())),
+                &self.plaintext.as_ref().map(|p| Redacted(p.len())),
             )
             .field("encrypted", &self.encrypted)
             .finish()
@@ -144,10 +148,7 @@ impl std::fmt::Debug for EncryptInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EncryptInput")
             .field("key", &self.key)
-            .field(
-                "plaintext",
-                &format_args!("[REDACTED; {} bytes]", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field("context_entries", &self.context.len())
             .finish()
     }
