@@ -2,6 +2,7 @@ mod audit;
 mod authz;
 mod bad_input;
 mod cli;
+mod contracts;
 mod crash;
 mod crypto;
 mod envelope;

@@ -9,7 +9,39 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{audit_event, micros_of};
 use super::{Rpc, page_size, page_token};
+use crate::error::KmsError;
 use crate::service::{AuditQuery, KmsService, Operation, operation};
+
+/// ListAuditEventsRequest as a query.
+///
+/// # Errors
+/// INVALID_ARGUMENT for an unknown operation, a page token not from a
+/// previous page, a negative page size or a malformed time.
+fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError> {
+    let operation = match pb::Operation::try_from(req.operation) {
+        Ok(pb::Operation::Unspecified) => None,
+        Ok(op) => Some(operation::name(op).to_owned()),
+        Err(_) => return Err(KmsError::invalid("operation", "not a known operation")),
+    };
+    let after = match page_token(&req.page_token) {
+        None => None,
+        Some(t) => Some(
+            t.parse::<u64>()
+                .map_err(|_| KmsError::invalid("page_token", "not a token from a previous page"))?,
+        ),
+    };
+    Ok(AuditQuery {
+        filter: AuditFilter {
+            from_micros: req.start_time.as_ref().map(micros_of).transpose()?,
+            to_micros: req.end_time.as_ref().map(micros_of).transpose()?,
+            key_id: page_token(&req.key_id).map(str::to_owned),
+            principal: page_token(&req.principal).map(str::to_owned),
+            operation,
+        },
+        after,
+        limit: page_size(req.page_size)?,
+    })
+}
 
 /// The Audit service.
 #[derive(Debug, Clone)]
@@ -31,28 +63,8 @@ impl Audit for AuditApi {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let rpc = Rpc::start(Operation::ListAuditEvents, &request)?;
         let req = request.into_inner();
-        let operation = match pb::Operation::try_from(req.operation) {
-            Ok(pb::Operation::Unspecified) => None,
-            Ok(op) => Some(operation::name(op).to_owned()),
-            Err(_) => return Err(Status::invalid_argument("invalid operation")),
-        };
-        let after = match page_token(&req.page_token) {
-            None => None,
-            Some(t) => Some(t.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("invalid page_token: not a token from a previous page")
-            })?),
-        };
-        let query = AuditQuery {
-            filter: AuditFilter {
-                from_micros: req.start_time.as_ref().map(micros_of).transpose()?,
-                to_micros: req.end_time.as_ref().map(micros_of).transpose()?,
-                key_id: page_token(&req.key_id).map(str::to_owned),
-                principal: page_token(&req.principal).map(str::to_owned),
-                operation,
-            },
-            after,
-            limit: page_size(req.page_size)?,
-        };
+        let converted = audit_query(&req);
+        let query = rpc.valid(&self.service, &req.key_id, converted).await?;
         let page = rpc
             .blocking(&self.service, move |s, m| s.list_audit_events(m, &query))
             .await?;

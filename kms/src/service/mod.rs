@@ -40,6 +40,7 @@ pub use crypto::{
 };
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
+    RotationPolicyInput,
 };
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
