@@ -90,6 +90,27 @@ pub enum KmsError {
     #[error("key {key_id} has no version numbers left")]
     VersionsExhausted { key_id: KeyId },
 
+    /// The key has a version being created (a rotation in progress, or one
+    /// a crash interrupted): it cannot be scheduled for deletion until that
+    /// version is committed or discarded. Retry.
+    #[error("version {version} of key {key_id} is being created; retry")]
+    VersionBeingCreated { key_id: KeyId, version: u32 },
+
+    /// Encrypt-side use of a key version that has reached the configured
+    /// hard limit of AES-GCM invocations (`rotation.gcm_invocation_hard_limit`,
+    /// below the 2^32 that NIST SP 800-38D §8.3 allows with random 96-bit
+    /// IVs). Decryption with the version still works; encryption needs a
+    /// new primary version (rotation, automatic at the soft limit).
+    #[error(
+        "version {version} of key {key_id} has reached its limit of {limit} AES-GCM encryptions (NIST SP 800-38D); rotate the key"
+    )]
+    GcmInvocationLimit {
+        key_id: KeyId,
+        version: u32,
+        /// The configured hard limit, invocations.
+        limit: u64,
+    },
+
     /// A scheduled rotation found, under the key's lock, that someone else
     /// rotated first (the scheduler treats this as nothing to do).
     #[error("rotation no longer due")]
@@ -166,6 +187,8 @@ impl KmsError {
             | KmsError::PrimaryVersionDisable { .. }
             | KmsError::VersionTransition { .. }
             | KmsError::VersionsExhausted { .. }
+            | KmsError::VersionBeingCreated { .. }
+            | KmsError::GcmInvocationLimit { .. }
             | KmsError::RotationNotDue => ResultCode::FailedPrecondition,
             KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
                 ResultCode::Unavailable
@@ -247,6 +270,19 @@ impl KmsError {
             },
             KmsError::VersionsExhausted { key_id } => KmsError::VersionsExhausted {
                 key_id: key_id.clone(),
+            },
+            KmsError::VersionBeingCreated { key_id, version } => KmsError::VersionBeingCreated {
+                key_id: key_id.clone(),
+                version: *version,
+            },
+            KmsError::GcmInvocationLimit {
+                key_id,
+                version,
+                limit,
+            } => KmsError::GcmInvocationLimit {
+                key_id: key_id.clone(),
+                version: *version,
+                limit: *limit,
             },
             KmsError::RotationNotDue => KmsError::RotationNotDue,
             KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
@@ -330,6 +366,17 @@ impl From<StorageError> for KmsError {
                 version,
             },
             StorageError::VersionsExhausted { id } => KmsError::VersionsExhausted { key_id: id },
+            // The catalogue's own invariant refusals (the service checks
+            // first; these answer a caller the same way if it did not).
+            StorageError::PrimaryNotEnabled { id, version } => KmsError::PrimaryVersionDisable {
+                key_id: id,
+                version,
+            },
+            StorageError::KeyPendingDeletion { id } => KmsError::KeyPendingDeletion { key_id: id },
+            StorageError::VersionBeingCreated { id, version } => KmsError::VersionBeingCreated {
+                key_id: id,
+                version,
+            },
             e @ (StorageError::AuditPoisoned
             | StorageError::AuditWrite { .. }
             | StorageError::AuditClosed) => KmsError::AuditUnavailable { source: Some(e) },

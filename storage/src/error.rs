@@ -165,6 +165,44 @@ pub enum StorageError {
         /// The version number.
         version: u32,
     },
+    /// A write would leave the key's primary version in a state other than
+    /// `Enabled` (disabling, scheduling or destroying the primary, or naming
+    /// a version that is not enabled as primary). Catalogue invariant.
+    #[error("version {version} of key {id} is the primary version and must stay enabled")]
+    PrimaryNotEnabled {
+        /// The key id.
+        id: KeyId,
+        /// The primary version's number.
+        version: u32,
+    },
+    /// The key is pending deletion: it gets no new version and its primary
+    /// version does not change. Catalogue invariant.
+    #[error("key {id} is pending deletion; its versions and primary cannot change")]
+    KeyPendingDeletion {
+        /// The key id.
+        id: KeyId,
+    },
+    /// The key has a version being created (pending): it cannot be scheduled
+    /// for deletion until that version is committed or discarded, or a key
+    /// pending deletion would get a new version. Catalogue invariant.
+    #[error("version {version} of key {id} is being created")]
+    VersionBeingCreated {
+        /// The key id.
+        id: KeyId,
+        /// The pending version's number.
+        version: u32,
+    },
+    /// A version record already exists at the number the catalogue was about
+    /// to allocate (version numbers are never reused): the key record's
+    /// `latest_version` is behind its versions, which only a damaged
+    /// database can cause.
+    #[error("version {version} of key {id} already exists")]
+    VersionExists {
+        /// The key id.
+        id: KeyId,
+        /// The version number.
+        version: u32,
+    },
     /// An update closure tried to change a field that is fixed at creation.
     #[error("field {field} cannot be changed")]
     ImmutableField {

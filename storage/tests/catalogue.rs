@@ -172,6 +172,9 @@ fn version_state_transitions() {
     let s = open(dir.path());
     let c = s.catalogue();
     let id = create(&s, 4, &[]);
+    // Version 1 must stop being the primary before it can leave Enabled.
+    c.add_pending_version(&id, 9, |v| kek(&id, v)).unwrap();
+    c.commit_version(&id, 2, 9).unwrap();
     let v = c
         .set_version_state(&id, 1, VersionState::Disabled, 10)
         .unwrap();
@@ -187,7 +190,7 @@ fn version_state_transitions() {
     ));
     c.add_pending_version(&id, 12, |v| kek(&id, v)).unwrap();
     assert!(matches!(
-        c.set_version_state(&id, 2, VersionState::Enabled, 13),
+        c.set_version_state(&id, 3, VersionState::Enabled, 13),
         Err(StorageError::InvalidVersionTransition { .. })
     ));
     // Destroyed is final.
@@ -205,7 +208,7 @@ fn version_state_transitions() {
         Err(StorageError::InvalidVersionTransition { .. })
     ));
     // The KEK handle is fixed.
-    let r = c.update_version(&id, 2, 16, |v| {
+    let r = c.update_version(&id, 3, 16, |v| {
         v.kek = kek(&id, 7);
         Ok::<_, StorageError>(())
     });
@@ -355,7 +358,7 @@ fn update_key_is_read_modify_write() {
     let k = c
         .update_key(&id, 7_000, |k| {
             k.description = "new".into();
-            k.state = KeyState::PendingDeletion { delete_at_ms: 99 };
+            k.state = KeyState::Disabled;
             Ok::<_, AppError>(())
         })
         .unwrap();
@@ -583,6 +586,9 @@ fn cached_records_never_outlive_a_committed_write() {
     let s = open(dir.path());
     let c = s.catalogue();
     let id = create(&s, 30, &[]);
+    // Version 2 is the primary, so version 1 may toggle (the primary stays enabled).
+    c.add_pending_version(&id, 1_002, |v| kek(&id, v)).unwrap();
+    c.commit_version(&id, 2, 1_003).unwrap();
     let set_description = |n: u64| {
         c.update_key(&id, 10_000 + n, |k| {
             k.description = n.to_string();

@@ -6,6 +6,7 @@ mod catalogue;
 mod catalogue_fixture;
 mod crash;
 mod golden;
+mod invariants;
 
 use std::path::Path;
 

@@ -9,6 +9,7 @@ mod envelope;
 mod faults;
 mod health;
 mod keys;
+mod lifecycle_races;
 mod reflection;
 mod restart;
 mod secrets;

@@ -2,6 +2,13 @@
 //! versions, deletion scheduling (aliases: `aliases.rs`). Every operation is
 //! audited.
 //!
+//! Every key and version state change takes the key's lock and validates
+//! against the key and version records read *under* that lock (never a
+//! record read before it: a racing change would slip between), and the
+//! catalogue itself refuses a write that breaks a lifecycle invariant
+//! (primary always enabled; no new version or primary for a key pending
+//! deletion; version numbers never reused), whoever asks.
+//!
 //! Creating a version is two-phase so that a crash at any moment loses
 //! nothing: record it pending (synced) → generate the KEK in the HSM (synced
 //! to disk, confirmed from a fresh session) → mark it enabled and primary
@@ -26,7 +33,9 @@ use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
 use crate::error::{KmsError, Result};
 
 /// Serializes lifecycle changes of one key (rotation against disable, two
-/// concurrent rotations) without a global lock: 64 stripes by key id.
+/// concurrent rotations) without a global lock: 64 stripes by key id. Not
+/// reentrant: take it once per operation, and validate against what is
+/// read after taking it.
 #[derive(Debug)]
 pub(crate) struct KeyLocks {
     stripes: Vec<Mutex<()>>,
@@ -155,6 +164,9 @@ impl KmsService {
             let now = now_ms();
             let id = KeyId::from_random(random_id_bytes()?);
             audit.key(&id, Some(1));
+            // Held from the first write: nothing changes the key while its
+            // first version is pending.
+            let _guard = self.key_locks.lock(&id);
             let (rotation, next_rotation_at_ms) = match period {
                 Some(p) => (
                     RotationPolicy::Every {
@@ -179,7 +191,6 @@ impl KmsService {
                 new_kek_handle(&id, 1),
                 now,
             )?;
-            let _guard = self.key_locks.lock(&id);
             if let Err(e) = self.make_kek(&version) {
                 // The key never became usable: leave a tombstone so its id is
                 // never reused, and report the HSM failure.
@@ -249,7 +260,26 @@ impl KmsService {
         })
     }
 
+    /// The key record as it is now, read under the key's lock (the caller
+    /// holds it): what a state change must validate against.
+    fn locked_record(&self, id: &KeyId) -> Result<KeyRecord> {
+        let record =
+            self.storage
+                .catalogue()
+                .get_key(id)?
+                .ok_or_else(|| KmsError::KeyNotFound {
+                    key: id.to_string(),
+                })?;
+        if let KeyState::Deleted { .. } = record.state {
+            return Err(KmsError::KeyDeleted { key_id: record.id });
+        }
+        Ok(record)
+    }
+
     /// Applies `change` to a live key under its lock, audited as `operation`.
+    /// `change` sees the record read under the lock (and under the
+    /// catalogue's write lock), and the catalogue checks the result against
+    /// its invariants.
     fn change_key(
         &self,
         meta: &RequestMeta,
@@ -258,14 +288,10 @@ impl KmsService {
         change: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
+            let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
+            let _guard = self.key_locks.lock(&resolved.id);
+            let record = self.locked_record(&resolved.id)?;
             audit.key(&record.id, record.primary_version);
-            let _guard = self.key_locks.lock(&record.id);
-            if let KeyState::Deleted { .. } = record.state {
-                return Err(KmsError::KeyDeleted {
-                    key_id: record.id.clone(),
-                });
-            }
             self.storage
                 .catalogue()
                 .update_key::<KmsError>(&record.id, now_ms(), change)?;
@@ -425,7 +451,18 @@ impl KmsService {
             let _ = catalogue.discard_version(id, pending.version, now_ms());
             return Err(e);
         }
-        let (_, committed) = catalogue.commit_version(id, pending.version, now_ms())?;
+        let committed = match catalogue.commit_version(id, pending.version, now_ms()) {
+            Ok((_, committed)) => committed,
+            Err(e) => {
+                // Refused (the catalogue's invariants) or failed: the version
+                // must not stay pending with a KEK nobody will use.
+                if let Ok(object) = kek_object_id(&pending.kek) {
+                    let _ = self.hsm.destroy_key(&object);
+                }
+                let _ = catalogue.discard_version(id, pending.version, now_ms());
+                return Err(e.into());
+            }
+        };
         // The next scheduled rotation counts from now, whatever caused this one.
         if let RotationPolicy::Every { period_secs } = record.rotation {
             let next = due_at
@@ -531,6 +568,10 @@ impl KmsService {
         })
     }
 
+    /// Applies `change` to a version of a live key under the key's lock.
+    /// `change` validates against the key record read under the lock (a
+    /// record read before it could name an old primary: issue 13), and the
+    /// catalogue re-checks that the primary stays enabled.
     fn change_version(
         &self,
         meta: &RequestMeta,
@@ -540,14 +581,10 @@ impl KmsService {
         change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
     ) -> Result<VersionRecord> {
         self.audited(meta, operation, Some(key), |audit| {
-            let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
-            audit.key(&record.id, Some(version));
-            let _guard = self.key_locks.lock(&record.id);
-            if let KeyState::Deleted { .. } = record.state {
-                return Err(KmsError::KeyDeleted {
-                    key_id: record.id.clone(),
-                });
-            }
+            let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
+            audit.key(&resolved.id, Some(version));
+            let _guard = self.key_locks.lock(&resolved.id);
+            let record = self.locked_record(&resolved.id)?;
             let updated = self.storage.catalogue().update_version::<KmsError>(
                 &record.id,
                 version,
@@ -608,6 +645,12 @@ impl KmsService {
         )
     }
 
+    /// Makes an enabled version the primary one.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION if the key is pending deletion (its primary is
+    /// frozen) or the version is not enabled; NOT_FOUND for a version that
+    /// does not exist; the errors of [`KmsService::change_key`].
     pub fn set_primary_version(
         &self,
         meta: &RequestMeta,
@@ -615,6 +658,15 @@ impl KmsService {
         version: u32,
     ) -> Result<KeyView> {
         self.change_key(meta, Operation::SetPrimaryVersion, key, |k| {
+            if let KeyState::PendingDeletion { .. } = k.state {
+                return Err(KmsError::KeyPendingDeletion {
+                    key_id: k.id.clone(),
+                });
+            }
+            let target = self.version(&k.id, version)?;
+            if target.state != VersionState::Enabled {
+                return Err(version_unusable(&target));
+            }
             k.primary_version = Some(version);
             Ok(())
         })

@@ -2,11 +2,13 @@
 //!
 //! A pending version was recorded (synced) before its KEK was generated. If
 //! the HSM holds the KEK with the right attributes, creation finishes (the
-//! version becomes enabled and primary); otherwise the version is discarded.
+//! version becomes enabled and primary); otherwise, or if the key is pending
+//! deletion (it gets no new version), the version is discarded.
 //! A key whose very first version is discarded never became usable and is
 //! turned into a tombstone. Nothing here was ever acknowledged to a client.
 
 use kms_hsm::{HsmError, KeyPurpose};
+use kms_storage::KeyState;
 
 use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, now_ms};
@@ -28,7 +30,13 @@ impl KmsService {
                     Err(HsmError::ObjectNotFound { .. }) => false,
                     Err(e) => return Err(KmsError::from(e)),
                 };
-                if sound {
+                // A key pending deletion gets no new version (a catalogue
+                // invariant): its interrupted version is discarded instead.
+                let frozen = matches!(
+                    catalogue.get_key(&pending.key_id)?.map(|k| k.state),
+                    Some(KeyState::PendingDeletion { .. })
+                );
+                if sound && !frozen {
                     catalogue.commit_version(&pending.key_id, pending.version, now_ms())?;
                     tracing::info!(key_id = %pending.key_id, version = pending.version, "completed a key version interrupted by a crash");
                     return Ok(());

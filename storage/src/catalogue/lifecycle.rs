@@ -3,7 +3,15 @@
 //! discarded), state changes and the final tombstone.
 //!
 //! Each is one synced write under the catalogue lock, and checks the
-//! transition against the state it read under that lock.
+//! transition against the state it read under that lock. Whatever the caller
+//! asks, no write here breaks these invariants:
+//!
+//! - a key's primary version is an `Enabled` version (it cannot be disabled,
+//!   scheduled for destruction or destroyed while primary);
+//! - a key pending deletion (or deleted) gets no new version and no primary
+//!   change, and a key with a version being created cannot be scheduled for
+//!   deletion (that version would arrive after the schedule);
+//! - version numbers are allocated once, in order, and never reused.
 
 use rocksdb::WriteBatch;
 
@@ -21,13 +29,25 @@ impl Catalogue {
     ///
     /// [`StorageError::KeyExists`] if the id was ever used;
     /// [`StorageError::AliasExists`] if one of the aliases names a key already;
-    /// [`StorageError::Db`] if RocksDB fails. Nothing is written on error.
+    /// [`StorageError::KeyPendingDeletion`] or [`StorageError::ImmutableField`]
+    /// (`state`) for a new key that is pending deletion or deleted (it would
+    /// get a version); [`StorageError::Db`] if RocksDB fails. Nothing is
+    /// written on error.
     pub fn create_key(
         &self,
         new: NewKey,
         first_kek: KekHandle,
         now_ms: u64,
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
+        match new.state {
+            KeyState::PendingDeletion { .. } => {
+                return Err(StorageError::KeyPendingDeletion { id: new.id });
+            }
+            KeyState::Deleted { .. } => {
+                return Err(StorageError::ImmutableField { field: "state" });
+            }
+            _ => {}
+        }
         let _guard = self.lock();
         if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
             return Err(StorageError::KeyExists { id: new.id.clone() });
@@ -87,7 +107,9 @@ impl Catalogue {
     /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
     /// change by returning an error (nothing is written). The id, creation time
     /// and `latest_version` cannot change; a new `primary_version` must name an
-    /// enabled version. Tombstones cannot be updated. Returns the new record.
+    /// enabled version, and cannot be set on a key pending deletion (before or
+    /// after `f`); a key with a version being created cannot become pending
+    /// deletion. Tombstones cannot be updated. Returns the new record.
     ///
     /// # Errors
     ///
@@ -95,8 +117,13 @@ impl Catalogue {
     /// [`StorageError::KeyDeleted`]; [`StorageError::ImmutableField`] if `f`
     /// changed a fixed field (or set the state to `Deleted`: use
     /// [`Catalogue::finalize_key_deletion`]); [`StorageError::VersionNotFound`] or
-    /// [`StorageError::InvalidVersionTransition`] for a primary version that is
-    /// not an enabled version; [`StorageError::Db`] if RocksDB fails.
+    /// [`StorageError::InvalidVersionTransition`] for a new primary version that
+    /// is not an enabled version; [`StorageError::PrimaryNotEnabled`] if the
+    /// unchanged primary is not enabled (a damaged record);
+    /// [`StorageError::KeyPendingDeletion`] for a primary change of a key
+    /// pending deletion; [`StorageError::VersionBeingCreated`] for scheduling
+    /// the deletion of a key with a pending version; [`StorageError::Db`] if
+    /// RocksDB fails.
     pub fn update_key<E: From<StorageError>>(
         &self,
         id: &KeyId,
@@ -126,6 +153,7 @@ impl Catalogue {
             // Tombstoning must also destroy versions and drop aliases.
             return Err(StorageError::ImmutableField { field: "state" }.into());
         }
+        let pending_deletion = |k: &KeyRecord| matches!(k.state, KeyState::PendingDeletion { .. });
         if new.primary_version != old.primary_version {
             let Some(v) = new.primary_version else {
                 return Err(StorageError::ImmutableField {
@@ -133,6 +161,9 @@ impl Catalogue {
                 }
                 .into());
             };
+            if pending_deletion(&old) || pending_deletion(&new) {
+                return Err(StorageError::KeyPendingDeletion { id: id.clone() }.into());
+            }
             let ver = self.require_version(id, v)?;
             if ver.state != VersionState::Enabled {
                 return Err(StorageError::InvalidVersionTransition {
@@ -141,6 +172,18 @@ impl Catalogue {
                 }
                 .into());
             }
+        } else {
+            self.require_enabled_primary(&new)?;
+        }
+        if pending_deletion(&new)
+            && !pending_deletion(&old)
+            && let Some(version) = self.pending_version_of(id)?
+        {
+            return Err(StorageError::VersionBeingCreated {
+                id: id.clone(),
+                version,
+            }
+            .into());
         }
         new.updated_at_ms = now_ms;
         let mut batch = WriteBatch::default();
@@ -201,7 +244,10 @@ impl Catalogue {
     /// # Errors
     ///
     /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::KeyPendingDeletion`] for a key pending deletion;
     /// [`StorageError::VersionsExhausted`] after `u32::MAX` versions;
+    /// [`StorageError::VersionExists`] if a record already holds the next
+    /// number (a damaged database: numbers are never reused);
     /// [`StorageError::Db`] if RocksDB fails.
     pub fn add_pending_version(
         &self,
@@ -211,10 +257,19 @@ impl Catalogue {
     ) -> Result<VersionRecord, StorageError> {
         let _guard = self.lock();
         let mut key = self.require_live_key(id)?;
+        if matches!(key.state, KeyState::PendingDeletion { .. }) {
+            return Err(StorageError::KeyPendingDeletion { id: id.clone() });
+        }
         let v = key
             .latest_version
             .checked_add(1)
             .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
+        if self.get_version(id, v)?.is_some() {
+            return Err(StorageError::VersionExists {
+                id: id.clone(),
+                version: v,
+            });
+        }
         key.latest_version = v;
         key.updated_at_ms = now_ms;
         let version = VersionRecord {
@@ -244,6 +299,8 @@ impl Catalogue {
     /// # Errors
     ///
     /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::KeyPendingDeletion`] for a key pending deletion (its
+    /// primary cannot change: discard the version instead);
     /// [`StorageError::VersionNotFound`]; [`StorageError::VersionNotPending`] if
     /// the version was already committed or discarded; [`StorageError::Db`] if
     /// RocksDB fails.
@@ -255,6 +312,9 @@ impl Catalogue {
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
         let _guard = self.lock();
         let mut key = self.require_live_key(id)?;
+        if matches!(key.state, KeyState::PendingDeletion { .. }) {
+            return Err(StorageError::KeyPendingDeletion { id: id.clone() });
+        }
         let mut ver = self.require_pending(id, version)?;
         ver.state = VersionState::Enabled;
         ver.updated_at_ms = now_ms;
@@ -302,7 +362,9 @@ impl Catalogue {
 
     /// Read-modify-write of a version under the catalogue lock. The key id,
     /// number, KEK handle and creation time cannot change; pending versions
-    /// change only through commit/discard; `Destroyed` is final.
+    /// change only through commit/discard; `Destroyed` is final; the key's
+    /// primary version stays `Enabled` (checked against the key record read
+    /// under the same lock).
     ///
     /// # Errors
     ///
@@ -311,7 +373,8 @@ impl Catalogue {
     /// [`StorageError::ImmutableField`] if `f` changed a fixed field;
     /// [`StorageError::InvalidVersionTransition`] for a pending version or a
     /// move into or out of `Pending` or out of `Destroyed`;
-    /// [`StorageError::Db`] if RocksDB fails.
+    /// [`StorageError::PrimaryNotEnabled`] for the primary version leaving
+    /// `Enabled`; [`StorageError::Db`] if RocksDB fails.
     pub fn update_version<E: From<StorageError>>(
         &self,
         id: &KeyId,
@@ -320,7 +383,7 @@ impl Catalogue {
         f: impl FnOnce(&mut VersionRecord) -> Result<(), E>,
     ) -> Result<VersionRecord, E> {
         let _guard = self.lock();
-        self.require_live_key(id)?;
+        let key = self.require_live_key(id)?;
         let old = self.require_version(id, version)?;
         let mut new = old.clone();
         f(&mut new)?;
@@ -343,6 +406,13 @@ impl Catalogue {
         };
         if bad || old.state == VersionState::Pending {
             return Err(StorageError::InvalidVersionTransition {
+                id: id.clone(),
+                version,
+            }
+            .into());
+        }
+        if key.primary_version == Some(version) && new.state != VersionState::Enabled {
+            return Err(StorageError::PrimaryNotEnabled {
                 id: id.clone(),
                 version,
             }

@@ -8,6 +8,11 @@
 //!
 //! Never stores key material: versions record where their KEK lives, not the KEK.
 //!
+//! The catalogue refuses any write that would break an invariant of the key
+//! lifecycle, whoever asks (see `lifecycle`): a key's primary version is
+//! always `Enabled`; a key pending deletion (or deleted) gets no new version
+//! and no primary change; version numbers are never reused.
+//!
 //! This file holds the catalogue's plumbing (lock, commit, cache, scans);
 //! `lifecycle` its writes, `reads` its reads and `aliases` the alias index.
 
@@ -20,7 +25,7 @@ use crate::error::StorageError;
 use crate::gcm_counter::GcmCounters;
 use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState};
 use crate::record_cache::{Generation, RecordCache};
-use crate::schema::{self, CF_KEYS, CF_VERSIONS, encode_record};
+use crate::schema::{self, CF_KEYS, CF_PENDING, CF_VERSIONS, encode_record};
 
 mod aliases;
 mod lifecycle;
@@ -130,6 +135,31 @@ impl Catalogue {
             });
         }
         Ok(ver)
+    }
+
+    /// The number of a version of `id` being created (pending), if any.
+    fn pending_version_of(&self, id: &KeyId) -> Result<Option<u32>, StorageError> {
+        let mut found = None;
+        self.scan(CF_PENDING, id.as_str().as_bytes(), None, |k, _| {
+            found = schema::decode_version_key(k).map(|(_, v)| v);
+            Ok(false)
+        })?;
+        Ok(found)
+    }
+
+    /// Refuses a key record whose primary version is not an `Enabled`
+    /// version (the first invariant of the catalogue).
+    fn require_enabled_primary(&self, key: &KeyRecord) -> Result<(), StorageError> {
+        let Some(v) = key.primary_version else {
+            return Ok(());
+        };
+        if self.require_version(&key.id, v)?.state != VersionState::Enabled {
+            return Err(StorageError::PrimaryNotEnabled {
+                id: key.id.clone(),
+                version: v,
+            });
+        }
+        Ok(())
     }
 
     fn put_key(&self, batch: &mut WriteBatch, key: &KeyRecord) -> Result<(), StorageError> {
