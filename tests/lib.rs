@@ -67,6 +67,7 @@ impl TestEnv {
             rotation: RotationSettings {
                 default_period: None,
                 gcm_invocation_limit: kms::config::DEFAULT_GCM_INVOCATION_LIMIT,
+                gcm_invocation_hard_limit: kms::config::DEFAULT_GCM_INVOCATION_HARD_LIMIT,
                 scheduler_interval: Duration::from_secs(3600),
             },
             auth: AuthSettings::local_development("anonymous"),

@@ -184,6 +184,7 @@ pub fn dev_config(
         rotation: RotationSettings {
             default_period: None,
             gcm_invocation_limit: crate::config::DEFAULT_GCM_INVOCATION_LIMIT,
+            gcm_invocation_hard_limit: crate::config::DEFAULT_GCM_INVOCATION_HARD_LIMIT,
             scheduler_interval: std::time::Duration::from_secs(60),
         },
         // Loopback only (checked above), so the local user is trusted.

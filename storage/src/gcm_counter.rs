@@ -8,6 +8,10 @@
 //! resumes from the reservation, so it can over-count by at most one block per
 //! version per restart, and can never go backwards or under-count: the safe
 //! direction for the NIST SP 800-38D random-IV limit the service enforces.
+//!
+//! A limit given to [`GcmCounters::add`] is checked under the same mutex as
+//! the count, so concurrent encryptions can never together pass it: an
+//! invocation that would is refused and not counted.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,15 +63,17 @@ impl GcmCounters {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds `n` invocations and returns the running total. `exists` is called
+    /// Adds `n` invocations and returns the running total, or `None` (and
+    /// counts nothing) if the total would pass `limit`. `exists` is called
     /// once per version per process, before its first count.
     pub(crate) fn add(
         &self,
         db: &Db,
         key: &[u8],
         n: u64,
+        limit: u64,
         exists: impl FnOnce() -> Result<(), StorageError>,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<Option<u64>, StorageError> {
         let mut leases = self.lock();
         let lease = match leases.get(key) {
             Some(l) => *l,
@@ -81,6 +87,11 @@ impl GcmCounters {
             }
         };
         let used = lease.used.saturating_add(n);
+        if used > limit {
+            // Remember what was read, so the next call does not re-read it.
+            leases.insert(key.to_vec(), lease);
+            return Ok(None);
+        }
         let mut reserved = lease.reserved;
         if used > reserved {
             reserved = used.saturating_add(self.block);
@@ -89,7 +100,7 @@ impl GcmCounters {
             db.write_synced(batch)?;
         }
         leases.insert(key.to_vec(), Lease { used, reserved });
-        Ok(used)
+        Ok(Some(used))
     }
 
     /// The current count: the in-memory total if this process has counted,

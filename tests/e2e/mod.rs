@@ -7,6 +7,7 @@ mod crash;
 mod crypto;
 mod envelope;
 mod faults;
+mod gcm_limit;
 mod health;
 mod keys;
 mod lifecycle_races;

@@ -111,6 +111,7 @@ struct RawAudit {
 struct RawRotation {
     default_period_days: Option<u32>,
     gcm_invocation_limit: Option<u64>,
+    gcm_invocation_hard_limit: Option<u64>,
     scheduler_interval_secs: Option<u64>,
 }
 
@@ -152,9 +153,19 @@ pub struct AuditSettings {
 pub struct RotationSettings {
     /// Period given to new keys that do not name one (None = no automatic rotation).
     pub default_period: Option<Duration>,
-    /// A version is rotated automatically once it has done this many AES-GCM
-    /// encryptions with random IVs (NIST SP 800-38D §8.3 caps it at 2^32).
+    /// The soft limit (`rotation.gcm_invocation_limit`): a version is rotated
+    /// automatically (by the scheduler) once it has done this many AES-GCM
+    /// encryptions with random IVs. At most `gcm_invocation_hard_limit`.
     pub gcm_invocation_limit: u64,
+    /// The hard limit (`rotation.gcm_invocation_hard_limit`): encrypt-side
+    /// use of a version (Encrypt, GenerateDataKey, ReEncrypt's destination,
+    /// the batch forms) that would make it pass this many AES-GCM
+    /// encryptions is refused with FAILED_PRECONDITION
+    /// ([`crate::error::KmsError::GcmInvocationLimit`]), whether or not the
+    /// rotation at the soft limit happened. Below 2^32, the bound NIST SP
+    /// 800-38D §8.3 sets for random 96-bit IVs; counts only ever over-count
+    /// (by at most one reservation block per restart), never under-count.
+    pub gcm_invocation_hard_limit: u64,
     pub scheduler_interval: Duration,
 }
 
@@ -176,6 +187,12 @@ pub const DEFAULT_MAX_CONTEXT: usize = 8192;
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// Far below 2^32 so that rotation happens with a wide margin.
 pub const DEFAULT_GCM_INVOCATION_LIMIT: u64 = 1 << 30;
+/// 3 × 2^30: two soft limits' worth of encryptions after rotation is due
+/// (time for an operator to mend a failing scheduler), and still 2^30
+/// below the NIST SP 800-38D §8.3 bound of 2^32.
+pub const DEFAULT_GCM_INVOCATION_HARD_LIMIT: u64 = 3 << 30;
+/// The largest hard limit accepted: below 2^32 (NIST SP 800-38D §8.3).
+pub const MAX_GCM_INVOCATION_HARD_LIMIT: u64 = (1 << 32) - 1;
 
 impl Config {
     /// Reads and validates a TOML configuration file.
@@ -351,13 +368,22 @@ impl Config {
                 ));
             }
         };
+        let gcm_invocation_hard_limit = rotation
+            .gcm_invocation_hard_limit
+            .unwrap_or(DEFAULT_GCM_INVOCATION_HARD_LIMIT);
+        if !(1..=MAX_GCM_INVOCATION_HARD_LIMIT).contains(&gcm_invocation_hard_limit) {
+            return Err(invalid(
+                "rotation.gcm_invocation_hard_limit",
+                "must be 1 to 2^32 - 1 (NIST SP 800-38D)",
+            ));
+        }
         let gcm_invocation_limit = rotation
             .gcm_invocation_limit
-            .unwrap_or(DEFAULT_GCM_INVOCATION_LIMIT);
-        if gcm_invocation_limit == 0 || gcm_invocation_limit > 1 << 32 {
+            .unwrap_or_else(|| DEFAULT_GCM_INVOCATION_LIMIT.min(gcm_invocation_hard_limit));
+        if gcm_invocation_limit == 0 || gcm_invocation_limit > gcm_invocation_hard_limit {
             return Err(invalid(
                 "rotation.gcm_invocation_limit",
-                "must be 1 to 2^32",
+                "must be 1 to rotation.gcm_invocation_hard_limit",
             ));
         }
         let scheduler_interval =
@@ -387,6 +413,7 @@ impl Config {
             rotation: RotationSettings {
                 default_period,
                 gcm_invocation_limit,
+                gcm_invocation_hard_limit,
                 scheduler_interval,
             },
             auth,
@@ -421,6 +448,15 @@ data_dir = "/var/lib/kms"
         assert!(config.audit.sync);
         assert_eq!(config.hsm.pin, PinSource::File("/etc/kms/pin".into()));
         assert!(config.rotation.default_period.is_none());
+        assert_eq!(
+            config.rotation.gcm_invocation_limit,
+            DEFAULT_GCM_INVOCATION_LIMIT
+        );
+        assert_eq!(
+            config.rotation.gcm_invocation_hard_limit,
+            DEFAULT_GCM_INVOCATION_HARD_LIMIT
+        );
+        assert!(DEFAULT_GCM_INVOCATION_HARD_LIMIT < 1 << 32);
     }
 
     #[test]
@@ -452,6 +488,16 @@ data_dir = "/var/lib/kms"
             ),
             (
                 format!("{MINIMAL}\n[rotation]\ngcm_invocation_limit = 0\n"),
+                "rotation.gcm_invocation_limit",
+            ),
+            (
+                format!("{MINIMAL}\n[rotation]\ngcm_invocation_hard_limit = 4294967296\n"),
+                "rotation.gcm_invocation_hard_limit",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[rotation]\ngcm_invocation_limit = 11\ngcm_invocation_hard_limit = 10\n"
+                ),
                 "rotation.gcm_invocation_limit",
             ),
         ];

@@ -260,7 +260,13 @@ impl KmsService {
         self.encrypt_with(record, &version, plaintext, context)
     }
 
-    /// Encrypts under `version` (the enabled primary of `record`).
+    /// Encrypts under `version` (the enabled primary of `record`), counting
+    /// the AES-GCM invocation first.
+    ///
+    /// # Errors
+    /// [`KmsError::GcmInvocationLimit`] (FAILED_PRECONDITION) once the
+    /// version has done `rotation.gcm_invocation_hard_limit` encryptions
+    /// (nothing is counted or encrypted); HSM and storage failures.
     pub(super) fn encrypt_with(
         &self,
         record: &KeyRecord,
@@ -275,13 +281,21 @@ impl KmsService {
             })?;
         let aad = header.aad(context);
         // Count the invocation before using the key: the count may overshoot
-        // after a crash, never undershoot (NIST SP 800-38D §8.3 budget).
+        // after a crash, never undershoot (NIST SP 800-38D §8.3 budget). At
+        // the hard limit the version is refused, whatever became of the
+        // rotation the soft limit asked for (the scheduler may be failing).
+        let limit = self.rotation.gcm_invocation_hard_limit;
         let count = self
             .storage
             .catalogue()
-            .add_gcm_invocations(&record.id, version_number, 1)?;
+            .add_gcm_invocations_up_to(&record.id, version_number, 1, limit)?
+            .ok_or_else(|| KmsError::GcmInvocationLimit {
+                key_id: record.id.clone(),
+                version: version_number,
+                limit,
+            })?;
         if count >= self.rotation.gcm_invocation_limit {
-            tracing::warn!(key_id = %record.id, version = version_number, count, "GCM invocation limit reached; rotation due");
+            tracing::warn!(key_id = %record.id, version = version_number, count, "GCM invocation soft limit reached; rotation due");
         }
         let sealed = self
             .hsm

@@ -95,8 +95,30 @@ impl Catalogue {
         version: u32,
         n: u64,
     ) -> Result<u64, StorageError> {
+        // Nothing passes u64::MAX (the count saturates), so this always counts.
+        Ok(self
+            .add_gcm_invocations_up_to(id, version, n, u64::MAX)?
+            .unwrap_or(u64::MAX))
+    }
+
+    /// Like [`Catalogue::add_gcm_invocations`], but refuses to pass `limit`:
+    /// returns `None`, and counts nothing, if the total would exceed it. The
+    /// check and the count are one step under the counters' mutex, so
+    /// concurrent callers never pass the limit together (the service's hard
+    /// ceiling below NIST SP 800-38D §8.3's 2^32 invocations per key).
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::add_gcm_invocations`].
+    pub fn add_gcm_invocations_up_to(
+        &self,
+        id: &KeyId,
+        version: u32,
+        n: u64,
+        limit: u64,
+    ) -> Result<Option<u64>, StorageError> {
         let k = schema::version_key(id.as_str(), version);
-        self.counters.add(&self.db, &k, n, || {
+        self.counters.add(&self.db, &k, n, limit, || {
             if self.db.get(CF_VERSIONS, &k)?.is_some() {
                 Ok(())
             } else {
