@@ -11,6 +11,7 @@ mod gcm_limit;
 mod health;
 mod keys;
 mod lifecycle_races;
+mod re_encrypt_audit;
 mod reflection;
 mod restart;
 mod secrets;

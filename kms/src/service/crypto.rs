@@ -417,7 +417,11 @@ impl KmsService {
 
     /// Decrypts the blob and encrypts its plaintext under the primary version
     /// of the destination key, inside the service. The result is released by
-    /// [`KmsService::finish_async`] once its audit record is durable.
+    /// [`KmsService::finish_async`] once its audit records are durable: one
+    /// naming the source key and version, and (once the destination key is
+    /// resolved, whatever the outcome) one naming the destination key and
+    /// the version used, in the same group, so that an auditor following
+    /// either key sees the move.
     pub fn re_encrypt(&self, meta: &RequestMeta, input: ReEncryptInput) -> Deferred<ReEncrypted> {
         let ReEncryptInput {
             blob,
@@ -429,39 +433,66 @@ impl KmsService {
         let source_key = source_key.as_deref();
         let destination_key = destination_key.as_str();
         self.deferred(meta, Operation::ReEncrypt, source_key, |audit| {
-            let destination_context = self.context(destination_context)?;
-            // The destination first: a caller who may not write there never
-            // gets the source decrypted.
-            // (The record names the source key; the destination is in the reply.)
-            let destination = self.resolve_for_use(
+            let mut destination_audit = AuditFields::default();
+            let result = self.re_encrypt_inner(
                 meta,
-                &mut AuditFields::default(),
-                destination_key,
-                Permission::ReEncryptTo,
-                &destination_context,
-            )?;
-            let decrypted = self.decrypt_inner(
-                meta,
-                Permission::ReEncryptFrom,
                 audit,
-                &blob,
+                &mut destination_audit,
+                blob,
                 source_context,
                 source_key,
-            )?;
-            // The audit record names the source (the key whose use is the
-            // sensitive part); the destination is in the response.
-            let mut destination_audit = AuditFields::default();
-            let encrypted = self.encrypt_under(
-                &mut destination_audit,
-                &destination,
-                &decrypted.plaintext,
-                &destination_context,
-            )?;
-            Ok(ReEncrypted {
-                encrypted,
-                source_key_id: decrypted.key_id.clone(),
-                source_key_version: decrypted.key_version,
-            })
+                destination_key,
+                destination_context,
+            );
+            audit.destination = Some(Box::new(destination_audit));
+            result
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // the request's fields and its two audit records
+    fn re_encrypt_inner(
+        &self,
+        meta: &RequestMeta,
+        audit: &mut AuditFields,
+        destination_audit: &mut AuditFields,
+        blob: Vec<u8>,
+        source_context: HashMap<String, String>,
+        source_key: Option<&str>,
+        destination_key: &str,
+        destination_context: HashMap<String, String>,
+    ) -> Result<ReEncrypted> {
+        let destination_context = self.context(destination_context)?;
+        destination_audit.context_digest = Some(context_digest(&destination_context));
+        // The destination first: a caller who may not write there never
+        // gets the source decrypted.
+        let destination = self.resolve_for_use(
+            meta,
+            destination_audit,
+            destination_key,
+            Permission::ReEncryptTo,
+            &destination_context,
+        )?;
+        if let Some(number) = destination.primary_version {
+            destination_audit.key(&destination.id, Some(number));
+        }
+        let decrypted = self.decrypt_inner(
+            meta,
+            Permission::ReEncryptFrom,
+            audit,
+            &blob,
+            source_context,
+            source_key,
+        )?;
+        let encrypted = self.encrypt_under(
+            destination_audit,
+            &destination,
+            &decrypted.plaintext,
+            &destination_context,
+        )?;
+        Ok(ReEncrypted {
+            encrypted,
+            source_key_id: decrypted.key_id.clone(),
+            source_key_version: decrypted.key_version,
         })
     }
 

@@ -79,6 +79,11 @@ pub(crate) struct AuditFields {
     key_id: Option<String>,
     key_version: Option<u32>,
     context_digest: Option<[u8; 32]>,
+    /// A second key the request used (ReEncrypt's destination): once its
+    /// `key_id` is known it gets a record of its own, in the same audit
+    /// group and with the same request id and outcome, so that an auditor
+    /// following that key finds the request.
+    destination: Option<Box<AuditFields>>,
 }
 
 impl AuditFields {
@@ -90,12 +95,13 @@ impl AuditFields {
     }
 }
 
-/// The outcome of an operation whose audit record is not durable yet. The
-/// result (possibly plaintext) is released only by `finish`/`finish_async`.
+/// The outcome of an operation whose audit records (one, or two for a
+/// request that names a destination key) are not durable yet. The result
+/// (possibly plaintext) is released only by `finish`/`finish_async`.
 #[derive(Debug)]
 pub struct Deferred<T> {
     result: Result<T>,
-    event: AuditEvent,
+    events: Vec<AuditEvent>,
 }
 
 /// Fail closed: whatever the operation produced (possibly plaintext,
@@ -236,14 +242,14 @@ impl KmsService {
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
     ) -> Deferred<T> {
-        let (result, event) = self.recorded(meta, operation, named_key, work);
-        Deferred { result, event }
+        let (result, events) = self.recorded(meta, operation, named_key, work);
+        Deferred { result, events }
     }
 
-    /// Makes the audit record durable (blocking), then releases the result.
+    /// Makes the audit records durable (blocking), then releases the result.
     pub fn finish<T>(&self, deferred: Deferred<T>) -> Result<T> {
-        let Deferred { result, event } = deferred;
-        match self.audit_log.append(event) {
+        let Deferred { result, events } = deferred;
+        match self.audit_log.submit_group(events).and_then(|h| h.wait()) {
             Ok(_) => result,
             Err(e) => withhold(result, e),
         }
@@ -253,11 +259,14 @@ impl KmsService {
     /// holding a thread: the writer thread wakes this task when the record
     /// is durable.
     pub async fn finish_async<T>(&self, deferred: Deferred<T>) -> Result<T> {
-        let Deferred { result, event } = deferred;
+        let Deferred { result, events } = deferred;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.audit_log.submit_with_callback(event, move |outcome| {
-            let _ = tx.send(outcome);
-        }) {
+        if let Err(e) = self
+            .audit_log
+            .submit_group_with_callback(events, move |outcome| {
+                let _ = tx.send(outcome);
+            })
+        {
             return withhold(result, e);
         }
         match rx.await {
@@ -286,10 +295,10 @@ impl KmsService {
                 request_id: format!("{}#{index}", meta.request_id),
                 ..meta.clone()
             };
-            let (result, event) =
+            let (result, item_events) =
                 self.recorded(&item_meta, operation, named_key, |audit| work(audit, item));
             results.push(result);
-            events.push(event);
+            events.extend(item_events);
         }
         // One group: consecutive records in one write, one wake-up for the batch.
         match self.audit_log.submit_group(events).and_then(|h| h.wait()) {
@@ -302,14 +311,16 @@ impl KmsService {
         }
     }
 
-    /// Runs `work` and builds its audit event (not yet written).
+    /// Runs `work` and builds its audit events (not yet written): the
+    /// request's record, then one naming its destination key if `work`
+    /// resolved one.
     fn recorded<T>(
         &self,
         meta: &RequestMeta,
         operation: Operation,
         named_key: Option<&str>,
         work: impl FnOnce(&mut AuditFields) -> Result<T>,
-    ) -> (Result<T>, AuditEvent) {
+    ) -> (Result<T>, Vec<AuditEvent>) {
         let started = Instant::now();
         let mut fields = AuditFields {
             key_id: named_key
@@ -322,7 +333,8 @@ impl KmsService {
             Ok(_) => ResultCode::Ok,
             Err(e) => e.code(),
         };
-        let event = AuditEvent {
+        let latency_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let event = |fields: AuditFields| AuditEvent {
             principal: truncate(&meta.principal, 1024),
             peer: truncate(&meta.peer, 256),
             request_id: truncate(&meta.request_id, 256),
@@ -331,9 +343,12 @@ impl KmsService {
             key_version: fields.key_version,
             context_digest: fields.context_digest,
             result: code,
-            latency_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_micros,
         };
-        (result, event)
+        let destination = fields.destination.take().filter(|d| d.key_id.is_some());
+        let mut events = vec![event(fields)];
+        events.extend(destination.map(|d| event(*d)));
+        (result, events)
     }
 }
 

@@ -182,7 +182,25 @@ impl AuditLog {
         event: AuditEvent,
         done: impl FnOnce(Result<u64, StorageError>) + Send + 'static,
     ) -> Result<(), StorageError> {
-        self.send(vec![event], Completion::Callback(Box::new(done)))
+        self.submit_group_with_callback(vec![event], done)
+    }
+
+    /// Queues the records of one request as a group (as
+    /// [`AuditLog::submit_group`]: consecutive, durable or failed together);
+    /// `done` runs on the writer thread with the last record's sequence
+    /// number once they are durable (or have failed). It must be quick and
+    /// must not block on the log. If queueing itself fails, the error is
+    /// returned and `done` is not called.
+    ///
+    /// # Errors
+    ///
+    /// As [`AuditLog::submit_with_callback`].
+    pub fn submit_group_with_callback(
+        &self,
+        events: Vec<AuditEvent>,
+        done: impl FnOnce(Result<u64, StorageError>) + Send + 'static,
+    ) -> Result<(), StorageError> {
+        self.send(events, Completion::Callback(Box::new(done)))
     }
 
     /// Totals since the log was opened, for metrics: average batch size is
