@@ -193,6 +193,11 @@ pub const DEFAULT_GCM_INVOCATION_LIMIT: u64 = 1 << 30;
 pub const DEFAULT_GCM_INVOCATION_HARD_LIMIT: u64 = 3 << 30;
 /// The largest hard limit accepted: below 2^32 (NIST SP 800-38D §8.3).
 pub const MAX_GCM_INVOCATION_HARD_LIMIT: u64 = (1 << 32) - 1;
+// The defaults satisfy the rules `validate` enforces (soft <= hard < 2^32).
+const _: () = assert!(
+    DEFAULT_GCM_INVOCATION_LIMIT <= DEFAULT_GCM_INVOCATION_HARD_LIMIT
+        && DEFAULT_GCM_INVOCATION_HARD_LIMIT <= MAX_GCM_INVOCATION_HARD_LIMIT
+);
 
 impl Config {
     /// Reads and validates a TOML configuration file.
@@ -456,7 +461,6 @@ data_dir = "/var/lib/kms"
             config.rotation.gcm_invocation_hard_limit,
             DEFAULT_GCM_INVOCATION_HARD_LIMIT
         );
-        assert!(DEFAULT_GCM_INVOCATION_HARD_LIMIT < 1 << 32);
     }
 
     #[test]
