@@ -373,6 +373,7 @@ impl From<StorageError> for KmsError {
                 version,
             },
             StorageError::KeyPendingDeletion { id } => KmsError::KeyPendingDeletion { key_id: id },
+            StorageError::NotPendingDeletion { id } => KmsError::NotPendingDeletion { key_id: id },
             StorageError::VersionBeingCreated { id, version } => KmsError::VersionBeingCreated {
                 key_id: id,
                 version,

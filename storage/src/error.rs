@@ -192,6 +192,14 @@ pub enum StorageError {
         /// The pending version's number.
         version: u32,
     },
+    /// Only a key pending deletion (or one that never got a usable version)
+    /// can become a tombstone: a cancelled deletion must not be carried out.
+    /// Catalogue invariant.
+    #[error("key {id} is not pending deletion")]
+    NotPendingDeletion {
+        /// The key id.
+        id: KeyId,
+    },
     /// A version record already exists at the number the catalogue was about
     /// to allocate (version numbers are never reused): the key record's
     /// `latest_version` is behind its versions, which only a damaged

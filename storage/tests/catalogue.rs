@@ -422,6 +422,22 @@ fn deleted_key_stays_as_a_tombstone() {
     let c = s.catalogue();
     let id = create(&s, 30, &["alias/doomed"]);
     c.add_pending_version(&id, 2_000, |v| kek(&id, v)).unwrap();
+    // Only a key pending deletion becomes a tombstone, and none can be
+    // scheduled while a version is being created.
+    c.discard_version(&id, 2, 2_100).unwrap();
+    c.update_key(&id, 2_200, |k| {
+        k.state = KeyState::PendingDeletion {
+            delete_at_ms: 9_000,
+        };
+        Ok::<_, StorageError>(())
+    })
+    .unwrap();
+    // A key whose first version is still pending (its creation failed) goes
+    // at once, pending marker included.
+    let unborn = kid(31);
+    c.create_key(new_key(&unborn, &[]), kek(&unborn, 1), 2_300)
+        .unwrap();
+    c.finalize_key_deletion(&unborn, 2_400).unwrap();
     let k = c.finalize_key_deletion(&id, 9_000).unwrap();
     assert_eq!(
         k.state,
@@ -436,14 +452,24 @@ fn deleted_key_stays_as_a_tombstone() {
             deleted_at_ms: 9_000
         }
     );
-    for v in c.list_versions(&id).unwrap() {
-        assert_eq!(
-            v.state,
+    let states: Vec<VersionState> = c
+        .list_versions(&id)
+        .unwrap()
+        .iter()
+        .map(|v| v.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
             VersionState::Destroyed {
                 destroyed_at_ms: 9_000
+            },
+            // Discarded before the deletion was scheduled.
+            VersionState::Destroyed {
+                destroyed_at_ms: 2_100
             }
-        );
-    }
+        ]
+    );
     assert!(c.list_pending_versions().unwrap().is_empty());
     assert!(c.resolve_key("alias/doomed").unwrap().is_none());
     assert!(matches!(
@@ -459,7 +485,7 @@ fn deleted_key_stays_as_a_tombstone() {
         Err(StorageError::KeyExists { .. })
     ));
     // Tombstones are still listed.
-    assert_eq!(c.list_keys(None, 10).unwrap().items.len(), 1);
+    assert_eq!(c.list_keys(None, 10).unwrap().items.len(), 2);
 }
 
 #[test]

@@ -235,6 +235,14 @@ fn populate(s: &Storage) {
     )
     .unwrap();
     c.commit_version(&d, 1, T0 + 31).unwrap();
+    // Only a key pending deletion is deleted (the final record is the same).
+    c.update_key(&d, T0 + 31, |k| {
+        k.state = KeyState::PendingDeletion {
+            delete_at_ms: T0 + 32,
+        };
+        Ok::<_, kms_storage::StorageError>(())
+    })
+    .unwrap();
     c.finalize_key_deletion(&d, T0 + 32).unwrap();
 
     // E

@@ -243,9 +243,35 @@ fn version_numbers_are_never_reused() {
         VersionState::Enabled
     );
     // Key ids are not reused either, even after deletion.
+    schedule_deletion(&s, &id).unwrap();
     c.finalize_key_deletion(&id, 4_000).unwrap();
     assert!(matches!(
         c.create_key(new_key(&id, KeyState::Enabled), kek(&id, 1), 4_100),
         Err(StorageError::KeyExists { .. })
     ));
+}
+
+#[test]
+fn only_a_key_pending_deletion_becomes_a_tombstone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let c = s.catalogue();
+    let id = key_with_versions(&s, 8, 1);
+    // A usable key (or one whose deletion was cancelled) is not deleted.
+    assert!(matches!(
+        c.finalize_key_deletion(&id, 2_000),
+        Err(StorageError::NotPendingDeletion { .. })
+    ));
+    assert_eq!(
+        c.get_version(&id, 1).unwrap().unwrap().state,
+        VersionState::Enabled
+    );
+    schedule_deletion(&s, &id).unwrap();
+    c.finalize_key_deletion(&id, 2_100).unwrap();
+    // A key whose first version never got made may go at once.
+    let unborn = KeyId::from_random([9; 16]);
+    c.create_key(new_key(&unborn, KeyState::Enabled), kek(&unborn, 1), 3_000)
+        .unwrap();
+    c.discard_version(&unborn, 1, 3_100).unwrap();
+    c.finalize_key_deletion(&unborn, 3_200).unwrap();
 }

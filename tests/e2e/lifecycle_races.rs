@@ -7,17 +7,19 @@
 //! - the primary version is ENABLED (else every Encrypt fails);
 //! - version numbers run 1..=latest without gaps, none left pending;
 //! - a key pending deletion got no new version and no new primary after
-//!   the deletion was scheduled.
+//!   the deletion was scheduled;
+//! - a deletion that was cancelled is never carried out.
 //!
 //! Before the fix, `RotateKey` racing `DisableKeyVersion(new version)` left a
 //! DISABLED primary, and `SetPrimaryVersion(v)` racing
 //! `DisableKeyVersion(v)` let both succeed: the version state change checked
 //! a key record read before it took the key's lock.
 
+use std::collections::HashMap;
 use std::sync::Barrier;
 
 use kms::error::KmsError;
-use kms::service::{CreateKeyInput, KeyView, KmsService, RequestMeta};
+use kms::service::{CreateKeyInput, EncryptInput, KeyView, KmsService, RequestMeta};
 use kms_storage::{KeyRecord, KeyState, VersionRecord, VersionState};
 use kms_tests::TestEnv;
 
@@ -350,4 +352,69 @@ fn rotate_races_disable_of_the_old_primary_and_set_primary() {
         rotated.unwrap_or_else(|e| panic!("{what}: rotate: {e}"));
         check(&service, &key, &what);
     }
+}
+
+#[test]
+fn cancel_deletion_races_the_scheduled_deletion() {
+    let env = TestEnv::new();
+    let (service, _) = service_with_key(&env, 1);
+    let later = now_ms() + 8 * 86_400_000;
+    let mut outcomes = [0usize; 2];
+    for round in 0..ROUNDS {
+        let what = format!("round {round}");
+        let key = service
+            .create_key(&meta(), CreateKeyInput::default())
+            .expect("create key")
+            .record
+            .id
+            .to_string();
+        service
+            .schedule_key_deletion(&meta(), &key, Some(7))
+            .expect("schedule");
+        let (cancelled, pass) = race(
+            || service.cancel_key_deletion(&meta(), &key),
+            || service.run_scheduler_pass_at(later),
+        );
+        assert_eq!(pass.failed, 0, "{what}: {pass:?}");
+        let (record, _) = service
+            .list_key_versions(&meta(), &key)
+            .expect("list versions");
+        match cancelled {
+            Ok(_) => {
+                // The key lives on, with its KEK: usable once enabled.
+                assert_eq!(record.state, KeyState::Disabled, "{what}");
+                assert_eq!(pass.deleted, 0, "{what}");
+                check(&service, &key, &what);
+                service.enable_key(&meta(), &key).expect("enable key");
+                let encrypted = service.finish(service.encrypt(
+                    &meta(),
+                    EncryptInput {
+                        key: key.clone(),
+                        plaintext: b"still here".to_vec().into(),
+                        context: HashMap::new(),
+                    },
+                ));
+                assert!(encrypted.is_ok(), "{what}: {encrypted:?}");
+                outcomes[0] += 1;
+            }
+            Err(KmsError::NotPendingDeletion { .. } | KmsError::KeyDeleted { .. }) => {
+                assert!(
+                    matches!(record.state, KeyState::Deleted { .. }),
+                    "{what}: {:?}",
+                    record.state
+                );
+                assert_eq!(pass.deleted, 1, "{what}");
+                outcomes[1] += 1;
+            }
+            Err(e) => panic!("{what}: cancel: {e}"),
+        }
+    }
+    eprintln!("cancel won {}, deletion won {}", outcomes[0], outcomes[1]);
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    u64::try_from(since.as_millis()).expect("ms")
 }

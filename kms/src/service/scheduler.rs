@@ -2,7 +2,9 @@
 //! survives restarts), usage-based rotation (GCM invocation limit), and
 //! execution of due deletions. Each action is audited as the service's own
 //! principal. Rotation re-checks under the key's lock that it is still due,
-//! so a restart or a concurrent manual rotation never rotates twice.
+//! so a restart or a concurrent manual rotation never rotates twice;
+//! deletion re-checks under the lock that the key is still pending deletion,
+//! so a cancelled deletion is never carried out.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,8 +66,7 @@ impl KmsService {
     fn schedule_one(&self, record: &KeyRecord, now: u64) -> Result<Option<Action>> {
         match record.state {
             KeyState::PendingDeletion { delete_at_ms } if delete_at_ms <= now => {
-                self.execute_deletion(record)?;
-                Ok(Some(Action::Deleted))
+                self.execute_deletion(record, now)
             }
             KeyState::Enabled if self.rotation_due(record, now)? => {
                 let meta = RequestMeta::internal("scheduled-rotation");
@@ -89,9 +90,21 @@ impl KmsService {
 
     /// Destroys every KEK of the key in the HSM, then makes the key a
     /// tombstone (its id is never reused; its audit history stays readable).
-    fn execute_deletion(&self, record: &KeyRecord) -> Result<()> {
+    /// Under the key's lock, and only if the key read under it is still
+    /// pending deletion and due at `now`: `record` comes from a listing,
+    /// and a deletion cancelled since must not be carried out.
+    fn execute_deletion(&self, record: &KeyRecord, now: u64) -> Result<Option<Action>> {
         let meta = RequestMeta::internal("scheduled-deletion");
         let key = record.id.to_string();
+        let _guard = self.key_locks.lock(&record.id);
+        let current = self.storage.catalogue().get_key(&record.id)?;
+        let due = matches!(
+            current.map(|k| k.state),
+            Some(KeyState::PendingDeletion { delete_at_ms }) if delete_at_ms <= now
+        );
+        if !due {
+            return Ok(None);
+        }
         self.audited(&meta, Operation::DeleteKeyMaterial, Some(&key), |audit| {
             audit.key(&record.id, None);
             let catalogue = self.storage.catalogue();
@@ -106,7 +119,7 @@ impl KmsService {
             }
             catalogue.finalize_key_deletion(&record.id, now_ms())?;
             tracing::info!(key_id = %record.id, "key deleted; tombstone kept");
-            Ok(())
+            Ok(Some(Action::Deleted))
         })
     }
 }

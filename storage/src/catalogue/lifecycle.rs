@@ -194,11 +194,15 @@ impl Catalogue {
 
     /// Turns a key into a tombstone in one synced write: state `Deleted`, every
     /// version `Destroyed`, pending markers and aliases removed. Call it after
-    /// the KEKs have been destroyed in the HSM.
+    /// the KEKs have been destroyed in the HSM. Only a key pending deletion,
+    /// or one that never had a primary version (its creation failed), can
+    /// be deleted.
     ///
     /// # Errors
     ///
     /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::NotPendingDeletion`] for a key with a primary version
+    /// that is not pending deletion (e.g. its deletion was cancelled);
     /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
     /// [`StorageError::CorruptJson`] if a stored record does not decode.
     pub fn finalize_key_deletion(
@@ -208,6 +212,9 @@ impl Catalogue {
     ) -> Result<KeyRecord, StorageError> {
         let _guard = self.lock();
         let mut key = self.require_live_key(id)?;
+        if key.primary_version.is_some() && !matches!(key.state, KeyState::PendingDeletion { .. }) {
+            return Err(StorageError::NotPendingDeletion { id: id.clone() });
+        }
         let mut batch = WriteBatch::default();
         for mut ver in self.list_versions(id)? {
             if !matches!(ver.state, VersionState::Destroyed { .. }) {
