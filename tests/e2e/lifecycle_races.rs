@@ -43,6 +43,12 @@ fn service_with_key(env: &TestEnv, versions: u32) -> (KmsService, String) {
     config.audit.sync = false;
     config.hsm.sync_token_dir = None;
     let service = KmsService::open(&config).expect("open service");
+    let key = new_key(&service, versions);
+    (service, key)
+}
+
+/// A key with `versions` enabled versions whose primary is version 1.
+fn new_key(service: &KmsService, versions: u32) -> String {
     let key = service
         .create_key(&meta(), CreateKeyInput::default())
         .expect("create key")
@@ -55,7 +61,28 @@ fn service_with_key(env: &TestEnv, versions: u32) -> (KmsService, String) {
     service
         .set_primary_version(&meta(), &key, 1)
         .expect("primary 1");
-    (service, key)
+    key
+}
+
+/// Rounds per key in the rotation tests: then the key is deleted (its KEKs
+/// destroyed) and a fresh one takes over, so that the token does not fill
+/// up with hundreds of KEKs (SoftHSM2's object searches slow down with
+/// every object, and each rotation searches).
+const ROUNDS_PER_KEY: usize = 25;
+
+/// Deletes `key` for good (scheduler pass after the waiting period) and
+/// returns a fresh key with `versions` versions, every [`ROUNDS_PER_KEY`]
+/// rounds; otherwise returns `key`.
+fn renew(service: &KmsService, key: String, round: usize, versions: u32) -> String {
+    if round == 0 || !round.is_multiple_of(ROUNDS_PER_KEY) {
+        return key;
+    }
+    service
+        .schedule_key_deletion(&meta(), &key, Some(7))
+        .expect("schedule retirement");
+    let pass = service.run_scheduler_pass_at(now_ms() + 8 * 86_400_000);
+    assert_eq!((pass.deleted, pass.failed), (1, 0), "{pass:?}");
+    new_key(service, versions)
 }
 
 /// Runs `a` and `b` on two threads released by one barrier.
@@ -137,9 +164,10 @@ fn undo_deletion(service: &KmsService, key: &str) {
 #[test]
 fn rotate_races_disable_of_the_version_it_creates() {
     let env = TestEnv::new();
-    let (service, key) = service_with_key(&env, 2);
+    let (service, mut key) = service_with_key(&env, 2);
     for round in 0..ROUNDS {
         let what = format!("round {round}");
+        key = renew(&service, key, round, 2);
         let (before, _) = check(&service, &key, &what);
         let new = before.latest_version + 1;
         let (rotated, disabled) = race(
@@ -197,9 +225,10 @@ fn set_primary_races_disable_of_the_same_version() {
 #[test]
 fn rotate_races_schedule_deletion() {
     let env = TestEnv::new();
-    let (service, key) = service_with_key(&env, 1);
+    let (service, mut key) = service_with_key(&env, 1);
     for round in 0..ROUNDS {
         let what = format!("round {round}");
+        key = renew(&service, key, round, 1);
         let (before, _) = check(&service, &key, &what);
         let (rotated, scheduled) = race(
             || service.rotate_key(&meta(), &key),
@@ -223,9 +252,10 @@ fn rotate_races_schedule_deletion() {
 #[test]
 fn rotate_races_rotate() {
     let env = TestEnv::new();
-    let (service, key) = service_with_key(&env, 1);
+    let (service, mut key) = service_with_key(&env, 1);
     for round in 0..ROUNDS {
         let what = format!("round {round}");
+        key = renew(&service, key, round, 1);
         let (before, _) = check(&service, &key, &what);
         let (a, b) = race(
             || service.rotate_key(&meta(), &key),
@@ -322,9 +352,10 @@ fn set_primary_races_schedule_deletion() {
 #[test]
 fn rotate_races_disable_of_the_old_primary_and_set_primary() {
     let env = TestEnv::new();
-    let (service, key) = service_with_key(&env, 1);
+    let (service, mut key) = service_with_key(&env, 1);
     for round in 0..ROUNDS {
         let what = format!("round {round}");
+        key = renew(&service, key, round, 1);
         let (before, _) = check(&service, &key, &what);
         let old = before.primary_version.expect("primary");
         let (rotated, disabled) = race(
