@@ -876,3 +876,34 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
     }
     server.stop().await;
 }
+
+/// Error messages say each thing once: a cause that is an error's `source`
+/// is not also spliced into its message (the CLI prints the whole chain).
+/// Before: "cannot listen on ADDR: Address already in use (os error 98):
+/// Address already in use (os error 98)".
+#[test]
+fn a_port_in_use_is_reported_once_naming_the_address() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr");
+    let data = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(kms_tests::kms_binary())
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("KMS_LOG", "warn")
+        .output()
+        .expect("run kms serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    let line = error_lines[0];
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    assert_eq!(line.matches("already in use").count(), 1, "{line}");
+    drop(held);
+}
