@@ -804,6 +804,74 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
         )
         .await;
 
+    let over_limit = kms::config::DEFAULT_MAX_BATCH + 1;
+    cases
+        .refused(
+            "batch-encrypt-over-limit",
+            ia,
+            "entries",
+            crypto.batch_encrypt(with_id(
+                "batch-encrypt-over-limit",
+                pb::BatchEncryptRequest {
+                    key_id: key.clone(),
+                    entries: vec![
+                        pb::BatchEncryptEntry {
+                            plaintext: b"x".to_vec(),
+                            encryption_context: ctx(&[]),
+                        };
+                        over_limit
+                    ],
+                },
+            )),
+        )
+        .await;
+
+    // Documented idempotence and defaults.
+    let enabled = cases
+        .accepted(
+            "enable-enabled",
+            keys.enable_key(with_id(
+                "enable-enabled",
+                pb::EnableKeyRequest {
+                    key_id: key.clone(),
+                },
+            )),
+        )
+        .await
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    assert_eq!(enabled.state, pb::KeyState::Enabled as i32);
+    let still_disabled = cases
+        .accepted(
+            "disable-disabled",
+            keys.disable_key(with_id(
+                "disable-disabled",
+                pb::DisableKeyRequest {
+                    key_id: disabled.clone(),
+                },
+            )),
+        )
+        .await
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    assert_eq!(still_disabled.state, pb::KeyState::Disabled as i32);
+    let scheduled = cases
+        .accepted(
+            "deletion-default-window",
+            keys.schedule_key_deletion(with_id(
+                "deletion-default-window",
+                pb::ScheduleKeyDeletionRequest {
+                    key_id: disabled.clone(),
+                    pending_window_days: None,
+                },
+            )),
+        )
+        .await
+        .into_inner();
+    assert_eq!(scheduled.pending_window_days, 30, "unset means 30 days");
+
     // Audit listing.
     cases
         .refused(
