@@ -49,6 +49,7 @@ impl TestEnv {
                 max_message_bytes: 8 << 20,
                 max_connections: 1024,
                 max_concurrent_streams: 256,
+                shutdown_grace: Duration::from_secs(10),
                 tls: None,
             },
             limits: Limits {

@@ -171,6 +171,9 @@ pub fn dev_config(
             max_message_bytes: 8 << 20,
             max_connections: 1024,
             max_concurrent_streams: 256,
+            shutdown_grace: std::time::Duration::from_millis(
+                crate::config::DEFAULT_SHUTDOWN_GRACE_MS,
+            ),
             tls: None,
         },
         limits,

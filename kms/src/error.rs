@@ -115,6 +115,13 @@ pub enum KmsError {
     #[error("{principal} is not allowed to {action}")]
     PermissionDenied { principal: String, action: String },
 
+    /// An operator's configuration reload was refused; the running
+    /// configuration is unchanged. The reason names the field and file (the
+    /// caller is an administrator). Not a `#[source]`: the Display already
+    /// says it, and a chain would say it twice.
+    #[error("configuration not reloaded: {0}")]
+    ReloadRefused(std::sync::Arc<crate::server::reload::ReloadError>),
+
     /// The service is saturated.
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
@@ -166,7 +173,8 @@ impl KmsError {
             | KmsError::PrimaryVersionDisable { .. }
             | KmsError::VersionTransition { .. }
             | KmsError::VersionsExhausted { .. }
-            | KmsError::RotationNotDue => ResultCode::FailedPrecondition,
+            | KmsError::RotationNotDue
+            | KmsError::ReloadRefused(_) => ResultCode::FailedPrecondition,
             KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
                 ResultCode::Unavailable
             }
@@ -249,6 +257,7 @@ impl KmsError {
                 key_id: key_id.clone(),
             },
             KmsError::RotationNotDue => KmsError::RotationNotDue,
+            KmsError::ReloadRefused(reason) => KmsError::ReloadRefused(std::sync::Arc::clone(reason)),
             KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
             KmsError::AuditUnavailable { .. } => KmsError::AuditUnavailable { source: None },
             KmsError::PermissionDenied { principal, action } => KmsError::PermissionDenied {

@@ -79,6 +79,7 @@ fn secure_config(env: &TestEnv, pki: &Pki) -> Config {
         client_ca_file: Some(pki.ca.ca_file()),
         // Token callers connect without a certificate.
         client_cert_required: false,
+        crl_files: Vec::new(),
     });
     config.auth = AuthSettings {
         admins: vec![ADMIN.to_owned()],

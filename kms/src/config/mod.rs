@@ -68,6 +68,7 @@ struct RawServer {
     max_message_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    shutdown_grace_ms: Option<u64>,
     tls: Option<security::RawTls>,
 }
 
@@ -127,6 +128,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// On SIGTERM/SIGINT: how long requests in flight may take to finish
+    /// before the server closes their connections and exits anyway
+    /// (`server.shutdown_grace_ms`, default 10 s, 0 to 600 s).
+    pub shutdown_grace: Duration,
     pub tls: Option<TlsSettings>,
 }
 
@@ -171,6 +176,8 @@ pub struct Config {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// `server.shutdown_grace_ms` unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_MAX_PLAINTEXT: usize = 4096;
 pub const DEFAULT_MAX_CONTEXT: usize = 8192;
 pub const DEFAULT_MAX_BATCH: usize = 1000;
@@ -261,6 +268,10 @@ impl Config {
         let request_timeout_ms = server.request_timeout_ms.unwrap_or(10_000);
         if !(1..=600_000).contains(&request_timeout_ms) {
             return Err(invalid("server.request_timeout_ms", "must be 1 to 600000"));
+        }
+        let shutdown_grace_ms = server.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
+        if shutdown_grace_ms > 600_000 {
+            return Err(invalid("server.shutdown_grace_ms", "must be 0 to 600000"));
         }
         let max_concurrent_requests = server.max_concurrent_requests.unwrap_or(1024);
         if !(1..=100_000).contains(&max_concurrent_requests) {
@@ -378,6 +389,7 @@ impl Config {
                 max_message_bytes,
                 max_connections,
                 max_concurrent_streams,
+                shutdown_grace: Duration::from_millis(shutdown_grace_ms),
                 tls,
             },
             limits,

@@ -2,6 +2,7 @@
 //! on a blocking thread, encode the reply. This is the only module that turns
 //! errors into `tonic::Status`.
 
+mod admin;
 mod audit;
 pub mod auth_layer;
 mod convert;
@@ -18,6 +19,7 @@ use tracing::{Instrument, Span};
 use crate::error::KmsError;
 use crate::service::{Deferred, KmsService, Operation, RequestMeta, operation};
 
+pub use admin::AdminApi;
 pub use audit::AuditApi;
 pub use crypto::CryptoApi;
 pub use key_management::KeyManagementApi;

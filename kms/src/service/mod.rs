@@ -27,7 +27,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use kms_hsm::{Hsm, KeyPurpose, ObjectId};
 use kms_storage::{AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions};
 
-use crate::auth::policy::AccessControl;
+use crate::auth::policy::{AccessControl, Roles};
 use crate::config::{Config, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
@@ -166,17 +166,23 @@ impl KmsService {
             audit_log,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
-            access: AccessControl {
+            access: AccessControl::new(Roles {
                 admins: config.auth.admins.clone(),
                 auditors: config.auth.auditors.clone(),
                 default_policy: config.auth.default_policy.clone(),
-            },
+            }),
             key_locks: keys::KeyLocks::default(),
         };
         service
             .reconcile_pending_versions()
             .map_err(OpenError::Reconcile)?;
         Ok(service)
+    }
+
+    /// The roles in force; a configuration reload replaces them through
+    /// this handle (`server::reload`).
+    pub fn access(&self) -> &AccessControl {
+        &self.access
     }
 
     pub fn hsm(&self) -> &Hsm {

@@ -48,6 +48,7 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::BatchGenerateDataKey => "BatchGenerateDataKey",
         Operation::ListAuditEvents => "ListAuditEvents",
         Operation::VerifyAuditLog => "VerifyAuditLog",
+        Operation::Reload => "Reload",
         Operation::AutomaticRotation => "AutomaticRotation",
         Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
