@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kms_proto::v1 as pb;
+use kms_proto::v1::admin_client::AdminClient;
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
@@ -117,6 +118,7 @@ rpcs! {
     CryptoClient batch_generate_data_key "BatchGenerateDataKey" Retryable: BatchGenerateDataKeyRequest => BatchGenerateDataKeyResponse;
     AuditClient list_audit_events "ListAuditEvents" Retryable: ListAuditEventsRequest => ListAuditEventsResponse;
     AuditClient verify_audit_log "VerifyAuditLog" Retryable: VerifyAuditLogRequest => VerifyAuditLogResponse;
+    AdminClient reload "Reload" Once: ReloadRequest => ReloadResponse;
 }
 
 impl KmsClient {
