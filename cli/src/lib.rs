@@ -36,8 +36,8 @@ use anyhow::Context as _;
 use kms_client::{BearerToken, ClientConfig, ClientIdentity, KmsClient};
 use zeroize::Zeroizing;
 
-pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use admin::AdminCommand;
+pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};

@@ -257,7 +257,9 @@ impl KmsError {
                 key_id: key_id.clone(),
             },
             KmsError::RotationNotDue => KmsError::RotationNotDue,
-            KmsError::ReloadRefused(reason) => KmsError::ReloadRefused(std::sync::Arc::clone(reason)),
+            KmsError::ReloadRefused(reason) => {
+                KmsError::ReloadRefused(std::sync::Arc::clone(reason))
+            }
             KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
             KmsError::AuditUnavailable { .. } => KmsError::AuditUnavailable { source: None },
             KmsError::PermissionDenied { principal, action } => KmsError::PermissionDenied {

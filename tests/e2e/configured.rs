@@ -106,7 +106,9 @@ impl Deployment {
     pub fn write_config(&self, settings: &Settings) {
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {}\nrequest_timeout_ms = {}\nmax_concurrent_requests = {}\n",
-            settings.shutdown_grace_ms, settings.request_timeout_ms, settings.max_concurrent_requests
+            settings.shutdown_grace_ms,
+            settings.request_timeout_ms,
+            settings.max_concurrent_requests
         );
         if let Some(tls) = &settings.tls {
             text += &format!(
@@ -182,10 +184,7 @@ impl Deployment {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| {
                 let _ = child.kill();
-                panic!(
-                    "unexpected banner {banner:?}; log:\n{}",
-                    self.log()
-                )
+                panic!("unexpected banner {banner:?}; log:\n{}", self.log())
             });
         ServerProcess { child, addr }
     }

@@ -77,8 +77,8 @@ async fn finish_encrypt(mut call: OpenCall, key: &str) -> (Option<pb::EncryptRes
             .get("grpc-status")
             .map(|v| v.to_str().expect("ascii").to_owned());
     }
-    let reply = (data.len() > 5)
-        .then(|| pb::EncryptResponse::decode(&data[5..]).expect("decode reply"));
+    let reply =
+        (data.len() > 5).then(|| pb::EncryptResponse::decode(&data[5..]).expect("decode reply"));
     (reply, status.unwrap_or_default())
 }
 

@@ -284,7 +284,10 @@ async fn a_broken_reload_changes_nothing_and_says_why() {
                 key: missing_key.clone(),
                 ..tls.clone()
             },
-            vec!["server.tls.key_file".to_owned(), missing_key.display().to_string()],
+            vec![
+                "server.tls.key_file".to_owned(),
+                missing_key.display().to_string(),
+            ],
         ),
         (
             TlsFiles {
@@ -361,7 +364,10 @@ async fn sighup_reloads_the_configuration() {
     let mut server = deployment.start();
     let channel = connect(&server.plain_endpoint()).await.expect("connect");
     let key = KeyManagementClient::new(channel.clone())
-        .create_key(with_token(pb::CreateKeyRequest::default(), "kms_token-of-job-a"))
+        .create_key(with_token(
+            pb::CreateKeyRequest::default(),
+            "kms_token-of-job-a",
+        ))
         .await
         .expect("CreateKey")
         .into_inner()
@@ -431,11 +437,9 @@ fn a_server_without_a_configuration_file_refuses_to_reload() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let status = runtime
         .block_on(async {
-            let channel = connect(
-                &Endpoint::from_shared(server.endpoint()).expect("endpoint"),
-            )
-            .await
-            .expect("connect");
+            let channel = connect(&Endpoint::from_shared(server.endpoint()).expect("endpoint"))
+                .await
+                .expect("connect");
             reload(channel).await
         })
         .expect_err("dev mode");

@@ -181,6 +181,24 @@ mod tests {
     }
 
     #[test]
+    fn replaced_credentials_apply_to_later_requests_only() {
+        let a = authenticator(Some("dev"));
+        a.replace(
+            TokenStore::new(vec![("job-b".to_owned(), tokens::token_digest(b"token-b"))]),
+            None,
+        );
+        assert_eq!(
+            a.authenticate(Some(b"Bearer s3cret-token-value"), None),
+            Err(AuthError::UnknownToken)
+        );
+        assert_eq!(
+            a.authenticate(Some(b"Bearer token-b"), None),
+            Ok("job-b".to_owned())
+        );
+        assert_eq!(a.authenticate(None, None), Err(AuthError::NoCredentials));
+    }
+
+    #[test]
     fn principals_are_printable_ascii() {
         assert!(is_valid_principal(
             "spiffe://example.org/ns/prod/sa/billing"

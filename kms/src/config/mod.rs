@@ -269,7 +269,9 @@ impl Config {
         if !(1..=600_000).contains(&request_timeout_ms) {
             return Err(invalid("server.request_timeout_ms", "must be 1 to 600000"));
         }
-        let shutdown_grace_ms = server.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
+        let shutdown_grace_ms = server
+            .shutdown_grace_ms
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
         if shutdown_grace_ms > 600_000 {
             return Err(invalid("server.shutdown_grace_ms", "must be 0 to 600000"));
         }
@@ -433,6 +435,34 @@ data_dir = "/var/lib/kms"
         assert!(config.audit.sync);
         assert_eq!(config.hsm.pin, PinSource::File("/etc/kms/pin".into()));
         assert!(config.rotation.default_period.is_none());
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn shutdown_grace_and_crl_files_are_read_and_checked() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[server]\nshutdown_grace_ms = 2500\n{TLS}crl_files = [\"/etc/kms/tls/a.crl\", \"/etc/kms/tls/b.crl\"]\n[auth]\nadmins = [\"ops\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.server.shutdown_grace, Duration::from_millis(2500));
+        let tls = config.server.tls.expect("tls");
+        assert_eq!(tls.crl_files.len(), 2);
+        let cases = [
+            (
+                format!("{MINIMAL}\n[server]\nshutdown_grace_ms = 600001\n"),
+                "server.shutdown_grace_ms",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[server.tls]\ncert_file = \"a\"\nkey_file = \"b\"\ncrl_files = [\"c\"]\n"
+                ),
+                "server.tls.crl_files",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(&text).expect_err(field);
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

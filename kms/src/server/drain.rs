@@ -65,8 +65,8 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if self.drain.is_draining() && request.uri().path().starts_with(REFUSED_PREFIX) {
-            let response = Status::unavailable("the server is shutting down; retry")
-                .into_http::<R>();
+            let response =
+                Status::unavailable("the server is shutting down; retry").into_http::<R>();
             return Box::pin(std::future::ready(Ok(response)));
         }
         Box::pin(self.inner.call(request))

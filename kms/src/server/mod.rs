@@ -125,7 +125,11 @@ impl RunningServer {
                 self.stop_background();
                 result.map_err(|_| ServerError::Task)?.map_err(ServerError::from)
             }
-            () = signal => self.drain_and_stop(task).await,
+            () = signal => {
+                let result = self.drain_and_stop(task).await;
+                self.wait_for_last_reference(Duration::from_secs(5)).await;
+                result
+            }
         }
     }
 
@@ -159,15 +163,22 @@ impl RunningServer {
             }
         };
         self.stop_background();
-        // Work handed to blocking threads holds the service (and so the
-        // audit log, flushed when the service is dropped) until it ends:
-        // HSM and database calls, which are short. Wait for it briefly so
-        // that the caller drops the last reference.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while Arc::strong_count(&self.service) > 1 && tokio::time::Instant::now() < deadline {
+        result
+    }
+
+    /// Waits (at most `limit`) until this server holds the last reference
+    /// to the service, so that dropping it closes the database and flushes
+    /// the audit log. Work handed to blocking threads holds the service
+    /// until it ends: HSM and database calls, which are short.
+    async fn wait_for_last_reference(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&self.service) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("work still holds the service after shutdown");
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        result
     }
 
     /// Stops the scheduler and health threads and waits for them: they hold

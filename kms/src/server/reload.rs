@@ -142,11 +142,7 @@ impl Reloader {
         let summary = ReloadSummary {
             config_file: path.clone(),
             tls: new_tls.is_some(),
-            crl_count: config
-                .server
-                .tls
-                .as_ref()
-                .map_or(0, |t| t.crl_files.len()),
+            crl_count: config.server.tls.as_ref().map_or(0, |t| t.crl_files.len()),
             token_count: config.auth.tokens.len(),
             admin_count: config.auth.admins.len(),
         };

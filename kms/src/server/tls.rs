@@ -140,14 +140,13 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
         None => builder.with_no_client_auth(),
     };
     // `with_single_cert` checks that the key matches the certificate.
-    let mut config =
-        builder
-            .with_single_cert(chain, key)
-            .map_err(|reason| TlsError::Identity {
-                cert: settings.cert_file.clone(),
-                key: settings.key_file.clone(),
-                reason,
-            })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|reason| TlsError::Identity {
+            cert: settings.cert_file.clone(),
+            key: settings.key_file.clone(),
+            reason,
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
