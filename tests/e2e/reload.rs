@@ -287,6 +287,7 @@ async fn a_broken_reload_changes_nothing_and_says_why() {
             vec![
                 "server.tls.key_file".to_owned(),
                 missing_key.display().to_string(),
+                "No such file or directory".to_owned(),
             ],
         ),
         (

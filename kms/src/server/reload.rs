@@ -36,9 +36,12 @@ pub enum ReloadError {
     /// embedded in a test): there is nothing to re-read.
     #[error("the server was started without a configuration file (dev mode): nothing to reload")]
     NoConfigFile,
-    #[error("{0}")]
+    /// The file is unreadable or invalid. (Displayed with its causes: this
+    /// error is the end of its chain, see [`KmsError::ReloadRefused`].)
+    #[error("{}", with_causes(.0))]
     Config(ConfigError),
-    #[error("{0}")]
+    /// A TLS file is unusable (displayed with its causes, as above).
+    #[error("{}", with_causes(.0))]
     Tls(TlsError),
     /// `[server.tls]` was added or removed: the listener's kind is fixed at
     /// start.
@@ -47,6 +50,20 @@ pub enum ReloadError {
         if *.now_configured { "on" } else { "off" }
     )]
     TlsToggled { now_configured: bool },
+}
+
+/// `error: cause: cause`. The reason a reload was refused goes to an
+/// administrator and the log as one message: the I/O error behind "cannot
+/// read FILE" is the useful part.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What a successful reload put in force.

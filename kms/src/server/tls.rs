@@ -56,7 +56,7 @@ impl SharedTls {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    #[error("server.tls.{field}: cannot read {path}: {source}")]
+    #[error("server.tls.{field}: cannot read {path}")]
     Read {
         field: &'static str,
         path: PathBuf,
