@@ -86,6 +86,7 @@ async fn list(
                 .map_or(pb::Operation::Unspecified as i32, |op| op as i32),
             page_size: remaining.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX)),
             page_token: page_token.clone(),
+            ..Default::default()
         };
         let reply = client.list_audit_events(request).await?;
         events.extend(reply.events);

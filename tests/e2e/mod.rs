@@ -8,6 +8,7 @@ mod envelope;
 mod faults;
 mod health;
 mod keys;
+mod listing_bounds;
 mod reflection;
 mod restart;
 mod secrets;

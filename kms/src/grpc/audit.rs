@@ -62,6 +62,17 @@ impl Audit for AuditApi {
         })
     }
 
+    type WatchAuditEventsStream = tokio_stream::wrappers::ReceiverStream<
+        Result<pb::WatchAuditEventsResponse, Status>,
+    >;
+
+    async fn watch_audit_events(
+        &self,
+        _request: Request<pb::WatchAuditEventsRequest>,
+    ) -> Result<Response<Self::WatchAuditEventsStream>, Status> {
+        Err(Status::unimplemented("not yet"))
+    }
+
     async fn verify_audit_log(
         &self,
         request: Request<pb::VerifyAuditLogRequest>,
