@@ -36,7 +36,7 @@ use kms_client::{BearerToken, ClientConfig, ClientIdentity, KmsClient};
 use zeroize::Zeroizing;
 
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
-pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
+pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use keys::{

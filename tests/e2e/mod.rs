@@ -1,4 +1,5 @@
 mod audit;
+mod audit_stream;
 mod authz;
 mod bad_input;
 mod cli;
