@@ -13,7 +13,8 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use kms_tests::{DevServerProcess, kms_binary, run_cli};
+use kms_storage::AuditFilter;
+use kms_tests::{DevServerProcess, TestEnv, kms_binary, run_cli};
 use tonic::transport::Channel;
 
 /// How long to wait for the follower before declaring it stuck (a hang
@@ -222,4 +223,54 @@ fn audit_tail_without_follow_prints_a_range_as_json_lines() {
     // From 3 to the end of the log when the command started: the records up
     // to VerifyAuditLog's (last + 1).
     assert_eq!(seqs, (3..=last + 1).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_watch_catches_up_then_follows_and_is_audited_once() {
+    let env = TestEnv::new();
+    let server = env.start().await;
+    let key = super::create_key(&server, "watched").await; // 1
+    for _ in 0..3 {
+        super::encrypt(&server, &key, b"p", &[]).await; // 2, 3, 4
+    }
+    let mut stream = server
+        .audit()
+        .watch_audit_events(pb::WatchAuditEventsRequest { from_sequence: 2 })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("an event within the patience limit")
+            .expect("stream ok")
+            .expect("stream open");
+        message.event.expect("event")
+    };
+    // Catch-up from 2, then the watch's own record (5).
+    for expected in 2..=5 {
+        assert_eq!(next().await.sequence, expected);
+    }
+    // Then records as they are committed, without polling on the client's part.
+    super::encrypt(&server, &key, b"p", &[]).await; // 6
+    let event = next().await;
+    assert_eq!(event.sequence, 6);
+    assert_eq!(event.operation, pb::Operation::Encrypt as i32);
+    assert_eq!(event.key_id, key);
+    super::encrypt(&server, &key, b"p", &[]).await; // 7
+    assert_eq!(next().await.sequence, 7);
+
+    // One record for the stream, none per event delivered.
+    let mut out = Vec::new();
+    server
+        .service()
+        .export_audit(
+            &AuditFilter {
+                operation: Some("WatchAuditEvents".to_owned()),
+                ..AuditFilter::default()
+            },
+            &mut out,
+        )
+        .expect("export");
+    assert_eq!(String::from_utf8(out).expect("utf-8").lines().count(), 1);
 }
