@@ -409,6 +409,51 @@ mod tests {
         }
     }
 
+    /// `kms audit ...` as the binary parses it.
+    #[derive(Debug, clap::Parser)]
+    struct AuditCli {
+        #[command(subcommand)]
+        command: AuditCommand,
+    }
+
+    fn parse_tail(args: &[&str]) -> Result<AuditTailArgs, clap::Error> {
+        use clap::Parser as _;
+        let cli =
+            AuditCli::try_parse_from(["audit", "tail"].into_iter().chain(args.iter().copied()))?;
+        match cli.command {
+            AuditCommand::Tail(args) => Ok(args),
+            other => panic!("not tail: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tail_takes_follow_and_a_positive_since_sequence() {
+        let args = parse_tail(&["--follow", "--since-sequence", "42"]).expect("parses");
+        assert!(args.follow);
+        assert_eq!(args.since_sequence, Some(42));
+        let args = parse_tail(&[]).expect("parses");
+        assert!(!args.follow);
+        assert_eq!(args.since_sequence, None);
+        // Sequence numbers start at 1.
+        assert!(parse_tail(&["--since-sequence", "0"]).is_err());
+        assert!(parse_tail(&["--since-sequence", "-1"]).is_err());
+    }
+
+    #[test]
+    fn only_transient_stream_failures_reconnect() {
+        let failure = |code| kms_client::Error::Rpc {
+            rpc: "WatchAuditEvents",
+            code,
+            message: String::new(),
+            attempts: 1,
+        };
+        assert!(reconnectable(&failure(tonic::Code::Unavailable)));
+        assert!(reconnectable(&failure(tonic::Code::Unknown)));
+        assert!(!reconnectable(&failure(tonic::Code::PermissionDenied)));
+        assert!(!reconnectable(&failure(tonic::Code::Unauthenticated)));
+        assert!(!reconnectable(&kms_client::Error::InvalidToken));
+    }
+
     #[test]
     fn events_table_shows_names_not_numbers() {
         let text = events_table(&[

@@ -352,4 +352,16 @@ async fn catalogue_listings_do_not_grow_while_they_are_paged() {
         .expect("create alias while paging");
     }
     assert_eq!(aliases, vec!["alias/b".to_owned(), "alias/d".to_owned()]);
+    // A key without aliases (its neighbours in the index have some): empty.
+    let reply = keys
+        .list_aliases(pb::ListAliasesRequest {
+            key_id: existing[1].clone(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list aliases of a key without any")
+        .into_inner();
+    assert!(reply.aliases.is_empty(), "{:?}", reply.aliases);
+    assert!(reply.next_page_token.is_empty());
 }

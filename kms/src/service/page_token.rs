@@ -193,6 +193,22 @@ mod tests {
         assert_eq!(back, ("alias/a".to_owned(), "alias/zz".to_owned()));
     }
 
+    /// Version 1 is a wire format clients hold on to between calls (and
+    /// across a server upgrade): changing it must be a deliberate act.
+    #[test]
+    fn version_1_golden_token() {
+        let token = audit_token(&[b"key-1", b""], 7, 42);
+        assert_eq!(token, GOLDEN_AUDIT_TOKEN);
+        assert_eq!(
+            read_audit(GOLDEN_AUDIT_TOKEN, &[b"key-1", b""]).unwrap(),
+            (7, 42)
+        );
+    }
+
+    /// Computed independently (Python: base64url of 0x01, the first 8 bytes of
+    /// SHA-256(0x01 ‖ u64be(5) ‖ "key-1" ‖ u64be(0)), u64be(7), u64be(42)).
+    const GOLDEN_AUDIT_TOKEN: &str = "v1.AQHWvjpGyu5KAAAAAAAAAAcAAAAAAAAAKg";
+
     #[test]
     fn foreign_damaged_or_rescoped_tokens_are_invalid_arguments() {
         let token = audit_token(&[b"key-1"], 7, 42);
