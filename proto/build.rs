@@ -41,6 +41,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_client(true)
         .build_server(true)
         .skip_debug(SECRET_MESSAGES)
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::KmsCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -28,13 +28,13 @@ pub const DEV_TOKEN_LABEL: &str = "kms-dev";
 pub enum DevError {
     #[error("dev mode listens on loopback only; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
-    #[error("cannot prepare {path}: {source}")]
+    #[error("cannot prepare {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up the SoftHSM2 token: {0}")]
+    #[error("cannot set up the SoftHSM2 token")]
     Hsm(#[from] kms_hsm::HsmError),
 }
 

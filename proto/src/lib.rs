@@ -19,6 +19,7 @@ pub mod v1 {
     tonic::include_proto!("kms.v1");
 }
 
+pub mod codec;
 mod redacted_debug;
 mod status;
 

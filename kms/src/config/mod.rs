@@ -21,7 +21,7 @@ use crate::auth::admission::PrincipalLimits;
 /// A configuration error, naming the field (e.g. `limits.max_plaintext_bytes`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error("cannot read configuration file {path}")]
     Read {
         path: PathBuf,
         #[source]

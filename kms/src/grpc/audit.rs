@@ -14,12 +14,41 @@ use tracing::Instrument;
 
 use super::convert::{audit_event, micros_of};
 use super::{Rpc, page_size, page_token};
+use crate::error::KmsError;
 use crate::service::{AuditFollower, AuditQuery, KmsService, Operation, operation};
 
 /// Events a follower reads from the log at a time.
 const WATCH_BATCH: usize = 256;
 /// Events buffered per follower stream before it waits for its client.
 const WATCH_BUFFER: usize = 256;
+
+/// ListAuditEventsRequest as a query.
+///
+/// # Errors
+/// INVALID_ARGUMENT for an unknown operation, a negative page size or a
+/// malformed time. (The page token and the sequence range are checked by the
+/// service.)
+fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError> {
+    let operation = match pb::Operation::try_from(req.operation) {
+        Ok(pb::Operation::Unspecified) => None,
+        Ok(op) => Some(operation::name(op).to_owned()),
+        Err(_) => return Err(KmsError::invalid("operation", "not a known operation")),
+    };
+    Ok(AuditQuery {
+        filter: AuditFilter {
+            from_micros: req.start_time.as_ref().map(micros_of).transpose()?,
+            to_micros: req.end_time.as_ref().map(micros_of).transpose()?,
+            key_id: page_token(&req.key_id).map(str::to_owned),
+            principal: page_token(&req.principal).map(str::to_owned),
+            operation,
+        },
+        from_sequence: (req.from_sequence != 0).then_some(req.from_sequence),
+        to_sequence: (req.to_sequence != 0).then_some(req.to_sequence),
+        // Decoded and checked by the service, inside the audited path.
+        page_token: page_token(&req.page_token).map(str::to_owned),
+        limit: page_size(req.page_size)?,
+    })
+}
 
 /// The Audit service.
 #[derive(Debug, Clone)]
@@ -116,24 +145,8 @@ impl Audit for AuditApi {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let rpc = Rpc::start(Operation::ListAuditEvents, &request)?;
         let req = request.into_inner();
-        let operation = match pb::Operation::try_from(req.operation) {
-            Ok(pb::Operation::Unspecified) => None,
-            Ok(op) => Some(operation::name(op).to_owned()),
-            Err(_) => return Err(Status::invalid_argument("invalid operation")),
-        };
-        let query = AuditQuery {
-            filter: AuditFilter {
-                from_micros: req.start_time.as_ref().map(micros_of).transpose()?,
-                to_micros: req.end_time.as_ref().map(micros_of).transpose()?,
-                key_id: page_token(&req.key_id).map(str::to_owned),
-                principal: page_token(&req.principal).map(str::to_owned),
-                operation,
-            },
-            from_sequence: (req.from_sequence != 0).then_some(req.from_sequence),
-            to_sequence: (req.to_sequence != 0).then_some(req.to_sequence),
-            page_token: page_token(&req.page_token).map(str::to_owned),
-            limit: page_size(req.page_size)?,
-        };
+        let converted = audit_query(&req);
+        let query = rpc.valid(&self.service, &req.key_id, converted).await?;
         let page = rpc
             .blocking(&self.service, move |s, m| s.list_audit_events(m, &query))
             .await?;

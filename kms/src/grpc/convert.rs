@@ -8,7 +8,6 @@ use kms_storage::{
     AliasEntry, AuditRecord, Grant, KeyPolicy, KeyRecord, KeyState, Permission, RotationPolicy,
     VersionRecord, VersionState,
 };
-use tonic::Status;
 
 use crate::error::KmsError;
 use crate::service::{DataKeySize, EffectivePolicy, KeyView, operation};
@@ -27,10 +26,11 @@ pub(crate) fn timestamp_micros(us: u64) -> prost_types::Timestamp {
     }
 }
 
-pub(crate) fn micros_of(ts: &prost_types::Timestamp) -> Result<u64, Status> {
+pub(crate) fn micros_of(ts: &prost_types::Timestamp) -> Result<u64, KmsError> {
     if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(Status::invalid_argument(
-            "invalid timestamp: must be after 1970 with nanos in range",
+        return Err(KmsError::invalid(
+            "timestamp",
+            "must be after 1970 with nanos in range",
         ));
     }
     let seconds = u64::try_from(ts.seconds).unwrap_or(0);
@@ -40,14 +40,24 @@ pub(crate) fn micros_of(ts: &prost_types::Timestamp) -> Result<u64, Status> {
         .saturating_add(nanos / 1000))
 }
 
+/// A proto Duration as a whole number of seconds.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `field` for a negative duration or one with a
+/// fractional second (periods are stored in seconds; a fraction would be
+/// dropped silently otherwise).
 pub(crate) fn duration_of(
     d: &prost_types::Duration,
     field: &'static str,
-) -> Result<Duration, Status> {
+) -> Result<Duration, KmsError> {
     if d.seconds < 0 || d.nanos < 0 {
-        return Err(Status::invalid_argument(format!(
-            "invalid {field}: must be positive"
-        )));
+        return Err(KmsError::invalid(field, "must not be negative"));
+    }
+    if d.nanos != 0 {
+        return Err(KmsError::invalid(
+            field,
+            "must be a whole number of seconds",
+        ));
     }
     Ok(Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0)))
 }

@@ -6,11 +6,14 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
-use super::convert::{alias, duration_of, key_metadata, key_policy, key_policy_from, key_version};
+use super::convert::{
+    alias, duration_of, key_metadata, key_policy, key_policy_from, key_version, micros_of,
+};
 use super::{Rpc, page_size, page_token};
+use crate::error::KmsError;
 use crate::service::Operation;
 use crate::service::page_token::{self as tokens, Listing};
-use crate::service::{CreateKeyInput, KmsService};
+use crate::service::{CreateKeyInput, KmsService, RotationPolicyInput};
 
 /// The KeyManagement service.
 #[derive(Debug, Clone)]
@@ -26,6 +29,54 @@ impl KeyManagementApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// CreateKeyRequest.key_spec: UNSPECIFIED means AES-256-GCM, the only spec.
+fn key_spec(spec: i32) -> Result<(), KmsError> {
+    match pb::KeySpec::try_from(spec) {
+        Ok(pb::KeySpec::Unspecified | pb::KeySpec::Aes256Gcm) => Ok(()),
+        _ => Err(KmsError::invalid(
+            "key_spec",
+            "only KEY_SPEC_AES_256_GCM is supported",
+        )),
+    }
+}
+
+/// A version number from a request: proto3's 0 is "unset", and versions
+/// start at 1.
+fn version_number(version: u32) -> Result<u32, KmsError> {
+    if version == 0 {
+        return Err(KmsError::invalid("version", "must be at least 1"));
+    }
+    Ok(version)
+}
+
+/// SetRotationPolicyRequest's two fields, as the proto documents them: an
+/// unset period turns periodic rotation off (and then next_rotation_time
+/// must be unset too); a set period, including 0 s, must be within the
+/// bounds (checked by the service, as for CreateKey).
+fn rotation_policy(
+    period: Option<&prost_types::Duration>,
+    next: Option<&prost_types::Timestamp>,
+) -> Result<RotationPolicyInput, KmsError> {
+    let period = period
+        .map(|d| duration_of(d, "rotation_period"))
+        .transpose()?;
+    let next_rotation_at_ms = next
+        .map(|t| {
+            micros_of(t).map_err(|_| {
+                KmsError::invalid(
+                    "next_rotation_time",
+                    "must be after 1970 with nanos in range",
+                )
+            })
+        })
+        .transpose()?
+        .map(|micros| micros / 1000);
+    Ok(RotationPolicyInput {
+        period,
+        next_rotation_at_ms,
+    })
+}
+
 #[tonic::async_trait]
 impl KeyManagement for KeyManagementApi {
     async fn create_key(
@@ -34,19 +85,13 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::CreateKeyResponse> {
         let rpc = Rpc::start(Operation::CreateKey, &request)?;
         let req = request.into_inner();
-        if !matches!(
-            pb::KeySpec::try_from(req.key_spec),
-            Ok(pb::KeySpec::Unspecified | pb::KeySpec::Aes256Gcm)
-        ) {
-            return Err(Status::invalid_argument(
-                "invalid key_spec: only KEY_SPEC_AES_256_GCM is supported",
-            ));
-        }
-        let rotation_period = req
-            .rotation_period
-            .as_ref()
-            .map(|d| duration_of(d, "rotation_period"))
-            .transpose()?;
+        let converted = key_spec(req.key_spec).and_then(|()| {
+            req.rotation_period
+                .as_ref()
+                .map(|d| duration_of(d, "rotation_period"))
+                .transpose()
+        });
+        let rotation_period = rpc.valid(&self.service, "", converted).await?;
         let input = CreateKeyInput {
             description: req.description,
             tags: req.tags.into_iter().collect(),
@@ -81,7 +126,9 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::ListKeysResponse> {
         let rpc = Rpc::start(Operation::ListKeys, &request)?;
         let req = request.into_inner();
-        let limit = page_size(req.page_size)?;
+        let limit = rpc
+            .valid(&self.service, "", page_size(req.page_size))
+            .await?;
         let token = req.page_token;
         let page = rpc
             .blocking(&self.service, move |s, m| {
@@ -233,20 +280,14 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::SetRotationPolicyResponse> {
         let rpc = Rpc::start(Operation::SetRotationPolicy, &request)?;
         let req = request.into_inner();
-        if req.next_rotation_time.is_some() {
-            return Err(Status::invalid_argument(
-                "invalid next_rotation_time: not supported; the next rotation is one period from now",
-            ));
-        }
-        let period = req
-            .rotation_period
-            .as_ref()
-            .map(|d| duration_of(d, "rotation_period"))
-            .transpose()?
-            .filter(|d| !d.is_zero());
+        let converted = rotation_policy(
+            req.rotation_period.as_ref(),
+            req.next_rotation_time.as_ref(),
+        );
+        let policy = rpc.valid(&self.service, &req.key_id, converted).await?;
         let view = rpc
             .blocking(&self.service, move |s, m| {
-                s.set_rotation_policy(m, &req.key_id, period)
+                s.set_rotation_policy(m, &req.key_id, policy)
             })
             .await?;
         rpc.respond(pb::SetRotationPolicyResponse {
@@ -260,18 +301,21 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::ListKeyVersionsResponse> {
         let rpc = Rpc::start(Operation::ListKeyVersions, &request)?;
         let req = request.into_inner();
-        let limit = page_size(req.page_size)?;
         // (after, until): bounded at the first page by the highest version
         // then, since rotations add versions while a listing pages.
-        let bound = match page_token(&req.page_token) {
-            None => None,
-            Some(t) => Some(
-                tokens::decode(t, Listing::KeyVersions, &[req.key_id.as_bytes()], |r| {
-                    Some((r.u32()?, r.u32()?))
-                })
-                .map_err(|e| rpc.fail(e))?,
-            ),
-        };
+        let converted = page_size(req.page_size).and_then(|limit| {
+            let bound = match page_token(&req.page_token) {
+                None => None,
+                Some(t) => Some(tokens::decode(
+                    t,
+                    Listing::KeyVersions,
+                    &[req.key_id.as_bytes()],
+                    |r| Some((r.u32()?, r.u32()?)),
+                )?),
+            };
+            Ok((limit, bound))
+        });
+        let (limit, bound) = rpc.valid(&self.service, &req.key_id, converted).await?;
         let key_id = req.key_id.clone();
         let (record, versions) = rpc
             .blocking(&self.service, move |s, m| {
@@ -312,9 +356,12 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::EnableKeyVersionResponse> {
         let rpc = Rpc::start(Operation::EnableKeyVersion, &request)?;
         let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
         let (version, primary) = rpc
             .blocking(&self.service, move |s, m| {
-                let version = s.enable_key_version(m, &req.key_id, req.version)?;
+                let version = s.enable_key_version(m, &req.key_id, number)?;
                 let primary = s.key_view(&version.key_id)?.record.primary_version;
                 Ok((version, primary))
             })
@@ -330,9 +377,12 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::DisableKeyVersionResponse> {
         let rpc = Rpc::start(Operation::DisableKeyVersion, &request)?;
         let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
         let (version, primary) = rpc
             .blocking(&self.service, move |s, m| {
-                let version = s.disable_key_version(m, &req.key_id, req.version)?;
+                let version = s.disable_key_version(m, &req.key_id, number)?;
                 let primary = s.key_view(&version.key_id)?.record.primary_version;
                 Ok((version, primary))
             })
@@ -348,9 +398,12 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::SetPrimaryVersionResponse> {
         let rpc = Rpc::start(Operation::SetPrimaryVersion, &request)?;
         let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
         let view = rpc
             .blocking(&self.service, move |s, m| {
-                s.set_primary_version(m, &req.key_id, req.version)
+                s.set_primary_version(m, &req.key_id, number)
             })
             .await?;
         rpc.respond(pb::SetPrimaryVersionResponse {
@@ -407,7 +460,9 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::ListAliasesResponse> {
         let rpc = Rpc::start(Operation::ListAliases, &request)?;
         let req = request.into_inner();
-        let limit = page_size(req.page_size)?;
+        let limit = rpc
+            .valid(&self.service, &req.key_id, page_size(req.page_size))
+            .await?;
         let page = rpc
             .blocking(&self.service, move |s, m| {
                 s.list_aliases(
@@ -444,20 +499,12 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::PutKeyPolicyResponse> {
         let rpc = Rpc::start(Operation::PutKeyPolicy, &request)?;
         let req = request.into_inner();
-        let policy = match req.policy.map(key_policy_from).transpose() {
-            Ok(policy) => policy.unwrap_or_default(),
-            Err(error) => {
-                // Still audited: a malformed policy change names a key.
-                let refused: Result<(), Status> = rpc
-                    .blocking(&self.service, move |s, m| {
-                        s.refuse(m, Operation::PutKeyPolicy, &req.key_id, error)
-                    })
-                    .await;
-                return Err(refused
-                    .err()
-                    .unwrap_or_else(|| Status::internal("internal error")));
-            }
-        };
+        // Still audited when malformed: a policy change names a key.
+        let converted = req.policy.map(key_policy_from).transpose();
+        let policy = rpc
+            .valid(&self.service, &req.key_id, converted)
+            .await?
+            .unwrap_or_default();
         let policy = rpc
             .blocking(&self.service, move |s, m| {
                 s.put_key_policy(m, &req.key_id, policy)

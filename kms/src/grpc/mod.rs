@@ -49,6 +49,7 @@ pub(crate) fn status_code(code: ResultCode) -> Code {
 #[derive(Debug)]
 pub(crate) struct Rpc {
     pub(crate) meta: RequestMeta,
+    operation: Operation,
     span: Span,
 }
 
@@ -67,7 +68,11 @@ impl Rpc {
             request_id = %meta.request_id,
             principal = %meta.principal,
         );
-        Ok(Rpc { meta, span })
+        Ok(Rpc {
+            meta,
+            operation: rpc,
+            span,
+        })
     }
 
     /// Runs blocking domain work (HSM and RocksDB calls) off the async
@@ -129,6 +134,34 @@ impl Rpc {
             .instrument(self.span.clone())
             .await
             .map_err(|e| self.fail(e))
+    }
+
+    /// A value converted from the request, or, if the conversion refused the
+    /// request (a malformed field, an unsupported value), that refusal: it
+    /// is audited like any other (one record, naming `named_key` if the
+    /// request named one, "" if not), logged, and returned as the status.
+    /// Every check a handler makes before the domain call goes through here,
+    /// so that no request leaves without its audit record.
+    pub(crate) async fn valid<T>(
+        &self,
+        service: &Arc<KmsService>,
+        named_key: &str,
+        converted: Result<T, KmsError>,
+    ) -> Result<T, Status> {
+        let error = match converted {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let refused = service.refuse_deferred::<()>(&self.meta, self.operation, named_key, error);
+        match service
+            .finish_async(refused)
+            .instrument(self.span.clone())
+            .await
+        {
+            Err(error) => Err(self.fail(error)),
+            // refuse_deferred never succeeds; kept total rather than panicking.
+            Ok(()) => Err(self.fail(KmsError::invalid("request", "refused"))),
+        }
     }
 
     /// The status for a failed request, logged once here, in the span:
@@ -215,13 +248,15 @@ fn new_request_id() -> String {
     hex::encode(bytes)
 }
 
-/// Page sizes: 0 means the default; anything above the maximum is clamped.
-pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
+/// Page sizes: 0 means the default (100); anything above the maximum
+/// ([`kms_storage::MAX_PAGE_SIZE`]) is clamped.
+///
+/// # Errors
+/// INVALID_ARGUMENT for a negative size.
+pub(crate) fn page_size(requested: i32) -> Result<usize, KmsError> {
     match requested {
         0 => Ok(100),
-        n if n < 0 => Err(Status::invalid_argument(
-            "invalid page_size: must not be negative",
-        )),
+        n if n < 0 => Err(KmsError::invalid("page_size", "must not be negative")),
         n => Ok(usize::try_from(n)
             .unwrap_or(usize::MAX)
             .min(kms_storage::MAX_PAGE_SIZE)),

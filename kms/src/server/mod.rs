@@ -29,13 +29,13 @@ use crate::service::{KmsService, scheduler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read TLS file {path}: {source}")]
+    #[error("cannot read TLS file {path}")]
     TlsFile {
         path: std::path::PathBuf,
         #[source]
@@ -45,11 +45,11 @@ pub enum ServerError {
     Tls(String),
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
-    #[error("the gRPC server failed: {0}")]
+    #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
     #[error("the server task failed")]
     Task,
-    #[error("cannot start the health probe thread: {0}")]
+    #[error("cannot start the health probe thread")]
     HealthThread(#[source] std::io::Error),
 }
 

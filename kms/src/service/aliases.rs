@@ -46,6 +46,15 @@ impl KmsService {
     ) -> Result<AliasEntry> {
         self.audited(meta, operation, Some(key), |audit| {
             let alias = parse_alias(alias)?;
+            // An alias names a key, never another alias (as AWS KMS's
+            // TargetKeyId): a chain would silently follow the other alias
+            // whenever it moves.
+            if KeyId::parse(key).is_err() {
+                return Err(KmsError::invalid(
+                    "target_key_id",
+                    "must be a key id (key-...), not an alias",
+                ));
+            }
             let record = self.resolve_for(meta, audit, key, Permission::Manage)?;
             audit.key(&record.id, None);
             // Moving an alias also takes it away from its current key: whoever

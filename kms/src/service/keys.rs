@@ -73,6 +73,16 @@ pub struct CreateKeyInput {
     pub rotation_period: Option<Duration>,
 }
 
+/// Input of SetRotationPolicy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RotationPolicyInput {
+    /// Rotation period; None turns periodic rotation off.
+    pub period: Option<Duration>,
+    /// First rotation, in milliseconds since the Unix epoch; None means one
+    /// period from now.
+    pub next_rotation_at_ms: Option<u64>,
+}
+
 /// A key with its aliases, as described to callers.
 #[derive(Debug, Clone)]
 pub struct KeyView {
@@ -296,6 +306,9 @@ impl KmsService {
         tags: BTreeMap<String, String>,
     ) -> Result<KeyView> {
         self.change_key(meta, Operation::TagKey, key, |k| {
+            if tags.is_empty() {
+                return Err(KmsError::invalid("tags", "must not be empty"));
+            }
             let mut merged = k.tags.clone();
             merged.extend(tags);
             validate_tags(&merged)?;
@@ -311,6 +324,9 @@ impl KmsService {
         tag_keys: Vec<String>,
     ) -> Result<KeyView> {
         self.change_key(meta, Operation::UntagKey, key, |k| {
+            if tag_keys.is_empty() {
+                return Err(KmsError::invalid("tag_keys", "must not be empty"));
+            }
             for tag in &tag_keys {
                 k.tags.remove(tag);
             }
@@ -452,22 +468,59 @@ impl KmsService {
         Ok(version.gcm_invocations >= self.rotation.gcm_invocation_limit)
     }
 
+    /// SetRotationPolicy: periodic rotation every `input.period` (within
+    /// [`MIN_ROTATION_PERIOD`]..=[`MAX_ROTATION_PERIOD`]), first at
+    /// `input.next_rotation_at_ms` or one period from now; no period turns
+    /// periodic rotation off.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a period out of bounds (0 s included: "off" is
+    /// an unset period, as the proto documents), a next rotation time
+    /// without a period, in the past, or more than one period ahead (it
+    /// would postpone the rotation the period promises); the errors of
+    /// [`KmsService::change_key`].
     pub fn set_rotation_policy(
         &self,
         meta: &RequestMeta,
         key: &str,
-        period: Option<Duration>,
+        input: RotationPolicyInput,
     ) -> Result<KeyView> {
-        if let Some(Err(e)) = period.map(validate_period) {
-            return self.audited(meta, Operation::SetRotationPolicy, Some(key), |_| Err(e));
-        }
+        let now = now_ms();
+        let schedule = match (input.period, input.next_rotation_at_ms) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(KmsError::invalid(
+                "next_rotation_time",
+                "must be unset when rotation_period is unset",
+            )),
+            (Some(period), next) => validate_period(period).and_then(|()| {
+                let latest = now.saturating_add(period_ms(period));
+                match next {
+                    None => Ok(Some((period, latest))),
+                    Some(at) if at <= now => Err(KmsError::invalid(
+                        "next_rotation_time",
+                        "must be in the future",
+                    )),
+                    Some(at) if at > latest => Err(KmsError::invalid(
+                        "next_rotation_time",
+                        "must be at most one rotation_period from now",
+                    )),
+                    Some(at) => Ok(Some((period, at))),
+                }
+            }),
+        };
+        let schedule = match schedule {
+            Ok(schedule) => schedule,
+            Err(e) => {
+                return self.audited(meta, Operation::SetRotationPolicy, Some(key), |_| Err(e));
+            }
+        };
         self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
-            match period {
-                Some(p) => {
+            match schedule {
+                Some((period, next)) => {
                     k.rotation = RotationPolicy::Every {
-                        period_secs: p.as_secs(),
+                        period_secs: period.as_secs(),
                     };
-                    k.next_rotation_at_ms = Some(now_ms().saturating_add(period_ms(p)));
+                    k.next_rotation_at_ms = Some(next);
                 }
                 None => {
                     k.rotation = RotationPolicy::Manual;

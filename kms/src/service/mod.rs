@@ -41,6 +41,7 @@ pub use crypto::{
 };
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
+    RotationPolicyInput,
 };
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
@@ -363,17 +364,17 @@ fn truncate(text: &str, max: usize) -> String {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("HSM: {0}")]
+    #[error("HSM")]
     Hsm(#[source] kms_hsm::HsmError),
-    #[error("storage: {0}")]
+    #[error("storage")]
     Storage(#[source] kms_storage::StorageError),
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("reconciling pending key versions: {0}")]
+    #[error("reconciling pending key versions")]
     Reconcile(#[source] KmsError),
 }
 
