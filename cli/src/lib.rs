@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 
 pub use admin::AdminCommand;
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
-pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
+pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use keys::{

@@ -1,4 +1,5 @@
 mod audit;
+mod audit_stream;
 mod authz;
 mod bad_input;
 mod cli;
@@ -11,6 +12,7 @@ mod envelope;
 mod faults;
 mod health;
 mod keys;
+mod listing_bounds;
 mod reflection;
 mod reload;
 mod restart;

@@ -295,7 +295,10 @@ pub async fn start_with(
     let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&service)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let audit = AuditServer::new(AuditApi::new(Arc::clone(&service)))
+    let audit_api = AuditApi::new(Arc::clone(&service));
+    // Audit followers' streams would hold a graceful shutdown open forever.
+    let watch_stop = audit_api.watch_stop();
+    let audit = AuditServer::new(audit_api)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
@@ -344,8 +347,9 @@ pub async fn start_with(
         .add_service(admin);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
         incoming::limited_incoming(listener, config.server.max_connections, shared_tls),
-        async {
+        async move {
             let _ = shutdown_rx.await;
+            watch_stop.stop();
         },
     ));
 

@@ -18,6 +18,7 @@ mod crypto;
 mod keys;
 mod lookup;
 pub mod operation;
+pub(crate) mod page_token;
 mod reconcile;
 pub mod scheduler;
 
@@ -31,7 +32,7 @@ use crate::auth::policy::{AccessControl, Roles};
 use crate::config::{Config, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
-pub use audit::{AuditQuery, AuditVerification};
+pub use audit::{AuditFollower, AuditListing, AuditQuery, AuditVerification};
 pub use authz::EffectivePolicy;
 pub use batch::{DataKeyItem, DecryptItem, EncryptItem};
 pub use crypto::{

@@ -49,6 +49,7 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ListAuditEvents => "ListAuditEvents",
         Operation::VerifyAuditLog => "VerifyAuditLog",
         Operation::Reload => "Reload",
+        Operation::WatchAuditEvents => "WatchAuditEvents",
         Operation::AutomaticRotation => "AutomaticRotation",
         Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
@@ -92,7 +93,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 37);
+        assert_eq!(seen, 38);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }
