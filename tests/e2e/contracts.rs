@@ -918,6 +918,22 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
 
     assert!(cases.wrong.is_empty(), "{:#?}", cases.wrong);
 
+    cases
+        .refused(
+            "audit-range-inverted",
+            ia,
+            "to_sequence",
+            audit.list_audit_events(with_id(
+                "audit-range-inverted",
+                pb::ListAuditEventsRequest {
+                    from_sequence: 5,
+                    to_sequence: 2,
+                    ..Default::default()
+                },
+            )),
+        )
+        .await;
+
     // Exactly one record per request, naming the key where the request named one.
     let records = records_by_request_id(&server);
     let mut missing = Vec::new();
