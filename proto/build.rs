@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "kms/v1/key_management.proto",
     "kms/v1/crypto.proto",
     "kms/v1/audit.proto",
+    "kms/v1/admin.proto",
 ];
 
 /// Messages that carry plaintext, data keys or other secret bytes: no derived

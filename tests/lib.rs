@@ -49,6 +49,7 @@ impl TestEnv {
                 max_message_bytes: 8 << 20,
                 max_connections: 1024,
                 max_concurrent_streams: 256,
+                shutdown_grace: Duration::from_secs(10),
                 tls: None,
             },
             limits: Limits {
@@ -203,14 +204,35 @@ impl DevServerProcess {
     /// Starts `kms serve --dev` on `data_dir` and waits for its
     /// "kms listening on ADDR (…)" line.
     pub fn start(data_dir: &Path) -> DevServerProcess {
-        Self::spawn(data_dir, "warn", std::process::Stdio::inherit())
+        Self::spawn(
+            data_dir,
+            "127.0.0.1:0",
+            "warn",
+            std::process::Stdio::inherit(),
+        )
+    }
+
+    /// Like `start`, listening on `listen` (e.g. the same address again after
+    /// a restart, so that a client can reconnect).
+    pub fn start_at(data_dir: &Path, listen: std::net::SocketAddr) -> DevServerProcess {
+        Self::spawn(
+            data_dir,
+            &listen.to_string(),
+            "warn",
+            std::process::Stdio::inherit(),
+        )
     }
 
     /// Like `start`, with log filter `log` and the server's stderr (its log)
     /// written to `log_file`.
     pub fn start_logged(data_dir: &Path, log: &str, log_file: &Path) -> DevServerProcess {
         let file = std::fs::File::create(log_file).expect("log file");
-        Self::spawn(data_dir, log, std::process::Stdio::from(file))
+        Self::spawn(
+            data_dir,
+            "127.0.0.1:0",
+            log,
+            std::process::Stdio::from(file),
+        )
     }
 
     /// Everything the server printed on stdout after its banner (read until
@@ -230,10 +252,15 @@ impl DevServerProcess {
         let _ = self.child.wait();
     }
 
-    fn spawn(data_dir: &Path, log: &str, stderr: std::process::Stdio) -> DevServerProcess {
+    fn spawn(
+        data_dir: &Path,
+        listen: &str,
+        log: &str,
+        stderr: std::process::Stdio,
+    ) -> DevServerProcess {
         use std::io::{BufRead, Read};
         let mut child = std::process::Command::new(kms_binary())
-            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--dev", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env("KMS_LOG", log)
             .stdout(std::process::Stdio::piped())

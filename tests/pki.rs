@@ -27,6 +27,15 @@ impl std::fmt::Debug for TestCa {
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The certificate's serial number (what a CRL names).
+    pub serial: u64,
+}
+
+/// Distinct serial numbers across every CA of the test process.
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl TestCa {
@@ -73,12 +82,40 @@ impl TestCa {
         self.issue(file_name, params)
     }
 
-    fn issue(&self, file_name: &str, params: CertificateParams) -> CertFiles {
+    /// A PEM certificate revocation list of this CA revoking `serials`,
+    /// valid from 2020 to 2100, written to `<name>-<file_name>.crl.pem`.
+    pub fn crl(&self, file_name: &str, serials: &[u64]) -> PathBuf {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(next_serial()),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(serial),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).expect("sign crl");
+        let path = self.dir.join(format!("{}-{file_name}.crl.pem", self.name));
+        std::fs::write(&path, crl.pem().expect("crl pem")).expect("write crl");
+        path
+    }
+
+    fn issue(&self, file_name: &str, mut params: CertificateParams) -> CertFiles {
+        let serial = next_serial();
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         let files = CertFiles {
             cert: self.dir.join(format!("{}-{file_name}.pem", self.name)),
             key: self.dir.join(format!("{}-{file_name}.key", self.name)),
+            serial,
         };
         std::fs::write(&files.cert, cert.pem()).expect("write cert");
         std::fs::write(&files.key, key.serialize_pem()).expect("write key");

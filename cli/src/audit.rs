@@ -1,5 +1,5 @@
-//! `kms audit list|verify|export`: reading and verifying the audit log through
-//! the Audit service. Audit events never contain plaintext, keys or context
+//! `kms audit list|verify|export|tail`: reading, following and verifying the
+//! audit log through the Audit service. Audit events never contain plaintext, keys or context
 //! values (only the context's SHA-256), so all of an event may be printed.
 #![allow(clippy::print_stdout)]
 
@@ -24,6 +24,25 @@ pub enum AuditCommand {
     Verify,
     /// Export every event as JSON lines (one event per line).
     Export(AuditExportArgs),
+    /// Print events as JSON lines (one object per line, for log shippers such
+    /// as Vector or Fluent Bit), from a sequence number on; with --follow, keep
+    /// printing new events as they are committed.
+    Tail(AuditTailArgs),
+}
+
+/// Arguments of `kms audit tail`.
+#[derive(Debug, clap::Args)]
+pub struct AuditTailArgs {
+    /// Keep running and print each new event as soon as it is committed. When
+    /// the server is unavailable (restarting) or the connection breaks,
+    /// reconnect and resume after the last event printed: no event is printed
+    /// twice or skipped.
+    #[arg(long)]
+    pub follow: bool,
+    /// Start at the event with this sequence number (default 1: the whole log).
+    /// To resume a shipper, pass the last sequence it shipped + 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub since_sequence: Option<u64>,
 }
 
 /// Filters of `kms audit list`; they combine with AND.
@@ -63,6 +82,101 @@ pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyho
         AuditCommand::List(args) => list(&client, args, options).await,
         AuditCommand::Verify => verify(&client, options).await,
         AuditCommand::Export(args) => export(&client, args).await,
+        AuditCommand::Tail(args) => tail(&client, args).await,
+    }
+}
+
+/// Writes one event as a compact JSON line to stdout and flushes it (a shipper
+/// reading the pipe sees each event at once).
+fn print_line(event: &pb::AuditEvent) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, &event_json(event))?;
+    out.write_all(b"\n")
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+/// Whether a failed stream is worth reopening: the server is unavailable
+/// (shutting down, restarting, unreachable) or the connection broke mid-stream
+/// (which the transport reports as CANCELLED or UNKNOWN).
+fn reconnectable(error: &kms_client::Error) -> bool {
+    matches!(
+        error.code(),
+        Some(tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
+    )
+}
+
+/// `kms audit tail`: without --follow, the events from --since-sequence to the
+/// end of the log as it is when the command starts (ListAuditEvents by
+/// sequence range); with --follow, a WatchAuditEvents stream, reopened after
+/// the last event printed whenever it fails for a reason that may pass.
+async fn tail(client: &KmsClient, args: AuditTailArgs) -> anyhow::Result<()> {
+    let mut next = args.since_sequence.unwrap_or(1);
+    if !args.follow {
+        let mut page_token = String::new();
+        loop {
+            let reply = client
+                .list_audit_events(pb::ListAuditEventsRequest {
+                    from_sequence: next,
+                    // The server's largest page (larger sizes are clamped).
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            for event in &reply.events {
+                print_line(event)?;
+            }
+            match next_page_token(&page_token, reply.next_page_token)? {
+                Some(token) => page_token = token,
+                None => return Ok(()),
+            }
+        }
+    }
+    const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let failure = match client.watch_audit_events(next).await {
+            Err(e) => e,
+            Ok(mut stream) => loop {
+                match stream.next().await {
+                    Ok(Some(event)) => {
+                        // The server promises no gaps and no duplicates; a
+                        // shipper must not be handed either silently.
+                        if event.sequence != next {
+                            anyhow::bail!(
+                                "the server sent audit event {} where {next} was expected",
+                                event.sequence
+                            );
+                        }
+                        print_line(&event)?;
+                        next += 1;
+                        backoff = FIRST_BACKOFF;
+                    }
+                    // A stream the server ended cleanly: reopen it as well.
+                    Ok(None) => {
+                        break kms_client::Error::Rpc {
+                            rpc: "WatchAuditEvents",
+                            code: tonic::Code::Unavailable,
+                            message: "the server ended the stream".to_owned(),
+                            attempts: 1,
+                        };
+                    }
+                    Err(e) => break e,
+                }
+            },
+        };
+        if !reconnectable(&failure) {
+            return Err(failure.into());
+        }
+        eprintln!(
+            "kms audit tail: {}; reconnecting in {} ms (resuming at sequence {next})",
+            output::sanitize(&failure.to_string()),
+            backoff.as_millis()
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -86,6 +200,7 @@ async fn list(
                 .map_or(pb::Operation::Unspecified as i32, |op| op as i32),
             page_size: remaining.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX)),
             page_token: page_token.clone(),
+            ..Default::default()
         };
         let reply = client.list_audit_events(request).await?;
         events.extend(reply.events);
@@ -292,6 +407,51 @@ mod tests {
             latency_us: 1_500,
             hash: vec![0x01, 0xff],
         }
+    }
+
+    /// `kms audit ...` as the binary parses it.
+    #[derive(Debug, clap::Parser)]
+    struct AuditCli {
+        #[command(subcommand)]
+        command: AuditCommand,
+    }
+
+    fn parse_tail(args: &[&str]) -> Result<AuditTailArgs, clap::Error> {
+        use clap::Parser as _;
+        let cli =
+            AuditCli::try_parse_from(["audit", "tail"].into_iter().chain(args.iter().copied()))?;
+        match cli.command {
+            AuditCommand::Tail(args) => Ok(args),
+            other => panic!("not tail: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tail_takes_follow_and_a_positive_since_sequence() {
+        let args = parse_tail(&["--follow", "--since-sequence", "42"]).expect("parses");
+        assert!(args.follow);
+        assert_eq!(args.since_sequence, Some(42));
+        let args = parse_tail(&[]).expect("parses");
+        assert!(!args.follow);
+        assert_eq!(args.since_sequence, None);
+        // Sequence numbers start at 1.
+        assert!(parse_tail(&["--since-sequence", "0"]).is_err());
+        assert!(parse_tail(&["--since-sequence", "-1"]).is_err());
+    }
+
+    #[test]
+    fn only_transient_stream_failures_reconnect() {
+        let failure = |code| kms_client::Error::Rpc {
+            rpc: "WatchAuditEvents",
+            code,
+            message: String::new(),
+            attempts: 1,
+        };
+        assert!(reconnectable(&failure(tonic::Code::Unavailable)));
+        assert!(reconnectable(&failure(tonic::Code::Unknown)));
+        assert!(!reconnectable(&failure(tonic::Code::PermissionDenied)));
+        assert!(!reconnectable(&failure(tonic::Code::Unauthenticated)));
+        assert!(!reconnectable(&kms_client::Error::InvalidToken));
     }
 
     #[test]

@@ -114,9 +114,14 @@ pub struct RotationPolicyArgs {
     /// Key id ("key-...") or alias ("alias/<name>").
     #[arg(value_name = "KEY")]
     pub key: String,
-    /// Rotate automatically every N days, the first time N days from now.
+    /// Rotate automatically every N days, the first time N days from now
+    /// (or at --next-rotation).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub period_days: Option<u32>,
+    /// First rotation at TIME (RFC 3339, e.g. 2026-12-01T02:00:00Z): in the
+    /// future and at most one period from now. Needs --period-days.
+    #[arg(long, value_name = "TIME", requires = "period_days", value_parser = output::parse_time)]
+    pub next_rotation: Option<prost_types::Timestamp>,
     /// Turn periodic rotation off.
     #[arg(long)]
     pub none: bool,
@@ -232,7 +237,7 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
                 .set_rotation_policy(pb::SetRotationPolicyRequest {
                     key_id: args.key,
                     rotation_period,
-                    next_rotation_time: None,
+                    next_rotation_time: args.next_rotation,
                 })
                 .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 #![allow(clippy::print_stdout)]
 
+mod admin;
 mod aliases;
 mod audit;
 mod crypto;
@@ -35,8 +36,9 @@ use anyhow::Context as _;
 use kms_client::{BearerToken, ClientConfig, ClientIdentity, KmsClient};
 use zeroize::Zeroizing;
 
+pub use admin::AdminCommand;
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
-pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs};
+pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use keys::{
@@ -104,6 +106,9 @@ pub enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Operator actions on the running server (administrators only).
+    #[command(subcommand)]
+    Admin(AdminCommand),
 }
 
 /// Runs one client command against the server named in `options`.
@@ -122,6 +127,7 @@ pub async fn run(command: Command, options: &ClientOptions) -> anyhow::Result<()
         Command::DataKey(args) => crypto::data_key(args, options).await,
         Command::Envelope(command) => envelope::run(command, options).await,
         Command::Audit(command) => audit::run(command, options).await,
+        Command::Admin(command) => admin::run(command, options).await,
     }
 }
 

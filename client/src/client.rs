@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kms_proto::v1 as pb;
+use kms_proto::v1::admin_client::AdminClient;
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::crypto_client::CryptoClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
@@ -117,6 +118,7 @@ rpcs! {
     CryptoClient batch_generate_data_key "BatchGenerateDataKey" Retryable: BatchGenerateDataKeyRequest => BatchGenerateDataKeyResponse;
     AuditClient list_audit_events "ListAuditEvents" Retryable: ListAuditEventsRequest => ListAuditEventsResponse;
     AuditClient verify_audit_log "VerifyAuditLog" Retryable: VerifyAuditLogRequest => VerifyAuditLogResponse;
+    AdminClient reload "Reload" Once: ReloadRequest => ReloadResponse;
 }
 
 impl KmsClient {
@@ -169,10 +171,41 @@ impl KmsClient {
         &self.endpoint
     }
 
+    /// Opens a `WatchAuditEvents` stream: every audit event from
+    /// `from_sequence` on (0 means from the first), in sequence order without
+    /// gaps or duplicates, first those already logged, then each new one as it
+    /// is committed. The stream has no deadline and is not retried: after an
+    /// error (UNAVAILABLE when the server restarts), open a new one from the
+    /// last sequence received + 1 to resume without gaps or duplicates.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] if the server refuses the stream (PERMISSION_DENIED for a
+    /// caller who is neither auditor nor administrator, UNAVAILABLE if it cannot
+    /// be reached); [`Error::InvalidToken`] if the bearer token is not a valid
+    /// header value.
+    pub async fn watch_audit_events(&self, from_sequence: u64) -> Result<AuditEventStream, Error> {
+        const RPC: &str = "WatchAuditEvents";
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let request = self.untimed_request(pb::WatchAuditEventsRequest { from_sequence })?;
+        let stream = AuditClient::new(self.channel.clone())
+            .watch_audit_events(request)
+            .await
+            .map_err(|status| rpc_error(RPC, &status))?
+            .into_inner();
+        Ok(AuditEventStream { inner: stream })
+    }
+
     /// Wraps a message with the deadline and the token.
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
-        let mut request = tonic::Request::new(message);
+        let mut request = self.untimed_request(message)?;
         request.set_timeout(self.call_timeout);
+        Ok(request)
+    }
+
+    /// Wraps a message with the token, without a deadline (for streams that
+    /// last until cancelled).
+    fn untimed_request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
+        let mut request = tonic::Request::new(message);
         if let Some(token) = &self.token {
             request
                 .metadata_mut()
@@ -231,6 +264,42 @@ impl KmsClient {
                     });
                 }
             }
+        }
+    }
+}
+
+fn rpc_error(rpc: &'static str, status: &tonic::Status) -> Error {
+    Error::Rpc {
+        rpc,
+        code: status.code(),
+        message: crate::error::status_message(status),
+        attempts: 1,
+    }
+}
+
+/// An open `WatchAuditEvents` stream (from [`KmsClient::watch_audit_events`]).
+/// Dropping it cancels the stream.
+#[derive(Debug)]
+pub struct AuditEventStream {
+    inner: tonic::Streaming<pb::WatchAuditEventsResponse>,
+}
+
+impl AuditEventStream {
+    /// The next event, waiting for it to be committed; `Ok(None)` if the server
+    /// ended the stream.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the stream fails (UNAVAILABLE when the server shuts
+    /// down or the connection breaks: resume from the last sequence received
+    /// + 1); [`Error::MissingField`] for a message without an event.
+    pub async fn next(&mut self) -> Result<Option<pb::AuditEvent>, Error> {
+        match self.inner.message().await {
+            Ok(Some(message)) => message.event.map(Some).ok_or(Error::MissingField {
+                rpc: "WatchAuditEvents",
+                field: "event",
+            }),
+            Ok(None) => Ok(None),
+            Err(status) => Err(rpc_error("WatchAuditEvents", &status)),
         }
     }
 }

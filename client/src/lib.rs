@@ -27,7 +27,7 @@ mod error;
 pub mod retry;
 
 pub use cache::{CacheLimits, CacheStats, DataKeyCache};
-pub use client::{ClientStats, KmsClient};
+pub use client::{AuditEventStream, ClientStats, KmsClient};
 pub use config::{BearerToken, ClientConfig, ClientIdentity};
 pub use context::EncryptionContext;
 pub use data_key::DataKey;

@@ -257,7 +257,7 @@ pub enum HsmError {
     },
 
     /// Syncing the SoftHSM token directory to disk failed.
-    #[error("cannot sync token directory {path}: {source}")]
+    #[error("cannot sync token directory {path}")]
     TokenSync {
         /// The file or directory that could not be synced.
         path: PathBuf,
@@ -268,7 +268,7 @@ pub enum HsmError {
 
     /// The SoftHSM2 home (configuration file or token directory) could not
     /// be created.
-    #[error("cannot set up SoftHSM2 at {path}: {source}")]
+    #[error("cannot set up SoftHSM2 at {path}")]
     SoftHsmSetup {
         /// The file or directory that could not be created or written.
         path: PathBuf,

@@ -28,13 +28,13 @@ pub const DEV_TOKEN_LABEL: &str = "kms-dev";
 pub enum DevError {
     #[error("dev mode listens on loopback only; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
-    #[error("cannot prepare {path}: {source}")]
+    #[error("cannot prepare {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up the SoftHSM2 token: {0}")]
+    #[error("cannot set up the SoftHSM2 token")]
     Hsm(#[from] kms_hsm::HsmError),
 }
 
@@ -171,6 +171,9 @@ pub fn dev_config(
             max_message_bytes: 8 << 20,
             max_connections: 1024,
             max_concurrent_streams: 256,
+            shutdown_grace: std::time::Duration::from_millis(
+                crate::config::DEFAULT_SHUTDOWN_GRACE_MS,
+            ),
             tls: None,
         },
         limits,

@@ -136,6 +136,13 @@ pub enum KmsError {
     #[error("{principal} is not allowed to {action}")]
     PermissionDenied { principal: String, action: String },
 
+    /// An operator's configuration reload was refused; the running
+    /// configuration is unchanged. The reason names the field and file (the
+    /// caller is an administrator). Not a `#[source]`: the Display already
+    /// says it, and a chain would say it twice.
+    #[error("configuration not reloaded: {0}")]
+    ReloadRefused(std::sync::Arc<crate::server::reload::ReloadError>),
+
     /// The service is saturated.
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
@@ -189,7 +196,8 @@ impl KmsError {
             | KmsError::VersionsExhausted { .. }
             | KmsError::VersionBeingCreated { .. }
             | KmsError::GcmInvocationLimit { .. }
-            | KmsError::RotationNotDue => ResultCode::FailedPrecondition,
+            | KmsError::RotationNotDue
+            | KmsError::ReloadRefused(_) => ResultCode::FailedPrecondition,
             KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
                 ResultCode::Unavailable
             }
@@ -285,6 +293,9 @@ impl KmsError {
                 limit: *limit,
             },
             KmsError::RotationNotDue => KmsError::RotationNotDue,
+            KmsError::ReloadRefused(reason) => {
+                KmsError::ReloadRefused(std::sync::Arc::clone(reason))
+            }
             KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
             KmsError::AuditUnavailable { .. } => KmsError::AuditUnavailable { source: None },
             KmsError::PermissionDenied { principal, action } => KmsError::PermissionDenied {

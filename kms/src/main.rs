@@ -130,7 +130,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Dev-mode preparation sets SOFTHSM2_CONF, which must happen before any
     // other thread exists: before the runtime is built.
-    let (config, banner) = if args.dev {
+    let (config, config_file, banner) = if args.dev {
         if !args.listen.ip().is_loopback() {
             anyhow::bail!(kms::dev::DevError::NotLoopback(args.listen));
         }
@@ -148,12 +148,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let note = if created { "created" } else { "reused" };
         (
             config,
+            None,
             format!("dev mode, data {note} in {}", layout.data_dir.display()),
         )
     } else {
         let path = args.config.context("--config is required without --dev")?;
         let config = Config::load(&path)?;
-        (config, format!("config {}", path.display()))
+        let banner = format!("config {}", path.display());
+        (config, Some(path), banner)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -165,7 +167,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let service = tokio::task::spawn_blocking(move || KmsService::open(&open_config))
             .await
             .context("opening the service")??;
-        let server = kms::server::start(&config, Arc::new(service)).await?;
+        let mut server = kms::server::start_with(&config, Arc::new(service), config_file).await?;
+        server.reload_on_sighup();
         let metrics = server
             .metrics_addr
             .map(|a| format!(", metrics on http://{a}/metrics"))

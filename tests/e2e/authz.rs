@@ -79,6 +79,7 @@ fn secure_config(env: &TestEnv, pki: &Pki) -> Config {
         client_ca_file: Some(pki.ca.ca_file()),
         // Token callers connect without a certificate.
         client_cert_required: false,
+        crl_files: Vec::new(),
     });
     config.auth = AuthSettings {
         admins: vec![ADMIN.to_owned()],
@@ -498,6 +499,30 @@ async fn the_authorization_matrix_holds_over_mtls_and_tokens() {
         Code::PermissionDenied,
         "audit read by a service",
     );
+    // Watching the log: the same rule as listing it.
+    assert_code(
+        callers
+            .audit(ENCRYPTER)
+            .watch_audit_events(pb::WatchAuditEventsRequest { from_sequence: 1 })
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "audit watched by a service",
+    );
+    let mut watched = callers
+        .audit(AUDITOR)
+        .watch_audit_events(pb::WatchAuditEventsRequest { from_sequence: 1 })
+        .await
+        .expect("auditor watches")
+        .into_inner();
+    let first = watched
+        .message()
+        .await
+        .expect("stream")
+        .and_then(|m| m.event)
+        .expect("an event");
+    assert_eq!(first.sequence, 1);
+    drop(watched);
     let mut auditor = callers.audit(AUDITOR);
     let verified = auditor
         .verify_audit_log(pb::VerifyAuditLogRequest {})

@@ -48,6 +48,38 @@ async fn dev_mode_and_the_cli_round_trip_and_survive_a_restart() {
             .to_owned();
         assert!(key_id.starts_with("key-"), "{key_id}");
 
+        // A first rotation at a chosen time (SetRotationPolicy.next_rotation_time).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let next = prost_types::Timestamp {
+            seconds: i64::try_from(now).expect("seconds") + 3600,
+            nanos: 0,
+        }
+        .to_string();
+        let policy = cli_ok(
+            &ep,
+            &[
+                "--json",
+                "key",
+                "rotation-policy",
+                "alias/cli",
+                "--period-days",
+                "30",
+                "--next-rotation",
+                &next,
+            ],
+            b"",
+        );
+        let policy: serde_json::Value = serde_json::from_slice(&policy).expect("json");
+        let shown = policy
+            .pointer("/key_metadata/next_rotation_time")
+            .or_else(|| policy.pointer("/next_rotation_time"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no next rotation in {policy}"));
+        assert_eq!(shown, next, "{policy}");
+
         cli_ok(
             &ep,
             &[

@@ -804,6 +804,74 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
         )
         .await;
 
+    let over_limit = kms::config::DEFAULT_MAX_BATCH + 1;
+    cases
+        .refused(
+            "batch-encrypt-over-limit",
+            ia,
+            "entries",
+            crypto.batch_encrypt(with_id(
+                "batch-encrypt-over-limit",
+                pb::BatchEncryptRequest {
+                    key_id: key.clone(),
+                    entries: vec![
+                        pb::BatchEncryptEntry {
+                            plaintext: b"x".to_vec(),
+                            encryption_context: ctx(&[]),
+                        };
+                        over_limit
+                    ],
+                },
+            )),
+        )
+        .await;
+
+    // Documented idempotence and defaults.
+    let enabled = cases
+        .accepted(
+            "enable-enabled",
+            keys.enable_key(with_id(
+                "enable-enabled",
+                pb::EnableKeyRequest {
+                    key_id: key.clone(),
+                },
+            )),
+        )
+        .await
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    assert_eq!(enabled.state, pb::KeyState::Enabled as i32);
+    let still_disabled = cases
+        .accepted(
+            "disable-disabled",
+            keys.disable_key(with_id(
+                "disable-disabled",
+                pb::DisableKeyRequest {
+                    key_id: disabled.clone(),
+                },
+            )),
+        )
+        .await
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    assert_eq!(still_disabled.state, pb::KeyState::Disabled as i32);
+    let scheduled = cases
+        .accepted(
+            "deletion-default-window",
+            keys.schedule_key_deletion(with_id(
+                "deletion-default-window",
+                pb::ScheduleKeyDeletionRequest {
+                    key_id: disabled.clone(),
+                    pending_window_days: None,
+                },
+            )),
+        )
+        .await
+        .into_inner();
+    assert_eq!(scheduled.pending_window_days, 30, "unset means 30 days");
+
     // Audit listing.
     cases
         .refused(
@@ -850,6 +918,22 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
 
     assert!(cases.wrong.is_empty(), "{:#?}", cases.wrong);
 
+    cases
+        .refused(
+            "audit-range-inverted",
+            ia,
+            "to_sequence",
+            audit.list_audit_events(with_id(
+                "audit-range-inverted",
+                pb::ListAuditEventsRequest {
+                    from_sequence: 5,
+                    to_sequence: 2,
+                    ..Default::default()
+                },
+            )),
+        )
+        .await;
+
     // Exactly one record per request, naming the key where the request named one.
     let records = records_by_request_id(&server);
     let mut missing = Vec::new();
@@ -875,4 +959,35 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
         assert_eq!(record["key_id"], key.as_str(), "{id}: {record}");
     }
     server.stop().await;
+}
+
+/// Error messages say each thing once: a cause that is an error's `source`
+/// is not also spliced into its message (the CLI prints the whole chain).
+/// Before: "cannot listen on ADDR: Address already in use (os error 98):
+/// Address already in use (os error 98)".
+#[test]
+fn a_port_in_use_is_reported_once_naming_the_address() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr");
+    let data = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(kms_tests::kms_binary())
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("KMS_LOG", "warn")
+        .output()
+        .expect("run kms serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    let line = error_lines[0];
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    assert_eq!(line.matches("already in use").count(), 1, "{line}");
+    drop(held);
 }

@@ -717,6 +717,7 @@ async fn the_client_speaks_mtls_and_bearer_tokens_to_a_secure_server() {
         key_file: server_files.key.clone(),
         client_ca_file: Some(ca.ca_file()),
         client_cert_required: false,
+        crl_files: Vec::new(),
     });
     config.auth = AuthSettings {
         admins: vec![ADMIN.to_owned()],

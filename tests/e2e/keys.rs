@@ -195,7 +195,22 @@ async fn key_catalogue_rpcs() {
         .expect("page")
         .into_inner();
     assert_eq!(paged.versions.len(), 1);
-    assert_eq!(paged.next_page_token, "1");
+    // Page tokens are opaque (issue 13): follow it to the second, last page.
+    assert!(!paged.next_page_token.is_empty());
+    let last = keys
+        .list_key_versions(pb::ListKeyVersionsRequest {
+            key_id: id.clone(),
+            page_size: 1,
+            page_token: paged.next_page_token.clone(),
+        })
+        .await
+        .expect("second page")
+        .into_inner();
+    assert_eq!(
+        last.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert!(last.next_page_token.is_empty());
 
     // Listing with pagination.
     for i in 0..3 {

@@ -235,7 +235,8 @@ impl Hsm {
     /// closed exactly as for a lost device, until recovery finds the storage.
     pub(super) fn sync_or_fail(&self, operation: Operation) -> Result<()> {
         self.sync_token_directory().map_err(|e| {
-            tracing::error!(%operation, error = %e, "the token's storage is unusable");
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::error!(%operation, error = %e, cause, "the token's storage is unusable");
             self.fail(operation, unavailable(operation), self.module.generation())
         })
     }

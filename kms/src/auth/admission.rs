@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Per-principal limits (None: unlimited).
@@ -58,24 +58,60 @@ struct PrincipalState {
 /// Beyond this many tracked principals, idle ones are forgotten.
 const MAX_TRACKED_PRINCIPALS: usize = 10_000;
 
+/// The admission limits in force. [`Admission::reconfigure`] (configuration
+/// reload) replaces them for every later request.
 #[derive(Debug)]
 pub struct Admission {
+    current: RwLock<Arc<Regime>>,
+}
+
+/// One set of limits with its counters.
+#[derive(Debug)]
+struct Regime {
     global: Arc<Semaphore>,
     limits: PrincipalLimits,
     principals: Mutex<HashMap<String, PrincipalState>>,
 }
 
 impl Admission {
+    /// `max_in_flight`: requests in flight across all principals (≥ 1).
     pub fn new(max_in_flight: usize, limits: PrincipalLimits) -> Self {
         Admission {
-            global: Arc::new(Semaphore::new(max_in_flight)),
-            limits,
-            principals: Mutex::new(HashMap::new()),
+            current: RwLock::new(Arc::new(Regime::new(max_in_flight, limits))),
         }
+    }
+
+    /// Puts new limits in force for every later request. Their counters
+    /// start afresh: requests already admitted hold slots of the old limits
+    /// (released as they finish) and do not count against the new ones, and
+    /// every principal's bucket starts full. A reload is an operator's act,
+    /// so this brief leniency is the price of never blocking a request on it.
+    pub fn reconfigure(&self, max_in_flight: usize, limits: PrincipalLimits) {
+        *self.current.write() = Arc::new(Regime::new(max_in_flight, limits));
     }
 
     pub fn admit(&self, principal: &str) -> Result<Permit, Refusal> {
         self.admit_at(principal, Instant::now())
+    }
+
+    fn admit_at(&self, principal: &str, now: Instant) -> Result<Permit, Refusal> {
+        let regime = Arc::clone(&self.current.read());
+        regime.admit_at(principal, now)
+    }
+
+    /// Principals currently tracked (for tests and metrics).
+    pub fn tracked_principals(&self) -> usize {
+        self.current.read().principals.lock().len()
+    }
+}
+
+impl Regime {
+    fn new(max_in_flight: usize, limits: PrincipalLimits) -> Self {
+        Regime {
+            global: Arc::new(Semaphore::new(max_in_flight)),
+            limits,
+            principals: Mutex::new(HashMap::new()),
+        }
     }
 
     fn admit_at(&self, principal: &str, now: Instant) -> Result<Permit, Refusal> {
@@ -157,11 +193,6 @@ impl Admission {
             };
             !(refilled && idle)
         });
-    }
-
-    /// Principals currently tracked (for tests and metrics).
-    pub fn tracked_principals(&self) -> usize {
-        self.principals.lock().len()
     }
 }
 
@@ -252,5 +283,22 @@ mod tests {
         let later = t0 + Duration::from_secs(1);
         assert!(admission.admit_at("newcomer", later).is_ok());
         assert_eq!(admission.tracked_principals(), 1);
+    }
+
+    #[test]
+    fn reconfigured_limits_apply_to_later_requests() {
+        let admission = Admission::new(1, PrincipalLimits::default());
+        let held = admission.admit("a").expect("first");
+        assert_eq!(admission.admit("b").err(), Some(Refusal::ServerBusy));
+        admission.reconfigure(
+            2,
+            PrincipalLimits {
+                max_in_flight: Some(1),
+                ..PrincipalLimits::default()
+            },
+        );
+        let b = admission.admit("b").expect("the new global cap");
+        assert_eq!(admission.admit("b").err(), Some(Refusal::PrincipalBusy));
+        drop((held, b));
     }
 }

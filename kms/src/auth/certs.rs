@@ -12,6 +12,18 @@
 use tonic::transport::CertificateDer;
 use webpki::EndEntityCert;
 
+/// The verified certificate chain (leaf first) a client presented on its
+/// TLS connection: a request extension set by the server's connection layer.
+#[derive(Debug, Clone)]
+pub struct ClientCertificates(pub std::sync::Arc<Vec<CertificateDer<'static>>>);
+
+impl ClientCertificates {
+    /// The client's own (leaf) certificate, DER.
+    pub fn leaf(&self) -> Option<&[u8]> {
+        self.0.first().map(|c| c.as_ref())
+    }
+}
+
 /// Why no principal could be read from a client certificate. Names nothing from
 /// the certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

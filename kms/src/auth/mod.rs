@@ -15,6 +15,9 @@ pub mod certs;
 pub mod policy;
 pub mod tokens;
 
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use tokens::TokenStore;
 
 /// Why a request's credentials were not accepted. The Display is what the
@@ -32,8 +35,18 @@ pub enum AuthError {
 }
 
 /// Turns the credentials of a request into its principal.
+///
+/// The tokens and the anonymous principal can be replaced while the server
+/// runs (configuration reload): each request authenticates against one
+/// consistent snapshot.
 #[derive(Debug)]
 pub struct Authenticator {
+    current: RwLock<Arc<Credentials>>,
+}
+
+/// What [`Authenticator`] checks against.
+#[derive(Debug)]
+struct Credentials {
     tokens: TokenStore,
     /// Given to callers without credentials (dev mode and tests on loopback
     /// without TLS only; configuration validation enforces that).
@@ -43,9 +56,20 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(tokens: TokenStore, anonymous_principal: Option<String>) -> Self {
         Authenticator {
+            current: RwLock::new(Arc::new(Credentials {
+                tokens,
+                anonymous_principal,
+            })),
+        }
+    }
+
+    /// Puts new tokens and anonymous principal in force for every later
+    /// request; requests already authenticated are unaffected.
+    pub fn replace(&self, tokens: TokenStore, anonymous_principal: Option<String>) {
+        *self.current.write() = Arc::new(Credentials {
             tokens,
             anonymous_principal,
-        }
+        });
     }
 
     /// `authorization`: the raw `authorization` header, if any.
@@ -60,9 +84,10 @@ impl Authenticator {
         authorization: Option<&[u8]>,
         client_certificate: Option<&[u8]>,
     ) -> Result<String, AuthError> {
+        let current = Arc::clone(&self.current.read());
         if let Some(header) = authorization {
             let token = bearer_token(header).ok_or(AuthError::MalformedAuthorization)?;
-            return self
+            return current
                 .tokens
                 .principal_of(token)
                 .map(str::to_owned)
@@ -72,7 +97,8 @@ impl Authenticator {
             return certs::principal_from_certificate(der)
                 .map_err(|_| AuthError::UnusableCertificate);
         }
-        self.anonymous_principal
+        current
+            .anonymous_principal
             .clone()
             .ok_or(AuthError::NoCredentials)
     }
@@ -152,6 +178,24 @@ mod tests {
             authenticator(Some("dev")).authenticate(None, None),
             Ok("dev".to_owned())
         );
+    }
+
+    #[test]
+    fn replaced_credentials_apply_to_later_requests_only() {
+        let a = authenticator(Some("dev"));
+        a.replace(
+            TokenStore::new(vec![("job-b".to_owned(), tokens::token_digest(b"token-b"))]),
+            None,
+        );
+        assert_eq!(
+            a.authenticate(Some(b"Bearer s3cret-token-value"), None),
+            Err(AuthError::UnknownToken)
+        );
+        assert_eq!(
+            a.authenticate(Some(b"Bearer token-b"), None),
+            Ok("job-b".to_owned())
+        );
+        assert_eq!(a.authenticate(None, None), Err(AuthError::NoCredentials));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! no key for cryptography unless a grant says so (separation of duties).
 //! Auditors (and administrators) read and verify the audit log.
 
+use std::sync::Arc;
+
 use kms_storage::{KeyPolicy, Permission};
+use parking_lot::RwLock;
 
 use crate::encryption_context::EncryptionContext;
 
@@ -37,16 +40,67 @@ pub fn pattern_matches(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
-/// Roles and the default policy, from configuration.
+/// Roles and the default policy, from configuration: one consistent set.
 #[derive(Debug, Clone, Default)]
-pub struct AccessControl {
+pub struct Roles {
     pub admins: Vec<String>,
     pub auditors: Vec<String>,
     /// Applies to keys whose policy is unset. Empty by default: deny.
     pub default_policy: KeyPolicy,
 }
 
+/// The roles in force, shared by the service and the configuration reload
+/// (`server::reload`). Clones share one set: [`AccessControl::replace`]
+/// swaps it for every holder at once. Each check reads one consistent
+/// snapshot, so a request never sees half of an old and half of a new set.
+#[derive(Debug, Clone, Default)]
+pub struct AccessControl {
+    current: Arc<RwLock<Arc<Roles>>>,
+}
+
 impl AccessControl {
+    pub fn new(roles: Roles) -> Self {
+        AccessControl {
+            current: Arc::new(RwLock::new(Arc::new(roles))),
+        }
+    }
+
+    /// The roles in force now (a snapshot; later replacements do not change it).
+    pub fn roles(&self) -> Arc<Roles> {
+        Arc::clone(&self.current.read())
+    }
+
+    /// Puts `roles` in force for every later check.
+    pub fn replace(&self, roles: Roles) {
+        *self.current.write() = Arc::new(roles);
+    }
+
+    pub fn is_admin(&self, principal: &str) -> bool {
+        self.roles().is_admin(principal)
+    }
+
+    pub fn may_read_audit(&self, principal: &str) -> bool {
+        self.roles().may_read_audit(principal)
+    }
+
+    /// The policy of keys that have none.
+    pub fn default_policy(&self) -> KeyPolicy {
+        self.roles().default_policy.clone()
+    }
+
+    /// See [`Roles::allows`].
+    pub fn allows(
+        &self,
+        policy: Option<&KeyPolicy>,
+        principal: &str,
+        permission: Permission,
+        context: Option<&EncryptionContext>,
+    ) -> bool {
+        self.roles().allows(policy, principal, permission, context)
+    }
+}
+
+impl Roles {
     pub fn is_admin(&self, principal: &str) -> bool {
         self.admins.iter().any(|p| pattern_matches(p, principal))
     }
@@ -129,8 +183,8 @@ mod tests {
         EncryptionContext::new(entries.iter().copied(), DEFAULT_MAX_ENCODED_LEN).expect("ctx")
     }
 
-    fn access() -> AccessControl {
-        AccessControl {
+    fn access() -> Roles {
+        Roles {
             admins: vec!["ops-*".into()],
             auditors: vec!["auditor".into()],
             default_policy: KeyPolicy::default(),

@@ -21,7 +21,7 @@ use crate::auth::admission::PrincipalLimits;
 /// A configuration error, naming the field (e.g. `limits.max_plaintext_bytes`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error("cannot read configuration file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -68,6 +68,7 @@ struct RawServer {
     max_message_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    shutdown_grace_ms: Option<u64>,
     tls: Option<security::RawTls>,
 }
 
@@ -128,6 +129,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// On SIGTERM/SIGINT: how long requests in flight may take to finish
+    /// before the server closes their connections and exits anyway
+    /// (`server.shutdown_grace_ms`, default 10 s, 0 to 600 s).
+    pub shutdown_grace: Duration,
     pub tls: Option<TlsSettings>,
 }
 
@@ -182,6 +187,8 @@ pub struct Config {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// `server.shutdown_grace_ms` unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_MAX_PLAINTEXT: usize = 4096;
 pub const DEFAULT_MAX_CONTEXT: usize = 8192;
 pub const DEFAULT_MAX_BATCH: usize = 1000;
@@ -283,6 +290,12 @@ impl Config {
         let request_timeout_ms = server.request_timeout_ms.unwrap_or(10_000);
         if !(1..=600_000).contains(&request_timeout_ms) {
             return Err(invalid("server.request_timeout_ms", "must be 1 to 600000"));
+        }
+        let shutdown_grace_ms = server
+            .shutdown_grace_ms
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
+        if shutdown_grace_ms > 600_000 {
+            return Err(invalid("server.shutdown_grace_ms", "must be 0 to 600000"));
         }
         let max_concurrent_requests = server.max_concurrent_requests.unwrap_or(1024);
         if !(1..=100_000).contains(&max_concurrent_requests) {
@@ -409,6 +422,7 @@ impl Config {
                 max_message_bytes,
                 max_connections,
                 max_concurrent_streams,
+                shutdown_grace: Duration::from_millis(shutdown_grace_ms),
                 tls,
             },
             limits,
@@ -461,6 +475,34 @@ data_dir = "/var/lib/kms"
             config.rotation.gcm_invocation_hard_limit,
             DEFAULT_GCM_INVOCATION_HARD_LIMIT
         );
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn shutdown_grace_and_crl_files_are_read_and_checked() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[server]\nshutdown_grace_ms = 2500\n{TLS}crl_files = [\"/etc/kms/tls/a.crl\", \"/etc/kms/tls/b.crl\"]\n[auth]\nadmins = [\"ops\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.server.shutdown_grace, Duration::from_millis(2500));
+        let tls = config.server.tls.expect("tls");
+        assert_eq!(tls.crl_files.len(), 2);
+        let cases = [
+            (
+                format!("{MINIMAL}\n[server]\nshutdown_grace_ms = 600001\n"),
+                "server.shutdown_grace_ms",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[server.tls]\ncert_file = \"a\"\nkey_file = \"b\"\ncrl_files = [\"c\"]\n"
+                ),
+                "server.tls.crl_files",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(&text).expect_err(field);
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

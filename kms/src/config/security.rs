@@ -7,6 +7,7 @@
 //! key_file = "/etc/kms/tls/server.key"
 //! client_ca_file = "/etc/kms/tls/clients-ca.pem"   # mTLS
 //! client_cert = "required"                         # or "optional" (tokens without certs)
+//! crl_files = ["/etc/kms/tls/clients-ca.crl"]      # PEM or DER; checked on every handshake
 //!
 //! [auth]
 //! admins = ["spiffe://example.org/ops/*"]
@@ -39,6 +40,8 @@ pub(super) struct RawTls {
     key_file: PathBuf,
     client_ca_file: Option<PathBuf>,
     client_cert: Option<String>,
+    #[serde(default)]
+    crl_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -88,6 +91,12 @@ pub struct TlsSettings {
     pub client_ca_file: Option<PathBuf>,
     /// With a client CA: refuse connections without a client certificate.
     pub client_cert_required: bool,
+    /// Certificate revocation lists (PEM or DER files) of the client CA
+    /// (and of any intermediate CA between it and client certificates).
+    /// With any configured, every client certificate chain is checked
+    /// against them and a chain whose revocation status they do not cover is
+    /// refused (as OpenSSL's CRL_CHECK_ALL does). Re-read on reload.
+    pub crl_files: Vec<PathBuf>,
 }
 
 /// Who the callers are and what the roles are.
@@ -142,11 +151,18 @@ pub(super) fn validate_tls(raw: Option<RawTls>) -> Result<Option<TlsSettings>, C
             "needs server.tls.client_ca_file (the CA that signs client certificates)",
         ));
     }
+    if raw.client_ca_file.is_none() && !raw.crl_files.is_empty() {
+        return Err(invalid(
+            "server.tls.crl_files",
+            "needs server.tls.client_ca_file (revocation lists apply to client certificates)",
+        ));
+    }
     Ok(Some(TlsSettings {
         cert_file: raw.cert_file,
         key_file: raw.key_file,
         client_ca_file: raw.client_ca_file,
         client_cert_required,
+        crl_files: raw.crl_files,
     }))
 }
 

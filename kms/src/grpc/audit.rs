@@ -1,34 +1,38 @@
-//! Audit handlers: list and verify the audit log.
+//! Audit handlers: list, follow (WatchAuditEvents) and verify the audit log.
+//! Followers are tasks that end when their client goes away or the server
+//! stops (see [`WatchStop`]), never holding a shutdown open.
 
 use std::sync::Arc;
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::audit_server::Audit;
 use kms_storage::AuditFilter;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::convert::{audit_event, micros_of};
 use super::{Rpc, page_size, page_token};
 use crate::error::KmsError;
-use crate::service::{AuditQuery, KmsService, Operation, operation};
+use crate::service::{AuditFollower, AuditQuery, KmsService, Operation, operation};
+
+/// Events a follower reads from the log at a time.
+const WATCH_BATCH: usize = 256;
+/// Events buffered per follower stream before it waits for its client.
+const WATCH_BUFFER: usize = 256;
 
 /// ListAuditEventsRequest as a query.
 ///
 /// # Errors
-/// INVALID_ARGUMENT for an unknown operation, a page token not from a
-/// previous page, a negative page size or a malformed time.
+/// INVALID_ARGUMENT for an unknown operation, a negative page size or a
+/// malformed time. (The page token and the sequence range are checked by the
+/// service.)
 fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError> {
     let operation = match pb::Operation::try_from(req.operation) {
         Ok(pb::Operation::Unspecified) => None,
         Ok(op) => Some(operation::name(op).to_owned()),
         Err(_) => return Err(KmsError::invalid("operation", "not a known operation")),
-    };
-    let after = match page_token(&req.page_token) {
-        None => None,
-        Some(t) => Some(
-            t.parse::<u64>()
-                .map_err(|_| KmsError::invalid("page_token", "not a token from a previous page"))?,
-        ),
     };
     Ok(AuditQuery {
         filter: AuditFilter {
@@ -38,7 +42,10 @@ fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError>
             principal: page_token(&req.principal).map(str::to_owned),
             operation,
         },
-        after,
+        from_sequence: (req.from_sequence != 0).then_some(req.from_sequence),
+        to_sequence: (req.to_sequence != 0).then_some(req.to_sequence),
+        // Decoded and checked by the service, inside the audited path.
+        page_token: page_token(&req.page_token).map(str::to_owned),
         limit: page_size(req.page_size)?,
     })
 }
@@ -47,11 +54,86 @@ fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError>
 #[derive(Debug, Clone)]
 pub struct AuditApi {
     service: Arc<KmsService>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+/// Ends every WatchAuditEvents stream of one [`AuditApi`] (with UNAVAILABLE,
+/// so that clients reconnect and resume): the server calls it when it starts
+/// to shut down, since a graceful shutdown waits for open streams and a
+/// follower's stream would otherwise never end.
+#[derive(Debug, Clone)]
+pub struct WatchStop(Arc<watch::Sender<bool>>);
+
+impl WatchStop {
+    /// Ends the streams (now and any opened later).
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl AuditApi {
     pub fn new(service: Arc<KmsService>) -> Self {
-        AuditApi { service }
+        AuditApi {
+            service,
+            stop: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// The handle that ends this service's WatchAuditEvents streams.
+    pub fn watch_stop(&self) -> WatchStop {
+        WatchStop(Arc::clone(&self.stop))
+    }
+}
+
+/// Completes once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    loop {
+        let now = *stop.borrow_and_update();
+        if now || stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Feeds one WatchAuditEvents stream until its client goes away, the server
+/// stops, or reading fails (then the stream ends with that status).
+async fn follow(
+    rpc: Rpc,
+    mut follower: AuditFollower,
+    tx: mpsc::Sender<Result<pb::WatchAuditEventsResponse, Status>>,
+    stop: watch::Receiver<bool>,
+) {
+    let stopped = stopped(stop);
+    tokio::pin!(stopped);
+    let shutting_down = || Status::unavailable("the server is shutting down: reconnect and resume");
+    loop {
+        let batch = tokio::select! {
+            batch = follower.next_batch(WATCH_BATCH) => batch,
+            () = &mut stopped => {
+                let _ = tx.try_send(Err(shutting_down()));
+                return;
+            }
+            () = tx.closed() => return,
+        };
+        let records = match batch {
+            Ok(records) => records,
+            Err(e) => {
+                let _ = tx.try_send(Err(rpc.fail(e)));
+                return;
+            }
+        };
+        for record in &records {
+            let message = pb::WatchAuditEventsResponse {
+                event: Some(audit_event(record)),
+            };
+            tokio::select! {
+                sent = tx.send(Ok(message)) => if sent.is_err() { return },
+                () = &mut stopped => {
+                    let _ = tx.try_send(Err(shutting_down()));
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -70,8 +152,27 @@ impl Audit for AuditApi {
             .await?;
         rpc.respond(pb::ListAuditEventsResponse {
             events: page.records.iter().map(audit_event).collect(),
-            next_page_token: page.next_after.map(|a| a.to_string()).unwrap_or_default(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
         })
+    }
+
+    type WatchAuditEventsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchAuditEventsResponse, Status>>;
+
+    async fn watch_audit_events(
+        &self,
+        request: Request<pb::WatchAuditEventsRequest>,
+    ) -> Result<Response<Self::WatchAuditEventsStream>, Status> {
+        let rpc = Rpc::start(Operation::WatchAuditEvents, &request)?;
+        let from = request.into_inner().from_sequence;
+        let follower = rpc
+            .blocking(&self.service, move |s, m| s.watch_audit_events(m, from))
+            .await?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let response = rpc.respond(ReceiverStream::new(rx))?;
+        let span = rpc.span();
+        tokio::spawn(follow(rpc, follower, tx, self.stop.subscribe()).instrument(span));
+        Ok(response)
     }
 
     async fn verify_audit_log(

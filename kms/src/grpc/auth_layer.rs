@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
 
 use crate::auth::Authenticator;
 use crate::auth::admission::Admission;
+use crate::auth::certs::ClientCertificates;
 
 /// The authenticated principal of a request (in its extensions).
 #[derive(Debug, Clone)]
@@ -85,14 +86,11 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(http::HeaderValue::as_bytes);
-            let certificates = request
+            let leaf = request
                 .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(TlsConnectInfo::peer_certs);
-            let leaf = certificates.as_ref().and_then(|c| c.first());
-            self.layer
-                .authenticator
-                .authenticate(authorization, leaf.map(|c| c.as_ref()))
+                .get::<ClientCertificates>()
+                .and_then(ClientCertificates::leaf);
+            self.layer.authenticator.authenticate(authorization, leaf)
         };
         let principal = match principal {
             Ok(principal) => principal,
@@ -134,10 +132,5 @@ fn peer_of<B>(request: &http::Request<B>) -> String {
     extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|info| info.get_ref().remote_addr())
-        })
         .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
 }

@@ -12,6 +12,7 @@ use super::convert::{
 use super::{Rpc, page_size, page_token};
 use crate::error::KmsError;
 use crate::service::Operation;
+use crate::service::page_token::{self as tokens, Listing};
 use crate::service::{CreateKeyInput, KmsService, RotationPolicyInput};
 
 /// The KeyManagement service.
@@ -300,30 +301,42 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::ListKeyVersionsResponse> {
         let rpc = Rpc::start(Operation::ListKeyVersions, &request)?;
         let req = request.into_inner();
+        // (after, until): bounded at the first page by the highest version
+        // then, since rotations add versions while a listing pages.
         let converted = page_size(req.page_size).and_then(|limit| {
-            let after: u32 = match page_token(&req.page_token) {
-                None => 0,
-                Some(t) => t.parse().map_err(|_| {
-                    KmsError::invalid("page_token", "not a token from a previous page")
-                })?,
+            let bound = match page_token(&req.page_token) {
+                None => None,
+                Some(t) => Some(tokens::decode(
+                    t,
+                    Listing::KeyVersions,
+                    &[req.key_id.as_bytes()],
+                    |r| Some((r.u32()?, r.u32()?)),
+                )?),
             };
-            Ok((limit, after))
+            Ok((limit, bound))
         });
-        let (limit, after) = rpc.valid(&self.service, &req.key_id, converted).await?;
+        let (limit, bound) = rpc.valid(&self.service, &req.key_id, converted).await?;
+        let key_id = req.key_id.clone();
         let (record, versions) = rpc
             .blocking(&self.service, move |s, m| {
                 s.list_key_versions(m, &req.key_id)
             })
             .await?;
+        let (after, until) =
+            bound.unwrap_or_else(|| (0, versions.iter().map(|v| v.version).max().unwrap_or(0)));
         let mut page: Vec<_> = versions
             .iter()
-            .filter(|v| v.version > after)
+            .filter(|v| v.version > after && v.version <= until)
             .take(limit + 1)
             .collect();
         let next_page_token = if page.len() > limit {
             page.truncate(limit);
             page.last()
-                .map(|v| v.version.to_string())
+                .map(|v| {
+                    tokens::encode(Listing::KeyVersions, &[key_id.as_bytes()], |w| {
+                        w.u32(v.version).u32(until);
+                    })
+                })
                 .unwrap_or_default()
         } else {
             String::new()

@@ -2,6 +2,7 @@
 //! on a blocking thread, encode the reply. This is the only module that turns
 //! errors into `tonic::Status`.
 
+mod admin;
 mod audit;
 pub mod auth_layer;
 mod convert;
@@ -18,7 +19,8 @@ use tracing::{Instrument, Span};
 use crate::error::KmsError;
 use crate::service::{Deferred, KmsService, Operation, RequestMeta, operation};
 
-pub use audit::AuditApi;
+pub use admin::AdminApi;
+pub use audit::{AuditApi, WatchStop};
 pub use crypto::CryptoApi;
 pub use key_management::KeyManagementApi;
 
@@ -198,6 +200,11 @@ impl Rpc {
         Status::internal("internal error")
     }
 
+    /// The request's span (for work that outlives the handler, e.g. a stream).
+    pub(crate) fn span(&self) -> Span {
+        self.span.clone()
+    }
+
     /// The reply, with the request id in its metadata.
     pub(crate) fn respond<T>(&self, message: T) -> Result<tonic::Response<T>, Status> {
         let mut response = tonic::Response::new(message);
@@ -258,6 +265,10 @@ pub(crate) fn page_size(requested: i32) -> Result<usize, KmsError> {
     }
 }
 
+/// A request's optional string field (page token, filter): empty means absent.
+/// Page tokens themselves are opaque, versioned and bound to their listing
+/// and filters; the service decodes and checks them (`service::page_token`)
+/// inside the audited path, so a bad token is recorded like any refusal.
 pub(crate) fn page_token(token: &str) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }

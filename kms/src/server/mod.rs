@@ -3,14 +3,22 @@
 //! discover the API); TLS/mTLS, authentication and admission limits
 //! (`grpc::auth_layer`); limits on connections, streams, message size and
 //! request time; the background scheduler; and the metrics endpoint.
+//! Configuration reload ([`reload`]) and graceful shutdown with a deadline
+//! ([`RunningServer::serve_until`]).
 
+mod drain;
 pub mod health;
 mod incoming;
-mod tls;
+pub mod reload;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kms_proto::v1::admin_server::AdminServer;
 
 use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::crypto_server::CryptoServer;
@@ -23,33 +31,27 @@ use crate::auth::admission::Admission;
 use crate::auth::tokens::TokenStore;
 use crate::config::Config;
 use crate::grpc::auth_layer::AuthLayer;
-use crate::grpc::{AuditApi, CryptoApi, KeyManagementApi};
+use crate::grpc::{AdminApi, AuditApi, CryptoApi, KeyManagementApi};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{KmsService, scheduler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read TLS file {path}: {source}")]
-    TlsFile {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid TLS configuration (server.tls): {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
-    #[error("the gRPC server failed: {0}")]
+    #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
     #[error("the server task failed")]
     Task,
-    #[error("cannot start the health probe thread: {0}")]
+    #[error("cannot start the health probe thread")]
     HealthThread(#[source] std::io::Error),
 }
 
@@ -59,9 +61,14 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     service: Arc<KmsService>,
+    reloader: Arc<reload::Reloader>,
+    drain: drain::Drain,
+    /// How long requests in flight may take once shutdown begins.
+    grace: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    sighup_task: Option<tokio::task::JoinHandle<()>>,
     background_stop: Arc<AtomicBool>,
     scheduler: Option<std::thread::JoinHandle<()>>,
     health: Option<std::thread::JoinHandle<()>>,
@@ -72,20 +79,40 @@ impl RunningServer {
         &self.service
     }
 
-    /// Stops accepting, lets in-flight calls finish, stops the scheduler.
-    pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        self.stop_background();
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.map_err(|_| ServerError::Task)??;
-        }
-        Ok(())
+    /// What reloads this server's configuration (SIGHUP, `Admin.Reload`).
+    pub fn reloader(&self) -> &Arc<reload::Reloader> {
+        &self.reloader
     }
 
-    /// Serves until `signal` completes (then shuts down gracefully) or the
-    /// server fails.
+    /// From now on, SIGHUP reloads the configuration (the process's own
+    /// signal: call once, from the `kms serve` process only).
+    pub fn reload_on_sighup(&mut self) {
+        if self.sighup_task.is_none() {
+            self.sighup_task = Some(tokio::spawn(reload::reload_on_sighup(
+                Arc::clone(&self.reloader),
+                Arc::clone(&self.service),
+            )));
+        }
+    }
+
+    /// Shuts down as on SIGTERM (see [`RunningServer::serve_until`]).
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        match self.task.take() {
+            Some(task) => self.drain_and_stop(task).await,
+            None => {
+                self.stop_background();
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves until `signal` completes or the server fails. On the signal:
+    /// stops accepting connections, answers new requests on open
+    /// connections UNAVAILABLE, lets the requests in flight finish for up
+    /// to the configured grace period (`server.shutdown_grace_ms`), then
+    /// closes every connection that is still open (idle keep-alive
+    /// connections included), stops the background threads and returns; the
+    /// audit log is flushed when the service is dropped.
     pub async fn serve_until(
         mut self,
         signal: impl std::future::Future<Output = ()>,
@@ -99,14 +126,58 @@ impl RunningServer {
                 result.map_err(|_| ServerError::Task)?.map_err(ServerError::from)
             }
             () = signal => {
-                tracing::info!("shutting down");
-                if let Some(tx) = self.shutdown.take() {
-                    let _ = tx.send(());
-                }
-                let result = task.await.map_err(|_| ServerError::Task)?.map_err(ServerError::from);
-                self.stop_background();
+                let result = self.drain_and_stop(task).await;
+                self.wait_for_last_reference(Duration::from_secs(5)).await;
                 result
             }
+        }
+    }
+
+    async fn drain_and_stop(
+        &mut self,
+        mut task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ) -> Result<(), ServerError> {
+        tracing::info!(
+            grace_ms = self.grace.as_millis(),
+            "shutting down: no new connections, finishing requests in flight"
+        );
+        self.drain.start();
+        // Tonic stops accepting, sends GOAWAY and waits for every connection
+        // to close; that wait is what the grace period bounds.
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let result = match tokio::time::timeout(self.grace, &mut task).await {
+            Ok(joined) => joined
+                .map_err(|_| ServerError::Task)?
+                .map_err(ServerError::from),
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = self.grace.as_millis(),
+                    "grace period over: closing the connections still open"
+                );
+                task.abort();
+                // Aborting drops every connection and the calls on them.
+                let _ = task.await;
+                Ok(())
+            }
+        };
+        self.stop_background();
+        result
+    }
+
+    /// Waits (at most `limit`) until this server holds the last reference
+    /// to the service, so that dropping it closes the database and flushes
+    /// the audit log. Work handed to blocking threads holds the service
+    /// until it ends: HSM and database calls, which are short.
+    async fn wait_for_last_reference(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&self.service) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("work still holds the service after shutdown");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -116,7 +187,10 @@ impl RunningServer {
     /// RocksDB's static destructors.)
     fn stop_background(&mut self) {
         self.background_stop.store(true, Ordering::Release);
-        if let Some(task) = self.metrics_task.take() {
+        for task in [self.metrics_task.take(), self.sighup_task.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         for thread in [self.scheduler.take(), self.health.take()]
@@ -139,12 +213,29 @@ impl Drop for RunningServer {
     }
 }
 
-/// Binds the listeners and starts serving. Port 0 picks a free port; the
-/// chosen address is in `RunningServer::addr`.
+/// Binds the listeners and starts serving, without a configuration file to
+/// reload (dev mode, tests). Port 0 picks a free port; the chosen address is
+/// in `RunningServer::addr`.
 pub async fn start(
     config: &Config,
     service: Arc<KmsService>,
 ) -> Result<RunningServer, ServerError> {
+    start_with(config, service, None).await
+}
+
+/// Like [`start`]; `config_file` is what a reload re-reads (the file
+/// `config` came from).
+pub async fn start_with(
+    config: &Config,
+    service: Arc<KmsService>,
+    config_file: Option<PathBuf>,
+) -> Result<RunningServer, ServerError> {
+    // TLS files are read first: a bad one stops the start before anything
+    // listens.
+    let shared_tls = match &config.server.tls {
+        Some(settings) => Some(tls::SharedTls::new(tls::server_config(settings)?)),
+        None => None,
+    };
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -204,7 +295,10 @@ pub async fn start(
     let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&service)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let audit = AuditServer::new(AuditApi::new(Arc::clone(&service)))
+    let audit_api = AuditApi::new(Arc::clone(&service));
+    // Audit followers' streams would hold a graceful shutdown open forever.
+    let watch_stop = audit_api.watch_stop();
+    let audit = AuditServer::new(audit_api)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
@@ -217,33 +311,45 @@ pub async fn start(
         config.limits.per_principal,
     ));
 
-    let mut builder = tonic::transport::Server::builder()
+    let reloader = Arc::new(reload::Reloader::new(
+        config_file,
+        shared_tls.clone(),
+        Arc::clone(&authenticator),
+        Arc::clone(&admission),
+        service.access().clone(),
+    ));
+    let admin = AdminServer::new(AdminApi::new(Arc::clone(&service), Arc::clone(&reloader)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let drain = drain::Drain::default();
+
+    let builder = tonic::transport::Server::builder()
         .timeout(config.server.request_timeout)
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         // Bounded headers; dead peers are noticed and their streams freed.
         .http2_max_header_list_size(Some(16 * 1024))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
-    if let Some(tls_settings) = &config.server.tls {
-        builder = builder
-            .tls_config(tls::server_tls_config(tls_settings)?)
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
-    }
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let router = builder
+    let mut builder = builder
+        .layer(incoming::PeerLayer)
+        .layer(drain.clone())
         .layer(MetricsLayer::new(Arc::clone(&metrics)))
-        .layer(AuthLayer::new(authenticator, admission))
+        .layer(AuthLayer::new(authenticator, admission));
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(key_management)
         .add_service(crypto)
-        .add_service(audit);
+        .add_service(audit)
+        .add_service(admin);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        incoming::limited_incoming(listener, config.server.max_connections),
-        async {
+        incoming::limited_incoming(listener, config.server.max_connections, shared_tls),
+        async move {
             let _ = shutdown_rx.await;
+            watch_stop.stop();
         },
     ));
 
@@ -259,9 +365,13 @@ pub async fn start(
         addr,
         metrics_addr,
         service: Arc::clone(&service),
+        reloader,
+        drain,
+        grace: config.server.shutdown_grace,
         shutdown: Some(shutdown_tx),
         task: Some(task),
         metrics_task,
+        sighup_task: None,
         background_stop: Arc::clone(&background_stop),
         scheduler: Some(scheduler),
         health: None,

@@ -6,6 +6,7 @@
 use kms_storage::{Alias, AliasEntry, KeyId, KeyState, Page, Permission};
 
 use super::operation::Operation;
+use super::page_token::{self, Listing};
 use super::{KmsService, RequestMeta};
 use crate::error::{KmsError, Result};
 
@@ -114,18 +115,42 @@ impl KmsService {
                     None
                 }
             };
-            let token = page_token
-                .map(|t| {
-                    Alias::parse(t).map_err(|_| {
-                        KmsError::invalid("page_token", "not a token from a previous page")
-                    })
-                })
-                .transpose()?;
-            Ok(self.storage.catalogue().list_aliases(
+            // Bounded at the first page by the last alias name then (see
+            // `Catalogue::list_aliases_until`), so paging terminates.
+            let catalogue = self.storage.catalogue();
+            let scope = id.as_ref().map_or("", KeyId::as_str);
+            let (after, until) = match page_token {
+                Some(token) => {
+                    page_token::decode(token, Listing::Aliases, &[scope.as_bytes()], |r| {
+                        let after = Alias::parse(r.str()?).ok()?;
+                        let until = Alias::parse(r.str()?).ok()?;
+                        Some((Some(after), until))
+                    })?
+                }
+                None => match catalogue.last_alias(id.as_ref())? {
+                    Some(until) => (None, until),
+                    None => {
+                        return Ok(Page {
+                            items: Vec::new(),
+                            next_page_token: None,
+                        });
+                    }
+                },
+            };
+            let page = catalogue.list_aliases_until(
                 id.as_ref(),
-                token.as_ref().map(Alias::as_str),
+                after.as_ref().map(Alias::as_str),
+                &until,
                 limit,
-            )?)
+            )?;
+            Ok(Page {
+                items: page.items,
+                next_page_token: page.next_page_token.map(|last| {
+                    page_token::encode(Listing::Aliases, &[scope.as_bytes()], |w| {
+                        w.str(&last).str(until.as_str());
+                    })
+                }),
+            })
         })
     }
 }

@@ -1,19 +1,124 @@
-//! Reading and verifying the audit log. Listing and verifying are themselves
-//! audited (who looked at the log is part of the log).
+//! Reading, following and verifying the audit log. Listing, watching and
+//! verifying are themselves audited (who looked at the log is part of the
+//! log): a listing once per page, a watch once per stream (never per event
+//! delivered, or a follower would feed itself forever).
 
-use kms_storage::{AuditFilter, AuditPage, VerifyOptions, VerifyReport, VerifyStart};
+use kms_storage::{
+    AuditFilter, AuditReader, AuditRecord, StorageError, VerifyOptions, VerifyReport, VerifyStart,
+};
 
 use super::operation::Operation;
+use super::page_token::{self, Listing};
 use super::{KmsService, RequestMeta, audit_mac_key};
 use crate::error::{KmsError, Result};
 
-/// Filters of ListAuditEvents.
+/// Filters and position of one ListAuditEvents page.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub filter: AuditFilter,
-    /// Continue after this sequence number (from the previous page).
-    pub after: Option<u64>,
+    /// Only records with this sequence number or a later one (`None`: from 1).
+    pub from_sequence: Option<u64>,
+    /// Only records with this sequence number or an earlier one (`None`: up
+    /// to the last record that exists at the first page).
+    pub to_sequence: Option<u64>,
+    /// The previous page's `next_page_token`; `None` for the first page.
+    pub page_token: Option<String>,
+    /// Most records per page (clamped to 1..=[`kms_storage::MAX_PAGE_SIZE`]).
     pub limit: usize,
+}
+
+impl AuditQuery {
+    /// What a page token is bound to: every filter, as the request named it.
+    fn scope(&self) -> [Vec<u8>; 7] {
+        let opt = |v: Option<u64>| v.map_or_else(Vec::new, |v| v.to_be_bytes().to_vec());
+        let text = |v: &Option<String>| v.as_deref().unwrap_or_default().as_bytes().to_vec();
+        [
+            text(&self.filter.key_id),
+            text(&self.filter.principal),
+            text(&self.filter.operation),
+            opt(self.filter.from_micros),
+            opt(self.filter.to_micros),
+            opt(self.from_sequence),
+            opt(self.to_sequence),
+        ]
+    }
+}
+
+/// One page of ListAuditEvents.
+#[derive(Debug, Clone)]
+pub struct AuditListing {
+    /// The matching records, in sequence order.
+    pub records: Vec<AuditRecord>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// A follower of the audit log (WatchAuditEvents): yields every record from
+/// its starting sequence on, in order, without gaps or duplicates, waiting
+/// for the audit writer to commit new ones (it is woken by the writer; it
+/// never polls).
+#[derive(Debug)]
+pub struct AuditFollower {
+    reader: AuditReader,
+    committed: tokio::sync::watch::Receiver<u64>,
+    next: u64,
+}
+
+impl AuditFollower {
+    /// The sequence number of the next record this follower yields.
+    pub fn next_sequence(&self) -> u64 {
+        self.next
+    }
+
+    /// The next records, at most `limit` (at least one), waiting until the
+    /// record with [`AuditFollower::next_sequence`] is durable. Cancel-safe:
+    /// dropping the future before it completes loses nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`KmsError::AuditUnavailable`] once the audit writer has stopped (the
+    /// service is shutting down); [`KmsError::Storage`] if reading the log
+    /// fails or it has a hole where a committed record should be.
+    pub async fn next_batch(&mut self, limit: usize) -> Result<Vec<AuditRecord>> {
+        loop {
+            let head = *self.committed.borrow_and_update();
+            if head >= self.next {
+                let reader = self.reader.clone();
+                let after = self.next - 1;
+                let page = tokio::task::spawn_blocking(move || {
+                    reader.query_range(&AuditFilter::default(), Some(after), head, limit)
+                })
+                .await
+                .map_err(|_| KmsError::AuditUnavailable { source: None })??;
+                // Sequence numbers are dense and a batch is written whole, so
+                // everything up to `head` is there; a hole is corruption, not
+                // something to skip silently.
+                let expected = self.next;
+                if page.records.first().map(|r| r.seq) != Some(expected)
+                    || page
+                        .records
+                        .windows(2)
+                        .any(|pair| pair[1].seq != pair[0].seq + 1)
+                {
+                    return Err(StorageError::Corrupt {
+                        cf: "audit",
+                        key_hex: hex::encode(expected.to_be_bytes()),
+                        reason: "gap in the audit log",
+                    }
+                    .into());
+                }
+                if let Some(last) = page.records.last() {
+                    self.next = last.seq + 1;
+                }
+                return Ok(page.records);
+            }
+            if self.committed.changed().await.is_err() {
+                return Err(KmsError::AuditUnavailable {
+                    source: Some(StorageError::AuditClosed),
+                });
+            }
+        }
+    }
 }
 
 /// The outcome of VerifyAuditLog.
@@ -23,13 +128,53 @@ pub struct AuditVerification {
 }
 
 impl KmsService {
-    pub fn list_audit_events(&self, meta: &RequestMeta, query: &AuditQuery) -> Result<AuditPage> {
+    /// One page of the records matching `query`, in sequence order. The
+    /// listing is bounded at its first page: it returns only records that
+    /// existed then (the token carries the last sequence number that existed),
+    /// so paging terminates although each page is itself recorded.
+    ///
+    /// # Errors
+    ///
+    /// [`KmsError::PermissionDenied`] unless the caller is an auditor or an
+    /// administrator; [`KmsError::InvalidArgument`] for a `to_sequence` below
+    /// `from_sequence` or a page token not issued for these filters;
+    /// storage errors as [`KmsError::Storage`].
+    pub fn list_audit_events(
+        &self,
+        meta: &RequestMeta,
+        query: &AuditQuery,
+    ) -> Result<AuditListing> {
         self.audited(
             meta,
             Operation::ListAuditEvents,
             query.filter.key_id.as_deref(),
             |_| {
                 self.require_audit_reader(meta, "read the audit log")?;
+                if let (Some(from), Some(to)) = (query.from_sequence, query.to_sequence)
+                    && to < from
+                {
+                    return Err(KmsError::invalid(
+                        "to_sequence",
+                        "smaller than from_sequence",
+                    ));
+                }
+                let reader = self.storage.audit_reader();
+                let scope = query.scope();
+                let scope: Vec<&[u8]> = scope.iter().map(Vec::as_slice).collect();
+                let (after, until) = match query.page_token.as_deref() {
+                    Some(token) => page_token::decode(token, Listing::AuditEvents, &scope, |r| {
+                        Some((r.u64()?, r.u64()?))
+                    })?,
+                    // The records up to here existed before this request;
+                    // its own record comes after them.
+                    None => (
+                        query.from_sequence.unwrap_or(1).saturating_sub(1),
+                        query
+                            .to_sequence
+                            .unwrap_or(u64::MAX)
+                            .min(reader.last_seq()?),
+                    ),
+                };
                 // Records name keys canonically: a filter by alias means the
                 // key the alias points to now. (An unknown alias filters
                 // literally, so refused requests that named it can be found.)
@@ -40,12 +185,40 @@ impl KmsService {
                 {
                     filter.key_id = Some(record.id.to_string());
                 }
-                Ok(self
-                    .storage
-                    .audit_reader()
-                    .query(&filter, query.after, query.limit.max(1))?)
+                let page = reader.query_range(&filter, Some(after), until, query.limit.max(1))?;
+                Ok(AuditListing {
+                    records: page.records,
+                    next_page_token: page.next_after.map(|after| {
+                        page_token::encode(Listing::AuditEvents, &scope, |w| {
+                            w.u64(after).u64(until);
+                        })
+                    }),
+                })
             },
         )
+    }
+
+    /// Opens a follower of the audit log from `from_sequence` (0 means 1),
+    /// after the same authorization as ListAuditEvents. Audited once, here:
+    /// the records the follower then yields are not.
+    ///
+    /// # Errors
+    ///
+    /// [`KmsError::PermissionDenied`] unless the caller is an auditor or an
+    /// administrator.
+    pub fn watch_audit_events(
+        &self,
+        meta: &RequestMeta,
+        from_sequence: u64,
+    ) -> Result<AuditFollower> {
+        self.audited(meta, Operation::WatchAuditEvents, None, |_| {
+            self.require_audit_reader(meta, "watch the audit log")?;
+            Ok(AuditFollower {
+                reader: self.storage.audit_reader(),
+                committed: self.audit_log.subscribe(),
+                next: from_sequence.max(1),
+            })
+        })
     }
 
     /// Walks the whole chain and checks every checkpoint MAC in the HSM.

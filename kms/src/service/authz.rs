@@ -76,7 +76,7 @@ impl KmsService {
     fn effective_policy(&self, own: Option<KeyPolicy>) -> EffectivePolicy {
         match own {
             Some(policy) => EffectivePolicy::Own(policy),
-            None => EffectivePolicy::Default(self.access.default_policy.clone()),
+            None => EffectivePolicy::Default(self.access.default_policy()),
         }
     }
 

@@ -29,6 +29,7 @@ use parking_lot::{Mutex, MutexGuard};
 use super::aliases::parse_alias;
 use super::lookup::version_unusable;
 use super::operation::Operation;
+use super::page_token::{self, Listing};
 use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
 use crate::error::{KmsError, Result};
 
@@ -242,12 +243,20 @@ impl KmsService {
     ) -> Result<Page<KeyView>> {
         self.audited(meta, Operation::ListKeys, None, |_| {
             self.require_admin(meta, "list keys")?;
-            if let Some(token) = page_token {
-                KeyId::parse(token).map_err(|_| {
-                    KmsError::invalid("page_token", "not a token from a previous page")
-                })?;
-            }
-            let page = self.storage.catalogue().list_keys(page_token, limit)?;
+            // Bounded at the first page by creation time (see
+            // `Catalogue::list_keys_created_until`), so paging terminates.
+            let (after, created_until_ms) = match page_token {
+                Some(token) => page_token::decode(token, Listing::Keys, &[], |r| {
+                    let after = KeyId::parse(r.str()?).ok()?;
+                    Some((Some(after), r.u64()?))
+                })?,
+                None => (None, now_ms()),
+            };
+            let page = self.storage.catalogue().list_keys_created_until(
+                after.as_ref().map(KeyId::as_str),
+                created_until_ms,
+                limit,
+            )?;
             let items = page
                 .items
                 .iter()
@@ -255,7 +264,11 @@ impl KmsService {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Page {
                 items,
-                next_page_token: page.next_page_token,
+                next_page_token: page.next_page_token.map(|last| {
+                    page_token::encode(Listing::Keys, &[], |w| {
+                        w.str(&last).u64(created_until_ms);
+                    })
+                }),
             })
         })
     }

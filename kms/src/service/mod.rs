@@ -18,6 +18,7 @@ mod crypto;
 mod keys;
 mod lookup;
 pub mod operation;
+pub(crate) mod page_token;
 mod reconcile;
 pub mod scheduler;
 
@@ -27,11 +28,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use kms_hsm::{Hsm, KeyPurpose, ObjectId};
 use kms_storage::{AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions};
 
-use crate::auth::policy::AccessControl;
+use crate::auth::policy::{AccessControl, Roles};
 use crate::config::{Config, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
-pub use audit::{AuditQuery, AuditVerification};
+pub use audit::{AuditFollower, AuditListing, AuditQuery, AuditVerification};
 pub use authz::EffectivePolicy;
 pub use batch::{DataKeyItem, DecryptItem, EncryptItem};
 pub use crypto::{
@@ -172,17 +173,23 @@ impl KmsService {
             audit_log,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
-            access: AccessControl {
+            access: AccessControl::new(Roles {
                 admins: config.auth.admins.clone(),
                 auditors: config.auth.auditors.clone(),
                 default_policy: config.auth.default_policy.clone(),
-            },
+            }),
             key_locks: keys::KeyLocks::default(),
         };
         service
             .reconcile_pending_versions()
             .map_err(OpenError::Reconcile)?;
         Ok(service)
+    }
+
+    /// The roles in force; a configuration reload replaces them through
+    /// this handle (`server::reload`).
+    pub fn access(&self) -> &AccessControl {
+        &self.access
     }
 
     pub fn hsm(&self) -> &Hsm {
@@ -378,17 +385,17 @@ fn truncate(text: &str, max: usize) -> String {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("HSM: {0}")]
+    #[error("HSM")]
     Hsm(#[source] kms_hsm::HsmError),
-    #[error("storage: {0}")]
+    #[error("storage")]
     Storage(#[source] kms_storage::StorageError),
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("reconciling pending key versions: {0}")]
+    #[error("reconciling pending key versions")]
     Reconcile(#[source] KmsError),
 }
 

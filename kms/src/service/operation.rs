@@ -48,6 +48,8 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::BatchGenerateDataKey => "BatchGenerateDataKey",
         Operation::ListAuditEvents => "ListAuditEvents",
         Operation::VerifyAuditLog => "VerifyAuditLog",
+        Operation::Reload => "Reload",
+        Operation::WatchAuditEvents => "WatchAuditEvents",
         Operation::AutomaticRotation => "AutomaticRotation",
         Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
@@ -91,7 +93,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 36);
+        assert_eq!(seen, 38);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }

@@ -92,6 +92,10 @@ pub(super) struct Shared {
     pub(super) commit_micros: AtomicU64,
     /// Sequence and hash of the last durable record (0 and zeros when empty).
     pub(super) head: Mutex<(u64, [u8; 32])>,
+    /// The sequence number of the last durable record, published after each
+    /// committed batch, for followers of the log (`AuditLog::subscribe`):
+    /// they wait on it instead of polling. Closed when the writer stops.
+    pub(super) committed: tokio::sync::watch::Sender<u64>,
     /// Test hook: make the next batch write fail inside RocksDB.
     #[cfg(test)]
     pub(super) fail_next_write: AtomicBool,
@@ -355,6 +359,9 @@ impl Writer {
             .head
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = (seq, head);
+        // After the write: a follower woken by this reads every record up to
+        // `seq`. (send_replace: publishing never fails for want of followers.)
+        self.shared.committed.send_replace(seq);
         for (done, r) in sealed {
             done.complete(r);
         }

@@ -118,19 +118,42 @@ impl AuditReader {
     }
 
     /// Records matching `filter` with sequence numbers greater than `after`, at
-    /// most `limit` of them. Scans in sequence order; since record times never
-    /// decrease along the chain, the scan stops at the end of the time range.
-    /// `limit` is clamped to 1..=[`crate::MAX_PAGE_SIZE`]; at most
-    /// [`MAX_SCAN_PER_PAGE`] records are examined per call.
+    /// most `limit` of them: [`AuditReader::query_range`] without an upper bound.
+    ///
+    /// # Errors
+    ///
+    /// As [`AuditReader::query_range`].
+    pub fn query(
+        &self,
+        filter: &AuditFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditPage, StorageError> {
+        self.query_range(filter, after, u64::MAX, limit)
+    }
+
+    /// Records matching `filter` with sequence numbers greater than `after`
+    /// and at most `until`, at most `limit` of them. Scans in sequence order;
+    /// since record times never decrease along the chain, the scan stops at
+    /// the end of the time range. `limit` is clamped to
+    /// 1..=[`crate::MAX_PAGE_SIZE`]; at most [`MAX_SCAN_PER_PAGE`] records are
+    /// examined per call.
+    ///
+    /// A paged listing passes the same `until` with every page (the log's
+    /// [`AuditReader::last_seq`] at its first page): the log grows while it is
+    /// read (reading it is audited too), and only a fixed bound makes the
+    /// listing terminate and return just the records that existed when it
+    /// started. `next_after` is `None` once `until` has been examined.
     ///
     /// # Errors
     ///
     /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
     /// stored record does not decode.
-    pub fn query(
+    pub fn query_range(
         &self,
         filter: &AuditFilter,
         after: Option<u64>,
+        until: u64,
         limit: usize,
     ) -> Result<AuditPage, StorageError> {
         let limit = limit.clamp(1, crate::keys::MAX_PAGE_SIZE);
@@ -138,6 +161,12 @@ impl AuditReader {
         let mut records = Vec::new();
         let mut last_seen = None;
         let mut exhausted = true;
+        if start > until {
+            return Ok(AuditPage {
+                records,
+                next_after: None,
+            });
+        }
         let key = schema::seq_key(start);
         let it = self.db.db.iterator_cf(
             self.db.cf(CF_AUDIT)?,
@@ -150,6 +179,9 @@ impl AuditReader {
             }
             let (k, v) = item.map_err(StorageError::db("iterate audit"))?;
             let rec = decode_record_at(&k, &v)?;
+            if rec.seq > until {
+                break;
+            }
             last_seen = Some(rec.seq);
             if filter.to_micros.is_some_and(|t| rec.time_micros >= t) {
                 break;
@@ -160,12 +192,17 @@ impl AuditReader {
         }
         Ok(AuditPage {
             records,
-            next_after: if exhausted { None } else { last_seen },
+            next_after: if exhausted {
+                None
+            } else {
+                last_seen.filter(|&seen| seen < until)
+            },
         })
     }
 
     /// Writes every record matching `filter` as one JSON object per line;
-    /// returns how many were written.
+    /// returns how many were written. Records appended while it runs are not
+    /// written (the export ends at the last record that existed when it began).
     ///
     /// # Errors
     ///
@@ -179,8 +216,9 @@ impl AuditReader {
     ) -> Result<u64, StorageError> {
         let mut after = None;
         let mut n = 0u64;
+        let until = self.last_seq()?;
         loop {
-            let page = self.query(filter, after, crate::keys::MAX_PAGE_SIZE)?;
+            let page = self.query_range(filter, after, until, crate::keys::MAX_PAGE_SIZE)?;
             for rec in &page.records {
                 serde_json::to_writer(&mut *out, rec).map_err(|source| {
                     StorageError::Serialize {

@@ -90,6 +90,7 @@ impl AuditLog {
             batch_writes: AtomicU64::new(0),
             commit_micros: AtomicU64::new(0),
             head: Mutex::new((last_seq, head)),
+            committed: tokio::sync::watch::Sender::new(last_seq),
             #[cfg(test)]
             fail_next_write: AtomicBool::new(false),
         });
@@ -227,6 +228,17 @@ impl AuditLog {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Follows the log: the receiver holds the sequence number of the last
+    /// durable record (0 when empty) and is notified after every committed
+    /// batch, so a follower reads records up to that number with an
+    /// [`crate::AuditReader`] and then waits for the next change, without
+    /// polling. Every record up to the published number is readable when it
+    /// is published. The channel closes (`changed()` fails) when the writer
+    /// stops, i.e. when this log is dropped.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
     #[cfg(test)]
     pub(crate) fn fail_next_write(&self) {
         self.shared.fail_next_write.store(true, Ordering::Release);
@@ -361,5 +373,41 @@ mod tests {
         // Checkpoints at 3, 6 and 9 (two inside the group), plus the final one at 10.
         assert_eq!(report.checkpoints_verified, 4, "{report:?}");
         assert_eq!(report.last_checkpoint_seq, Some(10));
+    }
+
+    #[test]
+    fn followers_are_told_each_committed_sequence_and_when_the_writer_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), &StorageOptions::default()).unwrap();
+        {
+            let log = s.open_audit_log(AuditConfig::default(), mac()).unwrap();
+            log.append(event(1)).unwrap();
+        }
+        let log = s.open_audit_log(AuditConfig::default(), mac()).unwrap();
+        let mut rx = log.subscribe();
+        // Starts at the head found on disk, with nothing new to see.
+        assert_eq!(*rx.borrow_and_update(), 1);
+        assert!(!rx.has_changed().unwrap());
+        let seq = log
+            .submit_group((2..5).map(event).collect())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(seq, 4);
+        assert!(rx.has_changed().unwrap());
+        let published = *rx.borrow_and_update();
+        assert_eq!(published, 4);
+        // Everything up to the published number is readable.
+        let page = s
+            .audit_reader()
+            .query_range(&crate::AuditFilter::default(), None, published, 100)
+            .unwrap();
+        assert_eq!(
+            page.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(page.next_after, None);
+        drop(log);
+        assert!(rx.has_changed().is_err(), "closed when the writer stops");
     }
 }

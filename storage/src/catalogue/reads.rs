@@ -2,11 +2,22 @@
 //! versions for start-up reconciliation. Reads take no lock; decoded key and
 //! version records are served from the record cache while no write has
 //! committed since they were read.
+//!
+//! Listings are paged by the caller, one call per page, while other requests
+//! keep writing. So that paging always terminates (issue 13), each listing
+//! takes an upper bound fixed at its first page: keys by creation time
+//! (`created_until_ms`), aliases by name (`until`, the last name that existed
+//! at the first page; aliases record no creation time). Version numbers are
+//! bounded by the caller (they only grow).
 
-use super::{Catalogue, clamp_limit};
+use rocksdb::{Direction, IteratorMode};
+
+use super::{AliasEntry, Catalogue, clamp_limit};
 use crate::error::StorageError;
 use crate::keys::{Alias, KeyId, KeyRecord, Page, VersionRecord};
-use crate::schema::{self, CF_KEYS, CF_PENDING, CF_VERSIONS, decode_record};
+use crate::schema::{
+    self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING, CF_VERSIONS, decode_record,
+};
 
 impl Catalogue {
     /// The key record with this id (tombstones included), if any.
@@ -60,15 +71,40 @@ impl Catalogue {
         page_token: Option<&str>,
         limit: usize,
     ) -> Result<Page<KeyRecord>, StorageError> {
+        self.list_keys_created_until(page_token, u64::MAX, limit)
+    }
+
+    /// As [`Catalogue::list_keys`], but only keys created at or before
+    /// `created_until_ms` (unix milliseconds): a listing that passes the time
+    /// of its first page with every page never returns a key created after
+    /// that millisecond, and so terminates however fast keys are created. (Key
+    /// ids are random, so new keys land anywhere in id order; creation time is
+    /// the only bound the catalogue records. A key created within the same
+    /// millisecond as the first page, after it, may still be listed.)
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
+    /// [`StorageError::CorruptJson`] if a stored record does not decode.
+    pub fn list_keys_created_until(
+        &self,
+        page_token: Option<&str>,
+        created_until_ms: u64,
+        limit: usize,
+    ) -> Result<Page<KeyRecord>, StorageError> {
         let limit = clamp_limit(limit);
-        let mut items = Vec::new();
+        let mut items: Vec<KeyRecord> = Vec::new();
         let mut more = false;
         self.scan(CF_KEYS, b"", page_token.map(str::as_bytes), |k, v| {
+            let record = decode_record::<KeyRecord>(CF_KEYS, k, v)?;
+            if record.created_at_ms > created_until_ms {
+                return Ok(true);
+            }
             if items.len() == limit {
                 more = true;
                 return Ok(false);
             }
-            items.push(decode_record::<KeyRecord>(CF_KEYS, k, v)?);
+            items.push(record);
             Ok(true)
         })?;
         let next_page_token = if more {
@@ -80,6 +116,76 @@ impl Catalogue {
             items,
             next_page_token,
         })
+    }
+
+    /// The greatest alias name, of all aliases or of those of `key`; `None`
+    /// when there is none. The bound of an alias listing (see
+    /// [`Catalogue::list_aliases_until`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
+    /// [`StorageError::InvalidAlias`] if a stored entry is malformed.
+    pub fn last_alias(&self, key: Option<&KeyId>) -> Result<Option<Alias>, StorageError> {
+        let (cf, prefix, mode_key) = match key {
+            None => (CF_ALIASES, Vec::new(), None),
+            Some(id) => {
+                // Every index entry of `id` is `id ‖ alias`, and alias names
+                // are ASCII, so `id ‖ 0xFF` sorts after all of them.
+                let mut upper = id.as_str().as_bytes().to_vec();
+                upper.push(0xFF);
+                (
+                    CF_ALIASES_BY_KEY,
+                    id.as_str().as_bytes().to_vec(),
+                    Some(upper),
+                )
+            }
+        };
+        let mode = match &mode_key {
+            None => IteratorMode::End,
+            Some(upper) => IteratorMode::From(upper, Direction::Reverse),
+        };
+        let mut it = self.db.db.iterator_cf(self.db.cf(cf)?, mode);
+        let Some(item) = it.next() else {
+            return Ok(None);
+        };
+        let (k, _) = item.map_err(StorageError::db("iterate aliases"))?;
+        if !k.starts_with(&prefix) {
+            return Ok(None);
+        }
+        let name = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StorageError::Corrupt {
+            cf,
+            key_hex: hex::encode(&k),
+            reason: "alias is not UTF-8",
+        })?;
+        Ok(Some(Alias::parse(name)?))
+    }
+
+    /// As [`Catalogue::list_aliases`], but only names up to and including
+    /// `until` (the last name at the listing's first page, from
+    /// [`Catalogue::last_alias`]): the listing then terminates however many
+    /// aliases are created while it pages, and never returns an alias named
+    /// beyond its first page's last one. (An alias created meanwhile between
+    /// two existing names ahead of the cursor is listed: aliases record no
+    /// creation time.)
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::list_aliases`].
+    pub fn list_aliases_until(
+        &self,
+        key: Option<&KeyId>,
+        page_token: Option<&str>,
+        until: &Alias,
+        limit: usize,
+    ) -> Result<Page<AliasEntry>, StorageError> {
+        let mut page = self.list_aliases(key, page_token, limit)?;
+        let before = page.items.len();
+        page.items.retain(|entry| entry.alias <= *until);
+        if page.items.len() < before || page.items.last().is_some_and(|e| e.alias == *until) {
+            page.next_page_token = None;
+        }
+        Ok(page)
     }
 
     /// A version record, with its current GCM invocation count, if it exists.
