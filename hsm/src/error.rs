@@ -312,7 +312,9 @@ pub enum HsmError {
     /// root. This is a corrupt catalogue record, never a lost device
     /// (SoftHSM2 reports a failed RFC 3394 integrity check as
     /// `CKR_GENERAL_ERROR`; design note §1.7 item 5). Nothing was created.
-    #[error("catalogue record corrupt: the wrapped key does not unwrap under root kms-root/{root_epoch}")]
+    #[error(
+        "catalogue record corrupt: the wrapped key does not unwrap under root kms-root/{root_epoch}"
+    )]
     CorruptWrappedKey {
         /// The epoch of the root the record names.
         root_epoch: u32,

@@ -43,8 +43,8 @@ pub mod testing;
 pub use config::{HsmConfig, Pin, PinSource};
 pub use error::{HsmError, Operation, Result, ReturnCode, RngSource};
 pub use hsm::{
-    GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyHolder, KeyObjectInfo,
-    MAX_GCM_INPUT, MAX_RANDOM_LEN, OperationStats, PoolUsage, RootInfo, WorkingKey,
+    GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyHolder, KeyObjectInfo, MAX_GCM_INPUT,
+    MAX_RANDOM_LEN, OperationStats, PoolUsage, RootInfo, WorkingKey,
 };
 pub use objects::{KeyPurpose, ObjectId};
 #[cfg(feature = "testing")]

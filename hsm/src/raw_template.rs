@@ -273,10 +273,8 @@ impl<'a> BuiltTemplate<'a> {
                     type_: *kind,
                     // The module only reads templates; cast_mut is for the C signature.
                     pValue: array.as_ptr().cast_mut().cast::<c_void>(),
-                    ulValueLen: CK_ULONG::try_from(
-                        std::mem::size_of_val(array.as_slice()),
-                    )
-                    .map_err(|_| HsmError::InvalidArgument("template too large"))?,
+                    ulValueLen: CK_ULONG::try_from(std::mem::size_of_val(array.as_slice()))
+                        .map_err(|_| HsmError::InvalidArgument("template too large"))?,
                 },
             });
         }

@@ -22,8 +22,8 @@ use cryptoki::slot::Slot;
 use cryptoki_sys::{CKA_UNWRAP_TEMPLATE, CKA_WRAP_TEMPLATE};
 
 use crate::config::Pin;
-use crate::hsm::RootInfo;
 use crate::error::{HsmError, Operation, Result, from_cryptoki};
+use crate::hsm::RootInfo;
 use crate::objects::{KeyPurpose, ObjectId};
 use crate::raw_template::{RawAttribute, RawModule};
 use crate::wrapped;
@@ -213,7 +213,12 @@ fn root_rows(spec: &RootSpec, defect: Defect) -> Vec<RootRow> {
 /// `TemplateViolation` naming the attribute that did not read back (the
 /// object is destroyed again); `ModuleLoad`; or the PKCS#11 error of the
 /// call that failed (e.g. `CKR_USER_ANOTHER_ALREADY_LOGGED_IN` from `C_Login`).
-pub fn create_root(module_path: &Path, token_label: &str, pin: &Pin, spec: &RootSpec) -> Result<()> {
+pub fn create_root(
+    module_path: &Path,
+    token_label: &str,
+    pin: &Pin,
+    spec: &RootSpec,
+) -> Result<()> {
     create(module_path, token_label, pin, spec, Defect::None)
 }
 
@@ -373,8 +378,10 @@ pub(crate) fn root_info(
     let mechanisms = session
         .get_attributes(handle, &[AttributeType::AllowedMechanisms])
         .map_err(|e| from_cryptoki(Operation::GetAttributes, e))?;
-    let only_aes_key_wrap =
-        mechanisms == [Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP])];
+    let only_aes_key_wrap = mechanisms
+        == [Attribute::AllowedMechanisms(vec![
+            MechanismType::AES_KEY_WRAP,
+        ])];
     let value_readable = matches!(
         session.get_attributes(handle, &[AttributeType::Value]),
         Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(bytes) if !bytes.is_empty()))
@@ -398,7 +405,10 @@ pub(crate) fn root_info(
 /// value; `CKA_CLASS=CKO_SECRET_KEY` as a named `true`; others `None`.
 fn describe(attribute: &Attribute) -> Option<(&'static str, bool)> {
     Some(match attribute {
-        Attribute::Class(class) => ("CKA_CLASS=CKO_SECRET_KEY", *class == ObjectClass::SECRET_KEY),
+        Attribute::Class(class) => (
+            "CKA_CLASS=CKO_SECRET_KEY",
+            *class == ObjectClass::SECRET_KEY,
+        ),
         Attribute::Token(v) => ("CKA_TOKEN", *v),
         Attribute::Private(v) => ("CKA_PRIVATE", *v),
         Attribute::Sensitive(v) => ("CKA_SENSITIVE", *v),
@@ -561,7 +571,7 @@ pub(crate) fn verify_root(
         Ok(handle) => scratch.keep(handle),
         Err(_) => return Err(failed(check::UNWRAPS)),
     };
-    if wrapped::check_working(session, working, purpose, variant).is_err() {
+    if wrapped::check_working(session, working, purpose, variant, wrapped::Stage::Unwrap).is_err() {
         return Err(failed(check::UNWRAPS));
     }
 

@@ -313,6 +313,24 @@ impl KeyHolder {
     }
 }
 
+#[cfg(feature = "testing")]
+impl KeyHolder {
+    /// Runs `attack` on the holder's own logged-in session, with the raw
+    /// handle of `key` if given: what any PIN holder of the token can do.
+    /// For tests that play the attacker of design note §1.5.5/§1.7 only.
+    ///
+    /// # Errors
+    /// `WorkingKeyStale`; `InvalidArgument` for a key of another holder.
+    pub fn attack_session_for_tests<T>(
+        &self,
+        key: Option<&WorkingKey>,
+        attack: impl FnOnce(&Session, Option<ObjectHandle>) -> T,
+    ) -> Result<T> {
+        let handle = key.map(|k| self.handle_of(k)).transpose()?;
+        self.with(|session, _| Ok(attack(session, handle)))
+    }
+}
+
 /// What the token reports about a root key (`KeyHolder::root_info`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootInfo {

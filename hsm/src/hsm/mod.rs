@@ -575,7 +575,12 @@ fn hmac_sign_with(session: &Session, handle: ObjectHandle, data: &[u8]) -> Resul
 }
 
 /// Verifies an HMAC-SHA256 under `handle` inside the HSM; a wrong MAC is `Ok(false)`.
-fn hmac_verify_with(session: &Session, handle: ObjectHandle, data: &[u8], mac: &[u8]) -> Result<bool> {
+fn hmac_verify_with(
+    session: &Session,
+    handle: ObjectHandle,
+    data: &[u8],
+    mac: &[u8],
+) -> Result<bool> {
     match session.verify(&Mechanism::Sha256Hmac, handle, data, mac) {
         Ok(()) => Ok(true),
         Err(cryptoki::error::Error::Pkcs11(
