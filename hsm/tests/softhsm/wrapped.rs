@@ -317,6 +317,91 @@ fn attacker_wrapping_key(session: &Session) -> ObjectHandle {
         .expect("attacker key")
 }
 
+/// Everything a PIN holder might try to get a version's bytes, on a
+/// logged-in `session`; returns what worked (empty = nothing leaked).
+fn attempt_leaks(
+    session: &Session,
+    root: ObjectHandle,
+    wrapped: &WrappedKey,
+    working: ObjectHandle,
+    key_type: KeyType,
+    variant: RootVariant,
+) -> Vec<String> {
+    let mut leaks = Vec::new();
+    let mut templates = attack_templates(key_type);
+    if variant == N {
+        templates.push((
+            "extractable",
+            vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(key_type),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+            ],
+        ));
+    }
+    for (name, template) in templates {
+        if let Ok(h) = session.unwrap_key(&Mechanism::AesKeyWrap, root, &wrapped.blob, &template) {
+            leaks.push(format!("unwrap as {name} succeeded"));
+            if let Some(value) = value_of(session, h) {
+                leaks.push(format!("read {} key bytes", value.len()));
+            }
+            let _ = session.destroy_object(h);
+        }
+    }
+    // The wrap/decrypt attack: the root as a decryption key.
+    for (mechanism, input) in [
+        (Mechanism::AesKeyWrap, &wrapped.blob[..]),
+        (Mechanism::AesEcb, &wrapped.blob[..32]),
+    ] {
+        if session.decrypt(&mechanism, root, input).is_ok() {
+            leaks.push("C_Decrypt with the root succeeded".into());
+        }
+    }
+    // Reading the value of the working key or the root.
+    for (what, h) in [("working key", working), ("root", root)] {
+        if value_of(session, h).is_some() {
+            leaks.push(format!("CKA_VALUE of the {what} readable"));
+        }
+    }
+    // Exporting the working key under the attacker's own key,
+    // then decrypting the blob with it.
+    let own = attacker_wrapping_key(session);
+    if let Ok(blob) = session.wrap_key(&Mechanism::AesKeyWrap, own, working) {
+        leaks.push(format!(
+            "working key wrapped under an ordinary key ({} bytes)",
+            blob.len()
+        ));
+    }
+    let _ = session.destroy_object(own);
+    // Loosening the working key's attributes.
+    for loosen in [
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(false),
+    ] {
+        if session
+            .update_attributes(working, std::slice::from_ref(&loosen))
+            .is_ok()
+            && value_of(session, working).is_some()
+        {
+            leaks.push(format!("{loosen:?} made the value readable"));
+        }
+    }
+    if session
+        .update_attributes(working, &[Attribute::Sensitive(false)])
+        .is_ok()
+    {
+        leaks.push("CKA_SENSITIVE of the working key cleared".into());
+    }
+    leaks
+}
+
 #[test]
 fn a_pin_holder_cannot_obtain_key_bytes_by_any_unwrap_or_wrap() {
     for variant in [T, N] {
@@ -331,84 +416,10 @@ fn a_pin_holder_cannot_obtain_key_bytes_by_any_unwrap_or_wrap() {
                 KeyPurpose::Hmac => KeyType::GENERIC_SECRET,
             };
             let leaked = holder
-                .attack_session_for_tests(Some(&working), |session, working| {
-                    let working = working.expect("handle");
+                .attack_session_for_tests(Some(&working), |session, handle| {
                     let root = root_handle(session, 1);
-                    let mut leaks = Vec::new();
-                    let mut templates = attack_templates(key_type);
-                    if variant == N {
-                        templates.push((
-                            "extractable",
-                            vec![
-                                Attribute::Class(ObjectClass::SECRET_KEY),
-                                Attribute::KeyType(key_type),
-                                Attribute::Token(false),
-                                Attribute::Private(true),
-                                Attribute::Sensitive(true),
-                                Attribute::Extractable(true),
-                                Attribute::Wrap(false),
-                                Attribute::Unwrap(false),
-                                Attribute::Derive(false),
-                            ],
-                        ));
-                    }
-                    for (name, template) in templates {
-                        if let Ok(h) = session.unwrap_key(
-                            &Mechanism::AesKeyWrap,
-                            root,
-                            &wrapped.blob,
-                            &template,
-                        ) {
-                            leaks.push(format!("unwrap as {name} succeeded"));
-                            let _ = session.destroy_object(h);
-                        }
-                    }
-                    // The wrap/decrypt attack: the root as a decryption key.
-                    for (mechanism, input) in [
-                        (Mechanism::AesKeyWrap, &wrapped.blob[..]),
-                        (Mechanism::AesEcb, &wrapped.blob[..32]),
-                    ] {
-                        if session.decrypt(&mechanism, root, input).is_ok() {
-                            leaks.push("C_Decrypt with the root succeeded".into());
-                        }
-                    }
-                    // Reading the value of the working key or the root.
-                    for (what, h) in [("working key", working), ("root", root)] {
-                        if value_of(session, h).is_some() {
-                            leaks.push(format!("CKA_VALUE of the {what} readable"));
-                        }
-                    }
-                    // Exporting the working key under the attacker's own key,
-                    // then decrypting the blob with it.
-                    let own = attacker_wrapping_key(session);
-                    if let Ok(blob) = session.wrap_key(&Mechanism::AesKeyWrap, own, working) {
-                        leaks.push(format!(
-                            "working key wrapped under an ordinary key ({} bytes)",
-                            blob.len()
-                        ));
-                    }
-                    let _ = session.destroy_object(own);
-                    // Loosening the working key's attributes.
-                    for loosen in [
-                        Attribute::Sensitive(false),
-                        Attribute::Extractable(true),
-                        Attribute::WrapWithTrusted(false),
-                    ] {
-                        if session
-                            .update_attributes(working, std::slice::from_ref(&loosen))
-                            .is_ok()
-                            && value_of(session, working).is_some()
-                        {
-                            leaks.push(format!("{loosen:?} made the value readable"));
-                        }
-                    }
-                    if session
-                        .update_attributes(working, &[Attribute::Sensitive(false)])
-                        .is_ok()
-                    {
-                        leaks.push("CKA_SENSITIVE of the working key cleared".into());
-                    }
-                    leaks
+                    let handle = handle.expect("handle");
+                    attempt_leaks(session, root, &wrapped, handle, key_type, variant)
                 })
                 .expect("attack session");
             assert!(leaked.is_empty(), "{variant:?} {purpose:?}: {leaked:?}");
@@ -417,6 +428,38 @@ fn a_pin_holder_cannot_obtain_key_bytes_by_any_unwrap_or_wrap() {
         // Nothing the attacks tried stayed behind.
         assert_eq!(holder.session_object_count().expect("count"), 0);
     }
+}
+
+/// The control for the test above: against a root without an unwrap
+/// template the same attacks read the key (design note §1.7 item 1), so
+/// the attacks are real and the template is what stops them.
+#[test]
+fn without_an_unwrap_template_the_same_attacks_read_the_key() {
+    let token = TestToken::new();
+    create_defective_root_for_tests(
+        token.module_path(),
+        token.label(),
+        &so_pin(&token),
+        &RootSpec::for_softhsm(1, T),
+        RootDefect::NoUnwrapTemplate,
+    )
+    .expect("root without unwrap template");
+    let hsm = token.open();
+    let holder = hsm.key_holder().expect("holder");
+    let (wrapped, working) = holder
+        .generate_version(1, KeyPurpose::Kek, T)
+        .expect("version");
+    let leaked = holder
+        .attack_session_for_tests(Some(&working), |session, handle| {
+            let root = root_handle(session, 1);
+            let handle = handle.expect("handle");
+            attempt_leaks(session, root, &wrapped, handle, KeyType::AES, T)
+        })
+        .expect("attack session");
+    assert!(
+        leaked.contains(&"read 32 key bytes".to_string()),
+        "{leaked:?}"
+    );
 }
 
 #[test]
