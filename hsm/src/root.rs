@@ -437,6 +437,32 @@ fn find_by_id(session: &Session, id: &ObjectId) -> Result<Vec<ObjectHandle>> {
         .map_err(|e| from_cryptoki(Operation::FindObjects, e))
 }
 
+/// The epochs of every secret key whose `CKA_ID` is `kms-root/<decimal>`, ascending.
+pub(crate) fn root_epochs(session: &Session) -> Result<Vec<u32>> {
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .map_err(|e| from_cryptoki(Operation::FindObjects, e))?;
+    let mut epochs = Vec::new();
+    for key in keys {
+        let ids = session
+            .get_attributes(key, &[AttributeType::Id])
+            .map_err(|e| from_cryptoki(Operation::GetAttributes, e))?;
+        for id in ids {
+            if let Attribute::Id(bytes) = id {
+                let epoch = bytes
+                    .strip_prefix(b"kms-root/")
+                    .and_then(|digits| std::str::from_utf8(digits).ok())
+                    .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|digits| digits.parse::<u32>().ok());
+                epochs.extend(epoch);
+            }
+        }
+    }
+    epochs.sort_unstable();
+    epochs.dedup();
+    Ok(epochs)
+}
+
 /// The handle of the root of `epoch` on `session`.
 ///
 /// # Errors

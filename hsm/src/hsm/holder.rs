@@ -101,7 +101,74 @@ impl Hsm {
     }
 }
 
+impl Hsm {
+    /// AES-256-GCM encryption under `holder`'s working key `key` on one of
+    /// the pool's sessions, so that encryptions under working keys run in
+    /// parallel like `Hsm::encrypt` (PKCS#11 session objects are visible to
+    /// every session of the application that made them). Runs under the
+    /// recovery policy; a dead working key is `WorkingKeyStale` and does not
+    /// make the pool reconnect.
+    ///
+    /// # Errors
+    /// As `Hsm::encrypt`, plus `InvalidArgument` if `key` is not `holder`'s
+    /// and `WorkingKeyStale` if the holder's generation is over or the key
+    /// is gone.
+    pub fn encrypt_with(
+        &self,
+        holder: &KeyHolder,
+        key: &WorkingKey,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<GcmSealed> {
+        let handle = holder.handle_of(key)?;
+        self.run(Operation::Encrypt, |session, state| {
+            holder.check_generation(state)?;
+            gcm_seal(session, handle, &self.rng, aad, plaintext).map_err(stale_key)
+        })
+    }
+
+    /// AES-256-GCM decryption under `holder`'s working key `key` on one of
+    /// the pool's sessions (see `encrypt_with`).
+    ///
+    /// # Errors
+    /// As `Hsm::decrypt`, plus those of `encrypt_with`.
+    pub fn decrypt_with(
+        &self,
+        holder: &KeyHolder,
+        key: &WorkingKey,
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext_and_tag: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let handle = holder.handle_of(key)?;
+        check_gcm_open_input(iv, aad, ciphertext_and_tag)?;
+        self.run(Operation::Decrypt, |session, state| {
+            holder.check_generation(state)?;
+            gcm_open(session, handle, iv, aad, ciphertext_and_tag).map_err(stale_key)
+        })
+    }
+}
+
+/// On a pooled session, an invalid *key* handle means the working key (or
+/// its holder session) is gone, not that the pool's session is: report it
+/// as stale instead of letting recovery reconnect the pool.
+fn stale_key(error: HsmError) -> HsmError {
+    match &error {
+        HsmError::Pkcs11 { code, .. } if code.is_invalid_handle() => HsmError::WorkingKeyStale,
+        _ => error,
+    }
+}
+
 impl KeyHolder {
+    /// `WorkingKeyStale` unless the module is still in the holder's generation.
+    fn check_generation(&self, state: &ModuleState) -> Result<()> {
+        if state.generation() == self.generation {
+            Ok(())
+        } else {
+            Err(HsmError::WorkingKeyStale)
+        }
+    }
+
     /// Runs `work` on the holder's session if the module generation is
     /// still the one it was opened in. A lost session, login or object
     /// (the class recovery would reconnect for) becomes `WorkingKeyStale`.
@@ -296,6 +363,16 @@ impl KeyHolder {
                 .map(|found| found.len())
                 .map_err(|e| crate::error::from_cryptoki(Operation::FindObjects, e))
         })
+    }
+
+    /// The epochs of every root (`kms-root/<epoch>` secret key) this
+    /// session can see, ascending: for `kms hsm roots` and start-up.
+    /// Searches the token: not for the hot path.
+    ///
+    /// # Errors
+    /// `WorkingKeyStale`; the PKCS#11 error of the search or attribute read.
+    pub fn root_epochs(&self) -> Result<Vec<u32>> {
+        self.with(|session, _| root::root_epochs(session))
     }
 
     /// The root of `epoch` as the token reports it: its boolean attributes

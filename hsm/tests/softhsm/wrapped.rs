@@ -517,6 +517,10 @@ fn encrypt_decrypt_round_trip_through_a_working_copy_unwrapped_from_its_blob() {
 fn root_rotation_rewraps_a_working_copy_and_the_new_blob_decrypts_old_data() {
     let (_token, hsm) = token_with_roots(T, &[1, 2]);
     let holder = hsm.key_holder().expect("holder");
+    let kek = kms_hsm::ObjectId::new(b"legacy/v1".to_vec()).expect("id");
+    hsm.generate_key(KeyPurpose::Kek, &kek)
+        .expect("a legacy token-object KEK");
+    assert_eq!(holder.root_epochs().expect("epochs"), [1, 2]);
     let (old, live) = holder
         .generate_version(1, KeyPurpose::Kek, T)
         .expect("version");
@@ -657,6 +661,54 @@ fn hsm_hmac_over_catalogue_records_is_stable_and_detects_swapped_blobs() {
     );
 }
 
+#[test]
+fn working_keys_encrypt_on_pooled_sessions_in_parallel_and_stale_keys_do_not_reconnect() {
+    let (_token, hsm) = token_with_roots(T, &[1]);
+    let holder = hsm.key_holder().expect("holder");
+    let (_, key) = holder
+        .generate_version(1, KeyPurpose::Kek, T)
+        .expect("version");
+    std::thread::scope(|scope| {
+        for t in 0..4u8 {
+            let (hsm, holder, key) = (&hsm, &holder, &key);
+            scope.spawn(move || {
+                for i in 0..50u8 {
+                    let data = [t, i];
+                    let sealed = hsm
+                        .encrypt_with(holder, key, b"aad", &data)
+                        .expect("encrypt");
+                    // Decrypt on the holder's own session: same key object.
+                    let plain = holder
+                        .decrypt(key, &sealed.iv, b"aad", &sealed.ciphertext_and_tag)
+                        .expect("decrypt");
+                    assert_eq!(&plain[..], &data);
+                }
+            });
+        }
+    });
+    let opened = hsm.counters().sessions_opened;
+    let (_, gone) = holder
+        .generate_version(1, KeyPurpose::Kek, T)
+        .expect("version");
+    let sealed = hsm
+        .encrypt_with(&holder, &gone, b"", b"x")
+        .expect("encrypt");
+    // Destroyed behind the WorkingKey's back (as if its holder session died).
+    holder
+        .attack_session_for_tests(Some(&gone), |session, handle| {
+            session
+                .destroy_object(handle.expect("handle"))
+                .expect("destroy");
+        })
+        .expect("session");
+    let e = hsm
+        .decrypt_with(&holder, &gone, &sealed.iv, b"", &sealed.ciphertext_and_tag)
+        .expect_err("destroyed key");
+    assert!(matches!(e, HsmError::WorkingKeyStale), "{e:?}");
+    assert!(!hsm.is_down());
+    assert_eq!(hsm.counters().sessions_opened, opened, "no reconnect");
+}
+
 /// AES-256-GCM of 1 KiB, `ops` times, on one session with `key`; ops/s.
 fn gcm_ops_per_second(session: &Session, key: ObjectHandle, ops: u32) -> f64 {
     let data = [0x5Au8; 1024];
@@ -719,6 +771,31 @@ fn measure_session_working_key_vs_token_object_encrypt_throughput() {
         holder.destroy(copy).expect("destroy");
     }
     let unwrap_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    // Through the facade's session pool, one thread: what the service pays.
+    let data = [0x5Au8; 1024];
+    let pooled = |f: &dyn Fn()| {
+        f();
+        let started = Instant::now();
+        for _ in 0..OPS {
+            f();
+        }
+        f64::from(OPS) / started.elapsed().as_secs_f64()
+    };
+    let pool_session = pooled(&|| {
+        hsm.encrypt_with(&holder, &working, b"", &data)
+            .map(drop)
+            .expect("encrypt_with")
+    });
+    let pool_token = pooled(&|| {
+        hsm.encrypt(&token_kek, b"", &data)
+            .map(drop)
+            .expect("encrypt")
+    });
+    println!(
+        "through the Hsm pool, 1 KiB: encrypt_with(working key) {pool_session:.0} ops/s, \
+         encrypt(token-object KEK) {pool_token:.0} ops/s, ratio {:.2}",
+        pool_session / pool_token
+    );
     println!(
         "AES-256-GCM 1 KiB, one session, {OPS} ops x3 (median): session working key {s:.0} ops/s \
          ({:.1} us/op), token-object KEK {t:.0} ops/s ({:.1} us/op), ratio {:.2}; \
