@@ -3,8 +3,10 @@
 //! Master keys (KEKs) are generated inside a PKCS#11 token and never leave
 //! it; this crate gives the rest of kms a small blocking API over them:
 //! generate/find/destroy key objects, AES-256-GCM with HSM-resident KEKs,
-//! HMAC-SHA256 with an HSM-resident key, and random bytes. No cryptoki type
-//! appears in its public API.
+//! HMAC-SHA256 with an HSM-resident key, and random bytes; and the wrapped-key
+//! hierarchy (one root key per HSM, key versions stored as blobs wrapped under
+//! it, working keys unwrapped into the HSM as session objects). No cryptoki
+//! type appears in its public API (outside the `testing` feature's attack hook).
 //!
 //! What it must never do: log or display a PIN or key material, share a
 //! session between threads, search the token or open a session on the hot

@@ -56,8 +56,10 @@ impl WrapMechanism {
 /// A key version wrapped under a root: what the catalogue stores. Not
 /// secret (only the root can unwrap it, and only into the HSM), but not
 /// authenticated to a key or version either: the catalogue MACs
-/// `mac_input` with an HSM HMAC key (design note §1.5.2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `mac_input` with an HSM HMAC key (design note §1.5.2). `Debug` shows
+/// the blob's length only: blob + root = a usable key for any PIN holder,
+/// so blobs belong in the catalogue, not in logs.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WrappedKey {
     /// The epoch of the root it is wrapped under (`kms-root/<epoch>`).
     pub root_epoch: u32,
@@ -65,6 +67,16 @@ pub struct WrappedKey {
     pub mechanism: WrapMechanism,
     /// The wrapped key, `WRAPPED_KEY_LEN` bytes for `AesKeyWrap`.
     pub blob: Vec<u8>,
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("root_epoch", &self.root_epoch)
+            .field("mechanism", &self.mechanism)
+            .field("blob", &format_args!("[{} bytes]", self.blob.len()))
+            .finish()
+    }
 }
 
 /// Domain separation for `WrappedKey::mac_input`.
@@ -463,6 +475,10 @@ mod tests {
             Some(WrapMechanism::AesKeyWrap)
         );
         assert_eq!(WrapMechanism::from_code(0x210A), None);
+        assert_eq!(
+            format!("{wrapped:?}"),
+            "WrappedKey { root_epoch: 7, mechanism: AesKeyWrap, blob: [3 bytes] }"
+        );
     }
 
     #[test]
