@@ -61,6 +61,10 @@ pub enum Operation {
     SyncTokenDirectory,
     /// Reading the PIN from its source.
     ReadPin,
+    /// `C_WrapKey` (a key version under a root, `CKM_AES_KEY_WRAP`).
+    WrapKey,
+    /// `C_UnwrapKey` (a wrapped key version into a working session object).
+    UnwrapKey,
 }
 
 impl fmt::Display for Operation {
@@ -87,6 +91,8 @@ impl fmt::Display for Operation {
             Operation::GenerateRandom => "C_GenerateRandom",
             Operation::SyncTokenDirectory => "sync token directory",
             Operation::ReadPin => "read PIN",
+            Operation::WrapKey => "C_WrapKey",
+            Operation::UnwrapKey => "C_UnwrapKey",
         };
         f.write_str(name)
     }
@@ -289,6 +295,36 @@ pub enum HsmError {
     /// A request argument is outside what the layer accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+
+    /// The root key of `epoch` failed one of the behavioural checks of the
+    /// start-up probe (design note §1.5.5): wrapped mode must not be used
+    /// with it. `check` says, for an operator, what should have held.
+    #[error("root key kms-root/{epoch} failed the check: {check}")]
+    RootCheckFailed {
+        /// The root's epoch (its `CKA_ID` is `kms-root/<epoch>`).
+        epoch: u32,
+        /// The check that failed, e.g. "unwrapping a blob as non-sensitive is refused".
+        check: &'static str,
+    },
+
+    /// A wrapped key (a catalogue record's blob) does not unwrap under the
+    /// root it names: it was tampered with, truncated, or belongs to another
+    /// root. This is a corrupt catalogue record, never a lost device
+    /// (SoftHSM2 reports a failed RFC 3394 integrity check as
+    /// `CKR_GENERAL_ERROR`; design note §1.7 item 5). Nothing was created.
+    #[error(
+        "catalogue record corrupt: the wrapped key does not unwrap under root kms-root/{root_epoch}"
+    )]
+    CorruptWrappedKey {
+        /// The epoch of the root the record names.
+        root_epoch: u32,
+    },
+
+    /// A working key's holder session is gone (closed, or the module was
+    /// re-initialized): its session objects died with it. Unwrap the blob
+    /// again on a new `KeyHolder`.
+    #[error("the working key's holder session is gone; unwrap it again")]
+    WorkingKeyStale,
 }
 
 impl HsmError {

@@ -76,6 +76,15 @@ impl ReturnCode {
         }
     }
 
+    /// Whether the code says an object or key handle is invalid
+    /// (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`).
+    pub(crate) fn is_invalid_handle(self) -> bool {
+        matches!(
+            self.0,
+            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid
+        )
+    }
+
     /// Whether the code reports the token's random number generator
     /// (`CKR_RANDOM_SEED_NOT_SUPPORTED`, `CKR_RANDOM_NO_RNG`).
     pub(crate) fn is_rng_failure(self) -> bool {

@@ -77,6 +77,7 @@ fn remove_stale_harness_dirs() {
 pub struct TestToken {
     label: String,
     pin_file: PathBuf,
+    so_pin_file: PathBuf,
     token_dir: PathBuf,
     module_path: PathBuf,
     tokens_root: PathBuf,
@@ -95,6 +96,8 @@ impl TestToken {
         let so_pin = random_pin();
         let pin_file = secrets.join("user.pin");
         write_private(&pin_file, &user_pin);
+        let so_pin_file = secrets.join("so.pin");
+        write_private(&so_pin_file, &so_pin);
 
         let _guard = harness.create_lock.lock();
         let before = list_dirs(&harness.tokens_dir);
@@ -112,6 +115,7 @@ impl TestToken {
         TestToken {
             label,
             pin_file,
+            so_pin_file,
             token_dir,
             module_path: harness.module_path.clone(),
             tokens_root: harness.tokens_dir.clone(),
@@ -141,6 +145,12 @@ impl TestToken {
     /// The PIN source (a 0600 file) of this token's user PIN.
     pub fn pin_source(&self) -> PinSource {
         PinSource::File(self.pin_file.clone())
+    }
+
+    /// The PIN source (a 0600 file) of this token's security-officer PIN,
+    /// for root-key ceremonies (`create_root`).
+    pub fn so_pin_source(&self) -> PinSource {
+        PinSource::File(self.so_pin_file.clone())
     }
 
     /// A configuration for this token with `pool_size` sessions and a short

@@ -6,6 +6,10 @@ use std::time::{Duration, Instant};
 use kms_hsm::testing::TestToken;
 use kms_hsm::{GCM_TAG_LEN, Hsm, HsmError, KeyPurpose, ObjectId};
 
+/// The wrapped-key hierarchy (issue 14): roots, wrapped versions, working keys.
+#[path = "softhsm/wrapped.rs"]
+mod wrapped;
+
 fn id(text: &str) -> ObjectId {
     ObjectId::new(text.as_bytes().to_vec()).expect("object id")
 }

@@ -6,7 +6,10 @@
 //! object ids only. There is never a fallback to software keys.
 
 mod handle_cache;
+mod holder;
 mod recovery;
+
+pub use holder::{KeyHolder, RootInfo, WorkingKey};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -286,26 +289,7 @@ impl Hsm {
         }
         self.run(Operation::Encrypt, |session, state| {
             let handle = self.handle(session, state, kek)?;
-            let mut iv = [0u8; GCM_IV_LEN];
-            self.rng
-                .fill(&mut iv)
-                .map_err(|_| HsmError::host_rng(Operation::Encrypt))?;
-            let mut iv_param = iv;
-            let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
-                .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
-            let ciphertext_and_tag = session
-                .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
-                .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
-            if ciphertext_and_tag.len() != plaintext.len() + GCM_TAG_LEN {
-                return Err(HsmError::Wrapper {
-                    operation: Operation::Encrypt,
-                    reason: "token returned an unexpected GCM output length".into(),
-                });
-            }
-            Ok(GcmSealed {
-                iv,
-                ciphertext_and_tag,
-            })
+            gcm_seal(session, handle, &self.rng, aad, plaintext)
         })
     }
 
@@ -324,24 +308,10 @@ impl Hsm {
         aad: &[u8],
         ciphertext_and_tag: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
-        // SoftHSM2 accepts short IVs and tags; we accept exactly what we produce.
-        if iv.len() != GCM_IV_LEN
-            || ciphertext_and_tag.len() < GCM_TAG_LEN
-            || ciphertext_and_tag.len() > MAX_GCM_INPUT + GCM_TAG_LEN
-            || aad.len() > MAX_GCM_INPUT
-        {
-            return Err(HsmError::InvalidCiphertext);
-        }
+        check_gcm_open_input(iv, aad, ciphertext_and_tag)?;
         self.run(Operation::Decrypt, |session, state| {
             let handle = self.handle(session, state, kek)?;
-            let mut iv_param = [0u8; GCM_IV_LEN];
-            iv_param.copy_from_slice(iv);
-            let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
-                .map_err(|e| from_cryptoki(Operation::Decrypt, e))?;
-            match session.decrypt(&Mechanism::AesGcm(params), handle, ciphertext_and_tag) {
-                Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
-                Err(e) => Err(decrypt_error(e)),
-            }
+            gcm_open(session, handle, iv, aad, ciphertext_and_tag)
         })
     }
 
@@ -353,13 +323,7 @@ impl Hsm {
     pub fn hmac_sign(&self, key: &ObjectId, data: &[u8]) -> Result<[u8; 32]> {
         self.run(Operation::Sign, |session, state| {
             let handle = self.handle(session, state, key)?;
-            let mac = session
-                .sign(&Mechanism::Sha256Hmac, handle, data)
-                .map_err(|e| from_cryptoki(Operation::Sign, e))?;
-            mac.try_into().map_err(|_| HsmError::Wrapper {
-                operation: Operation::Sign,
-                reason: "HMAC-SHA256 output is not 32 bytes".into(),
-            })
+            hmac_sign_with(session, handle, data)
         })
     }
 
@@ -371,15 +335,7 @@ impl Hsm {
     pub fn hmac_verify(&self, key: &ObjectId, data: &[u8], mac: &[u8]) -> Result<bool> {
         self.run(Operation::Verify, |session, state| {
             let handle = self.handle(session, state, key)?;
-            match session.verify(&Mechanism::Sha256Hmac, handle, data, mac) {
-                Ok(()) => Ok(true),
-                Err(cryptoki::error::Error::Pkcs11(
-                    cryptoki::error::RvError::SignatureInvalid
-                    | cryptoki::error::RvError::SignatureLenRange,
-                    _,
-                )) => Ok(false),
-                Err(e) => Err(from_cryptoki(Operation::Verify, e)),
-            }
+            hmac_verify_with(session, handle, data, mac)
         })
     }
 
@@ -540,6 +496,100 @@ fn read_key_attributes(
     session
         .get_attributes(handle, &objects::read_back_types(purpose, id))
         .map_err(|e| from_cryptoki(Operation::GetAttributes, e))
+}
+
+/// AES-256-GCM under `handle` with a fresh IV from `rng` (checks the input
+/// sizes); shared by `Hsm::encrypt` and `KeyHolder::encrypt`.
+fn gcm_seal(
+    session: &Session,
+    handle: ObjectHandle,
+    rng: &SystemRandom,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<GcmSealed> {
+    if plaintext.len() > MAX_GCM_INPUT || aad.len() > MAX_GCM_INPUT {
+        return Err(HsmError::InvalidArgument("plaintext or AAD too large"));
+    }
+    let mut iv = [0u8; GCM_IV_LEN];
+    rng.fill(&mut iv)
+        .map_err(|_| HsmError::host_rng(Operation::Encrypt))?;
+    let mut iv_param = iv;
+    let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
+        .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
+    let ciphertext_and_tag = session
+        .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+        .map_err(|e| from_cryptoki(Operation::Encrypt, e))?;
+    if ciphertext_and_tag.len() != plaintext.len() + GCM_TAG_LEN {
+        return Err(HsmError::Wrapper {
+            operation: Operation::Encrypt,
+            reason: "token returned an unexpected GCM output length".into(),
+        });
+    }
+    Ok(GcmSealed {
+        iv,
+        ciphertext_and_tag,
+    })
+}
+
+/// The sizes `gcm_open` accepts: exactly what `gcm_seal` produces.
+fn check_gcm_open_input(iv: &[u8], aad: &[u8], ciphertext_and_tag: &[u8]) -> Result<()> {
+    // SoftHSM2 accepts short IVs and tags; we accept exactly what we produce.
+    if iv.len() != GCM_IV_LEN
+        || ciphertext_and_tag.len() < GCM_TAG_LEN
+        || ciphertext_and_tag.len() > MAX_GCM_INPUT + GCM_TAG_LEN
+        || aad.len() > MAX_GCM_INPUT
+    {
+        return Err(HsmError::InvalidCiphertext);
+    }
+    Ok(())
+}
+
+/// AES-256-GCM decryption under `handle` (sizes checked by the caller with
+/// `check_gcm_open_input`).
+fn gcm_open(
+    session: &Session,
+    handle: ObjectHandle,
+    iv: &[u8],
+    aad: &[u8],
+    ciphertext_and_tag: &[u8],
+) -> Result<Zeroizing<Vec<u8>>> {
+    let mut iv_param = [0u8; GCM_IV_LEN];
+    iv_param.copy_from_slice(iv);
+    let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
+        .map_err(|e| from_cryptoki(Operation::Decrypt, e))?;
+    match session.decrypt(&Mechanism::AesGcm(params), handle, ciphertext_and_tag) {
+        Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+        Err(e) => Err(decrypt_error(e)),
+    }
+}
+
+/// HMAC-SHA256 (`CKM_SHA256_HMAC`, 32 bytes) of `data` under `handle`.
+fn hmac_sign_with(session: &Session, handle: ObjectHandle, data: &[u8]) -> Result<[u8; 32]> {
+    let mac = session
+        .sign(&Mechanism::Sha256Hmac, handle, data)
+        .map_err(|e| from_cryptoki(Operation::Sign, e))?;
+    mac.try_into().map_err(|_| HsmError::Wrapper {
+        operation: Operation::Sign,
+        reason: "HMAC-SHA256 output is not 32 bytes".into(),
+    })
+}
+
+/// Verifies an HMAC-SHA256 under `handle` inside the HSM; a wrong MAC is `Ok(false)`.
+fn hmac_verify_with(
+    session: &Session,
+    handle: ObjectHandle,
+    data: &[u8],
+    mac: &[u8],
+) -> Result<bool> {
+    match session.verify(&Mechanism::Sha256Hmac, handle, data, mac) {
+        Ok(()) => Ok(true),
+        Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::SignatureInvalid
+            | cryptoki::error::RvError::SignatureLenRange,
+            _,
+        )) => Ok(false),
+        Err(e) => Err(from_cryptoki(Operation::Verify, e)),
+    }
 }
 
 /// Maps a failed C_Decrypt: authentication and length failures (SoftHSM2
