@@ -14,7 +14,8 @@
 //! object-handle cache; `session_pool` the logged-in sessions; `module` the
 //! process-wide PKCS#11 module registry; `objects` the key attribute table;
 //! `error`/`return_code` the typed errors; `softhsm` SoftHSM2's
-//! configuration; `token` finding and initializing tokens.
+//! configuration; `token` finding and initializing tokens; `token_info`
+//! reading a token's label and flags tolerantly.
 
 #![warn(missing_docs)]
 
@@ -27,6 +28,7 @@ mod return_code;
 mod session_pool;
 pub mod softhsm;
 mod token;
+mod token_info;
 mod token_sync;
 
 #[cfg(feature = "bench")]
@@ -35,7 +37,7 @@ pub mod baseline;
 pub mod testing;
 
 pub use config::{HsmConfig, Pin, PinSource};
-pub use error::{HsmError, Operation, Result, ReturnCode, RngSource};
+pub use error::{ExaminedSlot, HsmError, Operation, Result, ReturnCode, RngSource, SlotRejection};
 pub use hsm::{
     GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyObjectInfo, MAX_GCM_INPUT,
     MAX_RANDOM_LEN, OperationStats, PoolUsage,
