@@ -1,10 +1,9 @@
 //! kms-hsm against a second PKCS#11 implementation: openCryptoki's software
 //! token (Debian 12 package `opencryptoki`, 3.8), labelled `ockkms`.
 //!
-//! Each test runs `scripts/opencryptoki-token.sh`, which starts `pkcsslotd`
+//! The test runs `scripts/opencryptoki-token.sh`, which starts `pkcsslotd`
 //! if it is not running (as root, as CI runs) and initializes the token once;
-//! it is idempotent and serialised by a lock, so tests may run in parallel.
-//! A test skips, printing why, only when openCryptoki is not installed or
+//! it is idempotent and serialised by a lock. The test skips, printing why, only when openCryptoki is not installed or
 //! pkcsslotd can neither be found running nor started; under CI (`CI=true`,
 //! where `scripts/setup.sh` installs openCryptoki) skipping is a failure.
 //!
@@ -80,9 +79,15 @@ impl Ock {
     }
 }
 
+/// One test, so that one process at a time uses openCryptoki: with several
+/// processes starting at once, openCryptoki 3.8 now and then reports no slot
+/// with a token present to one of them (about 1 in 20 in our runs).
+///
 /// The token is found by its label although cryptoki cannot parse its
 /// CK_TOKEN_INFO, the user PIN is accepted, and opening stops at the
-/// mechanism probe, naming CKM_AES_GCM.
+/// mechanism probe, naming CKM_AES_GCM. A label that matches nothing gets an
+/// error naming every slot examined and why it was not taken: here the soft
+/// token's slot with its real label.
 #[test]
 fn ockkms_is_found_by_label_and_refused_for_lacking_aes_gcm() {
     let Some(ock) = ock() else { return };
@@ -107,13 +112,7 @@ fn ockkms_is_found_by_label_and_refused_for_lacking_aes_gcm() {
     let message = err.to_string();
     assert!(message.contains("CKM_AES_GCM"), "{message}");
     assert!(message.contains("ockkms"), "{message}");
-}
 
-/// A label that matches nothing: the error names every slot examined and why
-/// it was not taken, here openCryptoki's soft token with its real label.
-#[test]
-fn a_label_that_matches_nothing_lists_each_slot_and_why() {
-    let Some(ock) = ock() else { return };
     let err = Hsm::open(ock.config("no-such-token")).expect_err("unknown label");
     let HsmError::TokenNotFound { examined, .. } = &err else {
         panic!("expected TokenNotFound, got: {err}");
