@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing kms needs on Debian 12, if missing:
-# SoftHSM2 (the HSM in every test and in dev mode), clang/libclang (RocksDB's
+# SoftHSM2 (the HSM in every test and in dev mode), openCryptoki (a second
+# PKCS#11 implementation for kms-hsm's tests), clang/libclang (RocksDB's
 # bindings), OpenSC's pkcs11-tool (operator convenience), openssl (the TLS
 # walkthrough's demo certificates), and the Python gRPC
 # packages one test uses as an independent gRPC client, and Python cryptography
@@ -14,6 +15,9 @@ command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v clang >/dev/null || need_apt+=(clang)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
+# openCryptoki: the second PKCS#11 implementation kms-hsm is tested against
+# (scripts/opencryptoki-token.sh starts its pkcsslotd and prepares the token).
+[ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)

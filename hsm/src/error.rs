@@ -117,6 +117,63 @@ impl fmt::Display for RngSource {
     }
 }
 
+/// A slot the token lookup examined and did not take.
+#[derive(Debug)]
+pub struct ExaminedSlot {
+    /// The module's slot id (`CK_SLOT_ID`), as `pkcs11-tool -L` shows it in
+    /// parentheses.
+    pub slot_id: u64,
+    /// Why the slot's token was not the one asked for.
+    pub rejection: SlotRejection,
+}
+
+/// Why the token lookup did not take a slot.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SlotRejection {
+    /// The token is initialized and carries another label.
+    LabelDiffers {
+        /// The token's label, without its padding.
+        label: String,
+    },
+    /// The token is not initialized (`CKF_TOKEN_INITIALIZED` is clear), so
+    /// its label means nothing.
+    NotInitialized,
+    /// The token's `CK_TOKEN_INFO` could not be read, even tolerantly
+    /// (e.g. `CKR_TOKEN_NOT_PRESENT` when it was removed after listing).
+    InfoUnreadable(Box<HsmError>),
+}
+
+impl fmt::Display for ExaminedSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "slot {}: ", self.slot_id)?;
+        match &self.rejection {
+            SlotRejection::LabelDiffers { label } => write!(f, "label is {label:?}"),
+            SlotRejection::NotInitialized => f.write_str("token not initialized"),
+            SlotRejection::InfoUnreadable(cause) => write!(f, "token info unreadable: {cause}"),
+        }
+    }
+}
+
+/// The slot list of `TokenNotFound`'s message.
+struct ExaminedList<'a>(&'a [ExaminedSlot]);
+
+impl fmt::Display for ExaminedList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("the module lists no slot with a token");
+        }
+        f.write_str("examined ")?;
+        for (i, slot) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{slot}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Errors of the HSM layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -150,13 +207,16 @@ pub enum HsmError {
         reason: String,
     },
 
-    /// No initialized token carries the configured label.
-    #[error("no initialized token with label {label:?} in PKCS#11 module {module}")]
+    /// No initialized token carries the configured label. The message lists
+    /// every slot with a token that was examined and why it was not taken.
+    #[error("no initialized token with label {label:?} in PKCS#11 module {module} ({})", ExaminedList(.examined))]
     TokenNotFound {
         /// The configured token label.
         label: String,
         /// The module searched.
         module: PathBuf,
+        /// Every slot with a token that was examined, in the module's order.
+        examined: Vec<ExaminedSlot>,
     },
 
     /// More than one token carries the configured label: refuse to guess.
@@ -500,6 +560,50 @@ mod tests {
         assert_eq!(
             host.to_string(),
             "random number generation failed in C_Encrypt (host system generator)"
+        );
+    }
+
+    #[test]
+    fn token_not_found_names_each_slot_and_why_it_was_not_taken() {
+        let err = HsmError::TokenNotFound {
+            label: "kms".into(),
+            module: PathBuf::from("/m.so"),
+            examined: vec![
+                ExaminedSlot {
+                    slot_id: 3,
+                    rejection: SlotRejection::LabelDiffers {
+                        label: "other".into(),
+                    },
+                },
+                ExaminedSlot {
+                    slot_id: 7,
+                    rejection: SlotRejection::NotInitialized,
+                },
+                ExaminedSlot {
+                    slot_id: 9,
+                    rejection: SlotRejection::InfoUnreadable(Box::new(pkcs11(
+                        Operation::TokenInfo,
+                        RvError::TokenNotRecognized,
+                    ))),
+                },
+            ],
+        };
+        assert_eq!(
+            err.to_string(),
+            "no initialized token with label \"kms\" in PKCS#11 module /m.so (examined \
+             slot 3: label is \"other\"; slot 7: token not initialized; \
+             slot 9: token info unreadable: the HSM is unavailable \
+             (C_GetTokenInfo: CKR_TOKEN_NOT_RECOGNIZED))"
+        );
+        let none = HsmError::TokenNotFound {
+            label: "kms".into(),
+            module: PathBuf::from("/m.so"),
+            examined: Vec::new(),
+        };
+        assert_eq!(
+            none.to_string(),
+            "no initialized token with label \"kms\" in PKCS#11 module /m.so \
+             (the module lists no slot with a token)"
         );
     }
 

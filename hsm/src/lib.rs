@@ -16,10 +16,12 @@
 //! object-handle cache; `session_pool` the logged-in sessions; `module` the
 //! process-wide PKCS#11 module registry; `objects` the key attribute table;
 //! `root`, `wrapped` and `hsm/holder` the wrapped-key hierarchy (root keys,
-//! wrapped versions, working keys; `raw_template` is the one module with
-//! `unsafe`, for the template attributes cryptoki cannot express);
+//! wrapped versions, working keys; `raw` is the one module with
+//! `unsafe`, for the PKCS#11 calls cryptoki 0.12 cannot express: template
+//! attributes and a tolerant `C_GetTokenInfo`);
 //! `error`/`return_code` the typed errors; `softhsm` SoftHSM2's
-//! configuration; `token` finding and initializing tokens.
+//! configuration; `token` finding and initializing tokens; `token_info`
+//! reading a token's label and flags tolerantly.
 
 #![warn(missing_docs)]
 
@@ -28,12 +30,13 @@ mod error;
 mod hsm;
 mod module;
 mod objects;
-mod raw_template;
+mod raw;
 mod return_code;
 mod root;
 mod session_pool;
 pub mod softhsm;
 mod token;
+mod token_info;
 mod token_sync;
 mod wrapped;
 
@@ -43,7 +46,7 @@ pub mod baseline;
 pub mod testing;
 
 pub use config::{HsmConfig, Pin, PinSource};
-pub use error::{HsmError, Operation, Result, ReturnCode, RngSource};
+pub use error::{ExaminedSlot, HsmError, Operation, Result, ReturnCode, RngSource, SlotRejection};
 pub use hsm::{
     GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyHolder, KeyObjectInfo, MAX_GCM_INPUT,
     MAX_RANDOM_LEN, OperationStats, PoolUsage, RootInfo, WorkingKey,

@@ -9,30 +9,43 @@ use cryptoki::session::UserType;
 use cryptoki::slot::Slot;
 
 use crate::config::Pin;
-use crate::error::{HsmError, Operation, Result, from_cryptoki};
+use crate::error::{ExaminedSlot, HsmError, Operation, Result, SlotRejection, from_cryptoki};
+use crate::token_info;
 
 /// Finds the one initialized token whose label is `label`. Slots are looked up
 /// afresh each time because slot ids are not stable across restarts.
+///
+/// Every slot with a token is examined; a slot that is not taken is recorded
+/// with the reason (`SlotRejection`), so that `TokenNotFound` says what was
+/// there instead of hiding a token whose information could not be read.
+/// `module` must be the path of the library `context` was created from.
 pub(crate) fn find_token(context: &Pkcs11, label: &str, module: &Path) -> Result<Slot> {
     let slots = context
         .get_slots_with_token()
         .map_err(|e| from_cryptoki(Operation::ListSlots, e))?;
     let mut found = Vec::new();
+    let mut examined = Vec::new();
     for slot in slots {
-        let info = match context.get_token_info(slot) {
-            Ok(info) => info,
-            // A token removed between listing and asking is simply not there.
-            Err(_) => continue,
+        let rejection = match token_info::read(context, module, slot) {
+            Ok(token) if !token.initialized => SlotRejection::NotInitialized,
+            Ok(token) if token.label == label => {
+                found.push(slot);
+                continue;
+            }
+            Ok(token) => SlotRejection::LabelDiffers { label: token.label },
+            Err(cause) => SlotRejection::InfoUnreadable(Box::new(cause)),
         };
-        if info.token_initialized() && info.label().trim_end() == label {
-            found.push(slot);
-        }
+        examined.push(ExaminedSlot {
+            slot_id: slot.id(),
+            rejection,
+        });
     }
     match found.as_slice() {
         [slot] => Ok(*slot),
         [] => Err(HsmError::TokenNotFound {
             label: label.to_owned(),
             module: module.to_owned(),
+            examined,
         }),
         many => Err(HsmError::TokenLabelAmbiguous {
             label: label.to_owned(),
@@ -155,13 +168,16 @@ pub fn initialize_token(
         .map_err(|e| from_cryptoki(Operation::ListSlots, e))?;
     let mut free = None;
     for slot in slots {
-        // A slot whose token cannot be read (e.g. removed) is not a candidate.
-        let Ok(info) = context.get_token_info(slot) else {
-            continue;
-        };
-        if !info.token_initialized() {
-            free = Some(slot);
-            break;
+        match token_info::read(context, module_path, slot) {
+            Ok(token) if !token.initialized => {
+                free = Some(slot);
+                break;
+            }
+            Ok(_) => {}
+            // Not a candidate (e.g. removed after listing), but not silently.
+            Err(error) => {
+                tracing::warn!(slot = slot.id(), %error, "skipping a slot whose token info is unreadable");
+            }
         }
     }
     let slot = free.ok_or(HsmError::Config {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kms_hsm::testing::TestToken;
-use kms_hsm::{GCM_TAG_LEN, Hsm, HsmError, KeyPurpose, ObjectId};
+use kms_hsm::{GCM_TAG_LEN, Hsm, HsmError, KeyPurpose, ObjectId, SlotRejection};
 
 /// The wrapped-key hierarchy (issue 14): roots, wrapped versions, working keys.
 #[path = "softhsm/wrapped.rs"]
@@ -392,7 +392,30 @@ fn opening_with_a_wrong_pin_or_label_fails_clearly() {
     let mut config = token.config(1);
     config.token_label = "no-such-token".into();
     let err = Hsm::open(config).expect_err("unknown label");
-    assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err}");
+    let HsmError::TokenNotFound { examined, .. } = &err else {
+        panic!("expected TokenNotFound, got: {err}");
+    };
+    // Every slot is accounted for: this test's token under its own label, and
+    // the empty slot SoftHSM2 always offers as not initialized.
+    assert!(
+        examined.iter().any(|slot| matches!(
+            &slot.rejection,
+            SlotRejection::LabelDiffers { label } if label == token.label()
+        )),
+        "{err}"
+    );
+    assert!(
+        examined
+            .iter()
+            .any(|slot| matches!(slot.rejection, SlotRejection::NotInitialized)),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("label is {:?}", token.label())),
+        "{message}"
+    );
+    assert!(message.contains("token not initialized"), "{message}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("pin");

@@ -333,6 +333,13 @@ impl Hsm {
     /// # Errors
     /// As `hmac_sign`.
     pub fn hmac_verify(&self, key: &ObjectId, data: &[u8], mac: &[u8]) -> Result<bool> {
+        // Checked here, not left to the token: openCryptoki 3.8's software
+        // token verifies CKM_SHA256_HMAC against a truncated MAC (a 16-byte
+        // prefix of the right MAC verifies), where SoftHSM2 answers
+        // CKR_SIGNATURE_LEN_RANGE. Only the full 32 bytes may verify.
+        if mac.len() != 32 {
+            return Ok(false);
+        }
         self.run(Operation::Verify, |session, state| {
             let handle = self.handle(session, state, key)?;
             hmac_verify_with(session, handle, data, mac)

@@ -13,7 +13,7 @@ use super::root_id;
 use crate::error::{HsmError, Operation, Result, from_cryptoki};
 use crate::hsm::RootInfo;
 use crate::objects::ObjectId;
-use crate::raw_template::RawModule;
+use crate::raw::RawModule;
 
 /// What the token reports about the root at `handle` (`KeyHolder::root_info`).
 pub(crate) fn root_info(

@@ -7,7 +7,7 @@
 //! and unwrap with `CKM_AES_KEY_WRAP`; its `CKA_UNWRAP_TEMPLATE` is the
 //! security boundary that stops a PIN holder from unwrapping a blob as a
 //! readable key (§1.7 item 1). cryptoki cannot express that attribute, so
-//! creation and template read-back go through `raw_template`.
+//! creation and template read-back go through `raw`.
 //!
 //! Layout: this file holds the variants, the root table and the ceremony;
 //! `probe` the behavioural start-up probe; `inspect` finding roots and
@@ -29,7 +29,7 @@ use cryptoki_sys::{CKA_UNWRAP_TEMPLATE, CKA_WRAP_TEMPLATE};
 use crate::config::Pin;
 use crate::error::{HsmError, Operation, Result, from_cryptoki};
 use crate::objects::ObjectId;
-use crate::raw_template::{RawAttribute, RawModule};
+use crate::raw::{RawAttribute, RawModule};
 use inspect::find_by_id;
 pub(crate) use inspect::{find_root, root_epochs, root_info};
 pub(crate) use probe::verify_root;
@@ -307,7 +307,7 @@ fn generate_and_check(
     Ok(())
 }
 
-/// Reads back every row of the table (templates through `raw_template`).
+/// Reads back every row of the table (templates through `raw`).
 fn check_root_attributes(
     raw: &RawModule,
     session: &Session,

@@ -1,10 +1,12 @@
-//! The two PKCS#11 calls cryptoki 0.12 cannot express: `C_GenerateKey` with
+//! The PKCS#11 calls cryptoki 0.12 cannot express: `C_GenerateKey` with
 //! array-valued attributes (`CKA_WRAP_TEMPLATE`, `CKA_UNWRAP_TEMPLATE`) in its
-//! template, and reading such an attribute back (the three-call
-//! `C_GetAttributeValue` dance). Design note
-//! `hierarchy-and-cluster.md` §1.4 (option a) and §1.7 item 8.
+//! template, reading such an attribute back (the three-call
+//! `C_GetAttributeValue` dance; design note `hierarchy-and-cluster.md` §1.4
+//! option a, §1.7 item 8), and `C_GetTokenInfo` for a token whose
+//! `CK_TOKEN_INFO` cryptoki cannot parse (openCryptoki 3.8 puts "hh:mm:ss"
+//! in `utcTime`; `crate::token_info`).
 //!
-//! This is the only module of kms-hsm with `unsafe` code. It calls the
+//! This is the only module of kms-hsm with `unsafe` PKCS#11 calls. It calls the
 //! already loaded and initialized module through its own function list
 //! (`C_GetFunctionList` of the same shared library: `dlopen` of a loaded
 //! library returns the loaded copy), on the raw handle of a cryptoki
@@ -292,6 +294,33 @@ impl<'a> BuiltTemplate<'a> {
 }
 
 /// Turns a raw return code into the layer's error for `operation`.
+impl RawModule {
+    /// `C_GetTokenInfo(slot_id)`: the raw `CK_TOKEN_INFO`, whatever its
+    /// fields hold (callers read only what they need and trust none of it).
+    ///
+    /// # Errors
+    /// `Wrapper` if the function list has no `C_GetTokenInfo`; the PKCS#11
+    /// error of the call (e.g. `CKR_TOKEN_NOT_PRESENT`).
+    pub(crate) fn token_info(&self, slot_id: u64) -> Result<cryptoki_sys::CK_TOKEN_INFO> {
+        let get_token_info = self
+            .functions
+            .C_GetTokenInfo
+            .ok_or_else(|| HsmError::Wrapper {
+                operation: Operation::TokenInfo,
+                reason: "the module's function list has no C_GetTokenInfo".to_owned(),
+            })?;
+        let mut info = cryptoki_sys::CK_TOKEN_INFO::default();
+        // SAFETY: `info` is a properly sized and aligned, writable
+        // CK_TOKEN_INFO that outlives the call; the module is initialized and
+        // cannot be finalized concurrently because the caller holds the
+        // module's read lock (`crate::module`); C_GetTokenInfo is thread-safe
+        // in a module initialized with CKF_OS_LOCKING_OK.
+        let rv = unsafe { get_token_info(slot_id, &mut info) };
+        check(rv, Operation::TokenInfo, Function::GetTokenInfo)?;
+        Ok(info)
+    }
+}
+
 fn check(rv: cryptoki_sys::CK_RV, operation: Operation, function: Function) -> Result<()> {
     if rv == CKR_OK {
         return Ok(());
