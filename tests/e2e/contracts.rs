@@ -458,6 +458,22 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
             )),
         )
         .await;
+    // Refused after the alias resolved: the record names the key's id.
+    cases
+        .refused(
+            "policy-via-alias",
+            ia,
+            "next_rotation_time",
+            keys.set_rotation_policy(with_id(
+                "policy-via-alias",
+                pb::SetRotationPolicyRequest {
+                    key_id: "alias/contracts".into(),
+                    rotation_period: seconds(86_400),
+                    next_rotation_time: timestamp_in(-60),
+                },
+            )),
+        )
+        .await;
     let wanted = timestamp_in(3600).expect("timestamp");
     let set = cases
         .accepted(
@@ -951,6 +967,7 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
     for id in [
         "tag-empty",
         "policy-period-zero",
+        "policy-via-alias",
         "list-versions-token",
         "enable-version-zero",
     ] {

@@ -545,14 +545,11 @@ impl KmsService {
                 }
             }),
         };
-        let schedule = match schedule {
-            Ok(schedule) => schedule,
-            Err(e) => {
-                return self.audited(meta, Operation::SetRotationPolicy, Some(key), |_| Err(e));
-            }
-        };
+        // Refused inside the change, after the key resolved and the caller
+        // was authorized, so that the refusal's audit record names the key's
+        // id, not only the alias the caller used.
         self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
-            match schedule {
+            match schedule? {
                 Some((period, next)) => {
                     k.rotation = RotationPolicy::Every {
                         period_secs: period.as_secs(),
