@@ -177,7 +177,13 @@ fn golden_wrapped_versions_decode_to_the_expected_structs_and_back() {
 #[test]
 fn a_wrapped_handle_with_a_mac_of_the_wrong_length_does_not_decode() {
     let good = serde_json::to_value(wrapped(1)).unwrap();
-    for bad_mac in ["", "00", &"ab".repeat(31), &"ab".repeat(33), &"zz".repeat(32)] {
+    for bad_mac in [
+        "",
+        "00",
+        &"ab".repeat(31),
+        &"ab".repeat(33),
+        &"zz".repeat(32),
+    ] {
         let mut bad = good.clone();
         bad["mac"] = bad_mac.into();
         assert!(
