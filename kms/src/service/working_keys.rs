@@ -43,11 +43,7 @@ use kms_storage::{KekHandle, KeyId};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
-/// Default of `hsm.working_key_cache`: working keys kept in the HSM.
-pub const DEFAULT_CAPACITY: usize = 1024;
-/// Largest accepted `hsm.working_key_cache` (real HSMs hold a few thousand
-/// objects at most; SoftHSM2 has no limit).
-pub const MAX_CAPACITY: usize = 100_000;
+use crate::config::MAX_WORKING_KEY_CACHE;
 
 /// Why a working key could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +203,8 @@ impl Drop for CachedKey {
 }
 
 impl WorkingKeys {
-    /// A cache of at most `capacity` working keys (1 to [`MAX_CAPACITY`])
+    /// A cache of at most `capacity` working keys (1 to `hsm.working_key_cache`'s
+    /// [`MAX_WORKING_KEY_CACHE`]; other values are clamped)
     /// on holders of `hsm`, unwrapping under roots of `variant`.
     /// `integrity` is the catalogue-integrity HMAC key's blob. Opens no
     /// holder yet: the first use does.
@@ -221,7 +218,7 @@ impl WorkingKeys {
             hsm,
             variant,
             integrity,
-            capacity: capacity.clamp(1, MAX_CAPACITY),
+            capacity: capacity.clamp(1, MAX_WORKING_KEY_CACHE),
             state: Mutex::new(State {
                 generation: None,
                 entries: HashMap::new(),
