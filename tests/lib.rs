@@ -59,6 +59,7 @@ impl TestEnv {
                 per_principal: PrincipalLimits::default(),
             },
             hsm: self.token.config(4),
+            working_key_cache: kms::config::DEFAULT_WORKING_KEY_CACHE,
             data_dir: self.db_dir(),
             audit: AuditSettings {
                 sync: true,

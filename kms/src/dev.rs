@@ -178,6 +178,7 @@ pub fn dev_config(
         },
         limits,
         hsm,
+        working_key_cache: crate::config::DEFAULT_WORKING_KEY_CACHE,
         data_dir: layout.db_dir.clone(),
         audit: AuditSettings {
             sync: true,

@@ -345,7 +345,12 @@ pub enum VersionState {
 }
 
 /// How a version's KEK is held. A field rather than an assumption so that a
-/// wrapped-key form can be added without migrating existing records.
+/// new form can be added without migrating existing records: records
+/// written before `Wrapped` existed are `HsmObject` and decode unchanged.
+///
+/// Stored as JSON with a `"kind"` tag (`{"kind":"HsmObject",…}`,
+/// `{"kind":"Wrapped",…}`); byte strings are lowercase hex. Pinned by the
+/// golden files under `tests/golden/`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 #[non_exhaustive]
@@ -356,6 +361,40 @@ pub enum KekHandle {
         #[serde(with = "hex::serde")]
         object_id: Vec<u8>,
     },
+    /// A key version held only as a blob wrapped under the HSM's root key
+    /// of `root_epoch` (design note `hierarchy-and-cluster.md` §1.5.2). The
+    /// blob is not secret on its own (only that root, inside the HSM, can
+    /// unwrap it, and only into a sensitive session object), but blob and
+    /// root together are a usable key for any PIN holder, so `Debug` shows
+    /// lengths only and the blob belongs in the catalogue, never in logs.
+    ///
+    /// AES key wrap carries no associated data, so `mac` binds the blob to
+    /// its place: it is HMAC-SHA256, computed inside the HSM with the
+    /// catalogue-integrity key, over kms-hsm's `WrappedKey::mac_input(key_id,
+    /// version)`, i.e. over the key id, the version number, `root_epoch`,
+    /// `mechanism` and `blob` (with a domain-separation prefix and length
+    /// fields; the exact layout is pinned in kms-hsm). Someone who can
+    /// write the database therefore cannot move a blob to another key or
+    /// version. This crate stores the fields and never checks the MAC
+    /// (it holds no key); the service verifies it before every unwrap.
+    Wrapped {
+        /// The epoch of the root key the blob is wrapped under (the HSM
+        /// object `kms-root/<epoch>`).
+        root_epoch: u32,
+        /// The PKCS#11 mechanism number the blob was wrapped with:
+        /// `CKM_AES_KEY_WRAP` = 0x2109 (RFC 3394) today; recorded so that
+        /// other mechanisms can be added (design note §1.5.4).
+        mechanism: u64,
+        /// The wrapped key (40 bytes for a 32-byte key under
+        /// `CKM_AES_KEY_WRAP`; stored hex-encoded). Its length is checked
+        /// by the HSM layer, not here.
+        #[serde(with = "hex::serde")]
+        blob: Vec<u8>,
+        /// HMAC-SHA256 (32 bytes, stored hex-encoded) over the record's
+        /// key id, version, `root_epoch`, `mechanism` and `blob`; see above.
+        #[serde(with = "hex::serde")]
+        mac: [u8; 32],
+    },
 }
 
 impl fmt::Debug for KekHandle {
@@ -364,6 +403,20 @@ impl fmt::Debug for KekHandle {
             KekHandle::HsmObject { object_id } => f
                 .debug_struct("HsmObject")
                 .field("object_id", &hex::encode(object_id))
+                .finish(),
+            // Lengths only: a blob plus its root is a usable key for any
+            // PIN holder, and the MAC is of no use to a reader of logs.
+            KekHandle::Wrapped {
+                root_epoch,
+                mechanism,
+                blob,
+                mac,
+            } => f
+                .debug_struct("Wrapped")
+                .field("root_epoch", root_epoch)
+                .field("mechanism", &format_args!("{mechanism:#x}"))
+                .field("blob", &format_args!("[{} bytes]", blob.len()))
+                .field("mac", &format_args!("[{} bytes]", mac.len()))
                 .finish(),
         }
     }
@@ -424,6 +477,26 @@ mod tests {
         ] {
             assert!(KeyId::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn wrapped_kek_debug_shows_lengths_never_bytes() {
+        let kek = KekHandle::Wrapped {
+            root_epoch: 3,
+            mechanism: 0x2109,
+            blob: vec![0x5a; 40],
+            mac: [0xc3; 32],
+        };
+        let debug = format!("{kek:?}");
+        assert_eq!(
+            debug,
+            "Wrapped { root_epoch: 3, mechanism: 0x2109, blob: [40 bytes], mac: [32 bytes] }"
+        );
+        for leak in ["5a5a", "c3c3", "90, 90", "195, 195"] {
+            assert!(!debug.contains(leak), "{debug}");
+        }
+        // The alternate form must not leak either.
+        assert!(!format!("{kek:#?}").contains("5a5a"));
     }
 
     #[test]

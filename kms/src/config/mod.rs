@@ -91,6 +91,7 @@ struct RawHsm {
     pin_env: Option<String>,
     pool_size: Option<usize>,
     sync_token_dir: Option<PathBuf>,
+    working_key_cache: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -180,6 +181,13 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub hsm: HsmConfig,
+    /// `hsm.working_key_cache`: how many working keys (wrapped key versions
+    /// unwrapped into the HSM as session objects) are kept, 1 to
+    /// [`MAX_WORKING_KEY_CACHE`]; the least recently used is destroyed
+    /// beyond that. Bounds the HSM objects kms holds (real HSMs cap them;
+    /// design note `hierarchy-and-cluster.md` §1.7 item 9). Read, but not
+    /// used until wrapped versions are (issue 14).
+    pub working_key_cache: usize,
     pub data_dir: PathBuf,
     pub audit: AuditSettings,
     pub rotation: RotationSettings,
@@ -192,6 +200,11 @@ pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_MAX_PLAINTEXT: usize = 4096;
 pub const DEFAULT_MAX_CONTEXT: usize = 8192;
 pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// `hsm.working_key_cache` unless configured: working keys kept in the HSM.
+pub const DEFAULT_WORKING_KEY_CACHE: usize = 1024;
+/// The largest `hsm.working_key_cache` accepted (real HSMs hold a few
+/// thousand objects at most).
+pub const MAX_WORKING_KEY_CACHE: usize = 100_000;
 /// Far below 2^32 so that rotation happens with a wide margin.
 pub const DEFAULT_GCM_INVOCATION_LIMIT: u64 = 1 << 30;
 /// 3 × 2^30: two soft limits' worth of encryptions after rotation is due
@@ -357,6 +370,10 @@ impl Config {
             hsm_config.pool_size = pool;
         }
         hsm_config.sync_token_dir = hsm.sync_token_dir;
+        let working_key_cache = hsm.working_key_cache.unwrap_or(DEFAULT_WORKING_KEY_CACHE);
+        if !(1..=MAX_WORKING_KEY_CACHE).contains(&working_key_cache) {
+            return Err(invalid("hsm.working_key_cache", "must be 1 to 100000"));
+        }
 
         let audit = AuditSettings {
             sync: audit.sync.unwrap_or(true),
@@ -427,6 +444,7 @@ impl Config {
             },
             limits,
             hsm: hsm_config,
+            working_key_cache,
             data_dir,
             audit,
             rotation: RotationSettings {
@@ -550,6 +568,26 @@ data_dir = "/var/lib/kms"
         for (text, field) in cases {
             let err = Config::parse(&text).expect_err(field);
             assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn working_key_cache_is_defaulted_read_and_bounded() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.working_key_cache, DEFAULT_WORKING_KEY_CACHE);
+        let with = |n: &str| {
+            MINIMAL.replace(
+                "[storage]",
+                &format!("working_key_cache = {n}\n\n[storage]"),
+            )
+        };
+        for (n, expected) in [("1", 1), ("250", 250), ("100000", MAX_WORKING_KEY_CACHE)] {
+            let config = Config::parse(&with(n)).expect(n);
+            assert_eq!(config.working_key_cache, expected);
+        }
+        for bad in ["0", "100001"] {
+            let err = Config::parse(&with(bad)).expect_err(bad);
+            assert!(err.to_string().contains("hsm.working_key_cache"), "{err}");
         }
     }
 

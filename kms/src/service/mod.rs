@@ -21,6 +21,9 @@ pub mod operation;
 pub(crate) mod page_token;
 mod reconcile;
 pub mod scheduler;
+// Not wired into key creation or Encrypt/Decrypt yet (issue 14, next step).
+#[allow(dead_code)]
+pub(crate) mod working_keys;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
