@@ -89,7 +89,18 @@ impl Hsm {
     pub fn key_holder(&self) -> Result<KeyHolder> {
         let state = self.module.read();
         let slot = self.pool.slot(&state)?;
-        let session = self.pool.open_extra_session(&state, slot)?;
+        let mut session = self.pool.open_extra_session(&state, slot)?;
+        if !logged_in_as_user(&session) {
+            // The login was lost behind the pool's back (a C_Logout on any
+            // session of this application logs them all out): a holder
+            // without it cannot unwrap private keys. Log in again through
+            // the pool, which also drops its now-public sessions.
+            drop(session);
+            self.pool.reconnect(&state)?;
+            session = self
+                .pool
+                .open_extra_session(&state, self.pool.slot(&state)?)?;
+        }
         Ok(KeyHolder {
             module: Arc::clone(&self.module),
             slot,
@@ -442,4 +453,17 @@ impl Drop for KeyHolder {
             }
         }
     }
+}
+
+/// Whether `session` carries the user login (PKCS#11 v2.40 §5.6, session
+/// states `CKS_RO_USER_FUNCTIONS` / `CKS_RW_USER_FUNCTIONS`); a session
+/// whose state cannot be read counts as not logged in.
+fn logged_in_as_user(session: &cryptoki::session::Session) -> bool {
+    use cryptoki::session::SessionState;
+    session.get_session_info().is_ok_and(|info| {
+        matches!(
+            info.session_state(),
+            SessionState::RoUser | SessionState::RwUser
+        )
+    })
 }

@@ -788,15 +788,11 @@ mod tests {
         drop(kek2);
     }
 
-    /// Fails today (second attempt: `WorkingKeyStale`): after a logout the
-    /// working keys are gone (`CKR_KEY_HANDLE_INVALID`, reported as stale
-    /// without the pool reconnecting), and `Hsm::key_holder` opens the new
-    /// holder's session without logging the application in again, so the
-    /// unwrap on it fails as not logged in. Needs `Hsm::key_holder` (hsm/)
-    /// to restore a lost login (e.g. reconnect the pool when the fresh
-    /// session is not in a user state); then remove the `ignore`.
+    /// After a logout the working keys are gone (`CKR_KEY_HANDLE_INVALID`,
+    /// reported as stale without the pool reconnecting); `Hsm::key_holder`
+    /// sees that its new session is not logged in and logs in again
+    /// through the pool, so the retry unwraps on a logged-in holder.
     #[test]
-    #[ignore = "needs Hsm::key_holder to restore a lost login (hsm/, not this change)"]
     fn a_lost_login_is_recovered_from_transparently() {
         let f = Fixture::new(4, 1);
         let kek = f.kek(1);
