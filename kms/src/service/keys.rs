@@ -250,7 +250,7 @@ impl KmsService {
                     let after = KeyId::parse(r.str()?).ok()?;
                     Some((Some(after), r.u64()?))
                 })?,
-                None => (None, now_ms()),
+                None => (None, first_page_bound_ms()),
             };
             let page = self.storage.catalogue().list_keys_created_until(
                 after.as_ref().map(KeyId::as_str),
@@ -681,6 +681,24 @@ impl KmsService {
             Ok(())
         })
     }
+}
+
+/// The creation-time bound of a ListKeys that starts now: the current
+/// millisecond, returned only once the clock has moved past it, so that a
+/// key created after the listing started carries a later creation time and
+/// is never listed, while every key created before it is (creation times
+/// have millisecond resolution; waiting out the current millisecond costs
+/// the first page at most 1 ms).
+fn first_page_bound_ms() -> u64 {
+    let bound = now_ms();
+    // At most ~5 ms, should the wall clock stall or step back meanwhile.
+    for _ in 0..50 {
+        if now_ms() > bound {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    bound
 }
 
 fn random_id_bytes() -> Result<[u8; 16]> {
