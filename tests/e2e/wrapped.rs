@@ -233,9 +233,11 @@ async fn a_tampered_wrapped_record_is_catalogue_record_corrupt_and_audited() {
             .into_inner()
             .events;
         assert!(
-            events.iter().any(|e| e.operation == pb::Operation::Decrypt as i32
-                && e.key_id == key
-                && e.result_code == tonic::Code::Internal as i32),
+            events
+                .iter()
+                .any(|e| e.operation == pb::Operation::Decrypt as i32
+                    && e.key_id == key
+                    && e.result_code == tonic::Code::Internal as i32),
             "{what}: no INTERNAL Decrypt record in {events:?}"
         );
         server.stop().await;

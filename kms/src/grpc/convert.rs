@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use kms_storage::{
-    KekHandle,
-    AliasEntry, AuditRecord, Grant, KeyPolicy, KeyRecord, KeyState, Permission, RotationPolicy,
-    VersionRecord, VersionState,
+    AliasEntry, AuditRecord, Grant, KekHandle, KeyPolicy, KeyRecord, KeyState, Permission,
+    RotationPolicy, VersionRecord, VersionState,
 };
 
 use crate::error::KmsError;

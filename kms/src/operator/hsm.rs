@@ -106,9 +106,7 @@ pub fn run(command: HsmCommand) -> anyhow::Result<()> {
             }
             let (variant, pin_file) = match args.variant {
                 RootVariantArg::Trusted => (RootVariant::Trusted, args.so_pin_file),
-                RootVariantArg::NonExtractable => {
-                    (RootVariant::NonExtractable, args.user_pin_file)
-                }
+                RootVariantArg::NonExtractable => (RootVariant::NonExtractable, args.user_pin_file),
             };
             let pin_file = pin_file.context("the PIN file for this variant is required")?;
             let pin = PinSource::File(pin_file).read()?;

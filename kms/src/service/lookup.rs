@@ -106,9 +106,12 @@ impl KmsService {
         match &version.kek {
             KekHandle::Wrapped { .. } => self
                 .wrapped_keys()?
-                .with_key(&version.key_id, version.version, &version.kek, |holder, key| {
-                    self.hsm.encrypt_with(holder, key, aad, plaintext)
-                })
+                .with_key(
+                    &version.key_id,
+                    version.version,
+                    &version.kek,
+                    |holder, key| self.hsm.encrypt_with(holder, key, aad, plaintext),
+                )
                 .map_err(from_working_key_error),
             other => Ok(self.hsm.encrypt(&kek_object_id(other)?, aad, plaintext)?),
         }
@@ -129,10 +132,15 @@ impl KmsService {
         match &version.kek {
             KekHandle::Wrapped { .. } => self
                 .wrapped_keys()?
-                .with_key(&version.key_id, version.version, &version.kek, |holder, key| {
-                    self.hsm
-                        .decrypt_with(holder, key, iv, aad, ciphertext_and_tag)
-                })
+                .with_key(
+                    &version.key_id,
+                    version.version,
+                    &version.kek,
+                    |holder, key| {
+                        self.hsm
+                            .decrypt_with(holder, key, iv, aad, ciphertext_and_tag)
+                    },
+                )
                 .map_err(from_working_key_error),
             other => Ok(self
                 .hsm

@@ -455,7 +455,12 @@ fn open_wrapped(
         blob: stored.blob,
     };
     let new_versions = config.wrapped_versions != Some(false);
-    tracing::info!(epoch, ?variant, new_versions, "root key verified; wrapped key versions on");
+    tracing::info!(
+        epoch,
+        ?variant,
+        new_versions,
+        "root key verified; wrapped key versions on"
+    );
     Ok(Some(Wrapped {
         keys: working_keys::WorkingKeys::new(
             Arc::clone(hsm),

@@ -297,6 +297,9 @@ mod tests {
         let back: WrappedServiceKey =
             decode_record(CF_DEFAULT, META_INTEGRITY_KEY, &bytes).expect("decode");
         assert_eq!(back, key);
-        assert_eq!(format!("{key:?}"), "WrappedServiceKey { root_epoch: 1, mechanism: 0x2109, blob: [40 bytes] }");
+        assert_eq!(
+            format!("{key:?}"),
+            "WrappedServiceKey { root_epoch: 1, mechanism: 0x2109, blob: [40 bytes] }"
+        );
     }
 }
