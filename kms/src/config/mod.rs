@@ -581,6 +581,22 @@ data_dir = "/var/lib/kms"
     }
 
     #[test]
+    fn wrapped_versions_is_unset_unless_configured() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.wrapped_versions, None);
+        for (value, expected) in [("true", Some(true)), ("false", Some(false))] {
+            let text = MINIMAL.replace(
+                "[storage]",
+                &format!("wrapped_versions = {value}\n\n[storage]"),
+            );
+            assert_eq!(
+                Config::parse(&text).expect(value).wrapped_versions,
+                expected
+            );
+        }
+    }
+
+    #[test]
     fn working_key_cache_is_defaulted_read_and_bounded() {
         let config = Config::parse(MINIMAL).expect("valid");
         assert_eq!(config.working_key_cache, DEFAULT_WORKING_KEY_CACHE);
