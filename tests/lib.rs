@@ -60,6 +60,7 @@ impl TestEnv {
             },
             hsm: self.token.config(4),
             working_key_cache: kms::config::DEFAULT_WORKING_KEY_CACHE,
+            wrapped_versions: None,
             data_dir: self.db_dir(),
             audit: AuditSettings {
                 sync: true,

@@ -458,6 +458,7 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
         "UPDATED",
         "DESTROY TIME",
         "GCM INVOCATIONS",
+        "HELD AS",
     ]);
     for v in versions {
         table.row(vec![
@@ -468,6 +469,7 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
             output::time_cell(v.update_time.as_ref()),
             output::time_cell(v.destroy_time.as_ref()),
             v.gcm_invocations.to_string(),
+            held_as(v),
         ]);
     }
     table
@@ -522,7 +524,18 @@ fn version_pairs(v: &pb::KeyVersion) -> Vec<(&'static str, String)> {
         ("Updated", output::time_cell(v.update_time.as_ref())),
         ("Destroy time", output::time_cell(v.destroy_time.as_ref())),
         ("GCM invocations", v.gcm_invocations.to_string()),
+        ("Held as", held_as(v)),
     ]
+}
+
+/// How the version's KEK is held: `token object`, `wrapped (root N)`, or
+/// `-` from a server that does not say.
+fn held_as(v: &pb::KeyVersion) -> String {
+    match pb::KeyVersionProtection::try_from(v.protection) {
+        Ok(pb::KeyVersionProtection::TokenObject) => "token object".to_owned(),
+        Ok(pb::KeyVersionProtection::Wrapped) => format!("wrapped (root {})", v.root_epoch),
+        _ => "-".to_owned(),
+    }
 }
 
 /// The JSON form of key metadata: snake_case fields, enum values without their
@@ -555,6 +568,12 @@ fn version_json(v: &pb::KeyVersion) -> Value {
         "update_time": output::time_json(v.update_time.as_ref()),
         "destroy_time": output::time_json(v.destroy_time.as_ref()),
         "gcm_invocations": v.gcm_invocations,
+        "held_as": match pb::KeyVersionProtection::try_from(v.protection) {
+            Ok(pb::KeyVersionProtection::TokenObject) => "TOKEN_OBJECT",
+            Ok(pb::KeyVersionProtection::Wrapped) => "WRAPPED",
+            _ => "UNSPECIFIED",
+        },
+        "root_epoch": v.root_epoch,
     })
 }
 
@@ -663,6 +682,12 @@ mod tests {
             update_time: ts(86_400),
             destroy_time: None,
             gcm_invocations: u64::from(n) * 1000,
+            protection: if n == 1 {
+                pb::KeyVersionProtection::TokenObject
+            } else {
+                pb::KeyVersionProtection::Wrapped
+            } as i32,
+            root_epoch: if n == 1 { 0 } else { 1 },
         };
         let text = versions_table(&[
             version(1, false, pb::KeyVersionState::Disabled),
@@ -671,9 +696,9 @@ mod tests {
         .render();
         assert_eq!(
             text,
-            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS\n\
-             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000\n\
-             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000\n"
+            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS  HELD AS\n\
+             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000             token object\n\
+             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000             wrapped (root 1)\n"
         );
     }
 }

@@ -6,6 +6,7 @@
 //! <data_dir>/softhsm/tokens/         the SoftHSM2 token "kms-dev"
 //! <data_dir>/softhsm/user.pin        random user PIN, mode 0600
 //! <data_dir>/softhsm/so.pin          random security-officer PIN, mode 0600
+//!                                    (also creates the root key kms-root/1)
 //! <data_dir>/db/                     RocksDB: key catalogue and audit log
 //! ```
 //!
@@ -138,6 +139,29 @@ pub fn initialize_dev_token(layout: &DevLayout, module: &Path) -> Result<bool, D
     Ok(true)
 }
 
+/// The root key epoch dev mode creates on first run.
+pub const DEV_ROOT_EPOCH: u32 = 1;
+
+/// Creates the dev token's root key (epoch [`DEV_ROOT_EPOCH`], variant T:
+/// trusted, created by the security officer with the PIN from `so.pin`) if
+/// it does not exist yet, so that new key versions are stored wrapped
+/// (issue 14). Must run before the service opens the token in this process:
+/// PKCS#11 allows one user type logged in per application, and this logs in
+/// as the security officer (then out again). Returns true when the root was
+/// created now; an existing root (`ObjectExists`) is left alone.
+///
+/// # Errors
+/// `Hsm` if the SO PIN file cannot be read or the ceremony fails.
+pub fn ensure_dev_root(layout: &DevLayout, module: &Path) -> Result<bool, DevError> {
+    let so = PinSource::File(layout.so_pin.clone()).read()?;
+    let spec = kms_hsm::RootSpec::for_softhsm(DEV_ROOT_EPOCH, kms_hsm::RootVariant::Trusted);
+    match kms_hsm::create_root(module, DEV_TOKEN_LABEL, &so, &spec) {
+        Ok(()) => Ok(true),
+        Err(kms_hsm::HsmError::ObjectExists { .. }) => Ok(false),
+        Err(e) => Err(DevError::Hsm(e)),
+    }
+}
+
 /// The principal of dev-mode callers (no credentials on loopback).
 pub const DEV_PRINCIPAL: &str = "dev";
 
@@ -179,6 +203,7 @@ pub fn dev_config(
         limits,
         hsm,
         working_key_cache: crate::config::DEFAULT_WORKING_KEY_CACHE,
+        wrapped_versions: Some(true),
         data_dir: layout.db_dir.clone(),
         audit: AuditSettings {
             sync: true,

@@ -154,6 +154,18 @@ pub enum KmsError {
         source: HsmError,
     },
 
+    /// A key version's wrapped catalogue record failed its checks: its MAC
+    /// does not verify (a blob moved to another key or version, or any field
+    /// altered), its mechanism is unknown, or the HSM rejects its blob
+    /// (tampered, truncated, another root). INTERNAL and audited like every
+    /// failure; never reported as a lost device (issue 14 item 3). The
+    /// cause names the key and version (logged once, at the boundary).
+    #[error("catalogue record corrupt")]
+    CatalogueRecordCorrupt {
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
     /// A storage operation failed unexpectedly.
     #[error("internal error")]
     Storage {
@@ -203,9 +215,10 @@ impl KmsError {
             }
             KmsError::ResourceExhausted { .. } => ResultCode::ResourceExhausted,
             KmsError::PermissionDenied { .. } => ResultCode::PermissionDenied,
-            KmsError::Hsm { .. } | KmsError::Storage { .. } | KmsError::Internal { .. } => {
-                ResultCode::Internal
-            }
+            KmsError::Hsm { .. }
+            | KmsError::CatalogueRecordCorrupt { .. }
+            | KmsError::Storage { .. }
+            | KmsError::Internal { .. } => ResultCode::Internal,
         }
     }
 
@@ -306,6 +319,9 @@ impl KmsError {
             KmsError::Hsm { .. } => KmsError::Internal {
                 what: "HSM operation failed (cause logged with an earlier item)",
             },
+            KmsError::CatalogueRecordCorrupt { .. } => {
+                KmsError::CatalogueRecordCorrupt { source: None }
+            }
             KmsError::Storage { .. } => KmsError::Internal {
                 what: "storage operation failed (cause logged with an earlier item)",
             },

@@ -138,6 +138,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let module = kms_hsm_module();
         let created = kms::dev::initialize_dev_token(&layout, &module)
             .context("setting up the SoftHSM2 token")?;
+        // Before the service opens the token: the ceremony logs in as SO.
+        if kms::dev::ensure_dev_root(&layout, &module).context("creating the dev root key")? {
+            tracing::info!(
+                epoch = kms::dev::DEV_ROOT_EPOCH,
+                "created the dev token's root key"
+            );
+        }
         let mut config = kms::dev::dev_config(&layout, &module, args.listen)?;
         if args.unsafe_audit_no_sync {
             tracing::warn!(

@@ -422,6 +422,34 @@ impl fmt::Debug for KekHandle {
     }
 }
 
+/// A service key held wrapped under a root (not a customer key version):
+/// today the catalogue-integrity HMAC key whose MACs authenticate
+/// `KekHandle::Wrapped` records (design note `hierarchy-and-cluster.md`
+/// §1.5.2). Stored as a metadata record (`schema::META_INTEGRITY_KEY`);
+/// JSON with the blob in lowercase hex, pinned by a golden vector. `Debug`
+/// shows the blob's length only (blob + root = a usable key for any PIN
+/// holder).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedServiceKey {
+    /// The epoch of the root key the blob is wrapped under.
+    pub root_epoch: u32,
+    /// The PKCS#11 wrapping mechanism (`CKM_AES_KEY_WRAP` = 0x2109).
+    pub mechanism: u64,
+    /// The wrapped key (40 bytes under `CKM_AES_KEY_WRAP`), hex on disk.
+    #[serde(with = "hex::serde")]
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for WrappedServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedServiceKey")
+            .field("root_epoch", &self.root_epoch)
+            .field("mechanism", &format_args!("{:#x}", self.mechanism))
+            .field("blob", &format_args!("[{} bytes]", self.blob.len()))
+            .finish()
+    }
+}
+
 /// A key version's catalogue record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRecord {

@@ -6,6 +6,7 @@
 //! | column family     | key                                  | value                                   |
 //! |-------------------|--------------------------------------|-----------------------------------------|
 //! | `default`         | `b"format_version"`                  | u32 big-endian                          |
+//! | `default`         | `b"integrity_key"`                   | wrapped integrity HMAC key (version byte + JSON) |
 //! | `keys`            | key id (ASCII, 36 bytes)             | key record (version byte + JSON)        |
 //! | `versions`        | key id ‖ u32 BE version               | version record (version byte + JSON)    |
 //! | `pending`         | key id ‖ u32 BE version               | empty: index of pending versions        |
@@ -68,6 +69,12 @@ pub const ALL_CFS: [&str; 9] = [
 
 /// Key of the format version in the default column family.
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
+
+/// Key of the wrapped catalogue-integrity HMAC key in the default column
+/// family (`WrappedServiceKey`, version byte + JSON). Absent until the
+/// service first runs with wrapped key versions; older builds ignore it, so
+/// it needs no format version bump.
+pub const META_INTEGRITY_KEY: &[u8] = b"integrity_key";
 
 /// First byte of every catalogue record value (followed by JSON).
 pub(crate) const CATALOGUE_RECORD_V1: u8 = 1;

@@ -32,3 +32,36 @@ pub fn flip_bit_in_audit_record(dir: &Path, seq: u64) -> Result<bool, StorageErr
     db.flush().map_err(db_error)?;
     Ok(true)
 }
+
+/// Rewrites the KEK handle of version `version` of `key_id` in the (closed)
+/// database at `dir` with `tamper` (e.g. flip a bit of a wrapped blob or
+/// MAC), as someone with write access to the data directory could. Returns
+/// false if the version does not exist.
+pub fn tamper_with_version_kek(
+    dir: &Path,
+    key_id: &crate::KeyId,
+    version: u32,
+    tamper: impl FnOnce(&mut crate::KekHandle),
+) -> Result<bool, StorageError> {
+    use crate::schema::{CF_VERSIONS, decode_record, encode_record, version_key};
+    let db_error = |e| StorageError::Db {
+        op: "testing::tamper_with_version_kek",
+        source: DbError::new(e),
+    };
+    let opts = rocksdb::Options::default();
+    let cfs = rocksdb::DB::list_cf(&opts, dir).map_err(db_error)?;
+    let db = rocksdb::DB::open_cf(&opts, dir, cfs).map_err(db_error)?;
+    let cf = db
+        .cf_handle(CF_VERSIONS)
+        .ok_or(StorageError::MissingColumnFamily { name: CF_VERSIONS })?;
+    let key = version_key(key_id.as_str(), version);
+    let Some(value) = db.get_cf(cf, &key).map_err(db_error)? else {
+        return Ok(false);
+    };
+    let mut record: crate::VersionRecord = decode_record(CF_VERSIONS, &key, &value)?;
+    tamper(&mut record.kek);
+    db.put_cf(cf, &key, encode_record("version", &record)?)
+        .map_err(db_error)?;
+    db.flush().map_err(db_error)?;
+    Ok(true)
+}

@@ -21,6 +21,7 @@ mod reload;
 mod restart;
 mod secrets;
 mod tls_walkthrough;
+mod wrapped;
 
 use std::collections::HashMap;
 

@@ -92,6 +92,7 @@ struct RawHsm {
     pool_size: Option<usize>,
     sync_token_dir: Option<PathBuf>,
     working_key_cache: Option<usize>,
+    wrapped_versions: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -185,9 +186,16 @@ pub struct Config {
     /// unwrapped into the HSM as session objects) are kept, 1 to
     /// [`MAX_WORKING_KEY_CACHE`]; the least recently used is destroyed
     /// beyond that. Bounds the HSM objects kms holds (real HSMs cap them;
-    /// design note `hierarchy-and-cluster.md` §1.7 item 9). Read, but not
-    /// used until wrapped versions are (issue 14).
+    /// design note `hierarchy-and-cluster.md` §1.7 item 9).
     pub working_key_cache: usize,
+    /// `hsm.wrapped_versions`: whether new key versions are stored wrapped
+    /// under the HSM's root key (`KekHandle::Wrapped`) instead of as token
+    /// objects (issue 14). `None` (unset): yes if the token holds a root
+    /// (`kms hsm init-root`), else token objects. `Some(true)`: start-up
+    /// is refused without a root. `Some(false)`: token objects, though
+    /// existing wrapped versions keep working if a root exists. Either
+    /// way, versions held as token objects keep working.
+    pub wrapped_versions: Option<bool>,
     pub data_dir: PathBuf,
     pub audit: AuditSettings,
     pub rotation: RotationSettings,
@@ -445,6 +453,7 @@ impl Config {
             limits,
             hsm: hsm_config,
             working_key_cache,
+            wrapped_versions: hsm.wrapped_versions,
             data_dir,
             audit,
             rotation: RotationSettings {
@@ -568,6 +577,22 @@ data_dir = "/var/lib/kms"
         for (text, field) in cases {
             let err = Config::parse(&text).expect_err(field);
             assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrapped_versions_is_unset_unless_configured() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.wrapped_versions, None);
+        for (value, expected) in [("true", Some(true)), ("false", Some(false))] {
+            let text = MINIMAL.replace(
+                "[storage]",
+                &format!("wrapped_versions = {value}\n\n[storage]"),
+            );
+            assert_eq!(
+                Config::parse(&text).expect(value).wrapped_versions,
+                expected
+            );
         }
     }
 

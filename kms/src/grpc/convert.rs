@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use kms_storage::{
-    AliasEntry, AuditRecord, Grant, KeyPolicy, KeyRecord, KeyState, Permission, RotationPolicy,
-    VersionRecord, VersionState,
+    AliasEntry, AuditRecord, Grant, KekHandle, KeyPolicy, KeyRecord, KeyState, Permission,
+    RotationPolicy, VersionRecord, VersionState,
 };
 
 use crate::error::KmsError;
@@ -118,6 +118,11 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
         ),
         _ => (pb::KeyVersionState::Unspecified, None),
     };
+    let (protection, root_epoch) = match &version.kek {
+        KekHandle::HsmObject { .. } => (pb::KeyVersionProtection::TokenObject, 0),
+        KekHandle::Wrapped { root_epoch, .. } => (pb::KeyVersionProtection::Wrapped, *root_epoch),
+        _ => (pb::KeyVersionProtection::Unspecified, 0),
+    };
     pb::KeyVersion {
         key_id: version.key_id.to_string(),
         version: version.version,
@@ -127,6 +132,8 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
         update_time: Some(timestamp_ms(version.updated_at_ms)),
         destroy_time,
         gcm_invocations: version.gcm_invocations,
+        protection: protection as i32,
+        root_epoch,
     }
 }
 

@@ -1,3 +1,6 @@
+//! `kms hsm init-root`: creates the root key in a ceremony, with the PIN
+//! from a file as well.
+//!
 //! `kms hsm init-token`: initializes a PKCS#11 token slot for kms with PINs
 //! read from files, so that no PIN ever appears on a command line (visible
 //! in `ps`), as it would with softhsm2-util, which takes its PINs as arguments. Local:
@@ -5,7 +8,8 @@
 
 use std::path::PathBuf;
 
-use kms_hsm::PinSource;
+use anyhow::Context;
+use kms_hsm::{HsmError, PinSource, RootSpec, RootVariant};
 
 /// `kms hsm` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -13,6 +17,52 @@ pub enum HsmCommand {
     /// Initialize a token in the first free slot (SoftHSM2; most HSMs have
     /// their own provisioning tools).
     InitToken(InitTokenArgs),
+    /// Create the root key `kms-root/<epoch>` (the key ceremony, design note
+    /// §1.5.1): new key versions are then stored wrapped under it. Run it
+    /// while no kms server uses the token (it logs in as the security
+    /// officer). Every start-up verifies the root by behaviour.
+    InitRoot(InitRootArgs),
+}
+
+/// Which trust model the root implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RootVariantArg {
+    /// Variant T: trusted root (set by the security officer); working keys
+    /// can leave the HSM only wrapped under a trusted root; root rotation works.
+    Trusted,
+    /// Variant N, for HSMs without trusted wrapping: created by the user;
+    /// working keys can never leave the HSM; no root rotation.
+    NonExtractable,
+}
+
+/// Arguments of `kms hsm init-root`.
+#[derive(Debug, clap::Args)]
+pub struct InitRootArgs {
+    /// The PKCS#11 module (for SoftHSM2 the token directory comes from
+    /// SOFTHSM2_CONF in the environment).
+    #[arg(long, default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+    pub module: PathBuf,
+    /// The label of the token kms uses.
+    #[arg(long)]
+    pub label: String,
+    /// The root's epoch (>= 1): its CKA_ID is `kms-root/<epoch>`. The
+    /// highest epoch on the token is the active one.
+    #[arg(long, default_value_t = 1)]
+    pub epoch: u32,
+    /// The variant.
+    #[arg(long, value_enum, default_value_t = RootVariantArg::Trusted)]
+    pub variant: RootVariantArg,
+    /// File holding the security officer PIN (first line); variant T.
+    #[arg(long, required_if_eq("variant", "trusted"))]
+    pub so_pin_file: Option<PathBuf>,
+    /// File holding the user PIN (first line); variant N.
+    #[arg(long, required_if_eq("variant", "non-extractable"))]
+    pub user_pin_file: Option<PathBuf>,
+    /// Make the root a private object (CKA_PRIVATE). Use it on real HSMs;
+    /// SoftHSM2 refuses private objects made by the security officer, so
+    /// the default follows SoftHSM2 (T public, N private).
+    #[arg(long)]
+    pub private: bool,
 }
 
 /// Arguments of `kms hsm init-token`.
@@ -49,6 +99,34 @@ pub fn run(command: HsmCommand) -> anyhow::Result<()> {
             kms_hsm::initialize_token(&args.module, &args.label, &so, &user)?;
             eprintln!("initialized token {:?}", args.label);
             Ok(())
+        }
+        HsmCommand::InitRoot(args) => {
+            if args.epoch == 0 {
+                anyhow::bail!("--epoch must be at least 1");
+            }
+            let (variant, pin_file) = match args.variant {
+                RootVariantArg::Trusted => (RootVariant::Trusted, args.so_pin_file),
+                RootVariantArg::NonExtractable => (RootVariant::NonExtractable, args.user_pin_file),
+            };
+            let pin_file = pin_file.context("the PIN file for this variant is required")?;
+            let pin = PinSource::File(pin_file).read()?;
+            let mut spec = RootSpec::for_softhsm(args.epoch, variant);
+            spec.private |= args.private;
+            match kms_hsm::create_root(&args.module, &args.label, &pin, &spec) {
+                Ok(()) => {
+                    eprintln!(
+                        "created root key kms-root/{} ({:?}) on token {:?}",
+                        args.epoch, variant, args.label
+                    );
+                    Ok(())
+                }
+                Err(HsmError::ObjectExists { .. }) => anyhow::bail!(
+                    "the token {:?} already holds a root of epoch {}",
+                    args.label,
+                    args.epoch
+                ),
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

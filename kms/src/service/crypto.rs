@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::lookup::version_unusable;
 use super::operation::Operation;
-use super::{AuditFields, Deferred, KmsService, RequestMeta, kek_object_id};
+use super::{AuditFields, Deferred, KmsService, RequestMeta};
 use crate::ciphertext::{self, Algorithm, Header};
 use crate::encryption_context::{EncryptionContext, context_digest};
 use crate::error::{KmsError, Result};
@@ -297,9 +297,7 @@ impl KmsService {
         if count >= self.rotation.gcm_invocation_limit {
             tracing::warn!(key_id = %record.id, version = version_number, count, "GCM invocation soft limit reached; rotation due");
         }
-        let sealed = self
-            .hsm
-            .encrypt(&kek_object_id(&version.kek)?, &aad, plaintext)?;
+        let sealed = self.seal_under(version, &aad, plaintext)?;
         Ok(Encrypted {
             blob: ciphertext::seal_blob(&header, &sealed.iv, &sealed.ciphertext_and_tag),
             key_id: record.id.clone(),
@@ -376,8 +374,8 @@ impl KmsService {
             VersionState::Pending => return Err(KmsError::InvalidCiphertext),
             _ => return Err(version_unusable(&version)),
         }
-        let plaintext = self.hsm.decrypt(
-            &kek_object_id(&version.kek)?,
+        let plaintext = self.open_under(
+            &version,
             parsed.iv(),
             &parsed.aad(&context),
             parsed.ct_and_tag(),

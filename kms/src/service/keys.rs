@@ -19,15 +19,15 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use kms_hsm::KeyPurpose;
+use kms_hsm::{KeyPurpose, WrappedKey};
 use kms_storage::{
-    Alias, AliasEntry, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, Permission,
+    Alias, AliasEntry, KekHandle, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, Permission,
     RotationPolicy, VersionRecord, VersionState,
 };
 use parking_lot::{Mutex, MutexGuard};
 
 use super::aliases::parse_alias;
-use super::lookup::version_unusable;
+use super::lookup::{from_working_key_error, version_unusable};
 use super::operation::Operation;
 use super::page_token::{self, Listing};
 use super::{KmsService, RequestMeta, kek_object_id, new_kek_handle, now_ms};
@@ -178,20 +178,28 @@ impl KmsService {
                 None => (RotationPolicy::Manual, None),
             };
             let catalogue = self.storage.catalogue();
-            let (_, version) = catalogue.create_key(
-                NewKey {
-                    id: id.clone(),
-                    description: input.description,
-                    tags: input.tags,
-                    spec: KeySpec::Aes256Gcm,
-                    state: KeyState::Enabled,
-                    rotation,
-                    next_rotation_at_ms,
-                    aliases,
-                },
-                new_kek_handle(&id, 1),
-                now,
-            )?;
+            let new_key = NewKey {
+                id: id.clone(),
+                description: input.description,
+                tags: input.tags,
+                spec: KeySpec::Aes256Gcm,
+                state: KeyState::Enabled,
+                rotation,
+                next_rotation_at_ms,
+                aliases,
+            };
+            if let Some(wrapped) = self.wrapped.as_ref().filter(|w| w.new_versions) {
+                // Wrap, MAC, then one catalogue write: a crash before it
+                // leaves nothing behind (no pending state, no HSM object).
+                let blob = wrapped
+                    .keys
+                    .generate_wrapped(wrapped.epoch, KeyPurpose::Kek)
+                    .map_err(from_working_key_error)?;
+                let kek = self.wrapped_kek(&id, 1, &blob)?;
+                catalogue.create_key_enabled(new_key, kek, now)?;
+                return self.key_view(&id);
+            }
+            let (_, version) = catalogue.create_key(new_key, new_kek_handle(&id, 1), now)?;
             if let Err(e) = self.make_kek(&version) {
                 // The key never became usable: leave a tombstone so its id is
                 // never reused, and report the HSM failure.
@@ -201,6 +209,24 @@ impl KmsService {
             }
             catalogue.commit_version(&id, version.version, now_ms())?;
             self.key_view(&id)
+        })
+    }
+
+    /// The catalogue handle of version `version` of `id` held as `blob`,
+    /// with its MAC made inside the HSM under the catalogue-integrity key.
+    fn wrapped_kek(&self, id: &KeyId, version: u32, blob: &WrappedKey) -> Result<KekHandle> {
+        let wrapped = self.wrapped.as_ref().ok_or(KmsError::Internal {
+            what: "wrapped key versions are off",
+        })?;
+        let mac = wrapped
+            .keys
+            .mac_record(id, version, blob)
+            .map_err(from_working_key_error)?;
+        Ok(KekHandle::Wrapped {
+            root_epoch: blob.root_epoch,
+            mechanism: blob.mechanism.code(),
+            blob: blob.blob.clone(),
+            mac,
         })
     }
 
@@ -459,6 +485,36 @@ impl KmsService {
             return Err(KmsError::RotationNotDue);
         }
         let now = now_ms();
+        let committed = if let Some(wrapped) = self.wrapped.as_ref().filter(|w| w.new_versions) {
+            // One write: the catalogue allocates the number under its lock
+            // and the MAC (which covers the number) is made there.
+            let blob = wrapped
+                .keys
+                .generate_wrapped(wrapped.epoch, KeyPurpose::Kek)
+                .map_err(from_working_key_error)?;
+            catalogue
+                .add_enabled_version::<KmsError>(id, now, |v| self.wrapped_kek(id, v, &blob))?
+                .1
+        } else {
+            self.rotate_to_token_object(id, now)?
+        };
+        // The next scheduled rotation counts from now, whatever caused this one.
+        if let RotationPolicy::Every { period_secs } = record.rotation {
+            let next = due_at
+                .unwrap_or_else(now_ms)
+                .max(now_ms())
+                .saturating_add(period_secs.saturating_mul(1000));
+            catalogue.update_key::<KmsError>(id, now_ms(), |k| {
+                k.next_rotation_at_ms = Some(next);
+                Ok(())
+            })?;
+        }
+        Ok(committed)
+    }
+
+    /// A new version held as a token object, two-phase (see the module docs).
+    fn rotate_to_token_object(&self, id: &KeyId, now: u64) -> Result<VersionRecord> {
+        let catalogue = self.storage.catalogue();
         let pending = catalogue.add_pending_version(id, now, |v| new_kek_handle(id, v))?;
         if let Err(e) = self.make_kek(&pending) {
             let _ = catalogue.discard_version(id, pending.version, now_ms());
@@ -476,17 +532,6 @@ impl KmsService {
                 return Err(e.into());
             }
         };
-        // The next scheduled rotation counts from now, whatever caused this one.
-        if let RotationPolicy::Every { period_secs } = record.rotation {
-            let next = due_at
-                .unwrap_or_else(now_ms)
-                .max(now_ms())
-                .saturating_add(period_secs.saturating_mul(1000));
-            catalogue.update_key::<KmsError>(id, now_ms(), |k| {
-                k.next_rotation_at_ms = Some(next);
-                Ok(())
-            })?;
-        }
         Ok(committed)
     }
 

@@ -5,8 +5,11 @@
 //! denied caller learns nothing of the key's state; the checks themselves
 //! (policy grants) live in `authz.rs`.
 
-use kms_hsm::ObjectId;
+use kms_hsm::{GcmSealed, ObjectId};
 use kms_storage::{KekHandle, KeyId, KeyRecord, KeyState, Permission, VersionRecord, VersionState};
+use zeroize::Zeroizing;
+
+use super::working_keys::WorkingKeyError;
 
 use super::{AuditFields, KmsService, RequestMeta};
 use crate::encryption_context::EncryptionContext;
@@ -86,6 +89,91 @@ impl KmsService {
     }
 }
 
+impl KmsService {
+    /// AES-256-GCM encryption under `version`'s KEK, however it is held: a
+    /// token object (found by its CKA_ID) or a wrapped blob (through the
+    /// working-key cache, unwrapped on first use).
+    ///
+    /// # Errors
+    /// [`KmsError::CatalogueRecordCorrupt`] for a wrapped record that fails
+    /// its MAC or does not unwrap; HSM errors as `Hsm::encrypt`.
+    pub(crate) fn seal_under(
+        &self,
+        version: &VersionRecord,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<GcmSealed> {
+        match &version.kek {
+            KekHandle::Wrapped { .. } => self
+                .wrapped_keys()?
+                .with_key(
+                    &version.key_id,
+                    version.version,
+                    &version.kek,
+                    |holder, key| self.hsm.encrypt_with(holder, key, aad, plaintext),
+                )
+                .map_err(from_working_key_error),
+            other => Ok(self.hsm.encrypt(&kek_object_id(other)?, aad, plaintext)?),
+        }
+    }
+
+    /// AES-256-GCM decryption under `version`'s KEK (see `seal_under`).
+    ///
+    /// # Errors
+    /// [`KmsError::InvalidCiphertext`] if the tag does not verify;
+    /// otherwise as `seal_under`.
+    pub(crate) fn open_under(
+        &self,
+        version: &VersionRecord,
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext_and_tag: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        match &version.kek {
+            KekHandle::Wrapped { .. } => self
+                .wrapped_keys()?
+                .with_key(
+                    &version.key_id,
+                    version.version,
+                    &version.kek,
+                    |holder, key| {
+                        self.hsm
+                            .decrypt_with(holder, key, iv, aad, ciphertext_and_tag)
+                    },
+                )
+                .map_err(from_working_key_error),
+            other => Ok(self
+                .hsm
+                .decrypt(&kek_object_id(other)?, iv, aad, ciphertext_and_tag)?),
+        }
+    }
+
+    fn wrapped_keys(&self) -> Result<&super::working_keys::WorkingKeys> {
+        self.wrapped
+            .as_ref()
+            .map(|w| &w.keys)
+            .ok_or(KmsError::Internal {
+                what: "a wrapped key version, but the token has no root key",
+            })
+    }
+}
+
+/// A corrupt record is "catalogue record corrupt" (INTERNAL, audited),
+/// never a lost device; other HSM failures map as usual.
+pub(crate) fn from_working_key_error(error: WorkingKeyError) -> KmsError {
+    if error.is_corrupt_record() {
+        return KmsError::CatalogueRecordCorrupt {
+            source: Some(Box::new(error)),
+        };
+    }
+    match error {
+        WorkingKeyError::Hsm(e) => KmsError::from(e),
+        _ => KmsError::Internal {
+            what: "working-key cache refused a version",
+        },
+    }
+}
+
 /// Refuses keys that are not enabled, with a distinct error per state.
 pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
     let key_id = record.id.clone();
@@ -106,11 +194,10 @@ pub(crate) fn kek_object_id(kek: &KekHandle) -> Result<ObjectId> {
                 what: "corrupt KEK handle in the catalogue",
             })
         }
-        // Wrapped versions (issue 14) are stored by the catalogue but not
-        // yet used by the service: refuse them by name rather than treat
-        // the blob as an object id.
+        // A wrapped version has no token object: callers branch on the
+        // handle first; never treat the blob as an object id.
         KekHandle::Wrapped { .. } => Err(KmsError::Internal {
-            what: "wrapped key versions are not supported by this build",
+            what: "a wrapped key version has no token object",
         }),
         _ => Err(KmsError::Internal {
             what: "KEK handle of an unsupported kind",
@@ -157,7 +244,7 @@ mod tests {
         };
         match kek_object_id(&wrapped) {
             Err(KmsError::Internal { what }) => {
-                assert_eq!(what, "wrapped key versions are not supported by this build");
+                assert_eq!(what, "a wrapped key version has no token object");
             }
             other => panic!("expected Internal, got {other:?}"),
         }

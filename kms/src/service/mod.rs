@@ -21,15 +21,16 @@ pub mod operation;
 pub(crate) mod page_token;
 mod reconcile;
 pub mod scheduler;
-// Not wired into key creation or Encrypt/Decrypt yet (issue 14, next step).
-#[allow(dead_code)]
 pub(crate) mod working_keys;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use kms_hsm::{Hsm, KeyPurpose, ObjectId};
-use kms_storage::{AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions};
+use kms_hsm::{Hsm, KeyPurpose, ObjectId, WrapMechanism, WrappedKey};
+use kms_storage::{
+    AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions,
+    WrappedServiceKey,
+};
 
 use crate::auth::policy::{AccessControl, Roles};
 use crate::config::{Config, Limits, RotationSettings};
@@ -131,6 +132,20 @@ pub struct KmsService {
     rotation: RotationSettings,
     access: AccessControl,
     key_locks: keys::KeyLocks,
+    /// Wrapped key versions (issue 14): `None` when the token has no root
+    /// key (every version is a token object).
+    wrapped: Option<Wrapped>,
+}
+
+/// What the service needs for wrapped key versions.
+#[derive(Debug)]
+pub(crate) struct Wrapped {
+    /// The working-key cache (and the catalogue-integrity key).
+    pub(crate) keys: working_keys::WorkingKeys,
+    /// The active (highest) root epoch: new versions are wrapped under it.
+    pub(crate) epoch: u32,
+    /// Whether new versions are wrapped (else token objects).
+    pub(crate) new_versions: bool,
 }
 
 impl KmsService {
@@ -170,6 +185,7 @@ impl KmsService {
         let audit_log = storage
             .open_audit_log(audit_config, mac)
             .map_err(OpenError::Storage)?;
+        let wrapped = open_wrapped(&hsm, &storage, config)?;
         let service = KmsService {
             hsm,
             storage,
@@ -182,6 +198,7 @@ impl KmsService {
                 default_policy: config.auth.default_policy.clone(),
             }),
             key_locks: keys::KeyLocks::default(),
+            wrapped,
         };
         service
             .reconcile_pending_versions()
@@ -385,6 +402,77 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+/// Start-up for wrapped key versions (design note §1.5.3): finds the
+/// token's roots; with none, wrapped versions are off (refused if the
+/// configuration demands them). Otherwise verifies the active (highest)
+/// root by behaviour, loads the catalogue-integrity HMAC key's blob from the
+/// catalogue (generating and storing it, wrapped under the active root, on
+/// first run) and builds the working-key cache.
+fn open_wrapped(
+    hsm: &Arc<Hsm>,
+    storage: &Storage,
+    config: &Config,
+) -> Result<Option<Wrapped>, OpenError> {
+    let holder = hsm.key_holder().map_err(OpenError::Hsm)?;
+    let epochs = holder.root_epochs().map_err(OpenError::Hsm)?;
+    let Some(&epoch) = epochs.last() else {
+        if config.wrapped_versions == Some(true) {
+            return Err(OpenError::NoRoot);
+        }
+        tracing::info!("no root key on the token: new key versions are token objects");
+        return Ok(None);
+    };
+    let variant = holder
+        .verify_root(epoch, None)
+        .map_err(|source| OpenError::Root { epoch, source })?;
+    let catalogue = storage.catalogue();
+    let stored = match catalogue.integrity_key().map_err(OpenError::Storage)? {
+        Some(stored) => stored,
+        None => {
+            let (wrapped, key) = holder
+                .generate_version(epoch, KeyPurpose::Hmac, variant)
+                .map_err(OpenError::Hsm)?;
+            // Only the blob is kept; the cache unwraps it on its own holder.
+            let _ = holder.destroy(key);
+            let stored = catalogue
+                .init_integrity_key(WrappedServiceKey {
+                    root_epoch: wrapped.root_epoch,
+                    mechanism: wrapped.mechanism.code(),
+                    blob: wrapped.blob,
+                })
+                .map_err(OpenError::Storage)?;
+            tracing::info!(epoch, "created the catalogue-integrity HMAC key");
+            stored
+        }
+    };
+    drop(holder);
+    let mechanism = WrapMechanism::from_code(stored.mechanism).ok_or(OpenError::IntegrityKey {
+        what: "unknown wrapping mechanism",
+    })?;
+    let integrity = WrappedKey {
+        root_epoch: stored.root_epoch,
+        mechanism,
+        blob: stored.blob,
+    };
+    let new_versions = config.wrapped_versions != Some(false);
+    tracing::info!(
+        epoch,
+        ?variant,
+        new_versions,
+        "root key verified; wrapped key versions on"
+    );
+    Ok(Some(Wrapped {
+        keys: working_keys::WorkingKeys::new(
+            Arc::clone(hsm),
+            variant,
+            integrity,
+            config.working_key_cache,
+        ),
+        epoch,
+        new_versions,
+    }))
+}
+
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -400,6 +488,21 @@ pub enum OpenError {
     },
     #[error("reconciling pending key versions")]
     Reconcile(#[source] KmsError),
+    /// `hsm.wrapped_versions = true` but the token has no root key.
+    #[error(
+        "hsm.wrapped_versions is true but the token has no root key; create one with `kms hsm init-root`"
+    )]
+    NoRoot,
+    /// The active root key failed its start-up check (the cause names it).
+    #[error("the root key of epoch {epoch} is refused")]
+    Root {
+        epoch: u32,
+        #[source]
+        source: kms_hsm::HsmError,
+    },
+    /// The stored catalogue-integrity key record cannot be used.
+    #[error("the catalogue-integrity key record is corrupt: {what}")]
+    IntegrityKey { what: &'static str },
 }
 
 impl KmsService {

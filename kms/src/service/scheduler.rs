@@ -109,7 +109,11 @@ impl KmsService {
             audit.key(&record.id, None);
             let catalogue = self.storage.catalogue();
             for version in catalogue.list_versions(&record.id)? {
-                if matches!(version.state, VersionState::Destroyed { .. }) {
+                // A wrapped version has no HSM object: its blob goes with
+                // the tombstone's versions (and with its root, from backups).
+                if matches!(version.state, VersionState::Destroyed { .. })
+                    || matches!(version.kek, kms_storage::KekHandle::Wrapped { .. })
+                {
                     continue;
                 }
                 match self.hsm.destroy_key(&kek_object_id(&version.kek)?) {

@@ -29,8 +29,8 @@
 //! use a blob whose MAC did not verify, or destroy an object of another
 //! holder (a retired holder's keys die with its session instead).
 //!
-//! Not wired into the service yet: key creation and Encrypt/Decrypt still
-//! use token objects (issue 14, next step).
+//! Used by the service for every `KekHandle::Wrapped` version (Encrypt,
+//! Decrypt, ReEncrypt, GenerateDataKey) and to create wrapped versions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -249,6 +249,7 @@ impl WorkingKeys {
     }
 
     /// Entries cached now (at most the capacity).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.state.lock().entries.len()
     }
@@ -317,6 +318,38 @@ impl WorkingKeys {
                     retried = true;
                 }
                 other => return other.map_err(WorkingKeyError::Hsm),
+            }
+        }
+    }
+
+    /// Generates a new key version of `purpose` inside the HSM, wraps it
+    /// under the root of `epoch` and returns the blob (design note §1.5.3
+    /// "Create"). The working key is destroyed at once: the version is
+    /// unwrapped again on first use, through its MAC-checked record. Runs on
+    /// the cache's holder; retries once on a holder loss.
+    ///
+    /// # Errors
+    /// `Hsm` (a missing root is `ObjectNotFound`; the HSM's error otherwise).
+    pub(crate) fn generate_wrapped(&self, epoch: u32, purpose: KeyPurpose) -> Result<WrappedKey> {
+        let mut retried = false;
+        loop {
+            let generation = self.generation()?;
+            match generation
+                .holder
+                .generate_version(epoch, purpose, self.variant)
+            {
+                Err(HsmError::WorkingKeyStale) if !retried => {
+                    self.retire(generation.number);
+                    retried = true;
+                }
+                Err(e) => return Err(WorkingKeyError::Hsm(e)),
+                Ok((wrapped, key)) => {
+                    // Best effort: a failure leaves it to die with the holder.
+                    if let Err(error) = generation.holder.destroy(key) {
+                        tracing::debug!(%error, "new working key not destroyed");
+                    }
+                    return Ok(wrapped);
+                }
             }
         }
     }

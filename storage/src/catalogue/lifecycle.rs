@@ -39,6 +39,34 @@ impl Catalogue {
         first_kek: KekHandle,
         now_ms: u64,
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
+        self.create_key_with(new, first_kek, now_ms, false)
+    }
+
+    /// Creates a key whose first version (version 1) is `Enabled` and
+    /// primary at once, plus any aliases, in one synced write: for a KEK
+    /// that exists before the write and needs no HSM object (a wrapped
+    /// version, `KekHandle::Wrapped`, whose MAC binds it to version 1).
+    /// A crash before the write leaves nothing behind; no pending state.
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::create_key`]. Nothing is written on error.
+    pub fn create_key_enabled(
+        &self,
+        new: NewKey,
+        first_kek: KekHandle,
+        now_ms: u64,
+    ) -> Result<(KeyRecord, VersionRecord), StorageError> {
+        self.create_key_with(new, first_kek, now_ms, true)
+    }
+
+    fn create_key_with(
+        &self,
+        new: NewKey,
+        first_kek: KekHandle,
+        now_ms: u64,
+        enabled: bool,
+    ) -> Result<(KeyRecord, VersionRecord), StorageError> {
         match new.state {
             KeyState::PendingDeletion { .. } => {
                 return Err(StorageError::KeyPendingDeletion { id: new.id });
@@ -72,7 +100,7 @@ impl Catalogue {
             tags: new.tags,
             spec: new.spec,
             state: new.state,
-            primary_version: None,
+            primary_version: enabled.then_some(1),
             latest_version: 1,
             rotation: new.rotation,
             next_rotation_at_ms: new.next_rotation_at_ms,
@@ -83,7 +111,11 @@ impl Catalogue {
         let version = VersionRecord {
             key_id: key.id.clone(),
             version: 1,
-            state: VersionState::Pending,
+            state: if enabled {
+                VersionState::Enabled
+            } else {
+                VersionState::Pending
+            },
             kek: first_kek,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
@@ -92,11 +124,13 @@ impl Catalogue {
         let mut batch = WriteBatch::default();
         self.put_key(&mut batch, &key)?;
         self.put_version(&mut batch, &version)?;
-        batch.put_cf(
-            self.db.cf(CF_PENDING)?,
-            schema::version_key(key.id.as_str(), 1),
-            [],
-        );
+        if !enabled {
+            batch.put_cf(
+                self.db.cf(CF_PENDING)?,
+                schema::version_key(key.id.as_str(), 1),
+                [],
+            );
+        }
         for alias in &aliases {
             self.put_alias(&mut batch, alias, &key.id)?;
         }
@@ -298,6 +332,61 @@ impl Catalogue {
         );
         self.commit(batch)?;
         Ok(version)
+    }
+
+    /// One-step version creation for a KEK that needs no HSM object (a
+    /// wrapped version): under the catalogue lock, allocates the next
+    /// version number, asks `kek` for the version's KEK handle for that
+    /// number (a wrapped record's MAC covers it), and writes the version
+    /// `Enabled` and primary, with the key's `latest_version`, in one synced
+    /// write. Same invariants as [`Catalogue::add_pending_version`] (key
+    /// live and not pending deletion; numbers never reused); no pending
+    /// state, so a crash before the write leaves nothing behind. `kek` runs
+    /// under the catalogue lock: keep it short (one HSM HMAC).
+    ///
+    /// # Errors
+    ///
+    /// `kek`'s own error (nothing written); otherwise as
+    /// [`Catalogue::add_pending_version`].
+    pub fn add_enabled_version<E: From<StorageError>>(
+        &self,
+        id: &KeyId,
+        now_ms: u64,
+        kek: impl FnOnce(u32) -> Result<KekHandle, E>,
+    ) -> Result<(KeyRecord, VersionRecord), E> {
+        let _guard = self.lock();
+        let mut key = self.require_live_key(id)?;
+        if matches!(key.state, KeyState::PendingDeletion { .. }) {
+            return Err(StorageError::KeyPendingDeletion { id: id.clone() }.into());
+        }
+        let v = key
+            .latest_version
+            .checked_add(1)
+            .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
+        if self.get_version(id, v)?.is_some() {
+            return Err(StorageError::VersionExists {
+                id: id.clone(),
+                version: v,
+            }
+            .into());
+        }
+        let version = VersionRecord {
+            key_id: id.clone(),
+            version: v,
+            state: VersionState::Enabled,
+            kek: kek(v)?,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            gcm_invocations: 0,
+        };
+        key.latest_version = v;
+        key.primary_version = Some(v);
+        key.updated_at_ms = now_ms;
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &key)?;
+        self.put_version(&mut batch, &version)?;
+        self.commit(batch)?;
+        Ok((key, version))
     }
 
     /// Second phase of version creation: the pending version becomes `Enabled`

@@ -23,9 +23,12 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 use crate::db::Db;
 use crate::error::StorageError;
 use crate::gcm_counter::GcmCounters;
-use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState};
+use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState, WrappedServiceKey};
 use crate::record_cache::{Generation, RecordCache};
-use crate::schema::{self, CF_KEYS, CF_PENDING, CF_VERSIONS, encode_record};
+use crate::schema::{
+    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_INTEGRITY_KEY, decode_record,
+    encode_record,
+};
 
 mod aliases;
 mod lifecycle;
@@ -130,6 +133,45 @@ impl Catalogue {
         })
     }
 
+    /// The wrapped catalogue-integrity HMAC key, if one was stored.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Corrupt`]/[`StorageError::CorruptJson`] for an
+    /// undecodable record; [`StorageError::Db`] if RocksDB fails.
+    pub fn integrity_key(&self) -> Result<Option<WrappedServiceKey>, StorageError> {
+        self.db
+            .get(CF_DEFAULT, META_INTEGRITY_KEY)?
+            .map(|bytes| decode_record(CF_DEFAULT, META_INTEGRITY_KEY, &bytes))
+            .transpose()
+    }
+
+    /// Stores `key` as the catalogue-integrity HMAC key unless one is
+    /// stored already (one synced write under the catalogue lock), and
+    /// returns the one stored: the first writer wins, so every version MAC
+    /// is made under one key.
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::integrity_key`].
+    pub fn init_integrity_key(
+        &self,
+        key: WrappedServiceKey,
+    ) -> Result<WrappedServiceKey, StorageError> {
+        let _guard = self.lock();
+        if let Some(existing) = self.integrity_key()? {
+            return Ok(existing);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.db.cf(CF_DEFAULT)?,
+            META_INTEGRITY_KEY,
+            encode_record("integrity key", &key)?,
+        );
+        self.commit(batch)?;
+        Ok(key)
+    }
+
     fn require_live_key(&self, id: &KeyId) -> Result<KeyRecord, StorageError> {
         let key = self
             .get_key(id)?
@@ -229,5 +271,35 @@ impl Catalogue {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Golden vector: the on-disk encoding of the integrity key record.
+    /// A change here makes existing databases unreadable.
+    #[test]
+    fn integrity_key_record_encoding_is_pinned() {
+        let key = WrappedServiceKey {
+            root_epoch: 1,
+            mechanism: 0x2109,
+            blob: (0u8..40).collect(),
+        };
+        let bytes = encode_record("integrity key", &key).expect("encode");
+        let expected = concat!(
+            "\u{1}",
+            r#"{"root_epoch":1,"mechanism":8457,"#,
+            r#""blob":"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f2021222324252627"}"#
+        );
+        assert_eq!(bytes, expected.as_bytes());
+        let back: WrappedServiceKey =
+            decode_record(CF_DEFAULT, META_INTEGRITY_KEY, &bytes).expect("decode");
+        assert_eq!(back, key);
+        assert_eq!(
+            format!("{key:?}"),
+            "WrappedServiceKey { root_epoch: 1, mechanism: 0x2109, blob: [40 bytes] }"
+        );
     }
 }
