@@ -125,6 +125,31 @@ fn encryption_stops_at_the_hard_limit_and_rotation_at_the_soft_limit_restores_it
     assert_eq!((pass.rotated, pass.failed), (1, 0));
     let encrypted = encrypt(&service, &key).expect("encrypt after rotation");
     assert_eq!(encrypted.key_version, 2);
+
+    // The scheduler's rotation is audited as the service's own work
+    // (audit.proto): OPERATION_AUTOMATIC_ROTATION, principal "system", no
+    // peer, a request id of its own.
+    let mut export = Vec::new();
+    service
+        .export_audit(&Default::default(), &mut export)
+        .expect("export");
+    let rotations: Vec<serde_json::Value> = String::from_utf8(export)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["operation"] == "AutomaticRotation")
+        .collect();
+    assert_eq!(rotations.len(), 1, "{rotations:?}");
+    let rotation = &rotations[0];
+    assert_eq!(rotation["principal"], "system", "{rotation}");
+    assert_eq!(rotation["peer"], "", "{rotation}");
+    assert_eq!(rotation["key_version"], 2, "{rotation}");
+    assert!(
+        rotation["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("scheduled-rotation-") && id.len() > 19),
+        "{rotation}"
+    );
 }
 
 #[test]

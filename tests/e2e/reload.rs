@@ -427,7 +427,7 @@ async fn sighup_reloads_the_configuration() {
         .into_inner()
         .events;
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0].principal, "kms");
+    assert_eq!(events[0].principal, "system");
     assert_eq!(events[0].result_code, 0);
 }
 

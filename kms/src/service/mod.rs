@@ -59,6 +59,10 @@ pub struct Readiness {
     pub audit_writable: bool,
 }
 
+/// The audit principal of work the service does by itself (`audit.proto`,
+/// `AuditEvent.principal`).
+pub const SYSTEM_PRINCIPAL: &str = "system";
+
 /// Who is calling and from where, as recorded in the audit log.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
@@ -68,12 +72,20 @@ pub struct RequestMeta {
 }
 
 impl RequestMeta {
-    /// The service's own background work (rotation, deletion, reconciliation).
+    /// The service's own work (scheduled rotation and deletion, start-up
+    /// reconciliation, a reload on SIGHUP), as `audit.proto` documents it:
+    /// principal "system", empty peer, and a request id of its own
+    /// (`<what>-<16 hex digits>`), so that two actions never share one.
     pub fn internal(what: &str) -> RequestMeta {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 8];
+        // A request id need not be secret; a failing RNG only makes it less
+        // unique, never refuses the work.
+        let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
         RequestMeta {
-            principal: "kms".into(),
-            peer: "internal".into(),
-            request_id: what.into(),
+            principal: SYSTEM_PRINCIPAL.into(),
+            peer: String::new(),
+            request_id: format!("{what}-{}", hex::encode(bytes)),
         }
     }
 }

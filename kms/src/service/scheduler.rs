@@ -71,12 +71,13 @@ impl KmsService {
             KeyState::Enabled if self.rotation_due(record, now)? => {
                 let meta = RequestMeta::internal("scheduled-rotation");
                 let key = record.id.to_string();
-                let rotated = self.audited(&meta, Operation::RotateKey, Some(&key), |audit| {
-                    audit.key(&record.id, None);
-                    let version = self.rotate_locked(&record.id, Some(now))?;
-                    audit.key(&record.id, Some(version.version));
-                    Ok(version)
-                });
+                let rotated =
+                    self.audited(&meta, Operation::AutomaticRotation, Some(&key), |audit| {
+                        audit.key(&record.id, None);
+                        let version = self.rotate_locked(&record.id, Some(now))?;
+                        audit.key(&record.id, Some(version.version));
+                        Ok(version)
+                    });
                 match rotated {
                     Ok(_) => Ok(Some(Action::Rotated)),
                     // Someone else rotated in between: nothing to do.
