@@ -450,3 +450,68 @@ fn a_server_without_a_configuration_file_refuses_to_reload() {
         "{status:?}"
     );
 }
+
+/// An audit stream was authorized when it opened; a reload that takes the
+/// watcher's token and role away must end it, not let it read on. Before:
+/// the stream kept delivering every new event after the reload.
+#[tokio::test]
+async fn a_reload_ends_open_audit_streams_so_revoked_watchers_stop_reading() {
+    let deployment = Deployment::new();
+    let mut settings = Settings {
+        admins: vec!["job-a".to_owned(), "watcher".to_owned()],
+        tokens: vec![
+            ("job-a".to_owned(), "kms_token-of-job-a".to_owned()),
+            ("watcher".to_owned(), "kms_token-of-watcher".to_owned()),
+        ],
+        ..Settings::default()
+    };
+    deployment.write_config(&settings);
+    let mut server = deployment.start();
+    let channel = connect(&server.plain_endpoint()).await.expect("connect");
+    let mut stream = AuditClient::new(channel.clone())
+        .watch_audit_events(with_token(
+            pb::WatchAuditEventsRequest { from_sequence: 1 },
+            "kms_token-of-watcher",
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    // The stream works: it delivers its own audit record.
+    let first = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("an event")
+        .expect("stream ok");
+    assert!(first.is_some());
+
+    settings.admins = vec!["job-a".to_owned()];
+    settings
+        .tokens
+        .retain(|(principal, _)| principal != "watcher");
+    deployment.write_config(&settings);
+    server.signal("HUP");
+
+    // The stream ends with UNAVAILABLE (reconnect), delivering nothing newer.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("the stream ends after the reload")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("reloaded"), "{ended:?}");
+    // Reconnecting with the revoked token is refused.
+    let again = AuditClient::new(channel.clone())
+        .watch_audit_events(with_token(
+            pb::WatchAuditEventsRequest { from_sequence: 1 },
+            "kms_token-of-watcher",
+        ))
+        .await
+        .expect_err("revoked token");
+    assert_eq!(again.code(), Code::Unauthenticated, "{again:?}");
+    server.signal("TERM");
+    let _ = server.wait_for_exit(Duration::from_secs(60));
+}

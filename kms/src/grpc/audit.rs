@@ -55,6 +55,8 @@ fn audit_query(req: &pb::ListAuditEventsRequest) -> Result<AuditQuery, KmsError>
 pub struct AuditApi {
     service: Arc<KmsService>,
     stop: Arc<watch::Sender<bool>>,
+    /// Bumped on every reload that may have revoked a credential or a role.
+    reloads: Arc<watch::Sender<u64>>,
 }
 
 /// Ends every WatchAuditEvents stream of one [`AuditApi`] (with UNAVAILABLE,
@@ -71,12 +73,42 @@ impl WatchStop {
     }
 }
 
+/// Ends every open WatchAuditEvents stream of one [`AuditApi`] (with
+/// UNAVAILABLE, so that clients reconnect, are authenticated and authorized
+/// again, and resume): a stream is authorized once, when it opens, and must
+/// not outlive a bearer token, certificate (CRL) or auditor role that a
+/// reload took away. The reloader calls it after every successful reload.
+#[derive(Debug, Clone)]
+pub struct WatchRevoke(Arc<watch::Sender<u64>>);
+
+impl WatchRevoke {
+    /// Ends the streams open now (streams opened later are not affected).
+    pub fn revoke(&self) {
+        self.0
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+}
+
+/// Completes when `reloads` changes (never, if its sender is gone).
+async fn reloaded(mut reloads: watch::Receiver<u64>) {
+    if reloads.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 impl AuditApi {
     pub fn new(service: Arc<KmsService>) -> Self {
         AuditApi {
             service,
             stop: Arc::new(watch::Sender::new(false)),
+            reloads: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// The handle that ends this service's open WatchAuditEvents streams
+    /// after a reload.
+    pub fn watch_revoke(&self) -> WatchRevoke {
+        WatchRevoke(Arc::clone(&self.reloads))
     }
 
     /// The handle that ends this service's WatchAuditEvents streams.
@@ -102,15 +134,27 @@ async fn follow(
     mut follower: AuditFollower,
     tx: mpsc::Sender<Result<pb::WatchAuditEventsResponse, Status>>,
     stop: watch::Receiver<bool>,
+    reloads: watch::Receiver<u64>,
 ) {
     let stopped = stopped(stop);
     tokio::pin!(stopped);
+    let reloaded = reloaded(reloads);
+    tokio::pin!(reloaded);
+    let revoked = || {
+        Status::unavailable(
+            "the server's credentials and roles were reloaded: reconnect and resume",
+        )
+    };
     let shutting_down = || Status::unavailable("the server is shutting down: reconnect and resume");
     loop {
         let batch = tokio::select! {
             batch = follower.next_batch(WATCH_BATCH) => batch,
             () = &mut stopped => {
                 let _ = tx.try_send(Err(shutting_down()));
+                return;
+            }
+            () = &mut reloaded => {
+                let _ = tx.try_send(Err(revoked()));
                 return;
             }
             () = tx.closed() => return,
@@ -130,6 +174,10 @@ async fn follow(
                 sent = tx.send(Ok(message)) => if sent.is_err() { return },
                 () = &mut stopped => {
                     let _ = tx.try_send(Err(shutting_down()));
+                    return;
+                }
+                () = &mut reloaded => {
+                    let _ = tx.try_send(Err(revoked()));
                     return;
                 }
             }
@@ -171,7 +219,16 @@ impl Audit for AuditApi {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let response = rpc.respond(ReceiverStream::new(rx))?;
         let span = rpc.span();
-        tokio::spawn(follow(rpc, follower, tx, self.stop.subscribe()).instrument(span));
+        tokio::spawn(
+            follow(
+                rpc,
+                follower,
+                tx,
+                self.stop.subscribe(),
+                self.reloads.subscribe(),
+            )
+            .instrument(span),
+        );
         Ok(response)
     }
 

@@ -20,7 +20,7 @@ use crate::error::KmsError;
 use crate::service::{Deferred, KmsService, Operation, RequestMeta, operation};
 
 pub use admin::AdminApi;
-pub use audit::{AuditApi, WatchStop};
+pub use audit::{AuditApi, WatchRevoke, WatchStop};
 pub use crypto::CryptoApi;
 pub use key_management::KeyManagementApi;
 

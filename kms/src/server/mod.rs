@@ -316,6 +316,7 @@ pub async fn start_with(
     let audit_api = AuditApi::new(Arc::clone(&service));
     // Audit followers' streams would hold a graceful shutdown open forever.
     let watch_stop = audit_api.watch_stop();
+    let watch_revoke = audit_api.watch_revoke();
     let audit = AuditServer::new(audit_api)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -335,6 +336,7 @@ pub async fn start_with(
         Arc::clone(&authenticator),
         Arc::clone(&admission),
         service.access().clone(),
+        watch_revoke,
     ));
     let admin = AdminServer::new(AdminApi::new(Arc::clone(&service), Arc::clone(&reloader)))
         .max_decoding_message_size(max_message)

@@ -26,6 +26,7 @@ use crate::auth::policy::{AccessControl, Roles};
 use crate::auth::tokens::TokenStore;
 use crate::config::{Config, ConfigError};
 use crate::error::KmsError;
+use crate::grpc::WatchRevoke;
 use crate::service::{KmsService, Operation, RequestMeta};
 
 /// Why a reload was refused. The running configuration is unchanged.
@@ -93,6 +94,8 @@ pub struct Reloader {
     authenticator: Arc<Authenticator>,
     admission: Arc<Admission>,
     access: AccessControl,
+    /// Ends open audit streams once credentials and roles changed.
+    watch_revoke: WatchRevoke,
     /// Serializes reloads (held while building and swapping).
     serial: Mutex<()>,
 }
@@ -104,6 +107,7 @@ impl Reloader {
         authenticator: Arc<Authenticator>,
         admission: Arc<Admission>,
         access: AccessControl,
+        watch_revoke: WatchRevoke,
     ) -> Self {
         Reloader {
             config_file,
@@ -111,6 +115,7 @@ impl Reloader {
             authenticator,
             admission,
             access,
+            watch_revoke,
             serial: Mutex::new(()),
         }
     }
@@ -181,6 +186,9 @@ impl Reloader {
         });
         self.admission
             .reconfigure(server.max_concurrent_requests, limits.per_principal);
+        // Open audit streams were authorized under the old credentials and
+        // roles: make their clients reconnect under the new ones.
+        self.watch_revoke.revoke();
         Ok(summary)
     }
 
