@@ -196,12 +196,16 @@ pub(crate) async fn connect_with(
     config: ClientConfig,
     options: &ClientOptions,
 ) -> anyhow::Result<KmsClient> {
-    KmsClient::connect(config).await.with_context(|| {
-        format!(
+    match KmsClient::connect(config).await {
+        Ok(client) => Ok(client),
+        // Only a failed connection suggests a server that is not there; a
+        // refused setting (scheme, TLS files, token) is said as it is.
+        Err(e @ kms_client::Error::Connect { .. }) => Err(anyhow::Error::new(e).context(format!(
             "is `kms serve` running? set --endpoint or KMS_ENDPOINT ({})",
             options.endpoint
-        )
-    })
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -194,8 +194,9 @@ impl ClientConfig {
     /// the generated clients directly, with [`ClientConfig::authorization_header`].
     ///
     /// # Errors
-    /// [`crate::Error::Endpoint`] if the URL or the TLS settings are refused by
-    /// the transport; [`crate::Error::TlsNeedsCa`] for an `https://` endpoint
+    /// [`crate::Error::EndpointScheme`] unless the URL starts with `http://`
+    /// or `https://`; [`crate::Error::Endpoint`] if the URL or the TLS
+    /// settings are refused by the transport; [`crate::Error::TlsNeedsCa`] for an `https://` endpoint
     /// without a CA; [`crate::Error::TlsNeedsHttps`] for TLS settings on an
     /// `http://` endpoint; [`crate::Error::TokenNeedsTls`] for a bearer token
     /// over plaintext to a host other than loopback. Nothing is connected yet.
@@ -205,6 +206,14 @@ impl ClientConfig {
             endpoint: self.endpoint.clone(),
             source,
         };
+        // Only gRPC's two schemes: anything else ("127.0.0.1:7443",
+        // "ftp://…") would otherwise fail later as a connection error, or
+        // be dialled as plaintext.
+        if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
+            return Err(crate::Error::EndpointScheme {
+                endpoint: self.endpoint.clone(),
+            });
+        }
         let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
             .map_err(invalid)?
             .connect_timeout(self.connect_timeout)

@@ -14,6 +14,12 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// An endpoint URL whose scheme is neither `http://` nor `https://`.
+    #[error("invalid endpoint {endpoint:?}: it must start with http:// or https://")]
+    EndpointScheme {
+        /// The endpoint as configured.
+        endpoint: String,
+    },
     /// An `https://` endpoint without a CA certificate.
     #[error("an https endpoint needs a CA certificate (PEM)")]
     TlsNeedsCa,
@@ -92,17 +98,30 @@ fn display_rpc(code: tonic::Code, message: &str, attempts: u32) -> String {
 /// only "transport error", while the user needs the reason behind it (a TLS
 /// alert such as `CertificateRequired` or `UnknownCA`, a refused connection).
 pub(crate) fn status_message(status: &tonic::Status) -> String {
-    let mut message = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
+    let causes = std::iter::successors(std::error::Error::source(status), |cause| cause.source())
+        .map(ToString::to_string);
+    join_causes(std::iter::once(status.message().to_owned()).chain(causes))
+}
+
+/// An error and its causes as one line, `outer: inner: innermost`, saying
+/// each thing once. Transport errors (hyper, rustls, std::io) often repeat
+/// their source in their own message, so that the plain join reads
+/// "tcp connect error: tcp connect error: Connection refused"; here a cause
+/// already said by an earlier part is skipped, and a cause that extends the
+/// part before it (contains it) replaces that part.
+pub fn join_causes(texts: impl IntoIterator<Item = String>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for text in texts {
+        let text = text.trim().to_owned();
+        if text.is_empty() || parts.iter().any(|part| part.contains(&text)) {
+            continue;
         }
-        source = cause.source();
+        match parts.last_mut() {
+            Some(last) if text.contains(last.as_str()) => *last = text,
+            _ => parts.push(text),
+        }
     }
-    message
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -131,6 +150,38 @@ mod tests {
         assert_eq!(
             rpc(tonic::Code::Unavailable, "the HSM is unavailable", 3).to_string(),
             "UNAVAILABLE: the HSM is unavailable (after 3 attempts)"
+        );
+    }
+
+    #[test]
+    fn causes_are_said_once() {
+        let join = |parts: &[&str]| join_causes(parts.iter().map(|p| (*p).to_owned()));
+        assert_eq!(
+            join(&[
+                "transport error",
+                "tcp connect error",
+                "tcp connect error: Connection refused",
+                "Connection refused"
+            ]),
+            "transport error: tcp connect error: Connection refused"
+        );
+        assert_eq!(
+            join(&["UnknownIssuer", "invalid peer certificate: UnknownIssuer"]),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(
+            join(&[
+                "invalid URL, scheme is missing",
+                "invalid URL, scheme is missing"
+            ]),
+            "invalid URL, scheme is missing"
+        );
+        assert_eq!(
+            join(&[
+                "cannot listen on 127.0.0.1:1",
+                "Address already in use (os error 98)"
+            ]),
+            "cannot listen on 127.0.0.1:1: Address already in use (os error 98)"
         );
     }
 

@@ -32,6 +32,6 @@ pub use config::{BearerToken, ClientConfig, ClientIdentity};
 pub use context::EncryptionContext;
 pub use data_key::DataKey;
 pub use envelope::{Envelope, EnvelopeError, EnvelopeStats};
-pub use error::Error;
+pub use error::{Error, join_causes};
 pub use kms_proto::v1 as proto;
 pub use retry::RetryPolicy;

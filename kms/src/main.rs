@@ -82,7 +82,8 @@ fn main() -> ExitCode {
         Err(e) => {
             // The chain may hold a server's message: no terminal control
             // characters reach the terminal.
-            eprintln!("error: {}", kms_cli::sanitize(&format!("{e:#}")));
+            let chain = kms_client::join_causes(e.chain().map(ToString::to_string));
+            eprintln!("error: {}", kms_cli::sanitize(&chain));
             ExitCode::FAILURE
         }
     }

@@ -1008,3 +1008,30 @@ fn a_port_in_use_is_reported_once_naming_the_address() {
     assert_eq!(line.matches("already in use").count(), 1, "{line}");
     drop(held);
 }
+
+/// The CLI says each cause once: the transport's errors repeat their own
+/// sources ("tcp connect error: tcp connect error: Connection refused").
+#[test]
+fn a_refused_connection_is_reported_once() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let (ok, _, stderr) = kms_tests::run_cli(&format!("http://{closed}"), &["key", "list"], b"");
+    assert!(!ok);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
+    assert_eq!(line.matches("tcp connect error").count(), 1, "{line}");
+
+    // A URL without a scheme is a setting to fix, not a server to start.
+    let (ok, _, stderr) = kms_tests::run_cli(&closed.to_string(), &["key", "list"], b"");
+    assert!(!ok);
+    assert!(
+        stderr.contains("must start with http:// or https://"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("is `kms serve` running"), "{stderr}");
+}
