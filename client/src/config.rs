@@ -318,6 +318,14 @@ mod tests {
         );
         assert!(matches!(
             ClientConfig::new("not a url").tonic_endpoint(),
+            Err(crate::Error::EndpointScheme { .. })
+        ));
+        assert!(matches!(
+            ClientConfig::new("ftp://127.0.0.1:1").tonic_endpoint(),
+            Err(crate::Error::EndpointScheme { .. })
+        ));
+        assert!(matches!(
+            ClientConfig::new("http://[not a host").tonic_endpoint(),
             Err(crate::Error::Endpoint { .. })
         ));
     }
