@@ -207,6 +207,20 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
         )
         .await;
 
+    // "up to 8192 characters": characters, not bytes.
+    cases
+        .accepted(
+            "create-description-8192-chars",
+            keys.create_key(with_id(
+                "create-description-8192-chars",
+                pb::CreateKeyRequest {
+                    description: "é".repeat(8192),
+                    ..Default::default()
+                },
+            )),
+        )
+        .await;
+
     // Reads and lists.
     cases
         .refused(
@@ -858,6 +872,26 @@ async fn every_documented_request_rule_is_enforced_and_every_refusal_is_audited(
         .key_metadata
         .expect("metadata");
     assert_eq!(enabled.state, pb::KeyState::Enabled as i32);
+    // "changes nothing": not even the update time.
+    let before = keys
+        .describe_key(pb::DescribeKeyRequest {
+            key_id: key.clone(),
+        })
+        .await
+        .expect("describe")
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    let again = keys
+        .enable_key(pb::EnableKeyRequest {
+            key_id: key.clone(),
+        })
+        .await
+        .expect("enable again")
+        .into_inner()
+        .key_metadata
+        .expect("metadata");
+    assert_eq!(again.update_time, before.update_time);
     let still_disabled = cases
         .accepted(
             "disable-disabled",

@@ -123,11 +123,13 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// CreateKeyRequest.description: "up to 8192 characters" (Unicode scalar
+/// values, as the proto says, not bytes).
 fn validate_description(description: &str) -> Result<()> {
-    if description.len() > MAX_DESCRIPTION {
+    if description.chars().count() > MAX_DESCRIPTION {
         return Err(KmsError::invalid(
             "description",
-            format!("at most {MAX_DESCRIPTION} bytes"),
+            format!("at most {MAX_DESCRIPTION} characters"),
         ));
     }
     Ok(())

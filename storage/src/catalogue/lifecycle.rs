@@ -139,7 +139,9 @@ impl Catalogue {
     }
 
     /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
-    /// change by returning an error (nothing is written). The id, creation time
+    /// change by returning an error (nothing is written); a change that
+    /// leaves the record as it was writes nothing either (the record,
+    /// `updated_at_ms` included, is returned unchanged). The id, creation time
     /// and `latest_version` cannot change; a new `primary_version` must name an
     /// enabled version, and cannot be set on a key pending deletion (before or
     /// after `f`); a key with a version being created cannot become pending
@@ -218,6 +220,11 @@ impl Catalogue {
                 version,
             }
             .into());
+        }
+        if new == old {
+            // Nothing changed (enabling an enabled key, re-applying the same
+            // tags): no write, and `updated_at_ms` keeps meaning "last change".
+            return Ok(old);
         }
         new.updated_at_ms = now_ms;
         let mut batch = WriteBatch::default();
