@@ -77,6 +77,14 @@ pub struct AuditExportArgs {
 }
 
 pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyhow::Result<()> {
+    if let AuditCommand::Tail(args) = command {
+        let client = if args.follow {
+            connect_patiently(options).await?
+        } else {
+            connect(options).await?
+        };
+        return tail(&client, args).await;
+    }
     let client = connect(options).await?;
     match command {
         AuditCommand::List(args) => list(&client, args, options).await,
@@ -85,6 +93,36 @@ pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyho
         AuditCommand::Tail(args) => tail(&client, args).await,
     }
 }
+
+/// First connection of `kms audit tail --follow`: a shipper started before
+/// the server (at boot, in the same pod) waits for it, retrying with the
+/// stream's backoff, instead of exiting; settings that can never work
+/// (scheme, TLS files, token) fail at once.
+async fn connect_patiently(options: &ClientOptions) -> anyhow::Result<KmsClient> {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match KmsClient::connect(super::client_config(options)?).await {
+            Ok(client) => return Ok(client),
+            Err(e @ kms_client::Error::Connect { .. }) => {
+                eprintln!(
+                    "kms audit tail: {}; retrying in {} ms",
+                    output::sanitize(&kms_client::join_causes(
+                        anyhow::Error::new(e).chain().map(ToString::to_string)
+                    )),
+                    backoff.as_millis()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Backoff of `kms audit tail --follow` between attempts: doubling from
+/// 100 ms to 5 s.
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes one event as a compact JSON line to stdout and flushes it (a shipper
 /// reading the pipe sees each event at once).
@@ -133,8 +171,6 @@ async fn tail(client: &KmsClient, args: AuditTailArgs) -> anyhow::Result<()> {
             }
         }
     }
-    const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
-    const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let failure = match client.watch_audit_events(next).await {

@@ -274,3 +274,24 @@ async fn a_watch_catches_up_then_follows_and_is_audited_once() {
         .expect("export");
     assert_eq!(String::from_utf8(out).expect("utf-8").lines().count(), 1);
 }
+
+/// A shipper started before the server (at boot, in the same pod) waits for
+/// it instead of exiting: `kms audit tail --follow` retries its first
+/// connection. Before: it exited 1 with "is `kms serve` running?".
+#[test]
+fn a_follower_started_before_the_server_waits_for_it() {
+    let addr = free_addr();
+    let mut follower = Follower::start(addr);
+    // Still running while nothing listens (it would have exited at once).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        follower.child.try_wait().expect("try_wait").is_none(),
+        "kms audit tail --follow exited while the server was down"
+    );
+    let data = tempfile::tempdir().expect("data dir");
+    let server = DevServerProcess::start_at(data.path(), addr);
+    let last = generate(&server, 3);
+    follower.wait_for(last);
+    assert_eq!(follower.seen, (1..=last).collect::<Vec<_>>());
+    drop(server);
+}
