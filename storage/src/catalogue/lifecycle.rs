@@ -286,6 +286,29 @@ impl Catalogue {
         Ok(key)
     }
 
+    /// The live key `id` and the number its next version gets, checked as
+    /// every version creation needs (call under the catalogue lock).
+    ///
+    /// # Errors
+    /// As [`Catalogue::add_pending_version`].
+    fn next_version(&self, id: &KeyId) -> Result<(KeyRecord, u32), StorageError> {
+        let key = self.require_live_key(id)?;
+        if matches!(key.state, KeyState::PendingDeletion { .. }) {
+            return Err(StorageError::KeyPendingDeletion { id: id.clone() });
+        }
+        let v = key
+            .latest_version
+            .checked_add(1)
+            .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
+        if self.get_version(id, v)?.is_some() {
+            return Err(StorageError::VersionExists {
+                id: id.clone(),
+                version: v,
+            });
+        }
+        Ok((key, v))
+    }
+
     /// Allocates the next version number and records it as `Pending` (synced).
     /// `kek` receives the new version number and says where its KEK will live.
     ///
@@ -304,20 +327,7 @@ impl Catalogue {
         kek: impl FnOnce(u32) -> KekHandle,
     ) -> Result<VersionRecord, StorageError> {
         let _guard = self.lock();
-        let mut key = self.require_live_key(id)?;
-        if matches!(key.state, KeyState::PendingDeletion { .. }) {
-            return Err(StorageError::KeyPendingDeletion { id: id.clone() });
-        }
-        let v = key
-            .latest_version
-            .checked_add(1)
-            .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
-        if self.get_version(id, v)?.is_some() {
-            return Err(StorageError::VersionExists {
-                id: id.clone(),
-                version: v,
-            });
-        }
+        let (mut key, v) = self.next_version(id)?;
         key.latest_version = v;
         key.updated_at_ms = now_ms;
         let version = VersionRecord {
@@ -362,21 +372,7 @@ impl Catalogue {
         kek: impl FnOnce(u32) -> Result<KekHandle, E>,
     ) -> Result<(KeyRecord, VersionRecord), E> {
         let _guard = self.lock();
-        let mut key = self.require_live_key(id)?;
-        if matches!(key.state, KeyState::PendingDeletion { .. }) {
-            return Err(StorageError::KeyPendingDeletion { id: id.clone() }.into());
-        }
-        let v = key
-            .latest_version
-            .checked_add(1)
-            .ok_or_else(|| StorageError::VersionsExhausted { id: id.clone() })?;
-        if self.get_version(id, v)?.is_some() {
-            return Err(StorageError::VersionExists {
-                id: id.clone(),
-                version: v,
-            }
-            .into());
-        }
+        let (mut key, v) = self.next_version(id)?;
         let version = VersionRecord {
             key_id: id.clone(),
             version: v,
