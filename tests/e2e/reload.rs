@@ -278,6 +278,7 @@ async fn a_broken_reload_changes_nothing_and_says_why() {
     // Each broken file also drops the administrator: if anything of it
     // were applied, the administrator would lose CreateKey.
     let missing_key = deployment.dir.join("no-such.key");
+    let other_ca = TestCa::new(&deployment.dir.join("other-pki"), "other");
     let broken = [
         (
             TlsFiles {
@@ -303,6 +304,18 @@ async fn a_broken_reload_changes_nothing_and_says_why() {
                 ..tls.clone()
             },
             vec!["server.tls.crl_files".to_owned()],
+        ),
+        // A valid CRL, but from another CA: it covers no client CA, so
+        // applying it would lock every mTLS client out.
+        (
+            TlsFiles {
+                crl_files: vec![other_ca.crl("other.crl", &[])],
+                ..tls.clone()
+            },
+            vec![
+                "server.tls.crl_files".to_owned(),
+                "issued none of the configured CRLs".to_owned(),
+            ],
         ),
     ];
     for (files, expected) in broken {
@@ -345,6 +358,7 @@ async fn a_broken_reload_changes_nothing_and_says_why() {
     assert_eq!(
         outcomes,
         [
+            (ADMIN.to_owned(), failed),
             (ADMIN.to_owned(), failed),
             (ADMIN.to_owned(), failed),
             (ADMIN.to_owned(), failed),

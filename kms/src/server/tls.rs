@@ -85,6 +85,16 @@ pub enum TlsError {
     },
     #[error("server.tls.client_ca_file {path}: no usable CA certificate in it")]
     ClientCa { path: PathBuf },
+    /// CRLs are configured, but some client CA issued none of them: every
+    /// client under that CA would be refused (revocation status unknown).
+    #[error(
+        "server.tls.crl_files: {uncovered} of the {total} CA certificate(s) in server.tls.client_ca_file {path} issued none of the configured CRLs; with CRLs configured, every client under such a CA would be refused"
+    )]
+    CrlCoverage {
+        path: PathBuf,
+        uncovered: usize,
+        total: usize,
+    },
     #[error("server.tls: cannot build the client certificate verifier: {reason}")]
     Verifier {
         reason: rustls::server::VerifierBuilderError,
@@ -120,6 +130,9 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
             let mut crls = Vec::new();
             for path in &settings.crl_files {
                 crls.extend(revocation_lists(path)?);
+            }
+            if !crls.is_empty() {
+                check_crl_coverage(ca_file, &roots, &crls)?;
             }
             let mut verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
@@ -209,6 +222,45 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             reason: other.to_string(),
         },
     })
+}
+
+/// With CRLs configured the verifier refuses a chain whose revocation status
+/// it cannot tell, so a client CA that issued none of the CRLs would lock
+/// out all of its clients (administrators included, until a SIGHUP with a
+/// fixed file). Refuse such a configuration instead. (CRLs of intermediate
+/// CAs cannot be checked here: the intermediates are not configured.)
+///
+/// # Errors
+/// [`TlsError::CrlCoverage`] naming how many client CAs are uncovered.
+fn check_crl_coverage(
+    ca_file: &Path,
+    roots: &rustls::RootCertStore,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<(), TlsError> {
+    // Both sides are the DER value of the X.509 Name, as webpki compares
+    // a CRL's issuer with a certificate's issuer.
+    let issuers: Vec<Vec<u8>> = crls
+        .iter()
+        .filter_map(|crl| webpki::BorrowedCertRevocationList::from_der(crl.as_ref()).ok())
+        .map(|crl| webpki::CertRevocationList::from(crl).issuer().to_vec())
+        .collect();
+    let uncovered = roots
+        .roots
+        .iter()
+        .filter(|anchor| {
+            !issuers
+                .iter()
+                .any(|issuer| issuer[..] == anchor.subject[..])
+        })
+        .count();
+    if uncovered > 0 {
+        return Err(TlsError::CrlCoverage {
+            path: ca_file.to_owned(),
+            uncovered,
+            total: roots.roots.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The CRLs of a PEM file (one or more `X509 CRL` blocks) or one DER CRL,
