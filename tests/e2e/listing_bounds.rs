@@ -365,3 +365,54 @@ async fn catalogue_listings_do_not_grow_while_they_are_paged() {
     assert!(reply.aliases.is_empty(), "{:?}", reply.aliases);
     assert!(reply.next_page_token.is_empty());
 }
+
+/// An audit token whose bound was pushed past the log's end (so that paging
+/// would follow the log forever) and an oversized token are refused.
+/// Before: the forged bound kept paging through events written after the
+/// first page.
+#[tokio::test]
+async fn forged_or_oversized_audit_page_tokens_are_refused() {
+    use base64::Engine as _;
+    let env = TestEnv::new();
+    let server = env.start().await;
+    let key = create_key(&server, "forged").await;
+    for _ in 0..3 {
+        encrypt(&server, &key, b"x", &[]).await;
+    }
+    let mut audit = server.audit();
+    let first = audit
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("first page")
+        .into_inner();
+    let token = first.next_page_token;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut bytes = b64
+        .decode(token.strip_prefix("v1.").expect("v1 token"))
+        .expect("base64");
+    // listing (1) ‖ scope (8) ‖ after (8) ‖ until (8): raise the bound.
+    assert_eq!(bytes.len(), 25, "token layout changed");
+    bytes[17..25].copy_from_slice(&(1u64 << 62).to_be_bytes());
+    let forged = format!("v1.{}", b64.encode(&bytes));
+    for bad in [forged, format!("v1.{}", "A".repeat(100_000))] {
+        let status = audit
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1,
+                page_token: bad,
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("not a token from a previous page"),
+            "{status:?}"
+        );
+    }
+    server.stop().await;
+}

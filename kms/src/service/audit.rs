@@ -162,9 +162,21 @@ impl KmsService {
                 let scope = query.scope();
                 let scope: Vec<&[u8]> = scope.iter().map(Vec::as_slice).collect();
                 let (after, until) = match query.page_token.as_deref() {
-                    Some(token) => page_token::decode(token, Listing::AuditEvents, &scope, |r| {
-                        Some((r.u64()?, r.u64()?))
-                    })?,
+                    Some(token) => {
+                        let (after, until) =
+                            page_token::decode(token, Listing::AuditEvents, &scope, |r| {
+                                Some((r.u64()?, r.u64()?))
+                            })?;
+                        // A bound beyond the log's end was not written by a
+                        // first page: refusing it keeps paging finite.
+                        if until > reader.last_seq()? || after > until {
+                            return Err(KmsError::invalid(
+                                "page_token",
+                                "not a token from a previous page",
+                            ));
+                        }
+                        (after, until)
+                    }
                     // The records up to here existed before this request;
                     // its own record comes after them.
                     None => (

@@ -23,6 +23,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{KmsError, Result};
 
 const PREFIX: &str = "v1.";
+/// Longest page token accepted, in characters.
+const MAX_TOKEN_CHARS: usize = 1024;
 const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// Which listing a token belongs to (its first byte).
@@ -134,6 +136,11 @@ pub(crate) fn decode<T>(
     fields: impl FnOnce(&mut TokenReader<'_>) -> Option<T>,
 ) -> Result<T> {
     let invalid = || KmsError::invalid("page_token", "not a token from a previous page");
+    // Our tokens are far shorter (a cursor of at most a 256-byte alias name);
+    // do not decode megabytes to find that out.
+    if token.len() > MAX_TOKEN_CHARS {
+        return Err(invalid());
+    }
     let bytes = token
         .strip_prefix(PREFIX)
         .and_then(|b64| BASE64.decode(b64).ok())
