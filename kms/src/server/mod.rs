@@ -37,8 +37,10 @@ use crate::service::{KmsService, scheduler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}")]
+    #[error("cannot listen on {addr} ({setting})")]
     Bind {
+        /// The configuration setting that names the address.
+        setting: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -257,10 +259,12 @@ pub async fn start_with(
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServerError::Bind {
+            setting: "server.listen",
             addr: config.server.listen,
             source,
         })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        setting: "server.listen",
         addr: config.server.listen,
         source,
     })?;
@@ -272,6 +276,7 @@ pub async fn start_with(
                 TcpListener::bind(metrics_listen)
                     .await
                     .map_err(|source| ServerError::Bind {
+                        setting: "server.metrics_listen",
                         addr: metrics_listen,
                         source,
                     })?;
@@ -279,6 +284,7 @@ pub async fn start_with(
                 metrics_listener
                     .local_addr()
                     .map_err(|source| ServerError::Bind {
+                        setting: "server.metrics_listen",
                         addr: metrics_listen,
                         source,
                     })?;
