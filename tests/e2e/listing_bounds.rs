@@ -221,6 +221,35 @@ async fn page_tokens_are_opaque_and_checked() {
             .map(|r| r.map(|_| ())),
     );
     assert_eq!(code, Code::InvalidArgument);
+    // A ListKeys token is bound to include_deleted: a listing of live keys
+    // cannot be continued as a listing of tombstones, or the reverse.
+    create_key(&server, "tokens-2").await;
+    for include_deleted in [false, true] {
+        let first = keys
+            .list_keys(pb::ListKeysRequest {
+                page_size: 1,
+                include_deleted,
+                ..Default::default()
+            })
+            .await
+            .expect("first ListKeys page")
+            .into_inner();
+        assert!(!first.next_page_token.is_empty());
+        let code = refused(
+            keys.list_keys(pb::ListKeysRequest {
+                page_size: 1,
+                page_token: first.next_page_token,
+                include_deleted: !include_deleted,
+            })
+            .await
+            .map(|r| r.map(|_| ())),
+        );
+        assert_eq!(
+            code,
+            Code::InvalidArgument,
+            "include_deleted {include_deleted}"
+        );
+    }
     // A token of one listing is refused by another.
     let code = refused(
         keys.list_keys(pb::ListKeysRequest {

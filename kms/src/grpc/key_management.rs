@@ -129,21 +129,13 @@ impl KeyManagement for KeyManagementApi {
         let limit = rpc
             .valid(&self.service, "", page_size(req.page_size))
             .await?;
-        let token = req.page_token;
+        let (token, include_deleted) = (req.page_token, req.include_deleted);
         let page = rpc
             .blocking(&self.service, move |s, m| {
-                s.list_keys(m, page_token(&token), limit)
+                s.list_keys(m, page_token(&token), limit, include_deleted)
             })
             .await?;
-        let keys = page
-            .items
-            .iter()
-            .filter(|v| {
-                req.include_deleted
-                    || !matches!(v.record.state, kms_storage::KeyState::Deleted { .. })
-            })
-            .map(key_metadata)
-            .collect();
+        let keys = page.items.iter().map(key_metadata).collect();
         rpc.respond(pb::ListKeysResponse {
             keys,
             next_page_token: page.next_page_token.unwrap_or_default(),

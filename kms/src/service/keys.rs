@@ -263,18 +263,25 @@ impl KmsService {
         })
     }
 
+    /// One page of keys ordered by key id, at most `limit` records read.
+    /// Tombstones (state `Deleted`) are left out unless `include_deleted`,
+    /// so a page may hold fewer than `limit` keys, even none, while a next
+    /// token is still returned. The token is bound to `include_deleted`: a
+    /// token from a listing with the other setting is INVALID_ARGUMENT.
     pub fn list_keys(
         &self,
         meta: &RequestMeta,
         page_token: Option<&str>,
         limit: usize,
+        include_deleted: bool,
     ) -> Result<Page<KeyView>> {
+        let scope: &[&[u8]] = &[&[u8::from(include_deleted)]];
         self.audited(meta, Operation::ListKeys, None, |_| {
             self.require_admin(meta, "list keys")?;
             // Bounded at the first page by creation time (see
             // `Catalogue::list_keys_created_until`), so paging terminates.
             let (after, created_until_ms) = match page_token {
-                Some(token) => page_token::decode(token, Listing::Keys, &[], |r| {
+                Some(token) => page_token::decode(token, Listing::Keys, scope, |r| {
                     let after = KeyId::parse(r.str()?).ok()?;
                     Some((Some(after), r.u64()?))
                 })?,
@@ -288,12 +295,15 @@ impl KmsService {
             let items = page
                 .items
                 .iter()
+                .filter(|record| {
+                    include_deleted || !matches!(record.state, KeyState::Deleted { .. })
+                })
                 .map(|record| self.key_view(&record.id))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Page {
                 items,
                 next_page_token: page.next_page_token.map(|last| {
-                    page_token::encode(Listing::Keys, &[], |w| {
+                    page_token::encode(Listing::Keys, scope, |w| {
                         w.str(&last).u64(created_until_ms);
                     })
                 }),
