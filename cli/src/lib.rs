@@ -53,8 +53,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for one RPC; the server has its own, usually shorter, limit.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Options shared by every client command.
+/// Options shared by every client command. Under their own heading in
+/// `--help`: they are global, so they are listed for `kms serve` and `kms hsm`
+/// too, where they have no effect.
 #[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Client options (commands that talk to a server)")]
 pub struct ClientOptions {
     /// gRPC endpoint of the kms server.
     #[arg(

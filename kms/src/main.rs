@@ -28,6 +28,7 @@ struct Cli {
     /// (cryptoki reports mechanisms it has no name for at ERROR level while
     /// the token is probed: noise, hidden by default.)
     #[arg(
+        help_heading = "Logging",
         long,
         env = "KMS_LOG",
         default_value = "info,cryptoki::mechanism=off",
@@ -35,7 +36,7 @@ struct Cli {
     )]
     log: String,
     /// Log as JSON lines.
-    #[arg(long, global = true)]
+    #[arg(help_heading = "Logging", long, global = true)]
     log_json: bool,
 }
 
@@ -79,6 +80,9 @@ fn main() -> ExitCode {
     init_tracing(&cli.log, cli.log_json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `kms audit export | head`: the reader has what it wanted. Quiet, as
+        // for any Unix filter whose output pipe closed.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // The chain may hold a server's message: no terminal control
             // characters reach the terminal.
@@ -87,6 +91,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error was caused by writing to a closed pipe (EPIPE), directly
+/// or through serde_json's writer.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let kind = cause
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| cause.downcast_ref::<serde_json::Error>()?.io_error_kind());
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn init_tracing(filter: &str, json: bool) {

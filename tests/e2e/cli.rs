@@ -205,3 +205,35 @@ fn dev_mode_refuses_a_non_loopback_address() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("loopback"), "{stderr}");
 }
+
+/// `kms audit export | head -1`: the reader closes the pipe early. The CLI
+/// ends quietly with success, like any Unix filter, instead of printing
+/// "Broken pipe" as an error.
+#[test]
+fn a_closed_output_pipe_is_not_an_error() {
+    let data = tempfile::tempdir().expect("data dir");
+    let server = DevServerProcess::start(data.path());
+    let endpoint = server.endpoint();
+    for _ in 0..3 {
+        cli_ok(&endpoint, &["key", "create"], b"");
+    }
+    for args in [&["audit", "export"][..], &["--json", "key", "list"][..]] {
+        let mut child = std::process::Command::new(kms_tests::kms_binary())
+            .arg("--endpoint")
+            .arg(&endpoint)
+            .args(args)
+            .env("KMS_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn kms");
+        // The reader is gone before the CLI writes anything: every write
+        // fails with EPIPE (Rust ignores SIGPIPE).
+        drop(child.stdout.take());
+        let output = child.wait_with_output().expect("kms output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "kms {args:?}: {stderr}");
+        assert!(stderr.is_empty(), "kms {args:?}: {stderr}");
+    }
+}
