@@ -28,16 +28,24 @@ pub(crate) async fn run(command: AdminCommand, options: &ClientOptions) -> anyho
                     "crl_count": reply.crl_count,
                     "token_count": reply.token_count,
                     "admin_count": reply.admin_count,
+                    "restart_required": reply.restart_required,
                 }))
             } else {
-                output::emit(&format!(
+                let mut text = format!(
                     "Reloaded {}: TLS {}, {} CRL(s), {} token(s), {} administrator pattern(s).\n",
                     reply.config_file,
                     if reply.tls { "on" } else { "off" },
                     reply.crl_count,
                     reply.token_count,
                     reply.admin_count,
-                ))
+                );
+                if !reply.restart_required.is_empty() {
+                    text.push_str(&format!(
+                        "Not in force until the server restarts (changed in the file): {}.\n",
+                        reply.restart_required.join(", ")
+                    ));
+                }
+                output::emit(&text)
             }
         }
     }

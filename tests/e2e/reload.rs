@@ -529,3 +529,64 @@ async fn a_reload_ends_open_audit_streams_so_revoked_watchers_stop_reading() {
     server.signal("TERM");
     let _ = server.wait_for_exit(Duration::from_secs(60));
 }
+
+/// A reload that would leave no administrator is refused; a file that
+/// changes settings read only at start is applied for the rest and says
+/// which settings wait for a restart, instead of ignoring them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_restart_only_settings_and_keeps_an_administrator() {
+    let deployment = Deployment::new();
+    let mut settings = Settings {
+        admins: vec!["job-a".to_owned()],
+        tokens: vec![("job-a".to_owned(), "kms_token-of-job-a".to_owned())],
+        ..Settings::default()
+    };
+    deployment.write_config(&settings);
+    let server = deployment.start();
+    let channel = connect(&server.plain_endpoint()).await.expect("connect");
+    let reload_as_a = || {
+        let channel = channel.clone();
+        async move {
+            AdminClient::new(channel)
+                .reload(with_token(pb::ReloadRequest {}, "kms_token-of-job-a"))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+
+    // Unchanged file: nothing waits for a restart.
+    let reply = reload_as_a().await.expect("reload");
+    assert!(reply.restart_required.is_empty(), "{reply:?}");
+
+    // No administrator left: refused, and job-a is still one.
+    deployment.write_config(&Settings {
+        admins: Vec::new(),
+        ..settings.clone()
+    });
+    let status = reload_as_a().await.expect_err("admins = []");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("auth.admins"), "{status:?}");
+
+    // Restart-only settings changed, a reloadable one too: the token is
+    // added now; the others are named.
+    settings.shutdown_grace_ms += 1_000;
+    settings.request_timeout_ms += 1_000;
+    settings
+        .tokens
+        .push(("job-b".to_owned(), "kms_token-of-job-b".to_owned()));
+    deployment.write_config(&settings);
+    let reply = reload_as_a().await.expect("reload");
+    assert_eq!(
+        reply.restart_required,
+        ["server.request_timeout_ms", "server.shutdown_grace_ms"],
+        "{reply:?}"
+    );
+    assert_eq!(reply.token_count, 2);
+    assert!(
+        deployment
+            .log()
+            .contains("changed settings are not in force until the server restarts"),
+        "{}",
+        deployment.log()
+    );
+}

@@ -228,6 +228,46 @@ const _: () = assert!(
 );
 
 impl Config {
+    /// The settings a reload cannot change (they are read once, at start)
+    /// whose value in `new` differs from `self`, by their configuration
+    /// names: what a reload should warn about instead of ignoring silently.
+    /// Reloadable settings (TLS files, `[auth]`, `server.max_concurrent_requests`,
+    /// `limits.per_principal`) are not compared.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        // Compared by their Debug rendering, which is never shown: every
+        // field type here derives Debug, and none holds a secret (the PIN is
+        // a source, not a value).
+        macro_rules! changed {
+            ($($name:literal => $($field:ident).+),+ $(,)?) => {{
+                let mut names = Vec::new();
+                $(
+                    if format!("{:?}", self.$($field).+) != format!("{:?}", new.$($field).+) {
+                        names.push($name);
+                    }
+                )+
+                names
+            }};
+        }
+        changed! {
+            "server.listen" => server.listen,
+            "server.metrics_listen" => server.metrics_listen,
+            "server.request_timeout_ms" => server.request_timeout,
+            "server.max_message_bytes" => server.max_message_bytes,
+            "server.max_connections" => server.max_connections,
+            "server.max_concurrent_streams" => server.max_concurrent_streams,
+            "server.shutdown_grace_ms" => server.shutdown_grace,
+            "limits.max_plaintext_bytes" => limits.max_plaintext_bytes,
+            "limits.max_context_bytes" => limits.max_context_bytes,
+            "limits.max_batch_items" => limits.max_batch_items,
+            "[hsm]" => hsm,
+            "hsm.working_key_cache" => working_key_cache,
+            "hsm.wrapped_versions" => wrapped_versions,
+            "storage.data_dir" => data_dir,
+            "[audit]" => audit,
+            "[rotation]" => rotation,
+        }
+    }
+
     /// Reads and validates a TOML configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

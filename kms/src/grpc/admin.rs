@@ -49,6 +49,11 @@ impl Admin for AdminApi {
             crl_count: count(summary.crl_count),
             token_count: count(summary.token_count),
             admin_count: count(summary.admin_count),
+            restart_required: summary
+                .restart_required
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect(),
         })
     }
 }

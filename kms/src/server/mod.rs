@@ -338,6 +338,7 @@ pub async fn start_with(
 
     let reloader = Arc::new(reload::Reloader::new(
         config_file,
+        Some(config.clone()),
         shared_tls.clone(),
         Arc::clone(&authenticator),
         Arc::clone(&admission),

@@ -51,6 +51,14 @@ pub enum ReloadError {
         if *.now_configured { "on" } else { "off" }
     )]
     TlsToggled { now_configured: bool },
+    /// `auth.admins` would become empty while administrators are in force:
+    /// no one could reload over the API again, manage keys or read the
+    /// audit log as an administrator. A server may still be started so.
+    #[error(
+        "auth.admins: the new file names no administrator; a reload would lock every \
+         administrator out (restart the server if that is intended)"
+    )]
+    NoAdministrators,
 }
 
 /// `error: cause: cause`. The reason a reload was refused goes to an
@@ -75,6 +83,10 @@ pub struct ReloadSummary {
     pub crl_count: usize,
     pub token_count: usize,
     pub admin_count: usize,
+    /// Settings whose value in the file differs from the running one but
+    /// that only a restart puts in force (configuration names, e.g.
+    /// `server.listen`, `[hsm]`); see [`Config::restart_only_changes`].
+    pub restart_required: Vec<&'static str>,
 }
 
 /// Who asked for a reload.
@@ -90,6 +102,9 @@ pub enum Trigger {
 #[derive(Debug)]
 pub struct Reloader {
     config_file: Option<PathBuf>,
+    /// The configuration the server started with: the restart-only
+    /// settings in force until the next start.
+    started_with: Option<Config>,
     tls: Option<SharedTls>,
     authenticator: Arc<Authenticator>,
     admission: Arc<Admission>,
@@ -103,6 +118,7 @@ pub struct Reloader {
 impl Reloader {
     pub(super) fn new(
         config_file: Option<PathBuf>,
+        started_with: Option<Config>,
         tls: Option<SharedTls>,
         authenticator: Arc<Authenticator>,
         admission: Arc<Admission>,
@@ -111,6 +127,7 @@ impl Reloader {
     ) -> Self {
         Reloader {
             config_file,
+            started_with,
             tls,
             authenticator,
             admission,
@@ -129,14 +146,22 @@ impl Reloader {
     pub fn reload(&self) -> Result<ReloadSummary, ReloadError> {
         let result = self.try_reload();
         match &result {
-            Ok(summary) => tracing::info!(
-                config_file = %summary.config_file.display(),
-                tls = summary.tls,
-                crl_count = summary.crl_count,
-                token_count = summary.token_count,
-                admin_count = summary.admin_count,
-                "configuration reloaded"
-            ),
+            Ok(summary) => {
+                tracing::info!(
+                    config_file = %summary.config_file.display(),
+                    tls = summary.tls,
+                    crl_count = summary.crl_count,
+                    token_count = summary.token_count,
+                    admin_count = summary.admin_count,
+                    "configuration reloaded"
+                );
+                if !summary.restart_required.is_empty() {
+                    tracing::warn!(
+                        settings = %summary.restart_required.join(", "),
+                        "changed settings are not in force until the server restarts"
+                    );
+                }
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 "configuration not reloaded; the running configuration is unchanged"
@@ -161,12 +186,21 @@ impl Reloader {
                 });
             }
         };
+        if config.auth.admins.is_empty() && !self.access.roles().admins.is_empty() {
+            return Err(ReloadError::NoAdministrators);
+        }
+        let restart_required = self
+            .started_with
+            .as_ref()
+            .map(|started| started.restart_only_changes(&config))
+            .unwrap_or_default();
         let summary = ReloadSummary {
             config_file: path.clone(),
             tls: new_tls.is_some(),
             crl_count: config.server.tls.as_ref().map_or(0, |t| t.crl_files.len()),
             token_count: config.auth.tokens.len(),
             admin_count: config.auth.admins.len(),
+            restart_required,
         };
         let Config {
             server,
