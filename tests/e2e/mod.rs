@@ -20,6 +20,7 @@ mod reflection;
 mod reload;
 mod restart;
 mod secrets;
+mod service_keys;
 mod tls_walkthrough;
 mod wrapped;
 
