@@ -14,6 +14,7 @@ mod gcm_limit;
 mod health;
 mod keys;
 mod lifecycle_races;
+mod pre_wrapped;
 mod listing_bounds;
 mod re_encrypt_audit;
 mod reflection;
