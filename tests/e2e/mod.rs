@@ -6,6 +6,7 @@ mod cli;
 mod configured;
 mod contracts;
 mod crash;
+mod crash_wrapped;
 mod crypto;
 mod drain;
 mod envelope;
