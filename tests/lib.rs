@@ -360,7 +360,9 @@ pub fn token_object_labels(
     if let Some(conf) = softhsm_conf {
         command.env("SOFTHSM2_CONF", conf);
     }
-    let output = command.output().expect("run pkcs11-tool (apt-get install opensc)");
+    let output = command
+        .output()
+        .expect("run pkcs11-tool (apt-get install opensc)");
     assert!(
         output.status.success(),
         "pkcs11-tool failed: {}",

@@ -47,11 +47,7 @@ async fn client(channel: Channel, round: u64, client: usize) -> Acknowledged {
                 .await
             {
                 Ok(reply) => {
-                    let id = reply
-                        .into_inner()
-                        .key_metadata
-                        .expect("metadata")
-                        .key_id;
+                    let id = reply.into_inner().key_metadata.expect("metadata").key_id;
                     acked.versions.insert(id.clone(), 1);
                     key = Some(id);
                     continue;
@@ -97,11 +93,9 @@ async fn client(channel: Channel, round: u64, client: usize) -> Acknowledged {
 /// Checks, with the server stopped, that the catalogue holds no pending
 /// version and the token holds the root only.
 fn check_stopped(data: &std::path::Path, round: u64) {
-    let storage = kms_storage::Storage::open(
-        &data.join("db"),
-        &kms_storage::StorageOptions::default(),
-    )
-    .expect("open the catalogue");
+    let storage =
+        kms_storage::Storage::open(&data.join("db"), &kms_storage::StorageOptions::default())
+            .expect("open the catalogue");
     let pending = storage
         .catalogue()
         .list_pending_versions()
@@ -161,7 +155,9 @@ async fn check_running(server: &DevServerProcess, acked: &Acknowledged, round: u
             })
             .await
             .unwrap_or_else(|e| {
-                panic!("round {round}: an acknowledged ciphertext of {key} no longer decrypts: {e:?}")
+                panic!(
+                    "round {round}: an acknowledged ciphertext of {key} no longer decrypts: {e:?}"
+                )
             })
             .into_inner();
         assert_eq!(&opened.plaintext, plaintext, "round {round}");

@@ -56,7 +56,9 @@ fn fixture_copy(temp: &Path) -> PathBuf {
         })
         .collect();
     assert!(
-        rewritten.iter().any(|l| l.contains(&*tokens.to_string_lossy())),
+        rewritten
+            .iter()
+            .any(|l| l.contains(&*tokens.to_string_lossy())),
         "softhsm2.conf names no token directory: {text}"
     );
     std::fs::write(&conf, rewritten.join("\n") + "\n").expect("write softhsm2.conf");
@@ -102,7 +104,10 @@ fn decrypt_all(endpoint: &str, manifest: &serde_json::Value) -> usize {
                 decrypted += 1;
             }
             "disabled" => {
-                assert!(!ok, "a ciphertext under a disabled version decrypted: {entry}");
+                assert!(
+                    !ok,
+                    "a ciphertext under a disabled version decrypted: {entry}"
+                );
                 assert!(stderr.contains("FAILED_PRECONDITION"), "{entry}: {stderr}");
             }
             other => panic!("unknown expectation {other}"),
@@ -172,7 +177,11 @@ fn a_database_and_token_from_before_wrapped_versions_open_and_decrypt() {
             (3, token.clone(), 0)
         ]
     );
-    let described = json(&cli_ok(&ep, &["--json", "key", "describe", "alias/fixture-a"], b""));
+    let described = json(&cli_ok(
+        &ep,
+        &["--json", "key", "describe", "alias/fixture-a"],
+        b"",
+    ));
     assert_eq!(described["key_id"], key_a.as_str());
     assert_eq!(primary_held_as(&ep, &key_a), (token.clone(), 0));
     assert_eq!(primary_held_as(&ep, &key_b), (token.clone(), 0));
@@ -196,7 +205,11 @@ fn a_database_and_token_from_before_wrapped_versions_open_and_decrypt() {
             .any(|l| l.starts_with("Primary held as") && l.ends_with("wrapped (root 1)")),
         "{text}"
     );
-    let new = cli_ok(&ep, &["encrypt", "--key", "alias/fixture-a"], b"under the wrapped v4");
+    let new = cli_ok(
+        &ep,
+        &["encrypt", "--key", "alias/fixture-a"],
+        b"under the wrapped v4",
+    );
     assert_eq!(cli_ok(&ep, &["decrypt"], &new), b"under the wrapped v4");
     assert_eq!(decrypt_all(&ep, &manifest), 4);
     server.terminate();

@@ -67,7 +67,10 @@ async fn a_deployment_whose_first_start_has_a_root_wraps_its_checkpoint_key() {
     assert!(before.checkpoints_verified >= 2, "{before:?}");
     let (plaintext, blob) = &made[0];
     assert_eq!(
-        &decrypt(&server, blob, &[]).await.expect("decrypt").plaintext,
+        &decrypt(&server, blob, &[])
+            .await
+            .expect("decrypt")
+            .plaintext,
         plaintext
     );
     let online = server
@@ -97,7 +100,10 @@ async fn a_token_object_checkpoint_key_is_kept_when_a_root_appears() {
     assert!(!server.service().checkpoint_key_is_wrapped());
     load(&server, &key, 55).await;
     let after = verify_offline(&server);
-    assert!(after.checkpoints_verified > before.checkpoints_verified, "{before:?} {after:?}");
+    assert!(
+        after.checkpoints_verified > before.checkpoints_verified,
+        "{before:?} {after:?}"
+    );
     server.stop().await;
     assert!(
         kms_storage::testing::read_service_key(&env.db_dir(), META_CHECKPOINT_KEY)
@@ -109,7 +115,11 @@ async fn a_token_object_checkpoint_key_is_kept_when_a_root_appears() {
     // kept checkpoint key and the root.
     assert_eq!(
         token_labels(&env),
-        vec![format!("{key}/v1"), "kms-audit-hmac/v1".into(), "kms-root/1".into()]
+        vec![
+            format!("{key}/v1"),
+            "kms-audit-hmac/v1".into(),
+            "kms-root/1".into()
+        ]
     );
     let server = env.start().await;
     verify_offline(&server);

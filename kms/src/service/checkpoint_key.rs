@@ -221,13 +221,12 @@ impl WrappedCheckpointKey {
         stored: WrappedServiceKey,
     ) -> Result<WrappedCheckpointKey, OpenError> {
         let blob = service_key_blob(CHECKPOINT_KEY_RECORD, stored)?;
-        let held = unwrap_on_new_holder(hsm, &blob, variant).map_err(|source| {
-            OpenError::ServiceKey {
+        let held =
+            unwrap_on_new_holder(hsm, &blob, variant).map_err(|source| OpenError::ServiceKey {
                 record: CHECKPOINT_KEY_RECORD,
                 what: "its blob does not unwrap",
                 source: Some(source),
-            }
-        })?;
+            })?;
         Ok(WrappedCheckpointKey {
             hsm: Arc::clone(hsm),
             variant,

@@ -177,9 +177,7 @@ impl KmsService {
                 .map_err(OpenError::Storage)?,
         );
         let (wrapped, roots) = open_wrapped(&hsm, &storage, config)?;
-        let checkpoint_key = Arc::new(checkpoint_key::CheckpointKey::open(
-            &hsm, &storage, roots,
-        )?);
+        let checkpoint_key = Arc::new(checkpoint_key::CheckpointKey::open(&hsm, &storage, roots)?);
         let mac_hsm = Arc::clone(&hsm);
         let mac_key = Arc::clone(&checkpoint_key);
         let mac: kms_storage::MacFn = Box::new(move |message: &[u8]| {

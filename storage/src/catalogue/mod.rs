@@ -26,8 +26,8 @@ use crate::gcm_counter::GcmCounters;
 use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState, WrappedServiceKey};
 use crate::record_cache::{Generation, RecordCache};
 use crate::schema::{
-    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_CHECKPOINT_KEY, META_INTEGRITY_KEY, decode_record,
-    encode_record,
+    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_CHECKPOINT_KEY, META_INTEGRITY_KEY,
+    decode_record, encode_record,
 };
 
 mod aliases;
