@@ -640,6 +640,7 @@ mod tests {
              State            ENABLED\n\
              Key spec         AES_256_GCM\n\
              Primary version  2\n\
+             Primary held as  wrapped (root 3)\n\
              Rotation period  90 days\n\
              Next rotation    2026-04-01T00:00:00Z\n\
              Deletion time    -\n\

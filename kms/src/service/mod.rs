@@ -54,7 +54,8 @@ pub use operation::Operation;
 /// What the health probe found (see [`KmsService::readiness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readiness {
-    /// The HSM answered a token search and holds the audit MAC key.
+    /// The HSM answered a token search and holds the audit MAC key (the
+    /// active root key when the checkpoint key is wrapped).
     pub hsm_available: bool,
     /// The audit log accepts records (it is not poisoned).
     pub audit_writable: bool,
