@@ -337,3 +337,59 @@ pub fn run_cli(endpoint: &str, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, S
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The labels of every secret-key token object of the SoftHSM2 token
+/// `label`, as another process sees them: `pkcs11-tool` (OpenSC) logs in on
+/// a PKCS#11 session of its own, so the session objects of any kms process
+/// are invisible to it and only what is stored in the token counts.
+/// `softhsm_conf` is the SoftHSM2 configuration to use (`None`: this
+/// process's `SOFTHSM2_CONF`). Sorted.
+pub fn token_object_labels(
+    softhsm_conf: Option<&Path>,
+    module: &Path,
+    label: &str,
+    pin_file: &Path,
+) -> Vec<String> {
+    let pin = std::fs::read_to_string(pin_file).expect("read PIN file");
+    let mut command = std::process::Command::new("pkcs11-tool");
+    command
+        .arg("--module")
+        .arg(module)
+        .args(["--token-label", label, "--login", "--pin", pin.trim()])
+        .args(["--list-objects", "--type", "secrkey"]);
+    if let Some(conf) = softhsm_conf {
+        command.env("SOFTHSM2_CONF", conf);
+    }
+    let output = command
+        .output()
+        .expect("run pkcs11-tool (apt-get install opensc)");
+    assert!(
+        output.status.success(),
+        "pkcs11-tool failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let objects = stdout
+        .lines()
+        .filter(|line| line.starts_with("Secret Key Object"))
+        .count();
+    let mut labels: Vec<String> = stdout
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("label:"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert_eq!(labels.len(), objects, "every object has a label: {stdout}");
+    labels.sort();
+    labels
+}
+
+/// `token_object_labels` of the dev-mode token under `data_dir`
+/// (`kms serve --dev --data-dir`).
+pub fn dev_token_object_labels(data_dir: &Path) -> Vec<String> {
+    token_object_labels(
+        Some(&data_dir.join("softhsm").join("softhsm2.conf")),
+        &kms_hsm::softhsm2_module_path(),
+        kms::dev::DEV_TOKEN_LABEL,
+        &data_dir.join("softhsm").join("user.pin"),
+    )
+}

@@ -500,6 +500,10 @@ fn key_pairs(m: &pb::KeyMetadata) -> Vec<(&'static str, String)> {
         ("Key spec", output::key_spec_name(m.key_spec)),
         ("Primary version", m.primary_version.to_string()),
         (
+            "Primary held as",
+            held_as_cell(m.primary_protection, m.primary_root_epoch),
+        ),
+        (
             "Rotation period",
             output::duration_cell(m.rotation_period.as_ref()),
         ),
@@ -531,10 +535,25 @@ fn version_pairs(v: &pb::KeyVersion) -> Vec<(&'static str, String)> {
 /// How the version's KEK is held: `token object`, `wrapped (root N)`, or
 /// `-` from a server that does not say.
 fn held_as(v: &pb::KeyVersion) -> String {
-    match pb::KeyVersionProtection::try_from(v.protection) {
+    held_as_cell(v.protection, v.root_epoch)
+}
+
+/// `held_as` from a protection value and root epoch (also a key's primary
+/// version in `key describe`).
+fn held_as_cell(protection: i32, root_epoch: u32) -> String {
+    match pb::KeyVersionProtection::try_from(protection) {
         Ok(pb::KeyVersionProtection::TokenObject) => "token object".to_owned(),
-        Ok(pb::KeyVersionProtection::Wrapped) => format!("wrapped (root {})", v.root_epoch),
+        Ok(pb::KeyVersionProtection::Wrapped) => format!("wrapped (root {root_epoch})"),
         _ => "-".to_owned(),
+    }
+}
+
+/// The JSON name of a protection value (`held_as` fields).
+fn held_as_json(protection: i32) -> &'static str {
+    match pb::KeyVersionProtection::try_from(protection) {
+        Ok(pb::KeyVersionProtection::TokenObject) => "TOKEN_OBJECT",
+        Ok(pb::KeyVersionProtection::Wrapped) => "WRAPPED",
+        _ => "UNSPECIFIED",
     }
 }
 
@@ -555,6 +574,8 @@ fn key_json(m: &pb::KeyMetadata) -> Value {
         "deletion_time": output::time_json(m.deletion_time.as_ref()),
         "create_time": output::time_json(m.create_time.as_ref()),
         "update_time": output::time_json(m.update_time.as_ref()),
+        "primary_held_as": held_as_json(m.primary_protection),
+        "primary_root_epoch": m.primary_root_epoch,
     })
 }
 
@@ -568,11 +589,7 @@ fn version_json(v: &pb::KeyVersion) -> Value {
         "update_time": output::time_json(v.update_time.as_ref()),
         "destroy_time": output::time_json(v.destroy_time.as_ref()),
         "gcm_invocations": v.gcm_invocations,
-        "held_as": match pb::KeyVersionProtection::try_from(v.protection) {
-            Ok(pb::KeyVersionProtection::TokenObject) => "TOKEN_OBJECT",
-            Ok(pb::KeyVersionProtection::Wrapped) => "WRAPPED",
-            _ => "UNSPECIFIED",
-        },
+        "held_as": held_as_json(v.protection),
         "root_epoch": v.root_epoch,
     })
 }
@@ -607,6 +624,8 @@ mod tests {
             deletion_time: None,
             create_time: ts(1_767_225_600),
             update_time: ts(1_767_225_601),
+            primary_protection: pb::KeyVersionProtection::Wrapped as i32,
+            primary_root_epoch: 3,
         }
     }
 
@@ -621,6 +640,7 @@ mod tests {
              State            ENABLED\n\
              Key spec         AES_256_GCM\n\
              Primary version  2\n\
+             Primary held as  wrapped (root 3)\n\
              Rotation period  90 days\n\
              Next rotation    2026-04-01T00:00:00Z\n\
              Deletion time    -\n\
@@ -669,6 +689,31 @@ mod tests {
         assert_eq!(value["deletion_time"], Value::Null);
         assert_eq!(value["tags"]["env"], "prod");
         assert_eq!(value["aliases"][1], "alias/b");
+        assert_eq!(value["primary_held_as"], "WRAPPED");
+        assert_eq!(value["primary_root_epoch"], 3);
+        let unspecified = key_json(&pb::KeyMetadata {
+            primary_protection: 0,
+            primary_root_epoch: 0,
+            ..sample_key()
+        });
+        assert_eq!(unspecified["primary_held_as"], "UNSPECIFIED");
+    }
+
+    #[test]
+    fn key_describe_shows_how_the_primary_version_is_held() {
+        let held = |m: &pb::KeyMetadata| {
+            key_pairs(m)
+                .into_iter()
+                .find(|(name, _)| *name == "Primary held as")
+                .map(|(_, value)| value)
+        };
+        assert_eq!(held(&sample_key()).as_deref(), Some("wrapped (root 3)"));
+        let token = pb::KeyMetadata {
+            primary_protection: pb::KeyVersionProtection::TokenObject as i32,
+            primary_root_epoch: 0,
+            ..sample_key()
+        };
+        assert_eq!(held(&token).as_deref(), Some("token object"));
     }
 
     #[test]

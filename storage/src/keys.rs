@@ -423,7 +423,7 @@ impl fmt::Debug for KekHandle {
 }
 
 /// A service key held wrapped under a root (not a customer key version):
-/// today the catalogue-integrity HMAC key whose MACs authenticate
+/// the catalogue-integrity HMAC key whose MACs authenticate
 /// `KekHandle::Wrapped` records (design note `hierarchy-and-cluster.md`
 /// §1.5.2). Stored as a metadata record (`schema::META_INTEGRITY_KEY`);
 /// JSON with the blob in lowercase hex, pinned by a golden vector. `Debug`

@@ -7,6 +7,7 @@
 //! |-------------------|--------------------------------------|-----------------------------------------|
 //! | `default`         | `b"format_version"`                  | u32 big-endian                          |
 //! | `default`         | `b"integrity_key"`                   | wrapped integrity HMAC key (version byte + JSON) |
+//! | `default`         | `b"audit_checkpoint_key"`            | wrapped audit checkpoint HMAC key (version byte + JSON) |
 //! | `keys`            | key id (ASCII, 36 bytes)             | key record (version byte + JSON)        |
 //! | `versions`        | key id ‖ u32 BE version               | version record (version byte + JSON)    |
 //! | `pending`         | key id ‖ u32 BE version               | empty: index of pending versions        |
@@ -75,6 +76,13 @@ pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 /// service first runs with wrapped key versions; older builds ignore it, so
 /// it needs no format version bump.
 pub const META_INTEGRITY_KEY: &[u8] = b"integrity_key";
+
+/// Key of the wrapped audit checkpoint HMAC key in the default column
+/// family (`WrappedServiceKey`, version byte + JSON). Written only by a
+/// deployment whose first start had a root key; a deployment whose
+/// checkpoint key is the token object `kms-audit-hmac/v1` never gets one.
+/// Older builds ignore it, so it needs no format version bump.
+pub const META_CHECKPOINT_KEY: &[u8] = b"audit_checkpoint_key";
 
 /// First byte of every catalogue record value (followed by JSON).
 pub(crate) const CATALOGUE_RECORD_V1: u8 = 1;

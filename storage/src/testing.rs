@@ -65,3 +65,51 @@ pub fn tamper_with_version_kek(
     db.flush().map_err(db_error)?;
     Ok(true)
 }
+
+/// Rewrites the wrapped service-key meta record `name` (e.g.
+/// `schema::META_INTEGRITY_KEY`, `schema::META_CHECKPOINT_KEY`) in the
+/// (closed) database at `dir` with `tamper`: `Some` replaces the record,
+/// `None` deletes it. Returns false if the record does not exist.
+pub fn tamper_with_service_key(
+    dir: &Path,
+    name: &[u8],
+    tamper: impl FnOnce(crate::WrappedServiceKey) -> Option<crate::WrappedServiceKey>,
+) -> Result<bool, StorageError> {
+    use crate::schema::{CF_DEFAULT, decode_record, encode_record};
+    let db_error = |e| StorageError::Db {
+        op: "testing::tamper_with_service_key",
+        source: DbError::new(e),
+    };
+    let opts = rocksdb::Options::default();
+    let cfs = rocksdb::DB::list_cf(&opts, dir).map_err(db_error)?;
+    let db = rocksdb::DB::open_cf(&opts, dir, cfs).map_err(db_error)?;
+    let cf = db
+        .cf_handle(CF_DEFAULT)
+        .ok_or(StorageError::MissingColumnFamily { name: CF_DEFAULT })?;
+    let Some(value) = db.get_cf(cf, name).map_err(db_error)? else {
+        return Ok(false);
+    };
+    let record: crate::WrappedServiceKey = decode_record(CF_DEFAULT, name, &value)?;
+    match tamper(record) {
+        Some(record) => db
+            .put_cf(cf, name, encode_record("service key", &record)?)
+            .map_err(db_error)?,
+        None => db.delete_cf(cf, name).map_err(db_error)?,
+    }
+    db.flush().map_err(db_error)?;
+    Ok(true)
+}
+
+/// The wrapped service-key meta record `name` of the (closed) database at
+/// `dir`, if present.
+pub fn read_service_key(
+    dir: &Path,
+    name: &[u8],
+) -> Result<Option<crate::WrappedServiceKey>, StorageError> {
+    let mut found = None;
+    tamper_with_service_key(dir, name, |record| {
+        found = Some(record.clone());
+        Some(record)
+    })?;
+    Ok(found)
+}

@@ -662,3 +662,48 @@ fn cached_records_never_outlive_a_committed_write() {
     c.add_gcm_invocations(&id, 1, 5).unwrap();
     assert_eq!(c.get_version(&id, 1).unwrap().unwrap().gcm_invocations, 5);
 }
+
+/// The two wrapped service keys (issue 14) are separate meta records: the
+/// first stored of each wins, and storing one never touches the other.
+#[test]
+fn service_key_records_are_separate_and_the_first_writer_wins() {
+    use kms_storage::WrappedServiceKey;
+    let dir = tempfile::tempdir().unwrap();
+    let record = |epoch: u32, fill: u8| WrappedServiceKey {
+        root_epoch: epoch,
+        mechanism: 0x2109,
+        blob: vec![fill; 40],
+    };
+    {
+        let s = Storage::open(dir.path(), &StorageOptions::default()).unwrap();
+        let c = s.catalogue();
+        assert_eq!(c.checkpoint_key().unwrap(), None);
+        assert_eq!(
+            c.init_checkpoint_key(record(1, 0xc1)).unwrap(),
+            record(1, 0xc1)
+        );
+        assert_eq!(c.integrity_key().unwrap(), None);
+        assert_eq!(
+            c.init_integrity_key(record(1, 0x11)).unwrap(),
+            record(1, 0x11)
+        );
+        // A second writer gets the stored record back, unchanged.
+        assert_eq!(
+            c.init_checkpoint_key(record(2, 0xc2)).unwrap(),
+            record(1, 0xc1)
+        );
+        assert_eq!(
+            c.init_integrity_key(record(2, 0x12)).unwrap(),
+            record(1, 0x11)
+        );
+    }
+    let s = Storage::open(dir.path(), &StorageOptions::default()).unwrap();
+    assert_eq!(
+        s.catalogue().checkpoint_key().unwrap(),
+        Some(record(1, 0xc1))
+    );
+    assert_eq!(
+        s.catalogue().integrity_key().unwrap(),
+        Some(record(1, 0x11))
+    );
+}

@@ -806,3 +806,232 @@ fn measure_session_working_key_vs_token_object_encrypt_throughput() {
     );
     assert!(s > 0.0 && t > 0.0);
 }
+
+/// The attacks of design note §1.7 items 3, 7 and 11 that
+/// `attempt_leaks` does not play, and the routes around the unwrap
+/// template through other PKCS#11 functions: a PIN holder making a trusted
+/// key of its own (only the SO may set `CKA_TRUSTED`) and exporting the
+/// working key under it; exporting the root itself; using the root with
+/// any mechanism but `CKM_AES_KEY_WRAP` (`CKM_AES_KEY_WRAP_PAD` 0x210A,
+/// ECB, CBC: wrap, unwrap or encrypt); copying the working key with looser
+/// attributes (`C_CopyObject`); deriving a readable key from it
+/// (`C_DeriveKey`). Each must fail, in both variants, and leave nothing.
+#[test]
+fn a_pin_holder_cannot_leak_keys_through_trust_copy_derive_or_other_mechanisms() {
+    for variant in [T, N] {
+        let (_token, hsm) = token_with_roots(variant, &[1]);
+        let holder = hsm.key_holder().expect("holder");
+        let (wrapped, working) = holder
+            .generate_version(1, KeyPurpose::Kek, variant)
+            .expect("version");
+        let leaked = holder
+            .attack_session_for_tests(Some(&working), |session, handle| {
+                let root = root_handle(session, 1);
+                let working = handle.expect("handle");
+                let mut leaks: Vec<String> = Vec::new();
+
+                // §1.7 item 11: CKA_TRUSTED is the SO's alone.
+                let trusted_own = session.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Extractable(true),
+                        Attribute::Sensitive(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Trusted(true),
+                    ],
+                );
+                if let Ok(h) = trusted_own {
+                    leaks.push("a PIN holder generated a CKA_TRUSTED key".into());
+                    if session.wrap_key(&Mechanism::AesKeyWrap, h, working).is_ok() {
+                        leaks.push("working key wrapped under the PIN holder's trusted key".into());
+                    }
+                    let _ = session.destroy_object(h);
+                }
+                // SoftHSM2 2.6.1 leaves the half-made object of the refused
+                // C_GenerateKey behind (as a session object of the caller):
+                // it must not be trusted nor able to take the working key.
+                let session_objects = session
+                    .find_objects(&[Attribute::Token(false)])
+                    .expect("find session objects");
+                for h in session_objects.into_iter().filter(|&h| h != working) {
+                    let trusted = session
+                        .get_attributes(h, &[AttributeType::Trusted])
+                        .ok()
+                        .into_iter()
+                        .flatten()
+                        .any(|a| matches!(a, Attribute::Trusted(true)));
+                    if trusted {
+                        leaks.push("a refused C_GenerateKey left a CKA_TRUSTED key".into());
+                    }
+                    if session.wrap_key(&Mechanism::AesKeyWrap, h, working).is_ok() {
+                        leaks.push("working key wrapped under a left-over object".into());
+                    }
+                    let _ = session.destroy_object(h);
+                }
+                let own = attacker_wrapping_key(session);
+                if session
+                    .update_attributes(own, &[Attribute::Trusted(true)])
+                    .is_ok()
+                {
+                    leaks.push("a PIN holder set CKA_TRUSTED on its own key".into());
+                }
+                if session
+                    .wrap_key(&Mechanism::AesKeyWrap, own, working)
+                    .is_ok()
+                {
+                    leaks.push("working key wrapped under an ordinary key".into());
+                }
+
+                // The root never leaves, under any key.
+                for (what, wrapping) in [("the PIN holder's key", own), ("itself", root)] {
+                    for mechanism in [Mechanism::AesKeyWrap, Mechanism::AesKeyWrapPad] {
+                        if session.wrap_key(&mechanism, wrapping, root).is_ok() {
+                            leaks.push(format!("root wrapped under {what} with {mechanism:?}"));
+                        }
+                    }
+                }
+
+                // §1.7 items 3 and 7: the root works with CKM_AES_KEY_WRAP only.
+                let mut legit = vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                ];
+                legit.push(match variant {
+                    RootVariant::Trusted => Attribute::WrapWithTrusted(true),
+                    _ => Attribute::Extractable(false),
+                });
+                legit.extend([
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Derive(false),
+                ]);
+                for mechanism in [
+                    Mechanism::AesKeyWrapPad,
+                    Mechanism::AesEcb,
+                    Mechanism::AesCbc([0; 16]),
+                ] {
+                    if session.wrap_key(&mechanism, root, working).is_ok() {
+                        leaks.push(format!(
+                            "working key wrapped under the root with {mechanism:?}"
+                        ));
+                    }
+                    if let Ok(h) = session.unwrap_key(&mechanism, root, &wrapped.blob, &legit) {
+                        leaks.push(format!("blob unwrapped under the root with {mechanism:?}"));
+                        let _ = session.destroy_object(h);
+                    }
+                    if session.encrypt(&mechanism, root, &[0u8; 32]).is_ok() {
+                        leaks.push(format!("C_Encrypt with the root and {mechanism:?}"));
+                    }
+                }
+
+                // C_CopyObject with looser attributes (CKA_COPYABLE=false).
+                for loosen in [
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::WrapWithTrusted(false),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                ] {
+                    if let Ok(h) = session.copy_object(working, std::slice::from_ref(&loosen)) {
+                        leaks.push(format!("working key copied with {loosen:?}"));
+                        if value_of(session, h).is_some() {
+                            leaks.push("the copy's CKA_VALUE is readable".into());
+                        }
+                        let _ = session.destroy_object(h);
+                    }
+                }
+
+                // C_DeriveKey from the working key (CKA_DERIVE=false) into a
+                // readable key.
+                let readable = [
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                ];
+                let data = [0u8; 32];
+                for mechanism in [
+                    Mechanism::ConcatenateBaseAndKey(own),
+                    Mechanism::AesCbcEncryptData(
+                        cryptoki::mechanism::ekdf::AesCbcDeriveParams::new([0; 16], &data),
+                    ),
+                ] {
+                    if let Ok(h) = session.derive_key(&mechanism, working, &readable) {
+                        leaks.push(format!(
+                            "a key derived from the working key with {mechanism:?}"
+                        ));
+                        if value_of(session, h).is_some() {
+                            leaks.push("the derived key's CKA_VALUE is readable".into());
+                        }
+                        let _ = session.destroy_object(h);
+                    }
+                }
+                let _ = session.destroy_object(own);
+                leaks
+            })
+            .expect("attack session");
+        assert!(leaked.is_empty(), "{variant:?}: {leaked:?}");
+        holder.destroy(working).expect("destroy");
+        assert_eq!(holder.session_object_count().expect("count"), 0);
+    }
+}
+
+/// The control for the derive and copy attacks above: on a key of the PIN
+/// holder's own that allows derivation, the same `C_DeriveKey` does give a
+/// readable key on this SoftHSM2, so the attack is real and the working
+/// key's `CKA_DERIVE=false` is what stops it.
+#[test]
+fn the_derive_attack_works_on_a_key_that_allows_it() {
+    let (_token, hsm) = token_with_roots(T, &[1]);
+    let holder = hsm.key_holder().expect("holder");
+    let read = holder
+        .attack_session_for_tests(None, |session, _| {
+            let base = session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Derive(true),
+                    ],
+                )
+                .expect("base key");
+            let data = [0u8; 32];
+            let derived = session
+                .derive_key(
+                    &Mechanism::AesCbcEncryptData(
+                        cryptoki::mechanism::ekdf::AesCbcDeriveParams::new([0; 16], &data),
+                    ),
+                    base,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::GENERIC_SECRET),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                    ],
+                )
+                .expect("derive from a key with CKA_DERIVE=true");
+            let value = value_of(session, derived);
+            let _ = session.destroy_object(derived);
+            let _ = session.destroy_object(base);
+            value
+        })
+        .expect("attack session");
+    assert_eq!(read.map(|v| v.len()), Some(32));
+}

@@ -83,6 +83,10 @@ pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
         }),
         _ => None,
     };
+    let (primary_protection, primary_root_epoch) = match &view.primary_kek {
+        Some(kek) => protection(kek),
+        None => (pb::KeyVersionProtection::Unspecified, 0),
+    };
     pb::KeyMetadata {
         key_id: record.id.to_string(),
         aliases: view.aliases.iter().map(|a| a.to_string()).collect(),
@@ -100,6 +104,18 @@ pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
         deletion_time,
         create_time: Some(timestamp_ms(record.created_at_ms)),
         update_time: Some(timestamp_ms(record.updated_at_ms)),
+        primary_protection: primary_protection as i32,
+        primary_root_epoch,
+    }
+}
+
+/// How a version's KEK is held, as `KeyVersion.protection`/`root_epoch`
+/// and `KeyMetadata.primary_protection`/`primary_root_epoch` report it.
+fn protection(kek: &KekHandle) -> (pb::KeyVersionProtection, u32) {
+    match kek {
+        KekHandle::HsmObject { .. } => (pb::KeyVersionProtection::TokenObject, 0),
+        KekHandle::Wrapped { root_epoch, .. } => (pb::KeyVersionProtection::Wrapped, *root_epoch),
+        _ => (pb::KeyVersionProtection::Unspecified, 0),
     }
 }
 
@@ -118,11 +134,7 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
         ),
         _ => (pb::KeyVersionState::Unspecified, None),
     };
-    let (protection, root_epoch) = match &version.kek {
-        KekHandle::HsmObject { .. } => (pb::KeyVersionProtection::TokenObject, 0),
-        KekHandle::Wrapped { root_epoch, .. } => (pb::KeyVersionProtection::Wrapped, *root_epoch),
-        _ => (pb::KeyVersionProtection::Unspecified, 0),
-    };
+    let (protection, root_epoch) = protection(&version.kek);
     pb::KeyVersion {
         key_id: version.key_id.to_string(),
         version: version.version,

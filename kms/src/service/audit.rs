@@ -9,7 +9,7 @@ use kms_storage::{
 
 use super::operation::Operation;
 use super::page_token::{self, Listing};
-use super::{KmsService, RequestMeta, audit_mac_key};
+use super::{KmsService, RequestMeta};
 use crate::error::{KmsError, Result};
 
 /// Filters and position of one ListAuditEvents page.
@@ -254,9 +254,9 @@ impl KmsService {
             max_records_between_checkpoints: None,
         };
         let hsm = &self.hsm;
-        let key = audit_mac_key();
+        let key = &self.checkpoint_key;
         let verifier = |message: &[u8], mac: &[u8]| {
-            hsm.hmac_verify(&key, message, mac)
+            key.verify(hsm, message, mac)
                 .map_err(|e| Box::new(e) as kms_storage::CallbackError)
         };
         self.storage

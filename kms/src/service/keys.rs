@@ -97,6 +97,9 @@ pub struct RotationPolicyInput {
 pub struct KeyView {
     pub record: KeyRecord,
     pub aliases: Vec<Alias>,
+    /// How the primary version's KEK is held (token object or wrapped
+    /// blob), for `KeyMetadata`; `None` when the key has no primary version.
+    pub primary_kek: Option<kms_storage::KekHandle>,
 }
 
 fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
@@ -252,7 +255,15 @@ impl KmsService {
             .into_iter()
             .map(|entry: AliasEntry| entry.alias)
             .collect();
-        Ok(KeyView { record, aliases })
+        let primary_kek = match record.primary_version {
+            Some(version) => catalogue.get_version(id, version)?.map(|v| v.kek),
+            None => None,
+        };
+        Ok(KeyView {
+            record,
+            aliases,
+            primary_kek,
+        })
     }
 
     pub fn describe_key(&self, meta: &RequestMeta, key: &str) -> Result<KeyView> {

@@ -14,6 +14,7 @@ mod aliases;
 mod audit;
 mod authz;
 mod batch;
+pub(crate) mod checkpoint_key;
 mod crypto;
 mod keys;
 mod lookup;
@@ -26,7 +27,7 @@ pub(crate) mod working_keys;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use kms_hsm::{Hsm, KeyPurpose, ObjectId, WrapMechanism, WrappedKey};
+use kms_hsm::{Hsm, KeyPurpose};
 use kms_storage::{
     AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions,
     WrappedServiceKey,
@@ -53,7 +54,8 @@ pub use operation::Operation;
 /// What the health probe found (see [`KmsService::readiness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readiness {
-    /// The HSM answered a token search and holds the audit MAC key.
+    /// The HSM answered a token search and holds the audit MAC key (the
+    /// active root key when the checkpoint key is wrapped).
     pub hsm_available: bool,
     /// The audit log accepts records (it is not poisoned).
     pub audit_writable: bool,
@@ -147,6 +149,8 @@ pub struct KmsService {
     /// Wrapped key versions (issue 14): `None` when the token has no root
     /// key (every version is a token object).
     wrapped: Option<Wrapped>,
+    /// The key that MACs audit checkpoints (token object or wrapped).
+    checkpoint_key: Arc<checkpoint_key::CheckpointKey>,
 }
 
 /// What the service needs for wrapped key versions.
@@ -173,18 +177,13 @@ impl KmsService {
             Storage::open(&config.data_dir, &StorageOptions::default())
                 .map_err(OpenError::Storage)?,
         );
-        let mac_key = audit_mac_key();
-        if !hsm.key_exists(&mac_key).map_err(OpenError::Hsm)? {
-            // The first start of a fresh deployment. (An existing database
-            // whose MAC key vanished will fail verification, as it should.)
-            hsm.generate_key(KeyPurpose::Hmac, &mac_key)
-                .map_err(OpenError::Hsm)?;
-            tracing::info!("created the audit checkpoint HMAC key in the HSM");
-        }
+        let (wrapped, roots) = open_wrapped(&hsm, &storage, config)?;
+        let checkpoint_key = Arc::new(checkpoint_key::CheckpointKey::open(&hsm, &storage, roots)?);
         let mac_hsm = Arc::clone(&hsm);
+        let mac_key = Arc::clone(&checkpoint_key);
         let mac: kms_storage::MacFn = Box::new(move |message: &[u8]| {
-            mac_hsm
-                .hmac_sign(&audit_mac_key(), message)
+            mac_key
+                .sign(&mac_hsm, message)
                 .map(|mac| mac.to_vec())
                 .map_err(|e| Box::new(e) as kms_storage::CallbackError)
         });
@@ -197,7 +196,6 @@ impl KmsService {
         let audit_log = storage
             .open_audit_log(audit_config, mac)
             .map_err(OpenError::Storage)?;
-        let wrapped = open_wrapped(&hsm, &storage, config)?;
         let service = KmsService {
             hsm,
             storage,
@@ -211,6 +209,7 @@ impl KmsService {
             }),
             key_locks: keys::KeyLocks::default(),
             wrapped,
+            checkpoint_key,
         };
         service
             .reconcile_pending_versions()
@@ -228,6 +227,13 @@ impl KmsService {
         &self.hsm
     }
 
+    /// Whether the audit checkpoint HMAC key is wrapped under a root (the
+    /// `audit_checkpoint_key` meta record) rather than the token object
+    /// `kms-audit-hmac/v1` (see `checkpoint_key`'s module docs).
+    pub fn checkpoint_key_is_wrapped(&self) -> bool {
+        self.checkpoint_key.is_wrapped()
+    }
+
     /// Group-commit totals of the audit log, for metrics.
     pub fn audit_stats(&self) -> kms_storage::AuditStats {
         self.audit_log.stats()
@@ -239,13 +245,20 @@ impl KmsService {
 
     /// Probes the dependencies every request needs (blocking: one HSM
     /// round trip). The HSM counts as available when a token search finds
-    /// the audit MAC key: a search reads the token's storage, which a
+    /// the audit MAC key if it is a token object, else the active root key
+    /// (the wrapped checkpoint key is a session object): a search reads the token's storage, which a
     /// cached-handle operation would not, and goes through the HSM layer's
     /// recovery (so probing while it is down also brings it back once the
     /// token returns). The audit log is writable until a failed write has
     /// poisoned it (only a restart clears that).
     pub fn readiness(&self) -> Readiness {
-        let hsm_available = match self.hsm.key_exists(&audit_mac_key()) {
+        let probe = match (&*self.checkpoint_key, &self.wrapped) {
+            (checkpoint_key::CheckpointKey::Token(id), _) => id.clone(),
+            (_, Some(wrapped)) => kms_hsm::root_id(wrapped.epoch),
+            // A wrapped checkpoint key without a root does not start.
+            (_, None) => checkpoint_key::token_key_id(),
+        };
+        let hsm_available = match self.hsm.key_exists(&probe) {
             Ok(found) => found && !self.hsm.is_down(),
             Err(e) => {
                 tracing::debug!(error = %e, "health probe: HSM unavailable");
@@ -391,11 +404,6 @@ impl KmsService {
     }
 }
 
-fn audit_mac_key() -> ObjectId {
-    // A non-empty constant of 17 bytes: always a valid id.
-    ObjectId::new(AUDIT_MAC_KEY_ID.to_vec()).unwrap_or_else(|_| unreachable!("valid constant id"))
-}
-
 pub(crate) fn now_ms() -> u64 {
     let elapsed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -419,12 +427,14 @@ fn truncate(text: &str, max: usize) -> String {
 /// configuration demands them). Otherwise verifies the active (highest)
 /// root by behaviour, loads the catalogue-integrity HMAC key's blob from the
 /// catalogue (generating and storing it, wrapped under the active root, on
-/// first run) and builds the working-key cache.
+/// first run), unwraps it once so that a broken blob refuses start naming
+/// its record (not the first wrapped request), and builds the working-key
+/// cache. Also returns what the checkpoint key needs to know of the roots.
 fn open_wrapped(
     hsm: &Arc<Hsm>,
     storage: &Storage,
     config: &Config,
-) -> Result<Option<Wrapped>, OpenError> {
+) -> Result<(Option<Wrapped>, Option<checkpoint_key::RootState>), OpenError> {
     let holder = hsm.key_holder().map_err(OpenError::Hsm)?;
     let epochs = holder.root_epochs().map_err(OpenError::Hsm)?;
     let Some(&epoch) = epochs.last() else {
@@ -432,7 +442,7 @@ fn open_wrapped(
             return Err(OpenError::NoRoot);
         }
         tracing::info!("no root key on the token: new key versions are token objects");
-        return Ok(None);
+        return Ok((None, None));
     };
     let variant = holder
         .verify_root(epoch, None)
@@ -457,15 +467,17 @@ fn open_wrapped(
             stored
         }
     };
+    let integrity = checkpoint_key::service_key_blob(INTEGRITY_KEY_RECORD, stored)?;
+    // Eagerly: the cache would unwrap it only on the first wrapped request.
+    let probe = holder
+        .unwrap(&integrity, KeyPurpose::Hmac, variant)
+        .map_err(|source| OpenError::ServiceKey {
+            record: INTEGRITY_KEY_RECORD,
+            what: "its blob does not unwrap",
+            source: Some(source),
+        })?;
+    let _ = holder.destroy(probe);
     drop(holder);
-    let mechanism = WrapMechanism::from_code(stored.mechanism).ok_or(OpenError::IntegrityKey {
-        what: "unknown wrapping mechanism",
-    })?;
-    let integrity = WrappedKey {
-        root_epoch: stored.root_epoch,
-        mechanism,
-        blob: stored.blob,
-    };
     let new_versions = config.wrapped_versions != Some(false);
     tracing::info!(
         epoch,
@@ -473,17 +485,29 @@ fn open_wrapped(
         new_versions,
         "root key verified; wrapped key versions on"
     );
-    Ok(Some(Wrapped {
-        keys: working_keys::WorkingKeys::new(
-            Arc::clone(hsm),
-            variant,
-            integrity,
-            config.working_key_cache,
-        ),
+    let roots = checkpoint_key::RootState {
         epoch,
+        variant,
         new_versions,
-    }))
+    };
+    Ok((
+        Some(Wrapped {
+            keys: working_keys::WorkingKeys::new(
+                Arc::clone(hsm),
+                variant,
+                integrity,
+                config.working_key_cache,
+            ),
+            epoch,
+            new_versions,
+        }),
+        Some(roots),
+    ))
 }
+
+/// Name of the catalogue-integrity key's meta record, as start-up errors
+/// name it.
+const INTEGRITY_KEY_RECORD: &str = "integrity_key";
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -512,9 +536,16 @@ pub enum OpenError {
         #[source]
         source: kms_hsm::HsmError,
     },
-    /// The stored catalogue-integrity key record cannot be used.
-    #[error("the catalogue-integrity key record is corrupt: {what}")]
-    IntegrityKey { what: &'static str },
+    /// A wrapped service key's catalogue meta record (`integrity_key`,
+    /// `audit_checkpoint_key`) cannot be used: checked at start so that a
+    /// broken or swapped blob refuses start instead of failing at first use.
+    #[error("catalogue meta record {record} is refused: {what}")]
+    ServiceKey {
+        record: &'static str,
+        what: &'static str,
+        #[source]
+        source: Option<kms_hsm::HsmError>,
+    },
 }
 
 impl KmsService {

@@ -26,8 +26,8 @@ use crate::gcm_counter::GcmCounters;
 use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState, WrappedServiceKey};
 use crate::record_cache::{Generation, RecordCache};
 use crate::schema::{
-    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_INTEGRITY_KEY, decode_record,
-    encode_record,
+    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_CHECKPOINT_KEY, META_INTEGRITY_KEY,
+    decode_record, encode_record,
 };
 
 mod aliases;
@@ -140,10 +140,7 @@ impl Catalogue {
     /// [`StorageError::Corrupt`]/[`StorageError::CorruptJson`] for an
     /// undecodable record; [`StorageError::Db`] if RocksDB fails.
     pub fn integrity_key(&self) -> Result<Option<WrappedServiceKey>, StorageError> {
-        self.db
-            .get(CF_DEFAULT, META_INTEGRITY_KEY)?
-            .map(|bytes| decode_record(CF_DEFAULT, META_INTEGRITY_KEY, &bytes))
-            .transpose()
+        self.service_key(META_INTEGRITY_KEY)
     }
 
     /// Stores `key` as the catalogue-integrity HMAC key unless one is
@@ -158,16 +155,53 @@ impl Catalogue {
         &self,
         key: WrappedServiceKey,
     ) -> Result<WrappedServiceKey, StorageError> {
+        self.init_service_key(META_INTEGRITY_KEY, "integrity key", key)
+    }
+
+    /// The wrapped audit checkpoint HMAC key, if one was stored (meta
+    /// record `schema::META_CHECKPOINT_KEY`; absent for deployments whose
+    /// checkpoint key is a token object).
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::integrity_key`].
+    pub fn checkpoint_key(&self) -> Result<Option<WrappedServiceKey>, StorageError> {
+        self.service_key(META_CHECKPOINT_KEY)
+    }
+
+    /// Stores `key` as the audit checkpoint HMAC key unless one is stored
+    /// already, and returns the one stored (first writer wins, like
+    /// [`Catalogue::init_integrity_key`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::integrity_key`].
+    pub fn init_checkpoint_key(
+        &self,
+        key: WrappedServiceKey,
+    ) -> Result<WrappedServiceKey, StorageError> {
+        self.init_service_key(META_CHECKPOINT_KEY, "checkpoint key", key)
+    }
+
+    fn service_key(&self, name: &'static [u8]) -> Result<Option<WrappedServiceKey>, StorageError> {
+        self.db
+            .get(CF_DEFAULT, name)?
+            .map(|bytes| decode_record(CF_DEFAULT, name, &bytes))
+            .transpose()
+    }
+
+    fn init_service_key(
+        &self,
+        name: &'static [u8],
+        what: &'static str,
+        key: WrappedServiceKey,
+    ) -> Result<WrappedServiceKey, StorageError> {
         let _guard = self.lock();
-        if let Some(existing) = self.integrity_key()? {
+        if let Some(existing) = self.service_key(name)? {
             return Ok(existing);
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.db.cf(CF_DEFAULT)?,
-            META_INTEGRITY_KEY,
-            encode_record("integrity key", &key)?,
-        );
+        batch.put_cf(self.db.cf(CF_DEFAULT)?, name, encode_record(what, &key)?);
         self.commit(batch)?;
         Ok(key)
     }
@@ -301,5 +335,27 @@ mod tests {
             format!("{key:?}"),
             "WrappedServiceKey { root_epoch: 1, mechanism: 0x2109, blob: [40 bytes] }"
         );
+    }
+
+    /// Golden vector: the on-disk encoding of the audit checkpoint key
+    /// record (same encoding as the integrity key, its own meta key).
+    #[test]
+    fn checkpoint_key_record_encoding_is_pinned() {
+        let key = WrappedServiceKey {
+            root_epoch: 7,
+            mechanism: 0x2109,
+            blob: (40u8..80).collect(),
+        };
+        let bytes = encode_record("checkpoint key", &key).expect("encode");
+        let expected = concat!(
+            "\u{1}",
+            r#"{"root_epoch":7,"mechanism":8457,"#,
+            r#""blob":"28292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f"}"#
+        );
+        assert_eq!(bytes, expected.as_bytes());
+        let back: WrappedServiceKey =
+            decode_record(CF_DEFAULT, META_CHECKPOINT_KEY, &bytes).expect("decode");
+        assert_eq!(back, key);
+        assert_eq!(META_CHECKPOINT_KEY, b"audit_checkpoint_key");
     }
 }
