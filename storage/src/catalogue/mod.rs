@@ -33,9 +33,11 @@ use crate::schema::{
 mod aliases;
 mod lifecycle;
 mod reads;
+mod rewrap;
 
 pub use crate::keys::MAX_PAGE_SIZE;
 pub use aliases::AliasEntry;
+pub use rewrap::{EpochReferences, Swap, VersionCursor, VersionScan};
 
 /// The key catalogue. Obtain it with [`crate::Storage::catalogue`].
 #[derive(Debug)]
