@@ -58,6 +58,9 @@ use crate::error::{KmsError, Result};
 /// whose records are mostly done.
 pub const MAX_SCAN_PER_STEP: usize = 10_000;
 
+/// How often the idle job looks whether the active epoch changed.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
 /// Times a record is read again after a compare-and-set found it changed,
 /// within one step (it is found again by the next pass otherwise).
 const CAS_ATTEMPTS: usize = 4;
@@ -256,11 +259,23 @@ impl KmsService {
                     return step;
                 }
             };
+            let mut full = false;
             for record in page.items {
                 scanned += 1;
                 if needs_rewrap(&record, active) {
                     candidates.push(record);
+                    if candidates.len() == batch {
+                        full = true;
+                        break;
+                    }
                 }
+            }
+            if full {
+                // Resume right after the last record taken.
+                *cursor = candidates
+                    .last()
+                    .map(|r| VersionCursor::after(&r.key_id, r.version));
+                break;
             }
             *cursor = page.next;
             if cursor.is_none() {
@@ -677,7 +692,10 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
         }
         let active = service.active_root_epoch();
         if active.is_some() && active == clean_for {
-            if crate::background::wait_or_stop(stop, pace.check_interval) {
+            // Idle: wake often enough to notice a root adopted by a reload
+            // (a read of the active epoch), search the token only every
+            // `check_interval` (above).
+            if crate::background::wait_or_stop(stop, pace.check_interval.min(IDLE_TICK)) {
                 break;
             }
             continue;
@@ -699,7 +717,9 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
                 service.log_remaining();
             }
             if pass.found == 0 {
+                // Nothing to do: idle (see above) rather than pause.
                 clean_for = active;
+                wait = pace.check_interval.min(IDLE_TICK);
             } else if pass.rewrapped == 0 {
                 // Only failures left: retry at the slow pace, not in a loop.
                 wait = pace.check_interval;

@@ -16,13 +16,20 @@ use rocksdb::WriteBatch;
 
 use super::Catalogue;
 use crate::error::StorageError;
-use crate::keys::{KekHandle, VersionRecord, VersionState, WrappedServiceKey};
+use crate::keys::{KekHandle, KeyId, VersionRecord, VersionState, WrappedServiceKey};
 use crate::schema::{self, CF_DEFAULT, CF_VERSIONS, decode_record, encode_record};
 
 /// Where a version scan resumes (after the last record it returned).
 /// Opaque; valid across restarts of the scan but not meant to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionCursor(Vec<u8>);
+
+impl VersionCursor {
+    /// The cursor of a scan that resumes after `version` of `key_id`.
+    pub fn after(key_id: &KeyId, version: u32) -> VersionCursor {
+        VersionCursor(schema::version_key(key_id.as_str(), version))
+    }
+}
 
 /// One page of [`Catalogue::scan_versions`].
 #[derive(Debug, Clone)]
