@@ -485,3 +485,72 @@ fn rotate_root_with_a_bad_so_pin_file_creates_nothing() {
     assert!(ok, "rotate-root: {stderr}");
     assert!(stderr.contains("created root key kms-root/2"), "{stderr}");
 }
+
+/// A "root" that does not pass the start-up probe (here an ordinary AES key
+/// a PIN holder made with OpenSC's pkcs11-tool under the id `kms-root/2`:
+/// not trusted, no unwrap template) is never adopted: new versions stay
+/// under the verified root, and the impostor can be destroyed (nothing
+/// references it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_root_that_fails_the_probe_is_not_used() {
+    let dep = Deployment::new();
+    init_root(&dep);
+    write_config(
+        &dep,
+        &Pace {
+            scheduler_interval_secs: 3600,
+            batch: 8,
+            pause_ms: 20,
+        },
+    );
+    let server = dep.start();
+    let ch = channel(&server).await;
+    let key = create_key(&ch).await;
+    let before = encrypt(&ch, &key, b"under root 1").await;
+
+    let status = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(kms_hsm::softhsm2_module_path())
+        .args([
+            "--token-label",
+            "kms-e2e",
+            "--login",
+            "--pin",
+            "user-pin-4321",
+        ])
+        .args(["--keygen", "--key-type", "AES:32", "--usage-wrap"])
+        .args(["--id", &hex::encode(b"kms-root/2"), "--label", "kms-root/2"])
+        .env("SOFTHSM2_CONF", dep.dir.join("softhsm2.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("pkcs11-tool (OpenSC, installed by scripts/setup.sh)");
+    assert!(status.success(), "pkcs11-tool --keygen");
+
+    cli_ok(&server, &["admin", "reload"]);
+    let report = roots(&server);
+    assert_eq!(report["active_epoch"], 1, "{report}");
+    rotate(&ch, &key).await;
+    let all = versions(&ch, &key).await;
+    assert_eq!(all.iter().map(|v| v.2).collect::<Vec<_>>(), vec![1, 1]);
+    assert!(
+        dep.log().contains("failed its check"),
+        "the refusal is logged:\n{}",
+        dep.log()
+    );
+
+    let (ok, stderr) = destroy_root(&server, 2);
+    assert!(ok, "destroy-root 2: {stderr}");
+    let report = roots(&server);
+    assert!(
+        report["roots"]
+            .as_array()
+            .expect("roots")
+            .iter()
+            .all(|r| r["epoch"] != 2),
+        "{report}"
+    );
+    assert_eq!(decrypt(&ch, &before).await, b"under root 1");
+    drop(ch);
+    stop(server);
+}
