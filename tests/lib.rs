@@ -72,6 +72,8 @@ impl TestEnv {
                 gcm_invocation_limit: kms::config::DEFAULT_GCM_INVOCATION_LIMIT,
                 gcm_invocation_hard_limit: kms::config::DEFAULT_GCM_INVOCATION_HARD_LIMIT,
                 scheduler_interval: Duration::from_secs(3600),
+                root_rewrap_batch: kms::config::DEFAULT_ROOT_REWRAP_BATCH,
+                root_rewrap_pause: Duration::from_millis(kms::config::DEFAULT_ROOT_REWRAP_PAUSE_MS),
             },
             auth: AuthSettings::local_development("anonymous"),
         }

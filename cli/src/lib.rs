@@ -24,6 +24,7 @@ mod aliases;
 mod audit;
 mod crypto;
 mod envelope;
+mod hsm;
 mod keys;
 mod output;
 mod parse;
@@ -41,6 +42,7 @@ pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
+pub use hsm::{DestroyRootArgs, HsmCommand, run_hsm};
 pub use keys::{
     CreateKeyArgs, KeyArg, KeyCommand, ListKeysArgs, RotationPolicyArgs, ScheduleDeletionArgs,
     TagArgs, UntagArgs, UpdateDescriptionArgs, VersionArgs,

@@ -119,6 +119,8 @@ rpcs! {
     AuditClient list_audit_events "ListAuditEvents" Retryable: ListAuditEventsRequest => ListAuditEventsResponse;
     AuditClient verify_audit_log "VerifyAuditLog" Retryable: VerifyAuditLogRequest => VerifyAuditLogResponse;
     AdminClient reload "Reload" Once: ReloadRequest => ReloadResponse;
+    AdminClient list_roots "ListRoots" Retryable: ListRootsRequest => ListRootsResponse;
+    AdminClient destroy_root "DestroyRoot" Once: DestroyRootRequest => DestroyRootResponse;
 }
 
 impl KmsClient {

@@ -367,6 +367,28 @@ pub enum HsmError {
         check: &'static str,
     },
 
+    /// The token holds no root key (`kms-root/<epoch>`): root rotation adds
+    /// a root after the highest existing one, so there must be one
+    /// (`kms hsm init-root` makes the first).
+    #[error(
+        "the token has no root key (kms-root/<epoch>); create the first with `kms hsm init-root`"
+    )]
+    NoRoot,
+
+    /// Root rotation was asked of a variant-N root (no `CKA_WRAP_WITH_TRUSTED`;
+    /// design note §1.5.1). Rotating means re-wrapping every key version
+    /// under the new root inside the HSM (`C_WrapKey` of the unwrapped
+    /// version), and variant N unwraps versions as non-extractable precisely
+    /// so that they can never be wrapped again: its versions are tied to
+    /// their root for good.
+    #[error(
+        "root key kms-root/{epoch} is variant N (no CKA_WRAP_WITH_TRUSTED): root rotation needs trusted wrapping, because re-wrapping a key version under a new root exports it from the HSM wrapped (C_WrapKey), and a variant-N root unwraps versions as non-extractable so that they never leave the HSM again"
+    )]
+    RootRotationUnsupported {
+        /// The epoch of the active (highest) root.
+        epoch: u32,
+    },
+
     /// A wrapped key (a catalogue record's blob) does not unwrap under the
     /// root it names: it was tampered with, truncated, or belongs to another
     /// root. This is a corrupt catalogue record, never a lost device

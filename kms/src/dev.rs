@@ -215,6 +215,10 @@ pub fn dev_config(
             gcm_invocation_limit: crate::config::DEFAULT_GCM_INVOCATION_LIMIT,
             gcm_invocation_hard_limit: crate::config::DEFAULT_GCM_INVOCATION_HARD_LIMIT,
             scheduler_interval: std::time::Duration::from_secs(60),
+            root_rewrap_batch: crate::config::DEFAULT_ROOT_REWRAP_BATCH,
+            root_rewrap_pause: std::time::Duration::from_millis(
+                crate::config::DEFAULT_ROOT_REWRAP_PAUSE_MS,
+            ),
         },
         // Loopback only (checked above), so the local user is trusted.
         auth: AuthSettings::local_development(DEV_PRINCIPAL),

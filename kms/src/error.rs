@@ -143,6 +143,35 @@ pub enum KmsError {
     #[error("configuration not reloaded: {0}")]
     ReloadRefused(std::sync::Arc<crate::server::reload::ReloadError>),
 
+    /// A root-key administration request on a server that holds no root
+    /// key (wrapped key versions are off: every version is a token object).
+    #[error("the server holds no root key: wrapped key versions are off")]
+    NoRootKey,
+
+    /// DestroyRoot of the active root: new versions are wrapped under it.
+    #[error(
+        "root epoch {epoch} is the active root (new key versions are wrapped under it); rotate the root first (kms hsm rotate-root, then kms admin reload)"
+    )]
+    RootActive { epoch: u32 },
+
+    /// DestroyRoot of a root that catalogue records still reference: they
+    /// would become undecryptable. The root re-wrap job moves them to the
+    /// active root; `kms hsm roots` shows how many remain.
+    #[error(
+        "root epoch {epoch} is still referenced by {versions} key version(s) and {service_keys} service key(s); wait until the re-wrap job has moved them to the active root (kms hsm roots shows 0)"
+    )]
+    RootInUse {
+        epoch: u32,
+        /// Key versions (not destroyed) wrapped under the epoch.
+        versions: u64,
+        /// Service keys (e.g. the catalogue-integrity key) wrapped under it.
+        service_keys: u64,
+    },
+
+    /// No root of this epoch on the token.
+    #[error("no root key of epoch {epoch} on the token")]
+    RootNotFound { epoch: u32 },
+
     /// The service is saturated.
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
@@ -209,7 +238,11 @@ impl KmsError {
             | KmsError::VersionBeingCreated { .. }
             | KmsError::GcmInvocationLimit { .. }
             | KmsError::RotationNotDue
-            | KmsError::ReloadRefused(_) => ResultCode::FailedPrecondition,
+            | KmsError::ReloadRefused(_)
+            | KmsError::NoRootKey
+            | KmsError::RootActive { .. }
+            | KmsError::RootInUse { .. } => ResultCode::FailedPrecondition,
+            KmsError::RootNotFound { .. } => ResultCode::NotFound,
             KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
                 ResultCode::Unavailable
             }
@@ -306,6 +339,18 @@ impl KmsError {
                 limit: *limit,
             },
             KmsError::RotationNotDue => KmsError::RotationNotDue,
+            KmsError::NoRootKey => KmsError::NoRootKey,
+            KmsError::RootActive { epoch } => KmsError::RootActive { epoch: *epoch },
+            KmsError::RootInUse {
+                epoch,
+                versions,
+                service_keys,
+            } => KmsError::RootInUse {
+                epoch: *epoch,
+                versions: *versions,
+                service_keys: *service_keys,
+            },
+            KmsError::RootNotFound { epoch } => KmsError::RootNotFound { epoch: *epoch },
             KmsError::ReloadRefused(reason) => {
                 KmsError::ReloadRefused(std::sync::Arc::clone(reason))
             }

@@ -47,7 +47,8 @@ enum Command {
     /// Bearer tokens for callers without client certificates.
     #[command(subcommand)]
     Token(kms::operator::token::TokenCommand),
-    /// HSM provisioning that needs no server (PINs from files, never argv).
+    /// HSM provisioning and root keys (PINs from files, never argv): the
+    /// ceremonies act on the token; `roots`/`destroy-root` ask the server.
     #[command(subcommand)]
     Hsm(kms::operator::hsm::HsmCommand),
     #[command(flatten)]
@@ -126,7 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Token(command) => kms::operator::token::run(command),
-        Command::Hsm(command) => kms::operator::hsm::run(command),
+        Command::Hsm(command) => kms::operator::hsm::run(command, &cli.client),
         Command::Client(command) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

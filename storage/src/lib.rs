@@ -29,7 +29,9 @@ pub use audit::{
     MAX_SCAN_PER_PAGE, MacFn, RECORD_FORMAT_V1, ResultCode, VerifyFailure, VerifyFailureReason,
     VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
 };
-pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
+pub use catalogue::{
+    AliasEntry, Catalogue, EpochReferences, MAX_PAGE_SIZE, Swap, VersionCursor, VersionScan,
+};
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
     Alias, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey, Page,

@@ -7,6 +7,7 @@ mod catalogue_fixture;
 mod crash;
 mod golden;
 mod invariants;
+mod rewrap;
 mod wrapped_fixture;
 
 use std::path::Path;

@@ -21,6 +21,7 @@ mod re_encrypt_audit;
 mod reflection;
 mod reload;
 mod restart;
+mod root_rotation;
 mod secrets;
 mod service_keys;
 mod tls_walkthrough;

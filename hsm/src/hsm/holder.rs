@@ -386,6 +386,42 @@ impl KeyHolder {
         self.with(|session, _| root::root_epochs(session))
     }
 
+    /// Whether the root `kms-root/<epoch>` exists (one `C_FindObjects` by
+    /// `CKA_ID`, cheap enough for a periodic check for a new root).
+    ///
+    /// # Errors
+    /// `ObjectAmbiguous` if the id is duplicated; `WorkingKeyStale`; the
+    /// PKCS#11 error of the search.
+    pub fn has_root(&self, epoch: u32) -> Result<bool> {
+        self.with(|session, _| match root::find_root(session, epoch) {
+            Ok(_) => Ok(true),
+            Err(HsmError::ObjectNotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Destroys the root `kms-root/<epoch>` (root rotation's last step,
+    /// design note §1.6): every blob still wrapped under it becomes
+    /// unusable for good, in this catalogue and in every backup of it. The
+    /// caller must have made sure that no record references it. Works where
+    /// the user may destroy the (security officer's) root, as on SoftHSM2
+    /// (`CKA_DESTROYABLE=true`, a public or user-visible token object);
+    /// elsewhere the token refuses and the root must be destroyed with the
+    /// vendor's tool.
+    ///
+    /// # Errors
+    /// `ObjectNotFound`/`ObjectAmbiguous` for a missing or duplicated root;
+    /// `WorkingKeyStale`; the PKCS#11 error of `C_DestroyObject` (e.g.
+    /// `CKR_ACTION_PROHIBITED`, `CKR_SESSION_READ_ONLY`).
+    pub fn destroy_root(&self, epoch: u32) -> Result<()> {
+        self.with(|session, _| {
+            let handle = root::find_root(session, epoch)?;
+            session
+                .destroy_object(handle)
+                .map_err(|e| crate::error::from_cryptoki(Operation::DestroyObject, e))
+        })
+    }
+
     /// The root of `epoch` as the token reports it: its boolean attributes
     /// and its `CKA_WRAP_TEMPLATE` and `CKA_UNWRAP_TEMPLATE` (operators and
     /// tests; the probe does not rely on reading templates).

@@ -32,6 +32,7 @@ use crate::objects::ObjectId;
 use crate::raw::{RawAttribute, RawModule};
 use inspect::find_by_id;
 pub(crate) use inspect::{find_root, root_epochs, root_info};
+use probe::verify_root as probe_root;
 pub(crate) use probe::verify_root;
 
 /// Which trust model a root implements (design note §1.5.1).
@@ -226,6 +227,106 @@ pub fn create_root(
     spec: &RootSpec,
 ) -> Result<()> {
     create(module_path, token_label, pin, spec, Defect::None)
+}
+
+/// What `rotate_root` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotatedRoot {
+    /// The epoch that was the highest (active) one before.
+    pub previous: u32,
+    /// The epoch of the new root, `previous + 1`: the active one from now on.
+    pub epoch: u32,
+    /// The variant of both (always `RootVariant::Trusted`: variant N cannot
+    /// be rotated).
+    pub variant: RootVariant,
+}
+
+/// Root rotation's key ceremony (design note §1.5.3 "Root rotation"): adds
+/// the root `kms-root/<e+1>`, where `e` is the highest epoch on the token,
+/// with the variant of root `e`, and verifies it by behaviour.
+///
+/// 1. As the user (`user_pin`): finds the highest epoch `e` and runs the
+///    start-up probe on it, which detects its variant. Variant N is refused
+///    (`RootRotationUnsupported`): its working keys are non-extractable,
+///    so no version could ever be re-wrapped under the new root.
+/// 2. As the security officer (`so_pin`): creates root `e+1` exactly as
+///    `create_root` does (variant T, `CKA_PRIVATE = private`; table read back).
+/// 3. As the user again: runs the probe on root `e+1` expecting variant T;
+///    a root that fails it is destroyed again and refused.
+///
+/// The user PIN is needed because the probe unwraps (the unwrap template
+/// forces `CKA_PRIVATE=true`), which only a logged-in user can do. Logs
+/// out after each step. Safe while a kms server uses the token from another
+/// process (PKCS#11 logins are per application); the server starts using
+/// the new root at its next `kms admin reload`/SIGHUP or root check.
+///
+/// # Errors
+/// `NoRoot` if the token has none; `RootRotationUnsupported` for variant N;
+/// `RootCheckFailed` if root `e` (or the new root, then destroyed) fails
+/// the probe; `PinRejected` for a wrong PIN; `ObjectExists` if `e+1` exists
+/// (another ceremony raced this one); `TemplateViolation`; `TokenNotFound`;
+/// `ModuleLoad`; `InvalidArgument` if `e` is `u32::MAX`; or the PKCS#11
+/// error of the call that failed.
+pub fn rotate_root(
+    module_path: &Path,
+    token_label: &str,
+    so_pin: &Pin,
+    user_pin: &Pin,
+    private: bool,
+) -> Result<RotatedRoot> {
+    let module = crate::module::module(module_path)?;
+    let state = module.read();
+    let context = state.context()?;
+    let slot = crate::token::find_token(context, token_label, module_path)?;
+    let session = context
+        .open_rw_session(slot)
+        .map_err(|e| from_cryptoki(Operation::OpenSession, e))?;
+    let as_user = |work: &dyn Fn() -> Result<(u32, RootVariant)>| {
+        session
+            .login(UserType::User, Some(&user_pin.to_auth_pin()))
+            .map_err(|e| from_cryptoki(Operation::Login, e))?;
+        let result = work();
+        let _ = session.logout();
+        result
+    };
+    let (previous, variant) = as_user(&|| {
+        let epochs = inspect::root_epochs(&session)?;
+        let epoch = *epochs.last().ok_or(HsmError::NoRoot)?;
+        Ok((epoch, probe_root(&session, context, slot, epoch, None)?))
+    })?;
+    if variant != RootVariant::Trusted {
+        return Err(HsmError::RootRotationUnsupported { epoch: previous });
+    }
+    let epoch = previous
+        .checked_add(1)
+        .ok_or(HsmError::InvalidArgument("root epochs are exhausted"))?;
+    let spec = RootSpec {
+        epoch,
+        variant,
+        private,
+    };
+    session
+        .login(UserType::So, Some(&so_pin.to_auth_pin()))
+        .map_err(|e| from_cryptoki(Operation::Login, e))?;
+    let created = generate_and_check(module.path(), &session, &spec, Defect::None);
+    let _ = session.logout();
+    created?;
+    as_user(&|| {
+        let verified = probe_root(&session, context, slot, epoch, Some(variant));
+        if verified.is_err() {
+            // Never leave a root that failed the probe where the server
+            // would find it as the highest epoch.
+            if let Ok(handle) = find_root(&session, epoch) {
+                let _ = session.destroy_object(handle);
+            }
+        }
+        verified.map(|v| (epoch, v))
+    })?;
+    Ok(RotatedRoot {
+        previous,
+        epoch,
+        variant,
+    })
 }
 
 /// `create_root` with a deliberate defect, so tests can show that

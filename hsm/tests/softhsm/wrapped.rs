@@ -1035,3 +1035,126 @@ fn the_derive_attack_works_on_a_key_that_allows_it() {
         .expect("attack session");
     assert_eq!(read.map(|v| v.len()), Some(32));
 }
+
+/// `rotate_root` (root rotation's ceremony, issue 14 item 5) adds the next
+/// epoch with the variant of the highest, verified by the probe; a version
+/// re-wrapped under it survives the destruction of its old root, and the
+/// old blob is dead with it.
+#[test]
+fn rotate_root_adds_the_next_epoch_and_a_rewrapped_version_outlives_the_old_root() {
+    let (token, hsm) = token_with_roots(T, &[1]);
+    let holder = hsm.key_holder().expect("holder");
+    let (old_blob, key) = holder
+        .generate_version(1, KeyPurpose::Kek, T)
+        .expect("version under epoch 1");
+    let sealed = holder
+        .encrypt(&key, b"aad", b"made under epoch 1")
+        .expect("encrypt");
+    holder.destroy(key).expect("destroy");
+    drop(holder);
+    // The ceremony logs in as the user and the SO: no other login in this
+    // process (a separate process in production).
+    drop(hsm);
+    let rotated = kms_hsm::rotate_root(
+        token.module_path(),
+        token.label(),
+        &so_pin(&token),
+        &user_pin(&token),
+        false,
+    )
+    .expect("rotate root");
+    assert_eq!(
+        (rotated.previous, rotated.epoch, rotated.variant),
+        (1, 2, T)
+    );
+
+    let hsm = token.open();
+    let holder = hsm.key_holder().expect("holder");
+    assert_eq!(holder.root_epochs().expect("epochs"), vec![1, 2]);
+    assert_eq!(holder.verify_root(2, Some(T)).expect("probe"), T);
+    assert!(holder.has_root(2).expect("has 2"));
+    assert!(!holder.has_root(3).expect("has 3"));
+
+    let copy = holder
+        .unwrap(&old_blob, KeyPurpose::Kek, T)
+        .expect("unwrap under 1");
+    let new_blob = holder.rewrap(&copy, 2).expect("re-wrap under 2");
+    holder.destroy(copy).expect("destroy copy");
+    assert_eq!(new_blob.root_epoch, 2);
+    assert_ne!(new_blob.blob, old_blob.blob);
+
+    holder.destroy_root(1).expect("destroy root 1");
+    assert!(!holder.has_root(1).expect("has 1"));
+    assert_eq!(holder.root_epochs().expect("epochs"), vec![2]);
+    let working = holder
+        .unwrap(&new_blob, KeyPurpose::Kek, T)
+        .expect("unwrap under 2");
+    let plain = holder
+        .decrypt(&working, &sealed.iv, b"aad", &sealed.ciphertext_and_tag)
+        .expect("decrypt");
+    assert_eq!(&plain[..], b"made under epoch 1");
+    // The old blob died with its root.
+    assert!(
+        matches!(
+            holder.unwrap(&old_blob, KeyPurpose::Kek, T),
+            Err(HsmError::ObjectNotFound { .. })
+        ),
+        "a blob under a destroyed root must not unwrap"
+    );
+    assert!(matches!(
+        holder.destroy_root(1),
+        Err(HsmError::ObjectNotFound { .. })
+    ));
+}
+
+/// Root rotation is refused, and nothing is created, for a variant-N root
+/// (no trusted wrapping), with a wrong security-officer PIN, and on a
+/// token without a root.
+#[test]
+fn rotate_root_refuses_variant_n_a_wrong_so_pin_and_a_token_without_root() {
+    let epochs_of = |token: &TestToken| {
+        let hsm = token.open();
+        let holder = hsm.key_holder().expect("holder");
+        holder.root_epochs().expect("epochs")
+    };
+
+    let (token, hsm) = token_with_roots(N, &[1]);
+    drop(hsm);
+    let refused = kms_hsm::rotate_root(
+        token.module_path(),
+        token.label(),
+        &so_pin(&token),
+        &user_pin(&token),
+        false,
+    );
+    assert!(
+        matches!(refused, Err(HsmError::RootRotationUnsupported { epoch: 1 })),
+        "{refused:?}"
+    );
+    let message = refused.expect_err("refused").to_string();
+    assert!(message.contains("needs trusted wrapping"), "{message}");
+    assert_eq!(epochs_of(&token), vec![1]);
+
+    let (token, hsm) = token_with_roots(T, &[1]);
+    drop(hsm);
+    let refused = kms_hsm::rotate_root(
+        token.module_path(),
+        token.label(),
+        &Pin::new("not-the-so-pin"),
+        &user_pin(&token),
+        false,
+    );
+    assert!(matches!(refused, Err(HsmError::PinRejected)), "{refused:?}");
+    assert_eq!(epochs_of(&token), vec![1]);
+
+    let token = TestToken::new();
+    let refused = kms_hsm::rotate_root(
+        token.module_path(),
+        token.label(),
+        &so_pin(&token),
+        &user_pin(&token),
+        false,
+    );
+    assert!(matches!(refused, Err(HsmError::NoRoot)), "{refused:?}");
+    assert!(epochs_of(&token).is_empty());
+}

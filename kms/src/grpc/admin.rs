@@ -1,6 +1,6 @@
 //! Admin handlers: operator actions on the running server (configuration
-//! reload). Administrators only; every call is audited (see
-//! `server::reload::Reloader::reload_audited`).
+//! reload, root keys). Administrators only; every call is audited (see
+//! `server::reload::Reloader::reload_audited`, `service::root_rotation`).
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::Rpc;
 use crate::server::reload::{Reloader, Trigger};
+use crate::service::root_rotation::RootsReport;
 use crate::service::{KmsService, Operation};
 
 /// The Admin service.
@@ -55,5 +56,58 @@ impl Admin for AdminApi {
                 .map(|name| (*name).to_owned())
                 .collect(),
         })
+    }
+
+    async fn list_roots(
+        &self,
+        request: Request<pb::ListRootsRequest>,
+    ) -> Result<Response<pb::ListRootsResponse>, Status> {
+        let rpc = Rpc::start(Operation::ListRoots, &request)?;
+        let report = rpc
+            .blocking(&self.service, |service, meta| service.list_roots(meta))
+            .await?;
+        rpc.respond(roots_response(report))
+    }
+
+    async fn destroy_root(
+        &self,
+        request: Request<pb::DestroyRootRequest>,
+    ) -> Result<Response<pb::DestroyRootResponse>, Status> {
+        let rpc = Rpc::start(Operation::DestroyRoot, &request)?;
+        let epoch = request.get_ref().epoch;
+        let active_epoch = rpc
+            .blocking(&self.service, move |service, meta| {
+                service.destroy_root(meta, epoch)
+            })
+            .await?;
+        rpc.respond(pb::DestroyRootResponse {
+            epoch,
+            active_epoch,
+        })
+    }
+}
+
+/// The wire form of the roots report.
+fn roots_response(report: RootsReport) -> pb::ListRootsResponse {
+    pb::ListRootsResponse {
+        active_epoch: report.active_epoch,
+        variant: match report.variant {
+            kms_hsm::RootVariant::Trusted => "trusted",
+            kms_hsm::RootVariant::NonExtractable => "non-extractable",
+            _ => "unknown",
+        }
+        .to_owned(),
+        roots: report
+            .roots
+            .into_iter()
+            .map(|r| pb::RootEpoch {
+                epoch: r.epoch,
+                present_in_hsm: r.present_in_hsm,
+                active: r.active,
+                versions: r.versions,
+                destroyed_versions: r.destroyed_versions,
+                service_keys: r.service_keys,
+            })
+            .collect(),
     }
 }

@@ -55,6 +55,8 @@ pub enum ServerError {
     Task,
     #[error("cannot start the health probe thread")]
     HealthThread(#[source] std::io::Error),
+    #[error("cannot start the root re-wrap thread")]
+    RootRewrapThread(#[source] std::io::Error),
 }
 
 /// After the grace period, how long a shutdown still waits for blocking
@@ -78,6 +80,8 @@ pub struct RunningServer {
     background_stop: Arc<AtomicBool>,
     scheduler: Option<std::thread::JoinHandle<()>>,
     health: Option<std::thread::JoinHandle<()>>,
+    /// Root rotation's re-wrap job (`service::root_rotation`); none without a root.
+    root_rewrap: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -213,9 +217,13 @@ impl RunningServer {
         {
             task.abort();
         }
-        for thread in [self.scheduler.take(), self.health.take()]
-            .into_iter()
-            .flatten()
+        for thread in [
+            self.scheduler.take(),
+            self.health.take(),
+            self.root_rewrap.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             thread.thread().unpark();
             let _ = thread.join();
@@ -402,7 +410,18 @@ pub async fn start_with(
         background_stop: Arc::clone(&background_stop),
         scheduler: Some(scheduler),
         health: None,
+        root_rewrap: None,
     };
+    running.root_rewrap = crate::service::root_rotation::spawn(
+        Arc::clone(&service),
+        crate::service::root_rotation::RewrapPace {
+            batch: config.rotation.root_rewrap_batch,
+            pause: config.rotation.root_rewrap_pause,
+            check_interval: config.rotation.scheduler_interval,
+        },
+        Arc::clone(&background_stop),
+    )
+    .map_err(ServerError::RootRewrapThread)?;
     // If the thread cannot start, dropping `running` stops everything else.
     running.health = Some(
         health::spawn(

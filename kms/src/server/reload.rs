@@ -8,6 +8,10 @@
 //! A reload that fails at any step changes nothing and says why. Reloads are
 //! serialized, so two at once cannot interleave their swaps.
 //!
+//! A reload also looks for a new root key (root rotation, see
+//! `service::root_rotation`) and, once it passes its check, wraps new key
+//! versions under it; that happens even when the file cannot be reloaded.
+//!
 //! What is not reloaded (listen addresses, HSM, storage, audit, request
 //! limits, rotation) takes effect at the next restart; adding or removing
 //! `[server.tls]` is refused, since the listener's kind is fixed at start.
@@ -243,6 +247,11 @@ impl Reloader {
         service.audited(meta, Operation::Reload, None, |_| {
             if trigger == Trigger::Request {
                 service.require_admin(meta, "reload the configuration")?;
+            }
+            // Root rotation: a root added by `kms hsm rotate-root` becomes
+            // active here (after its probe), whatever the file says.
+            if let Err(error) = service.check_for_new_root(true) {
+                tracing::warn!(error = %error.chain(), "reload: no new root key adopted");
             }
             self.reload()
                 .map_err(|e| KmsError::ReloadRefused(Arc::new(e)))

@@ -51,7 +51,7 @@ impl std::fmt::Debug for CheckpointKey {
             CheckpointKey::Token(id) => f.debug_tuple("Token").field(id).finish(),
             CheckpointKey::Wrapped(key) => f
                 .debug_struct("Wrapped")
-                .field("root_epoch", &key.blob.root_epoch)
+                .field("root_epoch", &key.blob.lock().root_epoch)
                 .finish_non_exhaustive(),
         }
     }
@@ -62,7 +62,10 @@ impl std::fmt::Debug for CheckpointKey {
 pub(crate) struct WrappedCheckpointKey {
     hsm: Arc<Hsm>,
     variant: RootVariant,
-    blob: WrappedKey,
+    /// Replaced when root rotation re-wraps the stored record
+    /// ([`CheckpointKey::adopt_rewrapped`]): an unwrap after a holder loss
+    /// must not need a root that may since have been destroyed.
+    blob: Mutex<WrappedKey>,
     /// `None` after a holder loss, until the next use.
     held: Mutex<Option<(KeyHolder, WorkingKey)>>,
 }
@@ -78,6 +81,16 @@ pub(crate) struct RootState {
 }
 
 impl CheckpointKey {
+    /// Root rotation re-wrapped the stored `audit_checkpoint_key` record:
+    /// later unwraps (after a holder loss) use the new blob. The key
+    /// material is unchanged, so the working copy in use stays valid. A
+    /// token-object key has no blob and ignores this.
+    pub(crate) fn adopt_rewrapped(&self, rewrapped: WrappedKey) {
+        if let CheckpointKey::Wrapped(key) = self {
+            *key.blob.lock() = rewrapped;
+        }
+    }
+
     /// Finds or creates the checkpoint key (see the module docs for the
     /// rule) and, for a wrapped one, unwraps it and checks it against the
     /// first stored checkpoint.
@@ -230,7 +243,7 @@ impl WrappedCheckpointKey {
         Ok(WrappedCheckpointKey {
             hsm: Arc::clone(hsm),
             variant,
-            blob,
+            blob: Mutex::new(blob),
             held: Mutex::new(Some(held)),
         })
     }
@@ -247,7 +260,8 @@ impl WrappedCheckpointKey {
         let mut retried = false;
         loop {
             if held.is_none() {
-                *held = Some(unwrap_on_new_holder(&self.hsm, &self.blob, self.variant)?);
+                let blob = self.blob.lock().clone();
+                *held = Some(unwrap_on_new_holder(&self.hsm, &blob, self.variant)?);
             }
             let Some((holder, key)) = held.as_ref() else {
                 return Err(HsmError::WorkingKeyStale);

@@ -196,9 +196,10 @@ impl KmsService {
             if let Some(wrapped) = self.wrapped.as_ref().filter(|w| w.new_versions) {
                 // Wrap, MAC, then one catalogue write: a crash before it
                 // leaves nothing behind (no pending state, no HSM object).
+                let epoch = wrapped.active_epoch();
                 let blob = wrapped
                     .keys
-                    .generate_wrapped(wrapped.epoch, KeyPurpose::Kek)
+                    .generate_wrapped(*epoch, KeyPurpose::Kek)
                     .map_err(from_working_key_error)?;
                 let kek = self.wrapped_kek(&id, 1, &blob)?;
                 catalogue.create_key_enabled(new_key, kek, now)?;
@@ -511,9 +512,10 @@ impl KmsService {
         let committed = if let Some(wrapped) = self.wrapped.as_ref().filter(|w| w.new_versions) {
             // One write: the catalogue allocates the number under its lock
             // and the MAC (which covers the number) is made there.
+            let epoch = wrapped.active_epoch();
             let blob = wrapped
                 .keys
-                .generate_wrapped(wrapped.epoch, KeyPurpose::Kek)
+                .generate_wrapped(*epoch, KeyPurpose::Kek)
                 .map_err(from_working_key_error)?;
             catalogue
                 .add_enabled_version::<KmsError>(id, now, |v| self.wrapped_kek(id, v, &blob))?

@@ -21,13 +21,14 @@ mod lookup;
 pub mod operation;
 pub(crate) mod page_token;
 mod reconcile;
+pub mod root_rotation;
 pub mod scheduler;
 pub(crate) mod working_keys;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use kms_hsm::{Hsm, KeyPurpose};
+use kms_hsm::{Hsm, KeyPurpose, RootVariant};
 use kms_storage::{
     AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions,
     WrappedServiceKey,
@@ -158,10 +159,25 @@ pub struct KmsService {
 pub(crate) struct Wrapped {
     /// The working-key cache (and the catalogue-integrity key).
     pub(crate) keys: working_keys::WorkingKeys,
-    /// The active (highest) root epoch: new versions are wrapped under it.
-    pub(crate) epoch: u32,
+    /// The active (highest verified) root epoch: new versions are wrapped
+    /// under it. Raised at run time when root rotation adds a root
+    /// (`root_rotation`). Whoever wraps a new version under it holds the
+    /// read guard until the version is written (`active_epoch`), so once a
+    /// new epoch is in force no version under an older one is still on
+    /// its way to the catalogue.
+    pub(crate) epoch: parking_lot::RwLock<u32>,
+    /// The variant of every root of the token (a rotation keeps it).
+    pub(crate) variant: RootVariant,
     /// Whether new versions are wrapped (else token objects).
     pub(crate) new_versions: bool,
+}
+
+impl Wrapped {
+    /// The active root epoch, read-locked: hold the guard until the
+    /// version wrapped under it is in the catalogue.
+    pub(crate) fn active_epoch(&self) -> parking_lot::RwLockReadGuard<'_, u32> {
+        self.epoch.read()
+    }
 }
 
 impl KmsService {
@@ -254,7 +270,7 @@ impl KmsService {
     pub fn readiness(&self) -> Readiness {
         let probe = match (&*self.checkpoint_key, &self.wrapped) {
             (checkpoint_key::CheckpointKey::Token(id), _) => id.clone(),
-            (_, Some(wrapped)) => kms_hsm::root_id(wrapped.epoch),
+            (_, Some(wrapped)) => kms_hsm::root_id(*wrapped.epoch.read()),
             // A wrapped checkpoint key without a root does not start.
             (_, None) => checkpoint_key::token_key_id(),
         };
@@ -498,7 +514,8 @@ fn open_wrapped(
                 integrity,
                 config.working_key_cache,
             ),
-            epoch,
+            epoch: parking_lot::RwLock::new(epoch),
+            variant,
             new_versions,
         }),
         Some(roots),

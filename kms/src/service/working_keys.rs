@@ -125,8 +125,9 @@ pub(crate) struct CacheCounters {
 pub(crate) struct WorkingKeys {
     hsm: Arc<Hsm>,
     variant: RootVariant,
-    /// The catalogue-integrity HMAC key, wrapped (unwrapped per holder).
-    integrity: WrappedKey,
+    /// The catalogue-integrity HMAC key, wrapped (unwrapped per holder);
+    /// replaced when root rotation re-wraps it (`set_integrity`).
+    integrity: Mutex<WrappedKey>,
     capacity: usize,
     state: Mutex<State>,
     unwraps: AtomicU64,
@@ -221,7 +222,7 @@ impl WorkingKeys {
         WorkingKeys {
             hsm,
             variant,
-            integrity,
+            integrity: Mutex::new(integrity),
             capacity: capacity.clamp(1, MAX_WORKING_KEY_CACHE),
             state: Mutex::new(State {
                 generation: None,
@@ -354,6 +355,13 @@ impl WorkingKeys {
         }
     }
 
+    /// Replaces the integrity key's blob by the same key wrapped under
+    /// another root (root rotation), for the next holder to unwrap. The
+    /// current holder's unwrapped copy stays valid (same key).
+    pub(crate) fn set_integrity(&self, wrapped: WrappedKey) {
+        *self.integrity.lock() = wrapped;
+    }
+
     /// The current generation, opening a holder (and unwrapping the
     /// integrity key on it) if there is none. Runs under the state lock:
     /// this is rare (first use, holder loss) and every request needs it.
@@ -367,8 +375,9 @@ impl WorkingKeys {
             return Ok(Arc::clone(generation));
         }
         let holder = self.hsm.key_holder().map_err(WorkingKeyError::Hsm)?;
+        let wrapped = self.integrity.lock().clone();
         let integrity = holder
-            .unwrap(&self.integrity, KeyPurpose::Hmac, self.variant)
+            .unwrap(&wrapped, KeyPurpose::Hmac, self.variant)
             .map_err(WorkingKeyError::Hsm)?;
         self.holders_opened.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(Generation {

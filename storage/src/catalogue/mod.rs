@@ -27,15 +27,17 @@ use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState, Wrapp
 use crate::record_cache::{Generation, RecordCache};
 use crate::schema::{
     self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_CHECKPOINT_KEY, META_INTEGRITY_KEY,
-    decode_record, encode_record,
+    encode_record,
 };
 
 mod aliases;
 mod lifecycle;
 mod reads;
+mod rewrap;
 
 pub use crate::keys::MAX_PAGE_SIZE;
 pub use aliases::AliasEntry;
+pub use rewrap::{EpochReferences, Swap, VersionCursor, VersionScan};
 
 /// The key catalogue. Obtain it with [`crate::Storage::catalogue`].
 #[derive(Debug)]
@@ -183,13 +185,6 @@ impl Catalogue {
         self.init_service_key(META_CHECKPOINT_KEY, "checkpoint key", key)
     }
 
-    fn service_key(&self, name: &'static [u8]) -> Result<Option<WrappedServiceKey>, StorageError> {
-        self.db
-            .get(CF_DEFAULT, name)?
-            .map(|bytes| decode_record(CF_DEFAULT, name, &bytes))
-            .transpose()
-    }
-
     fn init_service_key(
         &self,
         name: &'static [u8],
@@ -311,6 +306,7 @@ impl Catalogue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::decode_record;
 
     /// Golden vector: the on-disk encoding of the integrity key record.
     /// A change here makes existing databases unreadable.
