@@ -253,7 +253,7 @@ async fn root_rotation_round_trip_from_the_cli() {
     let report = roots(&server);
     assert_eq!(report["active_epoch"], 1);
     assert_eq!(report["variant"], "trusted");
-    assert_eq!(held_by(&report, 1), (6, 1));
+    assert_eq!(held_by(&report, 1), (6, 2));
     let (ok, stderr) = destroy_root(&server, 1);
     assert!(!ok, "destroying the active root must be refused");
     assert!(stderr.contains("active root"), "{stderr}");
@@ -283,7 +283,8 @@ async fn root_rotation_round_trip_from_the_cli() {
     let plaintext = b"under root 2".to_vec();
     made.push((encrypt(&ch, &keys[0], &plaintext).await, plaintext));
 
-    // The job's first step is bounded: the service key and one version
+    // The job's first step is bounded: the two service keys (integrity and
+    // audit checkpoint) and one version
     // (`root_rewrap_batch = 1`), then the long pause.
     let deadline = Instant::now() + Duration::from_secs(120);
     while held_by(&roots(&server), 1).0 == 6 {
@@ -292,7 +293,7 @@ async fn root_rotation_round_trip_from_the_cli() {
     }
     let report = roots(&server);
     assert_eq!(held_by(&report, 1), (5, 0), "{report}");
-    assert_eq!(held_by(&report, 2), (2, 1), "{report}");
+    assert_eq!(held_by(&report, 2), (2, 2), "{report}");
 
     // Still referenced: refused, naming the count.
     let (ok, stderr) = destroy_root(&server, 1);
@@ -317,7 +318,7 @@ async fn root_rotation_round_trip_from_the_cli() {
     let server = dep.start();
     let ch = channel(&server).await;
     let report = wait_until_empty(&server, &dep, 1);
-    assert_eq!(held_by(&report, 2), (7, 1));
+    assert_eq!(held_by(&report, 2), (7, 2));
     for key in &keys {
         for (version, _, epoch) in versions(&ch, key).await {
             assert_eq!(epoch, 2, "{key} v{version} still under epoch {epoch}");
@@ -407,7 +408,7 @@ async fn a_sigkill_during_the_rewrap_job_loses_nothing_and_the_job_resumes() {
     // Everything decrypts right after the crash, whichever root holds it.
     decrypt_all(&ch, &made).await;
     let report = wait_until_empty(&server, &dep, 1);
-    assert_eq!(held_by(&report, 2), (u64::from(VERSIONS), 1));
+    assert_eq!(held_by(&report, 2), (u64::from(VERSIONS), 2));
     let all = versions(&ch, &key).await;
     assert_eq!(all.len(), VERSIONS as usize);
     assert!(all.iter().all(|v| v.2 == 2), "{all:?}");
