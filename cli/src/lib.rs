@@ -24,6 +24,7 @@ mod aliases;
 mod audit;
 mod crypto;
 mod envelope;
+mod import;
 mod keys;
 mod output;
 mod parse;

@@ -32,7 +32,7 @@ pub use audit::{
 pub use catalogue::{AliasEntry, Catalogue, MAX_PAGE_SIZE};
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
-    Alias, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey, Page,
-    Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
+    Alias, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey,
+    Page, Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
 };
 pub use storage::{Storage, StorageOptions};

@@ -12,6 +12,7 @@ mod envelope;
 mod faults;
 mod gcm_limit;
 mod health;
+mod import;
 mod keys;
 mod lifecycle_races;
 mod listing_bounds;

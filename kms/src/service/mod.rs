@@ -15,6 +15,7 @@ mod audit;
 mod authz;
 mod batch;
 mod crypto;
+pub(crate) mod import;
 mod keys;
 mod lookup;
 pub mod operation;
@@ -43,6 +44,7 @@ pub use crypto::{
     DataKey, DataKeyForm, DataKeyInput, DataKeySize, DecryptInput, Decrypted, EncryptInput,
     Encrypted, ReEncryptInput, ReEncrypted,
 };
+pub use import::{ImportParameters, ImportRefusal};
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
     RotationPolicyInput,
@@ -158,6 +160,10 @@ pub(crate) struct Wrapped {
     pub(crate) epoch: u32,
     /// Whether new versions are wrapped (else token objects).
     pub(crate) new_versions: bool,
+    /// The variant of the active root (how unwrapped keys are held).
+    pub(crate) variant: kms_hsm::RootVariant,
+    /// Outstanding import key pairs (bring your own key).
+    pub(crate) imports: import::Imports,
 }
 
 impl KmsService {
@@ -482,6 +488,8 @@ fn open_wrapped(
         ),
         epoch,
         new_versions,
+        variant,
+        imports: import::Imports::new(Arc::clone(hsm)),
     }))
 }
 
