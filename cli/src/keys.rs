@@ -652,6 +652,7 @@ mod tests {
              State            ENABLED\n\
              Key spec         AES_256_GCM\n\
              Primary version  2\n\
+             Origin           KMS\n\
              Rotation period  90 days\n\
              Next rotation    2026-04-01T00:00:00Z\n\
              Deletion time    -\n\
