@@ -160,6 +160,30 @@ fn imported_material_is_the_key_in_use_offline_and_in_one_step() {
         "{refused}"
     );
 
+    let refused = cli_err(
+        &ep,
+        &["key", "rotation-policy", &key, "--period-days", "30"],
+    );
+    assert!(
+        refused.contains("FAILED_PRECONDITION") && refused.contains("origin EXTERNAL"),
+        "{refused}"
+    );
+    let refused = cli_err(
+        &ep,
+        &[
+            "key",
+            "create",
+            "--origin",
+            "external",
+            "--rotation-period-days",
+            "30",
+        ],
+    );
+    assert!(
+        refused.contains("INVALID_ARGUMENT") && refused.contains("rotation_period"),
+        "{refused}"
+    );
+
     // Offline: the external party wraps with the files the CLI wrote.
     let offline = work.path().join("offline");
     params(&ep, &key, &offline, &["--wrapping-key-spec", "RSA_2048"]);
