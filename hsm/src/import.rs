@@ -223,22 +223,8 @@ pub(crate) fn import_version(
     epoch: u32,
     variant: RootVariant,
 ) -> Result<WrappedKey> {
-    let extractable_once = Attribute::Extractable(true);
-    let altered = (variant == RootVariant::NonExtractable).then_some(&extractable_once);
-    let template = wrapped::template(KeyPurpose::Kek, variant, Stage::Unwrap, altered);
-    let handle = session
-        .unwrap_key(
-            &Mechanism::RsaPkcsOaep(hash.params()),
-            private,
-            encrypted,
-            &template,
-        )
-        .map_err(|e| oaep_error(e, hash))?;
+    let handle = unwrap_imported(session, private, hash, encrypted, variant)?;
     let outcome = (|| {
-        if variant == RootVariant::Trusted {
-            wrapped::check_working(session, handle, KeyPurpose::Kek, variant, Stage::Unwrap)?;
-        }
-        probe_aes_256(session, handle)?;
         let blob = session
             .wrap_key(&Mechanism::AesKeyWrap, root, handle)
             .map_err(|e| match e {
@@ -264,6 +250,47 @@ pub(crate) fn import_version(
     // MAC-checked blob, like every wrapped version.
     let _ = session.destroy_object(handle);
     outcome
+}
+
+/// The first half of [`import_version`]: the OAEP `C_UnwrapKey` into a
+/// session object with the version table's unwrap template (variant N:
+/// extractable once), its read-back (variant T: the whole working-key
+/// table, value unreadable) and the AES-256 probe. Destroys the object on
+/// any failure.
+///
+/// # Errors
+/// As [`import_version`].
+pub(crate) fn unwrap_imported(
+    session: &Session,
+    private: ObjectHandle,
+    hash: OaepHash,
+    encrypted: &[u8],
+    variant: RootVariant,
+) -> Result<ObjectHandle> {
+    let extractable_once = Attribute::Extractable(true);
+    let altered = (variant == RootVariant::NonExtractable).then_some(&extractable_once);
+    let template = wrapped::template(KeyPurpose::Kek, variant, Stage::Unwrap, altered);
+    let handle = session
+        .unwrap_key(
+            &Mechanism::RsaPkcsOaep(hash.params()),
+            private,
+            encrypted,
+            &template,
+        )
+        .map_err(|e| oaep_error(e, hash))?;
+    let checked = (|| {
+        if variant == RootVariant::Trusted {
+            wrapped::check_working(session, handle, KeyPurpose::Kek, variant, Stage::Unwrap)?;
+        }
+        probe_aes_256(session, handle)
+    })();
+    match checked {
+        Ok(()) => Ok(handle),
+        Err(e) => {
+            let _ = session.destroy_object(handle);
+            Err(e)
+        }
+    }
 }
 
 /// Refuses an imported key that is not a usable AES key: one AES-256-GCM

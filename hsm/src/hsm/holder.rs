@@ -535,6 +535,32 @@ impl KeyHolder {
         })
     }
 
+    /// Tests only: the OAEP unwrap of `import_version` without the wrap
+    /// under the root, leaving the imported object as a working key for
+    /// the caller to inspect (attribute read-back, wrap attacks).
+    ///
+    /// # Errors
+    /// As `import_version`.
+    #[cfg(feature = "testing")]
+    pub fn unwrap_imported_for_tests(
+        &self,
+        key: &ImportKey,
+        hash: crate::import::OaepHash,
+        encrypted: &[u8],
+        variant: RootVariant,
+    ) -> Result<WorkingKey> {
+        if key.holder != self.id {
+            return Err(HsmError::InvalidArgument(
+                "import key belongs to another holder",
+            ));
+        }
+        self.with(|session, _| {
+            let handle =
+                crate::import::unwrap_imported(session, key.handle, hash, encrypted, variant)?;
+            Ok(self.working(handle, KeyPurpose::Kek))
+        })
+    }
+
     /// Destroys an import key pair's private half (used, superseded or
     /// expired).
     ///

@@ -216,3 +216,119 @@ fn the_root_cannot_wrap_an_rsa_private_key() {
         );
     }
 }
+
+/// The OAEP-unwrapped object itself (before it is wrapped under the root):
+/// read back as a sensitive, private session object whose value cannot be
+/// read, extractable only under a trusted key (variant T: wrapping it under
+/// an ordinary user key is refused, under the root it works), and it is the
+/// caller's key (the known bytes decrypt what it encrypts).
+#[test]
+fn the_oaep_unwrapped_object_is_sensitive_and_leaves_only_under_a_trusted_key() {
+    let (_token, hsm) = token_with_root(RootVariant::Trusted);
+    let holder = hsm.key_holder().expect("holder");
+    let (key, spki) = holder
+        .generate_import_key(ImportKeySpec::Rsa2048)
+        .expect("import key pair");
+    let material: [u8; 32] = random();
+    let imported = holder
+        .unwrap_imported_for_tests(
+            &key,
+            OaepHash::Sha1,
+            &oaep_sha1(&spki, &material),
+            RootVariant::Trusted,
+        )
+        .expect("OAEP unwrap");
+    let (attributes, value, user_wrap, root_wrap) = holder
+        .attack_session_for_tests(Some(&imported), |session, handle| {
+            let handle = handle.expect("handle");
+            use cryptoki::object::AttributeType as A;
+            let attributes = session
+                .get_attributes(
+                    handle,
+                    &[
+                        A::Token,
+                        A::Private,
+                        A::Sensitive,
+                        A::Extractable,
+                        A::WrapWithTrusted,
+                        A::Encrypt,
+                        A::Wrap,
+                        A::Unwrap,
+                        A::Derive,
+                    ],
+                )
+                .expect("read back");
+            let value = session
+                .get_attributes(handle, &[A::Value])
+                .ok()
+                .and_then(|v| {
+                    v.into_iter().find_map(|a| match a {
+                        Attribute::Value(bytes) if !bytes.is_empty() => Some(bytes),
+                        _ => None,
+                    })
+                });
+            // An ordinary (untrusted) wrapping key made by the PIN holder.
+            let user_key = session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Token(false),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                    ],
+                )
+                .expect("user key");
+            let user_wrap = session.wrap_key(&Mechanism::AesKeyWrap, user_key, handle);
+            session.destroy_object(user_key).expect("destroy");
+            let root = session
+                .find_objects(&[Attribute::Id(kms_hsm::root_id(1).as_bytes().to_vec())])
+                .expect("find root")[0];
+            let root_wrap = session.wrap_key(&Mechanism::AesKeyWrap, root, handle);
+            (attributes, value, user_wrap, root_wrap)
+        })
+        .expect("raw session");
+    for expected in [
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ] {
+        assert!(
+            attributes.contains(&expected),
+            "{expected:?} not in {attributes:?}"
+        );
+    }
+    assert_eq!(value, None, "CKA_VALUE must not be readable");
+    assert!(
+        matches!(
+            user_wrap,
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::KeyNotWrappable,
+                _
+            ))
+        ),
+        "wrapping under an untrusted key: {user_wrap:?}"
+    );
+    assert_eq!(
+        root_wrap.expect("wrap under the trusted root").len(),
+        WRAPPED_KEY_LEN
+    );
+    // It is the caller's key.
+    let sealed = holder.encrypt(&imported, b"", b"mine").expect("encrypt");
+    let known = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &material).expect("key"));
+    let mut in_out = sealed.ciphertext_and_tag.clone();
+    let iv: [u8; 12] = sealed.iv.as_slice().try_into().expect("96-bit IV");
+    let plain = known
+        .open_in_place(Nonce::assume_unique_for_key(iv), Aad::empty(), &mut in_out)
+        .expect("the known material decrypts");
+    assert_eq!(plain, b"mine");
+    holder.destroy(imported).expect("destroy");
+    holder.destroy_import_key(key).expect("destroy import key");
+    assert_eq!(holder.session_object_count().expect("count"), 0);
+}
