@@ -54,6 +54,13 @@ pub enum KeyCommand {
     /// Show or change who may use and manage the key.
     #[command(subcommand)]
     Policy(super::policy::PolicyCommand),
+    /// Get import parameters (public key, token) for a key of origin external, as
+    /// files for an external party that wraps its key material offline.
+    ImportParameters(super::import::ImportParametersArgs),
+    /// Import key material into a key of origin external: wrapped offline
+    /// (--wrapped-material, --import-token) or in one step (--key-material-file).
+    /// Each import adds a version that becomes primary.
+    Import(super::import::ImportArgs),
 }
 
 /// A key named on the command line.
@@ -79,6 +86,19 @@ pub struct CreateKeyArgs {
     /// Also create this alias for the new key.
     #[arg(long, value_name = "alias/NAME")]
     pub alias: Option<String>,
+    /// Where the key material comes from: kms (generated in the HSM) or external
+    /// (no version until `kms key import`; never rotated by kms).
+    #[arg(long, value_enum, default_value = "kms")]
+    pub origin: Origin,
+}
+
+/// `--origin` of `kms key create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Origin {
+    /// Generated inside the HSM.
+    Kms,
+    /// Imported by its owner (`kms key import`).
+    External,
 }
 
 /// Arguments of `kms key list`.
@@ -175,6 +195,8 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
     match command {
         KeyCommand::Create(args) => create(args, options).await,
         KeyCommand::Policy(command) => super::policy::run(command, options).await,
+        KeyCommand::ImportParameters(args) => super::import::import_parameters(args, options).await,
+        KeyCommand::Import(args) => super::import::import(args, options).await,
         KeyCommand::List(args) => list(args, options).await,
         KeyCommand::Describe(KeyArg { key }) => {
             let reply = connect(options)
@@ -317,6 +339,10 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
             key_spec: pb::KeySpec::Aes256Gcm as i32,
             tags,
             rotation_period,
+            origin: match args.origin {
+                Origin::Kms => pb::KeyOrigin::Kms,
+                Origin::External => pb::KeyOrigin::External,
+            } as i32,
         })
         .await?;
     let mut metadata = required(reply.key_metadata, "key metadata")?;
@@ -499,6 +525,7 @@ fn key_pairs(m: &pb::KeyMetadata) -> Vec<(&'static str, String)> {
         ("State", output::key_state_name(m.state)),
         ("Key spec", output::key_spec_name(m.key_spec)),
         ("Primary version", m.primary_version.to_string()),
+        ("Origin", output::key_origin_name(m.origin)),
         (
             "Primary held as",
             held_as_cell(m.primary_protection, m.primary_root_epoch),
@@ -529,6 +556,7 @@ fn version_pairs(v: &pb::KeyVersion) -> Vec<(&'static str, String)> {
         ("Destroy time", output::time_cell(v.destroy_time.as_ref())),
         ("GCM invocations", v.gcm_invocations.to_string()),
         ("Held as", held_as(v)),
+        ("Origin", output::key_origin_name(v.origin)),
     ]
 }
 
@@ -569,6 +597,7 @@ fn key_json(m: &pb::KeyMetadata) -> Value {
         "key_spec": output::key_spec_name(m.key_spec),
         "state": output::key_state_name(m.state),
         "primary_version": m.primary_version,
+        "origin": output::key_origin_name(m.origin),
         "rotation_period_seconds": output::duration_json(m.rotation_period.as_ref()),
         "next_rotation_time": output::time_json(m.next_rotation_time.as_ref()),
         "deletion_time": output::time_json(m.deletion_time.as_ref()),
@@ -591,6 +620,7 @@ fn version_json(v: &pb::KeyVersion) -> Value {
         "gcm_invocations": v.gcm_invocations,
         "held_as": held_as_json(v.protection),
         "root_epoch": v.root_epoch,
+        "origin": output::key_origin_name(v.origin),
     })
 }
 
@@ -626,6 +656,7 @@ mod tests {
             update_time: ts(1_767_225_601),
             primary_protection: pb::KeyVersionProtection::Wrapped as i32,
             primary_root_epoch: 3,
+            origin: pb::KeyOrigin::Kms as i32,
         }
     }
 
@@ -640,6 +671,7 @@ mod tests {
              State            ENABLED\n\
              Key spec         AES_256_GCM\n\
              Primary version  2\n\
+             Origin           KMS\n\
              Primary held as  wrapped (root 3)\n\
              Rotation period  90 days\n\
              Next rotation    2026-04-01T00:00:00Z\n\
@@ -733,6 +765,7 @@ mod tests {
                 pb::KeyVersionProtection::Wrapped
             } as i32,
             root_epoch: if n == 1 { 0 } else { 1 },
+            origin: pb::KeyOrigin::Kms as i32,
         };
         let text = versions_table(&[
             version(1, false, pb::KeyVersionState::Disabled),

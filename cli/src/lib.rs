@@ -25,6 +25,7 @@ mod audit;
 mod crypto;
 mod envelope;
 mod hsm;
+mod import;
 mod keys;
 mod output;
 mod parse;

@@ -156,6 +156,11 @@ pub(crate) fn key_state_name(value: i32) -> String {
     short_enum_name(full, "KEY_STATE_", value)
 }
 
+pub(crate) fn key_origin_name(value: i32) -> String {
+    let full = pb::KeyOrigin::try_from(value).ok().map(|s| s.as_str_name());
+    short_enum_name(full, "KEY_ORIGIN_", value)
+}
+
 pub(crate) fn key_version_state_name(value: i32) -> String {
     let full = pb::KeyVersionState::try_from(value)
         .ok()

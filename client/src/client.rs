@@ -107,6 +107,8 @@ rpcs! {
     KeyManagementClient list_aliases "ListAliases" Retryable: ListAliasesRequest => ListAliasesResponse;
     KeyManagementClient get_key_policy "GetKeyPolicy" Retryable: GetKeyPolicyRequest => GetKeyPolicyResponse;
     KeyManagementClient put_key_policy "PutKeyPolicy" Once: PutKeyPolicyRequest => PutKeyPolicyResponse;
+    KeyManagementClient get_parameters_for_import "GetParametersForImport" Once: GetParametersForImportRequest => GetParametersForImportResponse;
+    KeyManagementClient import_key_material "ImportKeyMaterial" Once: ImportKeyMaterialRequest => ImportKeyMaterialResponse;
     CryptoClient encrypt "Encrypt" Retryable: EncryptRequest => EncryptResponse;
     CryptoClient decrypt "Decrypt" Retryable: DecryptRequest => DecryptResponse;
     CryptoClient generate_data_key "GenerateDataKey" Retryable: GenerateDataKeyRequest => GenerateDataKeyResponse;

@@ -65,6 +65,8 @@ pub enum Operation {
     WrapKey,
     /// `C_UnwrapKey` (a wrapped key version into a working session object).
     UnwrapKey,
+    /// `C_GenerateKeyPair` (an RSA import key pair).
+    GenerateKeyPair,
 }
 
 impl fmt::Display for Operation {
@@ -93,6 +95,7 @@ impl fmt::Display for Operation {
             Operation::ReadPin => "read PIN",
             Operation::WrapKey => "C_WrapKey",
             Operation::UnwrapKey => "C_UnwrapKey",
+            Operation::GenerateKeyPair => "C_GenerateKeyPair",
         };
         f.write_str(name)
     }
@@ -407,6 +410,22 @@ pub enum HsmError {
     /// again on a new `KeyHolder`.
     #[error("the working key's holder session is gone; unwrap it again")]
     WorkingKeyStale,
+
+    /// The HSM refused the RSA-OAEP parameters of an import: it does not
+    /// support `algorithm` (SoftHSM2 2.6.1 unwraps with
+    /// `RSAES_OAEP_SHA_1` only; design note §1.3). Nothing was created.
+    #[error("the HSM does not support the wrapping algorithm {algorithm} ({code})")]
+    ImportAlgorithmUnsupported {
+        /// The AWS KMS name of the algorithm, e.g. `RSAES_OAEP_SHA_256`.
+        algorithm: &'static str,
+        /// What the HSM answered.
+        code: ReturnCode,
+    },
+
+    /// Imported key material did not decrypt under the import key pair, or
+    /// is not a 32-byte key. Nothing was created.
+    #[error("the encrypted key material does not decrypt to a 32-byte key under the import key")]
+    ImportMaterialInvalid,
 }
 
 impl HsmError {

@@ -19,6 +19,7 @@
 //! wrapped versions, working keys; `raw` is the one module with
 //! `unsafe`, for the PKCS#11 calls cryptoki 0.12 cannot express: template
 //! attributes and a tolerant `C_GetTokenInfo`);
+//! `import` the RSA import key pairs and OAEP unwrap of bring-your-own-key;
 //! `error`/`return_code` the typed errors; `softhsm` SoftHSM2's
 //! configuration; `token` finding and initializing tokens; `token_info`
 //! reading a token's label and flags tolerantly.
@@ -28,6 +29,7 @@
 mod config;
 mod error;
 mod hsm;
+mod import;
 mod module;
 mod objects;
 mod raw;
@@ -47,10 +49,12 @@ pub mod testing;
 
 pub use config::{HsmConfig, Pin, PinSource};
 pub use error::{ExaminedSlot, HsmError, Operation, Result, ReturnCode, RngSource, SlotRejection};
+pub use hsm::ImportKey;
 pub use hsm::{
     GCM_IV_LEN, GCM_TAG_LEN, GcmSealed, Hsm, HsmCounters, KeyHolder, KeyObjectInfo, MAX_GCM_INPUT,
     MAX_RANDOM_LEN, OperationStats, PoolUsage, RootInfo, WorkingKey,
 };
+pub use import::{ImportKeySpec, OaepHash};
 pub use objects::{KeyPurpose, ObjectId};
 #[cfg(feature = "testing")]
 pub use root::{RootDefect, create_defective_root_for_tests};

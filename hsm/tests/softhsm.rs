@@ -10,6 +10,10 @@ use kms_hsm::{GCM_TAG_LEN, Hsm, HsmError, KeyPurpose, ObjectId, SlotRejection};
 #[path = "softhsm/wrapped.rs"]
 mod wrapped;
 
+/// Bring your own key (issue 14 item 6): import key pairs and OAEP unwrap.
+#[path = "softhsm/import.rs"]
+mod import;
+
 fn id(text: &str) -> ObjectId {
     ObjectId::new(text.as_bytes().to_vec()).expect("object id")
 }

@@ -176,6 +176,11 @@ pub enum KmsError {
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
 
+    /// Bring your own key refused (issue 14 item 6): the refusal says what
+    /// and what to do; see `service::import::ImportRefusal`.
+    #[error(transparent)]
+    Import(#[from] crate::service::ImportRefusal),
+
     /// An HSM operation failed for a reason other than unavailability.
     #[error("internal error")]
     Hsm {
@@ -247,6 +252,7 @@ impl KmsError {
                 ResultCode::Unavailable
             }
             KmsError::ResourceExhausted { .. } => ResultCode::ResourceExhausted,
+            KmsError::Import(refusal) => refusal.code(),
             KmsError::PermissionDenied { .. } => ResultCode::PermissionDenied,
             KmsError::Hsm { .. }
             | KmsError::CatalogueRecordCorrupt { .. }
@@ -361,6 +367,7 @@ impl KmsError {
                 action: action.clone(),
             },
             KmsError::ResourceExhausted { what } => KmsError::ResourceExhausted { what },
+            KmsError::Import(refusal) => KmsError::Import(refusal.clone()),
             KmsError::Hsm { .. } => KmsError::Internal {
                 what: "HSM operation failed (cause logged with an earlier item)",
             },
@@ -405,6 +412,12 @@ impl From<HsmError> for KmsError {
     fn from(error: HsmError) -> Self {
         match error {
             HsmError::InvalidCiphertext => KmsError::InvalidCiphertext,
+            HsmError::ImportMaterialInvalid => {
+                KmsError::Import(crate::service::ImportRefusal::MaterialInvalid)
+            }
+            HsmError::ImportAlgorithmUnsupported { algorithm, .. } => {
+                KmsError::Import(crate::service::ImportRefusal::AlgorithmUnsupported { algorithm })
+            }
             e if e.is_unavailable() => KmsError::HsmUnavailable { source: Some(e) },
             e => KmsError::Hsm { source: e },
         }
@@ -438,6 +451,9 @@ impl From<StorageError> for KmsError {
                 version,
             },
             StorageError::VersionsExhausted { id } => KmsError::VersionsExhausted { key_id: id },
+            StorageError::OriginMismatch { id } => {
+                KmsError::Import(crate::service::ImportRefusal::OriginMismatch { key_id: id })
+            }
             // The catalogue's own invariant refusals (the service checks
             // first; these answer a caller the same way if it did not).
             StorageError::PrimaryNotEnabled { id, version } => KmsError::PrimaryVersionDisable {

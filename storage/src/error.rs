@@ -217,6 +217,14 @@ pub enum StorageError {
         /// The field's name in the record.
         field: &'static str,
     },
+    /// A version of one origin for a key of the other: an imported version
+    /// for a key kms generates, or a generated one for a key of origin
+    /// `External` (whose material only its owner can supply).
+    #[error("key {id} has another origin than the version being added")]
+    OriginMismatch {
+        /// The key id.
+        id: KeyId,
+    },
     /// A key's version numbers are exhausted (u32::MAX versions).
     #[error("key {id} has no version numbers left")]
     VersionsExhausted {

@@ -172,6 +172,31 @@ pub enum KeyState {
     },
 }
 
+/// Where a key's (or a version's) key material comes from (AWS KMS
+/// `Origin`). Stored as `"origin":"EXTERNAL"`; `Kms` is the default and is
+/// not written, so records from before origins existed decode as `Kms` and
+/// records of generated keys encode byte for byte as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum KeyOrigin {
+    /// Generated inside the HSM by kms.
+    #[default]
+    #[serde(rename = "KMS")]
+    Kms,
+    /// Imported by its owner (`ImportKeyMaterial`): kms cannot generate
+    /// new material for it, so it is never rotated by kms; a key of this
+    /// origin has no version until the first import.
+    #[serde(rename = "EXTERNAL")]
+    External,
+}
+
+impl KeyOrigin {
+    /// Whether this is the default, `Kms` (serde: not written).
+    pub fn is_kms(&self) -> bool {
+        *self == KeyOrigin::Kms
+    }
+}
+
 /// When the service rotates a key on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "policy")]
@@ -216,6 +241,11 @@ pub struct KeyRecord {
     /// (Absent in records written before policies existed.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<KeyPolicy>,
+    /// Where the key's material comes from. An `External` key with no
+    /// primary version awaits its first import (AWS `PendingImport`).
+    /// (Absent, meaning `Kms`, in records of generated keys.)
+    #[serde(default, skip_serializing_if = "KeyOrigin::is_kms")]
+    pub origin: KeyOrigin,
 }
 
 /// A key's access policy: a request is allowed when one grant matches it.
@@ -461,6 +491,11 @@ pub struct VersionRecord {
     pub state: VersionState,
     /// Where the version's KEK lives.
     pub kek: KekHandle,
+    /// Where the version's material comes from: `External` for a version
+    /// made by `ImportKeyMaterial`. (Absent, meaning `Kms`, in records of
+    /// generated versions.)
+    #[serde(default, skip_serializing_if = "KeyOrigin::is_kms")]
+    pub origin: KeyOrigin,
     /// Creation time, unix milliseconds.
     pub created_at_ms: u64,
     /// Time of the last change to this record, unix milliseconds.
@@ -525,6 +560,41 @@ mod tests {
         }
         // The alternate form must not leak either.
         assert!(!format!("{kek:#?}").contains("5a5a"));
+    }
+
+    /// Golden vectors of the origin field: old records (no field) decode as
+    /// `Kms` and re-encode without it; `External` is written as below.
+    #[test]
+    fn origin_is_absent_for_kms_and_pinned_for_external() {
+        let old_key = r#"{"id":"key-000000000000000000000000000000e1","description":"","tags":{},"spec":"AES_256_GCM","state":{"state":"Enabled"},"primary_version":null,"latest_version":0,"rotation":{"policy":"Manual"},"next_rotation_at_ms":null,"created_at_ms":1,"updated_at_ms":1}"#;
+        let mut key: KeyRecord = serde_json::from_str(old_key).expect("old key record");
+        assert_eq!(key.origin, KeyOrigin::Kms);
+        assert_eq!(serde_json::to_string(&key).expect("encode"), old_key);
+        key.origin = KeyOrigin::External;
+        let external_key = r#"{"id":"key-000000000000000000000000000000e1","description":"","tags":{},"spec":"AES_256_GCM","state":{"state":"Enabled"},"primary_version":null,"latest_version":0,"rotation":{"policy":"Manual"},"next_rotation_at_ms":null,"created_at_ms":1,"updated_at_ms":1,"origin":"EXTERNAL"}"#;
+        assert_eq!(serde_json::to_string(&key).expect("encode"), external_key);
+        assert_eq!(
+            serde_json::from_str::<KeyRecord>(external_key).expect("decode"),
+            key
+        );
+
+        let old_version = r#"{"key_id":"key-000000000000000000000000000000e1","version":1,"state":{"state":"Enabled"},"kek":{"kind":"Wrapped","root_epoch":1,"mechanism":8457,"blob":"aa","mac":"0000000000000000000000000000000000000000000000000000000000000000"},"created_at_ms":2,"updated_at_ms":2}"#;
+        let mut version: VersionRecord = serde_json::from_str(old_version).expect("old version");
+        assert_eq!(version.origin, KeyOrigin::Kms);
+        assert_eq!(
+            serde_json::to_string(&version).expect("encode"),
+            old_version
+        );
+        version.origin = KeyOrigin::External;
+        let external_version = r#"{"key_id":"key-000000000000000000000000000000e1","version":1,"state":{"state":"Enabled"},"kek":{"kind":"Wrapped","root_epoch":1,"mechanism":8457,"blob":"aa","mac":"0000000000000000000000000000000000000000000000000000000000000000"},"origin":"EXTERNAL","created_at_ms":2,"updated_at_ms":2}"#;
+        assert_eq!(
+            serde_json::to_string(&version).expect("encode"),
+            external_version
+        );
+        assert_eq!(
+            serde_json::from_str::<VersionRecord>(external_version).expect("decode"),
+            version
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use catalogue::{
 };
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
-    Alias, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey, Page,
-    Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
+    Alias, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey,
+    Page, Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
 };
 pub use storage::{Storage, StorageOptions};

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use kms_storage::{
-    Alias, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy, Storage, StorageError,
-    StorageOptions, VersionState, schema,
+    Alias, KekHandle, KeyId, KeyOrigin, KeySpec, KeyState, NewKey, RotationPolicy, Storage,
+    StorageError, StorageOptions, VersionState, schema,
 };
 
 use crate::{open, raw_db};
@@ -706,4 +706,66 @@ fn service_key_records_are_separate_and_the_first_writer_wins() {
         s.catalogue().integrity_key().unwrap(),
         Some(record(1, 0x11))
     );
+}
+
+/// Bring your own key: a key of origin EXTERNAL starts with no version,
+/// takes imported versions only (never generated ones), each enabled and
+/// primary in one write, and all of it survives a reopen.
+#[test]
+fn external_keys_start_without_a_version_and_take_imported_versions_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = kid(40);
+    {
+        let s = open(dir.path());
+        let c = s.catalogue();
+        let key = c
+            .create_key_pending_import(new_key(&id, &["alias/byok"]), 1_000)
+            .unwrap();
+        assert_eq!(key.origin, KeyOrigin::External);
+        assert_eq!((key.primary_version, key.latest_version), (None, 0));
+        assert!(c.list_versions(&id).unwrap().is_empty());
+        assert_eq!(c.resolve_key("alias/byok").unwrap().unwrap(), key);
+        // Generated versions (rotation) are refused, both ways.
+        assert!(matches!(
+            c.add_enabled_version::<StorageError>(&id, 1_001, |v| Ok(kek(&id, v))),
+            Err(StorageError::OriginMismatch { .. })
+        ));
+        assert!(matches!(
+            c.add_pending_version(&id, 1_001, |v| kek(&id, v)),
+            Err(StorageError::OriginMismatch { .. })
+        ));
+        let (key, v1) = c
+            .add_enabled_version_of::<StorageError>(&id, KeyOrigin::External, 1_002, |v| {
+                Ok(kek(&id, v))
+            })
+            .unwrap();
+        assert_eq!((v1.version, v1.origin), (1, KeyOrigin::External));
+        assert_eq!(v1.state, VersionState::Enabled);
+        assert_eq!((key.primary_version, key.latest_version), (Some(1), 1));
+        let (key, v2) = c
+            .add_enabled_version_of::<StorageError>(&id, KeyOrigin::External, 1_003, |v| {
+                Ok(kek(&id, v))
+            })
+            .unwrap();
+        assert_eq!((v2.version, key.primary_version), (2, Some(2)));
+        // And a generated key takes no imported version.
+        let other = create(&s, 41, &[]);
+        assert!(matches!(
+            c.add_enabled_version_of::<StorageError>(&other, KeyOrigin::External, 1_004, |v| {
+                Ok(kek(&other, v))
+            }),
+            Err(StorageError::OriginMismatch { .. })
+        ));
+        assert!(matches!(
+            c.create_key_pending_import(new_key(&id, &[]), 1_005),
+            Err(StorageError::KeyExists { .. })
+        ));
+    }
+    let s = open(dir.path());
+    let c = s.catalogue();
+    let key = c.get_key(&id).unwrap().unwrap();
+    assert_eq!(key.origin, KeyOrigin::External);
+    let versions = c.list_versions(&id).unwrap();
+    assert_eq!(versions.len(), 2);
+    assert!(versions.iter().all(|v| v.origin == KeyOrigin::External));
 }

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kms_storage::{
-    Alias, AliasEntry, AuditConfig, Grant, KekHandle, KeyId, KeyPolicy, KeyRecord, KeySpec,
-    KeyState, NewKey, Permission, RotationPolicy, Storage, StorageError, VerifyOptions,
+    Alias, AliasEntry, AuditConfig, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord,
+    KeySpec, KeyState, NewKey, Permission, RotationPolicy, Storage, StorageError, VerifyOptions,
     VersionRecord, VersionState, schema,
 };
 use serde_json::{Value, json};
@@ -298,6 +298,8 @@ fn key_record(
         next_rotation_at_ms: rotation.1,
         created_at_ms: times.0,
         updated_at_ms: times.1,
+        // Records written before origins existed decode as generated keys.
+        origin: KeyOrigin::Kms,
         policy: None,
     }
 }
@@ -367,6 +369,7 @@ fn version(key: &str, v: u32, state: VersionState, created: u64, updated: u64) -
         version: v,
         state,
         kek: kek(key, v),
+        origin: KeyOrigin::Kms,
         created_at_ms: created,
         updated_at_ms: updated,
         gcm_invocations: 0,

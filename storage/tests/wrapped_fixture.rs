@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kms_storage::{
-    KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy, Storage, VersionRecord,
+    KekHandle, KeyId, KeyOrigin, KeySpec, KeyState, NewKey, RotationPolicy, Storage, VersionRecord,
     VersionState, schema,
 };
 use serde_json::{Value, json};
@@ -88,6 +88,7 @@ fn expected_versions() -> Vec<VersionRecord> {
         version,
         state: VersionState::Enabled,
         kek: wrapped(version),
+        origin: KeyOrigin::Kms,
         created_at_ms: created,
         updated_at_ms: updated,
         gcm_invocations: 0,

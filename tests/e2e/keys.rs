@@ -33,6 +33,7 @@ async fn key_catalogue_rpcs() {
                 seconds: 90 * 86_400,
                 nanos: 0,
             }),
+            ..Default::default()
         })
         .await
         .expect("create")

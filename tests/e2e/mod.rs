@@ -13,6 +13,7 @@ mod envelope;
 mod faults;
 mod gcm_limit;
 mod health;
+mod import;
 mod keys;
 mod lifecycle_races;
 mod listing_bounds;

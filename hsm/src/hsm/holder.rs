@@ -503,3 +503,115 @@ fn logged_in_as_user(session: &cryptoki::session::Session) -> bool {
         )
     })
 }
+
+/// The private half of an RSA import key pair (bring your own key): a
+/// sensitive, non-extractable session object on one `KeyHolder` that can
+/// only unwrap with RSA-OAEP. Holds no key material. Lost with its holder
+/// (restart, session or login loss); see `crate::import`.
+#[derive(Debug)]
+pub struct ImportKey {
+    handle: ObjectHandle,
+    holder: u64,
+}
+
+impl KeyHolder {
+    /// Generates an RSA import key pair of `spec` inside the HSM as session
+    /// objects on this holder and returns its private half and the public
+    /// key as a DER `SubjectPublicKeyInfo` (the public object is not kept).
+    ///
+    /// # Errors
+    /// `Pkcs11` with `C_GenerateKeyPair`'s code (e.g. an unsupported size);
+    /// `TemplateViolation` if the private half does not read back as its
+    /// table; `WorkingKeyStale`; `Unavailable`.
+    pub fn generate_import_key(
+        &self,
+        spec: crate::import::ImportKeySpec,
+    ) -> Result<(ImportKey, Vec<u8>)> {
+        self.with(|session, _| {
+            let (handle, spki) = crate::import::generate_pair(session, spec)?;
+            Ok((
+                ImportKey {
+                    handle,
+                    holder: self.id,
+                },
+                spki,
+            ))
+        })
+    }
+
+    /// Unwraps `encrypted` (the caller's 32-byte AES key under the import
+    /// public key, RSA-OAEP with `hash`) with `key` into a sensitive session
+    /// object, wraps that under the root of `epoch` and destroys it; returns
+    /// the blob, to be stored as a new version (with its catalogue MAC).
+    ///
+    /// # Errors
+    /// `ImportAlgorithmUnsupported` naming the algorithm the HSM refuses;
+    /// `ImportMaterialInvalid`; `InvalidArgument` for a key of another
+    /// holder; `WorkingKeyStale` if the holder (and so the key) is gone;
+    /// `ObjectNotFound` for a missing root; `TemplateViolation`.
+    pub fn import_version(
+        &self,
+        key: &ImportKey,
+        hash: crate::import::OaepHash,
+        encrypted: &[u8],
+        epoch: u32,
+        variant: RootVariant,
+    ) -> Result<WrappedKey> {
+        if key.holder != self.id {
+            return Err(HsmError::InvalidArgument(
+                "import key belongs to another holder",
+            ));
+        }
+        self.with(|session, _| {
+            let root = root::find_root(session, epoch)?;
+            crate::import::import_version(
+                session, key.handle, hash, encrypted, root, epoch, variant,
+            )
+            .map_err(stale_key)
+        })
+    }
+
+    /// Tests only: the OAEP unwrap of `import_version` without the wrap
+    /// under the root, leaving the imported object as a working key for
+    /// the caller to inspect (attribute read-back, wrap attacks).
+    ///
+    /// # Errors
+    /// As `import_version`.
+    #[cfg(feature = "testing")]
+    pub fn unwrap_imported_for_tests(
+        &self,
+        key: &ImportKey,
+        hash: crate::import::OaepHash,
+        encrypted: &[u8],
+        variant: RootVariant,
+    ) -> Result<WorkingKey> {
+        if key.holder != self.id {
+            return Err(HsmError::InvalidArgument(
+                "import key belongs to another holder",
+            ));
+        }
+        self.with(|session, _| {
+            let handle =
+                crate::import::unwrap_imported(session, key.handle, hash, encrypted, variant)?;
+            Ok(self.working(handle, KeyPurpose::Kek))
+        })
+    }
+
+    /// Destroys an import key pair's private half (used, superseded or
+    /// expired).
+    ///
+    /// # Errors
+    /// As `destroy`.
+    pub fn destroy_import_key(&self, key: ImportKey) -> Result<()> {
+        if key.holder != self.id {
+            return Err(HsmError::InvalidArgument(
+                "import key belongs to another holder",
+            ));
+        }
+        self.with(|session, _| {
+            session
+                .destroy_object(key.handle)
+                .map_err(|e| crate::error::from_cryptoki(Operation::DestroyObject, e))
+        })
+    }
+}

@@ -9,7 +9,7 @@ mod handle_cache;
 mod holder;
 mod recovery;
 
-pub use holder::{KeyHolder, RootInfo, WorkingKey};
+pub use holder::{ImportKey, KeyHolder, RootInfo, WorkingKey};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

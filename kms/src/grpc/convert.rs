@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use kms_storage::{
-    AliasEntry, AuditRecord, Grant, KekHandle, KeyPolicy, KeyRecord, KeyState, Permission,
-    RotationPolicy, VersionRecord, VersionState,
+    AliasEntry, AuditRecord, Grant, KekHandle, KeyOrigin, KeyPolicy, KeyRecord, KeyState,
+    Permission, RotationPolicy, VersionRecord, VersionState,
 };
 
 use crate::error::KmsError;
@@ -65,6 +65,12 @@ pub(crate) fn duration_of(
 pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
     let record: &KeyRecord = &view.record;
     let (state, deletion_time) = match record.state {
+        // An EXTERNAL key before its first import (AWS PendingImport).
+        KeyState::Enabled
+            if record.origin == KeyOrigin::External && record.primary_version.is_none() =>
+        {
+            (pb::KeyState::PendingImport, None)
+        }
         KeyState::Enabled => (pb::KeyState::Enabled, None),
         KeyState::Disabled => (pb::KeyState::Disabled, None),
         KeyState::PendingDeletion { delete_at_ms } => (
@@ -106,6 +112,7 @@ pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
         update_time: Some(timestamp_ms(record.updated_at_ms)),
         primary_protection: primary_protection as i32,
         primary_root_epoch,
+        origin: key_origin(record.origin) as i32,
     }
 }
 
@@ -116,6 +123,15 @@ fn protection(kek: &KekHandle) -> (pb::KeyVersionProtection, u32) {
         KekHandle::HsmObject { .. } => (pb::KeyVersionProtection::TokenObject, 0),
         KekHandle::Wrapped { root_epoch, .. } => (pb::KeyVersionProtection::Wrapped, *root_epoch),
         _ => (pb::KeyVersionProtection::Unspecified, 0),
+    }
+}
+
+/// The proto name of an origin.
+pub(crate) fn key_origin(origin: KeyOrigin) -> pb::KeyOrigin {
+    match origin {
+        KeyOrigin::Kms => pb::KeyOrigin::Kms,
+        KeyOrigin::External => pb::KeyOrigin::External,
+        _ => pb::KeyOrigin::Unspecified,
     }
 }
 
@@ -146,6 +162,7 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
         gcm_invocations: version.gcm_invocations,
         protection: protection as i32,
         root_epoch,
+        origin: key_origin(version.origin) as i32,
     }
 }
 

@@ -6,8 +6,12 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_server::KeyManagement;
 use tonic::{Request, Response, Status};
 
+use kms_hsm::{ImportKeySpec, OaepHash};
+use kms_storage::KeyOrigin;
+
 use super::convert::{
     alias, duration_of, key_metadata, key_policy, key_policy_from, key_version, micros_of,
+    timestamp_ms,
 };
 use super::{Rpc, page_size, page_token};
 use crate::error::KmsError;
@@ -37,6 +41,59 @@ fn key_spec(spec: i32) -> Result<(), KmsError> {
             "key_spec",
             "only KEY_SPEC_AES_256_GCM is supported",
         )),
+    }
+}
+
+/// CreateKeyRequest.origin: UNSPECIFIED means KMS.
+fn key_origin(origin: i32) -> Result<KeyOrigin, KmsError> {
+    match pb::KeyOrigin::try_from(origin) {
+        Ok(pb::KeyOrigin::Unspecified | pb::KeyOrigin::Kms) => Ok(KeyOrigin::Kms),
+        Ok(pb::KeyOrigin::External) => Ok(KeyOrigin::External),
+        Err(_) => Err(KmsError::invalid(
+            "origin",
+            "must be KEY_ORIGIN_KMS or KEY_ORIGIN_EXTERNAL",
+        )),
+    }
+}
+
+/// A wrapping algorithm from a request; UNSPECIFIED is `None`.
+fn wrapping_algorithm(algorithm: i32) -> Result<Option<OaepHash>, KmsError> {
+    match pb::WrappingAlgorithm::try_from(algorithm) {
+        Ok(pb::WrappingAlgorithm::Unspecified) => Ok(None),
+        Ok(pb::WrappingAlgorithm::RsaesOaepSha1) => Ok(Some(OaepHash::Sha1)),
+        Ok(pb::WrappingAlgorithm::RsaesOaepSha256) => Ok(Some(OaepHash::Sha256)),
+        Err(_) => Err(KmsError::invalid(
+            "wrapping_algorithm",
+            "must be WRAPPING_ALGORITHM_RSAES_OAEP_SHA_1 or WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256",
+        )),
+    }
+}
+
+fn wrapping_algorithm_of(algorithm: OaepHash) -> pb::WrappingAlgorithm {
+    match algorithm {
+        OaepHash::Sha256 => pb::WrappingAlgorithm::RsaesOaepSha256,
+        _ => pb::WrappingAlgorithm::RsaesOaepSha1,
+    }
+}
+
+/// A wrapping key spec from a request (required).
+fn wrapping_key_spec(spec: i32) -> Result<ImportKeySpec, KmsError> {
+    match pb::WrappingKeySpec::try_from(spec) {
+        Ok(pb::WrappingKeySpec::Rsa2048) => Ok(ImportKeySpec::Rsa2048),
+        Ok(pb::WrappingKeySpec::Rsa3072) => Ok(ImportKeySpec::Rsa3072),
+        Ok(pb::WrappingKeySpec::Rsa4096) => Ok(ImportKeySpec::Rsa4096),
+        _ => Err(KmsError::invalid(
+            "wrapping_key_spec",
+            "must be WRAPPING_KEY_SPEC_RSA_2048, _3072 or _4096",
+        )),
+    }
+}
+
+fn wrapping_key_spec_of(spec: ImportKeySpec) -> pb::WrappingKeySpec {
+    match spec {
+        ImportKeySpec::Rsa3072 => pb::WrappingKeySpec::Rsa3072,
+        ImportKeySpec::Rsa4096 => pb::WrappingKeySpec::Rsa4096,
+        _ => pb::WrappingKeySpec::Rsa2048,
     }
 }
 
@@ -86,17 +143,20 @@ impl KeyManagement for KeyManagementApi {
         let rpc = Rpc::start(Operation::CreateKey, &request)?;
         let req = request.into_inner();
         let converted = key_spec(req.key_spec).and_then(|()| {
-            req.rotation_period
+            let period = req
+                .rotation_period
                 .as_ref()
                 .map(|d| duration_of(d, "rotation_period"))
-                .transpose()
+                .transpose()?;
+            Ok((period, key_origin(req.origin)?))
         });
-        let rotation_period = rpc.valid(&self.service, "", converted).await?;
+        let (rotation_period, origin) = rpc.valid(&self.service, "", converted).await?;
         let input = CreateKeyInput {
             description: req.description,
             tags: req.tags.into_iter().collect(),
             aliases: Vec::new(),
             rotation_period,
+            origin,
         };
         let view = rpc
             .blocking(&self.service, move |s, m| s.create_key(m, input))
@@ -261,6 +321,72 @@ impl KeyManagement for KeyManagementApi {
             })
             .await?;
         rpc.respond(pb::RotateKeyResponse {
+            new_version: Some(key_version(&version, view.record.primary_version)),
+            key_metadata: Some(key_metadata(&view)),
+        })
+    }
+
+    async fn get_parameters_for_import(
+        &self,
+        request: Request<pb::GetParametersForImportRequest>,
+    ) -> Reply<pb::GetParametersForImportResponse> {
+        let rpc = Rpc::start(Operation::GetParametersForImport, &request)?;
+        let req = request.into_inner();
+        let converted = (|| {
+            let algorithm = wrapping_algorithm(req.wrapping_algorithm)?
+                .ok_or_else(|| KmsError::invalid("wrapping_algorithm", "required"))?;
+            let spec = wrapping_key_spec(req.wrapping_key_spec)?;
+            let valid_for = req
+                .valid_for
+                .as_ref()
+                .map(|d| duration_of(d, "valid_for"))
+                .transpose()?;
+            Ok((algorithm, spec, valid_for))
+        })();
+        let (algorithm, spec, valid_for) = rpc.valid(&self.service, &req.key_id, converted).await?;
+        let key = req.key_id;
+        let params = rpc
+            .blocking(&self.service, move |s, m| {
+                s.get_parameters_for_import(m, &key, algorithm, spec, valid_for)
+            })
+            .await?;
+        rpc.respond(pb::GetParametersForImportResponse {
+            key_id: params.key_id.to_string(),
+            public_key: params.public_key,
+            import_token: params.import_token,
+            parameters_valid_to: Some(timestamp_ms(params.valid_to_ms)),
+            wrapping_algorithm: wrapping_algorithm_of(params.algorithm) as i32,
+            wrapping_key_spec: wrapping_key_spec_of(params.spec) as i32,
+        })
+    }
+
+    async fn import_key_material(
+        &self,
+        request: Request<pb::ImportKeyMaterialRequest>,
+    ) -> Reply<pb::ImportKeyMaterialResponse> {
+        let rpc = Rpc::start(Operation::ImportKeyMaterial, &request)?;
+        let req = request.into_inner();
+        let algorithm = rpc
+            .valid(
+                &self.service,
+                &req.key_id,
+                wrapping_algorithm(req.wrapping_algorithm),
+            )
+            .await?;
+        let (view, version) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.import_key_material(
+                    m,
+                    &req.key_id,
+                    &req.import_token,
+                    &req.encrypted_key_material,
+                    algorithm,
+                )?;
+                let view = s.key_view(&version.key_id)?;
+                Ok((view, version))
+            })
+            .await?;
+        rpc.respond(pb::ImportKeyMaterialResponse {
             new_version: Some(key_version(&version, view.record.primary_version)),
             key_metadata: Some(key_metadata(&view)),
         })

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use kms_hsm::{KeyPurpose, WrappedKey};
 use kms_storage::{
-    Alias, AliasEntry, KekHandle, KeyId, KeyRecord, KeySpec, KeyState, NewKey, Page, Permission,
-    RotationPolicy, VersionRecord, VersionState,
+    Alias, AliasEntry, KekHandle, KeyId, KeyOrigin, KeyRecord, KeySpec, KeyState, NewKey, Page,
+    Permission, RotationPolicy, VersionRecord, VersionState,
 };
 use parking_lot::{Mutex, MutexGuard};
 
@@ -80,6 +80,9 @@ pub struct CreateKeyInput {
     pub aliases: Vec<String>,
     /// None: the configured default (which may be no rotation).
     pub rotation_period: Option<Duration>,
+    /// Where the material comes from. `External`: no version until
+    /// ImportKeyMaterial, never rotated by kms (no rotation period).
+    pub origin: KeyOrigin,
 }
 
 /// Input of SetRotationPolicy.
@@ -163,13 +166,28 @@ impl KmsService {
                 .iter()
                 .map(|a| parse_alias(a.as_str()))
                 .collect::<Result<Vec<_>>>()?;
-            let period = input.rotation_period.or(self.rotation.default_period);
+            let external = input.origin == KeyOrigin::External;
+            if external && input.rotation_period.is_some() {
+                return Err(KmsError::invalid(
+                    "rotation_period",
+                    "must be unset for a key of origin EXTERNAL: kms cannot generate its material",
+                ));
+            }
+            if external && self.wrapped.is_none() {
+                return Err(super::ImportRefusal::NeedsWrappedVersions.into());
+            }
+            // The server's default period is for keys kms can rotate.
+            let period = if external {
+                None
+            } else {
+                input.rotation_period.or(self.rotation.default_period)
+            };
             if let Some(period) = period {
                 validate_period(period)?;
             }
             let now = now_ms();
             let id = KeyId::from_random(random_id_bytes()?);
-            audit.key(&id, Some(1));
+            audit.key(&id, (!external).then_some(1));
             // Held from the first write: nothing changes the key while its
             // first version is pending.
             let _guard = self.key_locks.lock(&id);
@@ -193,6 +211,11 @@ impl KmsService {
                 next_rotation_at_ms,
                 aliases,
             };
+            if external {
+                // No version: the owner imports the first one.
+                catalogue.create_key_pending_import(new_key, now)?;
+                return self.key_view(&id);
+            }
             if let Some(wrapped) = self.wrapped.as_ref().filter(|w| w.new_versions) {
                 // Wrap, MAC, then one catalogue write: a crash before it
                 // leaves nothing behind (no pending state, no HSM object).
@@ -220,7 +243,12 @@ impl KmsService {
 
     /// The catalogue handle of version `version` of `id` held as `blob`,
     /// with its MAC made inside the HSM under the catalogue-integrity key.
-    fn wrapped_kek(&self, id: &KeyId, version: u32, blob: &WrappedKey) -> Result<KekHandle> {
+    pub(super) fn wrapped_kek(
+        &self,
+        id: &KeyId,
+        version: u32,
+        blob: &WrappedKey,
+    ) -> Result<KekHandle> {
         let wrapped = self.wrapped.as_ref().ok_or(KmsError::Internal {
             what: "wrapped key versions are off",
         })?;
@@ -502,6 +530,9 @@ impl KmsService {
             .ok_or_else(|| KmsError::KeyNotFound {
                 key: id.to_string(),
             })?;
+        if record.origin == KeyOrigin::External {
+            return Err(super::ImportRefusal::RotateExternal { key_id: record.id }.into());
+        }
         super::ensure_usable(&record)?;
         if let Some(now) = due_at
             && !self.rotation_due(&record, now)?
@@ -562,6 +593,10 @@ impl KmsService {
 
     /// Whether a key is due for rotation by schedule or by GCM usage.
     pub(crate) fn rotation_due(&self, record: &KeyRecord, now: u64) -> Result<bool> {
+        if record.origin == KeyOrigin::External {
+            // kms cannot make material for it; its owner imports new versions.
+            return Ok(false);
+        }
         if let (RotationPolicy::Every { .. }, Some(at)) =
             (record.rotation, record.next_rotation_at_ms)
             && at <= now
@@ -619,7 +654,14 @@ impl KmsService {
         // was authorized, so that the refusal's audit record names the key's
         // id, not only the alias the caller used.
         self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
-            match schedule? {
+            let schedule = schedule?;
+            if schedule.is_some() && k.origin == KeyOrigin::External {
+                return Err(super::ImportRefusal::RotateExternal {
+                    key_id: k.id.clone(),
+                }
+                .into());
+            }
+            match schedule {
                 Some((period, next)) => {
                     k.rotation = RotationPolicy::Every {
                         period_secs: period.as_secs(),

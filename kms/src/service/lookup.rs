@@ -76,11 +76,15 @@ impl KmsService {
 
     /// The enabled primary version of a key (batches read it once, not per item).
     pub(crate) fn primary_version(&self, record: &KeyRecord) -> Result<VersionRecord> {
-        let number = record
-            .primary_version
-            .ok_or_else(|| KmsError::NoPrimaryVersion {
+        let number = record.primary_version.ok_or_else(|| match record.origin {
+            kms_storage::KeyOrigin::External => super::ImportRefusal::PendingImport {
                 key_id: record.id.clone(),
-            })?;
+            }
+            .into(),
+            _ => KmsError::NoPrimaryVersion {
+                key_id: record.id.clone(),
+            },
+        })?;
         let version = self.version(&record.id, number)?;
         if version.state != VersionState::Enabled {
             return Err(version_unusable(&version));
@@ -178,6 +182,13 @@ pub(crate) fn from_working_key_error(error: WorkingKeyError) -> KmsError {
 pub(crate) fn ensure_usable(record: &KeyRecord) -> Result<()> {
     let key_id = record.id.clone();
     match record.state {
+        // An EXTERNAL key before its first import has nothing to use.
+        KeyState::Enabled
+            if record.origin == kms_storage::KeyOrigin::External
+                && record.primary_version.is_none() =>
+        {
+            Err(super::ImportRefusal::PendingImport { key_id }.into())
+        }
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(KmsError::KeyDisabled { key_id }),
         KeyState::PendingDeletion { .. } => Err(KmsError::KeyPendingDeletion { key_id }),

@@ -16,6 +16,7 @@ mod authz;
 mod batch;
 pub(crate) mod checkpoint_key;
 mod crypto;
+pub(crate) mod import;
 mod keys;
 mod lookup;
 pub mod operation;
@@ -45,6 +46,7 @@ pub use crypto::{
     DataKey, DataKeyForm, DataKeyInput, DataKeySize, DecryptInput, Decrypted, EncryptInput,
     Encrypted, ReEncryptInput, ReEncrypted,
 };
+pub use import::{ImportParameters, ImportRefusal};
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
     RotationPolicyInput,
@@ -170,6 +172,8 @@ pub(crate) struct Wrapped {
     pub(crate) variant: RootVariant,
     /// Whether new versions are wrapped (else token objects).
     pub(crate) new_versions: bool,
+    /// Outstanding import key pairs (bring your own key).
+    pub(crate) imports: import::Imports,
 }
 
 impl Wrapped {
@@ -517,6 +521,7 @@ fn open_wrapped(
             epoch: parking_lot::RwLock::new(epoch),
             variant,
             new_versions,
+            imports: import::Imports::new(Arc::clone(hsm)),
         }),
         Some(roots),
     ))

@@ -37,6 +37,8 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ListAliases => "ListAliases",
         Operation::GetKeyPolicy => "GetKeyPolicy",
         Operation::PutKeyPolicy => "PutKeyPolicy",
+        Operation::GetParametersForImport => "GetParametersForImport",
+        Operation::ImportKeyMaterial => "ImportKeyMaterial",
         Operation::Encrypt => "Encrypt",
         Operation::Decrypt => "Decrypt",
         Operation::GenerateDataKey => "GenerateDataKey",
@@ -96,7 +98,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 41);
+        assert_eq!(seen, 43);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }

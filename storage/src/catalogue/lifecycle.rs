@@ -17,7 +17,9 @@ use rocksdb::WriteBatch;
 
 use super::Catalogue;
 use crate::error::StorageError;
-use crate::keys::{KekHandle, KeyId, KeyRecord, KeyState, NewKey, VersionRecord, VersionState};
+use crate::keys::{
+    KekHandle, KeyId, KeyOrigin, KeyRecord, KeyState, NewKey, VersionRecord, VersionState,
+};
 use crate::schema::{self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING};
 
 impl Catalogue {
@@ -107,10 +109,12 @@ impl Catalogue {
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             policy: None,
+            origin: KeyOrigin::Kms,
         };
         let version = VersionRecord {
             key_id: key.id.clone(),
             version: 1,
+            origin: KeyOrigin::Kms,
             state: if enabled {
                 VersionState::Enabled
             } else {
@@ -136,6 +140,71 @@ impl Catalogue {
         }
         self.commit(batch)?;
         Ok((key, version))
+    }
+
+    /// Creates a key of origin `External` with no version (it awaits its
+    /// first `ImportKeyMaterial`: AWS `PendingImport`), plus any aliases,
+    /// in one synced write. `primary_version` stays `None` and
+    /// `latest_version` 0 until [`Catalogue::add_enabled_version_of`] adds
+    /// an imported version.
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::create_key`]. Nothing is written on error.
+    pub fn create_key_pending_import(
+        &self,
+        new: NewKey,
+        now_ms: u64,
+    ) -> Result<KeyRecord, StorageError> {
+        match new.state {
+            KeyState::PendingDeletion { .. } => {
+                return Err(StorageError::KeyPendingDeletion { id: new.id });
+            }
+            KeyState::Deleted { .. } => {
+                return Err(StorageError::ImmutableField { field: "state" });
+            }
+            _ => {}
+        }
+        let _guard = self.lock();
+        if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
+            return Err(StorageError::KeyExists { id: new.id.clone() });
+        }
+        let mut aliases = new.aliases;
+        aliases.sort();
+        aliases.dedup();
+        for alias in &aliases {
+            if self
+                .db
+                .get(CF_ALIASES, alias.as_str().as_bytes())?
+                .is_some()
+            {
+                return Err(StorageError::AliasExists {
+                    alias: alias.to_string(),
+                });
+            }
+        }
+        let key = KeyRecord {
+            id: new.id,
+            description: new.description,
+            tags: new.tags,
+            spec: new.spec,
+            state: new.state,
+            primary_version: None,
+            latest_version: 0,
+            rotation: new.rotation,
+            next_rotation_at_ms: new.next_rotation_at_ms,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            policy: None,
+            origin: KeyOrigin::External,
+        };
+        let mut batch = WriteBatch::default();
+        self.put_key(&mut batch, &key)?;
+        for alias in &aliases {
+            self.put_alias(&mut batch, alias, &key.id)?;
+        }
+        self.commit(batch)?;
+        Ok(key)
     }
 
     /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
@@ -328,11 +397,15 @@ impl Catalogue {
     ) -> Result<VersionRecord, StorageError> {
         let _guard = self.lock();
         let (mut key, v) = self.next_version(id)?;
+        if !key.origin.is_kms() {
+            return Err(StorageError::OriginMismatch { id: id.clone() });
+        }
         key.latest_version = v;
         key.updated_at_ms = now_ms;
         let version = VersionRecord {
             key_id: id.clone(),
             version: v,
+            origin: KeyOrigin::Kms,
             state: VersionState::Pending,
             kek: kek(v),
             created_at_ms: now_ms,
@@ -371,11 +444,34 @@ impl Catalogue {
         now_ms: u64,
         kek: impl FnOnce(u32) -> Result<KekHandle, E>,
     ) -> Result<(KeyRecord, VersionRecord), E> {
+        self.add_enabled_version_of(id, KeyOrigin::Kms, now_ms, kek)
+    }
+
+    /// [`Catalogue::add_enabled_version`] for a version of `origin`: an
+    /// imported version (`External`) is stored the same way, enabled and
+    /// primary in one write, and only on a key whose origin is `External`.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::OriginMismatch`] if `origin` is not the key's;
+    /// otherwise as [`Catalogue::add_enabled_version`]. Nothing is written
+    /// on error.
+    pub fn add_enabled_version_of<E: From<StorageError>>(
+        &self,
+        id: &KeyId,
+        origin: KeyOrigin,
+        now_ms: u64,
+        kek: impl FnOnce(u32) -> Result<KekHandle, E>,
+    ) -> Result<(KeyRecord, VersionRecord), E> {
         let _guard = self.lock();
         let (mut key, v) = self.next_version(id)?;
+        if key.origin != origin {
+            return Err(StorageError::OriginMismatch { id: id.clone() }.into());
+        }
         let version = VersionRecord {
             key_id: id.clone(),
             version: v,
+            origin,
             state: VersionState::Enabled,
             kek: kek(v)?,
             created_at_ms: now_ms,
