@@ -19,6 +19,7 @@ mod re_encrypt_audit;
 mod reflection;
 mod reload;
 mod restart;
+mod scale;
 mod secrets;
 mod tls_walkthrough;
 mod wrapped;

@@ -23,6 +23,8 @@ mod reconcile;
 pub mod scheduler;
 pub(crate) mod working_keys;
 
+pub use working_keys::WorkingKeyStats;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
