@@ -7,6 +7,7 @@ mod load;
 mod machine;
 mod report;
 mod run;
+mod scale;
 mod server;
 mod soak;
 mod workloads;
@@ -31,6 +32,10 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Audit log appends/s: synced group commit vs. unsynced, at several writer counts.
     Audit(audit::AuditArgs),
+    /// Wrapped key versions at scale: token-object vs wrapped key, first-use
+    /// unwrap latency, a random key among 10,000 with a smaller cache, and
+    /// server CPU per call under h2load with the overhead ratio.
+    Scale(Box<scale::ScaleArgs>),
     /// Envelope encryption (kms-client) vs raw AES-GCM in MB/s, and KMS calls saved by caching.
     Envelope(envelope::EnvelopeArgs),
 }
@@ -41,6 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Soak(args) => soak::run(&args),
         Command::Audit(args) => audit::run(&args),
         Command::Envelope(args) => envelope::run(&args),
+        Command::Scale(args) => scale::run(&args),
     }
 }
 

@@ -17,12 +17,24 @@ use anyhow::Context;
 pub struct ServerProcess {
     child: Child,
     pub addr: std::net::SocketAddr,
+    /// The metrics endpoint, if the server serves one (`--metrics-listen`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServerProcess {
     /// Starts `kms serve --dev --data-dir DIR --listen 127.0.0.1:0` and waits
     /// for its "kms listening on ADDR (…)" line.
     pub fn start(kms: &Path, data_dir: &Path, audit_synced: bool) -> anyhow::Result<Self> {
+        Self::start_with(kms, data_dir, audit_synced, &[])
+    }
+
+    /// As [`ServerProcess::start`], with more `kms serve --dev` arguments.
+    pub fn start_with(
+        kms: &Path,
+        data_dir: &Path,
+        audit_synced: bool,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(kms);
         command
             .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -34,6 +46,7 @@ impl ServerProcess {
         if !audit_synced {
             command.arg("--unsafe-audit-no-sync");
         }
+        command.args(extra);
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", kms.display()))?;
@@ -48,8 +61,17 @@ impl ServerProcess {
             .strip_prefix("kms listening on ")
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok());
+        // "…, metrics on http://ADDR/metrics)" when it serves metrics.
+        let metrics = line
+            .split_once("metrics on http://")
+            .and_then(|(_, rest)| rest.split_once("/metrics"))
+            .and_then(|(a, _)| a.parse().ok());
         match (read, addr) {
-            (Ok(_), Some(addr)) => Ok(ServerProcess { child, addr }),
+            (Ok(_), Some(addr)) => Ok(ServerProcess {
+                child,
+                addr,
+                metrics,
+            }),
             _ => {
                 let _ = child.kill();
                 let status = child.wait().ok();

@@ -74,6 +74,17 @@ struct ServeArgs {
     /// requests before their audit records reach the disk. Dev mode only.
     #[arg(long, hide = true, requires = "dev")]
     unsafe_audit_no_sync: bool,
+    /// Dev mode: serve Prometheus metrics on this address (loopback only).
+    #[arg(long, requires = "dev")]
+    metrics_listen: Option<SocketAddr>,
+    /// Dev mode: working keys kept in the HSM (`hsm.working_key_cache`,
+    /// 1 to 100000; default 1024).
+    #[arg(long, requires = "dev")]
+    working_key_cache: Option<usize>,
+    /// Benchmarks only (kms-bench scale): new key versions are token objects,
+    /// as before wrapped versions (`hsm.wrapped_versions = false`). Dev mode only.
+    #[arg(long, hide = true, requires = "dev")]
+    token_object_versions: bool,
 }
 
 fn main() -> ExitCode {
@@ -169,6 +180,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "--unsafe-audit-no-sync: audit records are not synced; a crash loses acknowledged records"
             );
             config.audit.sync = false;
+        }
+        if let Some(addr) = args.metrics_listen {
+            if !addr.ip().is_loopback() {
+                anyhow::bail!(kms::dev::DevError::NotLoopback(addr));
+            }
+            config.server.metrics_listen = Some(addr);
+        }
+        if let Some(size) = args.working_key_cache {
+            anyhow::ensure!(
+                (1..=kms::config::MAX_WORKING_KEY_CACHE).contains(&size),
+                "--working-key-cache must be 1 to {}",
+                kms::config::MAX_WORKING_KEY_CACHE
+            );
+            config.working_key_cache = size;
+        }
+        if args.token_object_versions {
+            config.wrapped_versions = Some(false);
         }
         let note = if created { "created" } else { "reused" };
         (

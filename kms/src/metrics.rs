@@ -8,6 +8,10 @@
 //!   opened, which must stay flat under load;
 //! - `kms_hsm_operations_total{op}` and `kms_hsm_operation_microseconds_total{op}`:
 //!   HSM calls and time spent in them (rate of one over the other = latency);
+//! - `kms_working_keys{state="cached|capacity"}` and
+//!   `kms_working_key_events_total{event="hit|unwrap|capacity_eviction|unusable_eviction"}`:
+//!   the working-key cache of wrapped key versions (absent without a root key);
+//!   hit rate = hit / (hit + unwrap);
 //! - `kms_audit_batches_total`, `kms_audit_batch_writes_total`,
 //!   `kms_audit_commit_microseconds_total`: group commit (writes per batch =
 //!   batch size, time per batch = commit latency).
@@ -66,6 +70,11 @@ struct RpcLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,6 +232,8 @@ struct Sample {
     audit_batches: u64,
     audit_batch_writes: u64,
     audit_commit_micros: u64,
+    /// The working-key cache, if the service has wrapped versions.
+    working_keys: Option<crate::service::WorkingKeyStats>,
 }
 
 impl Sample {
@@ -247,6 +258,7 @@ impl Sample {
             audit_batches: audit.batches,
             audit_batch_writes: audit.writes,
             audit_commit_micros: audit.commit_micros,
+            working_keys: service.working_key_stats(),
         }
     }
 
@@ -324,6 +336,31 @@ impl Sample {
                 None,
                 MetricType::Counter,
             )?)?;
+        }
+        if let Some(keys) = &self.working_keys {
+            let mut cached = encoder.encode_descriptor(
+                "working_keys",
+                "working keys (unwrapped key versions) cached in the HSM, and the cache's capacity",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, value) in [("cached", keys.cached), ("capacity", keys.capacity)] {
+                gauge(value).encode(cached.encode_family(&StateLabels { state })?)?;
+            }
+            let mut events = encoder.encode_descriptor(
+                "working_key_events",
+                "working-key cache hits, unwraps (misses) and evictions since start",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, value) in [
+                ("hit", keys.hits),
+                ("unwrap", keys.unwraps),
+                ("capacity_eviction", keys.capacity_evictions),
+                ("unusable_eviction", keys.unusable_evictions),
+            ] {
+                ConstCounter::new(value).encode(events.encode_family(&EventLabels { event })?)?;
+            }
         }
         Ok(())
     }
@@ -527,6 +564,14 @@ mod tests {
             audit_batches,
             audit_batch_writes: 12,
             audit_commit_micros: 4000,
+            working_keys: Some(crate::service::WorkingKeyStats {
+                cached: 10,
+                capacity: 1024,
+                hits: 90,
+                unwraps: 11,
+                capacity_evictions: 1,
+                unusable_evictions: 2,
+            }),
         }
     }
 
@@ -563,6 +608,12 @@ mod tests {
             "kms_audit_batches_total 0\n",
             "kms_audit_batch_writes_total 12\n",
             "kms_audit_commit_microseconds_total 4000\n",
+            "kms_working_keys{state=\"cached\"} 10\n",
+            "kms_working_keys{state=\"capacity\"} 1024\n",
+            "kms_working_key_events_total{event=\"hit\"} 90\n",
+            "kms_working_key_events_total{event=\"unwrap\"} 11\n",
+            "kms_working_key_events_total{event=\"capacity_eviction\"} 1\n",
+            "kms_working_key_events_total{event=\"unusable_eviction\"} 2\n",
         ] {
             assert!(first.contains(line), "missing {line:?} in\n{first}");
         }

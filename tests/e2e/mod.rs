@@ -23,6 +23,7 @@ mod reflection;
 mod reload;
 mod restart;
 mod root_rotation;
+mod scale;
 mod secrets;
 mod service_keys;
 mod tls_walkthrough;

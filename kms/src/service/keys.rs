@@ -383,9 +383,13 @@ impl KmsService {
             let _guard = self.key_locks.lock(&resolved.id);
             let record = self.locked_record(&resolved.id)?;
             audit.key(&record.id, record.primary_version);
-            self.storage
-                .catalogue()
-                .update_key::<KmsError>(&record.id, now_ms(), change)?;
+            let updated =
+                self.storage
+                    .catalogue()
+                    .update_key::<KmsError>(&record.id, now_ms(), change)?;
+            if updated.state != KeyState::Enabled {
+                self.evict_working_keys(&record.id, None);
+            }
             self.key_view(&record.id)
         })
     }
@@ -713,6 +717,9 @@ impl KmsService {
                 now_ms(),
                 |v| change(&record, v),
             )?;
+            if updated.state != VersionState::Enabled {
+                self.evict_working_keys(&record.id, Some(version));
+            }
             Ok(updated)
         })
     }

@@ -114,6 +114,7 @@ impl KmsService {
                     &version.key_id,
                     version.version,
                     &version.kek,
+                    || self.still_usable(version),
                     |holder, key| self.hsm.encrypt_with(holder, key, aad, plaintext),
                 )
                 .map_err(from_working_key_error),
@@ -140,6 +141,7 @@ impl KmsService {
                     &version.key_id,
                     version.version,
                     &version.kek,
+                    || self.still_usable(version),
                     |holder, key| {
                         self.hsm
                             .decrypt_with(holder, key, iv, aad, ciphertext_and_tag)
@@ -149,6 +151,34 @@ impl KmsService {
             other => Ok(self
                 .hsm
                 .decrypt(&kek_object_id(other)?, iv, aad, ciphertext_and_tag)?),
+        }
+    }
+
+    /// Whether `version` and its key are, as the catalogue says now, still
+    /// usable (both enabled): asked by the working-key cache after a miss
+    /// (see `WorkingKeys::with_key`). A failed read counts as unusable (the
+    /// entry is then evicted; the next use unwraps again).
+    fn still_usable(&self, version: &VersionRecord) -> bool {
+        let catalogue = self.storage.catalogue();
+        let key_enabled = matches!(
+            catalogue.get_key(&version.key_id),
+            Ok(Some(key)) if key.state == KeyState::Enabled
+        );
+        key_enabled
+            && matches!(
+                catalogue.get_version(&version.key_id, version.version),
+                Ok(Some(v)) if v.state == VersionState::Enabled
+            )
+    }
+
+    /// Evicts the cached working keys of `key_id` (of `version` only, if
+    /// given) once they stopped being usable (issue 14 item 3: a disabled,
+    /// deleted or destroyed version does not stay unwrapped in the HSM).
+    /// Call after the catalogue change is written. Nothing to do without
+    /// wrapped versions.
+    pub(crate) fn evict_working_keys(&self, key_id: &KeyId, version: Option<u32>) {
+        if let Some(wrapped) = &self.wrapped {
+            wrapped.keys.evict(key_id, version);
         }
     }
 

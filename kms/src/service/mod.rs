@@ -26,6 +26,8 @@ pub mod root_rotation;
 pub mod scheduler;
 pub(crate) mod working_keys;
 
+pub use working_keys::WorkingKeyStats;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 

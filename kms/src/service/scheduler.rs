@@ -123,6 +123,7 @@ impl KmsService {
                 }
             }
             catalogue.finalize_key_deletion(&record.id, now_ms())?;
+            self.evict_working_keys(&record.id, None);
             tracing::info!(key_id = %record.id, "key deleted; tombstone kept");
             Ok(Some(Action::Deleted))
         })

@@ -16,6 +16,18 @@
 //!   keys of requests in flight + 1 (the integrity key).
 //! - Single flight: concurrent misses of one entry unwrap once; the others
 //!   wait on the entry's lock and then share the result.
+//! - A hit stays on the calling thread (a hash lookup and a lock). A miss
+//!   (an HMAC verify and an unwrap in the HSM, ~100 µs on SoftHSM2, or a
+//!   wait for another request's unwrap of the same entry) runs through
+//!   `tokio::task::block_in_place` when called on a worker of a
+//!   multi-threaded runtime (the server's key-use path runs its work inline
+//!   on the executor: `grpc::Rpc::key_use`), so that the worker's other
+//!   tasks move to another thread meanwhile.
+//! - A version that stops being usable (disabled, its key disabled,
+//!   scheduled for deletion or deleted) is evicted at once ([`WorkingKeys::evict`]),
+//!   its HSM object destroyed when the last request using it ends; a miss
+//!   re-checks usability after filling its entry, so a request that read the
+//!   version as usable just before the change cannot leave it cached.
 //! - `HsmError::WorkingKeyStale` from any call (session or login lost,
 //!   module re-initialised, object gone) drops every entry and the holder;
 //!   the next use opens a new holder and unwraps again. A request retries
@@ -119,6 +131,50 @@ pub(crate) struct CacheCounters {
     pub holders_opened: u64,
     /// Entries evicted to stay within the capacity.
     pub evictions: u64,
+    /// Uses served from the cache without an unwrap.
+    pub hits: u64,
+    /// Entries evicted because their version stopped being usable.
+    pub revoked: u64,
+}
+
+/// The working-key cache's figures since start (metrics
+/// `kms_working_keys`, `kms_working_key_events_total`; kms-bench's hit rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WorkingKeyStats {
+    /// Working keys cached now (session objects in the HSM, besides the
+    /// integrity key and keys of evicted entries still in use).
+    pub cached: u64,
+    /// The most kept (`hsm.working_key_cache`).
+    pub capacity: u64,
+    /// Uses served from the cache.
+    pub hits: u64,
+    /// Misses that unwrapped a blob in the HSM.
+    pub unwraps: u64,
+    /// Entries evicted to stay within the capacity.
+    pub capacity_evictions: u64,
+    /// Entries evicted because their version or key stopped being usable.
+    pub unusable_evictions: u64,
+}
+
+impl super::KmsService {
+    /// The working-key cache's figures; `None` when the token has no root
+    /// key (no wrapped versions).
+    pub fn working_key_stats(&self) -> Option<WorkingKeyStats> {
+        self.wrapped.as_ref().map(|wrapped| {
+            let keys = &wrapped.keys;
+            let counters = keys.counters();
+            let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+            WorkingKeyStats {
+                cached: count(keys.len()),
+                capacity: count(keys.capacity()),
+                hits: counters.hits,
+                unwraps: counters.unwraps,
+                capacity_evictions: counters.evictions,
+                unusable_evictions: counters.revoked,
+            }
+        })
+    }
 }
 
 /// The cache; see the module docs.
@@ -133,6 +189,8 @@ pub(crate) struct WorkingKeys {
     unwraps: AtomicU64,
     holders_opened: AtomicU64,
     evictions: AtomicU64,
+    hits: AtomicU64,
+    revoked: AtomicU64,
     /// Requests that reached an entry's lock (so tests can wait until
     /// every thread of a single-flight test is queued on one entry).
     arrivals: AtomicU64,
@@ -191,6 +249,9 @@ struct CachedKey {
     /// `None` only while being dropped.
     key: Option<WorkingKey>,
     generation: Arc<Generation>,
+    /// Set when unwrapped; cleared by the request that unwrapped it once it
+    /// has re-checked usability (`WorkingKeys::lease`).
+    fresh: AtomicBool,
 }
 
 impl Drop for CachedKey {
@@ -234,6 +295,8 @@ impl WorkingKeys {
             unwraps: AtomicU64::new(0),
             holders_opened: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
             arrivals: AtomicU64::new(0),
             #[cfg(test)]
             before_unwrap: Mutex::new(None),
@@ -246,13 +309,50 @@ impl WorkingKeys {
             unwraps: self.unwraps.load(Ordering::Relaxed),
             holders_opened: self.holders_opened.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
         }
     }
 
     /// Entries cached now (at most the capacity).
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.state.lock().entries.len()
+    }
+
+    /// The most entries kept (`hsm.working_key_cache`, clamped).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Evicts the working keys of `key_id` (only of `version` if given): to
+    /// be called once a version or key stops being usable (disabled,
+    /// scheduled for deletion, deleted), after the catalogue change is
+    /// written. Each HSM object is destroyed when the last request still
+    /// using it ends (at once if none). Returns how many entries were
+    /// evicted. Cost: one pass over the cached entries (at most the capacity).
+    pub(crate) fn evict(&self, key_id: &KeyId, version: Option<u32>) -> usize {
+        let evicted: Vec<Entry> = {
+            let mut state = self.state.lock();
+            let doomed: Vec<CacheKey> = state
+                .entries
+                .keys()
+                .filter(|(id, v, _)| id == key_id && version.is_none_or(|wanted| wanted == *v))
+                .cloned()
+                .collect();
+            doomed
+                .iter()
+                .filter_map(|cache_key| {
+                    let entry = state.entries.remove(cache_key)?;
+                    state.order.remove(&entry.tick);
+                    Some(entry)
+                })
+                .collect()
+        };
+        let count = evicted.len();
+        self.revoked.fetch_add(count as u64, Ordering::Relaxed);
+        // Outside the state lock: a last drop destroys an HSM object.
+        drop(evicted);
+        count
     }
 
     /// Runs `work` with the working key of version `version` of `key_id`,
@@ -261,6 +361,13 @@ impl WorkingKeys {
     /// `WorkingKeyStale`, drops the cache and the holder and tries once
     /// more on a new holder. `work` may run twice; it is given the holder
     /// so that it can call `Hsm::encrypt_with`/`decrypt_with`.
+    ///
+    /// `still_usable` is asked, after a miss has filled the entry, whether
+    /// the version is still usable (the catalogue, read again); if not, the
+    /// entry is evicted (this request still completes: its own check came
+    /// before the change). It closes the race with [`WorkingKeys::evict`]:
+    /// either the change is seen here, or the eviction that follows the
+    /// change sees the entry.
     ///
     /// # Errors
     /// `NotWrapped` for a non-wrapped handle; `UnknownMechanism`,
@@ -271,12 +378,13 @@ impl WorkingKeys {
         key_id: &KeyId,
         version: u32,
         kek: &KekHandle,
+        still_usable: impl Fn() -> bool,
         work: impl Fn(&KeyHolder, &WorkingKey) -> Result<T, HsmError>,
     ) -> Result<T> {
         let record = Record::parse(key_id, version, kek)?;
         let mut retried = false;
         loop {
-            let outcome = self.lease(&record).and_then(|cached| {
+            let outcome = self.lease(&record, &still_usable).and_then(|cached| {
                 let Some(key) = cached.key.as_ref() else {
                     return Err(WorkingKeyError::Hsm(HsmError::WorkingKeyStale));
                 };
@@ -414,8 +522,48 @@ impl WorkingKeys {
         drop(dropped);
     }
 
-    /// The cached working key for `record`, unwrapping it on a miss.
-    fn lease(&self, record: &Record<'_>) -> Result<Arc<CachedKey>> {
+    /// The cached working key for `record`: a hit inline, a miss (which
+    /// unwraps, or waits for another request's unwrap) off the executor.
+    fn lease(
+        &self,
+        record: &Record<'_>,
+        still_usable: &dyn Fn() -> bool,
+    ) -> Result<Arc<CachedKey>> {
+        if let Some(cached) = self.hit(record) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+        let cached = off_executor(|| self.lease_slow(record))?;
+        if cached.fresh.swap(false, Ordering::AcqRel) && !still_usable() {
+            self.evict(record.key_id, Some(record.version));
+        }
+        Ok(cached)
+    }
+
+    /// The cached working key for `record` if it is there and ready (its
+    /// entry made more recently used); `None` sends the caller to the slow
+    /// path. Never waits on an unwrap in progress.
+    fn hit(&self, record: &Record<'_>) -> Option<Arc<CachedKey>> {
+        let (slot, generation) = {
+            let mut state = self.state.lock();
+            let generation = Arc::clone(state.generation.as_ref()?);
+            state.tick += 1;
+            let tick = state.tick;
+            let entry = state.entries.get_mut(&record.cache_key)?;
+            let old = std::mem::replace(&mut entry.tick, tick);
+            let slot = Arc::clone(&entry.slot);
+            state.order.remove(&old);
+            state.order.insert(tick, record.cache_key.clone());
+            (slot, generation)
+        };
+        let filled = slot.key.try_lock()?;
+        let cached = filled.as_ref()?;
+        Arc::ptr_eq(&cached.generation, &generation).then(|| Arc::clone(cached))
+    }
+
+    /// The miss path of `lease`: may open a holder, wait on the entry's
+    /// lock and unwrap (blocking HSM calls).
+    fn lease_slow(&self, record: &Record<'_>) -> Result<Arc<CachedKey>> {
         let (slot, generation) = self.entry(record)?;
         self.arrivals.fetch_add(1, Ordering::AcqRel);
         let mut filled = slot.key.lock();
@@ -429,6 +577,7 @@ impl WorkingKeys {
                 let cached = Arc::new(CachedKey {
                     key: Some(key),
                     generation,
+                    fresh: AtomicBool::new(true),
                 });
                 *filled = Some(Arc::clone(&cached));
                 Ok(cached)
@@ -532,6 +681,20 @@ impl WorkingKeys {
                 },
                 other => WorkingKeyError::Hsm(other),
             })
+    }
+}
+
+/// Runs blocking HSM work: through `block_in_place` on a worker thread of
+/// a multi-threaded tokio runtime (the worker's queued tasks move to another
+/// thread meanwhile), directly anywhere else (a blocking-pool thread, a
+/// plain thread; on a current-thread runtime `block_in_place` would panic,
+/// and there is no other worker to hand the tasks to anyway).
+fn off_executor<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
     }
 }
 
@@ -665,16 +828,31 @@ mod tests {
             let data = [v as u8; 17];
             let sealed = self
                 .cache
-                .with_key(&self.key_id, v, &kek, |holder, key| {
-                    self.hsm.encrypt_with(holder, key, AAD, &data)
-                })
+                .with_key(
+                    &self.key_id,
+                    v,
+                    &kek,
+                    || true,
+                    |holder, key| self.hsm.encrypt_with(holder, key, AAD, &data),
+                )
                 .expect("encrypt");
             let plain = self
                 .cache
-                .with_key(&self.key_id, v, &kek, |holder, key| {
-                    self.hsm
-                        .decrypt_with(holder, key, &sealed.iv, AAD, &sealed.ciphertext_and_tag)
-                })
+                .with_key(
+                    &self.key_id,
+                    v,
+                    &kek,
+                    || true,
+                    |holder, key| {
+                        self.hsm.decrypt_with(
+                            holder,
+                            key,
+                            &sealed.iv,
+                            AAD,
+                            &sealed.ciphertext_and_tag,
+                        )
+                    },
+                )
                 .expect("decrypt");
             assert_eq!(&plain[..], &data);
         }
@@ -729,14 +907,20 @@ mod tests {
         let (kek1, kek2) = (f.kek(1), f.kek(2));
         let inside = f
             .cache
-            .with_key(&f.key_id, 1, &kek1, |holder, key| {
-                // Version 2 evicts version 1 while this request uses it.
-                f.round_trip(2);
-                assert_eq!(f.cache.counters().evictions, 1);
-                // Still usable, and still an object: capacity + in flight + integrity.
-                let sealed = f.hsm.encrypt_with(holder, key, AAD, b"in use")?;
-                Ok((f.objects(), sealed))
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |holder, key| {
+                    // Version 2 evicts version 1 while this request uses it.
+                    f.round_trip(2);
+                    assert_eq!(f.cache.counters().evictions, 1);
+                    // Still usable, and still an object: capacity + in flight + integrity.
+                    let sealed = f.hsm.encrypt_with(holder, key, AAD, b"in use")?;
+                    Ok((f.objects(), sealed))
+                },
+            )
             .expect("use v1");
         assert_eq!(inside.0, 1 + 1 + 1);
         // The request is over: version 1's object is gone.
@@ -744,10 +928,16 @@ mod tests {
         // And using it again unwraps it again (evicting 2).
         let plain = f
             .cache
-            .with_key(&f.key_id, 1, &kek1, |holder, key| {
-                f.hsm
-                    .decrypt_with(holder, key, &inside.1.iv, AAD, &inside.1.ciphertext_and_tag)
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |holder, key| {
+                    f.hsm
+                        .decrypt_with(holder, key, &inside.1.iv, AAD, &inside.1.ciphertext_and_tag)
+                },
+            )
             .expect("decrypt");
         assert_eq!(&plain[..], b"in use");
         assert_eq!(f.unwraps(), 3);
@@ -774,9 +964,13 @@ mod tests {
                 let (f, kek) = (&f, &kek);
                 scope.spawn(move || {
                     f.cache
-                        .with_key(&f.key_id, 1, kek, |holder, key| {
-                            f.hsm.encrypt_with(holder, key, AAD, &t.to_be_bytes())
-                        })
+                        .with_key(
+                            &f.key_id,
+                            1,
+                            kek,
+                            || true,
+                            |holder, key| f.hsm.encrypt_with(holder, key, AAD, &t.to_be_bytes()),
+                        )
                         .expect("encrypt");
                 });
             }
@@ -792,32 +986,48 @@ mod tests {
         let (kek1, kek2) = (f.kek(1), f.kek(2));
         let sealed = f
             .cache
-            .with_key(&f.key_id, 1, &kek1, |holder, key| {
-                f.hsm.encrypt_with(holder, key, AAD, b"before the loss")
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |holder, key| f.hsm.encrypt_with(holder, key, AAD, b"before the loss"),
+            )
             .expect("encrypt");
         f.round_trip(2);
         assert_eq!((f.unwraps(), f.cache.counters().holders_opened), (2, 1));
         // What a lost holder session or a re-initialised module does to a
         // working key: its handle stops working (here: destroyed).
         f.cache
-            .with_key(&f.key_id, 1, &kek1, |holder, key| {
-                holder.attack_session_for_tests(Some(key), |session, handle| {
-                    session
-                        .destroy_object(handle.expect("handle"))
-                        .expect("destroy behind the cache's back");
-                })
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |holder, key| {
+                    holder.attack_session_for_tests(Some(key), |session, handle| {
+                        session
+                            .destroy_object(handle.expect("handle"))
+                            .expect("destroy behind the cache's back");
+                    })
+                },
+            )
             .expect("attack");
         // The next use meets WorkingKeyStale, drops the holder and every
         // entry, opens a new holder and unwraps again: the caller sees none
         // of it.
         let plain = f
             .cache
-            .with_key(&f.key_id, 1, &kek1, |holder, key| {
-                f.hsm
-                    .decrypt_with(holder, key, &sealed.iv, AAD, &sealed.ciphertext_and_tag)
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |holder, key| {
+                    f.hsm
+                        .decrypt_with(holder, key, &sealed.iv, AAD, &sealed.ciphertext_and_tag)
+                },
+            )
             .expect("decrypt after the loss");
         assert_eq!(&plain[..], b"before the loss");
         assert_eq!((f.unwraps(), f.cache.counters().holders_opened), (3, 2));
@@ -840,25 +1050,41 @@ mod tests {
         let kek = f.kek(1);
         let sealed = f
             .cache
-            .with_key(&f.key_id, 1, &kek, |holder, key| {
-                f.hsm.encrypt_with(holder, key, AAD, b"before the logout")
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek,
+                || true,
+                |holder, key| f.hsm.encrypt_with(holder, key, AAD, b"before the logout"),
+            )
             .expect("encrypt");
         // C_Logout on any session logs the whole application out: every
         // private session object (all working keys) is gone.
         f.cache
-            .with_key(&f.key_id, 1, &kek, |holder, _| {
-                holder.attack_session_for_tests(None, |session, _| {
-                    session.logout().expect("logout");
-                })
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek,
+                || true,
+                |holder, _| {
+                    holder.attack_session_for_tests(None, |session, _| {
+                        session.logout().expect("logout");
+                    })
+                },
+            )
             .expect("attack");
         let plain = f
             .cache
-            .with_key(&f.key_id, 1, &kek, |holder, key| {
-                f.hsm
-                    .decrypt_with(holder, key, &sealed.iv, AAD, &sealed.ciphertext_and_tag)
-            })
+            .with_key(
+                &f.key_id,
+                1,
+                &kek,
+                || true,
+                |holder, key| {
+                    f.hsm
+                        .decrypt_with(holder, key, &sealed.iv, AAD, &sealed.ciphertext_and_tag)
+                },
+            )
             .expect("decrypt after the logout");
         assert_eq!(&plain[..], b"before the logout");
         assert_eq!((f.unwraps(), f.cache.counters().holders_opened), (2, 2));
@@ -882,7 +1108,7 @@ mod tests {
             };
             let e = f
                 .cache
-                .with_key(&f.key_id, 1, &kek, |_, _| Ok(()))
+                .with_key(&f.key_id, 1, &kek, || true, |_, _| Ok(()))
                 .expect_err("corrupt blob");
             assert!(
                 matches!(
@@ -962,7 +1188,7 @@ mod tests {
         for (what, key_id, version, kek) in cases {
             let e = f
                 .cache
-                .with_key(key_id, version, &kek, |_, _| Ok(()))
+                .with_key(key_id, version, &kek, || true, |_, _| Ok(()))
                 .expect_err(what);
             assert!(
                 matches!(e, WorkingKeyError::MacMismatch { version: v, .. } if v == version),
@@ -978,7 +1204,7 @@ mod tests {
         };
         let e = f
             .cache
-            .with_key(&f.key_id, 1, &unknown, |_, _| Ok(()))
+            .with_key(&f.key_id, 1, &unknown, || true, |_, _| Ok(()))
             .expect_err("unknown mechanism");
         assert!(
             matches!(e, WorkingKeyError::UnknownMechanism { code: 0x210A, .. }),
@@ -989,7 +1215,7 @@ mod tests {
         };
         let e = f
             .cache
-            .with_key(&f.key_id, 1, &legacy, |_, _| Ok(()))
+            .with_key(&f.key_id, 1, &legacy, || true, |_, _| Ok(()))
             .expect_err("token object");
         assert!(matches!(e, WorkingKeyError::NotWrapped { .. }), "{e:?}");
         assert!(!e.is_corrupt_record());
@@ -999,6 +1225,136 @@ mod tests {
         assert_eq!(f.objects(), 1);
         f.round_trip(1);
         assert_eq!(f.unwraps(), 1);
+    }
+
+    /// Issue 14 item 3: a miss (an unwrap, ~100 µs) must not hold up the
+    /// executor thread it was called on (the key-use path runs inline on
+    /// a worker). On a runtime with one worker, the unwrap waits for a task
+    /// queued behind it on that runtime: if the miss ran on the worker, the
+    /// task could never run (the wait gives up after 30 s and the test fails).
+    #[test]
+    fn a_miss_runs_off_the_executor_so_queued_tasks_keep_running() {
+        let f = Arc::new(Fixture::new(4, 1));
+        let kek = f.kek(1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let queued_task_ran = Arc::new(AtomicBool::new(false));
+        let seen_during_unwrap = Arc::new(AtomicBool::new(false));
+        {
+            let (ran, seen) = (
+                Arc::clone(&queued_task_ran),
+                Arc::clone(&seen_during_unwrap),
+            );
+            *f.cache.before_unwrap.lock() = Some(Box::new(move |_: &AtomicU64| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !ran.load(Ordering::Acquire) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                seen.store(ran.load(Ordering::Acquire), Ordering::Release);
+            }));
+        }
+        runtime.block_on(async {
+            let (fixture, kek) = (Arc::clone(&f), kek.clone());
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let miss = tokio::spawn(async move {
+                let _ = started_tx.send(());
+                fixture
+                    .cache
+                    .with_key(
+                        &fixture.key_id,
+                        1,
+                        &kek,
+                        || true,
+                        |holder, key| fixture.hsm.encrypt_with(holder, key, AAD, b"miss"),
+                    )
+                    .map(|_| ())
+            });
+            // The miss is on the only worker now; this task queues behind it.
+            started_rx.await.expect("miss task started");
+            let ran = Arc::clone(&queued_task_ran);
+            let queued = tokio::spawn(async move { ran.store(true, Ordering::Release) });
+            miss.await.expect("join").expect("encrypt");
+            queued.await.expect("join");
+        });
+        assert!(
+            seen_during_unwrap.load(Ordering::Acquire),
+            "a task queued on the runtime could not run while the miss unwrapped"
+        );
+        // A hit is served inline (counted as a hit, no second unwrap).
+        *f.cache.before_unwrap.lock() = None;
+        runtime.block_on(async {
+            f.cache
+                .with_key(&f.key_id, 1, &kek, || true, |_, _| Ok(()))
+                .expect("hit");
+        });
+        assert_eq!((f.unwraps(), f.cache.counters().hits), (1, 1));
+    }
+
+    /// Issue 14 item 3: a version that stops being usable is evicted at
+    /// once, its HSM object destroyed (at the end of the last request using
+    /// it), not left until LRU eviction.
+    #[test]
+    fn evicting_a_version_destroys_its_object_at_once_or_when_its_last_request_ends() {
+        let f = Fixture::new(8, 3);
+        for v in 1..=3 {
+            f.round_trip(v);
+        }
+        assert_eq!(f.objects(), 1 + 3);
+        assert_eq!(f.cache.evict(&f.key_id, Some(2)), 1);
+        assert_eq!(f.objects(), 1 + 2);
+        assert_eq!(f.cache.len(), 2);
+        // Evicted while a request uses it: destroyed when that request ends.
+        let kek1 = f.kek(1);
+        let inside = f
+            .cache
+            .with_key(
+                &f.key_id,
+                1,
+                &kek1,
+                || true,
+                |_, _| {
+                    assert_eq!(f.cache.evict(&f.key_id, None), 2);
+                    Ok(f.objects())
+                },
+            )
+            .expect("use v1");
+        assert_eq!(inside, 1 + 1);
+        assert_eq!(f.objects(), 1);
+        assert_eq!(f.cache.len(), 0);
+        assert_eq!(f.cache.counters().revoked, 3);
+        // Another key's entries are left alone.
+        f.round_trip(3);
+        assert_eq!(f.cache.evict(&KeyId::from_random([0x77; 16]), None), 0);
+        assert_eq!(f.objects(), 1 + 1);
+    }
+
+    /// A miss whose version was made unusable while it unwrapped (the
+    /// catalogue re-read says so) does not stay cached: the request
+    /// completes, and the object is destroyed as it ends.
+    #[test]
+    fn a_miss_that_finds_its_version_no_longer_usable_is_not_kept() {
+        let f = Fixture::new(8, 1);
+        let kek = f.kek(1);
+        f.cache
+            .with_key(
+                &f.key_id,
+                1,
+                &kek,
+                || false,
+                |holder, key| f.hsm.encrypt_with(holder, key, AAD, b"last use"),
+            )
+            .expect("the request itself completes");
+        assert_eq!(f.cache.len(), 0);
+        assert_eq!(f.objects(), 1);
+        // A hit does not re-check (the catalogue check of the request did).
+        f.round_trip(1);
+        f.cache
+            .with_key(&f.key_id, 1, &kek, || false, |_, _| Ok(()))
+            .expect("hit");
+        assert_eq!(f.cache.len(), 1);
     }
 
     #[test]
@@ -1011,7 +1367,13 @@ mod tests {
         };
         let e = f
             .cache
-            .with_key(&KeyId::from_random([1; 16]), 1, &kek, |_, _| Ok(()))
+            .with_key(
+                &KeyId::from_random([1; 16]),
+                1,
+                &kek,
+                || true,
+                |_, _| Ok(()),
+            )
             .expect_err("moved");
         for text in [format!("{:?}", f.cache), format!("{e:?}"), format!("{e}")] {
             assert!(!text.contains(&hex::encode(blob)), "{text}");
