@@ -74,6 +74,7 @@ impl TestEnv {
                 scheduler_interval: Duration::from_secs(3600),
             },
             auth: AuthSettings::local_development("anonymous"),
+            kubernetes: Vec::new(),
         }
     }
 

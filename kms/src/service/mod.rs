@@ -16,6 +16,7 @@ mod authz;
 mod batch;
 mod crypto;
 mod keys;
+pub mod kubernetes;
 mod lookup;
 pub mod operation;
 pub(crate) mod page_token;

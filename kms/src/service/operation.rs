@@ -53,6 +53,9 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::AutomaticRotation => "AutomaticRotation",
         Operation::DeleteKeyMaterial => "DeleteKeyMaterial",
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
+        Operation::KubernetesStatus => "KubernetesStatus",
+        Operation::KubernetesEncrypt => "KubernetesEncrypt",
+        Operation::KubernetesDecrypt => "KubernetesDecrypt",
     }
 }
 
@@ -93,7 +96,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 38);
+        assert_eq!(seen, 41);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }
