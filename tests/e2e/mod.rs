@@ -13,6 +13,7 @@ mod faults;
 mod gcm_limit;
 mod health;
 mod keys;
+mod kubernetes;
 mod lifecycle_races;
 mod listing_bounds;
 mod re_encrypt_audit;

@@ -275,6 +275,15 @@ pub async fn start_with(
         source,
     })?;
 
+    // The Kubernetes plugin sockets, before anything that holds the service
+    // starts: an occupied path stops the start with nothing left running.
+    let plugin_sockets = config
+        .kubernetes
+        .iter()
+        .map(kubernetes::bind)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerError::Kubernetes)?;
+
     let metrics = Arc::new(Metrics::new());
     let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(metrics_listen) => {
@@ -364,13 +373,11 @@ pub async fn start_with(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
 
-    // The Kubernetes plugin sockets: created before anything is served, so
-    // that an occupied path stops the start. Each stops when the main
-    // listener does, and removes its socket file as it ends.
+    // The Kubernetes plugin servers: each stops when the main listener
+    // does, and removes its socket file as it ends.
     let plugin_stop = Arc::new(tokio::sync::watch::channel(false).0);
     let mut plugin_servers = Vec::with_capacity(config.kubernetes.len());
-    for entry in &config.kubernetes {
-        let (listener, socket) = kubernetes::bind(entry).map_err(ServerError::Kubernetes)?;
+    for (entry, (listener, socket)) in config.kubernetes.iter().zip(plugin_sockets) {
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
             ServerError::Kubernetes(kubernetes::SocketError::Io {
                 action: "listen on",

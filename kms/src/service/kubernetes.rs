@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use zeroize::Zeroizing;
 
 use super::operation::Operation;
-use super::{AuditFields, Decrypted, Deferred, Encrypted, KmsService, RequestMeta};
+use super::{Decrypted, Deferred, Encrypted, KmsService, RequestMeta};
 use crate::ciphertext;
 use crate::encryption_context::{EncryptionContext, context_digest};
 use crate::error::{KmsError, Result};
@@ -57,9 +57,9 @@ pub const MAX_ANNOTATIONS_BYTES: usize = 32 * 1024;
 pub const MAX_PLAINTEXT_BYTES: usize = MAX_CIPHERTEXT_BYTES
     - (8 + ciphertext::MAX_KEY_ID_LEN + ciphertext::IV_LEN + ciphertext::TAG_LEN);
 
-/// How long a Status probe's outcome is reused: kube-apiserver polls every
-/// 10 s while unhealthy (every minute while healthy), so at most one HSM
-/// round trip per poll, and a burst of polls costs one.
+/// How long Status reuses the outcome of its HSM round trip: kube-apiserver
+/// polls every 10 s while unhealthy (every minute while healthy), so at most
+/// one HSM round trip per poll, and a burst of polls costs one.
 pub const STATUS_CACHE_TTL: Duration = Duration::from_secs(5);
 
 /// A plugin key id: `<key id>/v<version>`, e.g. `key-0123…/v3`.
@@ -103,9 +103,9 @@ pub struct KubernetesDecryptInput {
     pub annotations: HashMap<String, Vec<u8>>,
 }
 
-/// The Status probe's recent outcomes, per listener: reused for
-/// [`STATUS_CACHE_TTL`] by the same principal (another principal's
-/// permission is its own question).
+/// What Status remembers between calls, per listener: the outcome of the
+/// last HSM round trip (reused for [`STATUS_CACHE_TTL`]) and the last key id
+/// it reported.
 #[derive(Debug, Default)]
 pub struct StatusCache {
     state: Mutex<StatusState>,
@@ -113,36 +113,33 @@ pub struct StatusCache {
 
 #[derive(Debug, Default)]
 struct StatusState {
-    last: Option<(Instant, String, Result<PluginKeyId>)>,
-    last_good: Option<PluginKeyId>,
+    /// When the HSM was last probed, and whether it answered.
+    hsm: Option<(Instant, bool)>,
+    last_key: Option<PluginKeyId>,
 }
 
 impl StatusCache {
-    /// The key id of the last successful probe: what Status names while
-    /// unhealthy (kube-apiserver requires a non-empty key id).
+    /// The key id Status last found (while healthy or not): what it names
+    /// when it cannot determine the key (kube-apiserver wants a key id).
     pub fn last_known(&self) -> Option<PluginKeyId> {
-        self.state.lock().last_good.clone()
+        self.state.lock().last_key.clone()
     }
 
-    fn fresh(&self, principal: &str) -> Option<Result<PluginKeyId>> {
-        let state = self.state.lock();
-        let (at, who, outcome) = state.last.as_ref()?;
-        (who == principal && at.elapsed() < STATUS_CACHE_TTL).then(|| match outcome {
-            Ok(id) => Ok(id.clone()),
-            Err(e) => Err(e.same_answer()),
-        })
+    fn remember_key(&self, id: &PluginKeyId) {
+        self.state.lock().last_key = Some(id.clone());
     }
 
-    fn store(&self, principal: &str, outcome: &Result<PluginKeyId>) {
-        let mut state = self.state.lock();
-        let copy = match outcome {
-            Ok(id) => {
-                state.last_good = Some(id.clone());
-                Ok(id.clone())
-            }
-            Err(e) => Err(e.same_answer()),
-        };
-        state.last = Some((Instant::now(), principal.to_owned(), copy));
+    /// Whether the HSM answered: `probe`'s answer if none younger than
+    /// [`STATUS_CACHE_TTL`] is known (two concurrent callers may both probe).
+    fn hsm_available(&self, probe: impl FnOnce() -> bool) -> bool {
+        if let Some((at, available)) = self.state.lock().hsm
+            && at.elapsed() < STATUS_CACHE_TTL
+        {
+            return available;
+        }
+        let available = probe();
+        self.state.lock().hsm = Some((Instant::now(), available));
+        available
     }
 }
 
@@ -154,15 +151,16 @@ impl KmsService {
     }
 
     /// The plugin's Status: the key `key` (id or alias) resolves, `meta`'s
-    /// principal may encrypt with it, the key is enabled with an enabled
-    /// primary version, and the HSM answers a token search (the health
-    /// probe's round trip, which reads the token's storage). Probed at
-    /// most once per [`STATUS_CACHE_TTL`] (per principal); every call is
-    /// audited, and its record must be durable for the answer to be OK,
-    /// so the audit log is checked on every call.
+    /// principal may encrypt with it, the key is enabled and its primary
+    /// version is enabled (catalogue reads, on every call: the key id is
+    /// always current), and the HSM answers a token search (the health
+    /// probe's round trip, which reads the token's storage; made at most
+    /// once per [`STATUS_CACHE_TTL`]). Every call is audited and its record
+    /// must be durable for the answer to be OK, so the audit log is checked
+    /// on every call.
     ///
     /// # Errors
-    /// What the probe found (PERMISSION_DENIED, NOT_FOUND, a disabled key
+    /// What the checks found (PERMISSION_DENIED, NOT_FOUND, a disabled key
     /// or version, the HSM unavailable) or the audit log unavailable.
     pub fn kubernetes_status(
         &self,
@@ -171,37 +169,19 @@ impl KmsService {
         cache: &StatusCache,
     ) -> Result<PluginKeyId> {
         self.audited(meta, Operation::KubernetesStatus, Some(key), |audit| {
-            let outcome = match cache.fresh(&meta.principal) {
-                Some(outcome) => outcome,
-                None => {
-                    let outcome = self.kubernetes_probe(meta, audit, key);
-                    cache.store(&meta.principal, &outcome);
-                    outcome
-                }
+            let context = self.plugin_context()?;
+            let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, &context)?;
+            let version = self.primary_version(&record)?;
+            audit.key(&record.id, Some(version.version));
+            let id = PluginKeyId {
+                key_id: record.id,
+                version: version.version,
             };
-            if let Ok(id) = &outcome {
-                audit.key(&id.key_id, Some(id.version));
+            cache.remember_key(&id);
+            if !cache.hsm_available(|| self.readiness().hsm_available) {
+                return Err(KmsError::HsmUnavailable { source: None });
             }
-            outcome
-        })
-    }
-
-    fn kubernetes_probe(
-        &self,
-        meta: &RequestMeta,
-        audit: &mut AuditFields,
-        key: &str,
-    ) -> Result<PluginKeyId> {
-        let context = self.plugin_context()?;
-        let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, &context)?;
-        let version = self.primary_version(&record)?;
-        audit.key(&record.id, Some(version.version));
-        if !self.readiness().hsm_available {
-            return Err(KmsError::HsmUnavailable { source: None });
-        }
-        Ok(PluginKeyId {
-            key_id: record.id,
-            version: version.version,
+            Ok(id)
         })
     }
 
