@@ -408,7 +408,8 @@ mod tests {
         let none = HashMap::new();
         let at_limit = vec![1u8; MAX_CIPHERTEXT_BYTES];
         assert!(check_decrypt_limits(&at_limit, "k", &none).is_ok());
-        let cases: [(Vec<u8>, String, HashMap<String, Vec<u8>>, &str); 5] = [
+        type Case = (Vec<u8>, String, HashMap<String, Vec<u8>>, &'static str);
+        let cases: [Case; 5] = [
             (
                 vec![1; MAX_CIPHERTEXT_BYTES + 1],
                 "k".into(),
@@ -451,7 +452,7 @@ mod tests {
     fn the_largest_plaintext_still_fits_the_ciphertext_limit() {
         assert_eq!(MAX_PLAINTEXT_BYTES, 924);
         let header = ciphertext::Header::new(
-            &"k".repeat(ciphertext::MAX_KEY_ID_LEN),
+            "k".repeat(ciphertext::MAX_KEY_ID_LEN),
             u32::MAX,
             ciphertext::Algorithm::Aes256Gcm,
         )
