@@ -216,10 +216,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("opening the service")??;
         let mut server = kms::server::start_with(&config, Arc::new(service), config_file).await?;
         server.reload_on_sighup();
-        let metrics = server
+        let mut metrics = server
             .metrics_addr
             .map(|a| format!(", metrics on http://{a}/metrics"))
             .unwrap_or_default();
+        for plugin in &config.kubernetes {
+            metrics.push_str(&format!(
+                ", Kubernetes KMS plugin on unix://{}",
+                plugin.socket.display()
+            ));
+        }
         #[allow(clippy::print_stdout)]
         {
             println!("kms listening on {} ({banner}{metrics})", server.addr);

@@ -66,6 +66,8 @@ pub struct KubernetesApi {
 }
 
 impl KubernetesApi {
+    /// The plugin service of one listener, for `key` (a key id or
+    /// `alias/<name>`, resolved on every call).
     pub fn new(service: Arc<KmsService>, key: &str) -> Self {
         KubernetesApi {
             service,
@@ -194,6 +196,8 @@ pub struct PeerCredLayer {
 }
 
 impl PeerCredLayer {
+    /// Authenticates by peer credentials and admits under `admission` (the
+    /// server's limits, shared with the TCP listener).
     pub fn new(admission: Arc<Admission>) -> Self {
         PeerCredLayer { admission }
     }
@@ -209,6 +213,7 @@ impl<S> tower::Layer<S> for PeerCredLayer {
     }
 }
 
+/// The service [`PeerCredLayer`] wraps around the plugin router.
 #[derive(Debug, Clone)]
 pub struct PeerCredService<S> {
     inner: S,

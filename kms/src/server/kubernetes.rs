@@ -62,6 +62,7 @@ pub struct PluginSocket {
 }
 
 impl PluginSocket {
+    /// Where the socket file is.
     pub fn path(&self) -> &Path {
         &self.path
     }
