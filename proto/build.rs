@@ -4,6 +4,11 @@
 //! output depends only on the sources and the locked crate versions. The encoded
 //! file descriptor set (with comments) is written beside the code so the server can
 //! register gRPC reflection.
+//!
+//! The Kubernetes KMS v2 plugin API (`k8s.io/kms/apis/v2/api.proto`, package
+//! `v2`, vendored verbatim) is compiled the same way, separately: it is not
+//! part of the kms.v1 descriptor set (the TCP listener neither serves nor
+//! advertises it; only the `[[kubernetes]]` Unix sockets do).
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -31,8 +36,16 @@ const SECRET_MESSAGES: &[&str] = &[
     ".kms.v1.BatchEncryptEntry",
 ];
 
+/// The Kubernetes KMS v2 plugin API, relative to this crate's root.
+const KUBERNETES_PROTOS: &[&str] = &["k8s.io/kms/apis/v2/api.proto"];
+
+/// Kubernetes messages that carry the DEK seed kube-apiserver wraps: no
+/// derived `Debug` (src/redacted_debug.rs).
+const KUBERNETES_SECRET_MESSAGES: &[&str] = &[".v2.EncryptRequest", ".v2.DecryptResponse"];
+
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=kms");
+    println!("cargo:rerun-if-changed=k8s.io");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let fds = protox::compile(PROTOS, ["."])?;
@@ -45,5 +58,15 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
         .codec_path("crate::codec::KmsCodec")
         .compile_fds(fds)?;
+
+    let kubernetes = protox::compile(KUBERNETES_PROTOS, ["."])?;
+    tonic_prost_build::configure()
+        // kms serves this API; the client is for tests (a stand-in for
+        // kube-apiserver).
+        .build_client(true)
+        .build_server(true)
+        .skip_debug(KUBERNETES_SECRET_MESSAGES)
+        .codec_path("crate::codec::KmsCodec")
+        .compile_fds(kubernetes)?;
     Ok(())
 }

@@ -32,11 +32,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# Python packages for the reflection test (a gRPC client that is not ours).
-if ! python3 -c 'import grpc, grpc_reflection' >/dev/null 2>&1; then
-  echo "setup: installing grpcio, grpcio-reflection (pip)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection protobuf \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-reflection protobuf
+# Python packages for the reflection test and the Kubernetes plugin tests (gRPC
+# clients that are not ours; grpcio-tools generates the Kubernetes KMS v2 stubs
+# from proto/k8s.io/kms/apis/v2/api.proto at test time).
+if ! python3 -c 'import grpc, grpc_reflection, grpc_tools' >/dev/null 2>&1; then
+  echo "setup: installing grpcio, grpcio-reflection, grpcio-tools (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection grpcio-tools protobuf \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-reflection grpcio-tools protobuf
 fi
 
 # The envelope format's independent check (tests/scripts/envelope_check.py):

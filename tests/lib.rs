@@ -76,6 +76,7 @@ impl TestEnv {
                 root_rewrap_pause: Duration::from_millis(kms::config::DEFAULT_ROOT_REWRAP_PAUSE_MS),
             },
             auth: AuthSettings::local_development("anonymous"),
+            kubernetes: Vec::new(),
         }
     }
 

@@ -20,7 +20,11 @@ use std::path::{Path, PathBuf};
 
 use kms_hsm::{HsmConfig, Pin, PinSource};
 
-use crate::config::{AuditSettings, AuthSettings, Config, Limits, RotationSettings, ServerConfig};
+use crate::config::{
+    AuditSettings, AuthSettings, Config, KubernetesListener, Limits, RotationSettings, ServerConfig,
+};
+use crate::error::KmsError;
+use crate::service::{CreateKeyInput, KmsService, RequestMeta};
 
 /// Label of the dev-mode SoftHSM2 token.
 pub const DEV_TOKEN_LABEL: &str = "kms-dev";
@@ -222,5 +226,53 @@ pub fn dev_config(
         },
         // Loopback only (checked above), so the local user is trusted.
         auth: AuthSettings::local_development(DEV_PRINCIPAL),
+        // `--kubernetes-socket` adds one ([`kubernetes_listener`]).
+        kubernetes: Vec::new(),
     })
+}
+
+/// The key dev mode's Kubernetes plugin socket serves (created on first use
+/// by [`ensure_kubernetes_key`]).
+pub const DEV_KUBERNETES_KEY: &str = "alias/kubernetes";
+
+/// The plugin listener of `kms serve --dev --kubernetes-socket PATH`: the key
+/// [`DEV_KUBERNETES_KEY`], the socket mode 0600, owned by whoever runs kms.
+pub fn kubernetes_listener(socket: &Path) -> KubernetesListener {
+    KubernetesListener {
+        socket: socket.to_owned(),
+        key: DEV_KUBERNETES_KEY.to_owned(),
+        owner_uid: None,
+        group_gid: None,
+        mode: crate::config::DEFAULT_SOCKET_MODE,
+    }
+}
+
+/// Creates the key [`DEV_KUBERNETES_KEY`] names, if the alias does not exist
+/// yet, as the dev principal (an administrator; audited as CreateKey).
+/// Blocking. Returns true when the key was created now.
+///
+/// # Errors
+/// The catalogue cannot be read, or the key cannot be created (the HSM).
+pub fn ensure_kubernetes_key(service: &KmsService) -> Result<bool, KmsError> {
+    match service.resolve(DEV_KUBERNETES_KEY) {
+        Ok(_) => return Ok(false),
+        Err(KmsError::KeyNotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let meta = RequestMeta {
+        principal: DEV_PRINCIPAL.to_owned(),
+        ..RequestMeta::internal("dev-kubernetes-key")
+    };
+    service.create_key(
+        &meta,
+        CreateKeyInput {
+            description: "Kubernetes KMS v2 plugin key (kms serve --dev --kubernetes-socket)"
+                .to_owned(),
+            tags: Default::default(),
+            aliases: vec![DEV_KUBERNETES_KEY.to_owned()],
+            rotation_period: None,
+            origin: kms_storage::KeyOrigin::Kms,
+        },
+    )?;
+    Ok(true)
 }

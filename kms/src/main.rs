@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Listen address of dev mode (loopback only).
     #[arg(long, default_value = kms::config::DEFAULT_LISTEN, requires = "dev")]
     listen: SocketAddr,
+    /// Dev mode: also serve the Kubernetes KMS v2 plugin API on this Unix
+    /// socket (mode 0600), for the key alias/kubernetes (created if missing).
+    #[arg(long, value_name = "PATH", requires = "dev")]
+    kubernetes_socket: Option<PathBuf>,
     /// Benchmarks only (kms-bench's synced/unsynced comparison): acknowledge
     /// requests before their audit records reach the disk. Dev mode only.
     #[arg(long, hide = true, requires = "dev")]
@@ -175,6 +179,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         let mut config = kms::dev::dev_config(&layout, &module, args.listen)?;
+        if let Some(socket) = &args.kubernetes_socket {
+            // An absolute path, as in a configuration file (the apiserver's
+            // endpoint names it that way too).
+            let socket = std::path::absolute(socket)
+                .with_context(|| format!("--kubernetes-socket {}", socket.display()))?;
+            config
+                .kubernetes
+                .push(kms::dev::kubernetes_listener(&socket));
+        }
         if args.unsafe_audit_no_sync {
             tracing::warn!(
                 "--unsafe-audit-no-sync: audit records are not synced; a crash loses acknowledged records"
@@ -217,15 +230,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let open_config = config.clone();
-        let service = tokio::task::spawn_blocking(move || KmsService::open(&open_config))
-            .await
-            .context("opening the service")??;
+        let dev_kubernetes_key = args.dev && !config.kubernetes.is_empty();
+        let service = tokio::task::spawn_blocking(move || {
+            let service = KmsService::open(&open_config)?;
+            if dev_kubernetes_key && kms::dev::ensure_kubernetes_key(&service)? {
+                tracing::info!(
+                    key = kms::dev::DEV_KUBERNETES_KEY,
+                    "created the Kubernetes plugin key"
+                );
+            }
+            anyhow::Ok(service)
+        })
+        .await
+        .context("opening the service")??;
         let mut server = kms::server::start_with(&config, Arc::new(service), config_file).await?;
         server.reload_on_sighup();
-        let metrics = server
+        let mut metrics = server
             .metrics_addr
             .map(|a| format!(", metrics on http://{a}/metrics"))
             .unwrap_or_default();
+        for plugin in &config.kubernetes {
+            metrics.push_str(&format!(
+                ", Kubernetes KMS plugin on unix://{}",
+                plugin.socket.display()
+            ));
+        }
         #[allow(clippy::print_stdout)]
         {
             println!("kms listening on {} ({banner}{metrics})", server.addr);

@@ -1,4 +1,5 @@
-//! The protobuf codec of every kms.v1 service: tonic-prost's, except that a
+//! The protobuf codec of every kms.v1 service (and of the Kubernetes KMS v2
+//! plugin service, whose messages follow the same naming rule): tonic-prost's, except that a
 //! request that does not decode is the caller's mistake.
 //!
 //! tonic-prost answers any decode failure with INTERNAL (following gRPC's
@@ -126,5 +127,10 @@ mod tests {
         assert!(is_request::<pb::EncryptRequest>());
         assert!(!is_request::<pb::EncryptResponse>());
         assert!(!is_request::<pb::KeyMetadata>());
+        use crate::kubernetes_v2 as k8s;
+        assert!(is_request::<k8s::StatusRequest>());
+        assert!(is_request::<k8s::DecryptRequest>());
+        assert!(!is_request::<k8s::StatusResponse>());
+        assert!(!is_request::<k8s::EncryptResponse>());
     }
 }

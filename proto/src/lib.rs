@@ -19,6 +19,21 @@ pub mod v1 {
     tonic::include_proto!("kms.v1");
 }
 
+/// The Kubernetes KMS v2 plugin API (protobuf package `v2`, vendored verbatim
+/// from `k8s.io/kms/apis/v2/api.proto`): what kube-apiserver calls on a KMS
+/// plugin's Unix socket. Its `EncryptRequest` and `DecryptResponse` carry the
+/// apiserver's DEK seed and have a redacted `Debug`.
+pub mod kubernetes_v2 {
+    #![allow(missing_docs)]
+    #![allow(clippy::all, clippy::pedantic)]
+    #![allow(
+        rustdoc::invalid_html_tags,
+        rustdoc::bare_urls,
+        rustdoc::broken_intra_doc_links
+    )]
+    tonic::include_proto!("v2");
+}
+
 pub mod codec;
 mod redacted_debug;
 mod status;

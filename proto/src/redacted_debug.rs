@@ -29,6 +29,23 @@ impl fmt::Debug for Len {
     }
 }
 
+impl fmt::Debug for crate::kubernetes_v2::EncryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("v2::EncryptRequest")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("uid", &self.uid)
+            .finish()
+    }
+}
+
+impl fmt::Debug for crate::kubernetes_v2::DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("v2::DecryptResponse")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .finish()
+    }
+}
+
 impl fmt::Debug for EncryptRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptRequest")
@@ -156,6 +173,26 @@ mod tests {
                 "no redaction marker in {out}"
             );
         }
+        let kubernetes = [
+            format!(
+                "{:?}",
+                crate::kubernetes_v2::EncryptRequest {
+                    plaintext: SECRET.to_vec(),
+                    uid: "uid-1".into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::kubernetes_v2::DecryptResponse {
+                    plaintext: SECRET.to_vec(),
+                }
+            ),
+        ];
+        for out in &kubernetes {
+            assert_no_secret(out);
+            assert!(out.contains("[REDACTED; 25 bytes]"), "{out}");
+        }
+        assert!(kubernetes[0].contains("uid-1"));
         // Non-secret fields are still useful in logs.
         assert!(outputs[0].contains("alias/app") && outputs[0].contains("acme"));
         assert!(outputs[1].contains("key_version: 3"));

@@ -98,3 +98,40 @@ async fn health_reports_not_serving_while_the_token_is_gone_and_serving_once_it_
     super::create_key(&server, "after the outage").await;
     server.stop().await;
 }
+
+/// Regression (found with the Kubernetes plugin's Status, issue 16): with a
+/// key object on the token before it went away, SoftHSM2 answered the
+/// probe's search "not found" instead of failing, so the HSM layer never
+/// entered its recovery and health stayed NOT_SERVING after the token came
+/// back (and key uses failed INTERNAL) until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_recovers_when_the_token_held_keys_before_it_went_away() {
+    let env = TestEnv::new();
+    let server = env.start().await;
+    let key = super::create_key(&server, "made before the outage").await;
+    let token_dir = env.token_dir().to_owned();
+    let moved: PathBuf = token_dir.with_extension("gone");
+    std::fs::rename(&token_dir, &moved).expect("move the token away");
+    wait_for(
+        &server,
+        "kms.v1.Crypto",
+        ServingStatus::NotServing,
+        Duration::from_secs(30),
+    )
+    .await;
+    std::fs::rename(&moved, &token_dir).expect("restore the token");
+    wait_for(
+        &server,
+        "kms.v1.Crypto",
+        ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The key made before the outage works again.
+    let sealed = super::encrypt(&server, &key, b"after the outage", &[]).await;
+    let opened = super::decrypt(&server, &sealed.ciphertext_blob, &[])
+        .await
+        .expect("decrypt after the outage");
+    assert_eq!(opened.plaintext, b"after the outage");
+    server.stop().await;
+}

@@ -15,6 +15,7 @@ mod gcm_limit;
 mod health;
 mod import;
 mod keys;
+mod kubernetes;
 mod lifecycle_races;
 mod listing_bounds;
 mod pre_wrapped;

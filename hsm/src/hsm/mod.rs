@@ -218,9 +218,22 @@ impl Hsm {
     /// # Errors
     /// `Unavailable` if the token is gone, or the PKCS#11 error of the search.
     pub fn key_exists(&self, id: &ObjectId) -> Result<bool> {
-        self.run(Operation::FindObjects, |session, _| {
+        let found = self.run(Operation::FindObjects, |session, _| {
             Ok(!self.find(session, id)?.is_empty())
-        })
+        })?;
+        // "Not found" while the token's storage is gone says nothing about
+        // the key: SoftHSM2 answers from a token it has dropped, and keeps
+        // doing so after the storage returns unless the module is
+        // re-initialized. Fail closed instead, which starts the recovery.
+        if !found && self.token_storage_missing() {
+            let operation = Operation::FindObjects;
+            return Err(self.fail(
+                operation,
+                recovery::unavailable(operation),
+                self.module.generation(),
+            ));
+        }
+        Ok(found)
     }
 
     /// Destroys the key object `id`, syncs the token directory if configured,

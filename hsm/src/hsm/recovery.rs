@@ -56,7 +56,7 @@ impl Recovery {
 }
 
 /// `Unavailable` without a return code of the token's own.
-fn unavailable(operation: Operation) -> HsmError {
+pub(super) fn unavailable(operation: Operation) -> HsmError {
     HsmError::Unavailable {
         operation,
         code: ReturnCode::token_not_present(),

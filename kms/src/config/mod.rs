@@ -12,8 +12,10 @@ use std::time::Duration;
 use kms_hsm::{HsmConfig, PinSource};
 use serde::Deserialize;
 
+mod kubernetes;
 mod security;
 
+pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
 
 use crate::auth::admission::PrincipalLimits;
@@ -56,6 +58,8 @@ struct RawConfig {
     rotation: RawRotation,
     #[serde(default)]
     auth: security::RawAuth,
+    #[serde(default)]
+    kubernetes: Vec<kubernetes::RawKubernetes>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -221,6 +225,9 @@ pub struct Config {
     pub audit: AuditSettings,
     pub rotation: RotationSettings,
     pub auth: AuthSettings,
+    /// `[[kubernetes]]`: Kubernetes KMS v2 plugin listeners (Unix sockets),
+    /// none unless configured.
+    pub kubernetes: Vec<KubernetesListener>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -286,6 +293,7 @@ impl Config {
             "storage.data_dir" => data_dir,
             "[audit]" => audit,
             "[rotation]" => rotation,
+            "[[kubernetes]]" => kubernetes,
         }
     }
 
@@ -327,7 +335,7 @@ impl Config {
             .storage
             .data_dir
             .ok_or_else(|| invalid("storage.data_dir", "missing"))?;
-        Config::validate(
+        let mut config = Config::validate(
             raw.server,
             raw.limits,
             hsm,
@@ -335,7 +343,9 @@ impl Config {
             raw.audit,
             raw.rotation,
             raw.auth,
-        )
+        )?;
+        config.kubernetes = kubernetes::validate(raw.kubernetes)?;
+        Ok(config)
     }
 
     fn validate(
@@ -544,6 +554,7 @@ impl Config {
                 root_rewrap_pause,
             },
             auth,
+            kubernetes: Vec::new(),
         })
     }
 }
@@ -788,6 +799,68 @@ client_ca_file = "/etc/kms/tls/clients-ca.pem"
         let ok = Config::parse(&format!("{MINIMAL}\n[server]\nlisten = \"[::1]:7443\"\n"))
             .expect("IPv6 loopback");
         assert!(ok.server.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn kubernetes_listeners_are_read_with_safe_defaults_and_checked() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert!(config.kubernetes.is_empty());
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[[kubernetes]]\nsocket = \"/run/kms/k8s.sock\"\nkey = \"alias/kubernetes\"\n\n[[kubernetes]]\nsocket = \"/run/kms/other.sock\"\nkey = \"alias/other\"\nowner_uid = 0\ngroup_gid = 998\nmode = 0o660\n"
+        ))
+        .expect("two listeners");
+        assert_eq!(
+            config.kubernetes,
+            [
+                KubernetesListener {
+                    socket: "/run/kms/k8s.sock".into(),
+                    key: "alias/kubernetes".into(),
+                    owner_uid: None,
+                    group_gid: None,
+                    mode: 0o600,
+                },
+                KubernetesListener {
+                    socket: "/run/kms/other.sock".into(),
+                    key: "alias/other".into(),
+                    owner_uid: Some(0),
+                    group_gid: Some(998),
+                    mode: 0o660,
+                },
+            ]
+        );
+        let entry = |body: &str| format!("{MINIMAL}\n[[kubernetes]]\n{body}\n");
+        let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH_BYTES));
+        let cases = [
+            (
+                entry("socket = \"k8s.sock\"\nkey = \"k\""),
+                "kubernetes.socket",
+            ),
+            (
+                entry(&format!("socket = \"{long}\"\nkey = \"k\"")),
+                "kubernetes.socket",
+            ),
+            (
+                format!(
+                    "{}[[kubernetes]]\nsocket = \"/a.sock\"\nkey = \"k2\"\n",
+                    entry("socket = \"/a.sock\"\nkey = \"k\"")
+                ),
+                "kubernetes.socket",
+            ),
+            (entry("socket = \"/a.sock\"\nkey = \"\""), "kubernetes.key"),
+            (
+                entry("socket = \"/a.sock\"\nkey = \"k\"\nmode = 0o4755"),
+                "kubernetes.mode",
+            ),
+            (
+                entry("socket = \"/a.sock\"\nkey = \"k\"\nowner = 0"),
+                "owner",
+            ),
+            (entry("socket = \"/a.sock\""), "key"),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(&text).expect_err(field);
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

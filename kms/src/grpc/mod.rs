@@ -8,6 +8,7 @@ pub mod auth_layer;
 mod convert;
 mod crypto;
 mod key_management;
+pub mod kubernetes;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use admin::AdminApi;
 pub use audit::{AuditApi, WatchRevoke, WatchStop};
 pub use crypto::CryptoApi;
 pub use key_management::KeyManagementApi;
+pub use kubernetes::{KubernetesApi, PeerCredLayer};
 
 /// Metadata header carrying the caller's request id (echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -63,18 +65,23 @@ impl Rpc {
     /// # Errors
     /// UNAUTHENTICATED if the request did not pass the authentication layer.
     pub(crate) fn start<T>(rpc: Operation, request: &Request<T>) -> Result<Rpc, Status> {
-        let meta = request_meta(request)?;
+        Ok(Rpc::with_meta(rpc, request_meta(request)?))
+    }
+
+    /// An RPC whose audit identity the caller established (a door with its
+    /// own notion of peer and request id: the Kubernetes plugin socket).
+    pub(crate) fn with_meta(rpc: Operation, meta: RequestMeta) -> Rpc {
         let span = tracing::info_span!(
             "rpc",
             rpc = operation::name(rpc),
             request_id = %meta.request_id,
             principal = %meta.principal,
         );
-        Ok(Rpc {
+        Rpc {
             meta,
             operation: rpc,
             span,
-        })
+        }
     }
 
     /// Runs blocking domain work (HSM and RocksDB calls) off the async
@@ -232,7 +239,7 @@ fn request_meta<T>(request: &Request<T>) -> Result<RequestMeta, Status> {
         .metadata()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| is_sane_request_id(v))
         .map_or_else(new_request_id, str::to_owned);
     Ok(RequestMeta {
         principal,
@@ -241,7 +248,13 @@ fn request_meta<T>(request: &Request<T>) -> Result<RequestMeta, Status> {
     })
 }
 
-fn new_request_id() -> String {
+/// Whether a caller's request id is recorded as given: 1 to 128 printable
+/// ASCII characters, no spaces (else the server makes one).
+pub(crate) fn is_sane_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+pub(crate) fn new_request_id() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {

@@ -2,7 +2,8 @@
 //! that arrive on connections still open (before the client has seen the
 //! HTTP/2 GOAWAY) are answered UNAVAILABLE at once, so that clients retry
 //! elsewhere and the requests in flight are the only ones left to finish.
-//! Health checks and reflection still answer.
+//! Health checks and reflection still answer. The Kubernetes plugin sockets
+//! share the same drain.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,8 +13,9 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 
-/// Only calls to our own services are refused while draining.
-const REFUSED_PREFIX: &str = "/kms.v1.";
+/// Only calls to our own services (kms.v1 and the Kubernetes plugin API,
+/// package v2) are refused while draining.
+const REFUSED_PREFIXES: [&str; 2] = ["/kms.v1.", "/v2."];
 
 /// Whether the server is draining; shared by the layer and the shutdown.
 #[derive(Debug, Clone, Default)]
@@ -64,7 +66,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if self.drain.is_draining() && request.uri().path().starts_with(REFUSED_PREFIX) {
+        let path = request.uri().path();
+        if self.drain.is_draining() && REFUSED_PREFIXES.iter().any(|p| path.starts_with(p)) {
             let response =
                 Status::unavailable("the server is shutting down; retry").into_http::<R>();
             return Box::pin(std::future::ready(Ok(response)));

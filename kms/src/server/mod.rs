@@ -2,13 +2,16 @@
 //! server reflection (v1 and v1alpha, so grpcurl and other generic clients
 //! discover the API); TLS/mTLS, authentication and admission limits
 //! (`grpc::auth_layer`); limits on connections, streams, message size and
-//! request time; the background scheduler; and the metrics endpoint.
+//! request time; the background scheduler; the metrics endpoint; and the
+//! Kubernetes KMS v2 plugin sockets of `[[kubernetes]]` entries
+//! ([`kubernetes`]), which share the drain, admission limits and shutdown.
 //! Configuration reload ([`reload`]) and graceful shutdown with a deadline
 //! ([`RunningServer::serve_until`]).
 
 mod drain;
 pub mod health;
 mod incoming;
+pub mod kubernetes;
 pub mod reload;
 pub mod tls;
 
@@ -18,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use kms_proto::kubernetes_v2::key_management_service_server::KeyManagementServiceServer;
 use kms_proto::v1::admin_server::AdminServer;
 
 use kms_proto::v1::audit_server::AuditServer;
@@ -31,7 +35,7 @@ use crate::auth::admission::Admission;
 use crate::auth::tokens::TokenStore;
 use crate::config::Config;
 use crate::grpc::auth_layer::AuthLayer;
-use crate::grpc::{AdminApi, AuditApi, CryptoApi, KeyManagementApi};
+use crate::grpc::{AdminApi, AuditApi, CryptoApi, KeyManagementApi, KubernetesApi, PeerCredLayer};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{KmsService, scheduler};
 
@@ -57,6 +61,8 @@ pub enum ServerError {
     HealthThread(#[source] std::io::Error),
     #[error("cannot start the root re-wrap thread")]
     RootRewrapThread(#[source] std::io::Error),
+    #[error("cannot serve the Kubernetes plugin socket (kubernetes.socket)")]
+    Kubernetes(#[source] kubernetes::SocketError),
 }
 
 /// After the grace period, how long a shutdown still waits for blocking
@@ -277,6 +283,15 @@ pub async fn start_with(
         source,
     })?;
 
+    // The Kubernetes plugin sockets, before anything that holds the service
+    // starts: an occupied path stops the start with nothing left running.
+    let plugin_sockets = config
+        .kubernetes
+        .iter()
+        .map(kubernetes::bind)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerError::Kubernetes)?;
+
     let metrics = Arc::new(Metrics::new());
     let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(metrics_listen) => {
@@ -366,6 +381,49 @@ pub async fn start_with(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
 
+    // The Kubernetes plugin servers: each stops when the main listener
+    // does, and removes its socket file as it ends.
+    let plugin_stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let mut plugin_servers = Vec::with_capacity(config.kubernetes.len());
+    for (entry, (listener, socket)) in config.kubernetes.iter().zip(plugin_sockets) {
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
+            ServerError::Kubernetes(kubernetes::SocketError::Io {
+                action: "listen on",
+                path: entry.socket.clone(),
+                source,
+            })
+        })?;
+        let api =
+            KeyManagementServiceServer::new(KubernetesApi::new(Arc::clone(&service), &entry.key))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
+        let router = tonic::transport::Server::builder()
+            .timeout(config.server.request_timeout)
+            .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+            .http2_max_header_list_size(Some(16 * 1024))
+            .layer(drain.clone())
+            .layer(PeerCredLayer::new(Arc::clone(&admission)))
+            .add_service(api);
+        let mut stop = plugin_stop.subscribe();
+        tracing::info!(
+            socket = %socket.path().display(),
+            key = %entry.key,
+            "serving the Kubernetes KMS v2 plugin API"
+        );
+        plugin_servers.push(async move {
+            let result = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    },
+                )
+                .await;
+            drop(socket);
+            result
+        });
+    }
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let mut builder = builder
         .layer(incoming::PeerLayer)
@@ -380,13 +438,32 @@ pub async fn start_with(
         .add_service(crypto)
         .add_service(audit)
         .add_service(admin);
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+    let stop_plugins = Arc::clone(&plugin_stop);
+    let main = router.serve_with_incoming_shutdown(
         incoming::limited_incoming(listener, config.server.max_connections, shared_tls),
         async move {
             let _ = shutdown_rx.await;
             watch_stop.stop();
+            let _ = stop_plugins.send(true);
         },
-    ));
+    );
+    let task = tokio::spawn(async move {
+        // Aborting this task (the grace period is over) drops the set, which
+        // aborts the plugin servers too (and their socket files go).
+        let mut plugins = tokio::task::JoinSet::new();
+        for server in plugin_servers {
+            plugins.spawn(server);
+        }
+        let result = main.await;
+        // However the main listener ended, the plugin sockets follow it.
+        let _ = plugin_stop.send(true);
+        while let Some(joined) = plugins.join_next().await {
+            if let Ok(Err(e)) = joined {
+                tracing::error!(error = %e, "a Kubernetes plugin listener failed");
+            }
+        }
+        result
+    });
 
     // Stops the scheduler and the health probe (see `stop_background`).
     let background_stop = Arc::new(AtomicBool::new(false));

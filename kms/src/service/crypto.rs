@@ -240,9 +240,25 @@ impl KmsService {
                     ),
                 ));
             }
-            let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, &context)?;
-            self.encrypt_under(audit, &record, &plaintext, &context)
+            self.encrypt_in(meta, audit, key, &plaintext, &context)
         })
+    }
+
+    /// Encrypt's key use, once the request is validated: authorizes
+    /// `meta`'s principal for `encrypt` on `key` (id or alias) with
+    /// `context`, then encrypts under the key's primary version. Shared by
+    /// every door that encrypts one plaintext (Crypto.Encrypt, the
+    /// Kubernetes plugin), so that the key use exists once.
+    pub(super) fn encrypt_in(
+        &self,
+        meta: &RequestMeta,
+        audit: &mut AuditFields,
+        key: &str,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Encrypted> {
+        let record = self.resolve_for_use(meta, audit, key, Permission::Encrypt, context)?;
+        self.encrypt_under(audit, &record, plaintext, context)
     }
 
     /// Encrypts under the primary version of an already-resolved usable key.

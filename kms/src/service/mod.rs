@@ -18,6 +18,7 @@ pub(crate) mod checkpoint_key;
 mod crypto;
 pub(crate) mod import;
 mod keys;
+pub mod kubernetes;
 mod lookup;
 pub mod operation;
 pub(crate) mod page_token;

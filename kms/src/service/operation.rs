@@ -58,6 +58,9 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ListRoots => "ListRoots",
         Operation::DestroyRoot => "DestroyRoot",
         Operation::RewrapKeyVersion => "RewrapKeyVersion",
+        Operation::KubernetesStatus => "KubernetesStatus",
+        Operation::KubernetesEncrypt => "KubernetesEncrypt",
+        Operation::KubernetesDecrypt => "KubernetesDecrypt",
     }
 }
 
@@ -98,7 +101,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 43);
+        assert_eq!(seen, 46);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }
