@@ -222,7 +222,7 @@ pub(crate) async fn import(args: ImportArgs, options: &ClientOptions) -> anyhow:
         }))
     } else {
         output::emit(&format!(
-            "Imported key material into {}: version {} (origin EXTERNAL) is now primary.",
+            "Imported key material into {}: version {} (origin EXTERNAL) is now primary.\n",
             metadata.key_id, version.version
         ))
     }

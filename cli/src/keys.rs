@@ -485,6 +485,7 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
         "DESTROY TIME",
         "GCM INVOCATIONS",
         "HELD AS",
+        "ORIGIN",
     ]);
     for v in versions {
         table.row(vec![
@@ -496,6 +497,7 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
             output::time_cell(v.destroy_time.as_ref()),
             v.gcm_invocations.to_string(),
             held_as(v),
+            output::key_origin_name(v.origin),
         ]);
     }
     table
@@ -774,9 +776,9 @@ mod tests {
         .render();
         assert_eq!(
             text,
-            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS  HELD AS\n\
-             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000             token object\n\
-             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000             wrapped (root 1)\n"
+            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS  HELD AS           ORIGIN\n\
+             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000             token object      KMS\n\
+             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000             wrapped (root 1)  KMS\n"
         );
     }
 }
