@@ -116,7 +116,9 @@ where
     }
 }
 
-fn refuse<R, E>(
+/// A refusal answered by the layer itself, before any handler: `status`
+/// as a gRPC response (HTTP 200 with grpc-status in the headers).
+pub(super) fn refuse<R, E>(
     status: Status,
 ) -> Pin<Box<dyn Future<Output = Result<http::Response<R>, E>> + Send>>
 where

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::Rpc;
-use super::auth_layer::Authenticated;
+use super::auth_layer::{Authenticated, refuse};
 use crate::auth::admission::Admission;
 use crate::service::kubernetes::{KubernetesDecryptInput, PluginKeyId, StatusCache};
 use crate::service::{KmsService, Operation, RequestMeta};
@@ -267,17 +267,6 @@ where
             response
         })
     }
-}
-
-fn refuse<R, E>(
-    status: Status,
-) -> Pin<Box<dyn Future<Output = Result<http::Response<R>, E>> + Send>>
-where
-    R: Default + Send + 'static,
-    E: Send + 'static,
-{
-    let response = status.into_http::<R>();
-    Box::pin(std::future::ready(Ok(response)))
 }
 
 #[cfg(test)]
