@@ -378,6 +378,18 @@ pub enum HsmError {
     )]
     NoRoot,
 
+    /// `init_root` on a token that already holds root keys (the epochs it
+    /// can see, ascending): a second first root would bypass root
+    /// rotation's ordering and variant rules. Add roots with `rotate_root`.
+    #[error(
+        "the token already holds root key(s) {}; add the next one with `kms hsm rotate-root`, which keeps the variant and the epoch order",
+        .epochs.iter().map(|e| format!("kms-root/{e}")).collect::<Vec<_>>().join(", ")
+    )]
+    RootExists {
+        /// The root epochs found, ascending.
+        epochs: Vec<u32>,
+    },
+
     /// Root rotation was asked of a variant-N root (no `CKA_WRAP_WITH_TRUSTED`;
     /// design note §1.5.1). Rotating means re-wrapping every key version
     /// under the new root inside the HSM (`C_WrapKey` of the unwrapped

@@ -58,7 +58,7 @@ pub use import::{ImportKeySpec, OaepHash};
 pub use objects::{KeyPurpose, ObjectId};
 #[cfg(feature = "testing")]
 pub use root::{RootDefect, create_defective_root_for_tests};
-pub use root::{RootSpec, RootVariant, RotatedRoot, create_root, root_id, rotate_root};
+pub use root::{RootSpec, RootVariant, RotatedRoot, create_root, init_root, root_id, rotate_root};
 pub use softhsm::{DEBIAN_SOFTHSM2_MODULE, softhsm2_module_path};
 pub use token::{initialize_token, token_exists};
 pub use wrapped::{WRAPPED_KEY_LEN, WrapMechanism, WrappedKey};

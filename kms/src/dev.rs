@@ -152,16 +152,20 @@ pub const DEV_ROOT_EPOCH: u32 = 1;
 /// (issue 14). Must run before the service opens the token in this process:
 /// PKCS#11 allows one user type logged in per application, and this logs in
 /// as the security officer (then out again). Returns true when the root was
-/// created now; an existing root (`ObjectExists`) is left alone.
+/// created now; a token that holds any root already is left alone.
 ///
 /// # Errors
 /// `Hsm` if the SO PIN file cannot be read or the ceremony fails.
 pub fn ensure_dev_root(layout: &DevLayout, module: &Path) -> Result<bool, DevError> {
     let so = PinSource::File(layout.so_pin.clone()).read()?;
     let spec = kms_hsm::RootSpec::for_softhsm(DEV_ROOT_EPOCH, kms_hsm::RootVariant::Trusted);
-    match kms_hsm::create_root(module, DEV_TOKEN_LABEL, &so, &spec) {
+    // Only the first root: once any exists (epoch 1, or later ones after a
+    // root rotation destroyed epoch 1), dev mode leaves the roots alone.
+    match kms_hsm::init_root(module, DEV_TOKEN_LABEL, &so, &spec) {
         Ok(()) => Ok(true),
-        Err(kms_hsm::HsmError::ObjectExists { .. }) => Ok(false),
+        Err(kms_hsm::HsmError::ObjectExists { .. } | kms_hsm::HsmError::RootExists { .. }) => {
+            Ok(false)
+        }
         Err(e) => Err(DevError::Hsm(e)),
     }
 }

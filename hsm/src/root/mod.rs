@@ -226,7 +226,21 @@ pub fn create_root(
     pin: &Pin,
     spec: &RootSpec,
 ) -> Result<()> {
-    create(module_path, token_label, pin, spec, Defect::None)
+    create(module_path, token_label, pin, spec, Defect::None, false)
+}
+
+/// The first root of a token (`kms hsm init-root`, dev mode's first run):
+/// as [`create_root`], but refused when the token already holds any root
+/// the logged-in user can see, so that an operator cannot add a root of
+/// another variant or out of epoch order by mistake (root rotation adds
+/// the later ones). A root created with `CKA_PRIVATE` is invisible to the
+/// security officer's session, so it is not seen by a variant-T ceremony.
+///
+/// # Errors
+/// [`HsmError::RootExists`] naming the epochs found; otherwise as
+/// [`create_root`].
+pub fn init_root(module_path: &Path, token_label: &str, pin: &Pin, spec: &RootSpec) -> Result<()> {
+    create(module_path, token_label, pin, spec, Defect::None, true)
 }
 
 /// What `rotate_root` did.
@@ -347,7 +361,7 @@ pub fn create_defective_root_for_tests(
         RootDefect::DecryptAllowed => Defect::DecryptAllowed,
         RootDefect::NotTrusted => Defect::NotTrusted,
     };
-    create(module_path, token_label, pin, spec, defect)
+    create(module_path, token_label, pin, spec, defect, false)
 }
 
 fn create(
@@ -356,6 +370,7 @@ fn create(
     pin: &Pin,
     spec: &RootSpec,
     defect: Defect,
+    only_if_first: bool,
 ) -> Result<()> {
     let module = crate::module::module(module_path)?;
     let state = module.read();
@@ -371,7 +386,11 @@ fn create(
     session
         .login(user, Some(&pin.to_auth_pin()))
         .map_err(|e| from_cryptoki(Operation::Login, e))?;
-    let result = generate_and_check(module.path(), &session, spec, defect);
+    let result = match inspect::root_epochs(&session) {
+        Ok(epochs) if only_if_first && !epochs.is_empty() => Err(HsmError::RootExists { epochs }),
+        Ok(_) => generate_and_check(module.path(), &session, spec, defect),
+        Err(e) => Err(e),
+    };
     let _ = session.logout();
     result
 }

@@ -1158,3 +1158,51 @@ fn rotate_root_refuses_variant_n_a_wrong_so_pin_and_a_token_without_root() {
     assert!(matches!(refused, Err(HsmError::NoRoot)), "{refused:?}");
     assert!(epochs_of(&token).is_empty());
 }
+
+/// `init_root` makes only a token's first root: on a token that holds one,
+/// a second "first" root of another variant or out of epoch order (which
+/// would make the next start unwrap service keys under the wrong root) is
+/// refused naming the roots found, and nothing is created.
+#[test]
+fn init_root_refuses_a_token_that_already_holds_a_root() {
+    let epochs_of = |token: &TestToken| {
+        let hsm = token.open();
+        let holder = hsm.key_holder().expect("holder");
+        holder.root_epochs().expect("epochs")
+    };
+    let (token, hsm) = token_with_roots(T, &[1]);
+    drop(hsm);
+    for (variant, pin, epoch) in [
+        (N, user_pin(&token), 7),
+        (T, so_pin(&token), 2),
+        (T, so_pin(&token), 1),
+    ] {
+        let refused = kms_hsm::init_root(
+            token.module_path(),
+            token.label(),
+            &pin,
+            &RootSpec::for_softhsm(epoch, variant),
+        );
+        assert!(
+            matches!(&refused, Err(HsmError::RootExists { epochs }) if epochs == &[1]),
+            "{variant:?} epoch {epoch}: {refused:?}"
+        );
+        let message = refused.expect_err("refused").to_string();
+        assert!(
+            message.contains("kms-root/1") && message.contains("rotate-root"),
+            "{message}"
+        );
+    }
+    assert_eq!(epochs_of(&token), vec![1]);
+
+    // On an empty token it is the first root.
+    let token = TestToken::new();
+    kms_hsm::init_root(
+        token.module_path(),
+        token.label(),
+        &so_pin(&token),
+        &RootSpec::for_softhsm(1, T),
+    )
+    .expect("first root");
+    assert_eq!(epochs_of(&token), vec![1]);
+}

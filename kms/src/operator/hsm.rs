@@ -182,7 +182,7 @@ pub fn run(command: HsmCommand, client: &kms_cli::ClientOptions) -> anyhow::Resu
             let pin = PinSource::File(pin_file).read()?;
             let mut spec = RootSpec::for_softhsm(args.epoch, variant);
             spec.private |= args.private;
-            match kms_hsm::create_root(&args.module, &args.label, &pin, &spec) {
+            match kms_hsm::init_root(&args.module, &args.label, &pin, &spec) {
                 Ok(()) => {
                     eprintln!(
                         "created root key kms-root/{} ({:?}) on token {:?}",
