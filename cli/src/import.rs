@@ -131,6 +131,22 @@ pub(crate) async fn import_parameters(
     args: ImportParametersArgs,
     options: &ClientOptions,
 ) -> anyhow::Result<()> {
+    // The files are checked before asking: new parameters supersede the
+    // key's outstanding ones, so a request whose answer cannot be saved
+    // would cancel a token the user may still hold.
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let der = args.out_dir.join("public_key.der");
+    let pem = args.out_dir.join("public_key.pem");
+    let token = args.out_dir.join("import_token.bin");
+    for path in [&der, &pem, &token] {
+        if path.exists() {
+            anyhow::bail!(
+                "{} exists: choose another --out-dir (nothing was requested; outstanding import parameters stay valid)",
+                path.display()
+            );
+        }
+    }
     let reply = connect(options)
         .await?
         .get_parameters_for_import(pb::GetParametersForImportRequest {
@@ -143,11 +159,6 @@ pub(crate) async fn import_parameters(
             }),
         })
         .await?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let der = args.out_dir.join("public_key.der");
-    let pem = args.out_dir.join("public_key.pem");
-    let token = args.out_dir.join("import_token.bin");
     write_new(&der, &reply.public_key)?;
     write_new(&pem, pem_of(&reply.public_key).as_bytes())?;
     write_new(&token, &reply.import_token)?;
@@ -163,7 +174,7 @@ pub(crate) async fn import_parameters(
         }))
     } else {
         output::emit(&format!(
-            "Import parameters for {} (valid to {valid_to}):\n  public key  {} (DER), {} (PEM)\n  token       {}\nWrap the 32-byte key with {:?} under the public key, then run\n  kms key import {} --wrapped-material FILE --import-token {}",
+            "Import parameters for {} (valid to {valid_to}, or until kms restarts):\n  public key  {} (DER), {} (PEM)\n  token       {}\nWrap the 32-byte key with {:?} under the public key, then run\n  kms key import {} --wrapped-material FILE --import-token {}{}\n",
             reply.key_id,
             der.display(),
             pem.display(),
@@ -171,6 +182,10 @@ pub(crate) async fn import_parameters(
             args.wrapping_algorithm,
             reply.key_id,
             token.display(),
+            match args.wrapping_algorithm {
+                WrappingAlgorithm::RSAES_OAEP_SHA_1 => "",
+                WrappingAlgorithm::RSAES_OAEP_SHA_256 => " --wrapping-algorithm RSAES_OAEP_SHA_256",
+            },
         ))
     }
 }

@@ -19,7 +19,8 @@ const LIST_DESCRIPTION_WIDTH: usize = 40;
 /// `kms key` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum KeyCommand {
-    /// Create a key; its first version is generated inside the HSM.
+    /// Create a key; its first version is generated inside the HSM (with
+    /// `--origin external`: no version until `kms key import`).
     Create(CreateKeyArgs),
     /// List keys (all pages).
     List(ListKeysArgs),

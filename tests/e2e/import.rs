@@ -362,6 +362,35 @@ fn every_bad_import_is_refused_clearly_and_stores_nothing() {
         "{stderr}"
     );
 
+    // Asking again into a directory that already holds parameters is
+    // refused before any request, so the outstanding token is not
+    // superseded (it is still refused for its algorithm, not as superseded).
+    let refused = cli_err(
+        &ep,
+        &[
+            "key",
+            "import-parameters",
+            &key,
+            "--out-dir",
+            dir("good").to_str().expect("path"),
+        ],
+    );
+    assert!(
+        refused.contains("exists") && refused.contains("nothing was requested"),
+        "{refused}"
+    );
+    let (ok, stderr) = import_files(
+        &ep,
+        &key,
+        &dir("good"),
+        "wrapped.bin",
+        &["--wrapping-algorithm", "RSAES_OAEP_SHA_256"],
+    );
+    assert!(
+        !ok && stderr.contains("issued for RSAES_OAEP_SHA_1"),
+        "{stderr}"
+    );
+
     // Superseded by newer parameters for the same key.
     params(
         &ep,

@@ -115,9 +115,7 @@ pub enum ImportRefusal {
     },
 
     /// The HSM refused the OAEP parameters.
-    #[error(
-        "the HSM does not support the wrapping algorithm {algorithm}; use WRAPPING_ALGORITHM_RSAES_OAEP_SHA_1"
-    )]
+    #[error("the HSM does not support the wrapping algorithm {algorithm}; use RSAES_OAEP_SHA_1")]
     AlgorithmUnsupported { algorithm: &'static str },
 
     /// The ciphertext did not decrypt to a 32-byte key.
