@@ -29,6 +29,8 @@ pub(crate) async fn run(command: AdminCommand, options: &ClientOptions) -> anyho
                     "token_count": reply.token_count,
                     "admin_count": reply.admin_count,
                     "restart_required": reply.restart_required,
+                    "active_root_epoch": reply.active_root_epoch,
+                    "root_refused": (!reply.root_refused.is_empty()).then_some(&reply.root_refused),
                 }))
             } else {
                 let mut text = format!(
@@ -43,6 +45,18 @@ pub(crate) async fn run(command: AdminCommand, options: &ClientOptions) -> anyho
                     text.push_str(&format!(
                         "Not in force until the server restarts (changed in the file): {}.\n",
                         reply.restart_required.join(", ")
+                    ));
+                }
+                if reply.active_root_epoch > 0 {
+                    text.push_str(&format!(
+                        "New key versions are wrapped under root kms-root/{}.\n",
+                        reply.active_root_epoch
+                    ));
+                }
+                if !reply.root_refused.is_empty() {
+                    text.push_str(&format!(
+                        "A newer root key was NOT adopted: {}\n",
+                        output::sanitize(&reply.root_refused)
                     ));
                 }
                 output::emit(&text)

@@ -274,8 +274,12 @@ async fn root_rotation_round_trip_from_the_cli() {
     assert_eq!(two["present_in_hsm"], true);
     assert_eq!(two["active"], false);
 
-    // The reload adopts it: new versions are wrapped under epoch 2.
-    cli_ok(&server, &["admin", "reload"]);
+    // The reload adopts it, and says so: new versions are wrapped under epoch 2.
+    let reloaded = String::from_utf8(cli_ok(&server, &["admin", "reload"])).expect("utf8");
+    assert!(
+        reloaded.contains("wrapped under root kms-root/2") && !reloaded.contains("NOT adopted"),
+        "{reloaded}"
+    );
     assert_eq!(roots(&server)["active_epoch"], 2);
     rotate(&ch, &keys[0]).await;
     let newest = versions(&ch, &keys[0]).await;
@@ -528,7 +532,16 @@ async fn a_new_root_that_fails_the_probe_is_not_used() {
         .expect("pkcs11-tool (OpenSC, installed by scripts/setup.sh)");
     assert!(status.success(), "pkcs11-tool --keygen");
 
-    cli_ok(&server, &["admin", "reload"]);
+    // The reload says the new root was not adopted, and why.
+    let reply: Value =
+        serde_json::from_slice(&cli_ok(&server, &["--json", "admin", "reload"])).expect("json");
+    assert_eq!(reply["active_root_epoch"], 1, "{reply}");
+    assert!(
+        reply["root_refused"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{reply}"
+    );
     let report = roots(&server);
     assert_eq!(report["active_epoch"], 1, "{report}");
     rotate(&ch, &key).await;

@@ -55,6 +55,8 @@ impl Admin for AdminApi {
                 .iter()
                 .map(|name| (*name).to_owned())
                 .collect(),
+            active_root_epoch: summary.active_root_epoch.unwrap_or(0),
+            root_refused: summary.root_refused.unwrap_or_default(),
         })
     }
 

@@ -142,7 +142,9 @@ pub fn run(command: HsmCommand, client: &kms_cli::ClientOptions) -> anyhow::Resu
                 Ok(rotated) => {
                     eprintln!(
                         "created root key kms-root/{} ({:?}) on token {:?}; kms-root/{} stays until no record references it.\n\
-                         Next: `kms admin reload` (or SIGHUP) so the server wraps new versions under it, \
+                         Next: `kms admin reload` (or SIGHUP) so the server wraps new versions under it \
+                         (a server without a configuration file, as in dev mode, adopts it by itself within \
+                         rotation.scheduler_interval, 60 s in dev mode), \
                          then watch `kms hsm roots` until epoch {} holds 0 versions and 0 service keys, \
                          then `kms hsm destroy-root --epoch {}`.",
                         rotated.epoch,

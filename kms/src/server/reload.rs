@@ -91,6 +91,12 @@ pub struct ReloadSummary {
     /// that only a restart puts in force (configuration names, e.g.
     /// `server.listen`, `[hsm]`); see [`Config::restart_only_changes`].
     pub restart_required: Vec<&'static str>,
+    /// The root key epoch new versions are wrapped under after the reload
+    /// (`None` without wrapped versions); set by [`Reloader::reload_audited`].
+    pub active_root_epoch: Option<u32>,
+    /// Why a root key newer than the active one was not adopted (it failed
+    /// its check by behaviour); `None` when there was none or it was adopted.
+    pub root_refused: Option<String>,
 }
 
 /// Who asked for a reload.
@@ -205,6 +211,8 @@ impl Reloader {
             token_count: config.auth.tokens.len(),
             admin_count: config.auth.admins.len(),
             restart_required,
+            active_root_epoch: None,
+            root_refused: None,
         };
         let Config {
             server,
@@ -250,11 +258,19 @@ impl Reloader {
             }
             // Root rotation: a root added by `kms hsm rotate-root` becomes
             // active here (after its probe), whatever the file says.
-            if let Err(error) = service.check_for_new_root(true) {
-                tracing::warn!(error = %error.chain(), "reload: no new root key adopted");
-            }
-            self.reload()
-                .map_err(|e| KmsError::ReloadRefused(Arc::new(e)))
+            let root_refused = match service.check_for_new_root(true) {
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(error = %error.chain(), "reload: no new root key adopted");
+                    Some(error.chain().to_string())
+                }
+            };
+            let mut summary = self
+                .reload()
+                .map_err(|e| KmsError::ReloadRefused(Arc::new(e)))?;
+            summary.active_root_epoch = service.active_root_epoch();
+            summary.root_refused = root_refused;
+            Ok(summary)
         })
     }
 }
