@@ -323,6 +323,21 @@ async fn root_rotation_round_trip_from_the_cli() {
     let ch = channel(&server).await;
     let report = wait_until_empty(&server, &dep, 1);
     assert_eq!(held_by(&report, 2), (7, 2));
+    // Each service key was re-wrapped once, so two records without a key
+    // id: the passes after that (at the restart, while idle) found them
+    // under the active root and recorded nothing.
+    let events: Value = serde_json::from_slice(&cli_ok(
+        &server,
+        &["--json", "audit", "list", "--operation", "RewrapKeyVersion"],
+    ))
+    .expect("json");
+    let service_key_records = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["key_id"].as_str().is_none_or(str::is_empty))
+        .count();
+    assert_eq!(service_key_records, 2, "{events}");
     for key in &keys {
         for (version, _, epoch) in versions(&ch, key).await {
             assert_eq!(epoch, 2, "{key} v{version} still under epoch {epoch}");

@@ -406,6 +406,18 @@ impl KmsService {
         active: u32,
         step: &mut RewrapStep,
     ) {
+        // Checked before the audited step: a service key already under the
+        // active root (every start, every idle pass) is not a key use and
+        // writes no audit record. A failed read goes on to the audited step,
+        // which records the failure.
+        let below_active = self
+            .storage
+            .catalogue()
+            .service_key(slot.meta_key)
+            .map(|stored| stored.is_some_and(|k| k.root_epoch < *wrapped.epoch.read()));
+        if matches!(below_active, Ok(false)) {
+            return;
+        }
         let meta = RequestMeta::internal("root-rewrap");
         let outcome = self.audited(&meta, Operation::RewrapKeyVersion, None, |_| {
             self.rewrap_service_key(wrapped, holder, slot)
