@@ -527,7 +527,14 @@ fn key_pairs(m: &pb::KeyMetadata) -> Vec<(&'static str, String)> {
         ("Description", output::dash(&m.description)),
         ("State", output::key_state_name(m.state)),
         ("Key spec", output::key_spec_name(m.key_spec)),
-        ("Primary version", m.primary_version.to_string()),
+        (
+            "Primary version",
+            // 0: no version yet (a key awaiting imported material).
+            match m.primary_version {
+                0 => "-".to_owned(),
+                n => n.to_string(),
+            },
+        ),
         ("Origin", output::key_origin_name(m.origin)),
         (
             "Primary held as",

@@ -390,6 +390,8 @@ async fn over_limit_requests_are_refused_naming_the_limit_and_audited() {
             "{uid}"
         );
     }
+    // A malformed key_id (1 KiB of anything) is not copied into the log.
+    assert_eq!(event(&events, "lim-key-id").key_id, "");
     server.stop().await;
 }
 

@@ -241,33 +241,41 @@ impl KmsService {
             key_id,
             annotations,
         } = input;
-        // Until the blob parses, the record names the key the request gave
-        // (its key part: the whole value may be up to 1 KiB of anything).
-        let named = key_id.rsplit_once("/v").map_or(key_id.as_str(), |(k, _)| k);
-        self.deferred(meta, Operation::KubernetesDecrypt, Some(named), |audit| {
-            check_decrypt_limits(&ciphertext, &key_id, &annotations)?;
-            let requested = PluginKeyId::parse(&key_id).ok_or(KmsError::InvalidCiphertext)?;
-            let parsed =
-                ciphertext::parse_blob(&ciphertext).map_err(|_| KmsError::InvalidCiphertext)?;
-            let header = parsed.header();
-            if header.key_id() != requested.key_id.as_str()
-                || header.key_version() != requested.version
-            {
-                if let Ok(blob_key) = KeyId::parse(header.key_id()) {
-                    audit.key(&blob_key, Some(header.key_version()));
+        // Until the blob parses, the record names the key the request gave,
+        // if its key_id is one this plugin issues (`<key id>/v<n>`); a
+        // malformed one (up to 1 KiB of anything) is not copied into the log.
+        let named = PluginKeyId::parse(&key_id).map(|p| p.key_id.to_string());
+        self.deferred(
+            meta,
+            Operation::KubernetesDecrypt,
+            named.as_deref(),
+            |audit| {
+                check_decrypt_limits(&ciphertext, &key_id, &annotations)?;
+                let requested = PluginKeyId::parse(&key_id).ok_or(KmsError::InvalidCiphertext)?;
+                let parsed =
+                    ciphertext::parse_blob(&ciphertext).map_err(|_| KmsError::InvalidCiphertext)?;
+                let header = parsed.header();
+                if header.key_id() != requested.key_id.as_str()
+                    || header.key_version() != requested.version
+                {
+                    if let Ok(blob_key) = KeyId::parse(header.key_id()) {
+                        audit.key(&blob_key, Some(header.key_version()));
+                    }
+                    tracing::debug!(
+                        "ciphertext names another key version than the request's key_id"
+                    );
+                    return Err(KmsError::InvalidCiphertext);
                 }
-                tracing::debug!("ciphertext names another key version than the request's key_id");
-                return Err(KmsError::InvalidCiphertext);
-            }
-            self.decrypt_inner(
-                meta,
-                Permission::Decrypt,
-                audit,
-                &ciphertext,
-                plugin_context_map(),
-                None,
-            )
-        })
+                self.decrypt_inner(
+                    meta,
+                    Permission::Decrypt,
+                    audit,
+                    &ciphertext,
+                    plugin_context_map(),
+                    None,
+                )
+            },
+        )
     }
 }
 
