@@ -69,76 +69,10 @@ impl Catalogue {
         now_ms: u64,
         enabled: bool,
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
-        match new.state {
-            KeyState::PendingDeletion { .. } => {
-                return Err(StorageError::KeyPendingDeletion { id: new.id });
-            }
-            KeyState::Deleted { .. } => {
-                return Err(StorageError::ImmutableField { field: "state" });
-            }
-            _ => {}
-        }
-        let _guard = self.lock();
-        if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
-            return Err(StorageError::KeyExists { id: new.id.clone() });
-        }
-        let mut aliases = new.aliases;
-        aliases.sort();
-        aliases.dedup();
-        for alias in &aliases {
-            if self
-                .db
-                .get(CF_ALIASES, alias.as_str().as_bytes())?
-                .is_some()
-            {
-                return Err(StorageError::AliasExists {
-                    alias: alias.to_string(),
-                });
-            }
-        }
-        let key = KeyRecord {
-            id: new.id,
-            description: new.description,
-            tags: new.tags,
-            spec: new.spec,
-            state: new.state,
-            primary_version: enabled.then_some(1),
-            latest_version: 1,
-            rotation: new.rotation,
-            next_rotation_at_ms: new.next_rotation_at_ms,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            policy: None,
-            origin: KeyOrigin::Kms,
-        };
-        let version = VersionRecord {
-            key_id: key.id.clone(),
-            version: 1,
-            origin: KeyOrigin::Kms,
-            state: if enabled {
-                VersionState::Enabled
-            } else {
-                VersionState::Pending
-            },
-            kek: first_kek,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            gcm_invocations: 0,
-        };
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &key)?;
-        self.put_version(&mut batch, &version)?;
-        if !enabled {
-            batch.put_cf(
-                self.db.cf(CF_PENDING)?,
-                schema::version_key(key.id.as_str(), 1),
-                [],
-            );
-        }
-        for alias in &aliases {
-            self.put_alias(&mut batch, alias, &key.id)?;
-        }
-        self.commit(batch)?;
+        let (key, version) =
+            self.create_key_records(new, KeyOrigin::Kms, Some((first_kek, enabled)), now_ms)?;
+        // Always Some: `first` was given. (No panic path in library code.)
+        let version = version.ok_or(StorageError::ImmutableField { field: "version" })?;
         Ok((key, version))
     }
 
@@ -156,6 +90,22 @@ impl Catalogue {
         new: NewKey,
         now_ms: u64,
     ) -> Result<KeyRecord, StorageError> {
+        self.create_key_records(new, KeyOrigin::External, None, now_ms)
+            .map(|(key, _)| key)
+    }
+
+    /// The one write that creates a key: its record, its aliases and, with
+    /// `first` = (KEK, enabled), version 1 (enabled and primary, or pending
+    /// creation); without `first` (a key awaiting imported material) no
+    /// version, `latest_version` 0 and no primary. Under the catalogue lock;
+    /// nothing is written on error.
+    fn create_key_records(
+        &self,
+        new: NewKey,
+        origin: KeyOrigin,
+        first: Option<(KekHandle, bool)>,
+        now_ms: u64,
+    ) -> Result<(KeyRecord, Option<VersionRecord>), StorageError> {
         match new.state {
             KeyState::PendingDeletion { .. } => {
                 return Err(StorageError::KeyPendingDeletion { id: new.id });
@@ -183,28 +133,53 @@ impl Catalogue {
                 });
             }
         }
+        let enabled = first.as_ref().is_some_and(|(_, enabled)| *enabled);
         let key = KeyRecord {
             id: new.id,
             description: new.description,
             tags: new.tags,
             spec: new.spec,
             state: new.state,
-            primary_version: None,
-            latest_version: 0,
+            primary_version: enabled.then_some(1),
+            latest_version: u32::from(first.is_some()),
             rotation: new.rotation,
             next_rotation_at_ms: new.next_rotation_at_ms,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             policy: None,
-            origin: KeyOrigin::External,
+            origin,
         };
+        let version = first.map(|(kek, enabled)| VersionRecord {
+            key_id: key.id.clone(),
+            version: 1,
+            origin,
+            state: if enabled {
+                VersionState::Enabled
+            } else {
+                VersionState::Pending
+            },
+            kek,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            gcm_invocations: 0,
+        });
         let mut batch = WriteBatch::default();
         self.put_key(&mut batch, &key)?;
+        if let Some(version) = &version {
+            self.put_version(&mut batch, version)?;
+            if version.state == VersionState::Pending {
+                batch.put_cf(
+                    self.db.cf(CF_PENDING)?,
+                    schema::version_key(key.id.as_str(), 1),
+                    [],
+                );
+            }
+        }
         for alias in &aliases {
             self.put_alias(&mut batch, alias, &key.id)?;
         }
         self.commit(batch)?;
-        Ok(key)
+        Ok((key, version))
     }
 
     /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
