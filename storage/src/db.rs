@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
-use crate::error::StorageError;
 use crate::schema;
+use kms_catalogue::StorageError;
 
 /// The database handle shared by the catalogue, the audit writer and readers.
 #[derive(Debug)]

@@ -1,7 +1,8 @@
 //! kms-storage: the only crate that talks to RocksDB.
 //!
-//! It holds the key catalogue (keys, versions, aliases, pending versions, GCM
-//! invocation counters) and the tamper-evident audit log (group-commit writer,
+//! It holds the single-node engine of the key catalogue (the catalogue's
+//! rules are kms-catalogue's, over this crate's RocksDB engine) and the
+//! tamper-evident audit log (group-commit writer,
 //! hash chain, MACed checkpoints, verification, query and export).
 //!
 //! The API is blocking (no async runtime); the service calls it from blocking
@@ -12,12 +13,8 @@
 #![warn(missing_docs)]
 
 mod audit;
-mod catalogue;
 mod db;
-mod error;
-mod gcm_counter;
-mod keys;
-mod record_cache;
+mod engine;
 pub mod schema;
 mod storage;
 #[cfg(feature = "testing")]
@@ -29,12 +26,13 @@ pub use audit::{
     MAX_SCAN_PER_PAGE, MacFn, RECORD_FORMAT_V1, ResultCode, VerifyFailure, VerifyFailureReason,
     VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
 };
-pub use catalogue::{
-    AliasEntry, Catalogue, EpochReferences, MAX_PAGE_SIZE, Swap, VersionCursor, VersionScan,
+// The catalogue (and its error type) is kms-catalogue's, over this crate's
+// RocksDB engine; re-exported so that callers name one crate.
+pub use kms_catalogue::{
+    Alias, AliasEntry, AuditHead, Catalogue, CatalogueEngine, ClusterView, EpochReferences, Fence,
+    Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, MAX_PAGE_SIZE,
+    NewKey, Page, Permission, RotationPolicy, Swap, VersionCursor, VersionRecord, VersionScan,
+    VersionState, WrappedServiceKey,
 };
-pub use error::{CallbackError, DbError, StorageError};
-pub use keys::{
-    Alias, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey,
-    Page, Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
-};
+pub use kms_catalogue::{CallbackError, DbError, StorageError};
 pub use storage::{Storage, StorageOptions};

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::audit::{AuditConfig, AuditLog, AuditReader, MacFn};
-use crate::catalogue::Catalogue;
 use crate::db::Db;
-use crate::error::StorageError;
+use crate::engine::RocksEngine;
+use kms_catalogue::Catalogue;
+use kms_catalogue::StorageError;
 
 /// Options for [`Storage::open`].
 #[derive(Debug, Clone)]
@@ -56,7 +57,8 @@ impl Storage {
     /// [`StorageError::Corrupt`] if the stored format version is malformed.
     pub fn open(path: &Path, options: &StorageOptions) -> Result<Storage, StorageError> {
         let db = Arc::new(Db::open(path, options.create_if_missing)?);
-        let catalogue = Catalogue::new(Arc::clone(&db), options.gcm_reservation_block);
+        let engine = Arc::new(RocksEngine::new(Arc::clone(&db)));
+        let catalogue = Catalogue::new(engine, options.gcm_reservation_block);
         Ok(Storage { db, catalogue })
     }
 

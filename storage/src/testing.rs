@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use crate::error::{DbError, StorageError};
 use crate::schema::CF_AUDIT;
+use kms_catalogue::{DbError, StorageError};
 
 /// Flips one bit in the last byte of audit record `seq` in the (closed)
 /// database at `dir`. Returns false if the record does not exist.

@@ -17,8 +17,8 @@ use rocksdb::{IteratorMode, WriteBatch};
 use super::group_commit::{Failure, Writer, corrupt};
 use super::record::Checkpoint;
 use crate::db::Db;
-use crate::error::StorageError;
 use crate::schema::{self, CF_AUDIT_CHECKPOINTS};
+use kms_catalogue::StorageError;
 
 /// The sequence number the newest checkpoint certifies; `None` if there is none.
 pub(super) fn last_checkpoint_seq(db: &Db) -> Result<Option<u64>, StorageError> {

@@ -18,8 +18,8 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
 use super::record::{AuditEvent, AuditRecord, GENESIS_HASH};
 use crate::db::Db;
-use crate::error::{CallbackError, DbError, StorageError};
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
+use kms_catalogue::{CallbackError, DbError, StorageError};
 
 /// Computes the MAC of a checkpoint message (the service does HMAC-SHA256 in the HSM).
 pub type MacFn = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, CallbackError> + Send + Sync>;

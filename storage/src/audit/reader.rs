@@ -8,8 +8,8 @@ use rocksdb::{Direction, IteratorMode};
 
 use super::record::{AuditRecord, Checkpoint};
 use crate::db::Db;
-use crate::error::StorageError;
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
+use kms_catalogue::StorageError;
 
 /// Records to examine per query page at most (bounds the time one call takes).
 pub const MAX_SCAN_PER_PAGE: usize = 100_000;
@@ -156,7 +156,7 @@ impl AuditReader {
         until: u64,
         limit: usize,
     ) -> Result<AuditPage, StorageError> {
-        let limit = limit.clamp(1, crate::keys::MAX_PAGE_SIZE);
+        let limit = limit.clamp(1, kms_catalogue::MAX_PAGE_SIZE);
         let start = after.map_or(1, |a| a.saturating_add(1));
         let mut records = Vec::new();
         let mut last_seen = None;
@@ -218,7 +218,7 @@ impl AuditReader {
         let mut n = 0u64;
         let until = self.last_seq()?;
         loop {
-            let page = self.query_range(filter, after, until, crate::keys::MAX_PAGE_SIZE)?;
+            let page = self.query_range(filter, after, until, kms_catalogue::MAX_PAGE_SIZE)?;
             for rec in &page.records {
                 serde_json::to_writer(&mut *out, rec).map_err(|source| {
                     StorageError::Serialize {

@@ -24,7 +24,7 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::error::StorageError;
+use kms_catalogue::StorageError;
 
 /// First byte of an encoded audit record.
 pub const RECORD_FORMAT_V1: u8 = 1;

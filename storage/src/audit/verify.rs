@@ -13,8 +13,8 @@ use rocksdb::{Direction, IteratorMode};
 
 use super::reader::AuditReader;
 use super::record::{AuditRecord, Checkpoint, GENESIS_HASH};
-use crate::error::{CallbackError, StorageError};
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
+use kms_catalogue::{CallbackError, StorageError};
 
 /// Checks a checkpoint MAC: `(message, mac) -> Ok(true)` if valid. An `Err`
 /// means the verifier could not run (e.g. HSM down), not that the MAC is bad.

@@ -24,7 +24,7 @@ use super::group_commit::{
 };
 use super::record::AuditEvent;
 use crate::db::Db;
-use crate::error::StorageError;
+use kms_catalogue::StorageError;
 
 /// Group-commit totals of an open audit log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

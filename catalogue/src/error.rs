@@ -1,20 +1,22 @@
-//! The one error type of kms-storage.
+//! The one error type of the catalogue and of both storage engines.
 //!
-//! Variants carry typed fields (ids, sequence numbers, column-family names) so
-//! the service can map them to gRPC statuses without matching on text. RocksDB's
-//! own error is wrapped in [`DbError`] so that no rocksdb type appears in our
-//! public signatures.
+//! Variants carry typed fields (ids, sequence numbers, table names) so the
+//! service can map them to gRPC statuses without matching on text. An
+//! engine's own error (RocksDB's, etcd's) is wrapped in [`DbError`] so that
+//! no engine type appears in a public signature.
 
 use std::sync::Arc;
 
 use crate::keys::KeyId;
 
-/// A failed call into the database engine (wrapped so that rocksdb's type stays private).
+/// A failed call into the storage engine (wrapped so that the engine's
+/// error type stays private to the engine's crate).
 #[derive(Debug, Clone)]
-pub struct DbError(Arc<rocksdb::Error>);
+pub struct DbError(Arc<dyn std::error::Error + Send + Sync + 'static>);
 
 impl DbError {
-    pub(crate) fn new(e: rocksdb::Error) -> Self {
+    /// Wraps an engine's error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self(Arc::new(e))
     }
 }
@@ -39,9 +41,28 @@ pub enum StorageError {
     Db {
         /// The operation that failed (e.g. `"get"`, `"write"`, `"open"`).
         op: &'static str,
-        /// RocksDB's error.
+        /// The engine's error.
         #[source]
         source: DbError,
+    },
+    /// A cluster node cannot prove its catalogue view recent, or cannot
+    /// reach a quorum of the shared store: it refuses rather than act on a
+    /// state that may have been revoked (design note §2.3.3, I3/I8).
+    #[error("catalogue unavailable: {reason}")]
+    Unavailable {
+        /// Why, in words fit for an operator (never a secret).
+        reason: String,
+    },
+    /// Another catalogue write committed since this one read its state;
+    /// nothing was applied. The catalogue retries such writes itself.
+    #[error("catalogue write conflicted with a concurrent write")]
+    WriteConflict,
+    /// A background job's write carried a fencing token this node no longer
+    /// holds (another node leads the job now); nothing was applied.
+    #[error("background job {job} is no longer led by this node")]
+    Fenced {
+        /// The job's name.
+        job: String,
     },
     /// The database was written by a newer version of kms (refuse rather than misread it).
     #[error(
@@ -285,7 +306,10 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn db(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
+    /// Wraps an engine error from operation `op` (`"get"`, `"write"`, ...).
+    pub fn db<E: std::error::Error + Send + Sync + 'static>(
+        op: &'static str,
+    ) -> impl FnOnce(E) -> StorageError {
         move |e| StorageError::Db {
             op,
             source: DbError::new(e),

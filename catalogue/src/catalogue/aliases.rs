@@ -4,7 +4,7 @@
 //! the key id and `aliases_by_key` lists a key's aliases, both changed in the
 //! same synced write.
 
-use rocksdb::WriteBatch;
+use crate::engine::{Batch, Table};
 
 use super::{Catalogue, MAX_PAGE_SIZE, clamp_limit};
 use crate::error::StorageError;
@@ -29,16 +29,17 @@ impl Catalogue {
     /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`] if `id` is
     /// not a live key; [`StorageError::Db`] if RocksDB fails.
     pub fn create_alias(&self, alias: &Alias, id: &KeyId) -> Result<(), StorageError> {
-        let _guard = self.lock();
-        if self.get_alias(alias)?.is_some() {
-            return Err(StorageError::AliasExists {
-                alias: alias.to_string(),
-            });
-        }
-        self.require_live_key(id)?;
-        let mut batch = WriteBatch::default();
-        self.put_alias(&mut batch, alias, id)?;
-        self.commit(batch)
+        self.write(|w| {
+            if self.get_alias(alias)?.is_some() {
+                return Err(StorageError::AliasExists {
+                    alias: alias.to_string(),
+                });
+            }
+            self.require_live_key(id)?;
+            let mut batch = Batch::default();
+            self.put_alias(&mut batch, alias, id)?;
+            self.commit(w, batch)
+        })
     }
 
     /// Points an existing alias at another live key (one synced write).
@@ -49,20 +50,21 @@ impl Catalogue {
     /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`] if `id` is
     /// not a live key; [`StorageError::Db`] if RocksDB fails.
     pub fn update_alias(&self, alias: &Alias, id: &KeyId) -> Result<(), StorageError> {
-        let _guard = self.lock();
-        let old = self
-            .get_alias(alias)?
-            .ok_or_else(|| StorageError::AliasNotFound {
-                alias: alias.to_string(),
-            })?;
-        self.require_live_key(id)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(
-            self.db.cf(CF_ALIASES_BY_KEY)?,
-            schema::alias_by_key(old.as_str(), alias.as_str()),
-        );
-        self.put_alias(&mut batch, alias, id)?;
-        self.commit(batch)
+        self.write(|w| {
+            let old = self
+                .get_alias(alias)?
+                .ok_or_else(|| StorageError::AliasNotFound {
+                    alias: alias.to_string(),
+                })?;
+            self.require_live_key(id)?;
+            let mut batch = Batch::default();
+            batch.delete(
+                Table::AliasesByKey,
+                schema::alias_by_key(old.as_str(), alias.as_str()),
+            );
+            self.put_alias(&mut batch, alias, id)?;
+            self.commit(w, batch)
+        })
     }
 
     /// Deletes an alias (one synced write); the key it named is untouched.
@@ -72,19 +74,20 @@ impl Catalogue {
     /// [`StorageError::AliasNotFound`] if the alias does not exist;
     /// [`StorageError::Db`] if RocksDB fails.
     pub fn delete_alias(&self, alias: &Alias) -> Result<(), StorageError> {
-        let _guard = self.lock();
-        let old = self
-            .get_alias(alias)?
-            .ok_or_else(|| StorageError::AliasNotFound {
-                alias: alias.to_string(),
-            })?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.db.cf(CF_ALIASES)?, alias.as_str().as_bytes());
-        batch.delete_cf(
-            self.db.cf(CF_ALIASES_BY_KEY)?,
-            schema::alias_by_key(old.as_str(), alias.as_str()),
-        );
-        self.commit(batch)
+        self.write(|w| {
+            let old = self
+                .get_alias(alias)?
+                .ok_or_else(|| StorageError::AliasNotFound {
+                    alias: alias.to_string(),
+                })?;
+            let mut batch = Batch::default();
+            batch.delete(Table::Aliases, alias.as_str().as_bytes());
+            batch.delete(
+                Table::AliasesByKey,
+                schema::alias_by_key(old.as_str(), alias.as_str()),
+            );
+            self.commit(w, batch)
+        })
     }
 
     /// The key an alias names, if the alias exists.
@@ -95,7 +98,7 @@ impl Catalogue {
     /// [`StorageError::InvalidKeyId`] if the stored key id is malformed.
     pub fn get_alias(&self, alias: &Alias) -> Result<Option<KeyId>, StorageError> {
         let k = alias.as_str().as_bytes();
-        let Some(v) = self.db.get(CF_ALIASES, k)? else {
+        let Some(v) = self.engine().get(Table::Aliases, k)? else {
             return Ok(None);
         };
         let s = std::str::from_utf8(&v).map_err(|_| StorageError::Corrupt {
@@ -135,15 +138,20 @@ impl Catalogue {
         };
         match key {
             None => {
-                self.scan(CF_ALIASES, b"", page_token.map(str::as_bytes), |k, v| {
-                    let entry = decode_alias_entry(k, v)?;
-                    Ok(take(&mut items, entry))
-                })?;
+                self.scan(
+                    Table::Aliases,
+                    b"",
+                    page_token.map(str::as_bytes),
+                    |k, v| {
+                        let entry = decode_alias_entry(k, v)?;
+                        Ok(take(&mut items, entry))
+                    },
+                )?;
             }
             Some(id) => {
                 let start = page_token.map(|t| schema::alias_by_key(id.as_str(), t));
                 self.scan(
-                    CF_ALIASES_BY_KEY,
+                    Table::AliasesByKey,
                     id.as_str().as_bytes(),
                     start.as_deref(),
                     |k, _| {
@@ -186,17 +194,17 @@ impl Catalogue {
 
     pub(super) fn put_alias(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         alias: &Alias,
         id: &KeyId,
     ) -> Result<(), StorageError> {
-        batch.put_cf(
-            self.db.cf(CF_ALIASES)?,
+        batch.put(
+            Table::Aliases,
             alias.as_str().as_bytes(),
             id.as_str().as_bytes(),
         );
-        batch.put_cf(
-            self.db.cf(CF_ALIASES_BY_KEY)?,
+        batch.put(
+            Table::AliasesByKey,
             schema::alias_by_key(id.as_str(), alias.as_str()),
             [],
         );

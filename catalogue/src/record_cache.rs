@@ -6,8 +6,9 @@
 //! catalogue's own writes, so the catalogue keeps the decoded records here
 //! and invalidates all of them on every write.
 //!
-//! Invalidation is a generation counter, bumped after each catalogue write
-//! has committed (whether or not it succeeded). A reader takes the
+//! Invalidation is the engine's generation, which changes after each
+//! catalogue write has committed (whether or not it succeeded) and, in a
+//! cluster, whenever another node's write reaches this node's view. A reader takes the
 //! generation *before* it reads the database and files what it read under
 //! it; an entry is used only while its generation is still current. So an
 //! entry can never be older than the last committed write: a record read
@@ -16,30 +17,11 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 /// Entries kept per map at most; a full map is emptied and refilled by the
 /// reads that follow (the hot keys return at once).
 const MAX_ENTRIES: usize = 4096;
-
-#[derive(Debug)]
-pub(crate) struct Generation(AtomicU64);
-
-impl Generation {
-    pub(crate) fn new() -> Self {
-        Generation(AtomicU64::new(0))
-    }
-
-    pub(crate) fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Call after every write has been committed (or has failed).
-    pub(crate) fn bump(&self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
-    }
-}
 
 /// Decoded records by key, each filed under the generation it was read at.
 #[derive(Debug)]
@@ -83,18 +65,18 @@ mod tests {
 
     #[test]
     fn an_entry_is_used_only_under_the_generation_it_was_read_at() {
-        let generation = Generation::new();
+        let mut generation = 0u64;
         let cache: RecordCache<String, u32> = RecordCache::new();
-        let g = generation.current();
+        let g = generation;
         cache.put("k".into(), g, 1);
-        assert_eq!(cache.get("k", generation.current()), Some(1));
-        generation.bump();
-        assert_eq!(cache.get("k", generation.current()), None);
+        assert_eq!(cache.get("k", generation), Some(1));
+        generation += 1;
+        assert_eq!(cache.get("k", generation), None);
         // A value read before the bump but filed after it is never used.
         cache.put("k".into(), g, 2);
-        assert_eq!(cache.get("k", generation.current()), None);
-        cache.put("k".into(), generation.current(), 3);
-        assert_eq!(cache.get("k", generation.current()), Some(3));
+        assert_eq!(cache.get("k", generation), None);
+        cache.put("k".into(), generation, 3);
+        assert_eq!(cache.get("k", generation), Some(3));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use rocksdb::WriteBatch;
+use crate::engine::{Batch, Table};
 
 use super::Catalogue;
 use crate::error::StorageError;
@@ -94,13 +94,18 @@ impl Catalogue {
         let limit = super::clamp_limit(limit);
         let mut items = Vec::new();
         let mut last = None;
-        self.scan(CF_VERSIONS, b"", after.map(|c| c.0.as_slice()), |k, v| {
-            let mut ver: VersionRecord = decode_record(CF_VERSIONS, k, v)?;
-            ver.gcm_invocations = self.counters.current(&self.db, k)?;
-            items.push(ver);
-            last = Some(k.to_vec());
-            Ok(items.len() < limit)
-        })?;
+        self.scan(
+            Table::Versions,
+            b"",
+            after.map(|c| c.0.as_slice()),
+            |k, v| {
+                let mut ver: VersionRecord = decode_record(CF_VERSIONS, k, v)?;
+                ver.gcm_invocations = self.counters().current(self.engine(), k)?;
+                items.push(ver);
+                last = Some(k.to_vec());
+                Ok(items.len() < limit)
+            },
+        )?;
         let next = if items.len() < limit {
             None
         } else {
@@ -121,7 +126,7 @@ impl Catalogue {
         &self,
     ) -> Result<BTreeMap<u32, EpochReferences>, StorageError> {
         let mut counts: BTreeMap<u32, EpochReferences> = BTreeMap::new();
-        self.scan(CF_VERSIONS, b"", None, |k, v| {
+        self.scan(Table::Versions, b"", None, |k, v| {
             let ver: VersionRecord = decode_record(CF_VERSIONS, k, v)?;
             if let KekHandle::Wrapped { root_epoch, .. } = ver.kek {
                 let entry = counts.entry(root_epoch).or_default();
@@ -159,37 +164,38 @@ impl Catalogue {
         expected: &VersionRecord,
         kek: KekHandle,
     ) -> Result<Swap<VersionRecord>, StorageError> {
-        let _guard = self.lock();
-        let k = schema::version_key(expected.key_id.as_str(), expected.version);
-        let Some(bytes) = self.db.get(CF_VERSIONS, &k)? else {
-            return Ok(Swap::Changed(None));
-        };
-        let mut current: VersionRecord = decode_record(CF_VERSIONS, &k, &bytes)?;
-        current.gcm_invocations = self.counters.current(&self.db, &k)?;
-        if !same_record(&current, expected) {
-            return Ok(Swap::Changed(Some(current)));
-        }
-        if !matches!(current.kek, KekHandle::Wrapped { .. })
-            || !matches!(kek, KekHandle::Wrapped { .. })
-        {
-            return Err(StorageError::ImmutableField { field: "kek" });
-        }
-        if matches!(
-            current.state,
-            VersionState::Pending | VersionState::Destroyed { .. }
-        ) {
-            return Err(StorageError::InvalidVersionTransition {
-                id: current.key_id,
-                version: current.version,
-            });
-        }
-        self.require_live_key(&current.key_id)?;
-        let mut new = current;
-        new.kek = kek;
-        let mut batch = WriteBatch::default();
-        self.put_version(&mut batch, &new)?;
-        self.commit(batch)?;
-        Ok(Swap::Replaced(new))
+        self.write(|w| {
+            let k = schema::version_key(expected.key_id.as_str(), expected.version);
+            let Some(bytes) = self.engine().get(Table::Versions, &k)? else {
+                return Ok(Swap::Changed(None));
+            };
+            let mut current: VersionRecord = decode_record(CF_VERSIONS, &k, &bytes)?;
+            current.gcm_invocations = self.counters().current(self.engine(), &k)?;
+            if !same_record(&current, expected) {
+                return Ok(Swap::Changed(Some(current)));
+            }
+            if !matches!(current.kek, KekHandle::Wrapped { .. })
+                || !matches!(kek, KekHandle::Wrapped { .. })
+            {
+                return Err(StorageError::ImmutableField { field: "kek" });
+            }
+            if matches!(
+                current.state,
+                VersionState::Pending | VersionState::Destroyed { .. }
+            ) {
+                return Err(StorageError::InvalidVersionTransition {
+                    id: current.key_id,
+                    version: current.version,
+                });
+            }
+            self.require_live_key(&current.key_id)?;
+            let mut new = current;
+            new.kek = kek.clone();
+            let mut batch = Batch::default();
+            self.put_version(&mut batch, &new)?;
+            self.commit(w, batch)?;
+            Ok(Swap::Replaced(new))
+        })
     }
 
     /// A wrapped service key stored under the metadata key `meta_key`
@@ -203,8 +209,8 @@ impl Catalogue {
         &self,
         meta_key: &'static [u8],
     ) -> Result<Option<WrappedServiceKey>, StorageError> {
-        self.db
-            .get(CF_DEFAULT, meta_key)?
+        self.engine()
+            .get(Table::Meta, meta_key)?
             .map(|bytes| decode_record(CF_DEFAULT, meta_key, &bytes))
             .transpose()
     }
@@ -223,18 +229,15 @@ impl Catalogue {
         expected: &WrappedServiceKey,
         new: WrappedServiceKey,
     ) -> Result<Swap<WrappedServiceKey>, StorageError> {
-        let _guard = self.lock();
-        let current = self.service_key(meta_key)?;
-        if current.as_ref() != Some(expected) {
-            return Ok(Swap::Changed(current));
-        }
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.db.cf(CF_DEFAULT)?,
-            meta_key,
-            encode_record("service key", &new)?,
-        );
-        self.commit(batch)?;
-        Ok(Swap::Replaced(new))
+        self.write(|w| {
+            let current = self.service_key(meta_key)?;
+            if current.as_ref() != Some(expected) {
+                return Ok(Swap::Changed(current));
+            }
+            let mut batch = Batch::default();
+            batch.put(Table::Meta, meta_key, encode_record("service key", &new)?);
+            self.commit(w, batch)?;
+            Ok(Swap::Replaced(new.clone()))
+        })
     }
 }

@@ -10,14 +10,12 @@
 //! at the first page; aliases record no creation time). Version numbers are
 //! bounded by the caller (they only grow).
 
-use rocksdb::{Direction, IteratorMode};
+use crate::engine::Table;
 
 use super::{AliasEntry, Catalogue, clamp_limit};
 use crate::error::StorageError;
 use crate::keys::{Alias, KeyId, KeyRecord, Page, VersionRecord};
-use crate::schema::{
-    self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING, CF_VERSIONS, decode_record,
-};
+use crate::schema::{self, CF_KEYS, CF_PENDING, CF_VERSIONS, decode_record};
 
 impl Catalogue {
     /// The key record with this id (tombstones included), if any.
@@ -27,16 +25,16 @@ impl Catalogue {
     /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
     /// [`StorageError::CorruptJson`] if a stored record does not decode.
     pub fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StorageError> {
-        let generation = self.generation.current();
-        if let Some(record) = self.keys.get(id, generation) {
+        let generation = self.engine().generation();
+        if let Some(record) = self.inner.keys.get(id, generation) {
             return Ok(Some(record));
         }
         let k = id.as_str().as_bytes();
-        let Some(bytes) = self.db.get(CF_KEYS, k)? else {
+        let Some(bytes) = self.engine().get(Table::Keys, k)? else {
             return Ok(None);
         };
         let record: KeyRecord = decode_record(CF_KEYS, k, &bytes)?;
-        self.keys.put(id.clone(), generation, record.clone());
+        self.inner.keys.put(id.clone(), generation, record.clone());
         Ok(Some(record))
     }
 
@@ -95,7 +93,7 @@ impl Catalogue {
         let limit = clamp_limit(limit);
         let mut items: Vec<KeyRecord> = Vec::new();
         let mut more = false;
-        self.scan(CF_KEYS, b"", page_token.map(str::as_bytes), |k, v| {
+        self.scan(Table::Keys, b"", page_token.map(str::as_bytes), |k, v| {
             let record = decode_record::<KeyRecord>(CF_KEYS, k, v)?;
             if record.created_at_ms > created_until_ms {
                 return Ok(true);
@@ -127,32 +125,14 @@ impl Catalogue {
     /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] or
     /// [`StorageError::InvalidAlias`] if a stored entry is malformed.
     pub fn last_alias(&self, key: Option<&KeyId>) -> Result<Option<Alias>, StorageError> {
-        let (cf, prefix, mode_key) = match key {
-            None => (CF_ALIASES, Vec::new(), None),
-            Some(id) => {
-                // Every index entry of `id` is `id ‖ alias`, and alias names
-                // are ASCII, so `id ‖ 0xFF` sorts after all of them.
-                let mut upper = id.as_str().as_bytes().to_vec();
-                upper.push(0xFF);
-                (
-                    CF_ALIASES_BY_KEY,
-                    id.as_str().as_bytes().to_vec(),
-                    Some(upper),
-                )
-            }
+        let (table, prefix) = match key {
+            None => (Table::Aliases, Vec::new()),
+            Some(id) => (Table::AliasesByKey, id.as_str().as_bytes().to_vec()),
         };
-        let mode = match &mode_key {
-            None => IteratorMode::End,
-            Some(upper) => IteratorMode::From(upper, Direction::Reverse),
-        };
-        let mut it = self.db.db.iterator_cf(self.db.cf(cf)?, mode);
-        let Some(item) = it.next() else {
+        let cf = table.name();
+        let Some(k) = self.engine().last_key(table, &prefix)? else {
             return Ok(None);
         };
-        let (k, _) = item.map_err(StorageError::db("iterate aliases"))?;
-        if !k.starts_with(&prefix) {
-            return Ok(None);
-        }
         let name = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StorageError::Corrupt {
             cf,
             key_hex: hex::encode(&k),
@@ -200,20 +180,20 @@ impl Catalogue {
         version: u32,
     ) -> Result<Option<VersionRecord>, StorageError> {
         let k = schema::version_key(id.as_str(), version);
-        let generation = self.generation.current();
-        let mut ver = match self.versions.get(&k, generation) {
+        let generation = self.engine().generation();
+        let mut ver = match self.inner.versions.get(&k, generation) {
             Some(ver) => ver,
             None => {
-                let Some(bytes) = self.db.get(CF_VERSIONS, &k)? else {
+                let Some(bytes) = self.engine().get(Table::Versions, &k)? else {
                     return Ok(None);
                 };
                 let ver: VersionRecord = decode_record(CF_VERSIONS, &k, &bytes)?;
-                self.versions.put(k.clone(), generation, ver.clone());
+                self.inner.versions.put(k.clone(), generation, ver.clone());
                 ver
             }
         };
         // The count lives in the counters, not the record: never cached.
-        ver.gcm_invocations = self.counters.current(&self.db, &k)?;
+        ver.gcm_invocations = self.counters().current(self.engine(), &k)?;
         Ok(Some(ver))
     }
 
@@ -225,9 +205,9 @@ impl Catalogue {
     /// [`StorageError::CorruptJson`] if a stored record does not decode.
     pub fn list_versions(&self, id: &KeyId) -> Result<Vec<VersionRecord>, StorageError> {
         let mut out = Vec::new();
-        self.scan(CF_VERSIONS, id.as_str().as_bytes(), None, |k, v| {
+        self.scan(Table::Versions, id.as_str().as_bytes(), None, |k, v| {
             let mut ver: VersionRecord = decode_record(CF_VERSIONS, k, v)?;
-            ver.gcm_invocations = self.counters.current(&self.db, k)?;
+            ver.gcm_invocations = self.counters().current(self.engine(), k)?;
             out.push(ver);
             Ok(true)
         })?;
@@ -243,7 +223,7 @@ impl Catalogue {
     /// pending index names a version that does not exist.
     pub fn list_pending_versions(&self) -> Result<Vec<VersionRecord>, StorageError> {
         let mut out = Vec::new();
-        self.scan(CF_PENDING, b"", None, |k, _| {
+        self.scan(Table::Pending, b"", None, |k, _| {
             let (id, v) = schema::decode_version_key(k).ok_or_else(|| StorageError::Corrupt {
                 cf: CF_PENDING,
                 key_hex: hex::encode(k),

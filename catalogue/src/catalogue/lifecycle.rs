@@ -13,14 +13,14 @@
 //!   deletion (that version would arrive after the schedule);
 //! - version numbers are allocated once, in order, and never reused.
 
-use rocksdb::WriteBatch;
+use crate::engine::{Batch, Table};
 
 use super::Catalogue;
 use crate::error::StorageError;
 use crate::keys::{
     KekHandle, KeyId, KeyOrigin, KeyRecord, KeyState, NewKey, VersionRecord, VersionState,
 };
-use crate::schema::{self, CF_ALIASES, CF_ALIASES_BY_KEY, CF_KEYS, CF_PENDING};
+use crate::schema;
 
 impl Catalogue {
     /// Creates a key and its first version (version 1, `Pending`) plus any
@@ -115,71 +115,75 @@ impl Catalogue {
             }
             _ => {}
         }
-        let _guard = self.lock();
-        if self.db.get(CF_KEYS, new.id.as_str().as_bytes())?.is_some() {
-            return Err(StorageError::KeyExists { id: new.id.clone() });
-        }
-        let mut aliases = new.aliases;
-        aliases.sort();
-        aliases.dedup();
-        for alias in &aliases {
+        self.write(|w| {
+            // A conflicted attempt runs again: each works on its own copy.
+            let new = new.clone();
+            let first = first.clone();
             if self
-                .db
-                .get(CF_ALIASES, alias.as_str().as_bytes())?
+                .engine()
+                .get(Table::Keys, new.id.as_str().as_bytes())?
                 .is_some()
             {
-                return Err(StorageError::AliasExists {
-                    alias: alias.to_string(),
-                });
+                return Err(StorageError::KeyExists { id: new.id.clone() });
             }
-        }
-        let enabled = first.as_ref().is_some_and(|(_, enabled)| *enabled);
-        let key = KeyRecord {
-            id: new.id,
-            description: new.description,
-            tags: new.tags,
-            spec: new.spec,
-            state: new.state,
-            primary_version: enabled.then_some(1),
-            latest_version: u32::from(first.is_some()),
-            rotation: new.rotation,
-            next_rotation_at_ms: new.next_rotation_at_ms,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            policy: None,
-            origin,
-        };
-        let version = first.map(|(kek, enabled)| VersionRecord {
-            key_id: key.id.clone(),
-            version: 1,
-            origin,
-            state: if enabled {
-                VersionState::Enabled
-            } else {
-                VersionState::Pending
-            },
-            kek,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            gcm_invocations: 0,
-        });
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &key)?;
-        if let Some(version) = &version {
-            self.put_version(&mut batch, version)?;
-            if version.state == VersionState::Pending {
-                batch.put_cf(
-                    self.db.cf(CF_PENDING)?,
-                    schema::version_key(key.id.as_str(), 1),
-                    [],
-                );
+            let mut aliases = new.aliases;
+            aliases.sort();
+            aliases.dedup();
+            for alias in &aliases {
+                if self
+                    .engine()
+                    .get(Table::Aliases, alias.as_str().as_bytes())?
+                    .is_some()
+                {
+                    return Err(StorageError::AliasExists {
+                        alias: alias.to_string(),
+                    });
+                }
             }
-        }
-        for alias in &aliases {
-            self.put_alias(&mut batch, alias, &key.id)?;
-        }
-        self.commit(batch)?;
-        Ok((key, version))
+            let enabled = first.as_ref().is_some_and(|(_, enabled)| *enabled);
+            let key = KeyRecord {
+                id: new.id,
+                description: new.description,
+                tags: new.tags,
+                spec: new.spec,
+                state: new.state,
+                primary_version: enabled.then_some(1),
+                latest_version: u32::from(first.is_some()),
+                rotation: new.rotation,
+                next_rotation_at_ms: new.next_rotation_at_ms,
+                created_at_ms: now_ms,
+                updated_at_ms: now_ms,
+                policy: None,
+                origin,
+            };
+            let version = first.map(|(kek, enabled)| VersionRecord {
+                key_id: key.id.clone(),
+                version: 1,
+                origin,
+                state: if enabled {
+                    VersionState::Enabled
+                } else {
+                    VersionState::Pending
+                },
+                kek,
+                created_at_ms: now_ms,
+                updated_at_ms: now_ms,
+                gcm_invocations: 0,
+            });
+            let mut batch = Batch::default();
+            self.put_key(&mut batch, &key)?;
+            if let Some(version) = &version {
+                self.put_version(&mut batch, version)?;
+                if version.state == VersionState::Pending {
+                    batch.put(Table::Pending, schema::version_key(key.id.as_str(), 1), []);
+                }
+            }
+            for alias in &aliases {
+                self.put_alias(&mut batch, alias, &key.id)?;
+            }
+            self.commit(w, batch)?;
+            Ok((key, version))
+        })
     }
 
     /// Read-modify-write of a key under the catalogue lock. `f` may refuse the
@@ -208,73 +212,82 @@ impl Catalogue {
         &self,
         id: &KeyId,
         now_ms: u64,
-        f: impl FnOnce(&mut KeyRecord) -> Result<(), E>,
+        mut f: impl FnMut(&mut KeyRecord) -> Result<(), E>,
     ) -> Result<KeyRecord, E> {
-        let _guard = self.lock();
-        let old = self.require_live_key(id)?;
-        let mut new = old.clone();
-        f(&mut new)?;
-        if new.id != old.id {
-            return Err(StorageError::ImmutableField { field: "id" }.into());
-        }
-        if new.created_at_ms != old.created_at_ms {
-            return Err(StorageError::ImmutableField {
-                field: "created_at_ms",
+        self.write(|w| {
+            let old = self.require_live_key(id)?;
+            let mut new = old.clone();
+            f(&mut new)?;
+            if new.id != old.id {
+                return Err(StorageError::ImmutableField { field: "id" }.into());
             }
-            .into());
-        }
-        if new.latest_version != old.latest_version {
-            return Err(StorageError::ImmutableField {
-                field: "latest_version",
-            }
-            .into());
-        }
-        if matches!(new.state, KeyState::Deleted { .. }) {
-            // Tombstoning must also destroy versions and drop aliases.
-            return Err(StorageError::ImmutableField { field: "state" }.into());
-        }
-        let pending_deletion = |k: &KeyRecord| matches!(k.state, KeyState::PendingDeletion { .. });
-        if new.primary_version != old.primary_version {
-            let Some(v) = new.primary_version else {
+            if new.created_at_ms != old.created_at_ms {
                 return Err(StorageError::ImmutableField {
-                    field: "primary_version",
+                    field: "created_at_ms",
                 }
                 .into());
-            };
-            if pending_deletion(&old) || pending_deletion(&new) {
-                return Err(StorageError::KeyPendingDeletion { id: id.clone() }.into());
             }
-            let ver = self.require_version(id, v)?;
-            if ver.state != VersionState::Enabled {
-                return Err(StorageError::InvalidVersionTransition {
+            if new.latest_version != old.latest_version {
+                return Err(StorageError::ImmutableField {
+                    field: "latest_version",
+                }
+                .into());
+            }
+            if matches!(new.state, KeyState::Deleted { .. }) {
+                // Tombstoning must also destroy versions and drop aliases.
+                return Err(StorageError::ImmutableField { field: "state" }.into());
+            }
+            let pending_deletion =
+                |k: &KeyRecord| matches!(k.state, KeyState::PendingDeletion { .. });
+            if new.primary_version != old.primary_version {
+                let Some(v) = new.primary_version else {
+                    return Err(StorageError::ImmutableField {
+                        field: "primary_version",
+                    }
+                    .into());
+                };
+                if pending_deletion(&old) || pending_deletion(&new) {
+                    return Err(StorageError::KeyPendingDeletion { id: id.clone() }.into());
+                }
+                let ver = self.require_version(id, v)?;
+                if ver.state != VersionState::Enabled {
+                    return Err(StorageError::InvalidVersionTransition {
+                        id: id.clone(),
+                        version: v,
+                    }
+                    .into());
+                }
+            } else {
+                self.require_enabled_primary(&new)?;
+            }
+            if pending_deletion(&new)
+                && !pending_deletion(&old)
+                && let Some(version) = self.pending_version_of(id)?
+            {
+                return Err(StorageError::VersionBeingCreated {
                     id: id.clone(),
-                    version: v,
+                    version,
                 }
                 .into());
             }
-        } else {
-            self.require_enabled_primary(&new)?;
-        }
-        if pending_deletion(&new)
-            && !pending_deletion(&old)
-            && let Some(version) = self.pending_version_of(id)?
-        {
-            return Err(StorageError::VersionBeingCreated {
-                id: id.clone(),
-                version,
+            if new == old {
+                // Nothing changed (enabling an enabled key, re-applying the same
+                // tags): no write, and `updated_at_ms` keeps meaning "last change".
+                return Ok(old);
             }
-            .into());
-        }
-        if new == old {
-            // Nothing changed (enabling an enabled key, re-applying the same
-            // tags): no write, and `updated_at_ms` keeps meaning "last change".
-            return Ok(old);
-        }
-        new.updated_at_ms = now_ms;
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &new)?;
-        self.commit(batch)?;
-        Ok(new)
+            new.updated_at_ms = now_ms;
+            let mut batch = Batch::default();
+            self.put_key(&mut batch, &new)?;
+            // A state or policy change may take a right away (disable, schedule
+            // deletion, a tighter policy): in a cluster the write returns only
+            // once no node can act on the old record (design note I4).
+            if new.state != old.state || new.policy != old.policy {
+                self.commit_revoking(w, batch)?;
+            } else {
+                self.commit(w, batch)?;
+            }
+            Ok(new)
+        })
     }
 
     /// Turns a key into a tombstone in one synced write: state `Deleted`, every
@@ -295,39 +308,42 @@ impl Catalogue {
         id: &KeyId,
         now_ms: u64,
     ) -> Result<KeyRecord, StorageError> {
-        let _guard = self.lock();
-        let mut key = self.require_live_key(id)?;
-        if key.primary_version.is_some() && !matches!(key.state, KeyState::PendingDeletion { .. }) {
-            return Err(StorageError::NotPendingDeletion { id: id.clone() });
-        }
-        let mut batch = WriteBatch::default();
-        for mut ver in self.list_versions(id)? {
-            if !matches!(ver.state, VersionState::Destroyed { .. }) {
-                ver.state = VersionState::Destroyed {
-                    destroyed_at_ms: now_ms,
-                };
-                ver.updated_at_ms = now_ms;
-                self.put_version(&mut batch, &ver)?;
+        self.write(|w| {
+            let mut key = self.require_live_key(id)?;
+            if key.primary_version.is_some()
+                && !matches!(key.state, KeyState::PendingDeletion { .. })
+            {
+                return Err(StorageError::NotPendingDeletion { id: id.clone() });
             }
-            batch.delete_cf(
-                self.db.cf(CF_PENDING)?,
-                schema::version_key(id.as_str(), ver.version),
-            );
-        }
-        for entry in self.aliases_of(id)? {
-            batch.delete_cf(self.db.cf(CF_ALIASES)?, entry.alias.as_str().as_bytes());
-            batch.delete_cf(
-                self.db.cf(CF_ALIASES_BY_KEY)?,
-                schema::alias_by_key(id.as_str(), entry.alias.as_str()),
-            );
-        }
-        key.state = KeyState::Deleted {
-            deleted_at_ms: now_ms,
-        };
-        key.updated_at_ms = now_ms;
-        self.put_key(&mut batch, &key)?;
-        self.commit(batch)?;
-        Ok(key)
+            let mut batch = Batch::default();
+            for mut ver in self.list_versions(id)? {
+                if !matches!(ver.state, VersionState::Destroyed { .. }) {
+                    ver.state = VersionState::Destroyed {
+                        destroyed_at_ms: now_ms,
+                    };
+                    ver.updated_at_ms = now_ms;
+                    self.put_version(&mut batch, &ver)?;
+                }
+                batch.delete(
+                    Table::Pending,
+                    schema::version_key(id.as_str(), ver.version),
+                );
+            }
+            for entry in self.aliases_of(id)? {
+                batch.delete(Table::Aliases, entry.alias.as_str().as_bytes());
+                batch.delete(
+                    Table::AliasesByKey,
+                    schema::alias_by_key(id.as_str(), entry.alias.as_str()),
+                );
+            }
+            key.state = KeyState::Deleted {
+                deleted_at_ms: now_ms,
+            };
+            key.updated_at_ms = now_ms;
+            self.put_key(&mut batch, &key)?;
+            self.commit_revoking(w, batch)?;
+            Ok(key)
+        })
     }
 
     /// The live key `id` and the number its next version gets, checked as
@@ -368,35 +384,32 @@ impl Catalogue {
         &self,
         id: &KeyId,
         now_ms: u64,
-        kek: impl FnOnce(u32) -> KekHandle,
+        mut kek: impl FnMut(u32) -> KekHandle,
     ) -> Result<VersionRecord, StorageError> {
-        let _guard = self.lock();
-        let (mut key, v) = self.next_version(id)?;
-        if !key.origin.is_kms() {
-            return Err(StorageError::OriginMismatch { id: id.clone() });
-        }
-        key.latest_version = v;
-        key.updated_at_ms = now_ms;
-        let version = VersionRecord {
-            key_id: id.clone(),
-            version: v,
-            origin: KeyOrigin::Kms,
-            state: VersionState::Pending,
-            kek: kek(v),
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            gcm_invocations: 0,
-        };
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &key)?;
-        self.put_version(&mut batch, &version)?;
-        batch.put_cf(
-            self.db.cf(CF_PENDING)?,
-            schema::version_key(id.as_str(), v),
-            [],
-        );
-        self.commit(batch)?;
-        Ok(version)
+        self.write(|w| {
+            let (mut key, v) = self.next_version(id)?;
+            if !key.origin.is_kms() {
+                return Err(StorageError::OriginMismatch { id: id.clone() });
+            }
+            key.latest_version = v;
+            key.updated_at_ms = now_ms;
+            let version = VersionRecord {
+                key_id: id.clone(),
+                version: v,
+                origin: KeyOrigin::Kms,
+                state: VersionState::Pending,
+                kek: kek(v),
+                created_at_ms: now_ms,
+                updated_at_ms: now_ms,
+                gcm_invocations: 0,
+            };
+            let mut batch = Batch::default();
+            self.put_key(&mut batch, &key)?;
+            self.put_version(&mut batch, &version)?;
+            batch.put(Table::Pending, schema::version_key(id.as_str(), v), []);
+            self.commit(w, batch)?;
+            Ok(version)
+        })
     }
 
     /// One-step version creation for a KEK that needs no HSM object (a
@@ -417,7 +430,7 @@ impl Catalogue {
         &self,
         id: &KeyId,
         now_ms: u64,
-        kek: impl FnOnce(u32) -> Result<KekHandle, E>,
+        kek: impl FnMut(u32) -> Result<KekHandle, E>,
     ) -> Result<(KeyRecord, VersionRecord), E> {
         self.add_enabled_version_of(id, KeyOrigin::Kms, now_ms, kek)
     }
@@ -436,31 +449,32 @@ impl Catalogue {
         id: &KeyId,
         origin: KeyOrigin,
         now_ms: u64,
-        kek: impl FnOnce(u32) -> Result<KekHandle, E>,
+        mut kek: impl FnMut(u32) -> Result<KekHandle, E>,
     ) -> Result<(KeyRecord, VersionRecord), E> {
-        let _guard = self.lock();
-        let (mut key, v) = self.next_version(id)?;
-        if key.origin != origin {
-            return Err(StorageError::OriginMismatch { id: id.clone() }.into());
-        }
-        let version = VersionRecord {
-            key_id: id.clone(),
-            version: v,
-            origin,
-            state: VersionState::Enabled,
-            kek: kek(v)?,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            gcm_invocations: 0,
-        };
-        key.latest_version = v;
-        key.primary_version = Some(v);
-        key.updated_at_ms = now_ms;
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &key)?;
-        self.put_version(&mut batch, &version)?;
-        self.commit(batch)?;
-        Ok((key, version))
+        self.write(|w| {
+            let (mut key, v) = self.next_version(id)?;
+            if key.origin != origin {
+                return Err(StorageError::OriginMismatch { id: id.clone() }.into());
+            }
+            let version = VersionRecord {
+                key_id: id.clone(),
+                version: v,
+                origin,
+                state: VersionState::Enabled,
+                kek: kek(v)?,
+                created_at_ms: now_ms,
+                updated_at_ms: now_ms,
+                gcm_invocations: 0,
+            };
+            key.latest_version = v;
+            key.primary_version = Some(v);
+            key.updated_at_ms = now_ms;
+            let mut batch = Batch::default();
+            self.put_key(&mut batch, &key)?;
+            self.put_version(&mut batch, &version)?;
+            self.commit(w, batch)?;
+            Ok((key, version))
+        })
     }
 
     /// Second phase of version creation: the pending version becomes `Enabled`
@@ -480,25 +494,23 @@ impl Catalogue {
         version: u32,
         now_ms: u64,
     ) -> Result<(KeyRecord, VersionRecord), StorageError> {
-        let _guard = self.lock();
-        let mut key = self.require_live_key(id)?;
-        if matches!(key.state, KeyState::PendingDeletion { .. }) {
-            return Err(StorageError::KeyPendingDeletion { id: id.clone() });
-        }
-        let mut ver = self.require_pending(id, version)?;
-        ver.state = VersionState::Enabled;
-        ver.updated_at_ms = now_ms;
-        key.primary_version = Some(version);
-        key.updated_at_ms = now_ms;
-        let mut batch = WriteBatch::default();
-        self.put_key(&mut batch, &key)?;
-        self.put_version(&mut batch, &ver)?;
-        batch.delete_cf(
-            self.db.cf(CF_PENDING)?,
-            schema::version_key(id.as_str(), version),
-        );
-        self.commit(batch)?;
-        Ok((key, ver))
+        self.write(|w| {
+            let mut key = self.require_live_key(id)?;
+            if matches!(key.state, KeyState::PendingDeletion { .. }) {
+                return Err(StorageError::KeyPendingDeletion { id: id.clone() });
+            }
+            let mut ver = self.require_pending(id, version)?;
+            ver.state = VersionState::Enabled;
+            ver.updated_at_ms = now_ms;
+            key.primary_version = Some(version);
+            key.updated_at_ms = now_ms;
+            let mut batch = Batch::default();
+            self.put_key(&mut batch, &key)?;
+            self.put_version(&mut batch, &ver)?;
+            batch.delete(Table::Pending, schema::version_key(id.as_str(), version));
+            self.commit(w, batch)?;
+            Ok((key, ver))
+        })
     }
 
     /// Abandons a pending version (its KEK was never made, or was destroyed):
@@ -514,20 +526,18 @@ impl Catalogue {
         version: u32,
         now_ms: u64,
     ) -> Result<VersionRecord, StorageError> {
-        let _guard = self.lock();
-        let mut ver = self.require_pending(id, version)?;
-        ver.state = VersionState::Destroyed {
-            destroyed_at_ms: now_ms,
-        };
-        ver.updated_at_ms = now_ms;
-        let mut batch = WriteBatch::default();
-        self.put_version(&mut batch, &ver)?;
-        batch.delete_cf(
-            self.db.cf(CF_PENDING)?,
-            schema::version_key(id.as_str(), version),
-        );
-        self.commit(batch)?;
-        Ok(ver)
+        self.write(|w| {
+            let mut ver = self.require_pending(id, version)?;
+            ver.state = VersionState::Destroyed {
+                destroyed_at_ms: now_ms,
+            };
+            ver.updated_at_ms = now_ms;
+            let mut batch = Batch::default();
+            self.put_version(&mut batch, &ver)?;
+            batch.delete(Table::Pending, schema::version_key(id.as_str(), version));
+            self.commit(w, batch)?;
+            Ok(ver)
+        })
     }
 
     /// Read-modify-write of a version under the catalogue lock. The key id,
@@ -550,50 +560,55 @@ impl Catalogue {
         id: &KeyId,
         version: u32,
         now_ms: u64,
-        f: impl FnOnce(&mut VersionRecord) -> Result<(), E>,
+        mut f: impl FnMut(&mut VersionRecord) -> Result<(), E>,
     ) -> Result<VersionRecord, E> {
-        let _guard = self.lock();
-        let key = self.require_live_key(id)?;
-        let old = self.require_version(id, version)?;
-        let mut new = old.clone();
-        f(&mut new)?;
-        if new.key_id != old.key_id || new.version != old.version {
-            return Err(StorageError::ImmutableField { field: "version" }.into());
-        }
-        if new.kek != old.kek {
-            return Err(StorageError::ImmutableField { field: "kek" }.into());
-        }
-        if new.created_at_ms != old.created_at_ms {
-            return Err(StorageError::ImmutableField {
-                field: "created_at_ms",
+        self.write(|w| {
+            let key = self.require_live_key(id)?;
+            let old = self.require_version(id, version)?;
+            let mut new = old.clone();
+            f(&mut new)?;
+            if new.key_id != old.key_id || new.version != old.version {
+                return Err(StorageError::ImmutableField { field: "version" }.into());
             }
-            .into());
-        }
-        let bad = match (old.state, new.state) {
-            (VersionState::Pending, _) | (_, VersionState::Pending) => old.state != new.state,
-            (VersionState::Destroyed { .. }, _) => old.state != new.state,
-            _ => false,
-        };
-        if bad || old.state == VersionState::Pending {
-            return Err(StorageError::InvalidVersionTransition {
-                id: id.clone(),
-                version,
+            if new.kek != old.kek {
+                return Err(StorageError::ImmutableField { field: "kek" }.into());
             }
-            .into());
-        }
-        if key.primary_version == Some(version) && new.state != VersionState::Enabled {
-            return Err(StorageError::PrimaryNotEnabled {
-                id: id.clone(),
-                version,
+            if new.created_at_ms != old.created_at_ms {
+                return Err(StorageError::ImmutableField {
+                    field: "created_at_ms",
+                }
+                .into());
             }
-            .into());
-        }
-        new.updated_at_ms = now_ms;
-        new.gcm_invocations = old.gcm_invocations;
-        let mut batch = WriteBatch::default();
-        self.put_version(&mut batch, &new)?;
-        self.commit(batch)?;
-        Ok(new)
+            let bad = match (old.state, new.state) {
+                (VersionState::Pending, _) | (_, VersionState::Pending) => old.state != new.state,
+                (VersionState::Destroyed { .. }, _) => old.state != new.state,
+                _ => false,
+            };
+            if bad || old.state == VersionState::Pending {
+                return Err(StorageError::InvalidVersionTransition {
+                    id: id.clone(),
+                    version,
+                }
+                .into());
+            }
+            if key.primary_version == Some(version) && new.state != VersionState::Enabled {
+                return Err(StorageError::PrimaryNotEnabled {
+                    id: id.clone(),
+                    version,
+                }
+                .into());
+            }
+            new.updated_at_ms = now_ms;
+            new.gcm_invocations = old.gcm_invocations;
+            let mut batch = Batch::default();
+            self.put_version(&mut batch, &new)?;
+            if new.state != old.state {
+                self.commit_revoking(w, batch)?;
+            } else {
+                self.commit(w, batch)?;
+            }
+            Ok(new)
+        })
     }
 
     /// Sets a committed version's state (Enabled, Disabled, ScheduledDestruction, Destroyed).

@@ -1,10 +1,13 @@
 //! The key catalogue: keys, versions, aliases and the pending-version index.
 //!
-//! Every change that touches more than one record is one synced `WriteBatch`.
-//! Writers are serialised by one catalogue-wide mutex, which makes every
-//! read-modify-write here (including the `update_*` closures) a compare-and-set
-//! against concurrent catalogue writers in this process; catalogue writes are
-//! rare, so one lock costs nothing. Reads take no lock.
+//! Every change is one [`Batch`] committed by the engine atomically and
+//! durably, and only if nothing changed since the write read the state it
+//! checked ([`CatalogueEngine::commit`], compare-and-set on the engine's
+//! generation). Writers in one process are serialised by one catalogue-wide
+//! mutex, so on a single node a write never conflicts; in a cluster a write
+//! that lost a race with another node's is re-read, re-checked and retried
+//! here ([`MAX_WRITE_ATTEMPTS`]). Catalogue writes are rare (management
+//! operations), so neither costs anything that matters. Reads take no lock.
 //!
 //! Never stores key material: versions record where their KEK lives, not the KEK.
 //!
@@ -16,19 +19,15 @@
 //! This file holds the catalogue's plumbing (lock, commit, cache, scans);
 //! `lifecycle` its writes, `reads` its reads and `aliases` the alias index.
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rocksdb::{Direction, IteratorMode, WriteBatch};
-
-use crate::db::Db;
+use crate::engine::{Batch, CatalogueEngine, Fence, Table};
 use crate::error::StorageError;
 use crate::gcm_counter::GcmCounters;
 use crate::keys::{KeyId, KeyRecord, KeyState, VersionRecord, VersionState, WrappedServiceKey};
-use crate::record_cache::{Generation, RecordCache};
-use crate::schema::{
-    self, CF_DEFAULT, CF_KEYS, CF_PENDING, CF_VERSIONS, META_CHECKPOINT_KEY, META_INTEGRITY_KEY,
-    encode_record,
-};
+use crate::record_cache::RecordCache;
+use crate::schema::{self, META_CHECKPOINT_KEY, META_INTEGRITY_KEY, encode_record};
 
 mod aliases;
 mod lifecycle;
@@ -39,16 +38,35 @@ pub use crate::keys::MAX_PAGE_SIZE;
 pub use aliases::AliasEntry;
 pub use rewrap::{EpochReferences, Swap, VersionCursor, VersionScan};
 
-/// The key catalogue. Obtain it with [`crate::Storage::catalogue`].
-#[derive(Debug)]
+/// How many times a write that conflicted with another node's is re-read
+/// and retried before [`StorageError::WriteConflict`] reaches the caller.
+/// Conflicts need two nodes changing the catalogue in the same moment; 16
+/// attempts in a row lose only under a sustained storm of writes.
+pub const MAX_WRITE_ATTEMPTS: u32 = 16;
+
+/// The key catalogue over a [`CatalogueEngine`]. Cheap to clone (an `Arc`
+/// inside); clones share the engine, the write lock and the caches.
+#[derive(Debug, Clone)]
 pub struct Catalogue {
-    db: Arc<Db>,
+    inner: Arc<Inner>,
+    /// Set on a view made by [`Catalogue::fenced`]: every write carries it.
+    fence: Option<Fence>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Arc<dyn CatalogueEngine>,
     write_lock: Mutex<()>,
     counters: GcmCounters,
-    /// Bumped after every catalogue write: invalidates the decoded records.
-    generation: Generation,
     keys: RecordCache<KeyId, KeyRecord>,
     versions: RecordCache<Vec<u8>, VersionRecord>,
+}
+
+/// One attempt of a read-modify-write: the generation its reads are checked
+/// against, and whether its commit lost a race (then the attempt is retried).
+pub(crate) struct Write {
+    read_at: u64,
+    conflicted: Cell<bool>,
 }
 
 fn clamp_limit(limit: usize) -> usize {
@@ -56,31 +74,99 @@ fn clamp_limit(limit: usize) -> usize {
 }
 
 impl Catalogue {
-    pub(crate) fn new(db: Arc<Db>, gcm_reservation_block: u64) -> Self {
+    /// A catalogue over `engine`. `gcm_reservation_block` is how many GCM
+    /// invocations one counter reservation covers (0 is treated as 1; see
+    /// [`Catalogue::add_gcm_invocations`]).
+    pub fn new(engine: Arc<dyn CatalogueEngine>, gcm_reservation_block: u64) -> Self {
         Catalogue {
-            counters: GcmCounters::new(gcm_reservation_block),
-            db,
-            write_lock: Mutex::new(()),
-            generation: Generation::new(),
-            keys: RecordCache::new(),
-            versions: RecordCache::new(),
+            inner: Arc::new(Inner {
+                engine,
+                write_lock: Mutex::new(()),
+                counters: GcmCounters::new(gcm_reservation_block),
+                keys: RecordCache::new(),
+                versions: RecordCache::new(),
+            }),
+            fence: None,
         }
     }
 
-    /// Every change to keys, versions and aliases goes through here: one
-    /// synced batch, then the decoded records read before it are invalid.
-    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        let result = self.db.write_synced(batch);
-        self.generation.bump();
-        result
+    /// A view of this catalogue whose writes carry `fence`: for a background
+    /// job, whose writes must not commit once another node leads the job
+    /// (they fail with [`StorageError::Fenced`]). Reads are unchanged.
+    pub fn fenced(&self, fence: Fence) -> Catalogue {
+        Catalogue {
+            inner: Arc::clone(&self.inner),
+            fence: Some(fence),
+        }
+    }
+
+    /// The engine under this catalogue (freshness, leadership, cluster view).
+    pub fn engine(&self) -> &dyn CatalogueEngine {
+        self.inner.engine.as_ref()
+    }
+
+    /// Ok if this node may use keys now (see [`CatalogueEngine::check_fresh`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Unavailable`] when a cluster node cannot prove its
+    /// view recent.
+    pub fn check_fresh(&self) -> Result<(), StorageError> {
+        self.engine().check_fresh()
+    }
+
+    fn counters(&self) -> &GcmCounters {
+        &self.inner.counters
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
-        // The mutex guards no data (the state is in the database), so a panic
+        // The mutex guards no data (the state is in the engine), so a panic
         // in another writer leaves nothing inconsistent behind.
-        self.write_lock
+        self.inner
+            .write_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs one read-modify-write under the catalogue lock: `f` reads what
+    /// it checks, builds a batch and hands it to [`Catalogue::commit`]. If
+    /// that commit lost a race with another node, `f` runs again on the
+    /// fresh state (at most [`MAX_WRITE_ATTEMPTS`] times in all), so every
+    /// check is made against the state the write commits over.
+    fn write<T, E: From<StorageError>>(
+        &self,
+        mut f: impl FnMut(&Write) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let _guard = self.lock();
+        let mut attempt = 1;
+        loop {
+            let w = Write {
+                read_at: self.engine().begin_write()?,
+                conflicted: Cell::new(false),
+            };
+            let result = f(&w);
+            if result.is_err() && w.conflicted.get() && attempt < MAX_WRITE_ATTEMPTS {
+                attempt += 1;
+                continue;
+            }
+            return result;
+        }
+    }
+
+    /// Commits the batch of write attempt `w` (see [`Catalogue::write`]).
+    fn commit(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
+        batch.fence.clone_from(&self.fence);
+        let result = self.engine().commit(w.read_at, batch);
+        if matches!(result, Err(StorageError::WriteConflict)) {
+            w.conflicted.set(true);
+        }
+        result
+    }
+
+    /// Commits a batch that takes a right away (see [`Batch::revokes`]).
+    fn commit_revoking(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
+        batch.revokes = true;
+        self.commit(w, batch)
     }
 
     /// Counts `n` AES-GCM invocations of a version and returns the total so far.
@@ -123,8 +209,8 @@ impl Catalogue {
         limit: u64,
     ) -> Result<Option<u64>, StorageError> {
         let k = schema::version_key(id.as_str(), version);
-        self.counters.add(&self.db, &k, n, limit, || {
-            if self.db.get(CF_VERSIONS, &k)?.is_some() {
+        self.counters().add(self.engine(), &k, n, limit, || {
+            if self.engine().get(Table::Versions, &k)?.is_some() {
                 Ok(())
             } else {
                 Err(StorageError::VersionNotFound {
@@ -191,14 +277,15 @@ impl Catalogue {
         what: &'static str,
         key: WrappedServiceKey,
     ) -> Result<WrappedServiceKey, StorageError> {
-        let _guard = self.lock();
-        if let Some(existing) = self.service_key(name)? {
-            return Ok(existing);
-        }
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.db.cf(CF_DEFAULT)?, name, encode_record(what, &key)?);
-        self.commit(batch)?;
-        Ok(key)
+        self.write(|w| {
+            if let Some(existing) = self.service_key(name)? {
+                return Ok(existing);
+            }
+            let mut batch = Batch::default();
+            batch.put(Table::Meta, name, encode_record(what, &key)?);
+            self.commit(w, batch)?;
+            Ok(key.clone())
+        })
     }
 
     fn require_live_key(&self, id: &KeyId) -> Result<KeyRecord, StorageError> {
@@ -233,7 +320,7 @@ impl Catalogue {
     /// The number of a version of `id` being created (pending), if any.
     fn pending_version_of(&self, id: &KeyId) -> Result<Option<u32>, StorageError> {
         let mut found = None;
-        self.scan(CF_PENDING, id.as_str().as_bytes(), None, |k, _| {
+        self.scan(Table::Pending, id.as_str().as_bytes(), None, |k, _| {
             found = schema::decode_version_key(k).map(|(_, v)| v);
             Ok(false)
         })?;
@@ -255,58 +342,41 @@ impl Catalogue {
         Ok(())
     }
 
-    fn put_key(&self, batch: &mut WriteBatch, key: &KeyRecord) -> Result<(), StorageError> {
-        batch.put_cf(
-            self.db.cf(CF_KEYS)?,
+    fn put_key(&self, batch: &mut Batch, key: &KeyRecord) -> Result<(), StorageError> {
+        batch.put(
+            Table::Keys,
             key.id.as_str().as_bytes(),
             encode_record("key", key)?,
         );
         Ok(())
     }
 
-    fn put_version(&self, batch: &mut WriteBatch, ver: &VersionRecord) -> Result<(), StorageError> {
-        batch.put_cf(
-            self.db.cf(CF_VERSIONS)?,
+    fn put_version(&self, batch: &mut Batch, ver: &VersionRecord) -> Result<(), StorageError> {
+        batch.put(
+            Table::Versions,
             schema::version_key(ver.key_id.as_str(), ver.version),
             encode_record("version", ver)?,
         );
         Ok(())
     }
 
-    /// Walks `cf` in key order over keys starting with `prefix`, beginning
-    /// after `after` (exclusive) if given, until `f` returns false.
+    /// Walks `table` in key order over keys starting with `prefix`,
+    /// beginning after `after` (exclusive) if given, until `f` returns false.
     fn scan(
         &self,
-        cf: &'static str,
+        table: Table,
         prefix: &[u8],
         after: Option<&[u8]>,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
-        let start = after.unwrap_or(prefix);
-        let iter = self.db.db.iterator_cf(
-            self.db.cf(cf)?,
-            IteratorMode::From(start, Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item.map_err(StorageError::db("iterate"))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            if after.is_some_and(|a| *a == *k) {
-                continue;
-            }
-            if !f(&k, &v)? {
-                break;
-            }
-        }
-        Ok(())
+        self.engine().scan(table, prefix, after, &mut f)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::decode_record;
+    use crate::schema::{CF_DEFAULT, decode_record};
 
     /// Golden vector: the on-disk encoding of the integrity key record.
     /// A change here makes existing databases unreadable.
