@@ -77,6 +77,7 @@ impl TestEnv {
             },
             auth: AuthSettings::local_development("anonymous"),
             kubernetes: Vec::new(),
+            aws_api: None,
         }
     }
 
