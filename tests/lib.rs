@@ -156,6 +156,14 @@ impl TestServer {
             .expect("metrics address")
     }
 
+    /// Where the AWS KMS API listens (`[aws_api]` configured).
+    pub fn aws_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .and_then(|s| s.aws_addr)
+            .expect("AWS KMS API address")
+    }
+
     /// Stops the server and waits until the service (and its audit log and
     /// database) is closed, so the same directories can be reopened.
     pub async fn stop(mut self) {

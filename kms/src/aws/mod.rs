@@ -86,8 +86,9 @@ impl Arns {
     /// What a request's `KeyId` names, as the domain service resolves keys:
     /// a key id or `alias/<name>` as given; a key ARN or alias ARN of this
     /// region and account reduced to the id or alias. Any other ARN is
-    /// passed on unchanged, so that it resolves to nothing (NotFound), as
-    /// AWS answers for another account's key.
+    /// passed on unchanged, and the handlers answer it NotFoundException
+    /// (`operations::Call::valid`): no key of another region or account is
+    /// here.
     pub fn key_ref(&self, key: &str) -> String {
         match key.strip_prefix(&self.prefix()) {
             Some(rest) => match rest.strip_prefix("key/") {

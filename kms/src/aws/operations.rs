@@ -70,8 +70,18 @@ impl Call<'_> {
         AwsError::from(error)
     }
 
-    /// A validated value, or its refusal (audited, naming `key`).
+    /// A validated value, or its refusal (audited, naming `key`). A `key`
+    /// that is still an ARN after [`Arns::key_ref`] names another region's
+    /// or account's key: not found here.
     async fn valid<T>(&self, key: &str, converted: Result<T, KmsError>) -> Result<T, AwsError> {
+        let converted = converted.and_then(|value| {
+            if key.starts_with("arn:") {
+                return Err(KmsError::KeyNotFound {
+                    key: key.to_owned(),
+                });
+            }
+            Ok(value)
+        });
         self.rpc
             .valid_domain(self.service, key, converted)
             .await
