@@ -132,6 +132,8 @@ fn operation_names(events: &[pb::AuditEvent]) -> BTreeSet<&'static str> {
 #[tokio::test]
 async fn boto3_drives_every_operation_with_aws_error_codes_and_every_call_is_audited() {
     let env = TestEnv::new();
+    // A root key, so that key material can be imported.
+    super::wrapped::init_root(&env);
     let server = start(&env).await;
     let endpoint = format!("http://{}", server.aws_addr());
     let out = clients("boto3", &endpoint, &app_env()).await;
@@ -161,6 +163,16 @@ async fn boto3_drives_every_operation_with_aws_error_codes_and_every_call_is_aud
         ("GetKeyPolicy", "UnsupportedOperationException"),
         ("CreateGrant", "UnsupportedOperationException"),
         ("ListKeys/not-admin", "AccessDeniedException"),
+        ("Encrypt/pending-import", "KMSInvalidStateException"),
+        (
+            "GetParametersForImport/kms-origin",
+            "UnsupportedOperationException",
+        ),
+        ("ImportKeyMaterial/expiring", "ValidationException"),
+        (
+            "ImportKeyMaterial/token-used",
+            "InvalidImportTokenException",
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -195,6 +207,8 @@ async fn boto3_drives_every_operation_with_aws_error_codes_and_every_call_is_aud
         "DisableKey",
         "ScheduleKeyDeletion",
         "CancelKeyDeletion",
+        "GetParametersForImport",
+        "ImportKeyMaterial",
     ] {
         assert!(
             seen.contains(operation),

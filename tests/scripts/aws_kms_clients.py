@@ -207,6 +207,49 @@ def run_boto3(endpoint):
         kms.create_grant, KeyId=kid, GranteePrincipal="someone", Operations=["Decrypt"]
     )
 
+    # Imported key material (origin EXTERNAL), wrapped with RSAES-OAEP by
+    # `cryptography`, as an external party would (SHA-1: SoftHSM2 offers
+    # no other OAEP hash).
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    external = kms.create_key(Origin="EXTERNAL", Description="imported")["KeyMetadata"]
+    check(external["KeyState"] == "PendingImport" and external["Origin"] == "EXTERNAL",
+          f"{external}")
+    errors["Encrypt/pending-import"] = error_code(
+        kms.encrypt, KeyId=external["KeyId"], Plaintext=b"x"
+    )
+    errors["GetParametersForImport/kms-origin"] = error_code(
+        kms.get_parameters_for_import, KeyId=kid,
+        WrappingAlgorithm="RSAES_OAEP_SHA_256", WrappingKeySpec="RSA_2048",
+    )
+    params = kms.get_parameters_for_import(
+        KeyId=external["Arn"], WrappingAlgorithm="RSAES_OAEP_SHA_1", WrappingKeySpec="RSA_2048"
+    )
+    check(params["KeyId"] == external["Arn"], "GetParametersForImport names the ARN")
+    public_key = serialization.load_der_public_key(params["PublicKey"])
+    wrapped = public_key.encrypt(
+        os.urandom(32),
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+    )
+    errors["ImportKeyMaterial/expiring"] = error_code(
+        kms.import_key_material, KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_EXPIRES",
+        ValidTo=datetime.datetime(2100, 1, 1),
+    )
+    kms.import_key_material(
+        KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+    )
+    errors["ImportKeyMaterial/token-used"] = error_code(
+        kms.import_key_material, KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+    )
+    check(kms.describe_key(KeyId=external["KeyId"])["KeyMetadata"]["KeyState"] == "Enabled",
+          "enabled after import")
+    sealed = kms.encrypt(KeyId=external["KeyId"], Plaintext=b"imported")["CiphertextBlob"]
+    check(kms.decrypt(CiphertextBlob=sealed)["Plaintext"] == b"imported", "imported key works")
+
     outsider = client(
         endpoint, os.environ["OUTSIDER_ACCESS_KEY_ID"], os.environ["OUTSIDER_SECRET_ACCESS_KEY"]
     )

@@ -88,6 +88,7 @@ impl From<KmsError> for AwsError {
                     .with_status(StatusCode::SERVICE_UNAVAILABLE);
             }
             KmsError::InvalidArgument { .. } => "ValidationException",
+            KmsError::Import(refusal) => import_exception(refusal),
             other => match other.code() {
                 ResultCode::InvalidArgument => "ValidationException",
                 ResultCode::NotFound => "NotFoundException",
@@ -106,6 +107,29 @@ impl From<KmsError> for AwsError {
             },
         };
         AwsError::new(kind, message)
+    }
+}
+
+/// The AWS exception of an import refusal (the ImportKeyMaterial and
+/// GetParametersForImport "Errors" sections of the AWS KMS API Reference).
+fn import_exception(refusal: &crate::service::ImportRefusal) -> &'static str {
+    use crate::service::ImportRefusal;
+    match refusal {
+        ImportRefusal::TokenExpired => "ExpiredImportTokenException",
+        ImportRefusal::UnknownToken
+        | ImportRefusal::TokenUsed
+        | ImportRefusal::TokenSuperseded
+        | ImportRefusal::TokenForOtherKey { .. } => "InvalidImportTokenException",
+        ImportRefusal::MaterialInvalid => "InvalidCiphertextException",
+        ImportRefusal::OriginMismatch { .. }
+        | ImportRefusal::RotateExternal { .. }
+        | ImportRefusal::AlgorithmUnsupported { .. } => "UnsupportedOperationException",
+        ImportRefusal::PendingImport { .. } => "KMSInvalidStateException",
+        ImportRefusal::TooManyOutstanding => "LimitExceededException",
+        _ => match refusal.code() {
+            ResultCode::InvalidArgument => "ValidationException",
+            _ => "KMSInvalidStateException",
+        },
     }
 }
 

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use kms_hsm::{ImportKeySpec, OaepHash};
 use kms_storage::{KeyOrigin, KeyState, RotationPolicy, VersionState};
 
 use super::{Arns, AwsError};
@@ -248,6 +249,12 @@ struct Request {
     target_key_id: Option<String>,
     rotation_period_in_days: Option<i64>,
     recipient: Option<Value>,
+    wrapping_algorithm: Option<String>,
+    wrapping_key_spec: Option<String>,
+    import_token: Option<String>,
+    encrypted_key_material: Option<String>,
+    expiration_model: Option<String>,
+    valid_to: Option<Value>,
 }
 
 // Requests carry plaintext: Debug prints the member names present only.
@@ -293,6 +300,8 @@ pub(super) async fn dispatch(call: &Call<'_>, name: &str, body: &[u8]) -> Result
         "GetKeyRotationStatus" => get_key_rotation_status(call, req).await,
         "RotateKeyOnDemand" => rotate_key_on_demand(call, req).await,
         "ListKeyRotations" => list_key_rotations(call, req).await,
+        "GetParametersForImport" => get_parameters_for_import(call, req).await,
+        "ImportKeyMaterial" => import_key_material(call, req).await,
         other => Err(AwsError::unsupported(other)),
     }
 }
@@ -752,4 +761,77 @@ async fn list_key_rotations(call: &Call<'_>, req: Request) -> Result<Value, AwsE
         })
         .collect();
     Ok(paged(json!({ "Rotations": rotations }), next))
+}
+
+/// `WrappingAlgorithm`: the RSAES-OAEP ones the HSM offers.
+fn wrapping_algorithm(value: Option<&str>) -> Result<OaepHash, KmsError> {
+    match value {
+        Some("RSAES_OAEP_SHA_1") => Ok(OaepHash::Sha1),
+        Some("RSAES_OAEP_SHA_256") => Ok(OaepHash::Sha256),
+        Some(_) => Err(KmsError::invalid(
+            "WrappingAlgorithm",
+            "must be RSAES_OAEP_SHA_1 or RSAES_OAEP_SHA_256",
+        )),
+        None => Err(KmsError::invalid("WrappingAlgorithm", "is required")),
+    }
+}
+
+fn wrapping_key_spec(value: Option<&str>) -> Result<ImportKeySpec, KmsError> {
+    match value {
+        Some("RSA_2048") => Ok(ImportKeySpec::Rsa2048),
+        Some("RSA_3072") => Ok(ImportKeySpec::Rsa3072),
+        Some("RSA_4096") => Ok(ImportKeySpec::Rsa4096),
+        Some(_) => Err(KmsError::invalid(
+            "WrappingKeySpec",
+            "must be RSA_2048, RSA_3072 or RSA_4096",
+        )),
+        None => Err(KmsError::invalid("WrappingKeySpec", "is required")),
+    }
+}
+
+async fn get_parameters_for_import(call: &Call<'_>, req: Request) -> Result<Value, AwsError> {
+    let key = call.key_ref(req.key_id.as_deref().unwrap_or(""));
+    let converted = required(&req.key_id, "KeyId").and_then(|_| {
+        Ok((
+            wrapping_algorithm(req.wrapping_algorithm.as_deref())?,
+            wrapping_key_spec(req.wrapping_key_spec.as_deref())?,
+        ))
+    });
+    let (algorithm, spec) = call.valid(&key, converted).await?;
+    let params = call
+        .blocking(move |s, m| s.get_parameters_for_import(m, &key, algorithm, spec, None))
+        .await?;
+    Ok(json!({
+        "KeyId": call.arns.key(&params.key_id),
+        "ImportToken": b64(&params.import_token),
+        "PublicKey": b64(&params.public_key),
+        "ParametersValidTo": seconds(params.valid_to_ms),
+    }))
+}
+
+/// ImportKeyMaterial: material that does not expire only
+/// (`ExpirationModel` KEY_MATERIAL_DOES_NOT_EXPIRE, no `ValidTo`).
+async fn import_key_material(call: &Call<'_>, req: Request) -> Result<Value, AwsError> {
+    let key = call.key_ref(req.key_id.as_deref().unwrap_or(""));
+    let converted = required(&req.key_id, "KeyId").and_then(|_| {
+        if !matches!(
+            req.expiration_model.as_deref(),
+            None | Some("KEY_MATERIAL_DOES_NOT_EXPIRE")
+        ) || req.valid_to.is_some()
+        {
+            return Err(KmsError::invalid(
+                "ExpirationModel",
+                "imported key material does not expire in kms: use KEY_MATERIAL_DOES_NOT_EXPIRE without ValidTo",
+            ));
+        }
+        Ok((
+            blob(req.import_token.as_deref(), "ImportToken")?,
+            blob(req.encrypted_key_material.as_deref(), "EncryptedKeyMaterial")?,
+        ))
+    });
+    let (token, material) = call.valid(&key, converted).await?;
+    let version = call
+        .blocking(move |s, m| s.import_key_material(m, &key, &token, &material, None))
+        .await?;
+    Ok(json!({ "KeyId": call.arns.key(&version.key_id) }))
 }
