@@ -155,3 +155,92 @@ pub(super) fn validate(raw: Option<RawAwsApi>) -> Result<Option<AwsApiConfig>, C
         credentials,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    const BASE: &str = r#"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "kms"
+pin_file = "/etc/kms/pin"
+
+[storage]
+data_dir = "/var/lib/kms"
+"#;
+
+    fn parse(aws: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("{BASE}\n{aws}"))
+    }
+
+    #[test]
+    fn the_aws_api_section_is_optional_and_validated() {
+        assert!(parse("").expect("no [aws_api]").aws_api.is_none());
+        let config = parse(
+            r#"
+[aws_api]
+listen = "127.0.0.1:4599"
+
+[[aws_api.credentials]]
+access_key_id = "AKIAEXAMPLEKEY000001"
+secret_file = "/etc/kms/aws/app.secret"
+principal = "app-1"
+"#,
+        )
+        .expect("valid");
+        let aws = config.aws_api.expect("[aws_api]");
+        assert_eq!(aws.listen.to_string(), "127.0.0.1:4599");
+        assert_eq!(aws.region, super::DEFAULT_AWS_REGION);
+        assert_eq!(aws.account_id, super::DEFAULT_AWS_ACCOUNT_ID);
+        assert_eq!(aws.credentials.len(), 1);
+        assert_eq!(aws.credentials[0].principal, "app-1");
+
+        let entry = |id: &str| {
+            format!(
+                "[[aws_api.credentials]]\naccess_key_id = \"{id}\"\nsecret_file = \"/s\"\nprincipal = \"p\"\n"
+            )
+        };
+        let cases = [
+            (
+                "[aws_api]\nlisten = \"nowhere\"\n".to_owned(),
+                "aws_api.listen",
+            ),
+            (
+                "[aws_api]\nlisten = \"127.0.0.1:1\"\naccount_id = \"12345\"\n".to_owned(),
+                "aws_api.account_id",
+            ),
+            (
+                "[aws_api]\nlisten = \"127.0.0.1:1\"\nregion = \"US East\"\n".to_owned(),
+                "aws_api.region",
+            ),
+            (
+                format!("[aws_api]\nlisten = \"127.0.0.1:1\"\n{}", entry("short")),
+                "aws_api.credentials.access_key_id",
+            ),
+            (
+                format!(
+                    "[aws_api]\nlisten = \"127.0.0.1:1\"\n{}{}",
+                    entry("AKIAEXAMPLEKEY000001"),
+                    entry("AKIAEXAMPLEKEY000001")
+                ),
+                "aws_api.credentials.access_key_id",
+            ),
+        ];
+        for (text, field) in cases {
+            match parse(&text) {
+                Err(ConfigError::Invalid { field: named, .. }) => {
+                    assert_eq!(named, field, "{text}")
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // The secret itself is never accepted in the configuration.
+        assert!(matches!(
+            parse(
+                "[aws_api]\nlisten = \"127.0.0.1:1\"\n[[aws_api.credentials]]\naccess_key_id = \"AKIAEXAMPLEKEY000001\"\nsecret_access_key = \"x\"\nprincipal = \"p\"\nsecret_file = \"/s\"\n"
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}
