@@ -319,3 +319,36 @@ pub fn aws_api_config(layout: &DevLayout, listen: SocketAddr) -> Result<AwsApiCo
         }],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_aws_api_is_loopback_only_and_maps_its_generated_key_to_the_dev_principal() {
+        let dir = std::env::temp_dir().join(format!("kms-dev-aws-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let layout = DevLayout::new(&dir);
+        let public: SocketAddr = "0.0.0.0:4599".parse().expect("addr");
+        assert!(matches!(
+            aws_api_config(&layout, public),
+            Err(DevError::NotLoopback(_))
+        ));
+        assert!(!aws_credentials_path(&layout).exists());
+        let config = aws_api_config(&layout, "127.0.0.1:0".parse().expect("addr")).expect("dev");
+        assert_eq!(config.credentials.len(), 1);
+        assert_eq!(config.credentials[0].principal, DEV_PRINCIPAL);
+        assert_eq!(
+            config.credentials[0].secret_file,
+            aws_credentials_path(&layout)
+        );
+        // The same key on the next start.
+        let again = aws_api_config(&layout, "127.0.0.1:0".parse().expect("addr")).expect("dev");
+        assert_eq!(
+            again.credentials[0].access_key_id,
+            config.credentials[0].access_key_id
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

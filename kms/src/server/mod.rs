@@ -4,7 +4,8 @@
 //! (`grpc::auth_layer`); limits on connections, streams, message size and
 //! request time; the background scheduler; the metrics endpoint; and the
 //! Kubernetes KMS v2 plugin sockets of `[[kubernetes]]` entries
-//! ([`kubernetes`]), which share the drain, admission limits and shutdown.
+//! ([`kubernetes`]) and the AWS KMS API listener of `[aws_api]`
+//! (`crate::aws`), which share the drain, admission limits and shutdown.
 //! Configuration reload ([`reload`]) and graceful shutdown with a deadline
 //! ([`RunningServer::serve_until`]).
 
