@@ -41,6 +41,16 @@ if ! python3 -c 'import grpc, grpc_reflection, grpc_tools' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-reflection grpcio-tools protobuf
 fi
 
+# The AWS KMS API tests (tests/e2e/aws_api.rs, tests/scripts/aws_kms_clients.py):
+# the real AWS clients (boto3, the AWS Encryption SDK, the AWS CLI) and moto,
+# the in-process reference for response shapes.
+if ! python3 -c 'import boto3, aws_encryption_sdk, moto.server, flask, flask_cors' >/dev/null 2>&1 \
+    || ! command -v aws >/dev/null 2>&1; then
+  echo "setup: installing boto3, aws-encryption-sdk, awscli, moto[server] (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check boto3 aws-encryption-sdk awscli 'moto[server]' \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages boto3 aws-encryption-sdk awscli 'moto[server]'
+fi
+
 # The envelope format's independent check (tests/scripts/envelope_check.py):
 # AES-GCM and HKDF from a library that is not ours.
 if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1; then

@@ -77,6 +77,7 @@ impl TestEnv {
             },
             auth: AuthSettings::local_development("anonymous"),
             kubernetes: Vec::new(),
+            aws_api: None,
         }
     }
 
@@ -153,6 +154,14 @@ impl TestServer {
             .as_ref()
             .and_then(|s| s.metrics_addr)
             .expect("metrics address")
+    }
+
+    /// Where the AWS KMS API listens (`[aws_api]` configured).
+    pub fn aws_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .and_then(|s| s.aws_addr)
+            .expect("AWS KMS API address")
     }
 
     /// Stops the server and waits until the service (and its audit log and

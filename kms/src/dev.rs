@@ -8,6 +8,8 @@
 //! <data_dir>/softhsm/so.pin          random security-officer PIN, mode 0600
 //!                                    (also creates the root key kms-root/1)
 //! <data_dir>/db/                     RocksDB: key catalogue and audit log
+//! <data_dir>/aws-credentials         with --aws-api-listen: the dev principal's AWS
+//!                                    access key (shared-credentials format, 0600)
 //! ```
 //!
 //! Dev mode listens on loopback only. The PINs are random and stay in 0600
@@ -21,7 +23,8 @@ use std::path::{Path, PathBuf};
 use kms_hsm::{HsmConfig, Pin, PinSource};
 
 use crate::config::{
-    AuditSettings, AuthSettings, Config, KubernetesListener, Limits, RotationSettings, ServerConfig,
+    AuditSettings, AuthSettings, AwsApiConfig, AwsCredentialConfig, Config, KubernetesListener,
+    Limits, RotationSettings, ServerConfig,
 };
 use crate::error::KmsError;
 use crate::service::{CreateKeyInput, KmsService, RequestMeta};
@@ -232,6 +235,8 @@ pub fn dev_config(
         auth: AuthSettings::local_development(DEV_PRINCIPAL),
         // `--kubernetes-socket` adds one ([`kubernetes_listener`]).
         kubernetes: Vec::new(),
+        // `--aws-api-listen` adds one ([`aws_api_config`]).
+        aws_api: None,
     })
 }
 
@@ -279,4 +284,71 @@ pub fn ensure_kubernetes_key(service: &KmsService) -> Result<bool, KmsError> {
         },
     )?;
     Ok(true)
+}
+
+/// The AWS shared-credentials file of `kms serve --dev --aws-api-listen`.
+pub fn aws_credentials_path(layout: &DevLayout) -> PathBuf {
+    layout.data_dir.join("aws-credentials")
+}
+
+/// The `[aws_api]` of `kms serve --dev --aws-api-listen ADDR`: loopback
+/// only, region and account the defaults, one access key mapped to
+/// [`DEV_PRINCIPAL`], generated on first use into
+/// [`aws_credentials_path`] (mode 0600, AWS shared-credentials format, so
+/// `AWS_SHARED_CREDENTIALS_FILE` can point clients at it).
+///
+/// # Errors
+/// [`DevError::NotLoopback`]; [`DevError::Io`] if the file cannot be
+/// created or read.
+pub fn aws_api_config(layout: &DevLayout, listen: SocketAddr) -> Result<AwsApiConfig, DevError> {
+    if !listen.ip().is_loopback() {
+        return Err(DevError::NotLoopback(listen));
+    }
+    let path = aws_credentials_path(layout);
+    let access_key_id =
+        crate::aws::credentials::ensure_dev_credentials(&path).map_err(io(&path))?;
+    Ok(AwsApiConfig {
+        listen,
+        tls: None,
+        region: crate::config::DEFAULT_AWS_REGION.to_owned(),
+        account_id: crate::config::DEFAULT_AWS_ACCOUNT_ID.to_owned(),
+        credentials: vec![AwsCredentialConfig {
+            access_key_id,
+            secret_file: path,
+            principal: DEV_PRINCIPAL.to_owned(),
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_aws_api_is_loopback_only_and_maps_its_generated_key_to_the_dev_principal() {
+        let dir = std::env::temp_dir().join(format!("kms-dev-aws-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let layout = DevLayout::new(&dir);
+        let public: SocketAddr = "0.0.0.0:4599".parse().expect("addr");
+        assert!(matches!(
+            aws_api_config(&layout, public),
+            Err(DevError::NotLoopback(_))
+        ));
+        assert!(!aws_credentials_path(&layout).exists());
+        let config = aws_api_config(&layout, "127.0.0.1:0".parse().expect("addr")).expect("dev");
+        assert_eq!(config.credentials.len(), 1);
+        assert_eq!(config.credentials[0].principal, DEV_PRINCIPAL);
+        assert_eq!(
+            config.credentials[0].secret_file,
+            aws_credentials_path(&layout)
+        );
+        // The same key on the next start.
+        let again = aws_api_config(&layout, "127.0.0.1:0".parse().expect("addr")).expect("dev");
+        assert_eq!(
+            again.credentials[0].access_key_id,
+            config.credentials[0].access_key_id
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -9,9 +9,11 @@
 //! health that follows the HSM and the audit log, reflection, limits,
 //! metrics), `operator` (the server-side operator commands `kms hsm` and
 //! `kms token`; every other command of the `kms` binary is a client, in the
-//! kms-cli crate).
+//! kms-cli crate), `aws` (the AWS KMS JSON API door with SigV4, thin over
+//! the same domain service).
 
 pub mod auth;
+pub mod aws;
 mod background;
 pub mod ciphertext;
 pub mod config;

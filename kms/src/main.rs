@@ -74,6 +74,11 @@ struct ServeArgs {
     /// socket (mode 0600), for the key alias/kubernetes (created if missing).
     #[arg(long, value_name = "PATH", requires = "dev")]
     kubernetes_socket: Option<PathBuf>,
+    /// Dev mode: also serve the AWS KMS API (JSON 1.1, SigV4) on this
+    /// address (loopback only); its access key, mapped to the dev
+    /// principal, is written to <data-dir>/aws-credentials (mode 0600).
+    #[arg(long, value_name = "ADDR", requires = "dev")]
+    aws_api_listen: Option<SocketAddr>,
     /// Benchmarks only (kms-bench's synced/unsynced comparison): acknowledge
     /// requests before their audit records reach the disk. Dev mode only.
     #[arg(long, hide = true, requires = "dev")]
@@ -188,6 +193,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .kubernetes
                 .push(kms::dev::kubernetes_listener(&socket));
         }
+        if let Some(addr) = args.aws_api_listen {
+            config.aws_api = Some(kms::dev::aws_api_config(&layout, addr)?);
+        }
         if args.unsafe_audit_no_sync {
             tracing::warn!(
                 "--unsafe-audit-no-sync: audit records are not synced; a crash loses acknowledged records"
@@ -249,6 +257,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .metrics_addr
             .map(|a| format!(", metrics on http://{a}/metrics"))
             .unwrap_or_default();
+        if let Some(addr) = server.aws_addr {
+            let tls = config.aws_api.as_ref().is_some_and(|a| a.tls.is_some());
+            metrics.push_str(&format!(
+                ", AWS KMS API on {}",
+                kms::aws::describe(addr, tls)
+            ));
+        }
         for plugin in &config.kubernetes {
             metrics.push_str(&format!(
                 ", Kubernetes KMS plugin on unix://{}",

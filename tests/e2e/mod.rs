@@ -1,6 +1,7 @@
 mod audit;
 mod audit_stream;
 mod authz;
+mod aws_api;
 mod bad_input;
 mod cli;
 mod configured;

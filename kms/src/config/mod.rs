@@ -12,9 +12,14 @@ use std::time::Duration;
 use kms_hsm::{HsmConfig, PinSource};
 use serde::Deserialize;
 
+mod aws;
 mod kubernetes;
 mod security;
 
+pub use aws::{
+    AwsApiConfig, AwsCredentialConfig, DEFAULT_AWS_ACCOUNT_ID, DEFAULT_AWS_REGION,
+    is_valid_access_key_id,
+};
 pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
 
@@ -60,6 +65,7 @@ struct RawConfig {
     auth: security::RawAuth,
     #[serde(default)]
     kubernetes: Vec<kubernetes::RawKubernetes>,
+    aws_api: Option<aws::RawAwsApi>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -228,6 +234,9 @@ pub struct Config {
     /// `[[kubernetes]]`: Kubernetes KMS v2 plugin listeners (Unix sockets),
     /// none unless configured.
     pub kubernetes: Vec<KubernetesListener>,
+    /// `[aws_api]`: the AWS KMS JSON API listener (`crate::aws`), none
+    /// unless configured.
+    pub aws_api: Option<AwsApiConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -294,6 +303,7 @@ impl Config {
             "[audit]" => audit,
             "[rotation]" => rotation,
             "[[kubernetes]]" => kubernetes,
+            "[aws_api]" => aws_api,
         }
     }
 
@@ -345,6 +355,7 @@ impl Config {
             raw.auth,
         )?;
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
+        config.aws_api = aws::validate(raw.aws_api)?;
         Ok(config)
     }
 
@@ -555,6 +566,7 @@ impl Config {
             },
             auth,
             kubernetes: Vec::new(),
+            aws_api: None,
         })
     }
 }

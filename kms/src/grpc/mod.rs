@@ -173,6 +173,94 @@ impl Rpc {
         }
     }
 
+    /// [`Rpc::blocking`] for a door that maps domain errors itself (the
+    /// AWS KMS API): the error is returned unlogged, for the caller to log
+    /// once with [`Rpc::log_failure`] as it answers.
+    pub(crate) async fn blocking_domain<T: Send + 'static>(
+        &self,
+        service: &Arc<KmsService>,
+        work: impl FnOnce(&KmsService, &RequestMeta) -> Result<T, KmsError> + Send + 'static,
+    ) -> Result<T, KmsError> {
+        let service = Arc::clone(service);
+        let meta = self.meta.clone();
+        let span = self.span.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            work(&service, &meta)
+        })
+        .instrument(self.span.clone())
+        .await;
+        joined.unwrap_or_else(|e| Err(self.join_failed(&e)))
+    }
+
+    /// [`Rpc::key_use`] for a door that maps domain errors itself (see
+    /// [`Rpc::blocking_domain`]).
+    pub(crate) async fn key_use_domain<T: Send + 'static>(
+        &self,
+        service: &Arc<KmsService>,
+        work: impl FnOnce(&KmsService, &RequestMeta) -> Deferred<T> + Send + 'static,
+    ) -> Result<T, KmsError> {
+        let deferred = if service.hsm().is_down() {
+            let owned = Arc::clone(service);
+            let meta = self.meta.clone();
+            let span = self.span.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                work(&owned, &meta)
+            })
+            .await;
+            match joined {
+                Ok(deferred) => deferred,
+                Err(e) => return Err(self.join_failed(&e)),
+            }
+        } else {
+            let _entered = self.span.enter();
+            work(service, &self.meta)
+        };
+        service
+            .finish_async(deferred)
+            .instrument(self.span.clone())
+            .await
+    }
+
+    /// [`Rpc::valid`] for a door that maps domain errors itself: a refused
+    /// conversion is audited (one record, naming `named_key`) and returned
+    /// unlogged.
+    pub(crate) async fn valid_domain<T>(
+        &self,
+        service: &Arc<KmsService>,
+        named_key: &str,
+        converted: Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let error = match converted {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let refused = service.refuse_deferred::<()>(&self.meta, self.operation, named_key, error);
+        match service
+            .finish_async(refused)
+            .instrument(self.span.clone())
+            .await
+        {
+            Err(error) => Err(error),
+            Ok(()) => Err(KmsError::invalid("request", "refused")),
+        }
+    }
+
+    /// Logs a failed request's error once, in the span (as [`Rpc::fail`]
+    /// does), for doors that answer in their own error shape.
+    pub(crate) fn log_failure(&self, error: &KmsError) {
+        self.log(error);
+    }
+
+    fn join_failed(&self, error: &tokio::task::JoinError) -> KmsError {
+        let _entered = self.span.enter();
+        tracing::error!(%error, "blocking task failed");
+        KmsError::Internal {
+            what: "blocking task failed",
+        }
+    }
+
     /// The status for a failed request, logged once here, in the span:
     /// server-side failures with their whole cause chain, the caller's
     /// mistakes and refusals at debug level (the audit log has them).

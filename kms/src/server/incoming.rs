@@ -49,6 +49,13 @@ pub struct LimitedStream {
     _slot: OwnedSemaphorePermit,
 }
 
+impl LimitedStream {
+    /// The client's address, if the socket reported it.
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.info.tcp.remote_addr()
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $stream:ident => $call:expr) => {
         match &mut $self.get_mut().inner {

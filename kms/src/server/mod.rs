@@ -4,13 +4,14 @@
 //! (`grpc::auth_layer`); limits on connections, streams, message size and
 //! request time; the background scheduler; the metrics endpoint; and the
 //! Kubernetes KMS v2 plugin sockets of `[[kubernetes]]` entries
-//! ([`kubernetes`]), which share the drain, admission limits and shutdown.
+//! ([`kubernetes`]) and the AWS KMS API listener of `[aws_api]`
+//! (`crate::aws`), which share the drain, admission limits and shutdown.
 //! Configuration reload ([`reload`]) and graceful shutdown with a deadline
 //! ([`RunningServer::serve_until`]).
 
-mod drain;
+pub(crate) mod drain;
 pub mod health;
-mod incoming;
+pub(crate) mod incoming;
 pub mod kubernetes;
 pub mod reload;
 pub mod tls;
@@ -63,6 +64,8 @@ pub enum ServerError {
     RootRewrapThread(#[source] std::io::Error),
     #[error("cannot serve the Kubernetes plugin socket (kubernetes.socket)")]
     Kubernetes(#[source] kubernetes::SocketError),
+    #[error("cannot load the AWS KMS API access keys (aws_api.credentials)")]
+    AwsCredentials(#[source] crate::aws::credentials::CredentialError),
 }
 
 /// After the grace period, how long a shutdown still waits for blocking
@@ -74,6 +77,8 @@ const LAST_REFERENCE_MARGIN: Duration = Duration::from_millis(250);
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the AWS KMS API (`[aws_api]`) listens, if configured.
+    pub aws_addr: Option<SocketAddr>,
     service: Arc<KmsService>,
     reloader: Arc<reload::Reloader>,
     drain: drain::Drain,
@@ -292,6 +297,35 @@ pub async fn start_with(
         .collect::<Result<Vec<_>, _>>()
         .map_err(ServerError::Kubernetes)?;
 
+    // The AWS KMS API: its secrets, TLS files and port, before anything
+    // that holds the service starts.
+    let aws_listener = match &config.aws_api {
+        Some(settings) => {
+            let credentials = crate::aws::AwsCredentials::load(&settings.credentials)
+                .map_err(ServerError::AwsCredentials)?;
+            let aws_tls = match &settings.tls {
+                Some(tls_settings) => Some(tls::SharedTls::new(tls::server_config(tls_settings)?)),
+                None => None,
+            };
+            let listener =
+                TcpListener::bind(settings.listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        setting: "aws_api.listen",
+                        addr: settings.listen,
+                        source,
+                    })?;
+            let aws_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+                setting: "aws_api.listen",
+                addr: settings.listen,
+                source,
+            })?;
+            Some((settings, credentials, aws_tls, listener, aws_addr))
+        }
+        None => None,
+    };
+    let aws_addr = aws_listener.as_ref().map(|(_, _, _, _, addr)| *addr);
+
     let metrics = Arc::new(Metrics::new());
     let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(metrics_listen) => {
@@ -424,6 +458,26 @@ pub async fn start_with(
         });
     }
 
+    // The AWS KMS API server: stops with the plugin servers.
+    let aws_server = aws_listener.map(|(settings, credentials, aws_tls, listener, aws_addr)| {
+        let api = Arc::new(crate::aws::AwsApi::new(
+            Arc::clone(&service),
+            settings,
+            credentials,
+            Arc::clone(&admission),
+            drain.clone(),
+            max_message,
+            config.server.request_timeout,
+        ));
+        tracing::info!(
+            address = %crate::aws::describe(aws_addr, aws_tls.is_some()),
+            region = %settings.region,
+            "serving the AWS KMS API"
+        );
+        let incoming = incoming::limited_incoming(listener, config.server.max_connections, aws_tls);
+        crate::aws::serve(api, incoming, plugin_stop.subscribe())
+    });
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let mut builder = builder
         .layer(incoming::PeerLayer)
@@ -454,6 +508,12 @@ pub async fn start_with(
         for server in plugin_servers {
             plugins.spawn(server);
         }
+        if let Some(aws_server) = aws_server {
+            plugins.spawn(async move {
+                aws_server.await;
+                Ok(())
+            });
+        }
         let result = main.await;
         // However the main listener ended, the plugin sockets follow it.
         let _ = plugin_stop.send(true);
@@ -476,6 +536,7 @@ pub async fn start_with(
     let mut running = RunningServer {
         addr,
         metrics_addr,
+        aws_addr,
         service: Arc::clone(&service),
         reloader,
         drain,

@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Real AWS clients against kms's AWS KMS API (tests/e2e/aws_api.rs).
+
+Usage: aws_kms_clients.py MODE ENDPOINT
+  MODE: boto3 | esdk | signatures | moto
+Credentials and region come from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or AWS_SHARED_CREDENTIALS_FILE),
+as for any AWS program; `boto3` also reads OUTSIDER_ACCESS_KEY_ID and
+OUTSIDER_SECRET_ACCESS_KEY (a key whose principal is not an administrator).
+Each mode checks what it can itself (an AssertionError exits non-zero) and
+prints one JSON object for the Rust test to check further.
+"""
+
+import base64
+import datetime
+import http.client
+import json
+import os
+import socket
+import sys
+import urllib.parse
+
+import boto3
+import botocore.auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+
+REGION = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+# No retries: every answer is the server's first.
+NO_RETRIES = Config(retries={"max_attempts": 1, "mode": "standard"})
+
+
+def client(endpoint, key_id=None, secret=None):
+    kwargs = {}
+    if key_id:
+        kwargs = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
+    return boto3.client(
+        "kms", endpoint_url=endpoint, region_name=REGION, config=NO_RETRIES, **kwargs
+    )
+
+
+def error_code(call, *args, **kwargs):
+    """The AWS error code `call` fails with (AssertionError if it succeeds)."""
+    try:
+        call(*args, **kwargs)
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+    raise AssertionError(f"{call.__name__} succeeded; an error was expected")
+
+
+def check(condition, what):
+    if not condition:
+        raise AssertionError(what)
+
+
+def all_pages(call, field, **kwargs):
+    items, marker = [], None
+    while True:
+        page = call(**kwargs, **({"Marker": marker} if marker else {}))
+        items.extend(page[field])
+        if not page.get("Truncated"):
+            return items
+        marker = page["NextMarker"]
+
+
+def run_boto3(endpoint):
+    kms = client(endpoint)
+    errors = {}
+    key = kms.create_key(
+        Description="first", Tags=[{"TagKey": "team", "TagValue": "a"}]
+    )["KeyMetadata"]
+    arn, kid = key["Arn"], key["KeyId"]
+    check(key["KeyState"] == "Enabled" and key["Enabled"], f"new key {key}")
+    check(arn.endswith(":key/" + kid) and arn.startswith(f"arn:aws:kms:{REGION}:"), arn)
+    account = key["AWSAccountId"]
+    check(kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyId"] == kid, "describe by ARN")
+    check(kms.describe_key(KeyId=kid)["KeyMetadata"]["Arn"] == arn, "describe by id")
+
+    kms.create_alias(AliasName="alias/app", TargetKeyId=kid)
+    alias_arn = f"arn:aws:kms:{REGION}:{account}:alias/app"
+    for name in ["alias/app", alias_arn]:
+        check(kms.describe_key(KeyId=name)["KeyMetadata"]["KeyId"] == kid, name)
+
+    context = {"purpose": "test", "tenant": "t1"}
+    encrypted = kms.encrypt(
+        KeyId="alias/app", Plaintext=b"secret", EncryptionContext=context,
+        GrantTokens=["accepted-and-ignored"],
+    )
+    check(encrypted["KeyId"] == arn, "Encrypt names the key ARN")
+    blob = encrypted["CiphertextBlob"]
+    decrypted = kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)
+    check(decrypted["Plaintext"] == b"secret" and decrypted["KeyId"] == arn, "Decrypt")
+    check(
+        kms.decrypt(CiphertextBlob=blob, EncryptionContext=context, KeyId=alias_arn)["Plaintext"]
+        == b"secret",
+        "Decrypt naming the key by alias ARN",
+    )
+    errors["Decrypt/wrong-context"] = error_code(
+        kms.decrypt, CiphertextBlob=blob, EncryptionContext={"purpose": "other"}
+    )
+    errors["Decrypt/garbage"] = error_code(kms.decrypt, CiphertextBlob=b"not a ciphertext")
+
+    data_key = kms.generate_data_key(KeyId=arn, KeySpec="AES_256", EncryptionContext=context)
+    check(len(data_key["Plaintext"]) == 32 and data_key["KeyId"] == arn, "GenerateDataKey")
+    opened = kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"], EncryptionContext=context)
+    check(opened["Plaintext"] == data_key["Plaintext"], "the data key decrypts")
+    check(len(kms.generate_data_key(KeyId=kid, NumberOfBytes=16)["Plaintext"]) == 16, "16 bytes")
+    without = kms.generate_data_key_without_plaintext(KeyId=kid, KeySpec="AES_128")
+    check("Plaintext" not in without, "WithoutPlaintext has no plaintext")
+    check(len(kms.decrypt(CiphertextBlob=without["CiphertextBlob"])["Plaintext"]) == 16, "AES_128")
+    errors["GenerateDataKey/no-size"] = error_code(kms.generate_data_key, KeyId=kid)
+    errors["GenerateDataKey/both-sizes"] = error_code(
+        kms.generate_data_key, KeyId=kid, KeySpec="AES_256", NumberOfBytes=32
+    )
+
+    second = kms.create_key(Description="second")["KeyMetadata"]
+    reencrypted = kms.re_encrypt(
+        CiphertextBlob=blob, SourceEncryptionContext=context,
+        DestinationKeyId=second["Arn"], DestinationEncryptionContext={"moved": "yes"},
+    )
+    check(reencrypted["SourceKeyId"] == arn and reencrypted["KeyId"] == second["Arn"], "ReEncrypt")
+    check(
+        kms.decrypt(
+            CiphertextBlob=reencrypted["CiphertextBlob"], EncryptionContext={"moved": "yes"}
+        )["Plaintext"] == b"secret",
+        "the re-encrypted blob decrypts",
+    )
+
+    check(len(kms.generate_random(NumberOfBytes=64)["Plaintext"]) == 64, "GenerateRandom")
+    errors["GenerateRandom/too-many"] = error_code(kms.generate_random, NumberOfBytes=5000)
+
+    listed = all_pages(kms.list_keys, "Keys", Limit=1)
+    ids = {k["KeyId"] for k in listed}
+    check({kid, second["KeyId"]} <= ids, f"ListKeys pages hold both keys: {listed}")
+    check(all(k["KeyArn"].endswith(k["KeyId"]) for k in listed), "ListKeys ARNs")
+
+    aliases = all_pages(kms.list_aliases, "Aliases")
+    check(any(a["AliasName"] == "alias/app" and a["AliasArn"] == alias_arn
+              and a["TargetKeyId"] == kid for a in aliases), f"ListAliases {aliases}")
+    check([a["AliasName"] for a in kms.list_aliases(KeyId=kid)["Aliases"]] == ["alias/app"],
+          "ListAliases for one key")
+    errors["CreateAlias/exists"] = error_code(
+        kms.create_alias, AliasName="alias/app", TargetKeyId=second["KeyId"]
+    )
+    kms.update_alias(AliasName="alias/app", TargetKeyId=second["Arn"])
+    check(kms.describe_key(KeyId="alias/app")["KeyMetadata"]["KeyId"] == second["KeyId"],
+          "UpdateAlias moved it")
+    kms.delete_alias(AliasName="alias/app")
+    errors["DescribeKey/deleted-alias"] = error_code(kms.describe_key, KeyId="alias/app")
+
+    kms.update_key_description(KeyId=kid, Description="renamed")
+    check(kms.describe_key(KeyId=kid)["KeyMetadata"]["Description"] == "renamed", "description")
+
+    kms.tag_resource(KeyId=kid, Tags=[{"TagKey": "env", "TagValue": "prod"}])
+    tags = {t["TagKey"]: t["TagValue"] for t in all_pages(kms.list_resource_tags, "Tags", KeyId=kid, Limit=1)}
+    check(tags == {"team": "a", "env": "prod"}, f"ListResourceTags {tags}")
+    kms.untag_resource(KeyId=kid, TagKeys=["team"])
+    check(kms.list_resource_tags(KeyId=kid)["Tags"] == [{"TagKey": "env", "TagValue": "prod"}],
+          "UntagResource")
+
+    check(kms.get_key_rotation_status(KeyId=kid)["KeyRotationEnabled"] is False, "rotation off")
+    kms.enable_key_rotation(KeyId=kid)
+    status = kms.get_key_rotation_status(KeyId=kid)
+    check(status["KeyRotationEnabled"] and status["RotationPeriodInDays"] == 365, f"{status}")
+    kms.enable_key_rotation(KeyId=kid, RotationPeriodInDays=90)
+    check(kms.get_key_rotation_status(KeyId=kid)["RotationPeriodInDays"] == 90, "90 days")
+    errors["EnableKeyRotation/period"] = error_code(
+        kms.enable_key_rotation, KeyId=kid, RotationPeriodInDays=3000
+    )
+    kms.disable_key_rotation(KeyId=kid)
+    check(kms.get_key_rotation_status(KeyId=kid)["KeyRotationEnabled"] is False, "rotation off")
+
+    check(kms.list_key_rotations(KeyId=kid)["Rotations"] == [], "no rotations yet")
+    check(kms.rotate_key_on_demand(KeyId=kid)["KeyId"] == arn, "RotateKeyOnDemand")
+    rotations = kms.list_key_rotations(KeyId=kid)["Rotations"]
+    check(len(rotations) == 1 and rotations[0]["KeyId"] == arn, f"{rotations}")
+    check(kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"secret",
+          "old ciphertexts decrypt after rotation")
+
+    kms.disable_key(KeyId=kid)
+    check(kms.describe_key(KeyId=kid)["KeyMetadata"]["KeyState"] == "Disabled", "disabled")
+    errors["Encrypt/disabled"] = error_code(kms.encrypt, KeyId=kid, Plaintext=b"x")
+    kms.enable_key(KeyId=kid)
+    kms.encrypt(KeyId=kid, Plaintext=b"x")
+
+    scheduled = kms.schedule_key_deletion(KeyId=second["KeyId"], PendingWindowInDays=7)
+    check(scheduled["KeyId"] == second["Arn"] and scheduled["KeyState"] == "PendingDeletion"
+          and scheduled["PendingWindowInDays"] == 7 and "DeletionDate" in scheduled, f"{scheduled}")
+    errors["Encrypt/pending-deletion"] = error_code(
+        kms.encrypt, KeyId=second["KeyId"], Plaintext=b"x"
+    )
+    errors["ScheduleKeyDeletion/window"] = error_code(
+        kms.schedule_key_deletion, KeyId=kid, PendingWindowInDays=3
+    )
+    check(kms.cancel_key_deletion(KeyId=second["Arn"])["KeyId"] == second["Arn"], "cancel")
+    state_after_cancel = kms.describe_key(KeyId=second["KeyId"])["KeyMetadata"]["KeyState"]
+
+    errors["DescribeKey/unknown"] = error_code(kms.describe_key, KeyId="key-00000000000000000000000000000000")
+    errors["DescribeKey/other-account-arn"] = error_code(
+        kms.describe_key, KeyId=f"arn:aws:kms:{REGION}:999999999999:key/{kid}"
+    )
+    errors["CreateKey/sign-verify"] = error_code(kms.create_key, KeyUsage="SIGN_VERIFY")
+    errors["GetKeyPolicy"] = error_code(kms.get_key_policy, KeyId=kid, PolicyName="default")
+    errors["CreateGrant"] = error_code(
+        kms.create_grant, KeyId=kid, GranteePrincipal="someone", Operations=["Decrypt"]
+    )
+
+    # Imported key material (origin EXTERNAL), wrapped with RSAES-OAEP by
+    # `cryptography`, as an external party would (SHA-1: SoftHSM2 offers
+    # no other OAEP hash).
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    external = kms.create_key(Origin="EXTERNAL", Description="imported")["KeyMetadata"]
+    check(external["KeyState"] == "PendingImport" and external["Origin"] == "EXTERNAL",
+          f"{external}")
+    errors["Encrypt/pending-import"] = error_code(
+        kms.encrypt, KeyId=external["KeyId"], Plaintext=b"x"
+    )
+    errors["GetParametersForImport/kms-origin"] = error_code(
+        kms.get_parameters_for_import, KeyId=kid,
+        WrappingAlgorithm="RSAES_OAEP_SHA_256", WrappingKeySpec="RSA_2048",
+    )
+    params = kms.get_parameters_for_import(
+        KeyId=external["Arn"], WrappingAlgorithm="RSAES_OAEP_SHA_1", WrappingKeySpec="RSA_2048"
+    )
+    check(params["KeyId"] == external["Arn"], "GetParametersForImport names the ARN")
+    public_key = serialization.load_der_public_key(params["PublicKey"])
+    wrapped = public_key.encrypt(
+        os.urandom(32),
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+    )
+    errors["ImportKeyMaterial/expiring"] = error_code(
+        kms.import_key_material, KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_EXPIRES",
+        ValidTo=datetime.datetime(2100, 1, 1),
+    )
+    kms.import_key_material(
+        KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+    )
+    errors["ImportKeyMaterial/token-used"] = error_code(
+        kms.import_key_material, KeyId=external["KeyId"], ImportToken=params["ImportToken"],
+        EncryptedKeyMaterial=wrapped, ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+    )
+    check(kms.describe_key(KeyId=external["KeyId"])["KeyMetadata"]["KeyState"] == "Enabled",
+          "enabled after import")
+    sealed = kms.encrypt(KeyId=external["KeyId"], Plaintext=b"imported")["CiphertextBlob"]
+    check(kms.decrypt(CiphertextBlob=sealed)["Plaintext"] == b"imported", "imported key works")
+
+    outsider = client(
+        endpoint, os.environ["OUTSIDER_ACCESS_KEY_ID"], os.environ["OUTSIDER_SECRET_ACCESS_KEY"]
+    )
+    errors["ListKeys/not-admin"] = error_code(outsider.list_keys)
+    print(json.dumps({
+        "key_arn": arn, "key_id": kid, "second_key_id": second["KeyId"],
+        "state_after_cancel": state_after_cancel, "errors": errors,
+    }))
+
+
+def run_esdk(endpoint):
+    """The AWS Encryption SDK with a KMS master key provider whose botocore
+    clients point at kms (AWS_ENDPOINT_URL_KMS, honoured by botocore)."""
+    import aws_encryption_sdk
+    from aws_encryption_sdk import CommitmentPolicy
+
+    os.environ["AWS_ENDPOINT_URL_KMS"] = endpoint
+    kms = client(endpoint)
+    arn = kms.create_key(Description="encryption sdk")["KeyMetadata"]["Arn"]
+    esdk = aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+    )
+    provider = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[arn])
+    message = b"a message for the AWS Encryption SDK" * 100
+    context = {"order": "42"}
+    ciphertext, header = esdk.encrypt(
+        source=message, key_provider=provider, encryption_context=context
+    )
+    check([k.key_provider.key_info.decode() for k in header.encrypted_data_keys] == [arn],
+          f"one data key, under {arn}")
+    plaintext, decrypt_header = esdk.decrypt(source=ciphertext, key_provider=provider)
+    check(plaintext == message, "decrypts")
+    check(decrypt_header.encryption_context["order"] == "42", "context kept")
+
+    kms.rotate_key_on_demand(KeyId=arn)
+    fresh_provider = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[arn])
+    again, _ = esdk.decrypt(source=ciphertext, key_provider=fresh_provider)
+    check(again == message, "decrypts after a key rotation")
+    after, _ = esdk.encrypt(source=b"after rotation", key_provider=fresh_provider)
+    check(esdk.decrypt(source=after, key_provider=provider)[0] == b"after rotation",
+          "a message made after rotation decrypts")
+    print(json.dumps({"key_arn": arn, "ciphertext_bytes": len(ciphertext)}))
+
+
+def send(endpoint, headers, body):
+    url = urllib.parse.urlparse(endpoint)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request("POST", "/", body=body, headers=headers)
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, json.loads(payload) if payload else {}
+
+
+def signed_headers(endpoint, body, credentials, when=None, operation="DescribeKey"):
+    request = AWSRequest(
+        method="POST", url=endpoint + "/", data=body,
+        headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": "TrentService." + operation,
+        },
+    )
+    original = botocore.auth.get_current_datetime
+    if when is not None:
+        botocore.auth.get_current_datetime = lambda: when
+    try:
+        botocore.auth.SigV4Auth(credentials, "kms", REGION).add_auth(request)
+    finally:
+        botocore.auth.get_current_datetime = original
+    return dict(request.headers.items())
+
+
+def run_signatures(endpoint):
+    """Hand-signed requests: one good, then each kind of bad signature."""
+    kms = client(endpoint)
+    kid = kms.create_key(Description="signatures")["KeyMetadata"]["KeyId"]
+    key_id = os.environ["AWS_ACCESS_KEY_ID"]
+    good = Credentials(key_id, os.environ["AWS_SECRET_ACCESS_KEY"])
+    body = json.dumps({"KeyId": kid}).encode()
+    results = {}
+    results["good"] = send(endpoint, signed_headers(endpoint, body, good), body)
+    wrong = Credentials(key_id, "wrong" + os.environ["AWS_SECRET_ACCESS_KEY"][5:])
+    results["wrong-secret"] = send(endpoint, signed_headers(endpoint, body, wrong), body)
+    stale = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - datetime.timedelta(minutes=20)
+    results["outside-skew"] = send(endpoint, signed_headers(endpoint, body, good, when=stale), body)
+    other = json.dumps({"KeyId": "alias/something-else"}).encode()
+    results["changed-body"] = send(endpoint, signed_headers(endpoint, body, good), other)
+    replayed = signed_headers(endpoint, body, good)
+    results["replayed-within-skew"] = send(endpoint, replayed, body)
+    unsigned = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
+    results["unsigned"] = send(endpoint, unsigned, body)
+    unknown = Credentials("AKIAUNKNOWNUNKNOWN00", os.environ["AWS_SECRET_ACCESS_KEY"])
+    results["unknown-key"] = send(endpoint, signed_headers(endpoint, body, unknown), body)
+    print(json.dumps({"key_id": kid, "results": results}))
+
+
+def shape(value):
+    """The shape of a response: field names and JSON types, recursively
+    (lists by their first element)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items() if k != "ResponseMetadata"}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (bytes, bytearray)):
+        return "blob"
+    if isinstance(value, datetime.datetime):
+        return "timestamp"
+    return type(value).__name__
+
+
+def sequence(kms):
+    """The same calls against any AWS KMS API: each call's response shape
+    or error code."""
+    out = []
+
+    def call(name, fn, **kwargs):
+        try:
+            out.append([name, shape(fn(**kwargs))])
+        except ClientError as e:
+            out.append([name, "error:" + e.response["Error"]["Code"]])
+            return None
+        return fn
+
+    key = kms.create_key(Description="compare", Tags=[{"TagKey": "a", "TagValue": "b"}])
+    out.append(["CreateKey", shape(key)])
+    kid = key["KeyMetadata"]["KeyId"]
+    call("DescribeKey", kms.describe_key, KeyId=kid)
+    call("ListKeys", kms.list_keys)
+    blob = kms.encrypt(KeyId=kid, Plaintext=b"p", EncryptionContext={"c": "1"})
+    out.append(["Encrypt", shape(blob)])
+    call("Decrypt", kms.decrypt, CiphertextBlob=blob["CiphertextBlob"], EncryptionContext={"c": "1"})
+    call("Decrypt/wrong-context", kms.decrypt, CiphertextBlob=blob["CiphertextBlob"],
+         EncryptionContext={"c": "2"})
+    call("GenerateDataKey", kms.generate_data_key, KeyId=kid, KeySpec="AES_256")
+    call("GenerateDataKeyWithoutPlaintext", kms.generate_data_key_without_plaintext,
+         KeyId=kid, NumberOfBytes=32)
+    call("ReEncrypt", kms.re_encrypt, CiphertextBlob=blob["CiphertextBlob"],
+         SourceEncryptionContext={"c": "1"}, DestinationKeyId=kid)
+    call("GenerateRandom", kms.generate_random, NumberOfBytes=16)
+    call("CreateAlias", kms.create_alias, AliasName="alias/compare", TargetKeyId=kid)
+    call("ListAliases", kms.list_aliases, KeyId=kid)
+    call("UpdateAlias", kms.update_alias, AliasName="alias/compare", TargetKeyId=kid)
+    call("DeleteAlias", kms.delete_alias, AliasName="alias/compare")
+    call("DescribeKey/deleted-alias", kms.describe_key, KeyId="alias/compare")
+    call("UpdateKeyDescription", kms.update_key_description, KeyId=kid, Description="d")
+    call("TagResource", kms.tag_resource, KeyId=kid, Tags=[{"TagKey": "x", "TagValue": "y"}])
+    call("ListResourceTags", kms.list_resource_tags, KeyId=kid)
+    call("UntagResource", kms.untag_resource, KeyId=kid, TagKeys=["x"])
+    call("EnableKeyRotation", kms.enable_key_rotation, KeyId=kid)
+    call("GetKeyRotationStatus", kms.get_key_rotation_status, KeyId=kid)
+    call("DisableKeyRotation", kms.disable_key_rotation, KeyId=kid)
+    call("RotateKeyOnDemand", kms.rotate_key_on_demand, KeyId=kid)
+    call("ListKeyRotations", kms.list_key_rotations, KeyId=kid)
+    call("DisableKey", kms.disable_key, KeyId=kid)
+    call("Encrypt/disabled", kms.encrypt, KeyId=kid, Plaintext=b"p")
+    call("EnableKey", kms.enable_key, KeyId=kid)
+    call("ScheduleKeyDeletion", kms.schedule_key_deletion, KeyId=kid, PendingWindowInDays=7)
+    call("Encrypt/pending-deletion", kms.encrypt, KeyId=kid, Plaintext=b"p")
+    call("CancelKeyDeletion", kms.cancel_key_deletion, KeyId=kid)
+    call("DescribeKey/unknown", kms.describe_key, KeyId="alias/does-not-exist")
+    return out
+
+
+def run_moto(endpoint):
+    """The same sequence against moto (in-process, another loopback port)
+    and against kms; both lists of (call, shape or error code) printed."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        moto_kms = client(f"http://127.0.0.1:{port}", "AKIAMOTOMOTOMOTO0000", "moto-secret-moto-secret")
+        reference = sequence(moto_kms)
+    finally:
+        server.stop()
+    ours = sequence(client(endpoint))
+    print(json.dumps({"moto": reference, "kms": ours}))
+
+
+if __name__ == "__main__":
+    mode, endpoint = sys.argv[1], sys.argv[2]
+    {"boto3": run_boto3, "esdk": run_esdk, "signatures": run_signatures, "moto": run_moto}[mode](endpoint)
