@@ -10,6 +10,7 @@ mod crash_wrapped;
 mod crypto;
 mod drain;
 mod envelope;
+mod etcd_harness;
 mod faults;
 mod gcm_limit;
 mod health;
