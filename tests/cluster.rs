@@ -265,7 +265,10 @@ impl EtcdCluster {
                         self.log(i)
                     ));
                 }
-                if self.etcdctl(&[self.client_url(i)], &["endpoint", "health"]).0 {
+                if self
+                    .etcdctl(&[self.client_url(i)], &["endpoint", "health"])
+                    .0
+                {
                     break;
                 }
                 if started.elapsed() > limit {
@@ -300,7 +303,9 @@ impl EtcdCluster {
 
     /// Every member's client URL, in member order.
     pub fn endpoints(&self) -> Vec<String> {
-        (0..self.members.len()).map(|i| self.client_url(i)).collect()
+        (0..self.members.len())
+            .map(|i| self.client_url(i))
+            .collect()
     }
 
     /// Member `i`'s client URL.
@@ -340,7 +345,10 @@ impl EtcdCluster {
     /// Runs etcdctl against `endpoints` as the harness (user `root` in the
     /// TLS variant). Returns (success, stdout, stderr).
     pub fn etcdctl(&self, endpoints: &[String], args: &[&str]) -> (bool, String, String) {
-        let user = self.tls.as_ref().map(|t| format!("root:{}", t.root_password));
+        let user = self
+            .tls
+            .as_ref()
+            .map(|t| format!("root:{}", t.root_password));
         let output = self.run_etcdctl(endpoints, user.as_deref(), args);
         (
             output.status.success(),
@@ -424,20 +432,15 @@ impl EtcdCluster {
             if let Some(leader) = self.leader() {
                 return leader;
             }
-            assert!(
-                started.elapsed() < limit,
-                "no etcd leader after {limit:?}"
-            );
+            assert!(started.elapsed() < limit, "no etcd leader after {limit:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Member `i`'s `endpoint status`, or `None` if it does not answer.
     pub fn status(&self, i: usize) -> Option<MemberStatus> {
-        let (ok, stdout, _) = self.etcdctl(
-            &[self.client_url(i)],
-            &["endpoint", "status", "-w", "json"],
-        );
+        let (ok, stdout, _) =
+            self.etcdctl(&[self.client_url(i)], &["endpoint", "status", "-w", "json"]);
         if !ok {
             return None;
         }
@@ -499,7 +502,10 @@ impl EtcdCluster {
     fn wait_one_healthy(&mut self, i: usize, limit: Duration) -> Result<(), String> {
         let started = Instant::now();
         loop {
-            if self.etcdctl(&[self.client_url(i)], &["endpoint", "health"]).0 {
+            if self
+                .etcdctl(&[self.client_url(i)], &["endpoint", "health"])
+                .0
+            {
                 return Ok(());
             }
             if started.elapsed() > limit {
@@ -642,7 +648,8 @@ pub fn write_private(path: &Path, contents: &str) {
         .mode(0o600)
         .open(path)
         .expect("create private file");
-    file.write_all(contents.as_bytes()).expect("write private file");
+    file.write_all(contents.as_bytes())
+        .expect("write private file");
 }
 
 /// Removes the etcd directories of earlier test processes that are gone,
@@ -769,8 +776,7 @@ impl TcpProxy {
     pub fn cut(&self) {
         self.cut.send_replace(true);
         let started = Instant::now();
-        while self.active.load(Ordering::SeqCst) > 0 && started.elapsed() < Duration::from_secs(5)
-        {
+        while self.active.load(Ordering::SeqCst) > 0 && started.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(

@@ -35,8 +35,16 @@ fn etcd_leader_kill_elects_a_new_leader_and_the_member_rejoins() {
     let next = cluster.wait_leader(Duration::from_secs(15));
     assert_ne!(next, leader, "a killed member cannot lead");
     let next_term = cluster.status(next).expect("new leader status").raft_term;
-    assert!(next_term > term, "an election raises the term: {term} -> {next_term}");
-    assert!(put(&cluster, &cluster.running_endpoints(), "/kms/v1/a", "2"));
+    assert!(
+        next_term > term,
+        "an election raises the term: {term} -> {next_term}"
+    );
+    assert!(put(
+        &cluster,
+        &cluster.running_endpoints(),
+        "/kms/v1/a",
+        "2"
+    ));
 
     cluster.restart(leader);
     // The restarted member catches up with what was written without it.
@@ -147,8 +155,7 @@ fn etcd_tls_role_confines_user_kms_to_its_prefix() {
 
     let (ok, _, stderr) = cluster.etcdctl_as_kms(&["put", "/kms/v1/keys/k", "v"]);
     assert!(ok, "kms may write under its prefix: {stderr}");
-    let (ok, stdout, _) =
-        cluster.etcdctl_as_kms(&["get", "/kms/v1/keys/k", "--print-value-only"]);
+    let (ok, stdout, _) = cluster.etcdctl_as_kms(&["get", "/kms/v1/keys/k", "--print-value-only"]);
     assert!(ok);
     assert_eq!(stdout.trim(), "v");
     for denied in [
@@ -166,10 +173,18 @@ fn etcd_tls_role_confines_user_kms_to_its_prefix() {
         .arg(format!("--endpoints={}", settings.endpoints[0]))
         .arg("--cacert")
         .arg(cluster.ca_file().expect("ca"))
-        .args(["--command-timeout=3s", "--dial-timeout=2s", "get", "/kms/v1/keys/k"])
+        .args([
+            "--command-timeout=3s",
+            "--dial-timeout=2s",
+            "get",
+            "/kms/v1/keys/k",
+        ])
         .output()
         .expect("etcdctl");
-    assert!(!output.status.success(), "a client without a certificate got in");
+    assert!(
+        !output.status.success(),
+        "a client without a certificate got in"
+    );
 }
 
 #[test]

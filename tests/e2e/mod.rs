@@ -3,6 +3,7 @@ mod audit_stream;
 mod authz;
 mod bad_input;
 mod cli;
+mod cluster;
 mod configured;
 mod contracts;
 mod crash;
