@@ -3,7 +3,9 @@
 # SoftHSM2 (the HSM in every test and in dev mode), openCryptoki (a second
 # PKCS#11 implementation for kms-hsm's tests), clang/libclang (RocksDB's
 # bindings), OpenSC's pkcs11-tool (operator convenience), openssl (the TLS
-# walkthrough's demo certificates), and the Python gRPC
+# walkthrough's demo certificates), etcd and etcdctl (the cluster tests start
+# their own etcd members on random loopback ports), protoc (the etcd client's
+# build), and the Python gRPC
 # packages one test uses as an independent gRPC client, and Python cryptography
 # for the envelope format's independent check. Idempotent and quiet
 # when everything is present.
@@ -23,6 +25,12 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # h2load: kms-bench's C load generator (server CPU per call without our client).
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+# etcd 3.4 for the cluster tests and scripts/cluster-demo.sh. The Debian package
+# may start an etcd service on 2379/2380: nothing here uses or depends on it.
+command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+# protoc: etcd-client (the Rust crate of the etcd catalogue backend) needs it at build time.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -1,7 +1,11 @@
 //! Shared helpers for the end-to-end tests: a real kms server on
 //! 127.0.0.1:<random port>, backed by a fresh SoftHSM2 token and a fresh
-//! RocksDB directory, with typed clients.
+//! RocksDB directory, with typed clients; and (`cluster`, `cluster_nodes`)
+//! a real etcd cluster, a partitioning TCP proxy and N `kms` node processes
+//! sharing one test root.
 
+pub mod cluster;
+pub mod cluster_nodes;
 pub mod pki;
 
 use std::path::{Path, PathBuf};

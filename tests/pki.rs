@@ -82,6 +82,36 @@ impl TestCa {
         self.issue(file_name, params)
     }
 
+    /// A certificate for 127.0.0.1/localhost usable both as a server and as
+    /// a client certificate (etcd's gRPC gateway dials its own listener with
+    /// its server certificate, so etcd needs both usages), written as
+    /// `<name>-<file_name>.pem`/`.key`.
+    pub fn server_and_client(&self, file_name: &str) -> CertFiles {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, file_name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(file_name, params)
+    }
+
+    /// A client certificate whose subject CN is `common_name` (what etcd
+    /// takes as the user name of a client without a password).
+    pub fn client_named(&self, file_name: &str, common_name: &str) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(file_name, params)
+    }
+
     /// A PEM certificate revocation list of this CA revoking `serials`,
     /// valid from 2020 to 2100, written to `<name>-<file_name>.crl.pem`.
     pub fn crl(&self, file_name: &str, serials: &[u64]) -> PathBuf {

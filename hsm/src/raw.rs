@@ -2,7 +2,9 @@
 //! array-valued attributes (`CKA_WRAP_TEMPLATE`, `CKA_UNWRAP_TEMPLATE`) in its
 //! template, reading such an attribute back (the three-call
 //! `C_GetAttributeValue` dance; design note `hierarchy-and-cluster.md` §1.4
-//! option a, §1.7 item 8), and `C_GetTokenInfo` for a token whose
+//! option a, §1.7 item 8), `C_CreateObject` with such attributes (feature
+//! `testing` only: the same known root value on several SoftHSM2 tokens,
+//! §1.5.1 note *2), and `C_GetTokenInfo` for a token whose
 //! `CK_TOKEN_INFO` cryptoki cannot parse (openCryptoki 3.8 puts "hh:mm:ss"
 //! in `utcTime`; `crate::token_info`).
 //!
@@ -139,6 +141,42 @@ impl RawModule {
             )
         };
         check(rv, Operation::GenerateKey, Function::GenerateKey)?;
+        Ok(handle)
+    }
+
+    /// `C_CreateObject(template)` on `session`, where the template may hold
+    /// array-valued attributes: the test-only import of a known root value
+    /// (`crate::testing::import_test_root`). Returns the raw handle of the
+    /// new object.
+    ///
+    /// # Errors
+    /// The PKCS#11 error of `C_CreateObject`, classified as usual (reported
+    /// as `Operation::GenerateKey`, like the other key creations).
+    #[cfg(feature = "testing")]
+    pub(crate) fn create_object(
+        &self,
+        session: &Session,
+        template: &[RawAttribute],
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let create = self.functions.C_CreateObject.ok_or(HsmError::Wrapper {
+            operation: Operation::GenerateKey,
+            reason: "the module has no C_CreateObject".into(),
+        })?;
+        let built = BuiltTemplate::new(template)?;
+        let mut handle: CK_OBJECT_HANDLE = 0;
+        // SAFETY: as in `generate_key`: `built` owns the outer CK_ATTRIBUTE
+        // array and every inner array it points to, every scalar value is
+        // owned by `template`, borrowed for the whole call, and `handle` is a
+        // live local. The module only reads the template and writes `handle`.
+        let rv = unsafe {
+            create(
+                session.handle(),
+                built.outer.as_ptr().cast_mut(),
+                built.count()?,
+                &mut handle,
+            )
+        };
+        check(rv, Operation::GenerateKey, Function::CreateObject)?;
         Ok(handle)
     }
 

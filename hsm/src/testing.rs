@@ -21,6 +21,7 @@ use crate::softhsm::SoftHsmHome;
 
 struct Harness {
     root: PathBuf,
+    conf: PathBuf,
     tokens_dir: PathBuf,
     module_path: PathBuf,
     create_lock: Mutex<()>,
@@ -44,6 +45,7 @@ fn harness() -> &'static Harness {
         home.use_config().expect("point SoftHSM2 at the harness configuration");
         Harness {
             tokens_dir: home.tokens_dir(),
+            conf: home.conf_path(),
             root,
             module_path,
             create_lock: Mutex::new(()),
@@ -81,6 +83,7 @@ pub struct TestToken {
     token_dir: PathBuf,
     module_path: PathBuf,
     tokens_root: PathBuf,
+    softhsm_conf: PathBuf,
 }
 
 impl TestToken {
@@ -119,6 +122,7 @@ impl TestToken {
             token_dir,
             module_path: harness.module_path.clone(),
             tokens_root: harness.tokens_dir.clone(),
+            softhsm_conf: harness.conf.clone(),
         }
     }
 
@@ -135,6 +139,12 @@ impl TestToken {
     /// The SoftHSM2 token root directory of this process.
     pub fn tokens_root(&self) -> &Path {
         &self.tokens_root
+    }
+
+    /// The SoftHSM2 configuration file naming this token's directory (the
+    /// `SOFTHSM2_CONF` a child process, e.g. a `kms` node, needs to see it).
+    pub fn softhsm_conf(&self) -> &Path {
+        &self.softhsm_conf
     }
 
     /// The SoftHSM2 module the token lives in.
@@ -207,4 +217,39 @@ fn write_private(path: &Path, contents: &str) {
         .open(path)
         .expect("create PIN file");
     file.write_all(contents.as_bytes()).expect("write PIN file");
+}
+
+/// Creates, on the token labelled `token_label`, the variant-T root
+/// `kms-root/<epoch>` holding the known 32-byte `value` (an SO import with
+/// `C_CreateObject`), so that several SoftHSM2 tokens, one per kms node of a
+/// test cluster, hold the SAME root: a version wrapped on one node unwraps
+/// on every other. SoftHSM2 cannot clone a trusted root from token to token
+/// (design note `hierarchy-and-cluster.md` §1.5.1 note *2), so tests import
+/// the same test value on each instead.
+///
+/// The root is built from the same attribute table as [`crate::create_root`]
+/// (`CKA_VALUE` in place of `CKA_VALUE_LEN`), read back row by row, and then
+/// put through the server's start-up probe as the user, so a kms server
+/// accepts it exactly as a generated root. Test and development use only:
+/// a root whose value is known outside the HSM protects nothing. It is not
+/// reachable from the `kms` binary or from any configuration.
+///
+/// Logs in as the security officer (`so_pin`), then as the user
+/// (`user_pin`), and logs out after each: run it before this process opens
+/// an `Hsm` on the token, or from another process.
+///
+/// # Errors
+/// `ObjectExists` if the epoch is taken; `TokenNotFound`; `PinRejected`;
+/// `TemplateViolation` naming the row that did not read back, or
+/// `RootCheckFailed` from the probe (the object is destroyed again in both
+/// cases); `ModuleLoad`; or the PKCS#11 error of the call that failed.
+pub fn import_test_root(
+    module_path: &Path,
+    token_label: &str,
+    so_pin: &Pin,
+    user_pin: &Pin,
+    epoch: u32,
+    value: &[u8; 32],
+) -> crate::Result<()> {
+    crate::root::import_root_for_tests(module_path, token_label, so_pin, user_pin, epoch, value)
 }

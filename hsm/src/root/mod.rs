@@ -364,6 +364,91 @@ pub fn create_defective_root_for_tests(
     create(module_path, token_label, pin, spec, defect, false)
 }
 
+/// The test-only import behind `crate::testing::import_test_root`: as the
+/// security officer (`so_pin`), creates the variant-T root of `epoch` with
+/// `C_CreateObject` from the root table (the same rows, in the same order,
+/// as a generated root, with `CKA_VALUE = value` in place of
+/// `CKA_VALUE_LEN`, which PKCS#11 forbids in `C_CreateObject` for AES) and
+/// reads every row back; then, as the user (`user_pin`), runs the start-up
+/// probe on it expecting variant T. A root that fails either is destroyed
+/// again. Public (`CKA_PRIVATE=false`): SoftHSM2's SO cannot create private
+/// objects (design note §1.5.1 note *1).
+#[cfg(feature = "testing")]
+pub(crate) fn import_root_for_tests(
+    module_path: &Path,
+    token_label: &str,
+    so_pin: &Pin,
+    user_pin: &Pin,
+    epoch: u32,
+    value: &[u8; 32],
+) -> Result<()> {
+    let spec = RootSpec::for_softhsm(epoch, RootVariant::Trusted);
+    let id = root_id(epoch);
+    let module = crate::module::module(module_path)?;
+    let state = module.read();
+    let context = state.context()?;
+    let slot = crate::token::find_token(context, token_label, module_path)?;
+    let session = context
+        .open_rw_session(slot)
+        .map_err(|e| from_cryptoki(Operation::OpenSession, e))?;
+    session
+        .login(UserType::So, Some(&so_pin.to_auth_pin()))
+        .map_err(|e| from_cryptoki(Operation::Login, e))?;
+    let imported = (|| {
+        if !find_by_id(&session, &id)?.is_empty() {
+            return Err(HsmError::ObjectExists { id: id.to_string() });
+        }
+        let rows = root_rows(&spec, Defect::None);
+        let mut template: Vec<RawAttribute> = rows
+            .iter()
+            .map(|r| match &r.value {
+                RawAttribute::Plain(Attribute::ValueLen(_)) => {
+                    RawAttribute::Plain(Attribute::Value(value.to_vec()))
+                }
+                other => other.clone(),
+            })
+            .collect();
+        let raw = RawModule::load(module.path())?;
+        let created = raw.create_object(&session, &template);
+        // The template's copy of the value is the only one this crate made.
+        for attribute in &mut template {
+            if let RawAttribute::Plain(Attribute::Value(bytes)) = attribute {
+                zeroize::Zeroize::zeroize(bytes);
+            }
+        }
+        created?;
+        let handle = match find_by_id(&session, &id)?.as_slice() {
+            [handle] => *handle,
+            [] => return Err(HsmError::ObjectNotFound { id: id.to_string() }),
+            many => {
+                return Err(HsmError::ObjectAmbiguous {
+                    id: id.to_string(),
+                    count: many.len(),
+                });
+            }
+        };
+        if let Err(violation) = check_root_attributes(&raw, &session, handle, &rows, &id) {
+            let _ = session.destroy_object(handle);
+            return Err(violation);
+        }
+        Ok(())
+    })();
+    let _ = session.logout();
+    imported?;
+    session
+        .login(UserType::User, Some(&user_pin.to_auth_pin()))
+        .map_err(|e| from_cryptoki(Operation::Login, e))?;
+    let verified = probe_root(&session, context, slot, epoch, Some(RootVariant::Trusted));
+    if verified.is_err() {
+        // Never leave a root that the server would refuse at start-up.
+        if let Ok(handle) = find_root(&session, epoch) {
+            let _ = session.destroy_object(handle);
+        }
+    }
+    let _ = session.logout();
+    verified.map(drop)
+}
+
 fn create(
     module_path: &Path,
     token_label: &str,

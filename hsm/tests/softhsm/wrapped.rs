@@ -1206,3 +1206,73 @@ fn init_root_refuses_a_token_that_already_holds_a_root() {
     .expect("first root");
     assert_eq!(epochs_of(&token), vec![1]);
 }
+
+/// The cluster tests' root (design note §1.5.1 note *2): the same known
+/// value SO-imported on several tokens is one root. A version generated and
+/// wrapped on token A unwraps on token B and decrypts what A encrypted, in
+/// both directions; a token whose root holds another value refuses the blob.
+/// The imported root has the generated root's attributes and passes the
+/// server's start-up probe as variant T.
+#[test]
+fn the_same_test_root_imported_on_two_tokens_unwraps_the_same_blobs() {
+    use kms_hsm::testing::import_test_root;
+    let value = [0x5au8; 32];
+    let other_value = [0xa5u8; 32];
+    let tokens: Vec<TestToken> = (0..3).map(|_| TestToken::new()).collect();
+    for (token, value) in tokens.iter().zip([&value, &value, &other_value]) {
+        import_test_root(
+            token.module_path(),
+            token.label(),
+            &so_pin(token),
+            &user_pin(token),
+            1,
+            value,
+        )
+        .expect("import test root");
+    }
+    let again = import_test_root(
+        tokens[0].module_path(),
+        tokens[0].label(),
+        &so_pin(&tokens[0]),
+        &user_pin(&tokens[0]),
+        1,
+        &value,
+    );
+    assert!(
+        matches!(again, Err(HsmError::ObjectExists { ref id }) if id == "kms-root/1"),
+        "{again:?}"
+    );
+    let hsms: Vec<Hsm> = tokens.iter().map(TestToken::open).collect();
+    let holders: Vec<KeyHolder> = hsms
+        .iter()
+        .map(|h| h.key_holder().expect("holder"))
+        .collect();
+    for holder in &holders {
+        assert_eq!(holder.verify_root(1, None).expect("probe"), T);
+        let info = holder.root_info(1).expect("root info");
+        assert!(flag(&info.flags, "CKA_TRUSTED"));
+        assert!(!flag(&info.flags, "CKA_EXTRACTABLE"));
+        assert!(!flag(&info.flags, "CKA_MODIFIABLE"));
+        assert!(!info.value_readable);
+    }
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (wrapped, key) = holders[from]
+            .generate_version(1, KeyPurpose::Kek, T)
+            .expect("generate version");
+        let sealed = holders[from]
+            .encrypt(&key, b"aad", b"one root, two tokens")
+            .expect("encrypt");
+        let copy = holders[to]
+            .unwrap(&wrapped, KeyPurpose::Kek, T)
+            .expect("unwrap on the other token");
+        let opened = holders[to]
+            .decrypt(&copy, &sealed.iv, b"aad", &sealed.ciphertext_and_tag)
+            .expect("decrypt on the other token");
+        assert_eq!(&opened[..], b"one root, two tokens");
+        let foreign = holders[2].unwrap(&wrapped, KeyPurpose::Kek, T);
+        assert!(
+            matches!(foreign, Err(HsmError::CorruptWrappedKey { .. })),
+            "a root with another value must refuse the blob: {foreign:?}"
+        );
+    }
+}
