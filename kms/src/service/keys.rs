@@ -376,7 +376,7 @@ impl KmsService {
         meta: &RequestMeta,
         operation: Operation,
         key: &str,
-        change: impl FnOnce(&mut KeyRecord) -> Result<()>,
+        mut change: impl FnMut(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
         self.audited(meta, operation, Some(key), |audit| {
             let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
@@ -386,7 +386,7 @@ impl KmsService {
             let updated =
                 self.storage
                     .catalogue()
-                    .update_key::<KmsError>(&record.id, now_ms(), change)?;
+                    .update_key::<KmsError>(&record.id, now_ms(), &mut change)?;
             if updated.state != KeyState::Enabled {
                 self.evict_working_keys(&record.id, None);
             }
@@ -402,7 +402,7 @@ impl KmsService {
     ) -> Result<KeyView> {
         self.change_key(meta, Operation::UpdateKeyDescription, key, |k| {
             validate_description(&description)?;
-            k.description = description;
+            k.description.clone_from(&description);
             Ok(())
         })
     }
@@ -418,7 +418,7 @@ impl KmsService {
                 return Err(KmsError::invalid("tags", "must not be empty"));
             }
             let mut merged = k.tags.clone();
-            merged.extend(tags);
+            merged.extend(tags.clone());
             validate_tags(&merged)?;
             k.tags = merged;
             Ok(())
@@ -657,8 +657,17 @@ impl KmsService {
         // Refused inside the change, after the key resolved and the caller
         // was authorized, so that the refusal's audit record names the key's
         // id, not only the alias the caller used.
+        // The change may run more than once (a cluster write that lost a
+        // race re-runs on the fresh record); the refusal, if any, is
+        // returned by the first run, which ends the write.
+        let (schedule, mut refusal) = match schedule {
+            Ok(s) => (s, None),
+            Err(e) => (None, Some(e)),
+        };
         self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
-            let schedule = schedule?;
+            if let Some(e) = refusal.take() {
+                return Err(e);
+            }
             if schedule.is_some() && k.origin == KeyOrigin::External {
                 return Err(super::ImportRefusal::RotateExternal {
                     key_id: k.id.clone(),
@@ -704,7 +713,7 @@ impl KmsService {
         operation: Operation,
         key: &str,
         version: u32,
-        change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
+        mut change: impl FnMut(&KeyRecord, &mut VersionRecord) -> Result<()>,
     ) -> Result<VersionRecord> {
         self.audited(meta, operation, Some(key), |audit| {
             let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
