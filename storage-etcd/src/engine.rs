@@ -1,0 +1,1127 @@
+//! [`EtcdEngine`]: the catalogue engine over etcd.
+//!
+//! # Tasks
+//!
+//! The engine owns a small tokio runtime (two worker threads) running:
+//! - the **view** task: loads the whole prefix at a revision R (paged range
+//!   reads pinned at R), then watches from R + 1 and applies each watch
+//!   response under one write lock; a cancelled, compacted or broken watch
+//!   (or a view the freshness task finds stuck) reloads and re-watches;
+//! - the **freshness** task (I3): every Δ/4 a linearizable read of
+//!   `meta/gen`; if the view holds that generation (waiting up to Δ/4 for
+//!   the watch to bring it), the instant the read *started* becomes
+//!   `last_fresh`. [`CatalogueEngine::check_fresh`] is Ok only while
+//!   `now − last_fresh < Δ`, on this process's monotonic clock;
+//! - the **lease** task: keeps this node's lease (TTL ≈ 2Δ) alive, and
+//!   grants a new one (re-registering the node) if it expired;
+//! - the **registry** task: publishes `nodes/<id>` = the generation the view
+//!   applied, whenever it changes.
+//!
+//! The blocking trait methods hand a future to the runtime and wait on a
+//! std channel, so they may be called from any thread (the service calls
+//! them from blocking worker threads); every etcd call has a deadline of Δ.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+};
+use kms_catalogue::{
+    AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, Op, ScanFn, StorageError,
+    Table,
+};
+use parking_lot::{Mutex, RwLock};
+use secrecy::ExposeSecret;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{ConfigError, EtcdConfig};
+use crate::keyspace::{
+    FORMAT_VERSION, Keyspace, MIN_FORMAT_VERSION, NodeRecord, prefix_end,
+};
+use crate::view::{Change, View, decode_gen};
+
+/// Entries copied out of the view per lock hold while scanning, so the
+/// scan callback never runs under the view's lock.
+const SCAN_CHUNK: usize = 256;
+
+/// Keys per page of the reload's range reads (bounded gRPC messages).
+const LOAD_PAGE: i64 = 1000;
+
+/// Margin added to Δ in the revocation wait (I4): covers scheduling jitter
+/// and clock-rate differences between nodes.
+const REVOCATION_MARGIN: Duration = Duration::from_millis(500);
+
+/// The catalogue engine over etcd, for a cluster of kms nodes. See the
+/// module documentation for its tasks and the crate's for the invariants.
+/// Dropping it revokes the node's lease (its registration and any job
+/// leadership end at once) and stops its tasks.
+pub struct EtcdEngine {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for EtcdEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdEngine")
+            .field("node_id", &self.shared.node_id)
+            .field("prefix", &String::from_utf8_lossy(self.shared.ks.prefix()))
+            .field("staleness_bound", &self.shared.delta)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    node_id: String,
+    address: Option<String>,
+    ks: Keyspace,
+    /// Δ: the staleness bound, and every etcd call's deadline.
+    delta: Duration,
+    client: Client,
+    view: RwLock<View>,
+    /// Bumped after every change of the view (watch response or reload).
+    changes: watch::Sender<u64>,
+    /// Start of the last linearizable read that confirmed the view's generation.
+    last_fresh: Mutex<Option<Instant>>,
+    /// This node's lease: id, and until when it is certainly alive.
+    lease: Mutex<LeaseState>,
+    lease_id: AtomicI64,
+    /// Asks the view task to reload (the watch looks stuck).
+    resync: Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseState {
+    valid_until: Instant,
+}
+
+/// An etcd client error: connection and quorum failures are
+/// `Unavailable` (fail closed, retry later); anything else is `Db`.
+fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageError {
+    move |e| {
+        let unavailable = match &e {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            etcd_client::Error::GRpcStatus(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Aborted
+                    | tonic::Code::Unknown
+            ),
+            _ => false,
+        };
+        if unavailable {
+            StorageError::Unavailable {
+                reason: format!("etcd {op} failed: {e}"),
+            }
+        } else {
+            StorageError::Db {
+                op,
+                source: DbError::new(e),
+            }
+        }
+    }
+}
+
+fn config_error(e: ConfigError) -> StorageError {
+    StorageError::Db {
+        op: "check the etcd configuration",
+        source: DbError::new(e),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+impl Shared {
+    /// Runs one etcd call with the deadline Δ.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StorageError> {
+        match tokio::time::timeout(self.delta, fut).await {
+            Ok(r) => r.map_err(etcd_error(op)),
+            Err(_) => Err(StorageError::Unavailable {
+                reason: format!("etcd {op} did not answer within {} ms", ms(self.delta)),
+            }),
+        }
+    }
+
+    async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse, StorageError> {
+        let mut kv = self.client.kv_client();
+        self.call(op, kv.txn(txn)).await
+    }
+
+    /// Linearizable read of one key: (value, create_revision, lease) if present.
+    async fn get(
+        &self,
+        op: &'static str,
+        key: Vec<u8>,
+    ) -> Result<(Option<etcd_client::KeyValue>, i64), StorageError> {
+        let mut kv = self.client.kv_client();
+        let mut resp = self.call(op, kv.get(key, None)).await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.take_kvs().into_iter().next(), rev))
+    }
+
+    /// Linearizable read of `meta/gen`.
+    async fn read_gen(&self) -> Result<u64, StorageError> {
+        let (kv, _) = self.get("read the generation", self.ks.gen_key()).await?;
+        match kv {
+            None => Ok(0),
+            Some(kv) => decode_gen(kv.value()).ok_or_else(|| StorageError::Corrupt {
+                cf: "meta",
+                key_hex: "6d6574612f67656e".to_owned(),
+                reason: "generation is not 8 bytes",
+            }),
+        }
+    }
+
+    /// Waits until `cond` holds on the view, at most until `deadline`.
+    async fn wait_view(&self, deadline: Instant, cond: impl Fn(&View) -> bool) -> bool {
+        let mut rx = self.changes.subscribe();
+        loop {
+            if cond(&self.view.read()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // Sender gone (shutting down) or deadline: one last look.
+                _ => return cond(&self.view.read()),
+            }
+        }
+    }
+
+    /// Loads the whole prefix at one revision into a new view; returns it.
+    async fn load(&self) -> Result<View, StorageError> {
+        let prefix = self.ks.prefix().to_vec();
+        let end = prefix_end(&prefix).unwrap_or_else(|| vec![0]);
+        let mut view = View::default();
+        let mut from = prefix;
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE);
+            if revision != 0 {
+                // Later pages read the same revision as the first.
+                opts = opts.with_revision(revision);
+            }
+            let mut kv = self.client.kv_client();
+            let mut resp = self
+                .call("load the catalogue", kv.get(from.clone(), Some(opts)))
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last().map(|kv| kv.key().to_vec()) else {
+                break;
+            };
+            for kv in kvs {
+                let (k, v) = kv.into_key_value();
+                if !view.apply(&self.ks, Change::Put(k.clone(), v)) {
+                    warn!(key = %String::from_utf8_lossy(&k), "ignoring a malformed catalogue entry in etcd");
+                }
+            }
+            if !more {
+                break;
+            }
+            from = last;
+            from.push(0);
+        }
+        view.revision = revision;
+        Ok(view)
+    }
+
+    /// Replaces the view with a fresh load; returns its revision.
+    async fn reload(&self) -> Result<i64, StorageError> {
+        let view = self.load().await?;
+        let revision = view.revision;
+        {
+            let mut current = self.view.write();
+            if view.generation < current.generation {
+                // etcd went back in time (restored from an older backup?):
+                // keep serving nothing rather than a state older than one
+                // this node already acted on.
+                return Err(StorageError::Unavailable {
+                    reason: format!(
+                        "the catalogue generation in etcd ({}) is older than this node's view ({}); restart the node",
+                        view.generation, current.generation
+                    ),
+                });
+            }
+            *current = view;
+        }
+        self.changes.send_modify(|c| *c += 1);
+        Ok(revision)
+    }
+
+    fn lease_id(&self) -> i64 {
+        self.lease_id.load(Ordering::Acquire)
+    }
+
+    fn lease_alive(&self) -> bool {
+        self.lease.lock().valid_until > Instant::now()
+    }
+
+    /// Writes `nodes/<id>` under this node's lease, refusing (after waiting
+    /// up to one lease TTL for a crashed predecessor's lease to expire) if
+    /// another live process holds the id.
+    async fn register(&self, ttl: Duration) -> Result<(), StorageError> {
+        let key = self.ks.node(&self.node_id);
+        let deadline = Instant::now() + ttl + Duration::from_secs(1);
+        loop {
+            let lease = self.lease_id();
+            let record = self.node_record();
+            let txn = Txn::new()
+                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    record,
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.txn("register the node", txn).await?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+            let holder = first_kv(&resp).map(|kv| kv.lease());
+            if holder == Some(lease) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::Unavailable {
+                    reason: format!(
+                        "cluster node id {:?} is registered by another live process (etcd lease {:x}); node ids must be unique",
+                        self.node_id,
+                        holder.unwrap_or(0)
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn node_record(&self) -> Vec<u8> {
+        let record = NodeRecord {
+            applied_gen: self.view.read().generation,
+            heartbeat_ms: now_ms(),
+            address: self.address.clone(),
+        };
+        // A struct of integers and strings always serializes.
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    fn check_fresh(&self) -> Result<(), StorageError> {
+        let last = *self.last_fresh.lock();
+        let age = last.map(|t| t.elapsed());
+        match age {
+            Some(age) if age < self.delta => Ok(()),
+            _ => Err(StorageError::Unavailable {
+                reason: match age {
+                    Some(age) => format!(
+                        "no linearizable read of the catalogue for {} ms (staleness bound {} ms)",
+                        ms(age),
+                        ms(self.delta)
+                    ),
+                    None => "no linearizable read of the catalogue yet".to_owned(),
+                },
+            }),
+        }
+    }
+
+    /// The view task: load, watch, apply; reload on any break.
+    async fn view_task(self: Arc<Self>, mut revision: Option<i64>) {
+        let pause = (self.delta / 4).min(Duration::from_secs(1));
+        loop {
+            let rev = match revision.take() {
+                Some(r) => r,
+                None => match self.reload().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "reloading the catalogue from etcd failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = self.watch_from(rev + 1).await {
+                warn!(error = %e, "catalogue watch ended; reloading");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Watches the prefix from `start` and applies every response until the
+    /// watch breaks (or a resync is asked for).
+    async fn watch_from(&self, start: i64) -> Result<(), StorageError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start)
+            .with_progress_notify();
+        let mut wc = self.client.watch_client();
+        let mut stream = self
+            .call("watch the catalogue", wc.watch(self.ks.prefix().to_vec(), Some(opts)))
+            .await?;
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                () = self.resync.notified() => {
+                    return Err(StorageError::Unavailable { reason: "the view lags the linearizable reads".to_owned() });
+                }
+            };
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Err(StorageError::Unavailable {
+                        reason: "watch stream closed".to_owned(),
+                    });
+                }
+                Err(e) => return Err(etcd_error("watch the catalogue")(e)),
+            };
+            if resp.canceled() || resp.compact_revision() != 0 {
+                return Err(StorageError::Unavailable {
+                    reason: format!(
+                        "watch cancelled (compacted at revision {}): {}",
+                        resp.compact_revision(),
+                        resp.cancel_reason()
+                    ),
+                });
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            {
+                let mut view = self.view.write();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let change = match ev.event_type() {
+                        EventType::Put => Change::Put(kv.key().to_vec(), kv.value().to_vec()),
+                        EventType::Delete => Change::Delete(kv.key().to_vec()),
+                    };
+                    if !view.apply(&self.ks, change) {
+                        warn!(key = %String::from_utf8_lossy(kv.key()), "ignoring a malformed catalogue entry in etcd");
+                    }
+                    view.revision = view.revision.max(kv.mod_revision());
+                }
+                if let Some(h) = resp.header() {
+                    view.revision = view.revision.max(h.revision());
+                }
+            }
+            self.changes.send_modify(|c| *c += 1);
+        }
+    }
+
+    /// The freshness task (I3).
+    async fn freshness_task(self: Arc<Self>) {
+        let period = self.delta / 4;
+        let mut behind = 0u32;
+        loop {
+            tokio::time::sleep(period).await;
+            let start = Instant::now();
+            let generation = match self.read_gen().await {
+                Ok(g) => g,
+                Err(e) => {
+                    debug!(error = %e, "freshness read of the catalogue generation failed");
+                    continue;
+                }
+            };
+            if self
+                .wait_view(Instant::now() + period, |v| v.generation >= generation)
+                .await
+            {
+                behind = 0;
+                let mut last = self.last_fresh.lock();
+                if last.is_none_or(|t| t < start) {
+                    *last = Some(start);
+                }
+            } else {
+                behind += 1;
+                if behind >= 2 {
+                    warn!(
+                        etcd_gen = generation,
+                        view_gen = self.view.read().generation,
+                        "the catalogue view lags etcd; reloading"
+                    );
+                    behind = 0;
+                    self.resync.notify_one();
+                }
+            }
+        }
+    }
+
+    /// The lease task: keep-alives every TTL/3; a new lease (and
+    /// registration) if the old one is lost.
+    async fn lease_task(self: Arc<Self>, ttl: Duration) {
+        let period = ttl / 3;
+        loop {
+            let id = self.lease_id();
+            let mut lc = self.client.lease_client();
+            match tokio::time::timeout(self.delta, lc.keep_alive(id)).await {
+                Ok(Ok((mut keeper, mut stream))) => loop {
+                    tokio::time::sleep(period).await;
+                    let sent = Instant::now();
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(self.delta, stream.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            let secs = u64::try_from(r.ttl()).unwrap_or(0);
+                            self.lease.lock().valid_until = sent + Duration::from_secs(secs);
+                        }
+                        Ok(Ok(Some(_))) => {
+                            warn!("this node's etcd lease expired");
+                            break;
+                        }
+                        _ => break,
+                    }
+                },
+                Ok(Err(e)) => debug!(error = %e, "lease keep-alive failed"),
+                Err(_) => debug!("lease keep-alive timed out"),
+            }
+            if !self.lease_alive() {
+                if let Err(e) = self.renew_lease(ttl).await {
+                    warn!(error = %e, "could not renew this node's etcd lease");
+                }
+            }
+            tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+        }
+    }
+
+    /// Grants a new lease and registers the node under it.
+    async fn renew_lease(&self, ttl: Duration) -> Result<(), StorageError> {
+        let (id, valid_until) = self.grant(ttl).await?;
+        self.lease_id.store(id, Ordering::Release);
+        *self.lease.lock() = LeaseState { valid_until };
+        info!(lease = format_args!("{id:x}"), "granted a new etcd lease for this node");
+        self.register(ttl).await
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<(i64, Instant), StorageError> {
+        let sent = Instant::now();
+        let mut lc = self.client.lease_client();
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(2);
+        let resp = self.call("grant a lease", lc.grant(secs, None)).await?;
+        let granted = u64::try_from(resp.ttl()).unwrap_or(0);
+        Ok((resp.id(), sent + Duration::from_secs(granted)))
+    }
+
+    /// The registry task: publish `nodes/<id>` whenever the view's
+    /// generation (or the lease) changes.
+    async fn registry_task(self: Arc<Self>) {
+        let mut rx = self.changes.subscribe();
+        let mut published: Option<(u64, i64)> = None;
+        loop {
+            let now = (self.view.read().generation, self.lease_id());
+            if published != Some(now) {
+                let key = self.ks.node(&self.node_id);
+                let record = self.node_record();
+                let mut kv = self.client.kv_client();
+                let put = kv.put(key, record, Some(PutOptions::new().with_lease(now.1)));
+                match self.call("publish the node's generation", put).await {
+                    Ok(_) => published = Some(now),
+                    Err(e) => debug!(error = %e, "publishing nodes/<id> failed; retrying"),
+                }
+            }
+            // Wake on a view change, or retry a failed publication soon.
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        }
+    }
+
+    async fn begin_write(self: Arc<Self>) -> Result<u64, StorageError> {
+        let start = Instant::now();
+        let generation = self.read_gen().await?;
+        if !self
+            .wait_view(Instant::now() + self.delta, |v| v.generation >= generation)
+            .await
+        {
+            return Err(StorageError::Unavailable {
+                reason: format!(
+                    "this node's view did not reach catalogue generation {generation} within {} ms",
+                    ms(self.delta)
+                ),
+            });
+        }
+        let view_gen = self.view.read().generation;
+        if view_gen == generation {
+            let mut last = self.last_fresh.lock();
+            if last.is_none_or(|t| t < start) {
+                *last = Some(start);
+            }
+        }
+        Ok(view_gen)
+    }
+
+    async fn commit(self: Arc<Self>, read_at: u64, batch: Batch) -> Result<(), StorageError> {
+        let new_gen = read_at.checked_add(1).ok_or(StorageError::WriteConflict)?;
+        let gen_key = self.ks.gen_key();
+        let mut compares = vec![Compare::value(
+            gen_key.clone(),
+            CompareOp::Equal,
+            read_at.to_be_bytes().to_vec(),
+        )];
+        let mut or_else = vec![TxnOp::get(gen_key.clone(), None)];
+        if let Some(fence) = &batch.fence {
+            let job = self.ks.job(&fence.job);
+            compares.push(Compare::create_revision(
+                job.clone(),
+                CompareOp::Equal,
+                fence.token,
+            ));
+            or_else.push(TxnOp::get(job, None));
+        }
+        let mut ops: Vec<TxnOp> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { table, key, value } => {
+                    TxnOp::put(self.ks.table(*table, key), value.clone(), None)
+                }
+                Op::Delete { table, key } => TxnOp::delete(self.ks.table(*table, key), None),
+            })
+            .collect();
+        ops.push(TxnOp::put(gen_key, new_gen.to_be_bytes().to_vec(), None));
+        let txn = Txn::new().when(compares).and_then(ops).or_else(or_else);
+        let resp = match self.txn("commit", txn).await {
+            Ok(r) => r,
+            Err(StorageError::Unavailable { reason }) => {
+                return Err(StorageError::Unavailable {
+                    reason: format!("the outcome of a catalogue commit is unknown: {reason}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        // The commit happened at etcd before this instant: the start of
+        // the revocation window (I4).
+        let committed = Instant::now();
+        if !resp.succeeded() {
+            if let Some(fence) = &batch.fence {
+                let kvs = all_kvs(&resp);
+                let job_key = self.ks.job(&fence.job);
+                let current = kvs
+                    .iter()
+                    .find(|kv| kv.key() == job_key.as_slice())
+                    .map(|kv| kv.create_revision());
+                if current != Some(fence.token) {
+                    return Err(StorageError::Fenced {
+                        job: fence.job.clone(),
+                    });
+                }
+            }
+            return Err(StorageError::WriteConflict);
+        }
+        // Read-your-writes: the view must hold the commit before we return.
+        if !self
+            .wait_view(committed + self.delta, |v| v.generation >= new_gen)
+            .await
+        {
+            return Err(StorageError::Unavailable {
+                reason: format!(
+                    "committed catalogue generation {new_gen}, but this node's view did not apply it within {} ms",
+                    ms(self.delta)
+                ),
+            });
+        }
+        if batch.revokes {
+            // I4: every registered node applied the change, or any node
+            // that did not has been unable to prove its view fresh since.
+            let deadline = committed + self.delta + REVOCATION_MARGIN;
+            let all = self
+                .wait_view(deadline, |v| v.nodes.values().all(|g| *g >= new_gen))
+                .await;
+            if !all {
+                let lagging: Vec<String> = self
+                    .view
+                    .read()
+                    .nodes
+                    .iter()
+                    .filter(|(_, g)| **g < new_gen)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                warn!(
+                    generation = new_gen,
+                    ?lagging,
+                    "revocation: nodes did not confirm; waited the staleness bound instead"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn counter_get(self: Arc<Self>, key: Vec<u8>) -> Result<u64, StorageError> {
+        let full = self.ks.table(Table::GcmCounters, &key);
+        match self.get("read a GCM counter", full).await?.0 {
+            None => Ok(0),
+            Some(kv) => decode_counter(&key, kv.value()),
+        }
+    }
+
+    async fn counter_reserve(
+        self: Arc<Self>,
+        key: Vec<u8>,
+        expected: u64,
+        new: u64,
+    ) -> Result<bool, StorageError> {
+        let full = self.ks.table(Table::GcmCounters, &key);
+        let put = TxnOp::put(full.clone(), new.to_be_bytes().to_vec(), None);
+        if expected == 0 {
+            // 0 is also the value of a counter never written.
+            let txn = Txn::new()
+                .when([Compare::version(full.clone(), CompareOp::Equal, 0)])
+                .and_then([put.clone()]);
+            if self.txn("reserve GCM invocations", txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+        let txn = Txn::new()
+            .when([Compare::value(
+                full,
+                CompareOp::Equal,
+                expected.to_be_bytes().to_vec(),
+            )])
+            .and_then([put]);
+        Ok(self.txn("reserve GCM invocations", txn).await?.succeeded())
+    }
+
+    async fn leadership(self: Arc<Self>, job: String) -> Result<Option<Fence>, StorageError> {
+        if !self.lease_alive() {
+            return Ok(None);
+        }
+        let lease = self.lease_id();
+        let key = self.ks.job(&job);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                self.node_id.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.txn("campaign for a job", txn).await?;
+        if resp.succeeded() {
+            // The key was created by this transaction: its create_revision
+            // is the transaction's revision.
+            let token = resp.header().map_or(0, |h| h.revision());
+            return Ok((token > 0).then(|| Fence { job, token }));
+        }
+        let Some(kv) = first_kv(&resp) else {
+            return Ok(None);
+        };
+        let ours = kv.value() == self.node_id.as_bytes() && kv.lease() == lease;
+        Ok((ours && self.lease_alive()).then(|| Fence {
+            job,
+            token: kv.create_revision(),
+        }))
+    }
+
+    async fn publish_audit_head(self: Arc<Self>, head: AuditHead) -> Result<(), StorageError> {
+        let key = self.ks.audit_head(&head.node);
+        let value = serde_json::to_vec(&head).map_err(|source| StorageError::Serialize {
+            what: "audit head",
+            source,
+        })?;
+        for _ in 0..16 {
+            let (kv, _) = self.get("read an audit head", key.clone()).await?;
+            let compare = match &kv {
+                None => Compare::version(key.clone(), CompareOp::Equal, 0),
+                Some(kv) => {
+                    let old = decode_head(&key, kv.value())?;
+                    if old.seq > head.seq {
+                        return Err(StorageError::Corrupt {
+                            cf: "audit/heads",
+                            key_hex: hex_encode(&key),
+                            reason: "a published audit head cannot go back",
+                        });
+                    }
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+            };
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
+            if self.txn("publish an audit head", txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(StorageError::WriteConflict)
+    }
+
+    async fn audit_heads(self: Arc<Self>) -> Result<Vec<AuditHead>, StorageError> {
+        let mut kv = self.client.kv_client();
+        let mut resp = self
+            .call(
+                "read the audit heads",
+                kv.get(self.ks.audit_heads(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        resp.take_kvs()
+            .iter()
+            .map(|kv| decode_head(kv.key(), kv.value()))
+            .collect()
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn decode_counter(key: &[u8], v: &[u8]) -> Result<u64, StorageError> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+        StorageError::Corrupt {
+            cf: Table::GcmCounters.name(),
+            key_hex: hex_encode(key),
+            reason: "counter is not 8 bytes",
+        }
+    })?))
+}
+
+fn decode_head(key: &[u8], v: &[u8]) -> Result<AuditHead, StorageError> {
+    serde_json::from_slice(v).map_err(|source| StorageError::CorruptJson {
+        cf: "audit/heads",
+        key_hex: hex_encode(key),
+        source,
+    })
+}
+
+/// Every key-value the (else-branch) gets of a transaction returned.
+fn all_kvs(resp: &TxnResponse) -> Vec<etcd_client::KeyValue> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn first_kv(resp: &TxnResponse) -> Option<etcd_client::KeyValue> {
+    all_kvs(resp).into_iter().next()
+}
+
+impl EtcdEngine {
+    /// Connects to etcd, checks the keyspace's format version (writing it
+    /// and the generation on a new cluster), loads the catalogue, registers
+    /// this node under a new lease (TTL ≈ 2Δ) and starts the engine's tasks.
+    /// Blocks for at most a few Δ.
+    ///
+    /// # Errors
+    ///
+    /// `Db` (op `"check the etcd configuration"`, source a
+    /// [`ConfigError`]) for a malformed configuration or unreadable TLS
+    /// file; [`StorageError::FormatTooNew`]/[`StorageError::FormatTooOld`]
+    /// for a keyspace of another format; [`StorageError::Unavailable`] if
+    /// etcd cannot be reached within Δ, or if another live process is
+    /// registered with the same node id; `Db` for other etcd errors.
+    pub fn connect(config: EtcdConfig) -> Result<EtcdEngine, StorageError> {
+        config.validate().map_err(config_error)?;
+        let options = connect_options(&config)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kms-etcd")
+            .enable_all()
+            .build()
+            .map_err(|source| StorageError::Db {
+                op: "start the etcd engine's runtime",
+                source: DbError::new(source),
+            })?;
+        let delta = config.staleness_bound;
+        let endpoints = config.endpoints.clone();
+        let client = runtime.block_on(async {
+            match tokio::time::timeout(delta, Client::connect(endpoints, Some(options))).await {
+                Ok(r) => r.map_err(etcd_error("connect")),
+                Err(_) => Err(StorageError::Unavailable {
+                    reason: format!("etcd did not answer within {} ms", ms(delta)),
+                }),
+            }
+        })?;
+        let (changes, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            node_id: config.node_id,
+            address: config.address,
+            ks: Keyspace::new(&config.prefix),
+            delta,
+            client,
+            view: RwLock::new(View::default()),
+            changes,
+            last_fresh: Mutex::new(None),
+            lease: Mutex::new(LeaseState {
+                valid_until: Instant::now(),
+            }),
+            lease_id: AtomicI64::new(0),
+            resync: Notify::new(),
+        });
+        // Lease TTL ≈ 2Δ: a crashed node's registration and leadership end
+        // within 2Δ; whole seconds, at least 2 (etcd's own minimum is
+        // about 1.5 s with default election settings).
+        let ttl = Duration::from_secs((2 * delta).as_secs_f64().ceil().max(2.0) as u64);
+        let engine = EtcdEngine {
+            shared: Arc::clone(&shared),
+            runtime: Some(runtime),
+        };
+        let rt = engine.runtime()?;
+        let s = Arc::clone(&shared);
+        let revision = rt.block_on(async move {
+            s.init_keyspace().await?;
+            let start = Instant::now();
+            let rev = s.reload().await?;
+            *s.last_fresh.lock() = Some(start);
+            let (id, valid_until) = s.grant(ttl).await?;
+            s.lease_id.store(id, Ordering::Release);
+            *s.lease.lock() = LeaseState { valid_until };
+            s.register(ttl).await?;
+            Ok::<i64, StorageError>(rev)
+        })?;
+        rt.spawn(Arc::clone(&shared).view_task(Some(revision)));
+        rt.spawn(Arc::clone(&shared).freshness_task());
+        rt.spawn(Arc::clone(&shared).lease_task(ttl));
+        rt.spawn(Arc::clone(&shared).registry_task());
+        info!(node = %shared.node_id, revision, "connected the catalogue to etcd");
+        Ok(engine)
+    }
+
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
+        self.runtime.as_ref().ok_or_else(|| StorageError::Unavailable {
+            reason: "the etcd engine is shut down".to_owned(),
+        })
+    }
+
+    /// Runs `fut` on the engine's runtime and waits for it from this
+    /// (blocking) thread.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.runtime()?.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(StorageError::Unavailable {
+                reason: "the etcd engine is shut down".to_owned(),
+            })
+        })
+    }
+
+    /// The etcd revision this node's view is complete up to (for tests and
+    /// diagnostics).
+    pub fn view_revision(&self) -> i64 {
+        self.shared.view.read().revision
+    }
+}
+
+impl Shared {
+    /// Writes `meta/format` and `meta/gen` on a new keyspace, and checks
+    /// the format of an existing one (like `storage/src/db.rs`).
+    async fn init_keyspace(&self) -> Result<(), StorageError> {
+        let fk = self.ks.format();
+        let gk = self.ks.gen_key();
+        let txn = Txn::new()
+            .when([Compare::version(fk.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(fk.clone(), FORMAT_VERSION.to_be_bytes().to_vec(), None)])
+            .or_else([TxnOp::get(fk.clone(), None)]);
+        let resp = self.txn("write the format version", txn).await?;
+        if !resp.succeeded() {
+            let kv = first_kv(&resp).ok_or_else(|| StorageError::Unavailable {
+                reason: "meta/format vanished while checking it".to_owned(),
+            })?;
+            let found = u32::from_be_bytes(kv.value().try_into().map_err(|_| {
+                StorageError::Corrupt {
+                    cf: "meta",
+                    key_hex: hex_encode(&fk),
+                    reason: "format version is not 4 bytes",
+                }
+            })?);
+            if found > FORMAT_VERSION {
+                return Err(StorageError::FormatTooNew {
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            if found < MIN_FORMAT_VERSION {
+                return Err(StorageError::FormatTooOld {
+                    found,
+                    supported: MIN_FORMAT_VERSION,
+                });
+            }
+        }
+        // The generation must exist: a compare on the value of a missing
+        // key fails, so commits at generation 0 would never succeed.
+        let txn = Txn::new()
+            .when([Compare::version(gk.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(gk, 0u64.to_be_bytes().to_vec(), None)]);
+        self.txn("write the generation", txn).await?;
+        Ok(())
+    }
+}
+
+fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
+    let delta = config.staleness_bound;
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(delta)
+        // Detects a dead or frozen etcd under an open stream (the watch).
+        .with_keep_alive(delta / 2, delta / 2)
+        .with_keep_alive_while_idle(true)
+        // Fail fast on a member without a leader rather than wait on it.
+        .with_require_leader(true);
+    if let Some(auth) = &config.auth {
+        options = options
+            .with_user(auth.user.clone(), auth.password.expose_secret().to_owned())
+            .with_auto_token_refresh(true);
+    }
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| {
+            config_error(ConfigError::ReadFile {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        })
+    };
+    if config.ca_file.is_some() || config.cert_file.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &config.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read("CA", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+            let cert = read("client certificate", cert)?;
+            let key = zeroize::Zeroizing::new(read("client key", key)?);
+            tls = tls.identity(Identity::from_pem(cert, key.as_slice()));
+        }
+        options = options.with_tls(tls);
+    }
+    Ok(options)
+}
+
+impl Drop for EtcdEngine {
+    fn drop(&mut self) {
+        let Some(rt) = self.runtime.take() else {
+            return;
+        };
+        // Revoke the lease: the registration and any leadership end now,
+        // not a TTL later. Bounded: a dead etcd must not hang the drop.
+        let s = Arc::clone(&self.shared);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let mut lc = s.client.lease_client();
+            let r = tokio::time::timeout(Duration::from_secs(1), lc.revoke(s.lease_id())).await;
+            let _ = tx.send(r.is_ok_and(|r| r.is_ok()));
+        });
+        if !rx.recv_timeout(Duration::from_secs(2)).unwrap_or(false) {
+            warn!("could not revoke this node's etcd lease; it expires on its own");
+        }
+        // Never blocks, so dropping the engine is safe in any context.
+        rt.shutdown_background();
+    }
+}
+
+impl CatalogueEngine for EtcdEngine {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.shared.view.read().table(table).get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        f: &mut ScanFn<'_>,
+    ) -> Result<(), StorageError> {
+        // In chunks, so that `f` (which may read the engine) never runs
+        // under the view's lock. A scan may therefore span a watch update;
+        // writes built on it are still checked by the commit's
+        // compare-and-set of the generation.
+        let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+        loop {
+            let chunk = self
+                .shared
+                .view
+                .read()
+                .chunk(table, prefix, cursor.as_deref(), SCAN_CHUNK);
+            let full = chunk.len() == SCAN_CHUNK;
+            for (k, v) in &chunk {
+                if !f(k, v)? {
+                    return Ok(());
+                }
+            }
+            match chunk.into_iter().next_back() {
+                Some((k, _)) if full => cursor = Some(k),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn last_key(&self, table: Table, prefix: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.shared.view.read().last_key(table, prefix))
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.view.read().generation
+    }
+
+    fn check_fresh(&self) -> Result<(), StorageError> {
+        self.shared.check_fresh()
+    }
+
+    fn begin_write(&self) -> Result<u64, StorageError> {
+        self.run(Arc::clone(&self.shared).begin_write())
+    }
+
+    fn commit(&self, read_at: u64, batch: Batch) -> Result<(), StorageError> {
+        self.run(Arc::clone(&self.shared).commit(read_at, batch))
+    }
+
+    fn counter_get(&self, key: &[u8]) -> Result<u64, StorageError> {
+        self.run(Arc::clone(&self.shared).counter_get(key.to_vec()))
+    }
+
+    fn counter_reserve(&self, key: &[u8], expected: u64, new: u64) -> Result<bool, StorageError> {
+        self.run(Arc::clone(&self.shared).counter_reserve(key.to_vec(), expected, new))
+    }
+
+    fn leadership(&self, job: &str) -> Result<Option<Fence>, StorageError> {
+        self.run(Arc::clone(&self.shared).leadership(job.to_owned()))
+    }
+
+    fn publish_audit_head(&self, head: &AuditHead) -> Result<(), StorageError> {
+        self.run(Arc::clone(&self.shared).publish_audit_head(head.clone()))
+    }
+
+    fn audit_heads(&self) -> Result<Vec<AuditHead>, StorageError> {
+        self.run(Arc::clone(&self.shared).audit_heads())
+    }
+
+    fn cluster_view(&self) -> Option<ClusterView> {
+        let view = self.shared.view.read();
+        Some(ClusterView {
+            node: self.shared.node_id.clone(),
+            generation: view.generation,
+            fresh: self.shared.check_fresh().is_ok(),
+            peers: view
+                .nodes
+                .iter()
+                .filter(|(n, _)| **n != self.shared.node_id)
+                .map(|(n, g)| (n.clone(), *g))
+                .collect(),
+        })
+    }
+}
