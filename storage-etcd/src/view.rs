@@ -142,7 +142,10 @@ mod tests {
         assert!(!v.apply(&ks, Change::Put(ks.gen_key(), vec![1])));
         assert_eq!(v.generation, 7);
         let keys = |c: Vec<(Vec<u8>, Vec<u8>)>| c.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-        assert_eq!(keys(v.chunk(Table::Keys, b"a", None, 10)), [b"a1", b"a2", b"a3"]);
+        assert_eq!(
+            keys(v.chunk(Table::Keys, b"a", None, 10)),
+            [b"a1", b"a2", b"a3"]
+        );
         assert_eq!(keys(v.chunk(Table::Keys, b"a", Some(b"a1"), 1)), [b"a2"]);
         assert_eq!(keys(v.chunk(Table::Keys, b"", Some(b"a3"), 10)), [b"b1"]);
         assert!(v.chunk(Table::Keys, b"a", Some(b"z"), 10).is_empty());

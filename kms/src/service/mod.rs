@@ -567,7 +567,8 @@ fn open_wrapped(
 fn open_catalogue(storage: &Storage, config: &Config) -> Result<Catalogue, OpenError> {
     match &config.cluster {
         None => Ok(storage.catalogue().clone()),
-        Some(cluster) => crate::cluster::open_catalogue(cluster).map_err(OpenError::Storage),
+        Some(cluster) => crate::cluster::open_catalogue(cluster, &config.server.listen.to_string())
+            .map_err(OpenError::Storage),
     }
 }
 
