@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -92,6 +92,16 @@ struct Shared {
     lease_id: AtomicI64,
     /// Asks the view task to reload (the watch looks stuck).
     resync: Notify,
+    /// Full reloads of the view since connect.
+    reloads: AtomicU64,
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// The stream broke: re-watch from the last applied revision.
+    Broken(StorageError),
+    /// The watch lost history (compaction) or the view is stuck: reload.
+    Reload(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,14 +359,21 @@ impl Shared {
         }
     }
 
-    /// The view task: load, watch, apply; reload on any break.
-    async fn view_task(self: Arc<Self>, mut revision: Option<i64>) {
+    /// The view task: load, watch, apply. A broken watch is re-created
+    /// from the revision after the last one applied; a compacted or
+    /// cancelled one (or a view the freshness task finds stuck) reloads
+    /// the whole catalogue at a new revision first.
+    async fn view_task(self: Arc<Self>, revision: i64) {
         let pause = (self.delta / 4).min(Duration::from_secs(1));
+        let mut next = Some(revision + 1);
         loop {
-            let rev = match revision.take() {
+            let start = match next {
                 Some(r) => r,
                 None => match self.reload().await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        self.reloads.fetch_add(1, Ordering::Relaxed);
+                        r + 1
+                    }
                     Err(e) => {
                         warn!(error = %e, "reloading the catalogue from etcd failed; retrying");
                         tokio::time::sleep(pause).await;
@@ -364,48 +381,58 @@ impl Shared {
                     }
                 },
             };
-            if let Err(e) = self.watch_from(rev + 1).await {
-                warn!(error = %e, "catalogue watch ended; reloading");
+            match self.watch_from(start).await {
+                WatchEnd::Broken(e) => {
+                    debug!(error = %e, "catalogue watch broke; re-watching");
+                    // Complete up to `revision`: resume right after it.
+                    next = Some(self.view.read().revision + 1);
+                    tokio::time::sleep(pause).await;
+                }
+                WatchEnd::Reload(reason) => {
+                    warn!(%reason, "catalogue watch lost its history; reloading");
+                    next = None;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Watches the prefix from `start` and applies every response until the
-    /// watch breaks (or a resync is asked for).
-    async fn watch_from(&self, start: i64) -> Result<(), StorageError> {
+    /// watch ends.
+    async fn watch_from(&self, start: i64) -> WatchEnd {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start)
             .with_progress_notify();
         let mut wc = self.client.watch_client();
-        let mut stream = self
+        let mut stream = match self
             .call("watch the catalogue", wc.watch(self.ks.prefix().to_vec(), Some(opts)))
-            .await?;
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Broken(e),
+        };
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
                 () = self.resync.notified() => {
-                    return Err(StorageError::Unavailable { reason: "the view lags the linearizable reads".to_owned() });
+                    return WatchEnd::Reload("the view lags the linearizable reads".to_owned());
                 }
             };
             let resp = match msg {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
-                    return Err(StorageError::Unavailable {
+                    return WatchEnd::Broken(StorageError::Unavailable {
                         reason: "watch stream closed".to_owned(),
                     });
                 }
-                Err(e) => return Err(etcd_error("watch the catalogue")(e)),
+                Err(e) => return WatchEnd::Broken(etcd_error("watch the catalogue")(e)),
             };
             if resp.canceled() || resp.compact_revision() != 0 {
-                return Err(StorageError::Unavailable {
-                    reason: format!(
-                        "watch cancelled (compacted at revision {}): {}",
-                        resp.compact_revision(),
-                        resp.cancel_reason()
-                    ),
-                });
+                return WatchEnd::Reload(format!(
+                    "watch cancelled (compacted at revision {}): {}",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                ));
             }
             if resp.events().is_empty() {
                 continue;
@@ -421,10 +448,13 @@ impl Shared {
                     if !view.apply(&self.ks, change) {
                         warn!(key = %String::from_utf8_lossy(kv.key()), "ignoring a malformed catalogue entry in etcd");
                     }
+                    // etcd never splits one revision's events across
+                    // responses (no fragmenting requested), so after this
+                    // response the view is complete up to its last event.
+                    // (The header's revision is not: a catching-up watcher
+                    // gets the store's current revision there while later
+                    // batches are still to come.)
                     view.revision = view.revision.max(kv.mod_revision());
-                }
-                if let Some(h) = resp.header() {
-                    view.revision = view.revision.max(h.revision());
                 }
             }
             self.changes.send_modify(|c| *c += 1);
@@ -869,6 +899,7 @@ impl EtcdEngine {
             }),
             lease_id: AtomicI64::new(0),
             resync: Notify::new(),
+            reloads: AtomicU64::new(0),
         });
         // Lease TTL ≈ 2Δ: a crashed node's registration and leadership end
         // within 2Δ; whole seconds, at least 2 (etcd's own minimum is
@@ -891,7 +922,7 @@ impl EtcdEngine {
             s.register(ttl).await?;
             Ok::<i64, StorageError>(rev)
         })?;
-        rt.spawn(Arc::clone(&shared).view_task(Some(revision)));
+        rt.spawn(Arc::clone(&shared).view_task(revision));
         rt.spawn(Arc::clone(&shared).freshness_task());
         rt.spawn(Arc::clone(&shared).lease_task(ttl));
         rt.spawn(Arc::clone(&shared).registry_task());
@@ -922,10 +953,16 @@ impl EtcdEngine {
         })
     }
 
-    /// The etcd revision this node's view is complete up to (for tests and
-    /// diagnostics).
+    /// The etcd revision this node's view is complete up to (diagnostics).
     pub fn view_revision(&self) -> i64 {
         self.shared.view.read().revision
+    }
+
+    /// How many times the view was reloaded whole since connect: after a
+    /// compaction removed history its watch needed, or when it lagged the
+    /// linearizable reads (diagnostics; a growing count means trouble).
+    pub fn view_reloads(&self) -> u64 {
+        self.shared.reloads.load(Ordering::Relaxed)
     }
 }
 
