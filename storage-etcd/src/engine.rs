@@ -342,6 +342,14 @@ impl Shared {
     }
 
     fn check_fresh(&self) -> Result<(), StorageError> {
+        // A node whose lease may have expired may have lost its
+        // registration, and with it its place in the revocation wait (I4):
+        // it must not serve, however recent its last read.
+        if !self.lease_alive() {
+            return Err(StorageError::Unavailable {
+                reason: "this node's etcd lease is not known to be alive".to_owned(),
+            });
+        }
         let last = *self.last_fresh.lock();
         let age = last.map(|t| t.elapsed());
         match age {
@@ -913,13 +921,16 @@ impl EtcdEngine {
         let s = Arc::clone(&shared);
         let revision = rt.block_on(async move {
             s.init_keyspace().await?;
-            let start = Instant::now();
-            let rev = s.reload().await?;
-            *s.last_fresh.lock() = Some(start);
+            // Register (as having applied nothing) *before* loading: a
+            // revoking commit either happened before the load (which then
+            // holds it) or sees this node registered and waits for it (I4).
             let (id, valid_until) = s.grant(ttl).await?;
             s.lease_id.store(id, Ordering::Release);
             *s.lease.lock() = LeaseState { valid_until };
             s.register(ttl).await?;
+            let start = Instant::now();
+            let rev = s.reload().await?;
+            *s.last_fresh.lock() = Some(start);
             Ok::<i64, StorageError>(rev)
         })?;
         rt.spawn(Arc::clone(&shared).view_task(revision));
