@@ -152,7 +152,15 @@ mod tests {
             c.node_id = id.to_owned();
             assert!(matches!(c.validate(), Err(ConfigError::NodeId(_))), "{id}");
         }
-        for p in ["", "/", "kms/", "/kms", "/kms//v1/", "/kms v1/", "/kms/\u{e9}/"] {
+        for p in [
+            "",
+            "/",
+            "kms/",
+            "/kms",
+            "/kms//v1/",
+            "/kms v1/",
+            "/kms/\u{e9}/",
+        ] {
             let mut c = ok.clone();
             c.prefix = p.to_owned();
             assert!(matches!(c.validate(), Err(ConfigError::Prefix(_))), "{p}");

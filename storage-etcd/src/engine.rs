@@ -31,8 +31,7 @@ use etcd_client::{
     PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use kms_catalogue::{
-    AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, Op, ScanFn, StorageError,
-    Table,
+    AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, Op, ScanFn, StorageError, Table,
 };
 use parking_lot::{Mutex, RwLock};
 use secrecy::ExposeSecret;
@@ -40,9 +39,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, EtcdConfig};
-use crate::keyspace::{
-    FORMAT_VERSION, Keyspace, MIN_FORMAT_VERSION, NodeRecord, prefix_end,
-};
+use crate::keyspace::{FORMAT_VERSION, Keyspace, MIN_FORMAT_VERSION, NodeRecord, prefix_end};
 use crate::view::{Change, View, decode_gen};
 
 /// Entries copied out of the view per lock hold while scanning, so the
@@ -413,7 +410,10 @@ impl Shared {
             .with_progress_notify();
         let mut wc = self.client.watch_client();
         let mut stream = match self
-            .call("watch the catalogue", wc.watch(self.ks.prefix().to_vec(), Some(opts)))
+            .call(
+                "watch the catalogue",
+                wc.watch(self.ks.prefix().to_vec(), Some(opts)),
+            )
             .await
         {
             Ok(s) => s,
@@ -536,10 +536,10 @@ impl Shared {
                 Ok(Err(e)) => debug!(error = %e, "lease keep-alive failed"),
                 Err(_) => debug!("lease keep-alive timed out"),
             }
-            if !self.lease_alive() {
-                if let Err(e) = self.renew_lease(ttl).await {
-                    warn!(error = %e, "could not renew this node's etcd lease");
-                }
+            if !self.lease_alive()
+                && let Err(e) = self.renew_lease(ttl).await
+            {
+                warn!(error = %e, "could not renew this node's etcd lease");
             }
             tokio::time::sleep(period.min(Duration::from_millis(500))).await;
         }
@@ -550,7 +550,10 @@ impl Shared {
         let (id, valid_until) = self.grant(ttl).await?;
         self.lease_id.store(id, Ordering::Release);
         *self.lease.lock() = LeaseState { valid_until };
-        info!(lease = format_args!("{id:x}"), "granted a new etcd lease for this node");
+        info!(
+            lease = format_args!("{id:x}"),
+            "granted a new etcd lease for this node"
+        );
         self.register(ttl).await
     }
 
@@ -759,7 +762,7 @@ impl Shared {
             // The key was created by this transaction: its create_revision
             // is the transaction's revision.
             let token = resp.header().map_or(0, |h| h.revision());
-            return Ok((token > 0).then(|| Fence { job, token }));
+            return Ok((token > 0).then_some(Fence { job, token }));
         }
         let Some(kv) = first_kv(&resp) else {
             return Ok(None);
@@ -793,9 +796,10 @@ impl Shared {
                     Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
                 }
             };
-            let txn = Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
+            let txn =
+                Txn::new()
+                    .when([compare])
+                    .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
             if self.txn("publish an audit head", txn).await?.succeeded() {
                 return Ok(());
             }
@@ -942,9 +946,11 @@ impl EtcdEngine {
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
-        self.runtime.as_ref().ok_or_else(|| StorageError::Unavailable {
-            reason: "the etcd engine is shut down".to_owned(),
-        })
+        self.runtime
+            .as_ref()
+            .ok_or_else(|| StorageError::Unavailable {
+                reason: "the etcd engine is shut down".to_owned(),
+            })
     }
 
     /// Runs `fut` on the engine's runtime and waits for it from this
@@ -985,20 +991,23 @@ impl Shared {
         let gk = self.ks.gen_key();
         let txn = Txn::new()
             .when([Compare::version(fk.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(fk.clone(), FORMAT_VERSION.to_be_bytes().to_vec(), None)])
+            .and_then([TxnOp::put(
+                fk.clone(),
+                FORMAT_VERSION.to_be_bytes().to_vec(),
+                None,
+            )])
             .or_else([TxnOp::get(fk.clone(), None)]);
         let resp = self.txn("write the format version", txn).await?;
         if !resp.succeeded() {
             let kv = first_kv(&resp).ok_or_else(|| StorageError::Unavailable {
                 reason: "meta/format vanished while checking it".to_owned(),
             })?;
-            let found = u32::from_be_bytes(kv.value().try_into().map_err(|_| {
-                StorageError::Corrupt {
+            let found =
+                u32::from_be_bytes(kv.value().try_into().map_err(|_| StorageError::Corrupt {
                     cf: "meta",
                     key_hex: hex_encode(&fk),
                     reason: "format version is not 4 bytes",
-                }
-            })?);
+                })?);
             if found > FORMAT_VERSION {
                 return Err(StorageError::FormatTooNew {
                     found,

@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(ks.classify(&ks.gen_key()), Entry::Gen);
         assert_eq!(ks.classify(&ks.format()), Entry::Format);
         for t in Table::ALL {
-            assert_eq!(ks.classify(&ks.table(t, b"k\xff/x")), Entry::Table(t, b"k\xff/x"));
+            assert_eq!(
+                ks.classify(&ks.table(t, b"k\xff/x")),
+                Entry::Table(t, b"k\xff/x")
+            );
         }
         // `aliases/` and `aliases_by_key/` do not shadow each other.
         assert_eq!(

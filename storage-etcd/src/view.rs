@@ -104,10 +104,11 @@ impl View {
             _ => Bound::Included(prefix.to_vec()),
         };
         let upper = prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded);
-        if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper) {
-            if l >= u {
-                return Vec::new();
-            }
+        // BTreeMap::range panics on an empty (inverted) range.
+        if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper)
+            && l >= u
+        {
+            return Vec::new();
         }
         self.table(table)
             .range((lower, upper))
@@ -142,7 +143,10 @@ mod tests {
         assert!(!v.apply(&ks, Change::Put(ks.gen_key(), vec![1])));
         assert_eq!(v.generation, 7);
         let keys = |c: Vec<(Vec<u8>, Vec<u8>)>| c.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-        assert_eq!(keys(v.chunk(Table::Keys, b"a", None, 10)), [b"a1", b"a2", b"a3"]);
+        assert_eq!(
+            keys(v.chunk(Table::Keys, b"a", None, 10)),
+            [b"a1", b"a2", b"a3"]
+        );
         assert_eq!(keys(v.chunk(Table::Keys, b"a", Some(b"a1"), 1)), [b"a2"]);
         assert_eq!(keys(v.chunk(Table::Keys, b"", Some(b"a3"), 10)), [b"b1"]);
         assert!(v.chunk(Table::Keys, b"a", Some(b"z"), 10).is_empty());

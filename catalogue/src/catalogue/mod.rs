@@ -155,13 +155,9 @@ impl Catalogue {
             // next). Such a failure is a lost race like a conflicting
             // commit: retry on the fresh state. (On a single node the
             // generation cannot move under the lock, so nothing changes.)
-            let stale = result.is_err()
-                && !w.committing.get()
-                && self.engine().generation() != w.read_at;
-            if result.is_err()
-                && (w.conflicted.get() || stale)
-                && attempt < MAX_WRITE_ATTEMPTS
-            {
+            let stale =
+                result.is_err() && !w.committing.get() && self.engine().generation() != w.read_at;
+            if result.is_err() && (w.conflicted.get() || stale) && attempt < MAX_WRITE_ATTEMPTS {
                 attempt += 1;
                 continue;
             }

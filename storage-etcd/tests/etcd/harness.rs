@@ -157,7 +157,9 @@ impl Drop for Etcd {
         for c in &mut self.children {
             // A stopped member ignores SIGKILL until... it does not: SIGKILL
             // ends a stopped process too. Continue it anyway for tidiness.
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }

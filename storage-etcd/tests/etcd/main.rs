@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use harness::{DELTA, Etcd, Proxy, eventually};
 use kms_catalogue::{
-    Alias, Catalogue, KekHandle, KeyId, KeySpec, KeyState, NewKey,
-    RotationPolicy, StorageError, VersionState,
+    Alias, Catalogue, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy, StorageError,
+    VersionState,
 };
 use kms_storage_etcd::{EtcdConfig, EtcdEngine};
 
@@ -91,10 +91,13 @@ fn catalogue_lifecycle_over_etcd() {
         // Listing, in pages.
         let page = c.list_keys(None, 1).unwrap();
         assert_eq!(page.items.len(), 1);
-        let rest = c
-            .list_keys(page.next_page_token.as_deref(), 10)
-            .unwrap();
-        let mut all: Vec<KeyId> = page.items.iter().chain(&rest.items).map(|k| k.id.clone()).collect();
+        let rest = c.list_keys(page.next_page_token.as_deref(), 10).unwrap();
+        let mut all: Vec<KeyId> = page
+            .items
+            .iter()
+            .chain(&rest.items)
+            .map(|k| k.id.clone())
+            .collect();
         all.sort();
         let mut want = vec![id.clone(), other];
         want.sort();
@@ -109,7 +112,10 @@ fn catalogue_lifecycle_over_etcd() {
     assert_eq!(versions.len(), 2);
     assert_eq!(versions[0].state, VersionState::Disabled);
     assert_eq!(versions[1].state, VersionState::Enabled);
-    assert_eq!(c.get_alias(&Alias::parse("alias/app").unwrap()).unwrap(), Some(id));
+    assert_eq!(
+        c.get_alias(&Alias::parse("alias/app").unwrap()).unwrap(),
+        Some(id)
+    );
 }
 
 #[test]
@@ -128,12 +134,10 @@ fn concurrent_rotations_on_two_nodes_are_unique_and_gap_free() {
         std::thread::spawn(move || {
             (0..PER_NODE)
                 .map(|_| {
-                    c.add_enabled_version(&id, 2_000, |v| {
-                        Ok::<_, StorageError>(kek(&id, v))
-                    })
-                    .unwrap()
-                    .1
-                    .version
+                    c.add_enabled_version(&id, 2_000, |v| Ok::<_, StorageError>(kek(&id, v)))
+                        .unwrap()
+                        .1
+                        .version
                 })
                 .collect::<Vec<u32>>()
         })
@@ -143,9 +147,17 @@ fn concurrent_rotations_on_two_nodes_are_unique_and_gap_free() {
     let mut all = ta.join().unwrap();
     all.extend(tb.join().unwrap());
     let unique: BTreeSet<u32> = all.iter().copied().collect();
-    assert_eq!(unique.len(), all.len(), "a version number was handed out twice");
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "a version number was handed out twice"
+    );
     let n = 2 * PER_NODE + 1;
-    assert_eq!(unique, (2..=n).collect::<BTreeSet<u32>>(), "gaps in the versions");
+    assert_eq!(
+        unique,
+        (2..=n).collect::<BTreeSet<u32>>(),
+        "gaps in the versions"
+    );
     // Both nodes see every version, each with its own KEK.
     for c in [&a, &b] {
         assert!(eventually(Duration::from_secs(10), || c
@@ -199,7 +211,10 @@ fn revoking_commit_returns_once_the_other_node_applied_it() {
             .iter()
             .find(|(n, _)| n == "node-b")
             .map(|(_, g)| *g);
-        assert!(b_gen >= Some(generation), "B confirmed {b_gen:?} < {generation}");
+        assert!(
+            b_gen >= Some(generation),
+            "B confirmed {b_gen:?} < {generation}"
+        );
         assert_eq!(b.get_key(&id).unwrap().unwrap().state, state);
     }
 
@@ -239,7 +254,9 @@ fn freshness_fails_closed_when_etcd_stops_and_recovers() {
     let etcd = Etcd::start(1);
     let a = catalogue(etcd.engine("node-a", &[0]));
     let id = create(&a, 1, &[]);
-    assert!(eventually(Duration::from_secs(5), || a.check_fresh().is_ok()));
+    assert!(eventually(Duration::from_secs(5), || a
+        .check_fresh()
+        .is_ok()));
     etcd.stop(0);
     let failed = eventually(DELTA + Duration::from_secs(3), || a.check_fresh().is_err());
     let err = a.check_fresh();
@@ -285,7 +302,10 @@ fn gcm_reservations_of_two_nodes_never_overlap() {
     all.extend(tb.join().unwrap());
     let unique: BTreeSet<u64> = all.iter().copied().collect();
     assert_eq!(unique.len(), 2 * N, "two nodes counted the same invocation");
-    let ceiling = a.engine().counter_get(&kms_catalogue::schema::version_key(id.as_str(), 1)).unwrap();
+    let ceiling = a
+        .engine()
+        .counter_get(&kms_catalogue::schema::version_key(id.as_str(), 1))
+        .unwrap();
     assert!(*unique.last().unwrap() <= ceiling);
     assert!(2 * N as u64 <= ceiling);
 }
@@ -296,9 +316,16 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
     let a = catalogue(etcd.engine("node-a", &[0]));
     let b = catalogue(etcd.engine("node-b", &[0]));
     let id = create(&a, 1, &[]);
-    let fa = a.engine().leadership("scheduler").unwrap().expect("A leads");
+    let fa = a
+        .engine()
+        .leadership("scheduler")
+        .unwrap()
+        .expect("A leads");
     assert_eq!(b.engine().leadership("scheduler").unwrap(), None);
-    assert_eq!(a.engine().leadership("scheduler").unwrap(), Some(fa.clone()));
+    assert_eq!(
+        a.engine().leadership("scheduler").unwrap(),
+        Some(fa.clone())
+    );
     // Another job is led independently.
     assert!(b.engine().leadership("root-rewrap").unwrap().is_some());
     // A fenced write by the leader commits.
@@ -310,7 +337,11 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         .unwrap();
     // The leader goes away (its lease is revoked): B takes over.
     drop(a);
-    let fb = b.engine().leadership("scheduler").unwrap().expect("B leads");
+    let fb = b
+        .engine()
+        .leadership("scheduler")
+        .unwrap()
+        .expect("B leads");
     assert_ne!(fb.token, fa.token);
     assert!(eventually(Duration::from_secs(10), || b
         .get_key(&id)
@@ -323,8 +354,14 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         k.description = "stale".into();
         Ok::<(), StorageError>(())
     });
-    assert!(matches!(stale, Err(StorageError::Fenced { ref job }) if job == "scheduler"), "{stale:?}");
-    assert_eq!(b.get_key(&id).unwrap().unwrap().description, "by the leader");
+    assert!(
+        matches!(stale, Err(StorageError::Fenced { ref job }) if job == "scheduler"),
+        "{stale:?}"
+    );
+    assert_eq!(
+        b.get_key(&id).unwrap().unwrap().description,
+        "by the leader"
+    );
     b.fenced(fb)
         .update_key(&id, 4_000, |k| {
             k.description = "by the new leader".into();
@@ -356,7 +393,15 @@ fn watch_recovers_from_compaction() {
     for n in 2..6 {
         ids.push(create(&a, n, &[]));
     }
-    let out = etcd.ctl(&["get", "/", "--prefix", "--keys-only", "--limit=1", "-w", "json"]);
+    let out = etcd.ctl(&[
+        "get",
+        "/",
+        "--prefix",
+        "--keys-only",
+        "--limit=1",
+        "-w",
+        "json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rev = v["header"]["revision"].as_i64().unwrap().to_string();
     etcd.ctl(&["compact", &rev, "--physical"]);
@@ -375,7 +420,9 @@ fn watch_recovers_from_compaction() {
         .get_key(&last)
         .unwrap()
         .is_some()));
-    assert!(eventually(Duration::from_secs(30), || b.check_fresh().is_ok()));
+    assert!(eventually(Duration::from_secs(30), || b
+        .check_fresh()
+        .is_ok()));
     assert!(
         eb.view_reloads() > reloads,
         "B's watch never hit the compaction (the test did not test it)"
@@ -403,8 +450,14 @@ fn duplicate_node_id_and_newer_format_are_refused() {
     ));
     // Malformed configuration is refused before any connection.
     let mut bad: EtcdConfig = etcd.config("node/x", &[0]);
-    assert!(matches!(EtcdEngine::connect(bad.clone()), Err(StorageError::Db { .. })));
+    assert!(matches!(
+        EtcdEngine::connect(bad.clone()),
+        Err(StorageError::Db { .. })
+    ));
     bad.node_id = "node-x".into();
     bad.prefix = "kms".into();
-    assert!(matches!(EtcdEngine::connect(bad), Err(StorageError::Db { .. })));
+    assert!(matches!(
+        EtcdEngine::connect(bad),
+        Err(StorageError::Db { .. })
+    ));
 }
