@@ -59,7 +59,7 @@ const REVOCATION_MARGIN: Duration = Duration::from_millis(500);
 /// leadership end at once) and stops its tasks.
 pub struct EtcdEngine {
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Background,
 }
 
 impl std::fmt::Debug for EtcdEngine {
@@ -877,18 +877,20 @@ impl EtcdEngine {
     pub fn connect(config: EtcdConfig) -> Result<EtcdEngine, StorageError> {
         config.validate().map_err(config_error)?;
         let options = connect_options(&config)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kms-etcd")
-            .enable_all()
-            .build()
-            .map_err(|source| StorageError::Db {
-                op: "start the etcd engine's runtime",
-                source: DbError::new(source),
-            })?;
+        let runtime = Background(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("kms-etcd")
+                .enable_all()
+                .build()
+                .map_err(|source| StorageError::Db {
+                    op: "start the etcd engine's runtime",
+                    source: DbError::new(source),
+                })?,
+        ));
         let delta = config.staleness_bound;
         let endpoints = config.endpoints.clone();
-        let client = runtime.block_on(async {
+        let client = runtime.run(async move {
             match tokio::time::timeout(delta, Client::connect(endpoints, Some(options))).await {
                 Ok(r) => r.map_err(etcd_error("connect")),
                 Err(_) => Err(StorageError::Unavailable {
@@ -919,11 +921,11 @@ impl EtcdEngine {
         let ttl = Duration::from_secs((2 * delta).as_secs_f64().ceil().max(2.0) as u64);
         let engine = EtcdEngine {
             shared: Arc::clone(&shared),
-            runtime: Some(runtime),
+            runtime,
         };
         let rt = engine.runtime()?;
         let s = Arc::clone(&shared);
-        let revision = rt.block_on(async move {
+        let revision = engine.runtime.run(async move {
             s.init_keyspace().await?;
             // Register (as having applied nothing) *before* loading: a
             // revoking commit either happened before the load (which then
@@ -946,28 +948,14 @@ impl EtcdEngine {
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
-        self.runtime
-            .as_ref()
-            .ok_or_else(|| StorageError::Unavailable {
-                reason: "the etcd engine is shut down".to_owned(),
-            })
+        self.runtime.get()
     }
 
-    /// Runs `fut` on the engine's runtime and waits for it from this
-    /// (blocking) thread.
     fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.runtime()?.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().unwrap_or_else(|_| {
-            Err(StorageError::Unavailable {
-                reason: "the etcd engine is shut down".to_owned(),
-            })
-        })
+        self.runtime.run(fut)
     }
 
     /// The etcd revision this node's view is complete up to (diagnostics).
@@ -1069,9 +1057,48 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> 
     Ok(options)
 }
 
+/// The engine's runtime. Dropped with `shutdown_background`, which never
+/// blocks: a plain `Runtime` panics when dropped inside another runtime
+/// (an async `main` that fails to connect, say).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn get(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
+        self.0.as_ref().ok_or_else(|| StorageError::Unavailable {
+            reason: "the etcd engine is shut down".to_owned(),
+        })
+    }
+
+    /// Runs `fut` on the runtime and waits for it on this thread through a
+    /// std channel (`Runtime::block_on` would panic on a thread that is
+    /// inside another runtime; this only blocks the calling thread).
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.get()?.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(StorageError::Unavailable {
+                reason: "the etcd engine is shut down".to_owned(),
+            })
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 impl Drop for EtcdEngine {
     fn drop(&mut self) {
-        let Some(rt) = self.runtime.take() else {
+        let Ok(rt) = self.runtime.get() else {
             return;
         };
         // Revoke the lease: the registration and any leadership end now,
@@ -1086,8 +1113,7 @@ impl Drop for EtcdEngine {
         if !rx.recv_timeout(Duration::from_secs(2)).unwrap_or(false) {
             warn!("could not revoke this node's etcd lease; it expires on its own");
         }
-        // Never blocks, so dropping the engine is safe in any context.
-        rt.shutdown_background();
+        // `Background` then shuts the runtime down without blocking.
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use harness::{DELTA, Etcd, Proxy, eventually};
 use kms_catalogue::{
+    CatalogueEngine,
     Alias, Catalogue, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy, StorageError,
     VersionState,
 };
@@ -460,4 +461,28 @@ fn duplicate_node_id_and_newer_format_are_refused() {
         EtcdEngine::connect(bad),
         Err(StorageError::Db { .. })
     ));
+}
+
+#[test]
+fn connect_use_and_drop_inside_an_async_context() {
+    // kms may connect from its async main: nothing may panic there (a
+    // nested `block_on`, or dropping a runtime inside another).
+    let etcd = Etcd::start(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let e = etcd.engine("node-a", &[0]);
+        e.check_fresh().unwrap();
+        let generation = e.begin_write().unwrap();
+        assert_eq!(generation, e.generation());
+        drop(e);
+        let mut c = EtcdConfig::new("node-b", vec!["http://127.0.0.1:1".into()]);
+        c.staleness_bound = Duration::from_millis(300);
+        assert!(matches!(
+            EtcdEngine::connect(c),
+            Err(StorageError::Unavailable { .. })
+        ));
+    });
 }
