@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -59,7 +59,7 @@ const REVOCATION_MARGIN: Duration = Duration::from_millis(500);
 /// leadership end at once) and stops its tasks.
 pub struct EtcdEngine {
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Background,
 }
 
 impl std::fmt::Debug for EtcdEngine {
@@ -89,6 +89,16 @@ struct Shared {
     lease_id: AtomicI64,
     /// Asks the view task to reload (the watch looks stuck).
     resync: Notify,
+    /// Full reloads of the view since connect.
+    reloads: AtomicU64,
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// The stream broke: re-watch from the last applied revision.
+    Broken(StorageError),
+    /// The watch lost history (compaction) or the view is stuck: reload.
+    Reload(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -329,6 +339,14 @@ impl Shared {
     }
 
     fn check_fresh(&self) -> Result<(), StorageError> {
+        // A node whose lease may have expired may have lost its
+        // registration, and with it its place in the revocation wait (I4):
+        // it must not serve, however recent its last read.
+        if !self.lease_alive() {
+            return Err(StorageError::Unavailable {
+                reason: "this node's etcd lease is not known to be alive".to_owned(),
+            });
+        }
         let last = *self.last_fresh.lock();
         let age = last.map(|t| t.elapsed());
         match age {
@@ -346,14 +364,21 @@ impl Shared {
         }
     }
 
-    /// The view task: load, watch, apply; reload on any break.
-    async fn view_task(self: Arc<Self>, mut revision: Option<i64>) {
+    /// The view task: load, watch, apply. A broken watch is re-created
+    /// from the revision after the last one applied; a compacted or
+    /// cancelled one (or a view the freshness task finds stuck) reloads
+    /// the whole catalogue at a new revision first.
+    async fn view_task(self: Arc<Self>, revision: i64) {
         let pause = (self.delta / 4).min(Duration::from_secs(1));
+        let mut next = Some(revision + 1);
         loop {
-            let rev = match revision.take() {
+            let start = match next {
                 Some(r) => r,
                 None => match self.reload().await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        self.reloads.fetch_add(1, Ordering::Relaxed);
+                        r + 1
+                    }
                     Err(e) => {
                         warn!(error = %e, "reloading the catalogue from etcd failed; retrying");
                         tokio::time::sleep(pause).await;
@@ -361,51 +386,61 @@ impl Shared {
                     }
                 },
             };
-            if let Err(e) = self.watch_from(rev + 1).await {
-                warn!(error = %e, "catalogue watch ended; reloading");
+            match self.watch_from(start).await {
+                WatchEnd::Broken(e) => {
+                    debug!(error = %e, "catalogue watch broke; re-watching");
+                    // Complete up to `revision`: resume right after it.
+                    next = Some(self.view.read().revision + 1);
+                    tokio::time::sleep(pause).await;
+                }
+                WatchEnd::Reload(reason) => {
+                    warn!(%reason, "catalogue watch lost its history; reloading");
+                    next = None;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Watches the prefix from `start` and applies every response until the
-    /// watch breaks (or a resync is asked for).
-    async fn watch_from(&self, start: i64) -> Result<(), StorageError> {
+    /// watch ends.
+    async fn watch_from(&self, start: i64) -> WatchEnd {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start)
             .with_progress_notify();
         let mut wc = self.client.watch_client();
-        let mut stream = self
+        let mut stream = match self
             .call(
                 "watch the catalogue",
                 wc.watch(self.ks.prefix().to_vec(), Some(opts)),
             )
-            .await?;
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Broken(e),
+        };
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
                 () = self.resync.notified() => {
-                    return Err(StorageError::Unavailable { reason: "the view lags the linearizable reads".to_owned() });
+                    return WatchEnd::Reload("the view lags the linearizable reads".to_owned());
                 }
             };
             let resp = match msg {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
-                    return Err(StorageError::Unavailable {
+                    return WatchEnd::Broken(StorageError::Unavailable {
                         reason: "watch stream closed".to_owned(),
                     });
                 }
-                Err(e) => return Err(etcd_error("watch the catalogue")(e)),
+                Err(e) => return WatchEnd::Broken(etcd_error("watch the catalogue")(e)),
             };
             if resp.canceled() || resp.compact_revision() != 0 {
-                return Err(StorageError::Unavailable {
-                    reason: format!(
-                        "watch cancelled (compacted at revision {}): {}",
-                        resp.compact_revision(),
-                        resp.cancel_reason()
-                    ),
-                });
+                return WatchEnd::Reload(format!(
+                    "watch cancelled (compacted at revision {}): {}",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                ));
             }
             if resp.events().is_empty() {
                 continue;
@@ -421,10 +456,13 @@ impl Shared {
                     if !view.apply(&self.ks, change) {
                         warn!(key = %String::from_utf8_lossy(kv.key()), "ignoring a malformed catalogue entry in etcd");
                     }
+                    // etcd never splits one revision's events across
+                    // responses (no fragmenting requested), so after this
+                    // response the view is complete up to its last event.
+                    // (The header's revision is not: a catching-up watcher
+                    // gets the store's current revision there while later
+                    // batches are still to come.)
                     view.revision = view.revision.max(kv.mod_revision());
-                }
-                if let Some(h) = resp.header() {
-                    view.revision = view.revision.max(h.revision());
                 }
             }
             self.changes.send_modify(|c| *c += 1);
@@ -498,10 +536,10 @@ impl Shared {
                 Ok(Err(e)) => debug!(error = %e, "lease keep-alive failed"),
                 Err(_) => debug!("lease keep-alive timed out"),
             }
-            if !self.lease_alive() {
-                if let Err(e) = self.renew_lease(ttl).await {
-                    warn!(error = %e, "could not renew this node's etcd lease");
-                }
+            if !self.lease_alive()
+                && let Err(e) = self.renew_lease(ttl).await
+            {
+                warn!(error = %e, "could not renew this node's etcd lease");
             }
             tokio::time::sleep(period.min(Duration::from_millis(500))).await;
         }
@@ -724,7 +762,7 @@ impl Shared {
             // The key was created by this transaction: its create_revision
             // is the transaction's revision.
             let token = resp.header().map_or(0, |h| h.revision());
-            return Ok((token > 0).then(|| Fence { job, token }));
+            return Ok((token > 0).then_some(Fence { job, token }));
         }
         let Some(kv) = first_kv(&resp) else {
             return Ok(None);
@@ -839,18 +877,20 @@ impl EtcdEngine {
     pub fn connect(config: EtcdConfig) -> Result<EtcdEngine, StorageError> {
         config.validate().map_err(config_error)?;
         let options = connect_options(&config)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kms-etcd")
-            .enable_all()
-            .build()
-            .map_err(|source| StorageError::Db {
-                op: "start the etcd engine's runtime",
-                source: DbError::new(source),
-            })?;
+        let runtime = Background(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("kms-etcd")
+                .enable_all()
+                .build()
+                .map_err(|source| StorageError::Db {
+                    op: "start the etcd engine's runtime",
+                    source: DbError::new(source),
+                })?,
+        ));
         let delta = config.staleness_bound;
         let endpoints = config.endpoints.clone();
-        let client = runtime.block_on(async {
+        let client = runtime.run(async move {
             match tokio::time::timeout(delta, Client::connect(endpoints, Some(options))).await {
                 Ok(r) => r.map_err(etcd_error("connect")),
                 Err(_) => Err(StorageError::Unavailable {
@@ -873,6 +913,7 @@ impl EtcdEngine {
             }),
             lease_id: AtomicI64::new(0),
             resync: Notify::new(),
+            reloads: AtomicU64::new(0),
         });
         // Lease TTL ≈ 2Δ: a crashed node's registration and leadership end
         // within 2Δ; whole seconds, at least 2 (etcd's own minimum is
@@ -880,22 +921,25 @@ impl EtcdEngine {
         let ttl = Duration::from_secs((2 * delta).as_secs_f64().ceil().max(2.0) as u64);
         let engine = EtcdEngine {
             shared: Arc::clone(&shared),
-            runtime: Some(runtime),
+            runtime,
         };
         let rt = engine.runtime()?;
         let s = Arc::clone(&shared);
-        let revision = rt.block_on(async move {
+        let revision = engine.runtime.run(async move {
             s.init_keyspace().await?;
-            let start = Instant::now();
-            let rev = s.reload().await?;
-            *s.last_fresh.lock() = Some(start);
+            // Register (as having applied nothing) *before* loading: a
+            // revoking commit either happened before the load (which then
+            // holds it) or sees this node registered and waits for it (I4).
             let (id, valid_until) = s.grant(ttl).await?;
             s.lease_id.store(id, Ordering::Release);
             *s.lease.lock() = LeaseState { valid_until };
             s.register(ttl).await?;
+            let start = Instant::now();
+            let rev = s.reload().await?;
+            *s.last_fresh.lock() = Some(start);
             Ok::<i64, StorageError>(rev)
         })?;
-        rt.spawn(Arc::clone(&shared).view_task(Some(revision)));
+        rt.spawn(Arc::clone(&shared).view_task(revision));
         rt.spawn(Arc::clone(&shared).freshness_task());
         rt.spawn(Arc::clone(&shared).lease_task(ttl));
         rt.spawn(Arc::clone(&shared).registry_task());
@@ -904,34 +948,26 @@ impl EtcdEngine {
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
-        self.runtime
-            .as_ref()
-            .ok_or_else(|| StorageError::Unavailable {
-                reason: "the etcd engine is shut down".to_owned(),
-            })
+        self.runtime.get()
     }
 
-    /// Runs `fut` on the engine's runtime and waits for it from this
-    /// (blocking) thread.
     fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.runtime()?.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().unwrap_or_else(|_| {
-            Err(StorageError::Unavailable {
-                reason: "the etcd engine is shut down".to_owned(),
-            })
-        })
+        self.runtime.run(fut)
     }
 
-    /// The etcd revision this node's view is complete up to (for tests and
-    /// diagnostics).
+    /// The etcd revision this node's view is complete up to (diagnostics).
     pub fn view_revision(&self) -> i64 {
         self.shared.view.read().revision
+    }
+
+    /// How many times the view was reloaded whole since connect: after a
+    /// compaction removed history its watch needed, or when it lagged the
+    /// linearizable reads (diagnostics; a growing count means trouble).
+    pub fn view_reloads(&self) -> u64 {
+        self.shared.reloads.load(Ordering::Relaxed)
     }
 }
 
@@ -1021,9 +1057,48 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> 
     Ok(options)
 }
 
+/// The engine's runtime. Dropped with `shutdown_background`, which never
+/// blocks: a plain `Runtime` panics when dropped inside another runtime
+/// (an async `main` that fails to connect, say).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn get(&self) -> Result<&tokio::runtime::Runtime, StorageError> {
+        self.0.as_ref().ok_or_else(|| StorageError::Unavailable {
+            reason: "the etcd engine is shut down".to_owned(),
+        })
+    }
+
+    /// Runs `fut` on the runtime and waits for it on this thread through a
+    /// std channel (`Runtime::block_on` would panic on a thread that is
+    /// inside another runtime; this only blocks the calling thread).
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.get()?.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(StorageError::Unavailable {
+                reason: "the etcd engine is shut down".to_owned(),
+            })
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 impl Drop for EtcdEngine {
     fn drop(&mut self) {
-        let Some(rt) = self.runtime.take() else {
+        let Ok(rt) = self.runtime.get() else {
             return;
         };
         // Revoke the lease: the registration and any leadership end now,
@@ -1038,8 +1113,7 @@ impl Drop for EtcdEngine {
         if !rx.recv_timeout(Duration::from_secs(2)).unwrap_or(false) {
             warn!("could not revoke this node's etcd lease; it expires on its own");
         }
-        // Never blocks, so dropping the engine is safe in any context.
-        rt.shutdown_background();
+        // `Background` then shuts the runtime down without blocking.
     }
 }
 

@@ -104,10 +104,11 @@ impl View {
             _ => Bound::Included(prefix.to_vec()),
         };
         let upper = prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded);
-        if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper) {
-            if l >= u {
-                return Vec::new();
-            }
+        // BTreeMap::range panics on an empty (inverted) range.
+        if let (Bound::Excluded(l) | Bound::Included(l), Bound::Excluded(u)) = (&lower, &upper)
+            && l >= u
+        {
+            return Vec::new();
         }
         self.table(table)
             .range((lower, upper))

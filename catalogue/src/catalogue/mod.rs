@@ -89,9 +89,11 @@ pub fn with_fence<T>(fence: Fence, f: impl FnOnce() -> T) -> T {
 }
 
 /// One attempt of a read-modify-write: the generation its reads are checked
-/// against, and whether its commit lost a race (then the attempt is retried).
+/// against, whether it reached its commit, and whether that commit lost a
+/// race (then the attempt is retried).
 pub(crate) struct Write {
     read_at: u64,
+    committing: Cell<bool>,
     conflicted: Cell<bool>,
 }
 
@@ -157,10 +159,20 @@ impl Catalogue {
         loop {
             let w = Write {
                 read_at: self.engine().begin_write()?,
+                committing: Cell::new(false),
                 conflicted: Cell::new(false),
             };
             let result = f(&w);
-            if result.is_err() && w.conflicted.get() && attempt < MAX_WRITE_ATTEMPTS {
+            // A check that failed before the commit may have read a state
+            // that changed under it: a cluster node's view follows other
+            // nodes' commits while `f` reads, so its reads can span two
+            // generations (a key record from one, its versions from the
+            // next). Such a failure is a lost race like a conflicting
+            // commit: retry on the fresh state. (On a single node the
+            // generation cannot move under the lock, so nothing changes.)
+            let stale =
+                result.is_err() && !w.committing.get() && self.engine().generation() != w.read_at;
+            if result.is_err() && (w.conflicted.get() || stale) && attempt < MAX_WRITE_ATTEMPTS {
                 attempt += 1;
                 continue;
             }
@@ -171,6 +183,7 @@ impl Catalogue {
     /// Commits the batch of write attempt `w` (see [`Catalogue::write`]).
     fn commit(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
         batch.fence = THREAD_FENCE.with(|cell| cell.borrow().clone());
+        w.committing.set(true);
         let result = self.engine().commit(w.read_at, batch);
         if matches!(result, Err(StorageError::WriteConflict)) {
             w.conflicted.set(true);

@@ -1,0 +1,247 @@
+//! Real etcd members for the tests: `etcd` processes on random loopback
+//! ports, data on tmpfs (`/dev/shm`), default heartbeat/election timings
+//! (design note §2.4). Killed when the guard drops, even on panic.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kms_storage_etcd::{EtcdConfig, EtcdEngine};
+
+/// The staleness bound Δ of the tests.
+pub const DELTA: Duration = Duration::from_secs(1);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Etcd {
+    children: Vec<Child>,
+    pub endpoints: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts a cluster of `members` members and waits until all are healthy.
+    pub fn start(members: usize) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("kms-etcd-test-")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("n{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let token = format!("kms-test-{}-{}", std::process::id(), ports[0].0);
+        let mut children = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, (c, p)) in ports.iter().enumerate() {
+            let client = format!("http://127.0.0.1:{c}");
+            let peer = format!("http://127.0.0.1:{p}");
+            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", &format!("n{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("n{i}")))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", &token])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd (apt-get install etcd-server)");
+            children.push(child);
+            endpoints.push(client);
+        }
+        let etcd = Etcd {
+            children,
+            endpoints,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = etcd
+                .etcdctl(&["endpoint", "health"], &etcd.endpoints)
+                .status
+                .success();
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        etcd
+    }
+
+    pub fn etcdctl(&self, args: &[&str], endpoints: &[String]) -> std::process::Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["--dial-timeout=2s", "--command-timeout=5s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl (apt-get install etcd-client)")
+    }
+
+    /// Runs etcdctl against every member; panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args, &self.endpoints);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn signal(&self, member: usize, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.children[member].id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Freezes member `member` (SIGSTOP).
+    pub fn stop(&self, member: usize) {
+        self.signal(member, "-STOP");
+    }
+
+    /// Resumes member `member` (SIGCONT).
+    pub fn cont(&self, member: usize) {
+        self.signal(member, "-CONT");
+    }
+
+    /// Puts raw bytes (etcdctl cannot pass a NUL byte on its command line).
+    pub fn put_raw(&self, key: &str, value: &[u8]) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(&self.endpoints, None)
+                .await
+                .unwrap();
+            c.put(key, value, None).await.unwrap();
+        });
+    }
+
+    /// A configuration for node `node` on the members `members`, Δ = 1 s.
+    pub fn config(&self, node: &str, members: &[usize]) -> EtcdConfig {
+        let endpoints = members.iter().map(|m| self.endpoints[*m].clone()).collect();
+        let mut c = EtcdConfig::new(node, endpoints);
+        c.staleness_bound = DELTA;
+        c
+    }
+
+    pub fn engine(&self, node: &str, members: &[usize]) -> EtcdEngine {
+        EtcdEngine::connect(self.config(node, members)).unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // A stopped member ignores SIGKILL until... it does not: SIGKILL
+            // ends a stopped process too. Continue it anyway for tidiness.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP proxy in front of an etcd member that can cut a node off (close
+/// its connections and refuse new ones) and let it back: a partition
+/// between one node and etcd (design note §2.4).
+pub struct Proxy {
+    pub endpoint: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Proxies to `endpoint` (`http://host:port`).
+    pub fn start(endpoint: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let target = endpoint.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, cs) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut cs = cs.lock().unwrap();
+                    cs.push(client.try_clone().unwrap());
+                    cs.push(upstream.try_clone().unwrap());
+                }
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                pipe(upstream, client);
+            }
+        });
+        Proxy {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            cut,
+            conns,
+        }
+    }
+
+    /// Cuts the node off: closes every connection, refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Lets the node reach etcd again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,491 @@
+//! The etcd catalogue engine against real etcd members (see `harness`).
+
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{DELTA, Etcd, Proxy, eventually};
+use kms_catalogue::{
+    Alias, Catalogue, CatalogueEngine, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy,
+    StorageError, VersionState, with_fence,
+};
+use kms_storage_etcd::{EtcdConfig, EtcdEngine};
+
+fn kid(n: u8) -> KeyId {
+    KeyId::from_random([n; 16])
+}
+
+fn kek(id: &KeyId, v: u32) -> KekHandle {
+    KekHandle::HsmObject {
+        object_id: format!("{id}/{v}").into_bytes(),
+    }
+}
+
+fn new_key(id: &KeyId, aliases: &[&str]) -> NewKey {
+    NewKey {
+        id: id.clone(),
+        description: format!("key {id}"),
+        tags: BTreeMap::from([("team".to_owned(), "payments".to_owned())]),
+        spec: KeySpec::Aes256Gcm,
+        state: KeyState::Enabled,
+        rotation: RotationPolicy::Manual,
+        next_rotation_at_ms: None,
+        aliases: aliases.iter().map(|a| Alias::parse(a).unwrap()).collect(),
+    }
+}
+
+fn catalogue(engine: EtcdEngine) -> Catalogue {
+    Catalogue::new(Arc::new(engine), 16)
+}
+
+/// Creates a key whose version 1 is enabled and primary.
+fn create(c: &Catalogue, n: u8, aliases: &[&str]) -> KeyId {
+    let id = kid(n);
+    c.create_key_enabled(new_key(&id, aliases), kek(&id, 1), 1_000)
+        .unwrap();
+    id
+}
+
+#[test]
+fn catalogue_lifecycle_over_etcd() {
+    let etcd = Etcd::start(1);
+    let id;
+    {
+        let c = catalogue(etcd.engine("node-a", &[0]));
+        c.check_fresh().unwrap();
+        id = create(&c, 1, &["alias/app"]);
+        let other = create(&c, 2, &[]);
+        // Rotate.
+        let (key, v2) = c
+            .add_enabled_version(&id, 2_000, |v| Ok::<_, StorageError>(kek(&id, v)))
+            .unwrap();
+        assert_eq!((key.latest_version, key.primary_version), (2, Some(2)));
+        assert_eq!(v2.version, 2);
+        // Disable the old version, then the key.
+        c.set_version_state(&id, 1, VersionState::Disabled, 3_000)
+            .unwrap();
+        c.update_key(&id, 4_000, |k| {
+            k.state = KeyState::Disabled;
+            Ok::<(), StorageError>(())
+        })
+        .unwrap();
+        // Aliases.
+        c.create_alias(&Alias::parse("alias/other").unwrap(), &other)
+            .unwrap();
+        assert!(matches!(
+            c.create_alias(&Alias::parse("alias/app").unwrap(), &other),
+            Err(StorageError::AliasExists { .. })
+        ));
+        let aliases = c.list_aliases(None, None, 10).unwrap();
+        let names: Vec<&str> = aliases.items.iter().map(|a| a.alias.as_str()).collect();
+        assert_eq!(names, ["alias/app", "alias/other"]);
+        assert_eq!(
+            c.resolve_key("alias/app").unwrap().unwrap().id,
+            id,
+            "alias resolves"
+        );
+        // Listing, in pages.
+        let page = c.list_keys(None, 1).unwrap();
+        assert_eq!(page.items.len(), 1);
+        let rest = c.list_keys(page.next_page_token.as_deref(), 10).unwrap();
+        let mut all: Vec<KeyId> = page
+            .items
+            .iter()
+            .chain(&rest.items)
+            .map(|k| k.id.clone())
+            .collect();
+        all.sort();
+        let mut want = vec![id.clone(), other];
+        want.sort();
+        assert_eq!(all, want);
+    }
+    // A new engine (a restarted node) loads it all from etcd.
+    let c = catalogue(etcd.engine("node-a", &[0]));
+    let key = c.get_key(&id).unwrap().unwrap();
+    assert_eq!(key.state, KeyState::Disabled);
+    assert_eq!(key.primary_version, Some(2));
+    let versions = c.list_versions(&id).unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].state, VersionState::Disabled);
+    assert_eq!(versions[1].state, VersionState::Enabled);
+    assert_eq!(
+        c.get_alias(&Alias::parse("alias/app").unwrap()).unwrap(),
+        Some(id)
+    );
+}
+
+#[test]
+fn concurrent_rotations_on_two_nodes_are_unique_and_gap_free() {
+    // Three members; each node talks to a different one.
+    let etcd = Etcd::start(3);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let b = catalogue(etcd.engine("node-b", &[1]));
+    let id = create(&a, 1, &[]);
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_key(&id)
+        .unwrap()
+        .is_some()));
+    const PER_NODE: u32 = 50;
+    let rotate = |c: Catalogue, id: KeyId| {
+        std::thread::spawn(move || {
+            (0..PER_NODE)
+                .map(|_| {
+                    c.add_enabled_version(&id, 2_000, |v| Ok::<_, StorageError>(kek(&id, v)))
+                        .unwrap()
+                        .1
+                        .version
+                })
+                .collect::<Vec<u32>>()
+        })
+    };
+    let ta = rotate(a.clone(), id.clone());
+    let tb = rotate(b.clone(), id.clone());
+    let mut all = ta.join().unwrap();
+    all.extend(tb.join().unwrap());
+    let unique: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "a version number was handed out twice"
+    );
+    let n = 2 * PER_NODE + 1;
+    assert_eq!(
+        unique,
+        (2..=n).collect::<BTreeSet<u32>>(),
+        "gaps in the versions"
+    );
+    // Both nodes see every version, each with its own KEK.
+    for c in [&a, &b] {
+        assert!(eventually(Duration::from_secs(10), || c
+            .get_key(&id)
+            .unwrap()
+            .unwrap()
+            .latest_version
+            == n));
+        let versions = c.list_versions(&id).unwrap();
+        assert_eq!(versions.len(), n as usize);
+        for v in versions {
+            assert_eq!(v.kek, kek(&id, v.version));
+        }
+    }
+    // A (non-revoking) change on A reaches B's reads.
+    a.create_alias(&Alias::parse("alias/seen").unwrap(), &id)
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_alias(&Alias::parse("alias/seen").unwrap())
+        .unwrap()
+        .is_some()));
+}
+
+#[test]
+fn revoking_commit_returns_once_the_other_node_applied_it() {
+    let etcd = Etcd::start(1);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let b = catalogue(etcd.engine("node-b", &[0]));
+    let id = create(&a, 1, &[]);
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_key(&id)
+        .unwrap()
+        .is_some()));
+    for round in 0..5 {
+        let state = if round % 2 == 0 {
+            KeyState::Disabled
+        } else {
+            KeyState::Enabled
+        };
+        a.update_key(&id, 2_000 + round, |k| {
+            k.state = state;
+            Ok::<(), StorageError>(())
+        })
+        .unwrap();
+        // No polling: when the revoking write returns, B has applied it
+        // (and A has seen B say so).
+        let generation = a.engine().generation();
+        let view = a.engine().cluster_view().unwrap();
+        let b_gen = view
+            .peers
+            .iter()
+            .find(|(n, _)| n == "node-b")
+            .map(|(_, g)| *g);
+        assert!(
+            b_gen >= Some(generation),
+            "B confirmed {b_gen:?} < {generation}"
+        );
+        assert_eq!(b.get_key(&id).unwrap().unwrap().state, state);
+    }
+
+    // A registered node that never confirms (a frozen one) makes the wait
+    // last Δ + margin, and no longer.
+    let lease = etcd.ctl(&["lease", "grant", "60"]);
+    let lease = lease.split_whitespace().nth(1).unwrap().to_owned();
+    etcd.ctl(&[
+        "put",
+        "--lease",
+        &lease,
+        "/kms/v1/nodes/ghost",
+        r#"{"applied_gen":0,"heartbeat_ms":0}"#,
+    ]);
+    assert!(eventually(Duration::from_secs(10), || a
+        .engine()
+        .cluster_view()
+        .unwrap()
+        .peers
+        .iter()
+        .any(|(n, _)| n == "ghost")));
+    let start = Instant::now();
+    // (The last round disabled the key: this changes its state again.)
+    a.update_key(&id, 9_000, |k| {
+        k.state = KeyState::Enabled;
+        Ok::<(), StorageError>(())
+    })
+    .unwrap();
+    assert!(
+        start.elapsed() >= DELTA,
+        "a revoking write returned before an unconfirmed node's view expired"
+    );
+}
+
+#[test]
+fn freshness_fails_closed_when_etcd_stops_and_recovers() {
+    let etcd = Etcd::start(1);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let id = create(&a, 1, &[]);
+    assert!(eventually(Duration::from_secs(5), || a
+        .check_fresh()
+        .is_ok()));
+    etcd.stop(0);
+    let failed = eventually(DELTA + Duration::from_secs(3), || a.check_fresh().is_err());
+    let err = a.check_fresh();
+    etcd.cont(0);
+    assert!(failed, "check_fresh still Ok with etcd stopped");
+    match err {
+        Err(StorageError::Unavailable { reason }) => {
+            assert!(reason.contains("no linearizable read"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || a.check_fresh().is_ok()),
+        "check_fresh did not recover after SIGCONT"
+    );
+    // And writes work again.
+    a.set_version_state(&id, 1, VersionState::Enabled, 5_000)
+        .unwrap();
+    create(&a, 2, &[]);
+}
+
+#[test]
+fn gcm_reservations_of_two_nodes_never_overlap() {
+    let etcd = Etcd::start(1);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let b = catalogue(etcd.engine("node-b", &[0]));
+    let id = create(&a, 1, &[]);
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_version(&id, 1)
+        .unwrap()
+        .is_some()));
+    const N: usize = 200;
+    let count = |c: Catalogue, id: KeyId| {
+        std::thread::spawn(move || {
+            (0..N)
+                .map(|_| c.add_gcm_invocations(&id, 1, 1).unwrap())
+                .collect::<Vec<u64>>()
+        })
+    };
+    let ta = count(a.clone(), id.clone());
+    let tb = count(b.clone(), id.clone());
+    let mut all = ta.join().unwrap();
+    all.extend(tb.join().unwrap());
+    let unique: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), 2 * N, "two nodes counted the same invocation");
+    let ceiling = a
+        .engine()
+        .counter_get(&kms_catalogue::schema::version_key(id.as_str(), 1))
+        .unwrap();
+    assert!(*unique.last().unwrap() <= ceiling);
+    assert!(2 * N as u64 <= ceiling);
+}
+
+#[test]
+fn one_leader_per_job_and_stale_fences_are_refused() {
+    let etcd = Etcd::start(1);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let b = catalogue(etcd.engine("node-b", &[0]));
+    let id = create(&a, 1, &[]);
+    let fa = a
+        .engine()
+        .leadership("scheduler")
+        .unwrap()
+        .expect("A leads");
+    assert_eq!(b.engine().leadership("scheduler").unwrap(), None);
+    assert_eq!(
+        a.engine().leadership("scheduler").unwrap(),
+        Some(fa.clone())
+    );
+    // Another job is led independently.
+    assert!(b.engine().leadership("root-rewrap").unwrap().is_some());
+    // A fenced write by the leader commits.
+    with_fence(fa.clone(), || {
+        a.update_key(&id, 2_000, |k| {
+            k.description = "by the leader".into();
+            Ok::<(), StorageError>(())
+        })
+    })
+    .unwrap();
+    // The leader goes away (its lease is revoked): B takes over.
+    drop(a);
+    let fb = b
+        .engine()
+        .leadership("scheduler")
+        .unwrap()
+        .expect("B leads");
+    assert_ne!(fb.token, fa.token);
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_key(&id)
+        .unwrap()
+        .unwrap()
+        .description
+        == "by the leader"));
+    // A write under A's stale fence is refused, and changes nothing.
+    let stale = with_fence(fa, || {
+        b.update_key(&id, 3_000, |k| {
+            k.description = "stale".into();
+            Ok::<(), StorageError>(())
+        })
+    });
+    assert!(
+        matches!(stale, Err(StorageError::Fenced { ref job }) if job == "scheduler"),
+        "{stale:?}"
+    );
+    assert_eq!(
+        b.get_key(&id).unwrap().unwrap().description,
+        "by the leader"
+    );
+    with_fence(fb, || {
+        b.update_key(&id, 4_000, |k| {
+            k.description = "by the new leader".into();
+            Ok::<(), StorageError>(())
+        })
+    })
+    .unwrap();
+}
+
+#[test]
+fn watch_recovers_from_compaction() {
+    // B reaches etcd through a proxy. While B is cut off, A writes and the
+    // history B's watch would resume from is compacted away; when B is
+    // back, its watch is refused as compacted and B reloads.
+    let etcd = Etcd::start(1);
+    let proxy = Proxy::start(&etcd.endpoints[0]);
+    let a = catalogue(etcd.engine("node-a", &[0]));
+    let mut config = etcd.config("node-b", &[0]);
+    config.endpoints = vec![proxy.endpoint.clone()];
+    let eb = Arc::new(EtcdEngine::connect(config).unwrap());
+    let b = Catalogue::new(eb.clone(), 16);
+    let first = create(&a, 1, &[]);
+    assert!(eventually(Duration::from_secs(10), || b
+        .get_key(&first)
+        .unwrap()
+        .is_some()));
+    let reloads = eb.view_reloads();
+    proxy.cut();
+    let mut ids = Vec::new();
+    for n in 2..6 {
+        ids.push(create(&a, n, &[]));
+    }
+    let out = etcd.ctl(&[
+        "get",
+        "/",
+        "--prefix",
+        "--keys-only",
+        "--limit=1",
+        "-w",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rev = v["header"]["revision"].as_i64().unwrap().to_string();
+    etcd.ctl(&["compact", &rev, "--physical"]);
+    // Cut off, B cannot prove its view fresh: it fails closed meanwhile.
+    assert!(eventually(3 * DELTA, || b.check_fresh().is_err()));
+    proxy.restore();
+    for id in &ids {
+        assert!(
+            eventually(Duration::from_secs(30), || b.get_key(id).unwrap().is_some()),
+            "B never saw a write made before the compaction"
+        );
+    }
+    // And one made after it.
+    let last = create(&a, 9, &[]);
+    assert!(eventually(Duration::from_secs(30), || b
+        .get_key(&last)
+        .unwrap()
+        .is_some()));
+    assert!(eventually(Duration::from_secs(30), || b
+        .check_fresh()
+        .is_ok()));
+    assert!(
+        eb.view_reloads() > reloads,
+        "B's watch never hit the compaction (the test did not test it)"
+    );
+}
+
+#[test]
+fn duplicate_node_id_and_newer_format_are_refused() {
+    let etcd = Etcd::start(1);
+    let a = etcd.engine("node-a", &[0]);
+    match EtcdEngine::connect(etcd.config("node-a", &[0])) {
+        Err(StorageError::Unavailable { reason }) => {
+            assert!(reason.contains("another live process"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(a);
+    // Once the first is gone, the id is free again.
+    let a = etcd.engine("node-a", &[0]);
+    drop(a);
+    etcd.put_raw("/kms/v1/meta/format", &99u32.to_be_bytes());
+    assert!(matches!(
+        EtcdEngine::connect(etcd.config("node-b", &[0])),
+        Err(StorageError::FormatTooNew { found: 99, .. })
+    ));
+    // Malformed configuration is refused before any connection.
+    let mut bad: EtcdConfig = etcd.config("node/x", &[0]);
+    assert!(matches!(
+        EtcdEngine::connect(bad.clone()),
+        Err(StorageError::Db { .. })
+    ));
+    bad.node_id = "node-x".into();
+    bad.prefix = "kms".into();
+    assert!(matches!(
+        EtcdEngine::connect(bad),
+        Err(StorageError::Db { .. })
+    ));
+}
+
+#[test]
+fn connect_use_and_drop_inside_an_async_context() {
+    // kms may connect from its async main: nothing may panic there (a
+    // nested `block_on`, or dropping a runtime inside another).
+    let etcd = Etcd::start(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let e = etcd.engine("node-a", &[0]);
+        e.check_fresh().unwrap();
+        let generation = e.begin_write().unwrap();
+        assert_eq!(generation, e.generation());
+        drop(e);
+        let mut c = EtcdConfig::new("node-b", vec!["http://127.0.0.1:1".into()]);
+        c.staleness_bound = Duration::from_millis(300);
+        assert!(matches!(
+            EtcdEngine::connect(c),
+            Err(StorageError::Unavailable { .. })
+        ));
+    });
+}
