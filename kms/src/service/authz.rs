@@ -108,7 +108,7 @@ impl KmsService {
                 self.storage
                     .catalogue()
                     .update_key::<KmsError>(&record.id, now_ms(), |k| {
-                        k.policy = stored;
+                        k.policy = stored.clone();
                         Ok(())
                     })?;
             Ok(self.effective_policy(updated.policy))

@@ -376,7 +376,7 @@ impl KmsService {
         meta: &RequestMeta,
         operation: Operation,
         key: &str,
-        change: impl FnOnce(&mut KeyRecord) -> Result<()>,
+        change: impl FnMut(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyView> {
         self.audited(meta, operation, Some(key), |audit| {
             let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
@@ -402,7 +402,7 @@ impl KmsService {
     ) -> Result<KeyView> {
         self.change_key(meta, Operation::UpdateKeyDescription, key, |k| {
             validate_description(&description)?;
-            k.description = description;
+            k.description = description.clone();
             Ok(())
         })
     }
@@ -418,7 +418,7 @@ impl KmsService {
                 return Err(KmsError::invalid("tags", "must not be empty"));
             }
             let mut merged = k.tags.clone();
-            merged.extend(tags);
+            merged.extend(tags.clone());
             validate_tags(&merged)?;
             k.tags = merged;
             Ok(())
@@ -657,8 +657,16 @@ impl KmsService {
         // Refused inside the change, after the key resolved and the caller
         // was authorized, so that the refusal's audit record names the key's
         // id, not only the alias the caller used.
+        // The change may run more than once (a retried write): refuse with the
+        // error the first time; there is no second time after a refusal.
+        let (schedule, mut refused) = match schedule {
+            Ok(s) => (s, None),
+            Err(e) => (None, Some(e)),
+        };
         self.change_key(meta, Operation::SetRotationPolicy, key, |k| {
-            let schedule = schedule?;
+            if let Some(e) = refused.take() {
+                return Err(e);
+            }
             if schedule.is_some() && k.origin == KeyOrigin::External {
                 return Err(super::ImportRefusal::RotateExternal {
                     key_id: k.id.clone(),
@@ -704,7 +712,7 @@ impl KmsService {
         operation: Operation,
         key: &str,
         version: u32,
-        change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<()>,
+        mut change: impl FnMut(&KeyRecord, &mut VersionRecord) -> Result<()>,
     ) -> Result<VersionRecord> {
         self.audited(meta, operation, Some(key), |audit| {
             let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
