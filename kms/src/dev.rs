@@ -237,6 +237,8 @@ pub fn dev_config(
         kubernetes: Vec::new(),
         // `--aws-api-listen` adds one ([`aws_api_config`]).
         aws_api: None,
+        // The dev server is a single node.
+        cluster: None,
     })
 }
 

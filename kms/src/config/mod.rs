@@ -13,6 +13,7 @@ use kms_hsm::{HsmConfig, PinSource};
 use serde::Deserialize;
 
 mod aws;
+mod cluster;
 mod kubernetes;
 mod security;
 
@@ -20,6 +21,7 @@ pub use aws::{
     AwsApiConfig, AwsCredentialConfig, DEFAULT_AWS_ACCOUNT_ID, DEFAULT_AWS_REGION,
     is_valid_access_key_id,
 };
+pub use cluster::{ClusterConfig, MAX_NODE_ID_LEN, is_node_id};
 pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
 
@@ -66,6 +68,7 @@ struct RawConfig {
     #[serde(default)]
     kubernetes: Vec<kubernetes::RawKubernetes>,
     aws_api: Option<aws::RawAwsApi>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -237,6 +240,8 @@ pub struct Config {
     /// `[aws_api]`: the AWS KMS JSON API listener (`crate::aws`), none
     /// unless configured.
     pub aws_api: Option<AwsApiConfig>,
+    /// `[cluster]`: this node's id in a cluster; `None` on a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -356,6 +361,7 @@ impl Config {
         )?;
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
+        config.cluster = cluster::validate(raw.cluster)?;
         Ok(config)
     }
 
@@ -567,6 +573,7 @@ impl Config {
             auth,
             kubernetes: Vec::new(),
             aws_api: None,
+            cluster: None,
         })
     }
 }

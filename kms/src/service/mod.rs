@@ -12,6 +12,7 @@
 
 mod aliases;
 mod audit;
+pub mod audit_witness;
 mod authz;
 mod batch;
 pub(crate) mod checkpoint_key;
@@ -148,6 +149,11 @@ pub struct KmsService {
     hsm: Arc<Hsm>,
     storage: Arc<Storage>,
     audit_log: AuditLog,
+    /// A cluster node's audit head publisher; declared after `audit_log`
+    /// so that the writer (which feeds it) stops first.
+    audit_publisher: Option<audit_witness::AuditPublisher>,
+    /// `[cluster] node_id`; `None` on a single node.
+    node_id: Option<String>,
     limits: Limits,
     rotation: RotationSettings,
     access: AccessControl,
@@ -216,13 +222,25 @@ impl KmsService {
             checkpoint_interval: Some(config.audit.checkpoint_interval),
             ..AuditConfig::default()
         };
+        // A cluster node witnesses the others' heads and publishes its own;
+        // a single node's log is exactly what it was without clusters.
+        let (witnessing, audit_publisher) = match &config.cluster {
+            None => (None, None),
+            Some(cluster) => {
+                let (w, p) = audit_witness::start(cluster.node_id.clone(), Arc::clone(&storage))
+                    .map_err(OpenError::AuditPublisher)?;
+                (Some(w), Some(p))
+            }
+        };
         let audit_log = storage
-            .open_audit_log(audit_config, mac)
+            .open_audit_log_witnessed(audit_config, mac, witnessing)
             .map_err(OpenError::Storage)?;
         let service = KmsService {
             hsm,
             storage,
             audit_log,
+            audit_publisher,
+            node_id: config.cluster.as_ref().map(|c| c.node_id.clone()),
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
             access: AccessControl::new(Roles {
@@ -260,6 +278,17 @@ impl KmsService {
     /// Group-commit totals of the audit log, for metrics.
     pub fn audit_stats(&self) -> kms_storage::AuditStats {
         self.audit_log.stats()
+    }
+
+    /// A cluster node's audit head publishing totals, for metrics (`None`
+    /// on a single node).
+    pub fn audit_publish_counts(&self) -> Option<audit_witness::PublishCounts> {
+        self.audit_publisher.as_ref().map(|p| p.stats.counts())
+    }
+
+    /// `[cluster] node_id`; `None` on a single node.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -549,6 +578,9 @@ pub enum OpenError {
     },
     #[error("reconciling pending key versions")]
     Reconcile(#[source] KmsError),
+    /// The audit head publisher thread of a cluster node did not start.
+    #[error("cannot start the audit head publisher")]
+    AuditPublisher(#[source] std::io::Error),
     /// `hsm.wrapped_versions = true` but the token has no root key.
     #[error(
         "hsm.wrapped_versions is true but the token has no root key; create one with `kms hsm init-root`"
