@@ -21,13 +21,35 @@ pub enum AuditCommand {
     /// List audit events matching the filters, oldest first.
     List(AuditListArgs),
     /// Verify the whole hash chain and every checkpoint MAC; fails if the log is invalid.
-    Verify,
+    /// With --cluster, verify every node's log and the heads the nodes witnessed for
+    /// each other.
+    Verify(AuditVerifyArgs),
     /// Export every event as JSON lines (one event per line).
     Export(AuditExportArgs),
     /// Print events as JSON lines (one object per line, for log shippers such
     /// as Vector or Fluent Bit), from a sequence number on; with --follow, keep
     /// printing new events as they are committed.
     Tail(AuditTailArgs),
+}
+
+/// Arguments of `kms audit verify`.
+#[derive(Debug, clap::Args)]
+pub struct AuditVerifyArgs {
+    /// Verify a cluster: every node's chain, and every head any node witnessed
+    /// for another (it must not be beyond that node's log end and must match
+    /// its event's hash). VALID only if all of it holds. Needs --endpoints.
+    #[arg(long, requires = "endpoints")]
+    pub cluster: bool,
+    /// The cluster's nodes (gRPC endpoints, comma-separated), every one of them:
+    /// a head witnessed for a node not listed cannot be checked and makes the
+    /// result INVALID. The other client options (token, TLS) apply to each.
+    #[arg(
+        long,
+        value_name = "A,B,C",
+        value_delimiter = ',',
+        requires = "cluster"
+    )]
+    pub endpoints: Vec<String>,
 }
 
 /// Arguments of `kms audit tail`.
@@ -66,6 +88,10 @@ pub struct AuditListArgs {
     /// Show at most N events (default: all that match).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: Option<u32>,
+    /// List the events of several nodes (gRPC endpoints, comma-separated),
+    /// merged by (time, node, sequence) and labelled with the node.
+    #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
 }
 
 /// Arguments of `kms audit export`.
@@ -85,10 +111,20 @@ pub(crate) async fn run(command: AuditCommand, options: &ClientOptions) -> anyho
         };
         return tail(&client, args).await;
     }
+    if let AuditCommand::Verify(args) = &command
+        && args.cluster
+    {
+        return super::audit_cluster::verify_cluster(&args.endpoints, options).await;
+    }
+    if let AuditCommand::List(args) = &command
+        && !args.endpoints.is_empty()
+    {
+        return super::audit_cluster::list_merged(args, options).await;
+    }
     let client = connect(options).await?;
     match command {
         AuditCommand::List(args) => list(&client, args, options).await,
-        AuditCommand::Verify => verify(&client, options).await,
+        AuditCommand::Verify(_) => verify(&client, options).await,
         AuditCommand::Export(args) => export(&client, args).await,
         AuditCommand::Tail(args) => tail(&client, args).await,
     }
@@ -221,7 +257,24 @@ async fn list(
     args: AuditListArgs,
     options: &ClientOptions,
 ) -> anyhow::Result<()> {
+    let (events, _) = list_events(client, &args).await?;
+    if options.json {
+        output::emit_json(&Value::Array(events.iter().map(event_json).collect()))
+    } else if events.is_empty() {
+        output::emit("No audit events.\n")
+    } else {
+        output::emit(&events_table(&events).render())
+    }
+}
+
+/// The events `kms audit list` shows, oldest first, and the answering node's
+/// id (empty on a single node).
+pub(crate) async fn list_events(
+    client: &KmsClient,
+    args: &AuditListArgs,
+) -> anyhow::Result<(Vec<pb::AuditEvent>, String)> {
     let limit = args.limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut node_id = String::new();
     let mut events = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -239,6 +292,10 @@ async fn list(
             ..Default::default()
         };
         let reply = client.list_audit_events(request).await?;
+        // Every page comes from the same node.
+        if node_id.is_empty() {
+            node_id = reply.node_id;
+        }
         events.extend(reply.events);
         if let Some(limit) = limit
             && events.len() >= limit
@@ -251,16 +308,10 @@ async fn list(
             None => break,
         }
     }
-    if options.json {
-        output::emit_json(&Value::Array(events.iter().map(event_json).collect()))
-    } else if events.is_empty() {
-        output::emit("No audit events.\n")
-    } else {
-        output::emit(&events_table(&events).render())
-    }
+    Ok((events, node_id))
 }
 
-fn events_table(events: &[pb::AuditEvent]) -> Table {
+pub(crate) fn events_table(events: &[pb::AuditEvent]) -> Table {
     let mut table = Table::new(&[
         "SEQ",
         "TIME",
@@ -292,7 +343,7 @@ fn events_table(events: &[pb::AuditEvent]) -> Table {
 
 async fn verify(client: &KmsClient, options: &ClientOptions) -> anyhow::Result<()> {
     let reply = client
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await?;
     if options.json {
         output::emit_json(&verify_json(&reply))?;
@@ -337,7 +388,7 @@ fn verify_pairs(reply: &pb::VerifyAuditLogResponse) -> Vec<(&'static str, String
     pairs
 }
 
-fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
+pub(crate) fn verify_json(reply: &pb::VerifyAuditLogResponse) -> Value {
     json!({
         "valid": reply.valid,
         "events_verified": reply.events_verified,
@@ -395,8 +446,8 @@ async fn export(client: &KmsClient, args: AuditExportArgs) -> anyhow::Result<()>
 /// The JSON form of an audit event: digests and the chain hash in lowercase hex,
 /// the operation by RPC name, the result code with its name, the time in RFC 3339
 /// at full precision.
-fn event_json(event: &pb::AuditEvent) -> Value {
-    json!({
+pub(crate) fn event_json(event: &pb::AuditEvent) -> Value {
+    let mut value = json!({
         "sequence": event.sequence,
         "time": output::time_json(event.time.as_ref()),
         "principal": event.principal,
@@ -410,6 +461,28 @@ fn event_json(event: &pb::AuditEvent) -> Value {
         "result": kms_proto::numeric_code_name(event.result_code),
         "latency_us": event.latency_us,
         "hash": hex::encode(event.hash.as_slice()),
+    });
+    // Only witness events (cluster nodes) have heads: other events' JSON is
+    // what it always was.
+    if !event.witnessed_heads.is_empty() {
+        value["witnessed_heads"] = event
+            .witnessed_heads
+            .iter()
+            .map(head_json)
+            .collect::<Vec<_>>()
+            .into();
+    }
+    value
+}
+
+/// The JSON form of a witnessed head: hashes in lowercase hex.
+pub(crate) fn head_json(head: &pb::WitnessedHead) -> Value {
+    json!({
+        "node": head.node,
+        "sequence": head.sequence,
+        "hash": hex::encode(head.hash.as_slice()),
+        "published_ms": head.published_ms,
+        "checkpoint_mac": hex::encode(head.checkpoint_mac.as_slice()),
     })
 }
 
@@ -442,6 +515,7 @@ mod tests {
             result_code,
             latency_us: 1_500,
             hash: vec![0x01, 0xff],
+            witnessed_heads: Vec::new(),
         }
     }
 
@@ -533,6 +607,7 @@ mod tests {
             head_hash: vec![0xaa, 0xbb],
             first_invalid_sequence: 0,
             failure_reason: String::new(),
+            ..Default::default()
         };
         let value = verify_json(&reply);
         assert_eq!(value["valid"], true);

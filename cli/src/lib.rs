@@ -22,6 +22,7 @@
 mod admin;
 mod aliases;
 mod audit;
+mod audit_cluster;
 mod crypto;
 mod envelope;
 mod hsm;
@@ -59,7 +60,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Options shared by every client command. Under their own heading in
 /// `--help`: they are global, so they are listed for `kms serve` and `kms hsm`
 /// too, where they have no effect.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Client options (commands that talk to a server)")]
 pub struct ClientOptions {
     /// gRPC endpoint of the kms server.

@@ -14,7 +14,10 @@
 //!   hit rate = hit / (hit + unwrap);
 //! - `kms_audit_batches_total`, `kms_audit_batch_writes_total`,
 //!   `kms_audit_commit_microseconds_total`: group commit (writes per batch =
-//!   batch size, time per batch = commit latency).
+//!   batch size, time per batch = commit latency);
+//! - `kms_audit_heads_published_total`, `kms_audit_head_publish_failures_total`,
+//!   `kms_audit_head_read_failures_total`: a cluster node's audit head
+//!   publishing at its checkpoints (absent on a single node).
 //!
 //! The request metrics are recorded as calls complete ([`MetricsLayer`]); the
 //! others are read from the HSM and the audit writer when a scrape encodes them
@@ -234,6 +237,8 @@ struct Sample {
     audit_commit_micros: u64,
     /// The working-key cache, if the service has wrapped versions.
     working_keys: Option<crate::service::WorkingKeyStats>,
+    /// A cluster node's audit head publishing (none on a single node).
+    audit_publish: Option<crate::service::audit_witness::PublishCounts>,
 }
 
 impl Sample {
@@ -259,6 +264,7 @@ impl Sample {
             audit_batch_writes: audit.writes,
             audit_commit_micros: audit.commit_micros,
             working_keys: service.working_key_stats(),
+            audit_publish: service.audit_publish_counts(),
         }
     }
 
@@ -336,6 +342,32 @@ impl Sample {
                 None,
                 MetricType::Counter,
             )?)?;
+        }
+        if let Some(p) = &self.audit_publish {
+            for (name, help, value) in [
+                (
+                    "audit_heads_published",
+                    "audit chain heads this cluster node published at its checkpoints",
+                    p.published,
+                ),
+                (
+                    "audit_head_publish_failures",
+                    "audit chain heads that could not be published (the next checkpoint retries)",
+                    p.publish_failures,
+                ),
+                (
+                    "audit_head_read_failures",
+                    "failed reads of the other nodes' audit heads (or malformed heads skipped)",
+                    p.read_failures,
+                ),
+            ] {
+                ConstCounter::new(value).encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    MetricType::Counter,
+                )?)?;
+            }
         }
         if let Some(keys) = &self.working_keys {
             let mut cached = encoder.encode_descriptor(
@@ -572,6 +604,11 @@ mod tests {
                 capacity_evictions: 1,
                 unusable_evictions: 2,
             }),
+            audit_publish: Some(crate::service::audit_witness::PublishCounts {
+                published: 6,
+                publish_failures: 1,
+                read_failures: 2,
+            }),
         }
     }
 
@@ -606,6 +643,9 @@ mod tests {
             "kms_hsm_operation_microseconds_total{op=\"C_GenerateKey\"} 1500\n",
             "kms_hsm_operation_microseconds_total{op=\"C_Encrypt\"} 300\n",
             "kms_audit_batches_total 0\n",
+            "kms_audit_heads_published_total 6\n",
+            "kms_audit_head_publish_failures_total 1\n",
+            "kms_audit_head_read_failures_total 2\n",
             "kms_audit_batch_writes_total 12\n",
             "kms_audit_commit_microseconds_total 4000\n",
             "kms_working_keys{state=\"cached\"} 10\n",

@@ -23,8 +23,10 @@ pub mod testing;
 pub use audit::{
     AppendHandle, AuditConfig, AuditEvent, AuditFilter, AuditLog, AuditPage, AuditReader,
     AuditRecord, AuditStats, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
-    MAX_SCAN_PER_PAGE, MacFn, RECORD_FORMAT_V1, ResultCode, VerifyFailure, VerifyFailureReason,
-    VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
+    MAX_SCAN_PER_PAGE, MAX_WITNESSED_HEADS, MacFn, RECORD_FORMAT_V1, RECORD_FORMAT_WITNESS,
+    ResultCode, VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport,
+    VerifyStart, WITNESS_OPERATION, WitnessBoard, WitnessCheck, WitnessOutcome, WitnessedHead,
+    Witnessing,
 };
 // The catalogue (and its error type) is kms-catalogue's, over this crate's
 // RocksDB engine; re-exported so that callers name one crate.

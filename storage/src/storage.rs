@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::audit::{AuditConfig, AuditLog, AuditReader, MacFn};
+use crate::audit::{AuditConfig, AuditLog, AuditReader, MacFn, Witnessing};
 use crate::db::Db;
 use crate::engine::RocksEngine;
 use kms_catalogue::Catalogue;
@@ -86,6 +86,22 @@ impl Storage {
         config: AuditConfig,
         mac: MacFn,
     ) -> Result<AuditLog, StorageError> {
+        self.open_audit_log_witnessed(config, mac, None)
+    }
+
+    /// [`Storage::open_audit_log`] for a cluster node whose log witnesses the
+    /// other nodes' heads and publishes its own at every checkpoint (design
+    /// note §2.3.6); `None` is exactly [`Storage::open_audit_log`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Storage::open_audit_log`].
+    pub fn open_audit_log_witnessed(
+        &self,
+        config: AuditConfig,
+        mac: MacFn,
+        witness: Option<Witnessing>,
+    ) -> Result<AuditLog, StorageError> {
         if self
             .db
             .audit_writer_open
@@ -94,7 +110,7 @@ impl Storage {
         {
             return Err(StorageError::AuditAlreadyOpen);
         }
-        let log = AuditLog::start(Arc::clone(&self.db), config, mac);
+        let log = AuditLog::start(Arc::clone(&self.db), config, mac, witness);
         if log.is_err() {
             self.db.audit_writer_open.store(false, Ordering::Release);
         }

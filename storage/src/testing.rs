@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::schema::CF_AUDIT;
+use crate::schema::{CF_AUDIT, CF_AUDIT_CHECKPOINTS};
 use kms_catalogue::{DbError, StorageError};
 
 /// Flips one bit in the last byte of audit record `seq` in the (closed)
@@ -31,6 +31,43 @@ pub fn flip_bit_in_audit_record(dir: &Path, seq: u64) -> Result<bool, StorageErr
     db.put_cf(cf, key, value).map_err(db_error)?;
     db.flush().map_err(db_error)?;
     Ok(true)
+}
+
+/// Erases the tail of the audit log of the (closed) database at `dir`: every
+/// record after `keep` and every checkpoint after `keep`, as someone with
+/// write access to the data directory could, so that the remaining chain
+/// still verifies on its own. Returns the number of records erased.
+pub fn truncate_audit_log(dir: &Path, keep: u64) -> Result<u64, StorageError> {
+    let db_error = |e| StorageError::Db {
+        op: "testing::truncate_audit_log",
+        source: DbError::new(e),
+    };
+    let opts = rocksdb::Options::default();
+    let cfs = rocksdb::DB::list_cf(&opts, dir).map_err(db_error)?;
+    let db = rocksdb::DB::open_cf(&opts, dir, cfs).map_err(db_error)?;
+    let mut erased = 0;
+    for name in [CF_AUDIT, CF_AUDIT_CHECKPOINTS] {
+        let cf = db
+            .cf_handle(name)
+            .ok_or(StorageError::MissingColumnFamily { name })?;
+        let from = keep.saturating_add(1).to_be_bytes();
+        let keys: Vec<Box<[u8]>> = db
+            .iterator_cf(
+                cf,
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            )
+            .map(|item| item.map(|(k, _)| k))
+            .collect::<Result<_, _>>()
+            .map_err(db_error)?;
+        for k in &keys {
+            db.delete_cf(cf, k).map_err(db_error)?;
+        }
+        if name == CF_AUDIT {
+            erased = keys.len() as u64;
+        }
+    }
+    db.flush().map_err(db_error)?;
+    Ok(erased)
 }
 
 /// Rewrites the KEK handle of version `version` of `key_id` in the (closed)

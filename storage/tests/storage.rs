@@ -8,6 +8,7 @@ mod crash;
 mod golden;
 mod invariants;
 mod rewrap;
+mod witness;
 mod wrapped_fixture;
 
 use std::path::Path;

@@ -147,7 +147,7 @@ async fn every_request_leaves_exactly_one_record_and_the_chain_verifies() {
     assert!(!page.next_page_token.is_empty());
 
     let verified = audit
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("verify")
         .into_inner();

@@ -74,7 +74,7 @@ async fn generate_on(server: &DevServerProcess, n: usize) -> u64 {
             .expect("encrypt");
     }
     let report = AuditClient::new(channel)
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("verify")
         .into_inner();

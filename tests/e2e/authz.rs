@@ -525,7 +525,7 @@ async fn the_authorization_matrix_holds_over_mtls_and_tokens() {
     drop(watched);
     let mut auditor = callers.audit(AUDITOR);
     let verified = auditor
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("auditor verifies")
         .into_inner();

@@ -68,7 +68,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             assert_eq!(&opened.plaintext, plaintext, "round {round}");
         }
         let verified = AuditClient::new(channel.clone())
-            .verify_audit_log(pb::VerifyAuditLogRequest {})
+            .verify_audit_log(pb::VerifyAuditLogRequest::default())
             .await
             .expect("verify")
             .into_inner();

@@ -248,7 +248,7 @@ async fn sigterm_finishes_requests_in_flight_then_exits_within_the_grace_period(
         "the stalled call never reached the service"
     );
     let verified = AuditClient::new(channel)
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("VerifyAuditLog")
         .into_inner();

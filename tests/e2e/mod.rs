@@ -1,4 +1,5 @@
 mod audit;
+mod audit_cluster;
 mod audit_stream;
 mod authz;
 mod aws_api;

@@ -79,7 +79,7 @@ async fn a_tampered_audit_record_is_detected_after_restart() {
     let server = env.start().await;
     let verified = server
         .audit()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("verify runs")
         .into_inner();

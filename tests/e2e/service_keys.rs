@@ -75,7 +75,7 @@ async fn a_deployment_whose_first_start_has_a_root_wraps_its_checkpoint_key() {
     );
     let online = server
         .audit()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("verify")
         .into_inner();

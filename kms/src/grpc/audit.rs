@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::convert::{audit_event, micros_of};
+use super::convert::{audit_event, micros_of, witness_check, witnessed_head, witnessed_head_of};
 use super::{Rpc, page_size, page_token};
 use crate::error::KmsError;
 use crate::service::{AuditFollower, AuditQuery, KmsService, Operation, operation};
@@ -201,6 +201,7 @@ impl Audit for AuditApi {
         rpc.respond(pb::ListAuditEventsResponse {
             events: page.records.iter().map(audit_event).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
+            node_id: self.service.node_id().unwrap_or_default().to_owned(),
         })
     }
 
@@ -237,8 +238,17 @@ impl Audit for AuditApi {
         request: Request<pb::VerifyAuditLogRequest>,
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         let rpc = Rpc::start(Operation::VerifyAuditLog, &request)?;
+        let req = request.into_inner();
+        let converted = req
+            .witnessed_for_node
+            .iter()
+            .map(witnessed_head_of)
+            .collect::<Result<Vec<_>, _>>();
+        let heads = rpc.valid(&self.service, "", converted).await?;
         let verification = rpc
-            .blocking(&self.service, move |s, m| s.verify_audit_log(m, None))
+            .blocking(&self.service, move |s, m| {
+                s.verify_audit_log(m, None, &heads)
+            })
             .await?;
         let report = verification.report;
         let (first_invalid_sequence, failure_reason) = match &report.failure {
@@ -253,6 +263,13 @@ impl Audit for AuditApi {
             head_hash: report.head_hash.to_vec(),
             first_invalid_sequence,
             failure_reason,
+            node_id: verification.node_id.unwrap_or_default(),
+            witnessed_heads: report.witnessed.iter().map(witnessed_head).collect(),
+            witness_checks: verification
+                .witness_checks
+                .iter()
+                .map(witness_check)
+                .collect(),
         })
     }
 }

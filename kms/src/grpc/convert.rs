@@ -6,7 +6,8 @@ use std::time::Duration;
 use kms_proto::v1 as pb;
 use kms_storage::{
     AliasEntry, AuditRecord, Grant, KekHandle, KeyOrigin, KeyPolicy, KeyRecord, KeyState,
-    Permission, RotationPolicy, VersionRecord, VersionState,
+    Permission, RotationPolicy, VersionRecord, VersionState, WitnessCheck, WitnessOutcome,
+    WitnessedHead,
 };
 
 use crate::error::KmsError;
@@ -257,6 +258,68 @@ pub(crate) fn audit_event(record: &AuditRecord) -> pb::AuditEvent {
         result_code: i32::from(record.event.result.as_u8()),
         latency_us: record.event.latency_micros,
         hash: record.hash.to_vec(),
+        witnessed_heads: record.witnessed.iter().map(witnessed_head).collect(),
+    }
+}
+
+/// A witnessed audit head for the wire.
+pub(crate) fn witnessed_head(head: &WitnessedHead) -> pb::WitnessedHead {
+    pb::WitnessedHead {
+        node: head.node.clone(),
+        sequence: head.seq,
+        hash: head.hash.to_vec(),
+        published_ms: head.published_ms,
+        checkpoint_mac: head.checkpoint_mac.clone(),
+    }
+}
+
+/// A witnessed audit head from the wire.
+///
+/// # Errors
+/// INVALID_ARGUMENT for a malformed node id, a sequence of 0, a hash that is
+/// not 32 bytes or a MAC longer than 65535 bytes.
+pub(crate) fn witnessed_head_of(head: &pb::WitnessedHead) -> Result<WitnessedHead, KmsError> {
+    let field = "witnessed_for_node";
+    if !crate::config::is_valid_node_id(&head.node) {
+        return Err(KmsError::invalid(field, "node is not a valid node id"));
+    }
+    if head.sequence == 0 {
+        return Err(KmsError::invalid(field, "sequence must be at least 1"));
+    }
+    let hash = <[u8; 32]>::try_from(head.hash.as_slice())
+        .map_err(|_| KmsError::invalid(field, "hash must be 32 bytes"))?;
+    if head.checkpoint_mac.len() > kms_storage::MAX_FIELD_LEN {
+        return Err(KmsError::invalid(field, "checkpoint_mac is too long"));
+    }
+    Ok(WitnessedHead {
+        node: head.node.clone(),
+        seq: head.sequence,
+        hash,
+        published_ms: head.published_ms,
+        checkpoint_mac: head.checkpoint_mac.clone(),
+    })
+}
+
+/// The check of a witnessed head for the wire.
+pub(crate) fn witness_check(check: &WitnessCheck) -> pb::WitnessCheck {
+    let (outcome, log_end, found_hash) = match &check.outcome {
+        WitnessOutcome::Matches => (pb::WitnessOutcome::Matches, None, Vec::new()),
+        WitnessOutcome::LogEndsBefore { log_end } => (
+            pb::WitnessOutcome::LogEndsBefore,
+            Some(*log_end),
+            Vec::new(),
+        ),
+        WitnessOutcome::HashMismatch { found } => {
+            (pb::WitnessOutcome::HashMismatch, None, found.to_vec())
+        }
+        // A later outcome this build does not name: never "matches".
+        _ => (pb::WitnessOutcome::Unspecified, None, Vec::new()),
+    };
+    pb::WitnessCheck {
+        head: Some(witnessed_head(&check.head)),
+        outcome: outcome as i32,
+        log_end: log_end.unwrap_or(0),
+        found_hash,
     }
 }
 

@@ -5,6 +5,7 @@
 
 use kms_storage::{
     AuditFilter, AuditReader, AuditRecord, StorageError, VerifyOptions, VerifyReport, VerifyStart,
+    WitnessCheck, WitnessedHead,
 };
 
 use super::operation::Operation;
@@ -124,8 +125,16 @@ impl AuditFollower {
 /// The outcome of VerifyAuditLog.
 #[derive(Debug, Clone)]
 pub struct AuditVerification {
+    /// This node's chain (its `witnessed` field: the heads it witnesses).
     pub report: VerifyReport,
+    /// `[cluster] node_id`; `None` on a single node.
+    pub node_id: Option<String>,
+    /// One check per head witnessed for this node that the caller gave, in order.
+    pub witness_checks: Vec<WitnessCheck>,
 }
+
+/// Most heads one VerifyAuditLog may check (bounds the reads one call makes).
+pub const MAX_WITNESSED_FOR_NODE: usize = 4096;
 
 impl KmsService {
     /// One page of the records matching `query`, in sequence order. The
@@ -233,16 +242,54 @@ impl KmsService {
         })
     }
 
-    /// Walks the whole chain and checks every checkpoint MAC in the HSM.
+    /// Walks the whole chain and checks every checkpoint MAC in the HSM;
+    /// on a cluster node, also compares the log with `witnessed_for_node`,
+    /// heads other nodes witnessed for this one (design note §2.3.6).
+    ///
+    /// # Errors
+    ///
+    /// [`KmsError::PermissionDenied`] unless the caller is an auditor or an
+    /// administrator; [`KmsError::InvalidArgument`] for more than
+    /// [`MAX_WITNESSED_FOR_NODE`] heads or a head naming another node (any
+    /// head on a single node, which has no id); [`KmsError::HsmUnavailable`]
+    /// if a checkpoint MAC cannot be checked; storage errors as
+    /// [`KmsError::Storage`]. A log that does not verify is not an error.
     pub fn verify_audit_log(
         &self,
         meta: &RequestMeta,
         from_checkpoint: Option<u64>,
+        witnessed_for_node: &[WitnessedHead],
     ) -> Result<AuditVerification> {
         self.audited(meta, Operation::VerifyAuditLog, None, |_| {
             self.require_audit_reader(meta, "verify the audit log")?;
+            if witnessed_for_node.len() > MAX_WITNESSED_FOR_NODE {
+                return Err(KmsError::invalid(
+                    "witnessed_for_node",
+                    format!("at most {MAX_WITNESSED_FOR_NODE} heads"),
+                ));
+            }
+            if let Some(head) = witnessed_for_node
+                .iter()
+                .find(|h| Some(h.node.as_str()) != self.node_id())
+            {
+                return Err(KmsError::invalid(
+                    "witnessed_for_node",
+                    match self.node_id() {
+                        Some(me) => format!("a head of node {:?}; this is node {me:?}", head.node),
+                        None => "this node has no [cluster] node_id".to_owned(),
+                    },
+                ));
+            }
             let report = self.verify_chain(from_checkpoint)?;
-            Ok(AuditVerification { report })
+            let witness_checks = self
+                .storage
+                .audit_reader()
+                .check_witnessed(witnessed_for_node)?;
+            Ok(AuditVerification {
+                report,
+                node_id: self.node_id().map(str::to_owned),
+                witness_checks,
+            })
         })
     }
 

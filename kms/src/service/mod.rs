@@ -12,6 +12,7 @@
 
 mod aliases;
 mod audit;
+pub mod audit_witness;
 mod authz;
 mod batch;
 pub(crate) mod checkpoint_key;
@@ -157,6 +158,9 @@ pub struct KmsService {
     /// This node's id in a cluster (`[cluster] node_id`); `None` alone.
     node_id: Option<String>,
     audit_log: AuditLog,
+    /// A cluster node's audit head publisher; declared after `audit_log`
+    /// so that the writer (which feeds it) stops first.
+    audit_publisher: Option<audit_witness::AuditPublisher>,
     limits: Limits,
     rotation: RotationSettings,
     access: AccessControl,
@@ -228,8 +232,18 @@ impl KmsService {
             checkpoint_interval: Some(config.audit.checkpoint_interval),
             ..AuditConfig::default()
         };
+        // A cluster node witnesses the others' heads and publishes its own;
+        // a single node's log is exactly what it was without clusters.
+        let (witnessing, audit_publisher) = match &config.cluster {
+            None => (None, None),
+            Some(cluster) => {
+                let (w, p) = audit_witness::start(cluster.node_id.clone(), Arc::clone(&storage))
+                    .map_err(OpenError::AuditPublisher)?;
+                (Some(w), Some(p))
+            }
+        };
         let audit_log = storage
-            .open_audit_log(audit_config, mac)
+            .open_audit_log_witnessed(audit_config, mac, witnessing)
             .map_err(OpenError::Storage)?;
         let service = KmsService {
             hsm,
@@ -237,6 +251,7 @@ impl KmsService {
             catalogue,
             node_id: config.cluster.as_ref().map(|c| c.node_id.clone()),
             audit_log,
+            audit_publisher,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
             access: AccessControl::new(Roles {
@@ -292,6 +307,12 @@ impl KmsService {
     /// Group-commit totals of the audit log, for metrics.
     pub fn audit_stats(&self) -> kms_storage::AuditStats {
         self.audit_log.stats()
+    }
+
+    /// A cluster node's audit head publishing totals, for metrics (`None`
+    /// on a single node).
+    pub fn audit_publish_counts(&self) -> Option<audit_witness::PublishCounts> {
+        self.audit_publisher.as_ref().map(|p| p.stats.counts())
     }
 
     pub fn limits(&self) -> &Limits {
@@ -591,6 +612,9 @@ pub enum OpenError {
     },
     #[error("reconciling pending key versions")]
     Reconcile(#[source] KmsError),
+    /// The audit head publisher thread of a cluster node did not start.
+    #[error("cannot start the audit head publisher")]
+    AuditPublisher(#[source] std::io::Error),
     /// `hsm.wrapped_versions = true` but the token has no root key.
     #[error(
         "hsm.wrapped_versions is true but the token has no root key; create one with `kms hsm init-root`"

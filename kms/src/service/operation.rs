@@ -58,6 +58,8 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ListRoots => "ListRoots",
         Operation::DestroyRoot => "DestroyRoot",
         Operation::RewrapKeyVersion => "RewrapKeyVersion",
+        // The audit writer's own spelling (kms_storage::WITNESS_OPERATION).
+        Operation::AuditWitness => "AuditWitness",
         Operation::KubernetesStatus => "KubernetesStatus",
         Operation::KubernetesEncrypt => "KubernetesEncrypt",
         Operation::KubernetesDecrypt => "KubernetesDecrypt",
@@ -101,7 +103,11 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 46);
+        assert_eq!(seen, 47);
+        assert_eq!(
+            name(Operation::AuditWitness),
+            kms_storage::WITNESS_OPERATION
+        );
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }

@@ -16,13 +16,65 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
-use super::record::{AuditEvent, AuditRecord, GENESIS_HASH};
+use super::checkpoint::encode_checkpoint;
+use super::record::{AuditEvent, AuditRecord, Checkpoint, GENESIS_HASH, WitnessedHead};
 use crate::db::Db;
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
 use kms_catalogue::{CallbackError, DbError, StorageError};
 
 /// Computes the MAC of a checkpoint message (the service does HMAC-SHA256 in the HSM).
 pub type MacFn = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, CallbackError> + Send + Sync>;
+
+/// Cross-node witnessing of a cluster node's audit log (design note
+/// §2.3.6): at every checkpoint the writer first writes a witness record of
+/// the other nodes' latest heads (when it has read one newer than it last
+/// witnessed), so that the checkpoint certifies it, and afterwards hands the
+/// checkpoint to `on_checkpoint` for publishing. A single node has none: its
+/// log is exactly what it was without this.
+pub struct Witnessing {
+    /// The other nodes' latest heads as this node last read them; whoever
+    /// reads them from the cluster keeps it current.
+    pub peers: Arc<WitnessBoard>,
+    /// Called on the writer thread after each checkpoint is durable. It must
+    /// return at once (hand the checkpoint to another thread): publishing
+    /// never blocks or fails the audit writer.
+    pub on_checkpoint: Box<dyn Fn(&Checkpoint) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Witnessing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Witnessing")
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The other nodes' latest audit heads, shared between whoever reads them
+/// from the cluster and the audit writer, which witnesses them.
+#[derive(Debug, Default)]
+pub struct WitnessBoard {
+    heads: Mutex<Vec<WitnessedHead>>,
+}
+
+impl WitnessBoard {
+    /// Replaces the heads (one per other node; this node's own is left out by the caller).
+    pub fn replace(&self, mut heads: Vec<WitnessedHead>) {
+        // One order, whatever order the cluster returned them in.
+        heads.sort_by(|a, b| a.node.cmp(&b.node));
+        *self
+            .heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = heads;
+    }
+
+    /// The heads held now.
+    pub fn snapshot(&self) -> Vec<WitnessedHead> {
+        self.heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
 
 /// Configuration of the audit writer.
 #[derive(Debug, Clone)]
@@ -146,6 +198,18 @@ pub(super) struct Writer {
     pub(super) last_time: u64,
     pub(super) since_checkpoint: u64,
     pub(super) last_checkpoint_at: Instant,
+    /// Cluster witnessing (`None` on a single node).
+    pub(super) witness: Option<Witnessing>,
+    /// Per other node, the head sequence this log last witnessed since the
+    /// writer started (a restart witnesses the current heads again).
+    pub(super) last_witnessed: std::collections::BTreeMap<String, u64>,
+}
+
+/// A checkpoint ready to go into a batch, with the witness record that
+/// precedes it (cluster nodes only).
+pub(super) struct SealedCheckpoint {
+    pub(super) witness: Option<(Vec<WitnessedHead>, Staged)>,
+    pub(super) checkpoint: Checkpoint,
 }
 
 /// Why a batch was not written (turned into the callers' error).
@@ -281,6 +345,28 @@ impl Writer {
             }
         };
         let every = self.config.checkpoint_every_records;
+        // The last checkpoint of this batch and the heads witnessed in it.
+        let mut made: Option<Checkpoint> = None;
+        let mut witnessed: Vec<WitnessedHead> = Vec::new();
+        let mut put_checkpoint = |wb: &mut WriteBatch,
+                                  sc: SealedCheckpoint,
+                                  seq: &mut u64,
+                                  head: &mut [u8; 32]|
+         -> Result<(), Failure> {
+            if let Some((heads, (wseq, whash, bytes))) = sc.witness {
+                wb.put_cf(cf_audit, schema::seq_key(wseq), bytes);
+                *seq = wseq;
+                *head = whash;
+                witnessed.extend(heads);
+            }
+            wb.put_cf(
+                cf_cp,
+                schema::seq_key(sc.checkpoint.seq),
+                encode_checkpoint(&sc.checkpoint)?,
+            );
+            made = Some(sc.checkpoint);
+            Ok(())
+        };
         for req in reqs.drain(..) {
             if failure.is_some() {
                 sealed.push((req.done, Ok(0)));
@@ -295,13 +381,24 @@ impl Writer {
                     continue;
                 }
             };
+            let mut due = false;
             for (record_seq, hash, bytes) in staged {
                 wb.put_cf(cf_audit, schema::seq_key(record_seq), bytes);
                 seq = record_seq;
                 head = hash;
                 since += 1;
                 if every > 0 && since >= every && failure.is_none() {
-                    match self.checkpoint_into(&mut wb, cf_cp, seq, time, &head) {
+                    if self.witness.is_some() {
+                        // A witness record goes between groups, never
+                        // inside one (a group's sequence numbers are
+                        // consecutive): checkpoint when the group ends.
+                        due = true;
+                        continue;
+                    }
+                    match self
+                        .seal_checkpoint(seq, time, &head)
+                        .and_then(|sc| put_checkpoint(&mut wb, sc, &mut seq, &mut head))
+                    {
                         Ok(()) => {
                             since = 0;
                             checkpointed = true;
@@ -310,7 +407,20 @@ impl Writer {
                     }
                 }
             }
-            sealed.push((req.done, Ok(seq)));
+            let last = seq;
+            if due && failure.is_none() {
+                match self
+                    .seal_checkpoint(seq, time, &head)
+                    .and_then(|sc| put_checkpoint(&mut wb, sc, &mut seq, &mut head))
+                {
+                    Ok(()) => {
+                        since = 0;
+                        checkpointed = true;
+                    }
+                    Err(f) => failure = Some(f),
+                }
+            }
+            sealed.push((req.done, Ok(last)));
         }
         if failure.is_none()
             && since > 0
@@ -319,7 +429,10 @@ impl Writer {
                 .checkpoint_interval
                 .is_some_and(|i| self.last_checkpoint_at.elapsed() >= i)
         {
-            match self.checkpoint_into(&mut wb, cf_cp, seq, time, &head) {
+            match self
+                .seal_checkpoint(seq, time, &head)
+                .and_then(|sc| put_checkpoint(&mut wb, sc, &mut seq, &mut head))
+            {
                 Ok(()) => {
                     since = 0;
                     checkpointed = true;
@@ -362,6 +475,9 @@ impl Writer {
         // After the write: a follower woken by this reads every record up to
         // `seq`. (send_replace: publishing never fails for want of followers.)
         self.shared.committed.send_replace(seq);
+        // Before the callers are released (a quick hand-off), so that a
+        // caller who saw its record durable sees its checkpoint handed over.
+        self.checkpoint_done(witnessed, made.as_ref());
         for (done, r) in sealed {
             done.complete(r);
         }
@@ -369,7 +485,7 @@ impl Writer {
 }
 
 /// A sealed record waiting for its write: sequence, chain hash, stored bytes.
-type Staged = (u64, [u8; 32], Vec<u8>);
+pub(super) type Staged = (u64, [u8; 32], Vec<u8>);
 
 /// Seals `events` as the records after `seq`/`head`.
 fn seal_group(

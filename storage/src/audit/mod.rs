@@ -12,13 +12,15 @@ pub(crate) mod record;
 pub(crate) mod verify;
 pub(crate) mod writer;
 
-pub use group_commit::{AuditConfig, MacFn};
+pub use group_commit::{AuditConfig, MacFn, WitnessBoard, Witnessing};
 pub use reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
 pub use record::{
     AuditEvent, AuditRecord, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
-    RECORD_FORMAT_V1, ResultCode,
+    MAX_WITNESSED_HEADS, RECORD_FORMAT_V1, RECORD_FORMAT_WITNESS, ResultCode, WITNESS_OPERATION,
+    WitnessedHead,
 };
 pub use verify::{
     VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport, VerifyStart,
+    WitnessCheck, WitnessOutcome,
 };
 pub use writer::{AppendHandle, AuditLog, AuditStats};

@@ -18,6 +18,21 @@
 //!
 //! The first record (sequence 1) has a prev_hash of 32 zero bytes.
 //!
+//! Record format 2, the **witness** record of a cluster node (design note
+//! §2.3.6): written by the audit writer itself, just before a checkpoint
+//! (which then certifies it), holding the latest audit chain heads this node
+//! read for the *other* nodes. It is a format-1 body with the format byte 2
+//! and a list of heads appended (the event fields hold principal `"system"`,
+//! empty peer and request id, operation [`WITNESS_OPERATION`], result OK):
+//!
+//! ```text
+//! body  = 0x02 <format-1 body after its format byte>
+//!         count:u16 { node:str seq:u64 hash:32 published_ms:u64 mac_len:u16 mac }*count
+//! ```
+//!
+//! A single node writes no witness records, so its log holds only format 1;
+//! format-1 records written by older builds decode and verify unchanged.
+//!
 //! Checkpoint format 1: `0x01 seq:u64 time_micros:u64 head_hash:32 mac_len:u16 mac`.
 //! The MAC is computed over [`Checkpoint::mac_message`].
 
@@ -28,6 +43,12 @@ use kms_catalogue::StorageError;
 
 /// First byte of an encoded audit record.
 pub const RECORD_FORMAT_V1: u8 = 1;
+/// First byte of an encoded witness record (format 2, see the module docs).
+pub const RECORD_FORMAT_WITNESS: u8 = 2;
+/// The operation name of a witness record.
+pub const WITNESS_OPERATION: &str = "AuditWitness";
+/// Most heads one witness record holds (the u16 count of format 2).
+pub const MAX_WITNESSED_HEADS: usize = u16::MAX as usize;
 /// First byte of an encoded checkpoint.
 pub const CHECKPOINT_FORMAT_V1: u8 = 1;
 /// The prev_hash of the first record.
@@ -226,6 +247,71 @@ pub struct AuditRecord {
     /// SHA-256(prev_hash ‖ body), as stored.
     #[serde(serialize_with = "hex32")]
     pub hash: [u8; 32],
+    /// For a witness record (format 2): the other nodes' heads it attests,
+    /// at least one. Empty for every other record (format 1).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub witnessed: Vec<WitnessedHead>,
+}
+
+/// Another node's audit chain head as a witness record holds it: "node
+/// `node`'s record `seq` had chain hash `hash`" (design note §2.3.6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WitnessedHead {
+    /// The node whose head it is (`[cluster] node_id`), at most [`MAX_FIELD_LEN`] bytes.
+    pub node: String,
+    /// Sequence number of that node's record the head covers (first is 1).
+    pub seq: u64,
+    /// That record's chain hash.
+    #[serde(serialize_with = "hex32")]
+    pub hash: [u8; 32],
+    /// When the node published it, ms since the Unix epoch (its wall clock;
+    /// for display only).
+    pub published_ms: u64,
+    /// The MAC of the checkpoint that certified it on that node, at most
+    /// [`MAX_FIELD_LEN`] bytes.
+    #[serde(serialize_with = "hex::serde::serialize")]
+    pub checkpoint_mac: Vec<u8>,
+}
+
+impl WitnessedHead {
+    /// The head as the catalogue engine publishes it ([`kms_catalogue::AuditHead`]).
+    ///
+    /// # Errors
+    ///
+    /// A short static description if its hash is not 64 hex digits or its
+    /// MAC is not hex.
+    pub fn from_published(head: &kms_catalogue::AuditHead) -> Result<WitnessedHead, &'static str> {
+        let hash = hex::decode(&head.hash)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or("head hash is not 64 hex digits")?;
+        let checkpoint_mac =
+            hex::decode(&head.checkpoint_mac).map_err(|_| "checkpoint MAC is not hex")?;
+        Ok(WitnessedHead {
+            node: head.node.clone(),
+            seq: head.seq,
+            hash,
+            published_ms: head.published_ms,
+            checkpoint_mac,
+        })
+    }
+}
+
+impl AuditEvent {
+    /// The event fields of a witness record.
+    pub fn witness() -> AuditEvent {
+        AuditEvent {
+            principal: "system".into(),
+            peer: String::new(),
+            request_id: String::new(),
+            operation: WITNESS_OPERATION.into(),
+            key_id: None,
+            key_version: None,
+            context_digest: None,
+            result: ResultCode::Ok,
+            latency_micros: 0,
+        }
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), StorageError> {
@@ -288,7 +374,11 @@ impl AuditRecord {
         let mut out = Vec::with_capacity(
             64 + e.principal.len() + e.peer.len() + e.request_id.len() + e.operation.len(),
         );
-        out.push(RECORD_FORMAT_V1);
+        out.push(if self.witnessed.is_empty() {
+            RECORD_FORMAT_V1
+        } else {
+            RECORD_FORMAT_WITNESS
+        });
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.time_micros.to_be_bytes());
         out.push(e.result.as_u8());
@@ -317,6 +407,31 @@ impl AuditRecord {
         if let Some(d) = &e.context_digest {
             out.extend_from_slice(d);
         }
+        if !self.witnessed.is_empty() {
+            let count = u16::try_from(self.witnessed.len()).map_err(|_| {
+                StorageError::AuditFieldTooLong {
+                    field: "witnessed heads",
+                    len: self.witnessed.len(),
+                    max: MAX_WITNESSED_HEADS,
+                }
+            })?;
+            out.extend_from_slice(&count.to_be_bytes());
+            for w in &self.witnessed {
+                put_str(&mut out, "witnessed node", &w.node)?;
+                out.extend_from_slice(&w.seq.to_be_bytes());
+                out.extend_from_slice(&w.hash);
+                out.extend_from_slice(&w.published_ms.to_be_bytes());
+                let mac_len = u16::try_from(w.checkpoint_mac.len()).map_err(|_| {
+                    StorageError::AuditFieldTooLong {
+                        field: "witnessed checkpoint mac",
+                        len: w.checkpoint_mac.len(),
+                        max: MAX_FIELD_LEN,
+                    }
+                })?;
+                out.extend_from_slice(&mac_len.to_be_bytes());
+                out.extend_from_slice(&w.checkpoint_mac);
+            }
+        }
         Ok(out)
     }
 
@@ -340,12 +455,31 @@ impl AuditRecord {
         event: AuditEvent,
         prev_hash: [u8; 32],
     ) -> Result<(AuditRecord, Vec<u8>), StorageError> {
+        Self::seal_with_witness(seq, time_micros, event, Vec::new(), prev_hash)
+    }
+
+    /// As [`AuditRecord::seal`], for a record that may witness other nodes'
+    /// heads: with `witnessed` empty it is exactly [`AuditRecord::seal`]
+    /// (format 1); otherwise a witness record (format 2).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::AuditFieldTooLong`] for a string or MAC longer than
+    /// [`MAX_FIELD_LEN`] bytes or more than [`MAX_WITNESSED_HEADS`] heads.
+    pub fn seal_with_witness(
+        seq: u64,
+        time_micros: u64,
+        event: AuditEvent,
+        witnessed: Vec<WitnessedHead>,
+        prev_hash: [u8; 32],
+    ) -> Result<(AuditRecord, Vec<u8>), StorageError> {
         let mut rec = AuditRecord {
             seq,
             time_micros,
             event,
             prev_hash,
             hash: [0; 32],
+            witnessed,
         };
         let mut bytes = rec.encode_body()?;
         rec.hash = Self::chain_hash(&prev_hash, &bytes);
@@ -375,7 +509,8 @@ impl AuditRecord {
     /// byte, truncated field, invalid UTF-8, trailing bytes, ...).
     pub fn decode(bytes: &[u8]) -> Result<AuditRecord, &'static str> {
         let mut r = Reader { buf: bytes };
-        if r.u8()? != RECORD_FORMAT_V1 {
+        let format = r.u8()?;
+        if format != RECORD_FORMAT_V1 && format != RECORD_FORMAT_WITNESS {
             return Err("unknown record format");
         }
         let seq = r.u64()?;
@@ -405,6 +540,29 @@ impl AuditRecord {
         } else {
             None
         };
+        let mut witnessed = Vec::new();
+        if format == RECORD_FORMAT_WITNESS {
+            let count = r.u16()?;
+            if count == 0 {
+                // Encoding writes format 1 for no heads: one record, one encoding.
+                return Err("witness record without heads");
+            }
+            for _ in 0..count {
+                let node = r.string()?;
+                let seq = r.u64()?;
+                let hash = r.array()?;
+                let published_ms = r.u64()?;
+                let mac_len = usize::from(r.u16()?);
+                let checkpoint_mac = r.take(mac_len)?.to_vec();
+                witnessed.push(WitnessedHead {
+                    node,
+                    seq,
+                    hash,
+                    published_ms,
+                    checkpoint_mac,
+                });
+            }
+        }
         let prev_hash = r.array()?;
         let hash = r.array()?;
         if !r.buf.is_empty() {
@@ -426,6 +584,7 @@ impl AuditRecord {
             },
             prev_hash,
             hash,
+            witnessed,
         })
     }
 

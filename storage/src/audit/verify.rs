@@ -12,7 +12,7 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::reader::AuditReader;
-use super::record::{AuditRecord, Checkpoint, GENESIS_HASH};
+use super::record::{AuditRecord, Checkpoint, GENESIS_HASH, WitnessedHead};
 use crate::schema::{self, CF_AUDIT, CF_AUDIT_CHECKPOINTS};
 use kms_catalogue::{CallbackError, StorageError};
 
@@ -114,6 +114,47 @@ pub struct VerifyReport {
     pub uncheckpointed_tail: u64,
     /// `None` if everything verified.
     pub failure: Option<VerifyFailure>,
+    /// The heads of other nodes this chain witnesses (witness records,
+    /// design note §2.3.6): per node, the one with the highest sequence
+    /// among the records that verified, by node id. Empty on a single node.
+    pub witnessed: Vec<WitnessedHead>,
+}
+
+/// What this node's log says about a head another node witnessed for it
+/// ([`AuditReader::check_witnessed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessCheck {
+    /// The witnessed head (its `node` is this node).
+    pub head: WitnessedHead,
+    /// How this log compares with it.
+    pub outcome: WitnessOutcome,
+}
+
+/// How a log compares with a head witnessed for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WitnessOutcome {
+    /// The log has the record at the head's sequence, with the head's hash.
+    Matches,
+    /// The log ends before the head's sequence: its tail was erased
+    /// (truncated or rolled back).
+    LogEndsBefore {
+        /// The log's last sequence number (0 when empty).
+        log_end: u64,
+    },
+    /// The record at the head's sequence has another hash: the log was
+    /// rewritten at or before it.
+    HashMismatch {
+        /// The hash stored at that sequence.
+        found: [u8; 32],
+    },
+}
+
+impl WitnessCheck {
+    /// Whether the log matches the head.
+    pub fn is_ok(&self) -> bool {
+        self.outcome == WitnessOutcome::Matches
+    }
 }
 
 impl VerifyReport {
@@ -187,8 +228,10 @@ impl AuditReader {
                 last_checkpoint_seq: None,
                 uncheckpointed_tail: 0,
                 failure: None,
+                witnessed: Vec::new(),
             },
         };
+        let mut witnessed = std::collections::BTreeMap::<String, WitnessedHead>::new();
         let mut expected = 1u64;
         if let VerifyStart::Checkpoint(s) = options.start {
             let Some(v) = db.get(CF_AUDIT_CHECKPOINTS, &schema::seq_key(s))? else {
@@ -273,6 +316,12 @@ impl AuditReader {
             {
                 return Ok(walk.fail(seq, VerifyFailureReason::MissingCheckpoint));
             }
+            for w in &rec.witnessed {
+                if witnessed.get(&w.node).is_none_or(|old| old.seq <= w.seq) {
+                    witnessed.insert(w.node.clone(), w.clone());
+                }
+            }
+            walk.report.witnessed = witnessed.values().cloned().collect();
             walk.report.records += 1;
             walk.report.last_good_seq = seq;
             walk.report.head_hash = rec.hash;
@@ -285,5 +334,39 @@ impl AuditReader {
             return Ok(walk.fail(cseq, VerifyFailureReason::CheckpointWithoutRecord));
         }
         Ok(walk.report)
+    }
+
+    /// Compares this log with heads other nodes witnessed for it (design note
+    /// §2.3.6): each must be at or before the log's end and match the hash of
+    /// the record at its sequence. Chain validity is [`AuditReader::verify`]'s
+    /// business; run both. The heads' `node` fields are not checked (the
+    /// caller picks the heads witnessed for this node).
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] if RocksDB fails; [`StorageError::Corrupt`] if a
+    /// record at a witnessed sequence does not decode.
+    pub fn check_witnessed(
+        &self,
+        heads: &[WitnessedHead],
+    ) -> Result<Vec<WitnessCheck>, StorageError> {
+        let log_end = self.last_seq()?;
+        heads
+            .iter()
+            .map(|head| {
+                let outcome = match self.get(head.seq)? {
+                    Some(rec) if rec.hash == head.hash => WitnessOutcome::Matches,
+                    Some(rec) => WitnessOutcome::HashMismatch { found: rec.hash },
+                    // A hole below the end is the chain's failure (a gap);
+                    // here it still means the witnessed record is gone.
+                    None if head.seq <= log_end => WitnessOutcome::HashMismatch { found: [0; 32] },
+                    None => WitnessOutcome::LogEndsBefore { log_end },
+                };
+                Ok(WitnessCheck {
+                    head: head.clone(),
+                    outcome,
+                })
+            })
+            .collect()
     }
 }

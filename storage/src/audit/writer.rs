@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use super::checkpoint::last_checkpoint_seq;
 use super::group_commit::{
-    AuditConfig, Completion, MacFn, Outcome, Request, Shared, Writer, read_head,
+    AuditConfig, Completion, MacFn, Outcome, Request, Shared, Witnessing, Writer, read_head,
 };
 use super::record::AuditEvent;
 use crate::db::Db;
@@ -81,6 +81,7 @@ impl AuditLog {
         db: Arc<Db>,
         config: AuditConfig,
         mac: MacFn,
+        witness: Option<Witnessing>,
     ) -> Result<AuditLog, StorageError> {
         let (last_seq, head, last_time) = read_head(&db)?;
         let last_cp = last_checkpoint_seq(&db)?;
@@ -105,6 +106,8 @@ impl AuditLog {
             last_time,
             since_checkpoint: last_seq.saturating_sub(last_cp.unwrap_or(0)),
             last_checkpoint_at: Instant::now(),
+            witness,
+            last_witnessed: std::collections::BTreeMap::new(),
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
