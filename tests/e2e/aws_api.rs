@@ -58,7 +58,7 @@ async fn start(env: &TestEnv) -> TestServer {
 
 /// Runs the client script in `mode` against `endpoint` with `env` added
 /// (and no AWS settings of this machine) and returns its JSON output.
-async fn clients(mode: &str, endpoint: &str, env: &[(&str, &str)]) -> Value {
+pub(crate) async fn clients(mode: &str, endpoint: &str, env: &[(&str, &str)]) -> Value {
     let mut command = tokio::process::Command::new("python3");
     command.arg(CLIENTS).arg(mode).arg(endpoint);
     for var in [

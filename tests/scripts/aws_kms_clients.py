@@ -2,7 +2,7 @@
 """Real AWS clients against kms's AWS KMS API (tests/e2e/aws_api.rs).
 
 Usage: aws_kms_clients.py MODE ENDPOINT
-  MODE: boto3 | esdk | signatures | moto
+  MODE: boto3 | esdk | signatures | moto | secrets
 Credentials and region come from the environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or AWS_SHARED_CREDENTIALS_FILE),
 as for any AWS program; `boto3` also reads OUTSIDER_ACCESS_KEY_ID and
@@ -436,6 +436,94 @@ def run_moto(endpoint):
     print(json.dumps({"moto": reference, "kms": ours}))
 
 
+def signing_key(secret, date):
+    """SigV4's derived signing key of `secret` for `date` (YYYYMMDD), kms in
+    REGION: as good as the secret for a day, so it must not leak either."""
+    import hashlib
+    import hmac
+
+    key = ("AWS4" + secret).encode()
+    for part in [date, REGION, "kms", "aws4_request"]:
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def run_secrets(endpoint):
+    """Traffic that carries secrets, good and refused, for the leak scan of
+    tests/e2e/secrets.rs: every plaintext, data key and random byte string
+    sent or received is printed (base64), with the SigV4 signing keys of
+    today and yesterday (UTC)."""
+    kms = client(endpoint)
+    credentials = boto3.Session().get_credentials().get_frozen_credentials()
+    good = Credentials(credentials.access_key, credentials.secret_key)
+    secrets = []
+
+    def keep(value):
+        secrets.append(base64.b64encode(value).decode())
+        return value
+
+    kid = kms.create_key(Description="leak check")["KeyMetadata"]["KeyId"]
+    other = kms.create_key(Description="leak check 2")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/leak-check", TargetKeyId=kid)
+    context = {"tenant": "acme"}
+    for i in range(8):
+        plaintext = keep(f"AWS-LEAK-PLAINTEXT-{i:02}-Zt4wQm8r".encode())
+        blob = kms.encrypt(KeyId="alias/leak-check", Plaintext=plaintext,
+                           EncryptionContext=context)["CiphertextBlob"]
+        opened = kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"]
+        check(opened == plaintext, "decrypts")
+        error_code(kms.decrypt, CiphertextBlob=blob, EncryptionContext={"tenant": "other"})
+        moved = kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext=context,
+                               DestinationKeyId=other)["CiphertextBlob"]
+        check(kms.decrypt(CiphertextBlob=moved)["Plaintext"] == plaintext, "re-encrypted")
+        keep(kms.generate_data_key(KeyId=kid, KeySpec="AES_256",
+                                   EncryptionContext=context)["Plaintext"])
+        keep(kms.generate_data_key(KeyId=kid, NumberOfBytes=64)["Plaintext"])
+        sealed = kms.generate_data_key_without_plaintext(KeyId=kid, KeySpec="AES_128")
+        keep(kms.decrypt(CiphertextBlob=sealed["CiphertextBlob"])["Plaintext"])
+        keep(kms.generate_random(NumberOfBytes=32)["Plaintext"])
+    # Refused requests that carry plaintext: unknown key, too long, a
+    # disabled key, a malformed body.
+    error_code(kms.encrypt, KeyId="alias/none-such",
+               Plaintext=keep(b"AWS-LEAK-REFUSED-UNKNOWN-KEY-7hQ2"))
+    error_code(kms.encrypt, KeyId=kid, Plaintext=keep(b"AWS-LEAK-TOO-LONG-" + b"x" * 4096))
+    kms.disable_key(KeyId=other)
+    error_code(kms.encrypt, KeyId=other, Plaintext=keep(b"AWS-LEAK-REFUSED-DISABLED-3mKp"))
+    malformed = json.dumps({
+        "KeyId": 5, "Plaintext": base64.b64encode(keep(b"AWS-LEAK-MALFORMED-BODY-9vXc")).decode()
+    }).encode()
+    status, answer = send(endpoint, signed_headers(endpoint, malformed, good, operation="Encrypt"),
+                          malformed)
+    check(status == 400 and answer["__type"] == "SerializationException", f"{status} {answer}")
+    # Hand-signed requests: good, then refused signatures over bodies with
+    # plaintext.
+    body = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-GOOD-5rTn")).decode()}).encode()
+    status, _ = send(endpoint, signed_headers(endpoint, body, good, operation="Encrypt"), body)
+    check(status == 200, f"good signature: {status}")
+    wrong = Credentials(credentials.access_key, "wrong" + credentials.secret_key[5:])
+    refused = []
+    body = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-WRONG-SECRET-8pLs")).decode()}).encode()
+    refused.append(send(endpoint, signed_headers(endpoint, body, wrong, operation="Encrypt"), body))
+    changed = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-CHANGED-BODY-2wQz")).decode()}).encode()
+    refused.append(send(endpoint, signed_headers(endpoint, body, good, operation="Encrypt"), changed))
+    stale = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - datetime.timedelta(minutes=20)
+    refused.append(send(endpoint, signed_headers(endpoint, body, good, when=stale,
+                                                 operation="Encrypt"), body))
+    check(all(s == 400 and a["__type"] == "InvalidSignatureException" for s, a in refused),
+          f"{refused}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    days = [(now - datetime.timedelta(days=d)).strftime("%Y%m%d") for d in (0, 1)]
+    print(json.dumps({
+        "secrets": secrets,
+        "signing_keys": [base64.b64encode(signing_key(credentials.secret_key, d)).decode()
+                         for d in days],
+    }))
+
+
 if __name__ == "__main__":
     mode, endpoint = sys.argv[1], sys.argv[2]
-    {"boto3": run_boto3, "esdk": run_esdk, "signatures": run_signatures, "moto": run_moto}[mode](endpoint)
+    {"boto3": run_boto3, "esdk": run_esdk, "signatures": run_signatures, "moto": run_moto,
+     "secrets": run_secrets}[mode](endpoint)
