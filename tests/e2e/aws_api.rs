@@ -529,7 +529,9 @@ async fn the_aws_cli_encrypts_against_dev_mode_with_its_generated_credentials() 
 /// issued by the server → InvalidMarkerException; a key identifier that
 /// names no key, whatever its form → NotFoundException, as AWS's "Invalid
 /// keyId"; CancelKeyDeletion of a key not pending deletion →
-/// KMSInvalidStateException; an `aws:` tag key → TagException), and the
+/// KMSInvalidStateException; an `aws:` tag key → TagException), a
+/// `DryRun` refused rather than performed (UnsupportedOperationException:
+/// kms cannot check without doing), and the
 /// reserved `alias/aws/` prefix (NotAuthorizedException, as moto answers
 /// it). Pagination with Limit=1 visits every key and alias once (checked by
 /// the script).
@@ -605,6 +607,12 @@ async fn odd_inputs_get_the_answers_aws_gives() {
             "ReEncrypt/wrong-source-context",
             error("InvalidCiphertextException"),
         ),
+        ("Encrypt/DryRun", error("UnsupportedOperationException")),
+        (
+            "GenerateDataKey/DryRun",
+            error("UnsupportedOperationException"),
+        ),
+        ("Encrypt/DryRun-false", ok()),
         ("TagResource/aws-prefix", error("TagException")),
         ("CreateKey/aws-prefix-tag", error("TagException")),
         ("http/array-body", http(400, "SerializationException")),

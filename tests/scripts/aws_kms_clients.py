@@ -628,6 +628,12 @@ def run_edges(endpoint):
          CiphertextBlob=blob["CiphertextBlob"], SourceEncryptionContext={"a": "2"},
          DestinationKeyId=other)
 
+    # DryRun: never performed (no data key handed out).
+    case("Encrypt/DryRun", kms.encrypt, KeyId=kid, Plaintext=b"x", DryRun=True)
+    case("GenerateDataKey/DryRun", kms.generate_data_key, KeyId=kid, KeySpec="AES_256",
+         DryRun=True)
+    case("Encrypt/DryRun-false", kms.encrypt, KeyId=kid, Plaintext=b"x", DryRun=False)
+
     case("TagResource/aws-prefix", kms.tag_resource, KeyId=kid,
          Tags=[{"TagKey": "aws:reserved", "TagValue": "v"}])
     case("CreateKey/aws-prefix-tag", kms.create_key,

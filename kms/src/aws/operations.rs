@@ -15,6 +15,7 @@
 //! identifier is NotFoundException and a foreign Marker InvalidMarkerException
 //! (both in [`AwsError::from`]); an alias under the reserved `alias/aws/`
 //! NotAuthorizedException; a tag key under the reserved `aws:` TagException.
+//! `DryRun: true` is refused (UnsupportedOperationException), never performed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -309,6 +310,7 @@ struct Request {
     encrypted_key_material: Option<String>,
     expiration_model: Option<String>,
     valid_to: Option<Value>,
+    dry_run: Option<bool>,
 }
 
 // Requests carry plaintext: Debug prints the member names present only.
@@ -324,6 +326,24 @@ impl std::fmt::Debug for Request {
 /// Runs operation `name` (an `X-Amz-Target` suffix audit_operation knows).
 pub(super) async fn dispatch(call: &Call<'_>, name: &str, body: &[u8]) -> Result<Value, AwsError> {
     let req: Request = call.parse(body)?;
+    if req.dry_run == Some(true) {
+        // AWS answers a permitted dry run with DryRunOperationException and
+        // performs nothing; kms cannot yet check a request without doing
+        // it, and must not do it (a data key, an audited use) when asked
+        // not to: refused as an unsupported parameter, audited.
+        let key = call.key_ref(
+            req.key_id
+                .as_deref()
+                .or(req.destination_key_id.as_deref())
+                .unwrap_or(""),
+        );
+        let refused: Result<(), KmsError> = Err(KmsError::invalid(
+            "DryRun",
+            "dry runs are not supported by this kms server",
+        ));
+        call.valid_as("UnsupportedOperationException", &key, refused)
+            .await?;
+    }
     if req.recipient.is_some() {
         return Err(AwsError::validation(
             "Recipient (Nitro Enclaves attestation) is not supported",
