@@ -254,6 +254,33 @@ impl DevServerProcess {
         )
     }
 
+    /// Like `start_logged`, with `--aws-api-listen 127.0.0.1:0` (dev mode's
+    /// access key in `<data_dir>/aws-credentials`); [`Self::aws_endpoint`]
+    /// is its address.
+    pub fn start_logged_with_aws_api(
+        data_dir: &Path,
+        log: &str,
+        log_file: &Path,
+    ) -> DevServerProcess {
+        let file = std::fs::File::create(log_file).expect("log file");
+        Self::spawn_with(
+            data_dir,
+            "127.0.0.1:0",
+            log,
+            std::process::Stdio::from(file),
+            &["--aws-api-listen", "127.0.0.1:0"],
+        )
+    }
+
+    /// The AWS KMS API's URL the banner names (`http://ADDR`), if any.
+    pub fn aws_endpoint(&self) -> Option<String> {
+        self.banner
+            .split("AWS KMS API on ")
+            .nth(1)
+            .and_then(|rest| rest.split([',', ')']).next())
+            .map(str::to_owned)
+    }
+
     /// Everything the server printed on stdout after its banner (read until
     /// it exits: call after `terminate`).
     pub fn take_stdout_rest(&mut self) -> Vec<u8> {
@@ -277,9 +304,21 @@ impl DevServerProcess {
         log: &str,
         stderr: std::process::Stdio,
     ) -> DevServerProcess {
+        Self::spawn_with(data_dir, listen, log, stderr, &[])
+    }
+
+    fn spawn_with(
+        data_dir: &Path,
+        listen: &str,
+        log: &str,
+        stderr: std::process::Stdio,
+        extra_args: &[&str],
+    ) -> DevServerProcess {
         use std::io::{BufRead, Read};
         let mut child = std::process::Command::new(kms_binary())
-            .args(["serve", "--dev", "--listen", listen, "--data-dir"])
+            .args(["serve", "--dev", "--listen", listen])
+            .args(extra_args)
+            .arg("--data-dir")
             .arg(data_dir)
             .env("KMS_LOG", log)
             .stdout(std::process::Stdio::piped())

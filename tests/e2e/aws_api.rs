@@ -58,7 +58,7 @@ async fn start(env: &TestEnv) -> TestServer {
 
 /// Runs the client script in `mode` against `endpoint` with `env` added
 /// (and no AWS settings of this machine) and returns its JSON output.
-async fn clients(mode: &str, endpoint: &str, env: &[(&str, &str)]) -> Value {
+pub(crate) async fn clients(mode: &str, endpoint: &str, env: &[(&str, &str)]) -> Value {
     let mut command = tokio::process::Command::new("python3");
     command.arg(CLIENTS).arg(mode).arg(endpoint);
     for var in [
@@ -518,4 +518,142 @@ async fn the_aws_cli_encrypts_against_dev_mode_with_its_generated_credentials() 
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A demanding user's edge cases (tests/scripts/aws_kms_clients.py
+/// `edges`, botocore's own validation off), each answered as AWS answers
+/// it: the AWS KMS API Reference's length, range and enum constraints
+/// (Plaintext 1 to 4096 bytes, NumberOfBytes 1 to 1024, KeySpec AES_128 or
+/// AES_256, Limit 1 to 1000, PendingWindowInDays 7 to 30 → ValidationException),
+/// the exceptions each operation's "Errors" section names (a Marker not
+/// issued by the server → InvalidMarkerException; a key identifier that
+/// names no key, whatever its form → NotFoundException, as AWS's "Invalid
+/// keyId"; CancelKeyDeletion of a key not pending deletion →
+/// KMSInvalidStateException; an `aws:` tag key → TagException), a
+/// `DryRun` refused rather than performed (UnsupportedOperationException:
+/// kms cannot check without doing), and the
+/// reserved `alias/aws/` prefix (NotAuthorizedException, as moto answers
+/// it). Pagination with Limit=1 visits every key and alias once (checked by
+/// the script).
+#[tokio::test]
+async fn odd_inputs_get_the_answers_aws_gives() {
+    let env = TestEnv::new();
+    let server = start(&env).await;
+    let endpoint = format!("http://{}", server.aws_addr());
+    let out = clients("edges", &endpoint, &app_env()).await;
+    let outcomes: BTreeMap<String, Value> =
+        serde_json::from_value(out["outcomes"].clone()).expect("outcomes");
+    let ok = || Value::from("ok");
+    let error = |code: &str| Value::from(format!("error:{code}"));
+    let http = |status: u16, kind: &str| serde_json::json!([status, kind]);
+    let validation = || error("ValidationException");
+    let expected: BTreeMap<String, Value> = [
+        ("Encrypt/empty-context", ok()),
+        ("Encrypt/6KiB-context", ok()),
+        ("Encrypt/4096", ok()),
+        ("Encrypt/4097", validation()),
+        ("Encrypt/0", validation()),
+        ("GenerateDataKey/1", ok()),
+        ("GenerateDataKey/1024", ok()),
+        ("GenerateDataKey/1025", validation()),
+        ("GenerateDataKey/0", validation()),
+        ("GenerateRandom/1", ok()),
+        ("GenerateRandom/1024", ok()),
+        ("GenerateRandom/1025", validation()),
+        ("GenerateRandom/0", validation()),
+        ("GenerateDataKey/AES_128", ok()),
+        ("GenerateDataKey/AES_256", ok()),
+        ("GenerateDataKey/AES_512", validation()),
+        ("GenerateDataKeyWithoutPlaintext/AES_128", ok()),
+        ("GenerateDataKeyWithoutPlaintext/AES_256", ok()),
+        ("GenerateDataKeyWithoutPlaintext/AES_512", validation()),
+        ("ListKeys/Limit-0", validation()),
+        ("ListKeys/Limit-1001", validation()),
+        ("ListKeys/foreign-marker", error("InvalidMarkerException")),
+        (
+            "ListAliases/foreign-marker",
+            error("InvalidMarkerException"),
+        ),
+        (
+            "ListKeyRotations/foreign-marker",
+            error("InvalidMarkerException"),
+        ),
+        ("CreateAlias/alias-aws-x", error("NotAuthorizedException")),
+        ("UpdateAlias/alias-aws-x", error("NotAuthorizedException")),
+        ("CreateAlias/alias-awsome", ok()),
+        ("CreateAlias/256-chars", ok()),
+        ("CreateAlias/257-chars", validation()),
+        ("CreateAlias/colon", validation()),
+        ("CreateAlias/no-prefix", validation()),
+        ("DescribeKey/uuid", error("NotFoundException")),
+        ("DescribeKey/nonsense", error("NotFoundException")),
+        ("Encrypt/nonsense-key", error("NotFoundException")),
+        ("ListAliases/nonsense-key", error("NotFoundException")),
+        ("ScheduleKeyDeletion/6", validation()),
+        ("ScheduleKeyDeletion/7", ok()),
+        ("ScheduleKeyDeletion/30", ok()),
+        ("ScheduleKeyDeletion/31", validation()),
+        (
+            "ScheduleKeyDeletion/again",
+            error("KMSInvalidStateException"),
+        ),
+        ("CancelKeyDeletion/first", ok()),
+        (
+            "CancelKeyDeletion/second",
+            error("KMSInvalidStateException"),
+        ),
+        ("ReEncrypt/other-key-other-context", ok()),
+        (
+            "ReEncrypt/wrong-source-context",
+            error("InvalidCiphertextException"),
+        ),
+        ("Encrypt/DryRun", error("UnsupportedOperationException")),
+        (
+            "GenerateDataKey/DryRun",
+            error("UnsupportedOperationException"),
+        ),
+        ("Encrypt/DryRun-false", ok()),
+        ("TagResource/aws-prefix", error("TagException")),
+        ("CreateKey/aws-prefix-tag", error("TagException")),
+        ("http/array-body", http(400, "SerializationException")),
+        ("http/garbage-body", http(400, "SerializationException")),
+        ("http/no-target", http(400, "UnknownOperationException")),
+        ("http/GET", http(404, "UnknownOperationException")),
+        ("http/other-path", http(404, "UnknownOperationException")),
+        ("http/bad-base64", http(400, "ValidationException")),
+        (
+            "http/9MiB-body",
+            http(413, "RequestEntityTooLargeException"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let differences: Vec<String> = expected
+        .keys()
+        .chain(outcomes.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|case| expected.get(*case) != outcomes.get(*case))
+        .map(|case| {
+            format!(
+                "{case}: expected {:?}, got {:?}",
+                expected.get(case),
+                outcomes.get(case)
+            )
+        })
+        .collect();
+    assert!(differences.is_empty(), "{differences:#?}");
+    // The refusals are audited like any other: the reserved alias and the
+    // reserved tag as INVALID_ARGUMENT (3), under the caller's principal.
+    let events = audit_events(&server, APP_PRINCIPAL).await;
+    for operation in [pb::Operation::CreateAlias, pb::Operation::TagKey] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.operation == operation as i32 && e.result_code == 3),
+            "{operation:?} refusal not audited"
+        );
+    }
+    server.stop().await;
 }

@@ -318,3 +318,119 @@ async fn secrets_never_reach_debug_logs_stdout_the_disk_or_the_audit_export_of_a
     let hits = find_secrets(&haystacks, &secrets);
     assert!(hits.is_empty(), "secrets leaked: {hits:#?}");
 }
+
+/// The AWS KMS API door (issue 17): a real `kms serve --dev
+/// --aws-api-listen` at debug/trace, driven by boto3 and hand-signed
+/// requests (good signatures, a wrong secret, a changed body, a stale date,
+/// refused and malformed requests carrying plaintext;
+/// tests/scripts/aws_kms_clients.py `secrets`). Neither the secret access
+/// key (raw, hex, base64, ...), nor `AWS4<secret>`, nor the SigV4 signing
+/// keys derived from it, nor any plaintext, data key or random bytes that
+/// crossed the AWS port, appears in the log, stdout, the data directory
+/// (but for the credentials file dev mode writes for the clients) or the
+/// audit export.
+#[tokio::test]
+async fn aws_api_secret_keys_plaintexts_and_data_keys_never_reach_logs_stdout_disk_or_audit() {
+    use base64::Engine as _;
+    use kms_tests::{DevServerProcess, run_cli};
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().join("kms");
+    let log_file = data.path().join("server.log");
+    let server = DevServerProcess::start_logged_with_aws_api(
+        &data_dir,
+        "debug,kms=trace,kms_hsm=trace,kms_storage=trace",
+        &log_file,
+    );
+    let aws = server.aws_endpoint().expect("AWS KMS API in the banner");
+    let credentials_file = data_dir.join("aws-credentials");
+    let credentials = std::fs::read_to_string(&credentials_file).expect("aws-credentials");
+    let secret_key = credentials
+        .lines()
+        .find_map(|l| l.strip_prefix("aws_secret_access_key = "))
+        .expect("aws_secret_access_key")
+        .trim()
+        .to_owned();
+    assert_eq!(secret_key.len(), 40);
+
+    let out = super::aws_api::clients(
+        "secrets",
+        &aws,
+        &[(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            credentials_file.to_str().expect("utf-8 path"),
+        )],
+    )
+    .await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let decode = |v: &serde_json::Value| b64.decode(v.as_str().expect("string")).expect("base64");
+    let mut secrets: Vec<Vec<u8>> = out["secrets"]
+        .as_array()
+        .expect("secrets")
+        .iter()
+        .map(decode)
+        .collect();
+    assert!(secrets.len() >= 45, "{}", secrets.len());
+    let key_material: Vec<Vec<u8>> = [
+        secret_key.clone().into_bytes(),
+        format!("AWS4{secret_key}").into_bytes(),
+    ]
+    .into_iter()
+    .chain(
+        out["signing_keys"]
+            .as_array()
+            .expect("signing keys")
+            .iter()
+            .map(decode),
+    )
+    .collect();
+    secrets.extend(key_material.iter().cloned());
+
+    let (ok, export, stderr) = run_cli(&server.endpoint(), &["audit", "export"], b"");
+    assert!(ok, "{stderr}");
+    let mut server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.terminate();
+        server
+    })
+    .await
+    .expect("terminate");
+    let stdout = server.take_stdout_rest();
+    let log = std::fs::read(&log_file).expect("log");
+    let text = String::from_utf8_lossy(&log);
+    // The refused signatures reached the server and were logged (without
+    // what they were signed with).
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("signature not accepted"))
+            .count()
+            >= 3,
+        "signature refusals not logged:\n{text}"
+    );
+
+    let mut haystacks = vec![
+        ("server log (debug/trace)".to_owned(), log),
+        ("server stdout".to_owned(), stdout),
+        ("audit export".to_owned(), export),
+        ("CLI stderr".to_owned(), stderr.into_bytes()),
+    ];
+    let mut files = Vec::new();
+    files_under(&data_dir, &mut files);
+    assert!(files.len() > 5, "nothing to scan?");
+    let mut credentials_bytes = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        if file == credentials_file {
+            // Where the secret belongs (the clients' file): the control.
+            credentials_bytes = bytes;
+        } else {
+            haystacks.push((file.display().to_string(), bytes));
+        }
+    }
+    let control = [("aws-credentials".to_owned(), credentials_bytes)];
+    assert!(
+        !find_secrets(&control, &key_material[..1]).is_empty(),
+        "the scanner does not find the secret where it is"
+    );
+    let hits = find_secrets(&haystacks, &secrets);
+    assert!(hits.is_empty(), "secrets leaked: {hits:#?}");
+}

@@ -2,7 +2,7 @@
 """Real AWS clients against kms's AWS KMS API (tests/e2e/aws_api.rs).
 
 Usage: aws_kms_clients.py MODE ENDPOINT
-  MODE: boto3 | esdk | signatures | moto
+  MODE: boto3 | esdk | signatures | moto | secrets | edges
 Credentials and region come from the environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or AWS_SHARED_CREDENTIALS_FILE),
 as for any AWS program; `boto3` also reads OUTSIDER_ACCESS_KEY_ID and
@@ -436,6 +436,239 @@ def run_moto(endpoint):
     print(json.dumps({"moto": reference, "kms": ours}))
 
 
+def signing_key(secret, date):
+    """SigV4's derived signing key of `secret` for `date` (YYYYMMDD), kms in
+    REGION: as good as the secret for a day, so it must not leak either."""
+    import hashlib
+    import hmac
+
+    key = ("AWS4" + secret).encode()
+    for part in [date, REGION, "kms", "aws4_request"]:
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def run_secrets(endpoint):
+    """Traffic that carries secrets, good and refused, for the leak scan of
+    tests/e2e/secrets.rs: every plaintext, data key and random byte string
+    sent or received is printed (base64), with the SigV4 signing keys of
+    today and yesterday (UTC)."""
+    kms = client(endpoint)
+    credentials = boto3.Session().get_credentials().get_frozen_credentials()
+    good = Credentials(credentials.access_key, credentials.secret_key)
+    secrets = []
+
+    def keep(value):
+        secrets.append(base64.b64encode(value).decode())
+        return value
+
+    kid = kms.create_key(Description="leak check")["KeyMetadata"]["KeyId"]
+    other = kms.create_key(Description="leak check 2")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/leak-check", TargetKeyId=kid)
+    context = {"tenant": "acme"}
+    for i in range(8):
+        plaintext = keep(f"AWS-LEAK-PLAINTEXT-{i:02}-Zt4wQm8r".encode())
+        blob = kms.encrypt(KeyId="alias/leak-check", Plaintext=plaintext,
+                           EncryptionContext=context)["CiphertextBlob"]
+        opened = kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"]
+        check(opened == plaintext, "decrypts")
+        error_code(kms.decrypt, CiphertextBlob=blob, EncryptionContext={"tenant": "other"})
+        moved = kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext=context,
+                               DestinationKeyId=other)["CiphertextBlob"]
+        check(kms.decrypt(CiphertextBlob=moved)["Plaintext"] == plaintext, "re-encrypted")
+        keep(kms.generate_data_key(KeyId=kid, KeySpec="AES_256",
+                                   EncryptionContext=context)["Plaintext"])
+        keep(kms.generate_data_key(KeyId=kid, NumberOfBytes=64)["Plaintext"])
+        sealed = kms.generate_data_key_without_plaintext(KeyId=kid, KeySpec="AES_128")
+        keep(kms.decrypt(CiphertextBlob=sealed["CiphertextBlob"])["Plaintext"])
+        keep(kms.generate_random(NumberOfBytes=32)["Plaintext"])
+    # Refused requests that carry plaintext: unknown key, too long, a
+    # disabled key, a malformed body.
+    error_code(kms.encrypt, KeyId="alias/none-such",
+               Plaintext=keep(b"AWS-LEAK-REFUSED-UNKNOWN-KEY-7hQ2"))
+    error_code(kms.encrypt, KeyId=kid, Plaintext=keep(b"AWS-LEAK-TOO-LONG-" + b"x" * 4096))
+    kms.disable_key(KeyId=other)
+    error_code(kms.encrypt, KeyId=other, Plaintext=keep(b"AWS-LEAK-REFUSED-DISABLED-3mKp"))
+    malformed = json.dumps({
+        "KeyId": 5, "Plaintext": base64.b64encode(keep(b"AWS-LEAK-MALFORMED-BODY-9vXc")).decode()
+    }).encode()
+    status, answer = send(endpoint, signed_headers(endpoint, malformed, good, operation="Encrypt"),
+                          malformed)
+    check(status == 400 and answer["__type"] == "SerializationException", f"{status} {answer}")
+    # Hand-signed requests: good, then refused signatures over bodies with
+    # plaintext.
+    body = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-GOOD-5rTn")).decode()}).encode()
+    status, _ = send(endpoint, signed_headers(endpoint, body, good, operation="Encrypt"), body)
+    check(status == 200, f"good signature: {status}")
+    wrong = Credentials(credentials.access_key, "wrong" + credentials.secret_key[5:])
+    refused = []
+    body = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-WRONG-SECRET-8pLs")).decode()}).encode()
+    refused.append(send(endpoint, signed_headers(endpoint, body, wrong, operation="Encrypt"), body))
+    changed = json.dumps({"KeyId": kid, "Plaintext": base64.b64encode(
+        keep(b"AWS-LEAK-SIGNED-CHANGED-BODY-2wQz")).decode()}).encode()
+    refused.append(send(endpoint, signed_headers(endpoint, body, good, operation="Encrypt"), changed))
+    stale = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - datetime.timedelta(minutes=20)
+    refused.append(send(endpoint, signed_headers(endpoint, body, good, when=stale,
+                                                 operation="Encrypt"), body))
+    check(all(s == 400 and a["__type"] == "InvalidSignatureException" for s, a in refused),
+          f"{refused}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    days = [(now - datetime.timedelta(days=d)).strftime("%Y%m%d") for d in (0, 1)]
+    print(json.dumps({
+        "secrets": secrets,
+        "signing_keys": [base64.b64encode(signing_key(credentials.secret_key, d)).decode()
+                         for d in days],
+    }))
+
+
+def run_edges(endpoint):
+    """A demanding user's odd but legal (and illegal) inputs, with botocore's
+    client-side validation off so that the server judges every value:
+    each case's outcome ("ok" or "error:<Code>") and, for hand-made HTTP
+    requests, (status, __type)."""
+    kms = boto3.client(
+        "kms", endpoint_url=endpoint, region_name=REGION,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"},
+                      parameter_validation=False),
+    )
+    outcomes = {}
+
+    def case(name, fn, **kwargs):
+        try:
+            result = fn(**kwargs)
+            outcomes[name] = "ok"
+            return result
+        except ClientError as e:
+            outcomes[name] = "error:" + e.response["Error"]["Code"]
+            check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 400,
+                  f"{name}: status {e.response['ResponseMetadata']['HTTPStatusCode']}")
+            return None
+
+    kid = kms.create_key(Description="edges")["KeyMetadata"]["KeyId"]
+    other = kms.create_key(Description="edges 2")["KeyMetadata"]["KeyId"]
+
+    sealed = case("Encrypt/empty-context", kms.encrypt, KeyId=kid, Plaintext=b"x",
+                  EncryptionContext={})
+    check(kms.decrypt(CiphertextBlob=sealed["CiphertextBlob"])["Plaintext"] == b"x",
+          "an empty context is no context")
+    big = {f"key-{i:03}": "v" * 60 for i in range(100)}
+    case("Encrypt/6KiB-context", kms.encrypt, KeyId=kid, Plaintext=b"x", EncryptionContext=big)
+    case("Encrypt/4096", kms.encrypt, KeyId=kid, Plaintext=b"x" * 4096)
+    case("Encrypt/4097", kms.encrypt, KeyId=kid, Plaintext=b"x" * 4097)
+    case("Encrypt/0", kms.encrypt, KeyId=kid, Plaintext=b"")
+    for n in [1, 1024, 1025, 0]:
+        dk = case(f"GenerateDataKey/{n}", kms.generate_data_key, KeyId=kid, NumberOfBytes=n)
+        check(dk is None or len(dk["Plaintext"]) == n, f"{n} bytes")
+        rnd = case(f"GenerateRandom/{n}", kms.generate_random, NumberOfBytes=n)
+        check(rnd is None or len(rnd["Plaintext"]) == n, f"{n} random bytes")
+    for spec, size in [("AES_128", 16), ("AES_256", 32), ("AES_512", None)]:
+        dk = case(f"GenerateDataKey/{spec}", kms.generate_data_key, KeyId=kid, KeySpec=spec)
+        check(dk is None or len(dk["Plaintext"]) == size, spec)
+        case(f"GenerateDataKeyWithoutPlaintext/{spec}",
+             kms.generate_data_key_without_plaintext, KeyId=kid, KeySpec=spec)
+
+    # Paging one item at a time through everything: each item once.
+    for i in range(3):
+        kms.create_alias(AliasName=f"alias/page-{i}", TargetKeyId=kid if i % 2 else other)
+    keys = all_pages(kms.list_keys, "Keys", Limit=1)
+    check(sorted(k["KeyId"] for k in keys) == sorted({kid, other}), f"ListKeys pages: {keys}")
+    aliases = [a["AliasName"] for a in all_pages(kms.list_aliases, "Aliases", Limit=1)]
+    check(sorted(aliases) == [f"alias/page-{i}" for i in range(3)], f"ListAliases pages: {aliases}")
+    case("ListKeys/Limit-0", kms.list_keys, Limit=0)
+    case("ListKeys/Limit-1001", kms.list_keys, Limit=1001)
+    case("ListKeys/foreign-marker", kms.list_keys, Marker="not-a-marker-of-ours")
+    case("ListAliases/foreign-marker", kms.list_aliases, Marker="not-a-marker-of-ours")
+    kms.rotate_key_on_demand(KeyId=kid)
+    case("ListKeyRotations/foreign-marker", kms.list_key_rotations, KeyId=kid,
+         Marker="not-a-marker-of-ours")
+
+    # Alias names AWS accepts and refuses.
+    case("CreateAlias/alias-aws-x", kms.create_alias, AliasName="alias/aws/x", TargetKeyId=kid)
+    case("UpdateAlias/alias-aws-x", kms.update_alias, AliasName="alias/aws/x", TargetKeyId=kid)
+    case("CreateAlias/alias-awsome", kms.create_alias, AliasName="alias/awsome", TargetKeyId=kid)
+    case("CreateAlias/256-chars", kms.create_alias, AliasName="alias/" + "a" * 250,
+         TargetKeyId=kid)
+    case("CreateAlias/257-chars", kms.create_alias, AliasName="alias/" + "a" * 251,
+         TargetKeyId=kid)
+    case("CreateAlias/colon", kms.create_alias, AliasName="alias/a:b", TargetKeyId=kid)
+    case("CreateAlias/no-prefix", kms.create_alias, AliasName="no-prefix", TargetKeyId=kid)
+
+    # Key identifiers that are not ours: AWS's UUID form, nonsense.
+    case("DescribeKey/uuid", kms.describe_key, KeyId="1234abcd-12ab-34cd-56ef-1234567890ab")
+    case("DescribeKey/nonsense", kms.describe_key, KeyId="nonsense")
+    case("Encrypt/nonsense-key", kms.encrypt, KeyId="nonsense", Plaintext=b"x")
+    case("ListAliases/nonsense-key", kms.list_aliases, KeyId="nonsense")
+
+    # Deletion windows and cancelling twice.
+    for days in [6, 7, 30, 31]:
+        if case(f"ScheduleKeyDeletion/{days}", kms.schedule_key_deletion, KeyId=other,
+                PendingWindowInDays=days):
+            kms.cancel_key_deletion(KeyId=other)
+    kms.schedule_key_deletion(KeyId=other, PendingWindowInDays=7)
+    case("ScheduleKeyDeletion/again", kms.schedule_key_deletion, KeyId=other)
+    pending = kms.describe_key(KeyId=other)["KeyMetadata"]
+    check(pending["KeyState"] == "PendingDeletion" and "DeletionDate" in pending, f"{pending}")
+    case("CancelKeyDeletion/first", kms.cancel_key_deletion, KeyId=other)
+    case("CancelKeyDeletion/second", kms.cancel_key_deletion, KeyId=other)
+    # AWS leaves a key whose deletion was cancelled Disabled.
+    check(kms.describe_key(KeyId=other)["KeyMetadata"]["KeyState"] == "Disabled",
+          "Disabled after CancelKeyDeletion")
+    kms.enable_key(KeyId=other)
+
+    # ReEncrypt between keys and contexts.
+    blob = kms.encrypt(KeyId=kid, Plaintext=b"moving", EncryptionContext={"a": "1"})
+    moved = case("ReEncrypt/other-key-other-context", kms.re_encrypt,
+                 CiphertextBlob=blob["CiphertextBlob"], SourceEncryptionContext={"a": "1"},
+                 DestinationKeyId=other, DestinationEncryptionContext={"b": "2"})
+    check(kms.decrypt(CiphertextBlob=moved["CiphertextBlob"],
+                      EncryptionContext={"b": "2"})["Plaintext"] == b"moving", "moved")
+    case("ReEncrypt/wrong-source-context", kms.re_encrypt,
+         CiphertextBlob=blob["CiphertextBlob"], SourceEncryptionContext={"a": "2"},
+         DestinationKeyId=other)
+
+    # DryRun: never performed (no data key handed out).
+    case("Encrypt/DryRun", kms.encrypt, KeyId=kid, Plaintext=b"x", DryRun=True)
+    case("GenerateDataKey/DryRun", kms.generate_data_key, KeyId=kid, KeySpec="AES_256",
+         DryRun=True)
+    case("Encrypt/DryRun-false", kms.encrypt, KeyId=kid, Plaintext=b"x", DryRun=False)
+
+    case("TagResource/aws-prefix", kms.tag_resource, KeyId=kid,
+         Tags=[{"TagKey": "aws:reserved", "TagValue": "v"}])
+    case("CreateKey/aws-prefix-tag", kms.create_key,
+         Tags=[{"TagKey": "aws:reserved", "TagValue": "v"}])
+
+    # Hand-made HTTP.
+    credentials = boto3.Session().get_credentials().get_frozen_credentials()
+    good = Credentials(credentials.access_key, credentials.secret_key)
+
+    def raw(name, body, operation="ListKeys", headers=None, method="POST", path="/"):
+        request = AWSRequest(method=method, url=endpoint + path, data=body, headers=headers or {
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": "TrentService." + operation,
+        })
+        botocore.auth.SigV4Auth(good, "kms", REGION).add_auth(request)
+        url = urllib.parse.urlparse(endpoint)
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        connection.request(method, path, body=body, headers=dict(request.headers.items()))
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        answer = json.loads(payload) if payload else {}
+        outcomes[name] = [response.status, answer.get("__type", "ok")]
+
+    raw("http/array-body", b"[]")
+    raw("http/garbage-body", b"{not json")
+    raw("http/no-target", b"{}", headers={"Content-Type": "application/x-amz-json-1.1"})
+    raw("http/GET", b"", method="GET")
+    raw("http/other-path", b"{}", path="/other")
+    raw("http/bad-base64", json.dumps({"CiphertextBlob": "!!not base64"}).encode(), "Decrypt")
+    raw("http/9MiB-body", b"{" + b" " * (9 << 20) + b"}")
+    print(json.dumps({"outcomes": outcomes}))
+
+
 if __name__ == "__main__":
     mode, endpoint = sys.argv[1], sys.argv[2]
-    {"boto3": run_boto3, "esdk": run_esdk, "signatures": run_signatures, "moto": run_moto}[mode](endpoint)
+    {"boto3": run_boto3, "esdk": run_esdk, "signatures": run_signatures, "moto": run_moto,
+     "secrets": run_secrets, "edges": run_edges}[mode](endpoint)

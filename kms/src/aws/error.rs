@@ -87,6 +87,18 @@ impl From<KmsError> for AwsError {
                 return AwsError::new("DependencyTimeoutException", message)
                     .with_status(StatusCode::SERVICE_UNAVAILABLE);
             }
+            // AWS answers a malformed key identifier as it answers an
+            // unknown one ("Invalid keyId"), and a Marker it did not issue
+            // with InvalidMarkerException (ListKeys, ListAliases,
+            // ListKeyRotations "Errors"); the field names are the domain's
+            // typed constants (`KmsError::invalid`).
+            KmsError::InvalidArgument {
+                field: "key_id", ..
+            } => "NotFoundException",
+            KmsError::InvalidArgument {
+                field: "page_token",
+                ..
+            } => "InvalidMarkerException",
             KmsError::InvalidArgument { .. } => "ValidationException",
             KmsError::Import(refusal) => import_exception(refusal),
             other => match other.code() {
@@ -181,6 +193,16 @@ mod tests {
                 400,
             ),
             (KmsError::invalid("x", "y"), "ValidationException", 400),
+            (
+                KmsError::invalid("key_id", "malformed"),
+                "NotFoundException",
+                400,
+            ),
+            (
+                KmsError::invalid("page_token", "not ours"),
+                "InvalidMarkerException",
+                400,
+            ),
             (
                 KmsError::PermissionDenied {
                     principal: "p".into(),

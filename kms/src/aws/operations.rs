@@ -8,6 +8,14 @@
 //! Pagination: `Limit` (1 to 1000, default 100) and `Marker` (our opaque
 //! page token); `Truncated` and `NextMarker` in the response.
 //! Plaintext and data keys are never logged.
+//!
+//! Where AWS refuses a request with an exception of its own rather than
+//! ValidationException, so do we (the "Errors" of each operation in the AWS
+//! KMS API Reference; moto where the reference is silent): a malformed key
+//! identifier is NotFoundException and a foreign Marker InvalidMarkerException
+//! (both in [`AwsError::from`]); an alias under the reserved `alias/aws/`
+//! NotAuthorizedException; a tag key under the reserved `aws:` TagException.
+//! `DryRun: true` is refused (UnsupportedOperationException), never performed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -44,6 +52,12 @@ const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const MIN_ROTATION_DAYS: u64 = 90;
 const MAX_ROTATION_DAYS: u64 = 2560;
 const DEFAULT_ROTATION_DAYS: u64 = 365;
+/// Alias names AWS reserves for AWS managed keys ("The alias name cannot
+/// begin with alias/aws/", AWS KMS Developer Guide, "Create aliases").
+const RESERVED_ALIAS_PREFIX: &str = "alias/aws/";
+/// Tag keys AWS reserves for its own use (AWS General Reference, "Tagging
+/// AWS resources": tag keys cannot begin with `aws:`).
+const RESERVED_TAG_PREFIX: &str = "aws:";
 
 impl Call<'_> {
     fn parse<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, AwsError> {
@@ -52,6 +66,14 @@ impl Call<'_> {
         } else {
             body
         };
+        // A request is a JSON object; serde would also read a struct from
+        // an array of its members in order, which no AWS client sends.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(AwsError::new(
+                "SerializationException",
+                "the request body must be a JSON object",
+            ));
+        }
         serde_json::from_slice(body).map_err(|e| {
             // The position only: serde's message may quote a value.
             AwsError::new(
@@ -115,6 +137,23 @@ impl Call<'_> {
 
     fn key_ref(&self, key: &str) -> String {
         self.arns.key_ref(key)
+    }
+
+    /// Like [`Call::valid`], answering the request's own refusal with the
+    /// AWS exception `kind` (a failure to record it keeps its own answer).
+    async fn valid_as<T>(
+        &self,
+        kind: &'static str,
+        key: &str,
+        converted: Result<T, KmsError>,
+    ) -> Result<T, AwsError> {
+        self.valid(key, converted).await.map_err(|error| {
+            if error.kind == "ValidationException" {
+                AwsError { kind, ..error }
+            } else {
+                error
+            }
+        })
     }
 }
 
@@ -202,6 +241,22 @@ fn key_metadata(arns: &Arns, view: &KeyView) -> Value {
     metadata
 }
 
+/// Refuses a tag key under the reserved `aws:` prefix (answered as
+/// TagException through [`Call::valid_as`]).
+fn unreserved_tags(tags: Option<&Vec<Tag>>) -> Result<(), KmsError> {
+    if tags
+        .into_iter()
+        .flatten()
+        .any(|t| t.tag_key.starts_with(RESERVED_TAG_PREFIX))
+    {
+        return Err(KmsError::invalid(
+            "TagKey",
+            "tag keys beginning with aws: are reserved for AWS",
+        ));
+    }
+    Ok(())
+}
+
 fn tags_in(tags: Option<Vec<Tag>>) -> BTreeMap<String, String> {
     tags.unwrap_or_default()
         .into_iter()
@@ -255,6 +310,7 @@ struct Request {
     encrypted_key_material: Option<String>,
     expiration_model: Option<String>,
     valid_to: Option<Value>,
+    dry_run: Option<bool>,
 }
 
 // Requests carry plaintext: Debug prints the member names present only.
@@ -270,6 +326,24 @@ impl std::fmt::Debug for Request {
 /// Runs operation `name` (an `X-Amz-Target` suffix audit_operation knows).
 pub(super) async fn dispatch(call: &Call<'_>, name: &str, body: &[u8]) -> Result<Value, AwsError> {
     let req: Request = call.parse(body)?;
+    if req.dry_run == Some(true) {
+        // AWS answers a permitted dry run with DryRunOperationException and
+        // performs nothing; kms cannot yet check a request without doing
+        // it, and must not do it (a data key, an audited use) when asked
+        // not to: refused as an unsupported parameter, audited.
+        let key = call.key_ref(
+            req.key_id
+                .as_deref()
+                .or(req.destination_key_id.as_deref())
+                .unwrap_or(""),
+        );
+        let refused: Result<(), KmsError> = Err(KmsError::invalid(
+            "DryRun",
+            "dry runs are not supported by this kms server",
+        ));
+        call.valid_as("UnsupportedOperationException", &key, refused)
+            .await?;
+    }
     if req.recipient.is_some() {
         return Err(AwsError::validation(
             "Recipient (Nitro Enclaves attestation) is not supported",
@@ -463,6 +537,8 @@ async fn create_key(call: &Call<'_>, req: Request) -> Result<Value, AwsError> {
         }
     })();
     let origin = call.valid("", converted).await?;
+    call.valid_as("TagException", "", unreserved_tags(req.tags.as_ref()))
+        .await?;
     let input = CreateKeyInput {
         description: req.description.unwrap_or_default(),
         tags: tags_in(req.tags),
@@ -579,6 +655,16 @@ async fn point_alias(call: &Call<'_>, name: &str, req: Request) -> Result<Value,
     let converted = required(&req.target_key_id, "TargetKeyId")
         .and_then(|_| required(&req.alias_name, "AliasName").map(str::to_owned));
     let alias = call.valid(&target, converted).await?;
+    let reserved = if alias.starts_with(RESERVED_ALIAS_PREFIX) {
+        Err(KmsError::invalid(
+            "AliasName",
+            "alias names beginning with alias/aws/ are reserved for AWS managed keys",
+        ))
+    } else {
+        Ok(())
+    };
+    call.valid_as("NotAuthorizedException", &target, reserved)
+        .await?;
     let update = name == "UpdateAlias";
     call.blocking(move |s, m| {
         if update {
@@ -632,6 +718,8 @@ async fn tag_resource(call: &Call<'_>, req: Request) -> Result<Value, AwsError> 
         _ => Err(KmsError::invalid("Tags", "is required")),
     });
     call.valid(&key, converted).await?;
+    call.valid_as("TagException", &key, unreserved_tags(req.tags.as_ref()))
+        .await?;
     let tags = tags_in(req.tags);
     call.blocking(move |s, m| s.tag_key(m, &key, tags)).await?;
     Ok(json!({}))
@@ -724,18 +812,22 @@ async fn rotate_key_on_demand(call: &Call<'_>, req: Request) -> Result<Value, Aw
 
 async fn list_key_rotations(call: &Call<'_>, req: Request) -> Result<Value, AwsError> {
     let key = call.key_ref(req.key_id.as_deref().unwrap_or(""));
-    let converted = required(&req.key_id, "KeyId").and_then(|_| limit(req.limit));
-    let limit = call.valid(&key, converted).await?;
+    // Every version after the first is a rotation; Marker is the last
+    // version number of the previous page (anything else is not ours:
+    // InvalidMarkerException, as a foreign page token).
+    let converted = required(&req.key_id, "KeyId").and_then(|_| {
+        let after = match req.marker.as_deref().filter(|m| !m.is_empty()) {
+            None => 1,
+            Some(m) => m.parse::<u32>().ok().filter(|v| *v >= 1).ok_or_else(|| {
+                KmsError::invalid("page_token", "not a Marker from a previous page")
+            })?,
+        };
+        Ok((limit(req.limit)?, after))
+    });
+    let (limit, after) = call.valid(&key, converted).await?;
     let (record, versions) = call
         .blocking(move |s, m| s.list_key_versions(m, &key))
         .await?;
-    // Every version after the first is a rotation; Marker is the last
-    // version number of the previous page.
-    let after: u32 = req
-        .marker
-        .as_deref()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(1);
     let mut rotations: Vec<_> = versions
         .iter()
         .filter(|v| v.version > after.max(1) && v.state != VersionState::Pending)
