@@ -172,7 +172,8 @@ impl Shared {
         self.call(op, kv.txn(txn)).await
     }
 
-    /// Linearizable read of one key: (value, create_revision, lease) if present.
+    /// Linearizable read of one key: its key-value if present, and the
+    /// revision the read was made at.
     async fn get(
         &self,
         op: &'static str,
@@ -191,7 +192,7 @@ impl Shared {
             None => Ok(0),
             Some(kv) => decode_gen(kv.value()).ok_or_else(|| StorageError::Corrupt {
                 cf: "meta",
-                key_hex: "6d6574612f67656e".to_owned(),
+                key_hex: hex_encode(&self.ks.gen_key()),
                 reason: "generation is not 8 bytes",
             }),
         }

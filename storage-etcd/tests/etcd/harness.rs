@@ -125,6 +125,34 @@ impl Etcd {
         self.signal(member, "-CONT");
     }
 
+    /// Puts `n` keys `<prefix><i>` (i zero-padded to 6 digits) with value
+    /// `i` as u32 BE, 100 per transaction.
+    pub fn put_many(&self, prefix: &str, n: u32) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(&self.endpoints, None)
+                .await
+                .unwrap();
+            let keys: Vec<u32> = (0..n).collect();
+            for chunk in keys.chunks(100) {
+                let ops: Vec<etcd_client::TxnOp> = chunk
+                    .iter()
+                    .map(|i| {
+                        etcd_client::TxnOp::put(
+                            format!("{prefix}{i:06}"),
+                            i.to_be_bytes().to_vec(),
+                            None,
+                        )
+                    })
+                    .collect();
+                c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            }
+        });
+    }
+
     /// Puts raw bytes (etcdctl cannot pass a NUL byte on its command line).
     pub fn put_raw(&self, key: &str, value: &[u8]) {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use harness::{DELTA, Etcd, Proxy, eventually};
 use kms_catalogue::{
-    CatalogueEngine,
-    Alias, Catalogue, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy, StorageError,
-    VersionState,
+    Alias, Catalogue, CatalogueEngine, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy,
+    StorageError, VersionState,
 };
 use kms_storage_etcd::{EtcdConfig, EtcdEngine};
 
@@ -485,4 +484,45 @@ fn connect_use_and_drop_inside_an_async_context() {
             Err(StorageError::Unavailable { .. })
         ));
     });
+}
+
+#[test]
+fn large_tables_load_in_pages_and_scan_in_chunks() {
+    // More entries than one page of the initial load (1,000) and than one
+    // chunk of a scan (256).
+    let etcd = Etcd::start(1);
+    const N: u32 = 2_500;
+    etcd.put_many("/kms/v1/pending/p", N);
+    let e = etcd.engine("node-a", &[0]);
+    let mut seen = Vec::new();
+    e.scan(kms_catalogue::Table::Pending, b"p", None, &mut |k, v| {
+        seen.push((k.to_vec(), v.to_vec()));
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(seen.len(), N as usize);
+    for (i, (k, v)) in seen.iter().enumerate() {
+        assert_eq!(k, format!("p{i:06}").as_bytes());
+        assert_eq!(v, &(i as u32).to_be_bytes());
+    }
+    // From a cursor, stopping early; and the greatest key.
+    let mut first = None;
+    e.scan(
+        kms_catalogue::Table::Pending,
+        b"p",
+        Some(b"p001999"),
+        &mut |k, _| {
+            first = Some(k.to_vec());
+            Ok(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(first.as_deref(), Some(&b"p002000"[..]));
+    assert_eq!(
+        e.last_key(kms_catalogue::Table::Pending, b"p")
+            .unwrap()
+            .as_deref(),
+        Some(&b"p002499"[..])
+    );
+    assert_eq!(e.get(kms_catalogue::Table::Keys, b"p000001").unwrap(), None);
 }
