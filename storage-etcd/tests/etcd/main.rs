@@ -526,3 +526,61 @@ fn large_tables_load_in_pages_and_scan_in_chunks() {
     );
     assert_eq!(e.get(kms_catalogue::Table::Keys, b"p000001").unwrap(), None);
 }
+
+#[test]
+fn etcd_authentication_with_a_role_limited_to_the_prefix() {
+    let etcd = Etcd::start(1);
+    for args in [
+        &[
+            "user",
+            "add",
+            "root",
+            "--new-user-password=root-pw",
+            "--interactive=false",
+        ][..],
+        &["role", "add", "kms"],
+        &[
+            "role",
+            "grant-permission",
+            "kms",
+            "--prefix=true",
+            "readwrite",
+            "/kms/v1/",
+        ],
+        &[
+            "user",
+            "add",
+            "kms",
+            "--new-user-password=kms-pw",
+            "--interactive=false",
+        ],
+        &["user", "grant-role", "kms", "kms"],
+        &["auth", "enable"],
+    ] {
+        etcd.ctl(args);
+    }
+    let with_password = |password: &str| {
+        let mut c = etcd.config("node-a", &[0]);
+        c.auth = Some(kms_storage_etcd::EtcdAuth {
+            user: "kms".into(),
+            password: password.to_owned().into(),
+        });
+        c
+    };
+    let config = with_password("kms-pw");
+    assert!(
+        !format!("{config:?}").contains("kms-pw"),
+        "password in Debug"
+    );
+    let engine = EtcdEngine::connect(config).unwrap();
+    assert!(!format!("{engine:?}").contains("kms-pw"));
+    let c = catalogue(engine);
+    let id = create(&c, 1, &["alias/auth"]);
+    c.check_fresh().unwrap();
+    assert!(c.engine().leadership("scheduler").unwrap().is_some());
+    assert_eq!(c.resolve_key("alias/auth").unwrap().unwrap().id, id);
+    match EtcdEngine::connect(with_password("wrong")) {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(e) => assert!(!format!("{e:?} {e}").contains("wrong"), "{e:?}"),
+    }
+}
