@@ -584,3 +584,19 @@ fn etcd_authentication_with_a_role_limited_to_the_prefix() {
         Err(e) => assert!(!format!("{e:?} {e}").contains("wrong"), "{e:?}"),
     }
 }
+
+#[test]
+fn mutual_tls_to_etcd() {
+    let etcd = Etcd::start_tls();
+    assert!(etcd.endpoints[0].starts_with("https://"));
+    let c = catalogue(etcd.engine("node-a", &[0]));
+    let id = create(&c, 1, &["alias/tls"]);
+    c.check_fresh().unwrap();
+    assert_eq!(c.resolve_key("alias/tls").unwrap().unwrap().id, id);
+    // Without a client certificate etcd refuses the node.
+    let mut config = etcd.config("node-b", &[0]);
+    config.cert_file = None;
+    config.key_file = None;
+    config.staleness_bound = Duration::from_millis(500);
+    assert!(EtcdEngine::connect(config).is_err());
+}
