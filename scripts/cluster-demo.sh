@@ -40,6 +40,13 @@ fi
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 touch "$DIR/$MARKER"
+# One demo per DIR: a second one would find the first one's nodes serving
+# on the same ports and report them as its own.
+exec 9>"$DIR/.lock"
+if ! flock -n 9; then
+  echo "$0: another cluster-demo is running on $DIR; stop it first (Ctrl-C or SIGTERM)" >&2
+  exit 1
+fi
 
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -727,14 +727,13 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts a proxy forwarding to `upstream`.
     pub fn start(upstream: SocketAddr) -> TcpProxy {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("proxy runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
+        // Bound here with std (no runtime needed, so it works from async
+        // tests too), served by the proxy's own runtime on its own thread.
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        std_listener
+            .set_nonblocking(true)
+            .expect("non-blocking proxy listener");
+        let addr = std_listener.local_addr().expect("proxy addr");
         let (cut, cut_rx) = tokio::sync::watch::channel(false);
         let active = Arc::new(AtomicUsize::new(0));
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
@@ -742,7 +741,13 @@ impl TcpProxy {
         let thread = std::thread::Builder::new()
             .name(format!("tcp-proxy-{addr}"))
             .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
                 runtime.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(std_listener).expect("proxy listener");
                     tokio::select! {
                         () = accept_loop(listener, upstream, cut_rx, counter) => {}
                         _ = shutdown_rx => {}

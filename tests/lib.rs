@@ -82,6 +82,7 @@ impl TestEnv {
             auth: AuthSettings::local_development("anonymous"),
             kubernetes: Vec::new(),
             aws_api: None,
+            cluster: None,
         }
     }
 

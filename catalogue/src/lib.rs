@@ -25,7 +25,7 @@ pub mod schema;
 
 pub use catalogue::{
     AliasEntry, Catalogue, EpochReferences, MAX_PAGE_SIZE, MAX_WRITE_ATTEMPTS, Swap, VersionCursor,
-    VersionScan,
+    VersionScan, with_fence,
 };
 pub use engine::{AuditHead, Batch, CatalogueEngine, ClusterView, Fence, Op, ScanFn, Table};
 pub use error::{CallbackError, DbError, StorageError};

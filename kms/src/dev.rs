@@ -237,6 +237,7 @@ pub fn dev_config(
         kubernetes: Vec::new(),
         // `--aws-api-listen` adds one ([`aws_api_config`]).
         aws_api: None,
+        cluster: None,
     })
 }
 

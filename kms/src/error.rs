@@ -123,6 +123,23 @@ pub enum KmsError {
         source: Option<HsmError>,
     },
 
+    /// This cluster node cannot prove its view of the key catalogue recent
+    /// (no linearizable read of etcd within Δ, no quorum): it fails closed
+    /// (design note §2.3.3, I3/I8). The message says so and nothing more;
+    /// the cause is logged.
+    #[error("the key catalogue is unavailable on this node")]
+    CatalogueUnavailable {
+        #[source]
+        source: Option<StorageError>,
+    },
+
+    /// A catalogue change kept losing races with other nodes' changes
+    /// (after `kms_catalogue::MAX_WRITE_ATTEMPTS`), or a background job's
+    /// write found another node leading the job: nothing was changed;
+    /// the caller may retry.
+    #[error("the key catalogue changed concurrently; nothing was changed, retry")]
+    CatalogueConflict,
+
     /// The audit log cannot record the request, so it was not carried out
     /// (or its result was withheld).
     #[error("the audit log is unavailable")]
@@ -248,9 +265,10 @@ impl KmsError {
             | KmsError::RootActive { .. }
             | KmsError::RootInUse { .. } => ResultCode::FailedPrecondition,
             KmsError::RootNotFound { .. } => ResultCode::NotFound,
-            KmsError::HsmUnavailable { .. } | KmsError::AuditUnavailable { .. } => {
-                ResultCode::Unavailable
-            }
+            KmsError::HsmUnavailable { .. }
+            | KmsError::AuditUnavailable { .. }
+            | KmsError::CatalogueUnavailable { .. } => ResultCode::Unavailable,
+            KmsError::CatalogueConflict => ResultCode::Aborted,
             KmsError::ResourceExhausted { .. } => ResultCode::ResourceExhausted,
             KmsError::Import(refusal) => refusal.code(),
             KmsError::PermissionDenied { .. } => ResultCode::PermissionDenied,
@@ -362,6 +380,10 @@ impl KmsError {
             }
             KmsError::HsmUnavailable { .. } => KmsError::HsmUnavailable { source: None },
             KmsError::AuditUnavailable { .. } => KmsError::AuditUnavailable { source: None },
+            KmsError::CatalogueUnavailable { .. } => {
+                KmsError::CatalogueUnavailable { source: None }
+            }
+            KmsError::CatalogueConflict => KmsError::CatalogueConflict,
             KmsError::PermissionDenied { principal, action } => KmsError::PermissionDenied {
                 principal: principal.clone(),
                 action: action.clone(),
@@ -466,6 +488,12 @@ impl From<StorageError> for KmsError {
                 key_id: id,
                 version,
             },
+            e @ StorageError::Unavailable { .. } => {
+                KmsError::CatalogueUnavailable { source: Some(e) }
+            }
+            StorageError::WriteConflict | StorageError::Fenced { .. } => {
+                KmsError::CatalogueConflict
+            }
             e @ (StorageError::AuditPoisoned
             | StorageError::AuditWrite { .. }
             | StorageError::AuditClosed) => KmsError::AuditUnavailable { source: Some(e) },

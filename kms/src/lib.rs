@@ -16,6 +16,7 @@ pub mod auth;
 pub mod aws;
 mod background;
 pub mod ciphertext;
+pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod encryption_context;

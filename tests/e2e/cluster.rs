@@ -8,9 +8,6 @@
 //! design's guarantees (fail closed within Δ, revocation within Δ, no
 //! failure beyond the election window), with a margin for a loaded 2-core
 //! machine; they are not performance measurements.
-//!
-//! These tests need `[cluster]` in kms (the catalogue in etcd); until it
-//! lands they are ignored.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,7 +151,6 @@ fn spawn_load(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn killing_the_etcd_leader_under_load_fails_no_request_beyond_the_election_window() {
     let (mut etcd, nodes) = cluster().await;
     let key = create_key(&nodes, 0).await;
@@ -201,7 +197,6 @@ async fn killing_the_etcd_leader_under_load_fails_no_request_beyond_the_election
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn two_stopped_etcd_members_make_every_node_fail_closed_then_it_recovers() {
     let (mut etcd, nodes) = cluster().await;
     let key = create_key(&nodes, 0).await;
@@ -261,7 +256,6 @@ fn proxies_for(etcd: &EtcdCluster) -> (Vec<TcpProxy>, EtcdClientSettings) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn a_node_cut_off_from_etcd_goes_not_serving_and_the_others_keep_serving() {
     let etcd = EtcdCluster::start(3);
     let mut nodes = ClusterNodes::new(3, Some(&etcd.client_settings()), DELTA);
@@ -308,7 +302,6 @@ async fn a_node_cut_off_from_etcd_goes_not_serving_and_the_others_keep_serving()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn a_key_disabled_on_node_a_is_refused_by_node_b_before_disable_key_returns() {
     let (_etcd, nodes) = cluster().await;
     let key = create_key(&nodes, 0).await;
@@ -373,7 +366,6 @@ async fn versions(nodes: &ClusterNodes, node: usize, key: &str) -> Vec<pb::KeyVe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn a_node_killed_mid_rotation_leaves_no_pending_version_and_no_gap() {
     let (_etcd, mut nodes) = cluster().await;
     let key = create_key(&nodes, 0).await;
@@ -447,7 +439,6 @@ async fn a_node_killed_mid_rotation_leaves_no_pending_version_and_no_gap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn a_node_whose_watch_falls_behind_a_compaction_resyncs_and_sees_the_change() {
     let etcd = EtcdCluster::start(3);
     let mut nodes = ClusterNodes::new(3, Some(&etcd.client_settings()), DELTA);
@@ -509,7 +500,6 @@ async fn a_node_whose_watch_falls_behind_a_compaction_resyncs_and_sees_the_chang
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs [cluster] in kms"]
 async fn nodes_work_over_etcd_with_tls_and_a_role_limited_to_the_kms_prefix() {
     let etcd = EtcdCluster::start_tls(3);
     let mut nodes = ClusterNodes::new(3, Some(&etcd.client_settings()), DELTA);

@@ -49,8 +49,6 @@ pub const MAX_WRITE_ATTEMPTS: u32 = 16;
 #[derive(Debug, Clone)]
 pub struct Catalogue {
     inner: Arc<Inner>,
-    /// Set on a view made by [`Catalogue::fenced`]: every write carries it.
-    fence: Option<Fence>,
 }
 
 #[derive(Debug)]
@@ -60,6 +58,34 @@ struct Inner {
     counters: GcmCounters,
     keys: RecordCache<KeyId, KeyRecord>,
     versions: RecordCache<Vec<u8>, VersionRecord>,
+}
+
+thread_local! {
+    /// The fence of the background job running on this thread, if any
+    /// (see [`with_fence`]).
+    static THREAD_FENCE: std::cell::RefCell<Option<Fence>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with every catalogue write made on this thread carrying
+/// `fence`: for a background job (scheduled rotation and deletion, root
+/// re-wrap), whose writes must not commit once another node leads the job
+/// (they fail with [`StorageError::Fenced`]; design note §2.3.3, I6). The
+/// job's work runs synchronously on its own thread, so a thread-scoped
+/// fence reaches every write it makes, however deep in the service, without
+/// threading a handle through every call. The previous fence is restored
+/// when `f` returns or panics.
+pub fn with_fence<T>(fence: Fence, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Fence>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            THREAD_FENCE.with(|cell| *cell.borrow_mut() = previous);
+        }
+    }
+    let previous = THREAD_FENCE.with(|cell| cell.borrow_mut().replace(fence));
+    let _restore = Restore(previous);
+    f()
 }
 
 /// One attempt of a read-modify-write: the generation its reads are checked
@@ -88,17 +114,6 @@ impl Catalogue {
                 keys: RecordCache::new(),
                 versions: RecordCache::new(),
             }),
-            fence: None,
-        }
-    }
-
-    /// A view of this catalogue whose writes carry `fence`: for a background
-    /// job, whose writes must not commit once another node leads the job
-    /// (they fail with [`StorageError::Fenced`]). Reads are unchanged.
-    pub fn fenced(&self, fence: Fence) -> Catalogue {
-        Catalogue {
-            inner: Arc::clone(&self.inner),
-            fence: Some(fence),
         }
     }
 
@@ -167,7 +182,7 @@ impl Catalogue {
 
     /// Commits the batch of write attempt `w` (see [`Catalogue::write`]).
     fn commit(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
-        batch.fence.clone_from(&self.fence);
+        batch.fence = THREAD_FENCE.with(|cell| cell.borrow().clone());
         w.committing.set(true);
         let result = self.engine().commit(w.read_at, batch);
         if matches!(result, Err(StorageError::WriteConflict)) {

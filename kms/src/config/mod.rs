@@ -13,12 +13,17 @@ use kms_hsm::{HsmConfig, PinSource};
 use serde::Deserialize;
 
 mod aws;
+mod cluster;
 mod kubernetes;
 mod security;
 
 pub use aws::{
     AwsApiConfig, AwsCredentialConfig, DEFAULT_AWS_ACCOUNT_ID, DEFAULT_AWS_REGION,
     is_valid_access_key_id,
+};
+pub use cluster::{
+    ClusterConfig, DEFAULT_ETCD_PREFIX, DEFAULT_STALENESS_BOUND, MAX_STALENESS_BOUND,
+    MIN_STALENESS_BOUND, is_valid_node_id,
 };
 pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
@@ -66,6 +71,7 @@ struct RawConfig {
     #[serde(default)]
     kubernetes: Vec<kubernetes::RawKubernetes>,
     aws_api: Option<aws::RawAwsApi>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -237,6 +243,9 @@ pub struct Config {
     /// `[aws_api]`: the AWS KMS JSON API listener (`crate::aws`), none
     /// unless configured.
     pub aws_api: Option<AwsApiConfig>,
+    /// `[cluster]`: this node's place in an etcd-backed cluster; `None`
+    /// for a single node (catalogue in RocksDB under `data_dir`).
+    pub cluster: Option<ClusterConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -304,6 +313,7 @@ impl Config {
             "[rotation]" => rotation,
             "[[kubernetes]]" => kubernetes,
             "[aws_api]" => aws_api,
+            "[cluster]" => cluster,
         }
     }
 
@@ -356,6 +366,7 @@ impl Config {
         )?;
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
+        config.cluster = cluster::validate(raw.cluster)?;
         Ok(config)
     }
 
@@ -567,6 +578,7 @@ impl Config {
             auth,
             kubernetes: Vec::new(),
             aws_api: None,
+            cluster: None,
         })
     }
 }

@@ -7,6 +7,9 @@
 //!   the HSM is unreachable or the audit log is poisoned: every Crypto call
 //!   needs both, and the service exists to do crypto, so a load balancer
 //!   checking the server as a whole should route away from it too.
+//! - On a cluster node whose key catalogue view cannot be proven recent
+//!   (no linearizable etcd read within Δ), everything but `kms.v1.Audit`
+//!   is `NOT_SERVING`: key use and key management both fail closed.
 //! - `kms.v1.KeyManagement` and `kms.v1.Audit` are `NOT_SERVING` only while
 //!   the audit log is poisoned (every one of their calls is audited). While
 //!   the HSM alone is down they keep answering reads (describe, list,
@@ -42,13 +45,14 @@ fn statuses(readiness: Readiness) -> [(&'static str, ServingStatus); 4] {
             ServingStatus::NotServing
         }
     };
-    let everything = readiness.hsm_available && readiness.audit_writable;
+    let everything =
+        readiness.hsm_available && readiness.audit_writable && readiness.catalogue_fresh;
     [
         ("", status(everything)),
         (CryptoServer::<CryptoApi>::NAME, status(everything)),
         (
             KeyManagementServer::<KeyManagementApi>::NAME,
-            status(readiness.audit_writable),
+            status(readiness.audit_writable && readiness.catalogue_fresh),
         ),
         (
             AuditServer::<AuditApi>::NAME,
@@ -67,6 +71,7 @@ pub async fn report_first(reporter: &HealthReporter, service: &Arc<KmsService>) 
         .unwrap_or(Readiness {
             hsm_available: false,
             audit_writable: false,
+            catalogue_fresh: false,
         });
     for (name, status) in statuses(first) {
         reporter.set_service_status(name, status).await;
@@ -114,7 +119,7 @@ pub fn spawn(
 }
 
 fn log_change(before: Option<Readiness>, now: Readiness) {
-    if now.hsm_available && now.audit_writable {
+    if now.hsm_available && now.audit_writable && now.catalogue_fresh {
         if before.is_some() {
             tracing::info!("dependencies healthy again; health reports SERVING");
         }
@@ -122,6 +127,7 @@ fn log_change(before: Option<Readiness>, now: Readiness) {
         tracing::warn!(
             hsm_available = now.hsm_available,
             audit_writable = now.audit_writable,
+            catalogue_fresh = now.catalogue_fresh,
             "a dependency is unavailable; health reports NOT_SERVING"
         );
     }
@@ -136,6 +142,7 @@ mod tests {
         let hsm_down = statuses(Readiness {
             hsm_available: false,
             audit_writable: true,
+            catalogue_fresh: true,
         });
         assert_eq!(
             hsm_down,
@@ -149,6 +156,7 @@ mod tests {
         let poisoned = statuses(Readiness {
             hsm_available: true,
             audit_writable: false,
+            catalogue_fresh: true,
         });
         assert!(
             poisoned
@@ -158,6 +166,7 @@ mod tests {
         let healthy = statuses(Readiness {
             hsm_available: true,
             audit_writable: true,
+            catalogue_fresh: true,
         });
         assert!(healthy.iter().all(|(_, s)| *s == ServingStatus::Serving));
     }

@@ -59,9 +59,9 @@ impl KmsService {
             audit.key(&record.id, None);
             // Moving an alias also takes it away from its current key: whoever
             // may not manage that key must not redirect its callers.
-            if let Some(current) = self.storage.catalogue().get_alias(&alias)?
+            if let Some(current) = self.catalogue().get_alias(&alias)?
                 && current != record.id
-                && let Some(current) = self.storage.catalogue().get_key(&current)?
+                && let Some(current) = self.catalogue().get_key(&current)?
             {
                 self.authorize(meta, &current, Permission::Manage, None)?;
             }
@@ -70,7 +70,7 @@ impl KmsService {
                     key_id: record.id.clone(),
                 });
             }
-            write(self.storage.catalogue(), &alias, &record.id)?;
+            write(self.catalogue(), &alias, &record.id)?;
             Ok(AliasEntry {
                 alias,
                 key_id: record.id,
@@ -81,17 +81,17 @@ impl KmsService {
     pub fn delete_alias(&self, meta: &RequestMeta, alias: &str) -> Result<()> {
         self.audited(meta, Operation::DeleteAlias, Some(alias), |audit| {
             let parsed = parse_alias(alias)?;
-            match self.storage.catalogue().get_alias(&parsed)? {
+            match self.catalogue().get_alias(&parsed)? {
                 Some(id) => {
                     audit.key(&id, None);
-                    match self.storage.catalogue().get_key(&id)? {
+                    match self.catalogue().get_key(&id)? {
                         Some(record) => self.authorize(meta, &record, Permission::Manage, None)?,
                         None => self.require_admin(meta, "delete aliases")?,
                     }
                 }
                 None => self.require_admin(meta, "delete aliases")?,
             }
-            self.storage.catalogue().delete_alias(&parsed)?;
+            self.catalogue().delete_alias(&parsed)?;
             Ok(())
         })
     }
@@ -117,7 +117,7 @@ impl KmsService {
             };
             // Bounded at the first page by the last alias name then (see
             // `Catalogue::list_aliases_until`), so paging terminates.
-            let catalogue = self.storage.catalogue();
+            let catalogue = self.catalogue();
             let scope = id.as_ref().map_or("", KeyId::as_str);
             let (after, until) = match page_token {
                 Some(token) => {

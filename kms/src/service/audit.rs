@@ -193,7 +193,7 @@ impl KmsService {
                 let mut filter = query.filter.clone();
                 if let Some(named) = filter.key_id.as_deref()
                     && named.starts_with("alias/")
-                    && let Ok(Some(record)) = self.storage.catalogue().resolve_key(named)
+                    && let Ok(Some(record)) = self.catalogue().resolve_key(named)
                 {
                     filter.key_id = Some(record.id.to_string());
                 }

@@ -104,13 +104,12 @@ impl KmsService {
             validate_policy(&policy)?;
             let _guard = self.key_locks.lock(&record.id);
             let stored = (!policy.grants.is_empty()).then_some(policy);
-            let updated =
-                self.storage
-                    .catalogue()
-                    .update_key::<KmsError>(&record.id, now_ms(), |k| {
-                        k.policy.clone_from(&stored);
-                        Ok(())
-                    })?;
+            let updated = self
+                .catalogue()
+                .update_key::<KmsError>(&record.id, now_ms(), |k| {
+                    k.policy.clone_from(&stored);
+                    Ok(())
+                })?;
             Ok(self.effective_policy(updated.policy))
         })
     }

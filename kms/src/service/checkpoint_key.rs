@@ -28,7 +28,7 @@ use kms_hsm::{
     Hsm, HsmError, KeyHolder, KeyPurpose, ObjectId, RootVariant, WorkingKey, WrapMechanism,
     WrappedKey,
 };
-use kms_storage::{Storage, WrappedServiceKey};
+use kms_storage::{Catalogue, Storage, WrappedServiceKey};
 use parking_lot::Mutex;
 
 use super::{AUDIT_MAC_KEY_ID, OpenError};
@@ -103,9 +103,9 @@ impl CheckpointKey {
     pub(crate) fn open(
         hsm: &Arc<Hsm>,
         storage: &Storage,
+        catalogue: &Catalogue,
         roots: Option<RootState>,
     ) -> Result<CheckpointKey, OpenError> {
-        let catalogue = storage.catalogue();
         if let Some(stored) = catalogue.checkpoint_key().map_err(OpenError::Storage)? {
             let variant = roots.map(|r| r.variant).ok_or(OpenError::ServiceKey {
                 record: CHECKPOINT_KEY_RECORD,

@@ -302,7 +302,6 @@ impl KmsService {
         // rotation the soft limit asked for (the scheduler may be failing).
         let limit = self.rotation.gcm_invocation_hard_limit;
         let count = self
-            .storage
             .catalogue()
             .add_gcm_invocations_up_to(&record.id, version_number, 1, limit)?
             .ok_or_else(|| KmsError::GcmInvocationLimit {
@@ -374,14 +373,12 @@ impl KmsService {
         }
         // A blob naming a key or version that never existed is just invalid.
         let record = self
-            .storage
             .catalogue()
             .get_key(&key_id)?
             .ok_or(KmsError::InvalidCiphertext)?;
         self.authorize(meta, &record, permission, Some(&context))?;
         super::ensure_usable(&record)?;
         let version = self
-            .storage
             .catalogue()
             .get_version(&key_id, version_number)?
             .ok_or(KmsError::InvalidCiphertext)?;

@@ -407,12 +407,12 @@ impl KmsService {
             }
             let blob = imported?;
             let id = record.id.clone();
-            let (_, version) = self
-                .storage
-                .catalogue()
-                .add_enabled_version_of::<KmsError>(&id, KeyOrigin::External, now_ms(), |v| {
-                    self.wrapped_kek(&id, v, &blob)
-                })?;
+            let (_, version) = self.catalogue().add_enabled_version_of::<KmsError>(
+                &id,
+                KeyOrigin::External,
+                now_ms(),
+                |v| self.wrapped_kek(&id, v, &blob),
+            )?;
             drop(epoch);
             audit.key(&id, Some(version.version));
             Ok(version)

@@ -200,7 +200,7 @@ impl KmsService {
                 ),
                 None => (RotationPolicy::Manual, None),
             };
-            let catalogue = self.storage.catalogue();
+            let catalogue = self.catalogue();
             let new_key = NewKey {
                 id: id.clone(),
                 description: input.description,
@@ -272,7 +272,7 @@ impl KmsService {
     }
 
     pub fn key_view(&self, id: &KeyId) -> Result<KeyView> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let record = catalogue
             .get_key(id)?
             .ok_or_else(|| KmsError::KeyNotFound {
@@ -327,7 +327,7 @@ impl KmsService {
                 })?,
                 None => (None, first_page_bound_ms()),
             };
-            let page = self.storage.catalogue().list_keys_created_until(
+            let page = self.catalogue().list_keys_created_until(
                 after.as_ref().map(KeyId::as_str),
                 created_until_ms,
                 limit,
@@ -354,13 +354,12 @@ impl KmsService {
     /// The key record as it is now, read under the key's lock (the caller
     /// holds it): what a state change must validate against.
     fn locked_record(&self, id: &KeyId) -> Result<KeyRecord> {
-        let record =
-            self.storage
-                .catalogue()
-                .get_key(id)?
-                .ok_or_else(|| KmsError::KeyNotFound {
-                    key: id.to_string(),
-                })?;
+        let record = self
+            .catalogue()
+            .get_key(id)?
+            .ok_or_else(|| KmsError::KeyNotFound {
+                key: id.to_string(),
+            })?;
         if let KeyState::Deleted { .. } = record.state {
             return Err(KmsError::KeyDeleted { key_id: record.id });
         }
@@ -384,8 +383,7 @@ impl KmsService {
             let record = self.locked_record(&resolved.id)?;
             audit.key(&record.id, record.primary_version);
             let updated =
-                self.storage
-                    .catalogue()
+                self.catalogue()
                     .update_key::<KmsError>(&record.id, now_ms(), &mut change)?;
             if updated.state != KeyState::Enabled {
                 self.evict_working_keys(&record.id, None);
@@ -528,7 +526,7 @@ impl KmsService {
     /// double rotation when a scheduler and a manual rotation race).
     pub(crate) fn rotate_locked(&self, id: &KeyId, due_at: Option<u64>) -> Result<VersionRecord> {
         let _guard = self.key_locks.lock(id);
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let record = catalogue
             .get_key(id)?
             .ok_or_else(|| KmsError::KeyNotFound {
@@ -574,7 +572,7 @@ impl KmsService {
 
     /// A new version held as a token object, two-phase (see the module docs).
     fn rotate_to_token_object(&self, id: &KeyId, now: u64) -> Result<VersionRecord> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let pending = catalogue.add_pending_version(id, now, |v| new_kek_handle(id, v))?;
         if let Err(e) = self.make_kek(&pending) {
             let _ = catalogue.discard_version(id, pending.version, now_ms());
@@ -698,7 +696,7 @@ impl KmsService {
         self.audited(meta, Operation::ListKeyVersions, Some(key), |audit| {
             let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
             audit.key(&record.id, record.primary_version);
-            let versions = self.storage.catalogue().list_versions(&record.id)?;
+            let versions = self.catalogue().list_versions(&record.id)?;
             Ok((record, versions))
         })
     }
@@ -720,7 +718,7 @@ impl KmsService {
             audit.key(&resolved.id, Some(version));
             let _guard = self.key_locks.lock(&resolved.id);
             let record = self.locked_record(&resolved.id)?;
-            let updated = self.storage.catalogue().update_version::<KmsError>(
+            let updated = self.catalogue().update_version::<KmsError>(
                 &record.id,
                 version,
                 now_ms(),

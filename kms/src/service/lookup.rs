@@ -16,7 +16,10 @@ use crate::encryption_context::EncryptionContext;
 use crate::error::{KmsError, Result};
 
 impl KmsService {
-    /// Looks a key up by id or alias.
+    /// Looks a key up by id or alias. Every key use and key change starts
+    /// here, so this is where a cluster node fails closed: it refuses with
+    /// UNAVAILABLE unless its catalogue view is provably no older than Δ
+    /// (design note §2.3.3, I3; a single node always passes).
     pub(crate) fn resolve(&self, key: &str) -> Result<KeyRecord> {
         if key.is_empty() {
             return Err(KmsError::invalid(
@@ -24,8 +27,8 @@ impl KmsService {
                 "required (a key id or alias/<name>)",
             ));
         }
-        self.storage
-            .catalogue()
+        self.catalogue().check_fresh()?;
+        self.catalogue()
             .resolve_key(key)?
             .ok_or_else(|| KmsError::KeyNotFound {
                 key: key.to_owned(),
@@ -33,8 +36,7 @@ impl KmsService {
     }
 
     pub(crate) fn version(&self, key: &KeyId, version: u32) -> Result<VersionRecord> {
-        self.storage
-            .catalogue()
+        self.catalogue()
             .get_version(key, version)?
             .ok_or_else(|| KmsError::VersionNotFound {
                 key_id: key.clone(),
@@ -159,7 +161,7 @@ impl KmsService {
     /// (see `WorkingKeys::with_key`). A failed read counts as unusable (the
     /// entry is then evicted; the next use unwraps again).
     fn still_usable(&self, version: &VersionRecord) -> bool {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let key_enabled = matches!(
             catalogue.get_key(&version.key_id),
             Ok(Some(key)) if key.state == KeyState::Enabled

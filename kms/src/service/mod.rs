@@ -34,7 +34,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kms_hsm::{Hsm, KeyPurpose, RootVariant};
 use kms_storage::{
-    AuditConfig, AuditEvent, AuditLog, KeyId, ResultCode, Storage, StorageOptions,
+    AuditConfig, AuditEvent, AuditLog, Catalogue, KeyId, ResultCode, Storage, StorageOptions,
     WrappedServiceKey,
 };
 
@@ -65,6 +65,9 @@ pub struct Readiness {
     pub hsm_available: bool,
     /// The audit log accepts records (it is not poisoned).
     pub audit_writable: bool,
+    /// The key catalogue may be used: always on a single node; on a
+    /// cluster node, while its view is provably no older than Δ.
+    pub catalogue_fresh: bool,
 }
 
 /// The audit principal of work the service does by itself (`audit.proto`,
@@ -146,7 +149,13 @@ pub const AUDIT_MAC_KEY_ID: &[u8] = b"kms-audit-hmac/v1";
 #[derive(Debug)]
 pub struct KmsService {
     hsm: Arc<Hsm>,
+    /// This node's database: its audit log, and (single node) the catalogue.
     storage: Arc<Storage>,
+    /// The key catalogue: in `storage` on a single node, in etcd for a
+    /// cluster (`[cluster]`).
+    catalogue: Catalogue,
+    /// This node's id in a cluster (`[cluster] node_id`); `None` alone.
+    node_id: Option<String>,
     audit_log: AuditLog,
     limits: Limits,
     rotation: RotationSettings,
@@ -200,8 +209,11 @@ impl KmsService {
             Storage::open(&config.data_dir, &StorageOptions::default())
                 .map_err(OpenError::Storage)?,
         );
-        let (wrapped, roots) = open_wrapped(&hsm, &storage, config)?;
-        let checkpoint_key = Arc::new(checkpoint_key::CheckpointKey::open(&hsm, &storage, roots)?);
+        let catalogue = open_catalogue(&storage, config)?;
+        let (wrapped, roots) = open_wrapped(&hsm, &catalogue, config)?;
+        let checkpoint_key = Arc::new(checkpoint_key::CheckpointKey::open(
+            &hsm, &storage, &catalogue, roots,
+        )?);
         let mac_hsm = Arc::clone(&hsm);
         let mac_key = Arc::clone(&checkpoint_key);
         let mac: kms_storage::MacFn = Box::new(move |message: &[u8]| {
@@ -222,6 +234,8 @@ impl KmsService {
         let service = KmsService {
             hsm,
             storage,
+            catalogue,
+            node_id: config.cluster.as_ref().map(|c| c.node_id.clone()),
             audit_log,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
@@ -248,6 +262,24 @@ impl KmsService {
 
     pub fn hsm(&self) -> &Hsm {
         &self.hsm
+    }
+
+    /// The key catalogue (RocksDB on a single node, etcd in a cluster).
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// This node's id in a cluster; `None` for a single node.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    /// Whether this node may use keys now: a single node always may; a
+    /// cluster node only while its catalogue view is provably no older
+    /// than Δ (design note §2.3.3, I3). Health reports NOT_SERVING and key
+    /// use answers UNAVAILABLE while it may not.
+    pub fn catalogue_is_fresh(&self) -> bool {
+        self.catalogue.check_fresh().is_ok()
     }
 
     /// Whether the audit checkpoint HMAC key is wrapped under a root (the
@@ -289,6 +321,7 @@ impl KmsService {
             }
         };
         Readiness {
+            catalogue_fresh: self.catalogue_is_fresh(),
             hsm_available,
             audit_writable: !self.audit_log.is_poisoned(),
         }
@@ -455,7 +488,7 @@ fn truncate(text: &str, max: usize) -> String {
 /// cache. Also returns what the checkpoint key needs to know of the roots.
 fn open_wrapped(
     hsm: &Arc<Hsm>,
-    storage: &Storage,
+    catalogue: &Catalogue,
     config: &Config,
 ) -> Result<(Option<Wrapped>, Option<checkpoint_key::RootState>), OpenError> {
     let holder = hsm.key_holder().map_err(OpenError::Hsm)?;
@@ -470,7 +503,6 @@ fn open_wrapped(
     let variant = holder
         .verify_root(epoch, None)
         .map_err(|source| OpenError::Root { epoch, source })?;
-    let catalogue = storage.catalogue();
     let stored = match catalogue.integrity_key().map_err(OpenError::Storage)? {
         Some(stored) => stored,
         None => {
@@ -528,6 +560,16 @@ fn open_wrapped(
         }),
         Some(roots),
     ))
+}
+
+/// The catalogue of this node: the RocksDB database's on a single node;
+/// with `[cluster]`, the shared catalogue in etcd (`crate::cluster`).
+fn open_catalogue(storage: &Storage, config: &Config) -> Result<Catalogue, OpenError> {
+    match &config.cluster {
+        None => Ok(storage.catalogue().clone()),
+        Some(cluster) => crate::cluster::open_catalogue(cluster, &config.server.listen.to_string())
+            .map_err(OpenError::Storage),
+    }
 }
 
 /// Name of the catalogue-integrity key's meta record, as start-up errors

@@ -16,7 +16,7 @@ use crate::error::{KmsError, Result};
 
 impl KmsService {
     pub(crate) fn reconcile_pending_versions(&self) -> Result<()> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         for pending in catalogue.list_pending_versions()? {
             let meta = RequestMeta::internal("reconcile");
             let key = pending.key_id.to_string();

@@ -259,7 +259,7 @@ impl KmsService {
                 self.step_service_key(wrapped, &holder, slot, active, &mut step);
             }
         }
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let mut candidates = Vec::new();
         let mut scanned = 0;
         while candidates.len() < batch && scanned < MAX_SCAN_PER_STEP {
@@ -327,7 +327,7 @@ impl KmsService {
         holder: &KeyHolder,
         mut record: VersionRecord,
     ) -> Result<Outcome> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         for _ in 0..CAS_ATTEMPTS {
             // Held until the record is written: see `Wrapped::epoch`.
             let target_guard = wrapped.active_epoch();
@@ -411,7 +411,6 @@ impl KmsService {
         // writes no audit record. A failed read goes on to the audited step,
         // which records the failure.
         let below_active = self
-            .storage
             .catalogue()
             .service_key(slot.meta_key)
             .map(|stored| stored.is_some_and(|k| k.root_epoch < *wrapped.epoch.read()));
@@ -453,7 +452,7 @@ impl KmsService {
         holder: &KeyHolder,
         slot: &ServiceKeySlot,
     ) -> Result<Option<Outcome>> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let Some(mut stored) = catalogue.service_key(slot.meta_key)? else {
             return Ok(None);
         };
@@ -506,7 +505,7 @@ impl KmsService {
         let wrapped = self.wrapped_or_refuse()?;
         let in_hsm = self.hsm.key_holder()?.root_epochs()?;
         let active_epoch = *wrapped.epoch.read();
-        let versions = self.storage.catalogue().wrapped_versions_per_epoch()?;
+        let versions = self.catalogue().wrapped_versions_per_epoch()?;
         let service = self.service_keys_per_epoch()?;
         let mut epochs: Vec<u32> = in_hsm
             .iter()
@@ -539,7 +538,7 @@ impl KmsService {
     }
 
     fn service_keys_per_epoch(&self) -> Result<BTreeMap<u32, u64>> {
-        let catalogue = self.storage.catalogue();
+        let catalogue = self.catalogue();
         let mut counts = BTreeMap::new();
         for slot in SERVICE_KEYS {
             if let Some(stored) = catalogue.service_key(slot.meta_key)? {
@@ -576,7 +575,6 @@ impl KmsService {
             // Below the active epoch nothing new is written (see
             // `Wrapped::epoch`): these counts can only fall.
             let versions = self
-                .storage
                 .catalogue()
                 .wrapped_versions_per_epoch()?
                 .get(&epoch)
@@ -618,7 +616,7 @@ impl KmsService {
 
     /// Logs how many versions each epoch still holds (the job's progress).
     fn log_remaining(&self) {
-        match self.storage.catalogue().wrapped_versions_per_epoch() {
+        match self.catalogue().wrapped_versions_per_epoch() {
             Ok(counts) => {
                 let active = self.active_root_epoch().unwrap_or(0);
                 let remaining: Vec<String> = counts
@@ -700,6 +698,9 @@ pub fn spawn(
         .map(Some)
 }
 
+/// The background job name the root re-wrap's leadership is held under.
+pub const REWRAP_JOB: &str = "root-rewrap";
+
 fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
     let mut cursor: Option<VersionCursor> = None;
     // The active epoch a whole pass found nothing to do for: nothing below
@@ -724,10 +725,28 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
             }
             continue;
         }
+        // In a cluster one node re-wraps (the leader of the job, fenced:
+        // design note §2.3.3 I6); the others keep adopting roots above.
+        let fence = match service.catalogue().engine().leadership(REWRAP_JOB) {
+            Ok(Some(fence)) => fence,
+            Ok(None) => {
+                if crate::background::wait_or_stop(stop, pace.check_interval.min(IDLE_TICK)) {
+                    break;
+                }
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "root re-wrap cannot tell whether it leads; will retry");
+                if crate::background::wait_or_stop(stop, pace.check_interval) {
+                    break;
+                }
+                continue;
+            }
+        };
         if cursor.is_none() && pass == RewrapStep::default() {
             service.log_remaining();
         }
-        let step = service.rewrap_step(&mut cursor, pace.batch);
+        let step = kms_storage::with_fence(fence, || service.rewrap_step(&mut cursor, pace.batch));
         pass.add(step);
         let mut wait = pace.pause;
         if step.pass_complete {

@@ -17,6 +17,9 @@ use super::operation::Operation;
 use super::{KmsService, RequestMeta, kek_object_id, now_ms};
 use crate::error::{KmsError, Result};
 
+/// The background job name the scheduler's leadership is held under.
+pub const SCHEDULER_JOB: &str = "scheduler";
+
 /// What one pass of the scheduler did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerPass {
@@ -33,11 +36,31 @@ impl KmsService {
 
     /// One pass as if the time were `now` (unix ms): tests use it to reach
     /// deletion dates and rotation times without waiting for them.
+    ///
+    /// In a cluster only the node that leads the `scheduler` job (an etcd
+    /// lease, design note §2.3.3 I6) runs passes; the others return an
+    /// empty pass. The pass's catalogue writes carry the leader's fence,
+    /// so a node that lost the lease mid-pass commits nothing more.
     pub fn run_scheduler_pass_at(&self, now: u64) -> SchedulerPass {
+        let fence = match self.catalogue().engine().leadership(SCHEDULER_JOB) {
+            Ok(Some(fence)) => fence,
+            Ok(None) => return SchedulerPass::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler cannot tell whether it leads; skipping this pass");
+                return SchedulerPass {
+                    failed: 1,
+                    ..SchedulerPass::default()
+                };
+            }
+        };
+        kms_storage::with_fence(fence, || self.scheduler_pass(now))
+    }
+
+    fn scheduler_pass(&self, now: u64) -> SchedulerPass {
         let mut pass = SchedulerPass::default();
         let mut token: Option<String> = None;
         loop {
-            let page = match self.storage.catalogue().list_keys(token.as_deref(), 500) {
+            let page = match self.catalogue().list_keys(token.as_deref(), 500) {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::error!(error = %e, "scheduler cannot list keys");
@@ -98,7 +121,7 @@ impl KmsService {
         let meta = RequestMeta::internal("scheduled-deletion");
         let key = record.id.to_string();
         let _guard = self.key_locks.lock(&record.id);
-        let current = self.storage.catalogue().get_key(&record.id)?;
+        let current = self.catalogue().get_key(&record.id)?;
         let due = matches!(
             current.map(|k| k.state),
             Some(KeyState::PendingDeletion { delete_at_ms }) if delete_at_ms <= now
@@ -108,7 +131,7 @@ impl KmsService {
         }
         self.audited(&meta, Operation::DeleteKeyMaterial, Some(&key), |audit| {
             audit.key(&record.id, None);
-            let catalogue = self.storage.catalogue();
+            let catalogue = self.catalogue();
             for version in catalogue.list_versions(&record.id)? {
                 // A wrapped version has no HSM object: its blob goes with
                 // the tombstone's versions (and with its root, from backups).

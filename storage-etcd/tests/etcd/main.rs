@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use harness::{DELTA, Etcd, Proxy, eventually};
 use kms_catalogue::{
     Alias, Catalogue, CatalogueEngine, KekHandle, KeyId, KeySpec, KeyState, NewKey, RotationPolicy,
-    StorageError, VersionState,
+    StorageError, VersionState, with_fence,
 };
 use kms_storage_etcd::{EtcdConfig, EtcdEngine};
 
@@ -329,12 +329,13 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
     // Another job is led independently.
     assert!(b.engine().leadership("root-rewrap").unwrap().is_some());
     // A fenced write by the leader commits.
-    a.fenced(fa.clone())
-        .update_key(&id, 2_000, |k| {
+    with_fence(fa.clone(), || {
+        a.update_key(&id, 2_000, |k| {
             k.description = "by the leader".into();
             Ok::<(), StorageError>(())
         })
-        .unwrap();
+    })
+    .unwrap();
     // The leader goes away (its lease is revoked): B takes over.
     drop(a);
     let fb = b
@@ -350,9 +351,11 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         .description
         == "by the leader"));
     // A write under A's stale fence is refused, and changes nothing.
-    let stale = b.fenced(fa).update_key(&id, 3_000, |k| {
-        k.description = "stale".into();
-        Ok::<(), StorageError>(())
+    let stale = with_fence(fa, || {
+        b.update_key(&id, 3_000, |k| {
+            k.description = "stale".into();
+            Ok::<(), StorageError>(())
+        })
     });
     assert!(
         matches!(stale, Err(StorageError::Fenced { ref job }) if job == "scheduler"),
@@ -362,12 +365,13 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         b.get_key(&id).unwrap().unwrap().description,
         "by the leader"
     );
-    b.fenced(fb)
-        .update_key(&id, 4_000, |k| {
+    with_fence(fb, || {
+        b.update_key(&id, 4_000, |k| {
             k.description = "by the new leader".into();
             Ok::<(), StorageError>(())
         })
-        .unwrap();
+    })
+    .unwrap();
 }
 
 #[test]
