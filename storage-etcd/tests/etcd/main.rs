@@ -336,20 +336,23 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         })
     })
     .unwrap();
-    // The leader goes away (its lease is revoked): B takes over.
+    // The leader goes away (its lease is revoked on drop, or expires
+    // within its TTL if the revocation did not get through): B takes over.
     drop(a);
-    let fb = b
-        .engine()
-        .leadership("scheduler")
-        .unwrap()
-        .expect("B leads");
+    let mut fb = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            fb = b.engine().leadership("scheduler").unwrap();
+            fb.is_some()
+        }),
+        "B never took over"
+    );
+    let fb = fb.unwrap();
     assert_ne!(fb.token, fa.token);
     assert!(eventually(Duration::from_secs(10), || b
         .get_key(&id)
         .unwrap()
-        .unwrap()
-        .description
-        == "by the leader"));
+        .is_some_and(|k| k.description == "by the leader")));
     // A write under A's stale fence is refused, and changes nothing.
     let stale = with_fence(fa, || {
         b.update_key(&id, 3_000, |k| {
