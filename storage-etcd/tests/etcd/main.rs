@@ -607,3 +607,34 @@ fn mutual_tls_to_etcd() {
     config.staleness_bound = Duration::from_millis(500);
     assert!(EtcdEngine::connect(config).is_err());
 }
+
+#[test]
+fn audit_heads_are_published_per_node_and_never_go_back() {
+    let etcd = Etcd::start(1);
+    let a = etcd.engine("node-a", &[0]);
+    let b = etcd.engine("node-b", &[0]);
+    let head = |node: &str, seq: u64| kms_catalogue::AuditHead {
+        node: node.to_owned(),
+        seq,
+        hash: format!("{seq:064x}"),
+        checkpoint_mac: "ab".repeat(32),
+        published_ms: seq * 1_000,
+    };
+    assert!(a.audit_heads().unwrap().is_empty());
+    a.publish_audit_head(&head("node-a", 5)).unwrap();
+    a.publish_audit_head(&head("node-a", 7)).unwrap();
+    // Publishing the same head again is harmless; an older one is refused.
+    a.publish_audit_head(&head("node-a", 7)).unwrap();
+    assert!(matches!(
+        a.publish_audit_head(&head("node-a", 6)),
+        Err(StorageError::Corrupt { .. })
+    ));
+    b.publish_audit_head(&head("node-b", 3)).unwrap();
+    let heads = b.audit_heads().unwrap();
+    assert_eq!(heads, vec![head("node-a", 7), head("node-b", 3)]);
+    // Each node sees the other in its cluster view.
+    assert!(eventually(Duration::from_secs(10), || {
+        let view = a.cluster_view().unwrap();
+        view.node == "node-a" && view.fresh && view.peers.iter().any(|(n, _)| n == "node-b")
+    }));
+}
