@@ -31,6 +31,9 @@ command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 # protoc: etcd-client (the Rust crate of the etcd catalogue backend) needs it at build time.
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# ... and protobuf's well-known types (google/protobuf/descriptor.proto,
+# struct.proto), which etcd's protos import and protoc finds under /usr/include.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

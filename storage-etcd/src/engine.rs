@@ -20,6 +20,31 @@
 //! The blocking trait methods hand a future to the runtime and wait on a
 //! std channel, so they may be called from any thread (the service calls
 //! them from blocking worker threads); every etcd call has a deadline of Δ.
+//!
+//! # Catching up by generation, not revision
+//!
+//! Every catalogue change bumps `meta/gen` in the same transaction, so a
+//! view holding generation G holds exactly the catalogue of G. The
+//! freshness poll and [`CatalogueEngine::begin_write`] therefore wait for
+//! the view's *generation* to reach the value their linearizable read
+//! returned, rather than for a revision: the etcd revision also moves for
+//! writes outside the catalogue (node heartbeats, GCM reservations, other
+//! prefixes), and a watch header's revision can run ahead of the events
+//! still to come while a watcher catches up.
+//!
+//! # Limits
+//!
+//! - One catalogue write is one etcd transaction: at most etcd's
+//!   `--max-txn-ops` operations (128 by default, including the generation
+//!   bump) and `--max-request-bytes` (1.5 MiB by default); a larger batch
+//!   fails with `Db`.
+//! - The whole catalogue is held in memory on every node (it is small:
+//!   records without key material).
+//! - A scan copies the view in chunks of 256 entries so that its callback
+//!   never runs under the view's lock; a scan may thus span a watch update.
+//!   Writes built on such reads are still protected by the commit's
+//!   compare-and-set of the generation, and the catalogue retries a write
+//!   whose checks failed on a view that moved under them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -172,7 +197,8 @@ impl Shared {
         self.call(op, kv.txn(txn)).await
     }
 
-    /// Linearizable read of one key: (value, create_revision, lease) if present.
+    /// Linearizable read of one key: its key-value if present, and the
+    /// revision the read was made at.
     async fn get(
         &self,
         op: &'static str,
@@ -191,7 +217,7 @@ impl Shared {
             None => Ok(0),
             Some(kv) => decode_gen(kv.value()).ok_or_else(|| StorageError::Corrupt {
                 cf: "meta",
-                key_hex: "6d6574612f67656e".to_owned(),
+                key_hex: hex_encode(&self.ks.gen_key()),
                 reason: "generation is not 8 bytes",
             }),
         }

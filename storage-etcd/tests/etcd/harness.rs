@@ -3,6 +3,7 @@
 //! (design note §2.4). Killed when the guard drops, even on panic.
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,16 +24,89 @@ pub struct Etcd {
     children: Vec<Child>,
     pub endpoints: Vec<String>,
     dir: tempfile::TempDir,
+    tls: Option<Tls>,
+}
+
+/// PEM files of a throwaway PKI: a CA, etcd's certificate (server and
+/// client usages: etcd's gateway dials its own listener with it) and a
+/// client certificate for kms.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    fn generate(dir: &Path) -> Tls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "test etcd CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let write = |name: &str, params: CertificateParams| {
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let (c, k) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        };
+        let mut server = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        server.distinguished_name.push(DnType::CommonName, "etcd");
+        server.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let (server_cert, server_key) = write("server", server);
+        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client.distinguished_name.push(DnType::CommonName, "kms");
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let (client_cert, client_key) = write("client", client);
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, issuer.pem()).unwrap();
+        Tls {
+            ca: ca_file,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
 }
 
 impl Etcd {
     /// Starts a cluster of `members` members and waits until all are healthy.
     pub fn start(members: usize) -> Etcd {
+        Self::start_with(members, false)
+    }
+
+    /// One member whose clients must use mutual TLS (https).
+    pub fn start_tls() -> Etcd {
+        Self::start_with(1, true)
+    }
+
+    fn start_with(members: usize, tls: bool) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("kms-etcd-test-")
             .tempdir_in("/dev/shm")
             .or_else(|_| tempfile::tempdir())
             .unwrap();
+        let tls = tls.then(|| Tls::generate(dir.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
@@ -43,10 +117,20 @@ impl Etcd {
         let mut children = Vec::new();
         let mut endpoints = Vec::new();
         for (i, (c, p)) in ports.iter().enumerate() {
-            let client = format!("http://127.0.0.1:{c}");
+            let client = format!("{scheme}://127.0.0.1:{c}");
             let peer = format!("http://127.0.0.1:{p}");
             let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).unwrap();
-            let child = Command::new("etcd")
+            let mut cmd = Command::new("etcd");
+            if let Some(t) = &tls {
+                cmd.arg("--cert-file")
+                    .arg(&t.server_cert)
+                    .arg("--key-file")
+                    .arg(&t.server_key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
+            let child = cmd
                 .args(["--name", &format!("n{i}")])
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("n{i}")))
@@ -69,6 +153,7 @@ impl Etcd {
             children,
             endpoints,
             dir,
+            tls,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -86,8 +171,16 @@ impl Etcd {
     }
 
     pub fn etcdctl(&self, args: &[&str], endpoints: &[String]) -> std::process::Output {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("etcdctl");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", endpoints.join(",")))
             .args(["--dial-timeout=2s", "--command-timeout=5s"])
             .args(args)
@@ -125,6 +218,34 @@ impl Etcd {
         self.signal(member, "-CONT");
     }
 
+    /// Puts `n` keys `<prefix><i>` (i zero-padded to 6 digits) with value
+    /// `i` as u32 BE, 100 per transaction.
+    pub fn put_many(&self, prefix: &str, n: u32) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(&self.endpoints, None)
+                .await
+                .unwrap();
+            let keys: Vec<u32> = (0..n).collect();
+            for chunk in keys.chunks(100) {
+                let ops: Vec<etcd_client::TxnOp> = chunk
+                    .iter()
+                    .map(|i| {
+                        etcd_client::TxnOp::put(
+                            format!("{prefix}{i:06}"),
+                            i.to_be_bytes().to_vec(),
+                            None,
+                        )
+                    })
+                    .collect();
+                c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            }
+        });
+    }
+
     /// Puts raw bytes (etcdctl cannot pass a NUL byte on its command line).
     pub fn put_raw(&self, key: &str, value: &[u8]) {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -144,6 +265,11 @@ impl Etcd {
         let endpoints = members.iter().map(|m| self.endpoints[*m].clone()).collect();
         let mut c = EtcdConfig::new(node, endpoints);
         c.staleness_bound = DELTA;
+        if let Some(t) = &self.tls {
+            c.ca_file = Some(t.ca.clone());
+            c.cert_file = Some(t.client_cert.clone());
+            c.key_file = Some(t.client_key.clone());
+        }
         c
     }
 

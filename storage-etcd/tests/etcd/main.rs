@@ -336,20 +336,23 @@ fn one_leader_per_job_and_stale_fences_are_refused() {
         })
     })
     .unwrap();
-    // The leader goes away (its lease is revoked): B takes over.
+    // The leader goes away (its lease is revoked on drop, or expires
+    // within its TTL if the revocation did not get through): B takes over.
     drop(a);
-    let fb = b
-        .engine()
-        .leadership("scheduler")
-        .unwrap()
-        .expect("B leads");
+    let mut fb = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            fb = b.engine().leadership("scheduler").unwrap();
+            fb.is_some()
+        }),
+        "B never took over"
+    );
+    let fb = fb.unwrap();
     assert_ne!(fb.token, fa.token);
     assert!(eventually(Duration::from_secs(10), || b
         .get_key(&id)
         .unwrap()
-        .unwrap()
-        .description
-        == "by the leader"));
+        .is_some_and(|k| k.description == "by the leader")));
     // A write under A's stale fence is refused, and changes nothing.
     let stale = with_fence(fa, || {
         b.update_key(&id, 3_000, |k| {
@@ -488,4 +491,150 @@ fn connect_use_and_drop_inside_an_async_context() {
             Err(StorageError::Unavailable { .. })
         ));
     });
+}
+
+#[test]
+fn large_tables_load_in_pages_and_scan_in_chunks() {
+    // More entries than one page of the initial load (1,000) and than one
+    // chunk of a scan (256).
+    let etcd = Etcd::start(1);
+    const N: u32 = 2_500;
+    etcd.put_many("/kms/v1/pending/p", N);
+    let e = etcd.engine("node-a", &[0]);
+    let mut seen = Vec::new();
+    e.scan(kms_catalogue::Table::Pending, b"p", None, &mut |k, v| {
+        seen.push((k.to_vec(), v.to_vec()));
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(seen.len(), N as usize);
+    for (i, (k, v)) in seen.iter().enumerate() {
+        assert_eq!(k, format!("p{i:06}").as_bytes());
+        assert_eq!(v, &(i as u32).to_be_bytes());
+    }
+    // From a cursor, stopping early; and the greatest key.
+    let mut first = None;
+    e.scan(
+        kms_catalogue::Table::Pending,
+        b"p",
+        Some(b"p001999"),
+        &mut |k, _| {
+            first = Some(k.to_vec());
+            Ok(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(first.as_deref(), Some(&b"p002000"[..]));
+    assert_eq!(
+        e.last_key(kms_catalogue::Table::Pending, b"p")
+            .unwrap()
+            .as_deref(),
+        Some(&b"p002499"[..])
+    );
+    assert_eq!(e.get(kms_catalogue::Table::Keys, b"p000001").unwrap(), None);
+}
+
+#[test]
+fn etcd_authentication_with_a_role_limited_to_the_prefix() {
+    let etcd = Etcd::start(1);
+    for args in [
+        &[
+            "user",
+            "add",
+            "root",
+            "--new-user-password=root-pw",
+            "--interactive=false",
+        ][..],
+        &["role", "add", "kms"],
+        &[
+            "role",
+            "grant-permission",
+            "kms",
+            "--prefix=true",
+            "readwrite",
+            "/kms/v1/",
+        ],
+        &[
+            "user",
+            "add",
+            "kms",
+            "--new-user-password=kms-pw",
+            "--interactive=false",
+        ],
+        &["user", "grant-role", "kms", "kms"],
+        &["auth", "enable"],
+    ] {
+        etcd.ctl(args);
+    }
+    let with_password = |password: &str| {
+        let mut c = etcd.config("node-a", &[0]);
+        c.auth = Some(kms_storage_etcd::EtcdAuth {
+            user: "kms".into(),
+            password: password.to_owned().into(),
+        });
+        c
+    };
+    let config = with_password("kms-pw");
+    assert!(
+        !format!("{config:?}").contains("kms-pw"),
+        "password in Debug"
+    );
+    let engine = EtcdEngine::connect(config).unwrap();
+    assert!(!format!("{engine:?}").contains("kms-pw"));
+    let c = catalogue(engine);
+    let id = create(&c, 1, &["alias/auth"]);
+    c.check_fresh().unwrap();
+    assert!(c.engine().leadership("scheduler").unwrap().is_some());
+    assert_eq!(c.resolve_key("alias/auth").unwrap().unwrap().id, id);
+    match EtcdEngine::connect(with_password("wrong")) {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(e) => assert!(!format!("{e:?} {e}").contains("wrong"), "{e:?}"),
+    }
+}
+
+#[test]
+fn mutual_tls_to_etcd() {
+    let etcd = Etcd::start_tls();
+    assert!(etcd.endpoints[0].starts_with("https://"));
+    let c = catalogue(etcd.engine("node-a", &[0]));
+    let id = create(&c, 1, &["alias/tls"]);
+    c.check_fresh().unwrap();
+    assert_eq!(c.resolve_key("alias/tls").unwrap().unwrap().id, id);
+    // Without a client certificate etcd refuses the node.
+    let mut config = etcd.config("node-b", &[0]);
+    config.cert_file = None;
+    config.key_file = None;
+    config.staleness_bound = Duration::from_millis(500);
+    assert!(EtcdEngine::connect(config).is_err());
+}
+
+#[test]
+fn audit_heads_are_published_per_node_and_never_go_back() {
+    let etcd = Etcd::start(1);
+    let a = etcd.engine("node-a", &[0]);
+    let b = etcd.engine("node-b", &[0]);
+    let head = |node: &str, seq: u64| kms_catalogue::AuditHead {
+        node: node.to_owned(),
+        seq,
+        hash: format!("{seq:064x}"),
+        checkpoint_mac: "ab".repeat(32),
+        published_ms: seq * 1_000,
+    };
+    assert!(a.audit_heads().unwrap().is_empty());
+    a.publish_audit_head(&head("node-a", 5)).unwrap();
+    a.publish_audit_head(&head("node-a", 7)).unwrap();
+    // Publishing the same head again is harmless; an older one is refused.
+    a.publish_audit_head(&head("node-a", 7)).unwrap();
+    assert!(matches!(
+        a.publish_audit_head(&head("node-a", 6)),
+        Err(StorageError::Corrupt { .. })
+    ));
+    b.publish_audit_head(&head("node-b", 3)).unwrap();
+    let heads = b.audit_heads().unwrap();
+    assert_eq!(heads, vec![head("node-a", 7), head("node-b", 3)]);
+    // Each node sees the other in its cluster view.
+    assert!(eventually(Duration::from_secs(10), || {
+        let view = a.cluster_view().unwrap();
+        view.node == "node-a" && view.fresh && view.peers.iter().any(|(n, _)| n == "node-b")
+    }));
 }
