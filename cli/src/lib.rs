@@ -22,6 +22,7 @@
 mod admin;
 mod aliases;
 mod audit;
+mod backup;
 mod crypto;
 mod envelope;
 mod hsm;
@@ -41,6 +42,7 @@ use zeroize::Zeroizing;
 pub use admin::AdminCommand;
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
+pub use backup::run_backup_create;
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use hsm::{DestroyRootArgs, HsmCommand, run_hsm};

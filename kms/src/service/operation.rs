@@ -57,7 +57,9 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
         Operation::ListRoots => "ListRoots",
         Operation::DestroyRoot => "DestroyRoot",
+        Operation::CreateBackup => "CreateBackup",
         Operation::RewrapKeyVersion => "RewrapKeyVersion",
+        Operation::Restore => "Restore",
         Operation::KubernetesStatus => "KubernetesStatus",
         Operation::KubernetesEncrypt => "KubernetesEncrypt",
         Operation::KubernetesDecrypt => "KubernetesDecrypt",
@@ -101,7 +103,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 46);
+        assert_eq!(seen, 48);
         assert_eq!(parse("Unspecified"), None);
         assert_eq!(parse("NoSuchOperation"), None);
     }
