@@ -2,6 +2,7 @@ mod audit;
 mod audit_stream;
 mod authz;
 mod aws_api;
+mod backup;
 mod bad_input;
 mod cli;
 mod cluster;
