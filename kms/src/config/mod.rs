@@ -643,6 +643,20 @@ data_dir = "/var/lib/kms"
     }
 
     #[test]
+    fn backup_dir_is_optional_and_must_be_absolute() {
+        assert_eq!(Config::parse(MINIMAL).expect("valid").backup_dir, None);
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[backup]\ndir = \"/var/backups/kms\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.backup_dir, Some(PathBuf::from("/var/backups/kms")));
+        let err = Config::parse(&format!("{MINIMAL}\n[backup]\ndir = \"backups\"\n"))
+            .expect_err("relative");
+        assert!(err.to_string().contains("backup.dir"), "{err}");
+        assert!(Config::parse(&format!("{MINIMAL}\n[backup]\npath = \"/x\"\n")).is_err());
+    }
+
+    #[test]
     fn shutdown_grace_and_crl_files_are_read_and_checked() {
         let config = Config::parse(&format!(
             "{MINIMAL}\n[server]\nshutdown_grace_ms = 2500\n{TLS}crl_files = [\"/etc/kms/tls/a.crl\", \"/etc/kms/tls/b.crl\"]\n[auth]\nadmins = [\"ops\"]\n"
