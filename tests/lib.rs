@@ -83,6 +83,7 @@ impl TestEnv {
             kubernetes: Vec::new(),
             aws_api: None,
             cluster: None,
+            backup_dir: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! |-------------------|--------------------------------------|-----------------------------------------|
 //! | `default` (meta)  | `b"integrity_key"`                   | wrapped integrity HMAC key (version byte + JSON) |
 //! | `default` (meta)  | `b"audit_checkpoint_key"`            | wrapped audit checkpoint HMAC key (version byte + JSON) |
+//! | `default` (meta)  | `b"restore_pending"`                 | pending-restore marker (version byte + JSON) |
 //! | `keys`            | key id (ASCII, 36 bytes)             | key record (version byte + JSON)        |
 //! | `versions`        | key id ‖ u32 BE version               | version record (version byte + JSON)    |
 //! | `pending`         | key id ‖ u32 BE version               | empty: index of pending versions        |
@@ -51,6 +52,13 @@ pub const META_INTEGRITY_KEY: &[u8] = b"integrity_key";
 /// checkpoint key is the token object `kms-audit-hmac/v1` never gets one.
 /// Older builds ignore it, so it needs no format version bump.
 pub const META_CHECKPOINT_KEY: &[u8] = b"audit_checkpoint_key";
+
+/// Key of the pending-restore marker in the meta table (version byte +
+/// JSON, written by `kms backup restore`): while present, the service's
+/// next start rotates every key and records the restore in the audit log
+/// before it serves, then removes it (design note §1.6). Older builds
+/// ignore it, so it needs no format version bump.
+pub const META_RESTORE_PENDING: &[u8] = b"restore_pending";
 
 /// First byte of every catalogue record value (followed by JSON).
 pub const CATALOGUE_RECORD_V1: u8 = 1;

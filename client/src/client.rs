@@ -123,6 +123,7 @@ rpcs! {
     AdminClient reload "Reload" Once: ReloadRequest => ReloadResponse;
     AdminClient list_roots "ListRoots" Retryable: ListRootsRequest => ListRootsResponse;
     AdminClient destroy_root "DestroyRoot" Once: DestroyRootRequest => DestroyRootResponse;
+    AdminClient create_backup "CreateBackup" Once: CreateBackupRequest => CreateBackupResponse;
 }
 
 impl KmsClient {

@@ -238,6 +238,9 @@ pub fn dev_config(
         // `--aws-api-listen` adds one ([`aws_api_config`]).
         aws_api: None,
         cluster: None,
+        // Dev mode has no configuration file to name one: CreateBackup is
+        // refused; `kms backup create --data-dir` works on a stopped server.
+        backup_dir: None,
     })
 }
 

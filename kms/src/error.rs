@@ -193,6 +193,20 @@ pub enum KmsError {
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
 
+    /// CreateBackup on a server whose configuration has no `[backup] dir`,
+    /// or on a cluster node (catalogue in etcd; not implemented yet).
+    #[error(
+        "backups are off: the server's configuration has no [backup] dir, or it is a cluster node (CreateBackup covers the single-node RocksDB catalogue only); on a single node, stop the server and use kms backup create --data-dir"
+    )]
+    BackupNotConfigured,
+
+    /// Writing a backup failed (I/O, checkpoint); the cause is logged.
+    #[error("internal error")]
+    Backup {
+        #[source]
+        source: crate::backup::BackupError,
+    },
+
     /// Bring your own key refused (issue 14 item 6): the refusal says what
     /// and what to do; see `service::import::ImportRefusal`.
     #[error(transparent)]
@@ -263,7 +277,8 @@ impl KmsError {
             | KmsError::ReloadRefused(_)
             | KmsError::NoRootKey
             | KmsError::RootActive { .. }
-            | KmsError::RootInUse { .. } => ResultCode::FailedPrecondition,
+            | KmsError::RootInUse { .. }
+            | KmsError::BackupNotConfigured => ResultCode::FailedPrecondition,
             KmsError::RootNotFound { .. } => ResultCode::NotFound,
             KmsError::HsmUnavailable { .. }
             | KmsError::AuditUnavailable { .. }
@@ -275,6 +290,7 @@ impl KmsError {
             KmsError::Hsm { .. }
             | KmsError::CatalogueRecordCorrupt { .. }
             | KmsError::Storage { .. }
+            | KmsError::Backup { .. }
             | KmsError::Internal { .. } => ResultCode::Internal,
         }
     }
@@ -398,6 +414,10 @@ impl KmsError {
             }
             KmsError::Storage { .. } => KmsError::Internal {
                 what: "storage operation failed (cause logged with an earlier item)",
+            },
+            KmsError::BackupNotConfigured => KmsError::BackupNotConfigured,
+            KmsError::Backup { .. } => KmsError::Internal {
+                what: "backup failed (cause logged with an earlier item)",
             },
             KmsError::Internal { what } => KmsError::Internal { what },
         }

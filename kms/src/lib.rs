@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod aws;
 mod background;
+pub mod backup;
 pub mod ciphertext;
 pub mod cluster;
 pub mod config;

@@ -1,5 +1,5 @@
 //! The `kms` binary: the server (`kms serve`), the server-side operator
-//! commands (`kms hsm ...`, `kms token new`) and, through the kms-cli crate,
+//! commands (`kms hsm ...`, `kms token new`, `kms backup ...`) and, through the kms-cli crate,
 //! every client command. Thin by design: parse arguments, set up logging, run,
 //! print the error chain and exit non-zero on failure.
 
@@ -51,6 +51,10 @@ enum Command {
     /// ceremonies act on the token; `roots`/`destroy-root` ask the server.
     #[command(subcommand)]
     Hsm(kms::operator::hsm::HsmCommand),
+    /// Backups of the catalogue and audit log (`create`: the running server,
+    /// or a stopped one's data directory) and their restore (server stopped).
+    #[command(subcommand)]
+    Backup(kms::operator::backup::BackupCommand),
     #[command(flatten)]
     Client(kms_cli::Command),
 }
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Token(command) => kms::operator::token::run(command),
         Command::Hsm(command) => kms::operator::hsm::run(command, &cli.client),
+        Command::Backup(command) => kms::operator::backup::run(command, &cli.client),
         Command::Client(command) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -72,6 +72,26 @@ impl Storage {
         AuditReader::new(Arc::clone(&self.db))
     }
 
+    /// Writes a consistent point-in-time copy of the whole database (key
+    /// catalogue and audit log together, as of one instant) to `dir`, while
+    /// the database stays open and keeps serving: a RocksDB checkpoint
+    /// (memtables flushed first, SST files hard-linked when `dir` is on the
+    /// same file system, copied otherwise). The copy is itself a database
+    /// that [`Storage::open`] opens. `dir` must not exist yet; its parent
+    /// must.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::Db`] (operation `"checkpoint"`) if RocksDB cannot
+    /// write the copy: `dir` exists, its parent is missing, or an I/O error.
+    pub fn create_checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db.db)
+            .map_err(StorageError::db("checkpoint"))?;
+        checkpoint
+            .create_checkpoint(dir)
+            .map_err(StorageError::db("checkpoint"))
+    }
+
     /// Starts the audit log's group-commit writer. Only one may be open at a
     /// time; dropping it (or reopening after a poisoning) releases the slot.
     ///

@@ -3,6 +3,7 @@ mod audit_cluster;
 mod audit_stream;
 mod authz;
 mod aws_api;
+mod backup;
 mod bad_input;
 mod cli;
 mod cluster;

@@ -32,6 +32,7 @@ use crate::schema::{self, META_CHECKPOINT_KEY, META_INTEGRITY_KEY, encode_record
 mod aliases;
 mod lifecycle;
 mod reads;
+mod restore;
 mod rewrap;
 
 pub use crate::keys::MAX_PAGE_SIZE;

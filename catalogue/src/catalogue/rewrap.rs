@@ -128,10 +128,17 @@ impl Catalogue {
         let mut counts: BTreeMap<u32, EpochReferences> = BTreeMap::new();
         self.scan(Table::Versions, b"", None, |k, v| {
             let ver: VersionRecord = decode_record(CF_VERSIONS, k, v)?;
-            if let KekHandle::Wrapped { root_epoch, .. } = ver.kek {
+            if let KekHandle::Wrapped {
+                root_epoch, blob, ..
+            } = ver.kek
+            {
                 let entry = counts.entry(root_epoch).or_default();
                 if matches!(ver.state, VersionState::Destroyed { .. }) {
-                    entry.destroyed_versions += 1;
+                    // A blob erased by a replayed destruction (restore) is
+                    // no blob any more.
+                    if !blob.is_empty() {
+                        entry.destroyed_versions += 1;
+                    }
                 } else {
                     entry.live_versions += 1;
                 }

@@ -72,6 +72,14 @@ struct RawConfig {
     kubernetes: Vec<kubernetes::RawKubernetes>,
     aws_api: Option<aws::RawAwsApi>,
     cluster: Option<cluster::RawCluster>,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -246,6 +254,11 @@ pub struct Config {
     /// `[cluster]`: this node's place in an etcd-backed cluster; `None`
     /// for a single node (catalogue in RocksDB under `data_dir`).
     pub cluster: Option<ClusterConfig>,
+    /// `[backup] dir`: the directory (absolute, on the server's host) under
+    /// which `Admin.CreateBackup` may write backups; `None` (the default)
+    /// refuses CreateBackup. The offline `kms backup create --data-dir`
+    /// does not need it.
+    pub backup_dir: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -314,6 +327,7 @@ impl Config {
             "[[kubernetes]]" => kubernetes,
             "[aws_api]" => aws_api,
             "[cluster]" => cluster,
+            "backup.dir" => backup_dir,
         }
     }
 
@@ -367,6 +381,12 @@ impl Config {
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
         config.cluster = cluster::validate(raw.cluster)?;
+        if let Some(dir) = raw.backup.dir {
+            if !dir.is_absolute() {
+                return Err(invalid("backup.dir", "must be an absolute path"));
+            }
+            config.backup_dir = Some(dir);
+        }
         Ok(config)
     }
 
@@ -579,6 +599,7 @@ impl Config {
             kubernetes: Vec::new(),
             aws_api: None,
             cluster: None,
+            backup_dir: None,
         })
     }
 }
@@ -619,6 +640,20 @@ data_dir = "/var/lib/kms"
             DEFAULT_GCM_INVOCATION_HARD_LIMIT
         );
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn backup_dir_is_optional_and_must_be_absolute() {
+        assert_eq!(Config::parse(MINIMAL).expect("valid").backup_dir, None);
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[backup]\ndir = \"/var/backups/kms\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.backup_dir, Some(PathBuf::from("/var/backups/kms")));
+        let err = Config::parse(&format!("{MINIMAL}\n[backup]\ndir = \"backups\"\n"))
+            .expect_err("relative");
+        assert!(err.to_string().contains("backup.dir"), "{err}");
+        assert!(Config::parse(&format!("{MINIMAL}\n[backup]\npath = \"/x\"\n")).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Admin handlers: operator actions on the running server (configuration
-//! reload, root keys). Administrators only; every call is audited (see
+//! reload, root keys, backups). Administrators only; every call is audited (see
 //! `server::reload::Reloader::reload_audited`, `service::root_rotation`).
 
 use std::sync::Arc;
@@ -85,6 +85,30 @@ impl Admin for AdminApi {
         rpc.respond(pb::DestroyRootResponse {
             epoch,
             active_epoch,
+        })
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        let rpc = Rpc::start(Operation::CreateBackup, &request)?;
+        let out_dir = request.into_inner().out_dir;
+        let created = rpc
+            .blocking(&self.service, move |service, meta| {
+                service.create_backup(meta, &out_dir)
+            })
+            .await?;
+        let manifest = &created.manifest;
+        rpc.respond(pb::CreateBackupResponse {
+            out_dir: created.dir.display().to_string(),
+            backup_id: created.id.clone(),
+            created_unix_ms: manifest.created_unix_ms,
+            audit_head_sequence: manifest.audit_head_seq,
+            audit_head_hash: hex::decode(&manifest.audit_head_hash).unwrap_or_default(),
+            root_epochs: manifest.root_epochs.clone(),
+            files: manifest.files.len() as u64,
+            bytes: created.bytes(),
         })
     }
 }

@@ -14,6 +14,7 @@ mod aliases;
 mod audit;
 pub mod audit_witness;
 mod authz;
+mod backup;
 mod batch;
 pub(crate) mod checkpoint_key;
 mod crypto;
@@ -24,6 +25,7 @@ mod lookup;
 pub mod operation;
 pub(crate) mod page_token;
 mod reconcile;
+mod restore;
 pub mod root_rotation;
 pub mod scheduler;
 pub(crate) mod working_keys;
@@ -170,6 +172,8 @@ pub struct KmsService {
     wrapped: Option<Wrapped>,
     /// The key that MACs audit checkpoints (token object or wrapped).
     checkpoint_key: Arc<checkpoint_key::CheckpointKey>,
+    /// `[backup] dir`: where `Admin.CreateBackup` may write (None: refused).
+    backup_dir: Option<std::path::PathBuf>,
 }
 
 /// What the service needs for wrapped key versions.
@@ -262,10 +266,14 @@ impl KmsService {
             key_locks: keys::KeyLocks::default(),
             wrapped,
             checkpoint_key,
+            backup_dir: config.backup_dir.clone(),
         };
         service
             .reconcile_pending_versions()
             .map_err(OpenError::Reconcile)?;
+        // Before anything serves: a restored catalogue's keys are rotated
+        // and the restore audited (design note §1.6).
+        service.finish_restore()?;
         Ok(service)
     }
 
@@ -627,6 +635,21 @@ pub enum OpenError {
         #[source]
         source: kms_hsm::HsmError,
     },
+    /// The first start after `kms backup restore` could not finish the
+    /// restore (the marker stays: the next start tries again).
+    #[error("finishing the restore of backup {backup}")]
+    Restore {
+        /// The backup's id (first 16 hex digits).
+        backup: String,
+        #[source]
+        source: KmsError,
+    },
+    /// A root epoch the restored catalogue references is not in the HSM:
+    /// its versions could never be decrypted (design note §1.6 rule 3).
+    #[error(
+        "the restored catalogue references root key epoch {epoch} (kms-root/{epoch}), which no longer exists in the HSM; restore onto the HSM that holds it"
+    )]
+    RestoreRootMissing { epoch: u32 },
     /// A wrapped service key's catalogue meta record (`integrity_key`,
     /// `audit_checkpoint_key`) cannot be used: checked at start so that a
     /// broken or swapped blob refuses start instead of failing at first use.

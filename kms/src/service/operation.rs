@@ -57,9 +57,11 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ReconcileKeyVersion => "ReconcileKeyVersion",
         Operation::ListRoots => "ListRoots",
         Operation::DestroyRoot => "DestroyRoot",
+        Operation::CreateBackup => "CreateBackup",
         Operation::RewrapKeyVersion => "RewrapKeyVersion",
         // The audit writer's own spelling (kms_storage::WITNESS_OPERATION).
         Operation::AuditWitness => "AuditWitness",
+        Operation::Restore => "Restore",
         Operation::KubernetesStatus => "KubernetesStatus",
         Operation::KubernetesEncrypt => "KubernetesEncrypt",
         Operation::KubernetesDecrypt => "KubernetesDecrypt",
@@ -103,7 +105,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 47);
+        assert_eq!(seen, 49);
         assert_eq!(
             name(Operation::AuditWitness),
             kms_storage::WITNESS_OPERATION

@@ -1,0 +1,216 @@
+//! `kms backup create` and `kms backup restore` (issue 15 item 4; design
+//! note `hierarchy-and-cluster.md` §1.6).
+//!
+//! `create --out DIR` asks the running server (Admin.CreateBackup, through
+//! kms-cli); `create --data-dir D --out DIR` copies the database of a
+//! stopped server directly. `restore` acts on this machine: it needs the
+//! server stopped, its configuration (for the HSM, to check the root
+//! epochs) and the data directory.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use kms_storage::{Storage, StorageOptions};
+
+use crate::backup::{self, RestoreOptions};
+use crate::config::Config;
+
+/// `kms backup` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Back up the catalogue and the audit log: a consistent copy (RocksDB
+    /// checkpoint) plus manifest.json (audit head, root epochs referenced,
+    /// SHA-256 of every file). Without --data-dir the running server writes
+    /// it on its host under its `[backup] dir` (administrators only); with
+    /// --data-dir, the database of a stopped server is copied here. The
+    /// backup holds key blobs: usable only with the HSM's root keys, but
+    /// keep it as protected as the catalogue.
+    Create(CreateArgs),
+    /// Restore a backup into the data directory of a STOPPED server: checks
+    /// every file against the manifest and every referenced root epoch
+    /// against the HSM (nothing is touched if either fails), keeps a
+    /// non-empty data directory aside (--force-replace) and uses its audit
+    /// log, and/or --audit-since, as the ledger: key destructions
+    /// (DeleteKeyMaterial) recorded after the backup are replayed, version
+    /// numbers used after it are never reused, and keys and versions created
+    /// after it are put back from the replaced catalogue. The next start
+    /// rotates every enabled key (restored GCM counters are not trusted) and
+    /// records the restore in the audit log before it serves.
+    Restore(RestoreArgs),
+}
+
+/// Arguments of `kms backup create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The backup directory to create (or an empty one). Online: an absolute
+    /// path on the server's host inside its `[backup] dir`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Copy the database in this data directory (the server must be
+    /// stopped) instead of asking the running server.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Arguments of `kms backup restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup directory (manifest.json and db/).
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// The server's configuration file: its `[hsm]` is checked for the root
+    /// epochs; its `[storage] data_dir` is restored unless --data-dir is given.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The data directory to restore into (default: the configuration's).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Replace a non-empty data directory: it is renamed to
+    /// `<data-dir>.replaced-<unix ms>` (kept, never deleted).
+    #[arg(long)]
+    pub force_replace: bool,
+    /// An audit export (`kms audit export --out FILE`, JSON lines) covering
+    /// the time since the backup, used as ledger of destructions as well
+    /// (needed when the replaced data directory is lost).
+    #[arg(long, value_name = "FILE")]
+    pub audit_since: Option<PathBuf>,
+}
+
+/// Runs a `kms backup` command.
+///
+/// # Errors
+/// Whatever refused the command: the server's answer (online create), a
+/// damaged backup, a missing root epoch, a non-empty data directory, a
+/// database or file system failure; the message names it.
+pub fn run(command: BackupCommand, client: &kms_cli::ClientOptions) -> anyhow::Result<()> {
+    match command {
+        BackupCommand::Create(args) => match args.data_dir {
+            None => {
+                let out = args
+                    .out
+                    .to_str()
+                    .context("--out must be UTF-8 to be sent to the server")?
+                    .to_owned();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
+                runtime.block_on(kms_cli::run_backup_create(&out, client))
+            }
+            Some(data_dir) => create_offline(&data_dir, &args.out, client.json),
+        },
+        BackupCommand::Restore(args) => restore(args, client.json),
+    }
+}
+
+fn create_offline(
+    data_dir: &std::path::Path,
+    out: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let storage = Storage::open(
+        data_dir,
+        &StorageOptions {
+            create_if_missing: false,
+            ..StorageOptions::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the database in {} (is the server stopped?)",
+            data_dir.display()
+        )
+    })?;
+    let created = backup::create_backup(&storage, out, &backup::node_id())
+        .with_context(|| format!("backup to {} failed", out.display()))?;
+    let manifest = &created.manifest;
+    if json {
+        emit_json(&serde_json::json!({
+            "out_dir": created.dir.display().to_string(),
+            "backup_id": created.id,
+            "created_unix_ms": manifest.created_unix_ms,
+            "audit_head_sequence": manifest.audit_head_seq,
+            "audit_head_hash": manifest.audit_head_hash,
+            "root_epochs": manifest.root_epochs,
+            "files": manifest.files.len(),
+            "bytes": created.bytes(),
+        }))
+    } else {
+        eprintln!(
+            "backup written to {} (id {}): audit head {}, root epochs {:?}, {} files, {} bytes",
+            created.dir.display(),
+            created.id,
+            manifest.audit_head_seq,
+            manifest.root_epochs,
+            manifest.files.len(),
+            created.bytes()
+        );
+        Ok(())
+    }
+}
+
+fn restore(args: RestoreArgs, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    anyhow::ensure!(
+        config.cluster.is_none(),
+        "{} has a [cluster] section: restore covers the single-node RocksDB catalogue only (a cluster's catalogue is in etcd)",
+        args.config.display()
+    );
+    let data_dir = args.data_dir.unwrap_or_else(|| config.data_dir.clone());
+    let report = backup::restore_backup(&RestoreOptions {
+        from: args.from.clone(),
+        data_dir: data_dir.clone(),
+        force_replace: args.force_replace,
+        audit_since: args.audit_since,
+        hsm: config.hsm.clone(),
+    })
+    .with_context(|| format!("restore of {} failed", args.from.display()))?;
+    if json {
+        return emit_json(&serde_json::json!({
+            "backup_id": report.backup_id,
+            "data_dir": data_dir.display().to_string(),
+            "replaced_dir": report.replaced_dir.as_ref().map(|p| p.display().to_string()),
+            "audit_head_sequence": report.manifest.audit_head_seq,
+            "ledger_records": report.ledger_records,
+            "replayed_destructions": report.replayed_destructions,
+            "keys_put_back": report.keys_put_back,
+            "versions_put_back": report
+                .versions_put_back
+                .iter()
+                .map(|(key, version)| serde_json::json!({"key_id": key, "version": version}))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    eprintln!(
+        "restored backup {} into {}{}.\n\
+         Ledger: {} audit record(s) after the backup; destruction replayed for {} key(s){}; \
+         {} key(s) and {} version(s) created after the backup put back.\n\
+         Next: start the server; before serving it rotates every enabled key (restored GCM \
+         counters are not trusted) and records the restore in the audit log.",
+        report.backup_id,
+        data_dir.display(),
+        report
+            .replaced_dir
+            .as_ref()
+            .map(|p| format!(" (the previous data directory is kept as {})", p.display()))
+            .unwrap_or_default(),
+        report.ledger_records,
+        report.replayed_destructions.len(),
+        if report.replayed_destructions.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", report.replayed_destructions.join(", "))
+        },
+        report.keys_put_back.len(),
+        report.versions_put_back.len(),
+    );
+    Ok(())
+}
+
+fn emit_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
