@@ -551,7 +551,7 @@ async fn a_backup_taken_under_load_restores_every_acknowledged_ciphertext_and_no
     }
     let verified = server
         .audit()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("VerifyAuditLog")
         .into_inner();
@@ -723,7 +723,7 @@ async fn an_offline_backup_restores_with_an_audit_export_as_the_ledger() {
     );
     let verified = server
         .audit()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .verify_audit_log(pb::VerifyAuditLogRequest::default())
         .await
         .expect("VerifyAuditLog")
         .into_inner();

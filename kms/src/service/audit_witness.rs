@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kms_storage::{AuditHead, Checkpoint, Storage, WitnessBoard, WitnessedHead, Witnessing};
+use kms_storage::{AuditHead, Catalogue, Checkpoint, WitnessBoard, WitnessedHead, Witnessing};
 
 /// Publishing totals since start, for metrics.
 #[derive(Debug, Default)]
@@ -68,21 +68,21 @@ impl Drop for AuditPublisher {
 }
 
 /// Starts the publisher of node `node_id`; returns the writer's side
-/// (to pass to [`Storage::open_audit_log_witnessed`]) and the thread.
+/// (to pass to [`kms_storage::Storage::open_audit_log_witnessed`]) and the thread.
 ///
 /// # Errors
 ///
 /// The I/O error if the thread cannot be spawned.
 pub(crate) fn start(
     node_id: String,
-    storage: Arc<Storage>,
+    catalogue: Catalogue,
 ) -> std::io::Result<(Witnessing, AuditPublisher)> {
     let board = Arc::new(WitnessBoard::default());
     let stats = Arc::new(PublishStats::default());
     let (tx, rx) = mpsc::channel::<Checkpoint>();
     let publisher = Publisher {
         node_id,
-        storage,
+        catalogue,
         board: Arc::clone(&board),
         stats: Arc::clone(&stats),
     };
@@ -108,7 +108,8 @@ pub(crate) fn start(
 
 struct Publisher {
     node_id: String,
-    storage: Arc<Storage>,
+    /// The cluster's catalogue, whose engine stores the heads (etcd).
+    catalogue: Catalogue,
     board: Arc<WitnessBoard>,
     stats: Arc<PublishStats>,
 }
@@ -142,7 +143,7 @@ impl Publisher {
             checkpoint_mac: hex::encode(&cp.mac),
             published_ms: now_ms(),
         };
-        match self.storage.catalogue().engine().publish_audit_head(&head) {
+        match self.catalogue.engine().publish_audit_head(&head) {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -154,7 +155,7 @@ impl Publisher {
     }
 
     fn read_heads(&self) {
-        let heads = match self.storage.catalogue().engine().audit_heads() {
+        let heads = match self.catalogue.engine().audit_heads() {
             Ok(heads) => heads,
             Err(e) => {
                 self.stats.read_failures.fetch_add(1, Ordering::Relaxed);

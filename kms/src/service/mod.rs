@@ -241,7 +241,7 @@ impl KmsService {
         let (witnessing, audit_publisher) = match &config.cluster {
             None => (None, None),
             Some(cluster) => {
-                let (w, p) = audit_witness::start(cluster.node_id.clone(), Arc::clone(&storage))
+                let (w, p) = audit_witness::start(cluster.node_id.clone(), catalogue.clone())
                     .map_err(OpenError::AuditPublisher)?;
                 (Some(w), Some(p))
             }
