@@ -361,7 +361,7 @@ async fn a_node_whose_audit_log_was_truncated_is_named_by_verify_cluster() {
     // or, if node-2 has written that far again since its restart, the event
     // there is not the one witnessed.
     assert!(
-        err.contains(&format!("node node-2: log ends at sequence "))
+        err.contains("node node-2: log ends at sequence ")
             && err.contains(&format!("before sequence {witnessed_for_2} witnessed by"))
             || err.contains(&format!("node node-2: event {witnessed_for_2} has hash")),
         "{err}"
