@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own module; main only parses and dispatches.
 
 mod audit;
+mod cluster;
 mod envelope;
 mod load;
 mod machine;
@@ -38,6 +39,10 @@ enum Command {
     Scale(Box<scale::ScaleArgs>),
     /// Envelope encryption (kms-client) vs raw AES-GCM in MB/s, and KMS calls saved by caching.
     Envelope(envelope::EnvelopeArgs),
+    /// A kms cluster (--endpoints, tasks round-robin over the nodes) against
+    /// a single node (--single) on the same machine: Encrypt, Decrypt,
+    /// GenerateDataKey and a catalogue write (CreateKey), with ratios.
+    Cluster(Box<cluster::ClusterArgs>),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(&args),
         Command::Envelope(args) => envelope::run(&args),
         Command::Scale(args) => scale::run(&args),
+        Command::Cluster(args) => cluster::run(&args),
     }
 }
 

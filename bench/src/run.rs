@@ -338,7 +338,7 @@ impl Session {
 
 /// The run with the median ops/s, carrying every run's ops/s and the
 /// failures of all runs (a failure in any run must not hide).
-fn median(mut runs: Vec<Row>) -> anyhow::Result<Row> {
+pub(crate) fn median(mut runs: Vec<Row>) -> anyhow::Result<Row> {
     let all: Vec<f64> = runs.iter().map(|r| r.items_per_sec).collect();
     let errors: u64 = runs.iter().map(|r| r.errors).sum();
     let first_error = runs.iter().find_map(|r| r.first_error.clone());
@@ -354,7 +354,7 @@ fn median(mut runs: Vec<Row>) -> anyhow::Result<Row> {
     Ok(row)
 }
 
-fn progress(row: &Row) {
+pub(crate) fn progress(row: &Row) {
     let errors = if row.errors > 0 {
         format!(
             ", {} FAILED calls: {}",
