@@ -276,7 +276,15 @@ impl Target {
                 (CREATE_KEY.to_owned(), plan.write_concurrency, m)
             }
         };
-        Ok(Row::new(name, Kind::Service, None, concurrency, 1, &m, None))
+        Ok(Row::new(
+            name,
+            Kind::Service,
+            None,
+            concurrency,
+            1,
+            &m,
+            None,
+        ))
     }
 }
 

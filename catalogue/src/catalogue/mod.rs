@@ -182,20 +182,21 @@ impl Catalogue {
     }
 
     /// Commits the batch of write attempt `w` (see [`Catalogue::write`]).
+    ///
+    /// Every change waits until every node holds it (`batch.revokes`; on a
+    /// cluster: every registered node applied it, or Δ + margin passed):
+    /// revocations must (design note I4), and a key or version created on
+    /// one node must be usable on every node once the call returns, not
+    /// "not found" on a node whose watch is a few milliseconds behind.
     fn commit(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
         batch.fence = THREAD_FENCE.with(|cell| cell.borrow().clone());
+        batch.revokes = true;
         w.committing.set(true);
         let result = self.engine().commit(w.read_at, batch);
         if matches!(result, Err(StorageError::WriteConflict)) {
             w.conflicted.set(true);
         }
         result
-    }
-
-    /// Commits a batch that takes a right away (see [`Batch::revokes`]).
-    fn commit_revoking(&self, w: &Write, mut batch: Batch) -> Result<(), StorageError> {
-        batch.revokes = true;
-        self.commit(w, batch)
     }
 
     /// Counts `n` AES-GCM invocations of a version and returns the total so far.

@@ -77,7 +77,7 @@ impl Catalogue {
             }
             key.updated_at_ms = now_ms;
             self.put_key(&mut batch, &key)?;
-            self.commit_revoking(w, batch)?;
+            self.commit(w, batch)?;
             Ok(true)
         })
     }
