@@ -91,19 +91,9 @@ impl Rpc {
         service: &Arc<KmsService>,
         work: impl FnOnce(&KmsService, &RequestMeta) -> Result<T, KmsError> + Send + 'static,
     ) -> Result<T, Status> {
-        let service = Arc::clone(service);
-        let meta = self.meta.clone();
-        let span = self.span.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            work(&service, &meta)
-        })
-        .instrument(self.span.clone())
-        .await;
-        match joined {
-            Ok(result) => result.map_err(|e| self.fail(e)),
-            Err(e) => Err(self.task_failed(&e)),
-        }
+        self.blocking_domain(service, work)
+            .await
+            .map_err(|e| self.fail(e))
     }
 
     /// Runs a key-use operation (Encrypt, Decrypt, GenerateDataKey, ReEncrypt)
@@ -121,26 +111,7 @@ impl Rpc {
         service: &Arc<KmsService>,
         work: impl FnOnce(&KmsService, &RequestMeta) -> Deferred<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let deferred = if service.hsm().is_down() {
-            let owned = Arc::clone(service);
-            let meta = self.meta.clone();
-            let span = self.span.clone();
-            let joined = tokio::task::spawn_blocking(move || {
-                let _entered = span.enter();
-                work(&owned, &meta)
-            })
-            .await;
-            match joined {
-                Ok(deferred) => deferred,
-                Err(e) => return Err(self.task_failed(&e)),
-            }
-        } else {
-            let _entered = self.span.enter();
-            work(service, &self.meta)
-        };
-        service
-            .finish_async(deferred)
-            .instrument(self.span.clone())
+        self.key_use_domain(service, work)
             .await
             .map_err(|e| self.fail(e))
     }
@@ -287,12 +258,6 @@ impl Rpc {
             ResultCode::Internal => tracing::error!(error = %error.chain(), "request failed"),
             code => tracing::debug!(code = code.as_str(), error = %error, "request refused"),
         }
-    }
-
-    fn task_failed(&self, error: &tokio::task::JoinError) -> Status {
-        let _entered = self.span.enter();
-        tracing::error!(%error, "blocking task failed");
-        Status::internal("internal error")
     }
 
     /// The request's span (for work that outlives the handler, e.g. a stream).
