@@ -323,6 +323,15 @@ impl Shared {
         let key = self.ks.node(&self.node_id);
         let deadline = Instant::now() + ttl + Duration::from_secs(1);
         loop {
+            // Waiting out a crashed predecessor's lease can outlast our own
+            // (nothing keeps it alive before registration): take a fresh
+            // one whenever ours may expire before this attempt lands. An
+            // abandoned lease expires on its own.
+            if self.lease.lock().valid_until < Instant::now() + Duration::from_secs(1) {
+                let (id, valid_until) = self.grant(ttl).await?;
+                self.lease_id.store(id, Ordering::Release);
+                *self.lease.lock() = LeaseState { valid_until };
+            }
             let lease = self.lease_id();
             let record = self.node_record();
             let txn = Txn::new()
