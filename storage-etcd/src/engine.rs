@@ -8,18 +8,38 @@
 //!   response under one write lock; a cancelled, compacted or broken watch
 //!   (or a view the freshness task finds stuck) reloads and re-watches;
 //! - the **freshness** task (I3): every Δ/4 a linearizable read of
-//!   `meta/gen`; if the view holds that generation (waiting up to Δ/4 for
-//!   the watch to bring it), the instant the read *started* becomes
-//!   `last_fresh`. [`CatalogueEngine::check_fresh`] is Ok only while
-//!   `now − last_fresh < Δ`, on this process's monotonic clock;
-//! - the **lease** task: keeps this node's lease (TTL ≈ 2Δ) alive, and
-//!   grants a new one (re-registering the node) if it expired;
+//!   `meta/gen`, with a deadline of Δ/4 (a failed read is retried after
+//!   Δ/16, on another member); if the view holds that generation (waiting
+//!   up to Δ/4 for the watch to bring it), the instant the read *started*
+//!   becomes `last_fresh`. [`CatalogueEngine::check_fresh`] is Ok only
+//!   while `now − last_fresh < Δ`, on this process's monotonic clock;
+//! - the **lease** task: keeps this node's lease (TTL ≈ 2Δ) alive, one
+//!   keep-alive round every min(TTL/3, Δ/2) with a deadline of Δ/4 (a
+//!   failed round is retried after Δ/16, on another member), and grants a
+//!   new one (re-registering the node) only once etcd says it expired;
 //! - the **registry** task: publishes `nodes/<id>` = the generation the view
 //!   applied, whenever it changes.
 //!
 //! The blocking trait methods hand a future to the runtime and wait on a
 //! std channel, so they may be called from any thread (the service calls
-//! them from blocking worker threads); every etcd call has a deadline of Δ.
+//! them from blocking worker threads); every etcd call has a deadline of Δ
+//! (Δ/4 for the freshness reads and lease keep-alives).
+//!
+//! # One member at a time, and failover
+//!
+//! The node holds one client per configured member and sends every
+//! request to the *current* member. A request that fails as unavailable
+//! (connection refused or reset, no leader, deadline passed) moves the
+//! node to the next member, and the watch follows. etcd-client's own
+//! balanced channel is not used for this: it spreads requests at random
+//! over every member, dead or alive, and only drops a frozen member's
+//! connection after HTTP/2 keep-alive timeouts, so with one member frozen
+//! (SIGSTOP: its TCP connections stay open) about one freshness read in
+//! three hung for its whole deadline and the node went unfresh while a
+//! quorum was alive. With the Δ/4 deadlines, a node whose member dies or
+//! freezes is fresh again within one election (about 1 s with etcd's
+//! defaults) plus Δ/4 plus one read, and its lease, which etcd keeps
+//! across an election, is renewed in time.
 //!
 //! # Catching up by generation, not revision
 //!
@@ -48,7 +68,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -103,7 +123,16 @@ struct Shared {
     ks: Keyspace,
     /// Δ: the staleness bound, and every etcd call's deadline.
     delta: Duration,
-    client: Client,
+    /// One client per configured member (`None` while it could not be
+    /// connected: only with etcd authentication, whose token needs a
+    /// round trip); requests go to `members[current]`.
+    members: Vec<Member>,
+    current: AtomicUsize,
+    /// A connected client, for when the current member has none.
+    fallback: Client,
+    options: ConnectOptions,
+    /// Notified when `current` moves (the watch follows it).
+    moved: Notify,
     view: RwLock<View>,
     /// Bumped after every change of the view (watch response or reload).
     changes: watch::Sender<u64>,
@@ -129,6 +158,20 @@ enum WatchEnd {
 #[derive(Debug, Clone, Copy)]
 struct LeaseState {
     valid_until: Instant,
+    /// The TTL etcd granted: a keep-alive sent at t keeps it until t + ttl.
+    ttl: Duration,
+}
+
+/// One configured etcd member and this node's client to it.
+struct Member {
+    endpoint: String,
+    client: RwLock<Option<Client>>,
+}
+
+/// The pause before retrying a failed freshness read or lease keep-alive
+/// (on the next member): Δ/16, at least 25 ms.
+fn retry_pause(delta: Duration) -> Duration {
+    (delta / 16).max(Duration::from_millis(25))
 }
 
 /// An etcd client error: connection and quorum failures are
@@ -178,41 +221,107 @@ fn ms(d: Duration) -> u128 {
 }
 
 impl Shared {
-    /// Runs one etcd call with the deadline Δ.
+    /// A client to the current member (see the module documentation).
+    fn client(&self) -> Client {
+        let i = self.current.load(Ordering::Acquire) % self.members.len();
+        self.members[i]
+            .client
+            .read()
+            .clone()
+            .unwrap_or_else(|| self.fallback.clone())
+    }
+
+    /// Moves requests off member `from` (if they are still going there)
+    /// to the next member that has a client.
+    fn fail_over(&self, from: usize, why: &StorageError) {
+        let n = self.members.len();
+        let Some(to) = (1..n)
+            .map(|k| (from + k) % n)
+            .find(|&i| self.members[i].client.read().is_some())
+        else {
+            return;
+        };
+        if self
+            .current
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            info!(
+                from = %self.members[from].endpoint,
+                to = %self.members[to].endpoint,
+                error = %why,
+                "moving to another etcd member"
+            );
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// Runs one etcd call (built on [`Shared::client`]) with the deadline Δ.
     async fn call<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StorageError> {
-        match tokio::time::timeout(self.delta, fut).await {
-            Ok(r) => r.map_err(etcd_error(op)),
-            Err(_) => Err(StorageError::Unavailable {
-                reason: format!("etcd {op} did not answer within {} ms", ms(self.delta)),
-            }),
+        self.call_within(op, self.delta, fut).await
+    }
+
+    /// Runs one etcd call with the deadline `limit`; if it fails as
+    /// unavailable, later calls go to the next member.
+    async fn call_within<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StorageError> {
+        // The future is lazy: it was built on the client of the member
+        // current now (`client()` was called just before).
+        let member = self.current.load(Ordering::Acquire);
+        let err = match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => etcd_error(op)(e),
+            Err(_) => StorageError::Unavailable {
+                reason: format!("etcd {op} did not answer within {} ms", ms(limit)),
+            },
+        };
+        if matches!(err, StorageError::Unavailable { .. }) {
+            self.fail_over(member, &err);
         }
+        Err(err)
     }
 
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse, StorageError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         self.call(op, kv.txn(txn)).await
     }
 
-    /// Linearizable read of one key: its key-value if present, and the
-    /// revision the read was made at.
+    /// Linearizable read of one key with the deadline `limit`: its
+    /// key-value if present, and the revision the read was made at.
+    async fn get_within(
+        &self,
+        op: &'static str,
+        key: Vec<u8>,
+        limit: Duration,
+    ) -> Result<(Option<etcd_client::KeyValue>, i64), StorageError> {
+        let mut kv = self.client().kv_client();
+        let mut resp = self.call_within(op, limit, kv.get(key, None)).await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.take_kvs().into_iter().next(), rev))
+    }
+
+    /// Linearizable read of one key with the deadline Δ.
     async fn get(
         &self,
         op: &'static str,
         key: Vec<u8>,
     ) -> Result<(Option<etcd_client::KeyValue>, i64), StorageError> {
-        let mut kv = self.client.kv_client();
-        let mut resp = self.call(op, kv.get(key, None)).await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        Ok((resp.take_kvs().into_iter().next(), rev))
+        self.get_within(op, key, self.delta).await
     }
 
-    /// Linearizable read of `meta/gen`.
-    async fn read_gen(&self) -> Result<u64, StorageError> {
-        let (kv, _) = self.get("read the generation", self.ks.gen_key()).await?;
+    /// Linearizable read of `meta/gen`, with the deadline `limit`.
+    async fn read_gen(&self, limit: Duration) -> Result<u64, StorageError> {
+        let (kv, _) = self
+            .get_within("read the generation", self.ks.gen_key(), limit)
+            .await?;
         match kv {
             None => Ok(0),
             Some(kv) => decode_gen(kv.value()).ok_or_else(|| StorageError::Corrupt {
@@ -257,7 +366,7 @@ impl Shared {
                 // Later pages read the same revision as the first.
                 opts = opts.with_revision(revision);
             }
-            let mut kv = self.client.kv_client();
+            let mut kv = self.client().kv_client();
             let mut resp = self
                 .call("load the catalogue", kv.get(from.clone(), Some(opts)))
                 .await?;
@@ -328,9 +437,9 @@ impl Shared {
             // one whenever ours may expire before this attempt lands. An
             // abandoned lease expires on its own.
             if self.lease.lock().valid_until < Instant::now() + Duration::from_secs(1) {
-                let (id, valid_until) = self.grant(ttl).await?;
+                let (id, state) = self.grant(ttl).await?;
                 self.lease_id.store(id, Ordering::Release);
-                *self.lease.lock() = LeaseState { valid_until };
+                *self.lease.lock() = state;
             }
             let lease = self.lease_id();
             let record = self.node_record();
@@ -443,7 +552,10 @@ impl Shared {
             .with_prefix()
             .with_start_revision(start)
             .with_progress_notify();
-        let mut wc = self.client.watch_client();
+        // The watch follows the current member: it ends when requests
+        // move off the member it was opened on.
+        let member = self.current.load(Ordering::Acquire);
+        let mut wc = self.client().watch_client();
         let mut stream = match self
             .call(
                 "watch the catalogue",
@@ -455,11 +567,18 @@ impl Shared {
             Err(e) => return WatchEnd::Broken(e),
         };
         loop {
+            let moved = self.moved.notified();
+            if self.current.load(Ordering::Acquire) != member {
+                return WatchEnd::Broken(StorageError::Unavailable {
+                    reason: "moved to another etcd member".to_owned(),
+                });
+            }
             let msg = tokio::select! {
                 m = stream.message() => m,
                 () = self.resync.notified() => {
                     return WatchEnd::Reload("the view lags the linearizable reads".to_owned());
                 }
+                () = moved => continue,
             };
             let resp = match msg {
                 Ok(Some(resp)) => resp,
@@ -508,13 +627,19 @@ impl Shared {
     async fn freshness_task(self: Arc<Self>) {
         let period = self.delta / 4;
         let mut behind = 0u32;
+        let mut pause = period;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(pause).await;
+            pause = period;
             let start = Instant::now();
-            let generation = match self.read_gen().await {
+            // Deadline Δ/4: a read stuck on a dead or frozen member gives
+            // up (and moves to another member) early enough that its retry
+            // still refreshes `last_fresh` within Δ.
+            let generation = match self.read_gen(period).await {
                 Ok(g) => g,
                 Err(e) => {
                     debug!(error = %e, "freshness read of the catalogue generation failed");
+                    pause = retry_pause(self.delta);
                     continue;
                 }
             };
@@ -542,49 +667,60 @@ impl Shared {
         }
     }
 
-    /// The lease task: keep-alives every TTL/3; a new lease (and
-    /// registration) if the old one is lost.
+    /// The lease task: one keep-alive round every min(TTL/3, Δ/2), each
+    /// with the deadline Δ/4, retried after Δ/16 (on the next member) if it
+    /// failed; a new lease (and registration) only once etcd answers that
+    /// the lease expired. A lease whose keep-alives could not get through
+    /// for a while is not given up locally: etcd keeps it across an
+    /// election, and the next round that reaches a live member renews it.
     async fn lease_task(self: Arc<Self>, ttl: Duration) {
-        let period = ttl / 3;
+        let period = (ttl / 3).min(self.delta / 2);
         loop {
             let id = self.lease_id();
-            let mut lc = self.client.lease_client();
-            match tokio::time::timeout(self.delta, lc.keep_alive(id)).await {
-                Ok(Ok((mut keeper, mut stream))) => loop {
-                    tokio::time::sleep(period).await;
-                    let sent = Instant::now();
-                    if keeper.keep_alive().await.is_err() {
-                        break;
+            let sent = Instant::now();
+            let mut lc = self.client().lease_client();
+            let round = self
+                .call_within("keep the lease alive", self.delta / 4, async move {
+                    // `keep_alive` opens the stream and waits for the answer
+                    // to its first keep-alive: one whole round.
+                    match lc.keep_alive(id).await {
+                        Ok(_) => Ok(true),
+                        // etcd answered TTL ≤ 0: the lease is gone.
+                        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                        Err(e) => Err(e),
                     }
-                    match tokio::time::timeout(self.delta, stream.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            let secs = u64::try_from(r.ttl()).unwrap_or(0);
-                            self.lease.lock().valid_until = sent + Duration::from_secs(secs);
+                })
+                .await;
+            let pause = match round {
+                Ok(true) => {
+                    let mut lease = self.lease.lock();
+                    lease.valid_until = lease.valid_until.max(sent + lease.ttl);
+                    period
+                }
+                Ok(false) => {
+                    warn!("this node's etcd lease expired");
+                    match self.renew_lease(ttl).await {
+                        Ok(()) => period,
+                        Err(e) => {
+                            warn!(error = %e, "could not renew this node's etcd lease");
+                            retry_pause(self.delta)
                         }
-                        Ok(Ok(Some(_))) => {
-                            warn!("this node's etcd lease expired");
-                            break;
-                        }
-                        _ => break,
                     }
-                },
-                Ok(Err(e)) => debug!(error = %e, "lease keep-alive failed"),
-                Err(_) => debug!("lease keep-alive timed out"),
-            }
-            if !self.lease_alive()
-                && let Err(e) = self.renew_lease(ttl).await
-            {
-                warn!(error = %e, "could not renew this node's etcd lease");
-            }
-            tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+                }
+                Err(e) => {
+                    debug!(error = %e, "lease keep-alive failed");
+                    retry_pause(self.delta)
+                }
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 
     /// Grants a new lease and registers the node under it.
     async fn renew_lease(&self, ttl: Duration) -> Result<(), StorageError> {
-        let (id, valid_until) = self.grant(ttl).await?;
+        let (id, state) = self.grant(ttl).await?;
         self.lease_id.store(id, Ordering::Release);
-        *self.lease.lock() = LeaseState { valid_until };
+        *self.lease.lock() = state;
         info!(
             lease = format_args!("{id:x}"),
             "granted a new etcd lease for this node"
@@ -592,13 +728,19 @@ impl Shared {
         self.register(ttl).await
     }
 
-    async fn grant(&self, ttl: Duration) -> Result<(i64, Instant), StorageError> {
+    async fn grant(&self, ttl: Duration) -> Result<(i64, LeaseState), StorageError> {
         let sent = Instant::now();
-        let mut lc = self.client.lease_client();
+        let mut lc = self.client().lease_client();
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(2);
         let resp = self.call("grant a lease", lc.grant(secs, None)).await?;
-        let granted = u64::try_from(resp.ttl()).unwrap_or(0);
-        Ok((resp.id(), sent + Duration::from_secs(granted)))
+        let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
+        Ok((
+            resp.id(),
+            LeaseState {
+                valid_until: sent + granted,
+                ttl: granted,
+            },
+        ))
     }
 
     /// The registry task: publish `nodes/<id>` whenever the view's
@@ -611,7 +753,7 @@ impl Shared {
             if published != Some(now) {
                 let key = self.ks.node(&self.node_id);
                 let record = self.node_record();
-                let mut kv = self.client.kv_client();
+                let mut kv = self.client().kv_client();
                 let put = kv.put(key, record, Some(PutOptions::new().with_lease(now.1)));
                 match self.call("publish the node's generation", put).await {
                     Ok(_) => published = Some(now),
@@ -625,7 +767,7 @@ impl Shared {
 
     async fn begin_write(self: Arc<Self>) -> Result<u64, StorageError> {
         let start = Instant::now();
-        let generation = self.read_gen().await?;
+        let generation = self.read_gen(self.delta).await?;
         if !self
             .wait_view(Instant::now() + self.delta, |v| v.generation >= generation)
             .await
@@ -843,7 +985,7 @@ impl Shared {
     }
 
     async fn audit_heads(self: Arc<Self>) -> Result<Vec<AuditHead>, StorageError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let mut resp = self
             .call(
                 "read the audit heads",
@@ -925,26 +1067,60 @@ impl EtcdEngine {
         ));
         let delta = config.staleness_bound;
         let endpoints = config.endpoints.clone();
-        let client = runtime.run(async move {
-            match tokio::time::timeout(delta, Client::connect(endpoints, Some(options))).await {
-                Ok(r) => r.map_err(etcd_error("connect")),
-                Err(_) => Err(StorageError::Unavailable {
-                    reason: format!("etcd did not answer within {} ms", ms(delta)),
-                }),
+        let opts = options.clone();
+        // One client per member. Without etcd authentication connecting is
+        // lazy (no round trip); with it, a member down now is connected
+        // later by the members task.
+        let clients = runtime.run(async move {
+            let mut clients = Vec::new();
+            let mut first_error = None;
+            for endpoint in &endpoints {
+                match connect_member(endpoint, &opts, delta).await {
+                    Ok(c) => clients.push(Some(c)),
+                    Err(e) => {
+                        debug!(%endpoint, error = %e, "could not connect to an etcd member");
+                        first_error.get_or_insert(e);
+                        clients.push(None);
+                    }
+                }
+            }
+            match first_error {
+                Some(e) if clients.iter().all(Option::is_none) => Err(e),
+                _ => Ok(clients),
             }
         })?;
+        let current = clients.iter().position(Option::is_some).unwrap_or(0);
+        let Some(fallback) = clients.iter().flatten().next().cloned() else {
+            return Err(StorageError::Unavailable {
+                reason: "no etcd member could be connected".to_owned(),
+            });
+        };
+        let members = config
+            .endpoints
+            .iter()
+            .zip(clients)
+            .map(|(endpoint, client)| Member {
+                endpoint: endpoint.clone(),
+                client: RwLock::new(client),
+            })
+            .collect();
         let (changes, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             address: config.address,
             ks: Keyspace::new(&config.prefix),
             delta,
-            client,
+            members,
+            current: AtomicUsize::new(current),
+            fallback,
+            options,
+            moved: Notify::new(),
             view: RwLock::new(View::default()),
             changes,
             last_fresh: Mutex::new(None),
             lease: Mutex::new(LeaseState {
                 valid_until: Instant::now(),
+                ttl: Duration::ZERO,
             }),
             lease_id: AtomicI64::new(0),
             resync: Notify::new(),
@@ -961,13 +1137,20 @@ impl EtcdEngine {
         let rt = engine.runtime()?;
         let s = Arc::clone(&shared);
         let revision = engine.runtime.run(async move {
-            s.init_keyspace().await?;
+            // A member down at start moves the node to the next one.
+            let mut tries = s.members.len();
+            while let Err(e) = s.init_keyspace().await {
+                tries -= 1;
+                if tries == 0 || !matches!(e, StorageError::Unavailable { .. }) {
+                    return Err(e);
+                }
+            }
             // Register (as having applied nothing) *before* loading: a
             // revoking commit either happened before the load (which then
             // holds it) or sees this node registered and waits for it (I4).
-            let (id, valid_until) = s.grant(ttl).await?;
+            let (id, state) = s.grant(ttl).await?;
             s.lease_id.store(id, Ordering::Release);
-            *s.lease.lock() = LeaseState { valid_until };
+            *s.lease.lock() = state;
             s.register(ttl).await?;
             let start = Instant::now();
             let rev = s.reload().await?;
@@ -978,6 +1161,7 @@ impl EtcdEngine {
         rt.spawn(Arc::clone(&shared).freshness_task());
         rt.spawn(Arc::clone(&shared).lease_task(ttl));
         rt.spawn(Arc::clone(&shared).registry_task());
+        rt.spawn(Arc::clone(&shared).members_task());
         info!(node = %shared.node_id, revision, "connected the catalogue to etcd");
         Ok(engine)
     }
@@ -1054,12 +1238,51 @@ impl Shared {
     }
 }
 
+/// A client to one member, connected within `limit`.
+async fn connect_member(
+    endpoint: &str,
+    options: &ConnectOptions,
+    limit: Duration,
+) -> Result<Client, StorageError> {
+    match tokio::time::timeout(limit, Client::connect([endpoint], Some(options.clone()))).await {
+        Ok(r) => r.map_err(etcd_error("connect")),
+        Err(_) => Err(StorageError::Unavailable {
+            reason: format!("etcd did not answer within {} ms", ms(limit)),
+        }),
+    }
+}
+
+impl Shared {
+    /// Connects the members that could not be connected at start (only
+    /// with etcd authentication), one try per second; ends once all are.
+    async fn members_task(self: Arc<Self>) {
+        loop {
+            let missing: Vec<usize> = (0..self.members.len())
+                .filter(|&i| self.members[i].client.read().is_none())
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for i in missing {
+                let m = &self.members[i];
+                if let Ok(c) = connect_member(&m.endpoint, &self.options, self.delta).await {
+                    *m.client.write() = Some(c);
+                }
+            }
+        }
+    }
+}
+
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
     let delta = config.staleness_bound;
     let mut options = ConnectOptions::new()
-        .with_connect_timeout(delta)
-        // Detects a dead or frozen etcd under an open stream (the watch).
-        .with_keep_alive(delta / 2, delta / 2)
+        // A connection attempt to a dead member gives up within a
+        // freshness round.
+        .with_connect_timeout(delta / 4)
+        // Detects a dead or frozen member under an open stream (the watch)
+        // within 3Δ/4.
+        .with_keep_alive(delta / 4, delta / 2)
         .with_keep_alive_while_idle(true)
         // Fail fast on a member without a leader rather than wait on it.
         .with_require_leader(true);
@@ -1141,7 +1364,7 @@ impl Drop for EtcdEngine {
         let s = Arc::clone(&self.shared);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
-            let mut lc = s.client.lease_client();
+            let mut lc = s.client().lease_client();
             let r = tokio::time::timeout(Duration::from_secs(1), lc.revoke(s.lease_id())).await;
             let _ = tx.send(r.is_ok_and(|r| r.is_ok()));
         });

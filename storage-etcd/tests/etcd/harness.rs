@@ -218,6 +218,28 @@ impl Etcd {
         self.signal(member, "-CONT");
     }
 
+    /// The index of the current leader (waits up to 10 s for one).
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // `endpoint status -w simple`: one line per member, the fifth
+            // comma-separated field is IS LEADER.
+            let out = self.etcdctl(&["endpoint", "status", "-w", "simple"], &self.endpoints);
+            let text = String::from_utf8_lossy(&out.stdout);
+            let leader = text.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+                (fields.get(4) == Some(&"true"))
+                    .then(|| self.endpoints.iter().position(|e| e == fields[0]))
+                    .flatten()
+            });
+            if let Some(l) = leader {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no etcd leader: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Puts `n` keys `<prefix><i>` (i zero-padded to 6 digits) with value
     /// `i` as u32 BE, 100 per transaction.
     pub fn put_many(&self, prefix: &str, n: u32) {

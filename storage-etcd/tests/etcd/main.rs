@@ -638,3 +638,90 @@ fn audit_heads_are_published_per_node_and_never_go_back() {
         view.node == "node-a" && view.fresh && view.peers.iter().any(|(n, _)| n == "node-b")
     }));
 }
+
+/// Polls `check_fresh` every 20 ms for `window`; returns the instants (since
+/// `from`) at which the node refused.
+fn unfresh_during(engine: &EtcdEngine, from: Instant, window: Duration) -> Vec<Duration> {
+    let end = Instant::now() + window;
+    let mut refused = Vec::new();
+    while Instant::now() < end {
+        if engine.check_fresh().is_err() {
+            refused.push(from.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    refused
+}
+
+/// Δ of the failover tests: 2 s as in the e2e cluster tests, so that the
+/// bound checked (a freshness read and its retry, Δ/4 each, well inside
+/// Δ) keeps a margin on a loaded 2-core machine.
+const FAILOVER_DELTA: Duration = Duration::from_secs(2);
+
+/// A node whose etcd member freezes (SIGSTOP: its TCP connections stay
+/// open, requests on them hang) while a quorum lives must stay fresh: its
+/// freshness read and lease keep-alive give up on the frozen member
+/// within Δ/4 and move to another. (Before: the client balanced requests
+/// over all members with a deadline of Δ, so any read that landed on the
+/// frozen member left the node unfresh; the lease keep-alive hung on it.)
+#[test]
+fn a_frozen_member_does_not_make_the_node_unfresh() {
+    let etcd = Etcd::start(3);
+    let leader = etcd.leader();
+    let frozen = (0..3).find(|&m| m != leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|&m| m != frozen).collect();
+    // The frozen member first: the node starts on it.
+    let mut config = etcd.config("node-a", &[frozen, others[0], others[1]]);
+    config.staleness_bound = FAILOVER_DELTA;
+    let engine = EtcdEngine::connect(config).unwrap();
+    assert!(eventually(Duration::from_secs(5), || engine
+        .check_fresh()
+        .is_ok()));
+    let stopped = Instant::now();
+    etcd.stop(frozen);
+    let refused = unfresh_during(&engine, stopped, 5 * FAILOVER_DELTA);
+    let c = catalogue(engine);
+    // Writes go to a live member too.
+    let written = c.create_key_enabled(new_key(&kid(7), &[]), kek(&kid(7), 1), 1_000);
+    etcd.cont(frozen);
+    assert!(
+        refused.is_empty(),
+        "the node was unfresh {} times with one member frozen and a quorum alive, first {:?} after the freeze",
+        refused.len(),
+        refused.first()
+    );
+    written.unwrap();
+}
+
+/// The worst case of a leader failure: the leader freezes with every
+/// connection open. After the election (1 s with etcd's defaults) the node
+/// must be fresh again within a freshness round and its retry; its lease
+/// must survive (etcd keeps leases across an election).
+#[test]
+fn a_frozen_leader_leaves_the_node_fresh_again_after_the_election() {
+    let etcd = Etcd::start(3);
+    let leader = etcd.leader();
+    let others: Vec<usize> = (0..3).filter(|&m| m != leader).collect();
+    let mut config = etcd.config("node-a", &[leader, others[0], others[1]]);
+    config.staleness_bound = FAILOVER_DELTA;
+    let engine = EtcdEngine::connect(config).unwrap();
+    assert!(eventually(Duration::from_secs(5), || engine
+        .check_fresh()
+        .is_ok()));
+    let stopped = Instant::now();
+    etcd.stop(leader);
+    let refused = unfresh_during(&engine, stopped, 5 * FAILOVER_DELTA);
+    let lease_kept = engine.check_fresh();
+    etcd.cont(leader);
+    // Election (1 s) + Δ/4 + a read + Δ/4 retry, with 1 s of slack for a
+    // loaded machine.
+    let bound = Duration::from_secs(1) + FAILOVER_DELTA / 2 + Duration::from_secs(1);
+    let late: Vec<&Duration> = refused.iter().filter(|t| **t > bound).collect();
+    assert!(
+        late.is_empty(),
+        "the node was unfresh {} times more than {bound:?} after the leader froze (last {:?})",
+        late.len(),
+        late.last()
+    );
+    lease_kept.unwrap();
+}
