@@ -653,6 +653,15 @@ fn unfresh_during(engine: &EtcdEngine, from: Instant, window: Duration) -> Vec<D
     refused
 }
 
+/// The lease `nodes/<node>` is held under (`etcdctl get -w fields`).
+fn node_lease(etcd: &Etcd, node: &str) -> String {
+    etcd.ctl(&["get", &format!("/kms/v1/nodes/{node}"), "-w", "fields"])
+        .lines()
+        .find(|l| l.starts_with("\"Lease\""))
+        .unwrap_or_else(|| panic!("nodes/{node} is not registered"))
+        .to_owned()
+}
+
 /// Δ of the failover tests: 2 s as in the e2e cluster tests, so that the
 /// bound checked (a freshness read and its retry, Δ/4 each, well inside
 /// Δ) keeps a margin on a loaded 2-core machine.
@@ -708,11 +717,14 @@ fn a_frozen_leader_leaves_the_node_fresh_again_after_the_election() {
     assert!(eventually(Duration::from_secs(5), || engine
         .check_fresh()
         .is_ok()));
+    let lease_before = node_lease(&etcd, "node-a");
     let stopped = Instant::now();
     etcd.stop(leader);
     let refused = unfresh_during(&engine, stopped, 5 * FAILOVER_DELTA);
     let lease_kept = engine.check_fresh();
     etcd.cont(leader);
+    // Registered under the same lease throughout: it never expired.
+    assert_eq!(node_lease(&etcd, "node-a"), lease_before);
     // Election (1 s) + Δ/4 + a read + Δ/4 retry, with 1 s of slack for a
     // loaded machine.
     let bound = Duration::from_secs(1) + FAILOVER_DELTA / 2 + Duration::from_secs(1);
