@@ -61,8 +61,8 @@ pub const META_CHECKPOINT_KEY: &[u8] = b"audit_checkpoint_key";
 /// ignore it, so it needs no format version bump.
 pub const META_RESTORE_PENDING: &[u8] = b"restore_pending";
 
-/// Key of the cluster's active root epoch in the meta table (version byte
-/// + JSON `{"epoch": N}`): the epoch every node wraps new versions under.
+/// Key of the cluster's active root epoch in the meta table (version
+/// byte, then JSON `{"epoch": N}`): the epoch every node wraps new versions under.
 /// Written only in a cluster, by one catalogue transaction once every
 /// registered node's HSM holds the epoch (design note §1.5, issue 15); a
 /// single node keeps its active epoch in memory (the highest verified root
