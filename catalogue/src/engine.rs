@@ -171,6 +171,28 @@ pub struct AuditHead {
     pub published_ms: u64,
 }
 
+/// The root keys one node's HSM holds, as the node publishes them in its
+/// registry record (design note §1.5, §2.3.2: per-node HSMs hold copies of
+/// the same roots, found by CKA_ID `kms-root/<epoch>`). A cluster adopts a
+/// new wrapping epoch only once every registered node holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct NodeRoots {
+    /// The root epochs present in the node's HSM, ascending.
+    pub held: Vec<u32>,
+    /// The epoch the node wraps new versions under now.
+    pub wrapping: u32,
+}
+
+/// One registered node's published roots ([`CatalogueEngine::node_roots`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRoots {
+    /// The node's id.
+    pub node: String,
+    /// What it published; `None` if it has not published its roots (yet:
+    /// it is starting, or runs a build that does not publish them).
+    pub roots: Option<NodeRoots>,
+}
+
 /// What a node sees of the cluster, for health and operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
@@ -302,6 +324,30 @@ pub trait CatalogueEngine: Send + Sync + fmt::Debug + 'static {
     /// `Unavailable`/`Db` if they cannot be read; `Corrupt` if malformed.
     fn audit_heads(&self) -> Result<Vec<AuditHead>, StorageError> {
         Ok(Vec::new())
+    }
+
+    /// Publishes the root epochs this node's HSM holds and the one it wraps
+    /// under (a cluster stores them in this node's registry record,
+    /// `nodes/<node>`, before returning). A single node has nobody to tell:
+    /// no-op.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable`/`Db` if it cannot be stored.
+    fn publish_roots(&self, roots: &NodeRoots) -> Result<(), StorageError> {
+        let _ = roots;
+        Ok(())
+    }
+
+    /// Every registered (live) node's published roots, this node included,
+    /// read from the store (linearizable, not from the view); `None` on a
+    /// single node.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable`/`Db` if they cannot be read.
+    fn node_roots(&self) -> Result<Option<Vec<PeerRoots>>, StorageError> {
+        Ok(None)
     }
 
     /// What this node sees of the cluster (`None` on a single node).

@@ -27,7 +27,9 @@ pub use catalogue::{
     AliasEntry, Catalogue, EpochReferences, MAX_PAGE_SIZE, MAX_WRITE_ATTEMPTS, Swap, VersionCursor,
     VersionScan, with_fence,
 };
-pub use engine::{AuditHead, Batch, CatalogueEngine, ClusterView, Fence, Op, ScanFn, Table};
+pub use engine::{
+    AuditHead, Batch, CatalogueEngine, ClusterView, Fence, NodeRoots, Op, PeerRoots, ScanFn, Table,
+};
 pub use error::{CallbackError, DbError, StorageError};
 pub use keys::{
     Alias, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey,

@@ -9,6 +9,7 @@
 //! | `default` (meta)  | `b"integrity_key"`                   | wrapped integrity HMAC key (version byte + JSON) |
 //! | `default` (meta)  | `b"audit_checkpoint_key"`            | wrapped audit checkpoint HMAC key (version byte + JSON) |
 //! | `default` (meta)  | `b"restore_pending"`                 | pending-restore marker (version byte + JSON) |
+//! | `default` (meta)  | `b"roots/active"`                    | cluster's active root epoch (version byte + JSON) |
 //! | `keys`            | key id (ASCII, 36 bytes)             | key record (version byte + JSON)        |
 //! | `versions`        | key id ‖ u32 BE version               | version record (version byte + JSON)    |
 //! | `pending`         | key id ‖ u32 BE version               | empty: index of pending versions        |
@@ -59,6 +60,14 @@ pub const META_CHECKPOINT_KEY: &[u8] = b"audit_checkpoint_key";
 /// before it serves, then removes it (design note §1.6). Older builds
 /// ignore it, so it needs no format version bump.
 pub const META_RESTORE_PENDING: &[u8] = b"restore_pending";
+
+/// Key of the cluster's active root epoch in the meta table (version
+/// byte, then JSON `{"epoch": N}`): the epoch every node wraps new versions under.
+/// Written only in a cluster, by one catalogue transaction once every
+/// registered node's HSM holds the epoch (design note §1.5, issue 15); a
+/// single node keeps its active epoch in memory (the highest verified root
+/// on its token). Older builds ignore it, so it needs no format version bump.
+pub const META_ACTIVE_ROOT: &[u8] = b"roots/active";
 
 /// First byte of every catalogue record value (followed by JSON).
 pub const CATALOGUE_RECORD_V1: u8 = 1;

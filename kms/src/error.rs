@@ -185,6 +185,36 @@ pub enum KmsError {
         service_keys: u64,
     },
 
+    /// Cluster: adopting a root epoch for wrapping (or destroying one) is
+    /// refused because some registered nodes' HSMs do not hold it (issue
+    /// 15; design note §1.5, per-node HSMs): versions wrapped under it would
+    /// not decrypt on those nodes.
+    #[error(
+        "root epoch {epoch} (kms-root/{epoch}) is not in the HSM of cluster node(s) {nodes}; clone that root into their HSMs (the HSM vendor's key cloning, never a new key), run `kms admin reload` on them, then retry: until then the cluster keeps wrapping under its current root"
+    )]
+    RootNotOnEveryNode {
+        epoch: u32,
+        /// The node ids lacking it, comma-separated.
+        nodes: String,
+    },
+
+    /// Cluster: DestroyRoot of an epoch some nodes still wrap new versions
+    /// under (or that have not said what they wrap under).
+    #[error(
+        "root epoch {epoch} is still the wrapping root of cluster node(s) {nodes}; run `kms admin reload` on them so that they adopt the cluster's active root, then retry"
+    )]
+    RootStillWrapping {
+        epoch: u32,
+        /// The node ids, comma-separated.
+        nodes: String,
+    },
+
+    /// Cluster: the catalogue's active root epoch is not in this node's HSM.
+    #[error(
+        "the cluster's active root epoch {epoch} (kms-root/{epoch}) is not in this node's HSM; clone that root into it (the HSM vendor's key cloning) and run `kms admin reload`"
+    )]
+    RootMissingOnThisNode { epoch: u32 },
+
     /// No root of this epoch on the token.
     #[error("no root key of epoch {epoch} on the token")]
     RootNotFound { epoch: u32 },
@@ -278,6 +308,9 @@ impl KmsError {
             | KmsError::NoRootKey
             | KmsError::RootActive { .. }
             | KmsError::RootInUse { .. }
+            | KmsError::RootNotOnEveryNode { .. }
+            | KmsError::RootStillWrapping { .. }
+            | KmsError::RootMissingOnThisNode { .. }
             | KmsError::BackupNotConfigured => ResultCode::FailedPrecondition,
             KmsError::RootNotFound { .. } => ResultCode::NotFound,
             KmsError::HsmUnavailable { .. }
@@ -391,6 +424,17 @@ impl KmsError {
                 service_keys: *service_keys,
             },
             KmsError::RootNotFound { epoch } => KmsError::RootNotFound { epoch: *epoch },
+            KmsError::RootNotOnEveryNode { epoch, nodes } => KmsError::RootNotOnEveryNode {
+                epoch: *epoch,
+                nodes: nodes.clone(),
+            },
+            KmsError::RootStillWrapping { epoch, nodes } => KmsError::RootStillWrapping {
+                epoch: *epoch,
+                nodes: nodes.clone(),
+            },
+            KmsError::RootMissingOnThisNode { epoch } => {
+                KmsError::RootMissingOnThisNode { epoch: *epoch }
+            }
             KmsError::ReloadRefused(reason) => {
                 KmsError::ReloadRefused(std::sync::Arc::clone(reason))
             }

@@ -76,7 +76,8 @@ use etcd_client::{
     PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use kms_catalogue::{
-    AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, Op, ScanFn, StorageError, Table,
+    AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, NodeRoots, Op, PeerRoots,
+    ScanFn, StorageError, Table,
 };
 use parking_lot::{Mutex, RwLock};
 use secrecy::ExposeSecret;
@@ -145,6 +146,8 @@ struct Shared {
     resync: Notify,
     /// Full reloads of the view since connect.
     reloads: AtomicU64,
+    /// The roots this node last published (part of `nodes/<id>`).
+    roots: Mutex<Option<NodeRoots>>,
 }
 
 /// How a watch ended.
@@ -477,6 +480,7 @@ impl Shared {
             applied_gen: self.view.read().generation,
             heartbeat_ms: now_ms(),
             address: self.address.clone(),
+            roots: self.roots.lock().clone(),
         };
         // A struct of integers and strings always serializes.
         serde_json::to_vec(&record).unwrap_or_default()
@@ -984,6 +988,49 @@ impl Shared {
         Err(StorageError::WriteConflict)
     }
 
+    /// Stores `roots` in this node's registry record now (the registry
+    /// task republishes it with every later heartbeat).
+    async fn publish_roots(self: Arc<Self>, roots: NodeRoots) -> Result<(), StorageError> {
+        *self.roots.lock() = Some(roots);
+        let mut kv = self.client.kv_client();
+        let put = kv.put(
+            self.ks.node(&self.node_id),
+            self.node_record(),
+            Some(PutOptions::new().with_lease(self.lease_id())),
+        );
+        self.call("publish the node's root epochs", put).await?;
+        Ok(())
+    }
+
+    /// Linearizable read of every `nodes/<id>` record's roots.
+    async fn node_roots(self: Arc<Self>) -> Result<Vec<PeerRoots>, StorageError> {
+        let prefix = self.ks.node("");
+        let mut kv = self.client.kv_client();
+        let mut resp = self
+            .call(
+                "read the nodes' root epochs",
+                kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        resp.take_kvs()
+            .iter()
+            .map(|kv| {
+                let node = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                let record: NodeRecord = serde_json::from_slice(kv.value()).map_err(|source| {
+                    StorageError::CorruptJson {
+                        cf: "nodes",
+                        key_hex: hex_encode(kv.key()),
+                        source,
+                    }
+                })?;
+                Ok(PeerRoots {
+                    node,
+                    roots: record.roots,
+                })
+            })
+            .collect()
+    }
+
     async fn audit_heads(self: Arc<Self>) -> Result<Vec<AuditHead>, StorageError> {
         let mut kv = self.client().kv_client();
         let mut resp = self
@@ -1125,6 +1172,7 @@ impl EtcdEngine {
             lease_id: AtomicI64::new(0),
             resync: Notify::new(),
             reloads: AtomicU64::new(0),
+            roots: Mutex::new(None),
         });
         // Lease TTL ≈ 2Δ: a crashed node's registration and leadership end
         // within 2Δ; whole seconds, at least 2 (etcd's own minimum is
@@ -1449,6 +1497,14 @@ impl CatalogueEngine for EtcdEngine {
 
     fn audit_heads(&self) -> Result<Vec<AuditHead>, StorageError> {
         self.run(Arc::clone(&self.shared).audit_heads())
+    }
+
+    fn publish_roots(&self, roots: &NodeRoots) -> Result<(), StorageError> {
+        self.run(Arc::clone(&self.shared).publish_roots(roots.clone()))
+    }
+
+    fn node_roots(&self) -> Result<Option<Vec<PeerRoots>>, StorageError> {
+        self.run(Arc::clone(&self.shared).node_roots()).map(Some)
     }
 
     fn cluster_view(&self) -> Option<ClusterView> {

@@ -6,11 +6,11 @@
 //! | `meta/format` | u32 BE: [`FORMAT_VERSION`] of this keyspace |
 //! | `meta/gen` | u64 BE: the catalogue generation, bumped by every catalogue commit |
 //! | `<table>/<key>` | a catalogue record, byte for byte as in RocksDB (`Table::name`) |
-//! | `nodes/<node id>` | JSON [`NodeRecord`], bound to the node's lease |
+//! | `nodes/<node id>` | JSON [`NodeRecord`] (generation applied, address, root epochs held), bound to the node's lease |
 //! | `jobs/<job>` | leader's node id, bound to its lease; `create_revision` = fence token |
 //! | `audit/heads/<node id>` | JSON `AuditHead` |
 
-use kms_catalogue::Table;
+use kms_catalogue::{NodeRoots, Table};
 use serde::{Deserialize, Serialize};
 
 /// Format version of the etcd keyspace this build writes.
@@ -28,6 +28,11 @@ pub(crate) struct NodeRecord {
     /// The node's service address, if configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) address: Option<String>,
+    /// The root epochs the node's HSM holds and the one it wraps under,
+    /// once its service has opened the HSM (absent before, and from builds
+    /// that do not publish them: such a node counts as holding no root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roots: Option<NodeRoots>,
 }
 
 /// A key of the keyspace, relative to the prefix.

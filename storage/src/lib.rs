@@ -33,8 +33,8 @@ pub use audit::{
 pub use kms_catalogue::{
     Alias, AliasEntry, AuditHead, Catalogue, CatalogueEngine, ClusterView, EpochReferences, Fence,
     Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, MAX_PAGE_SIZE,
-    NewKey, Page, Permission, RotationPolicy, Swap, VersionCursor, VersionRecord, VersionScan,
-    VersionState, WrappedServiceKey, with_fence,
+    NewKey, NodeRoots, Page, PeerRoots, Permission, RotationPolicy, Swap, VersionCursor,
+    VersionRecord, VersionScan, VersionState, WrappedServiceKey, with_fence,
 };
 pub use kms_catalogue::{CallbackError, DbError, StorageError};
 pub use storage::{Storage, StorageOptions};

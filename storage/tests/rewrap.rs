@@ -264,3 +264,21 @@ fn a_service_key_changed_between_read_and_write_is_not_overwritten() {
     assert_eq!(swap, Swap::Changed(Some(second.clone())));
     assert_eq!(c.integrity_key().unwrap(), Some(second));
 }
+
+#[test]
+fn the_active_root_record_is_a_compare_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let c = s.catalogue();
+    assert_eq!(c.active_root().unwrap(), None);
+    assert_eq!(c.set_active_root(None, 1).unwrap(), Swap::Replaced(1));
+    assert_eq!(c.active_root().unwrap(), Some(1));
+    // A proposer that read nothing (or an older epoch) writes nothing.
+    assert_eq!(c.set_active_root(None, 3).unwrap(), Swap::Changed(Some(1)));
+    assert_eq!(
+        c.set_active_root(Some(2), 3).unwrap(),
+        Swap::Changed(Some(1))
+    );
+    assert_eq!(c.set_active_root(Some(1), 2).unwrap(), Swap::Replaced(2));
+    assert_eq!(c.active_root().unwrap(), Some(2));
+}

@@ -7,6 +7,8 @@ mod backup;
 mod bad_input;
 mod cli;
 mod cluster;
+mod cluster_bench;
+mod cluster_roots;
 mod configured;
 mod contracts;
 mod crash;

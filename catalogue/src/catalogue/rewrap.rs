@@ -17,7 +17,15 @@ use crate::engine::{Batch, Table};
 use super::Catalogue;
 use crate::error::StorageError;
 use crate::keys::{KekHandle, KeyId, VersionRecord, VersionState, WrappedServiceKey};
-use crate::schema::{self, CF_DEFAULT, CF_VERSIONS, decode_record, encode_record};
+use crate::schema::{
+    self, CF_DEFAULT, CF_VERSIONS, META_ACTIVE_ROOT, decode_record, encode_record,
+};
+
+/// The value of [`META_ACTIVE_ROOT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ActiveRoot {
+    epoch: u32,
+}
 
 /// Where a version scan resumes (after the last record it returned).
 /// Opaque; valid across restarts of the scan but not meant to be stored.
@@ -245,6 +253,53 @@ impl Catalogue {
             batch.put(Table::Meta, meta_key, encode_record("service key", &new)?);
             self.commit(w, batch)?;
             Ok(Swap::Replaced(new.clone()))
+        })
+    }
+
+    /// The cluster's active root epoch ([`META_ACTIVE_ROOT`]), from this
+    /// node's view; `None` if none was recorded (a single node, or a
+    /// cluster before its first node started).
+    ///
+    /// # Errors
+    ///
+    /// `Db` if the engine fails; `Corrupt` if the record is malformed.
+    pub fn active_root(&self) -> Result<Option<u32>, StorageError> {
+        Ok(self
+            .engine()
+            .get(Table::Meta, META_ACTIVE_ROOT)?
+            .map(|bytes| decode_record::<ActiveRoot>(CF_DEFAULT, META_ACTIVE_ROOT, &bytes))
+            .transpose()?
+            .map(|r| r.epoch))
+    }
+
+    /// Compare-and-set of the cluster's active root epoch, in one catalogue
+    /// transaction: if it is still `expected` (`None`: never recorded),
+    /// records `new`; otherwise writes nothing and returns the current one.
+    /// The caller checks first that every node holds `new` (the catalogue
+    /// cannot see the HSMs).
+    ///
+    /// # Errors
+    ///
+    /// As [`Catalogue::active_root`]; those of a catalogue write
+    /// (`Unavailable` without quorum).
+    pub fn set_active_root(
+        &self,
+        expected: Option<u32>,
+        new: u32,
+    ) -> Result<Swap<u32>, StorageError> {
+        self.write(|w| {
+            let current = self.active_root()?;
+            if current != expected {
+                return Ok(Swap::Changed(current));
+            }
+            let mut batch = Batch::default();
+            batch.put(
+                Table::Meta,
+                META_ACTIVE_ROOT,
+                encode_record("active root", &ActiveRoot { epoch: new })?,
+            );
+            self.commit(w, batch)?;
+            Ok(Swap::Replaced(new))
         })
     }
 }

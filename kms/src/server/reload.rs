@@ -245,7 +245,10 @@ impl Reloader {
     ///
     /// # Errors
     /// PERMISSION_DENIED for a non-administrator; [`KmsError::ReloadRefused`]
-    /// if the reload failed; an audit failure as for any operation.
+    /// if the reload failed; in a cluster, [`KmsError::RootNotOnEveryNode`]
+    /// (FAILED_PRECONDITION, the rest of the configuration reloaded) if this
+    /// node's HSM holds a newer root that some registered nodes lack; an
+    /// audit failure as for any operation.
     pub fn reload_audited(
         &self,
         service: &KmsService,
@@ -258,16 +261,27 @@ impl Reloader {
             }
             // Root rotation: a root added by `kms hsm rotate-root` becomes
             // active here (after its probe), whatever the file says.
+            let mut cluster_refusal = None;
             let root_refused = match service.check_for_new_root(true) {
                 Ok(_) => None,
                 Err(error) => {
                     tracing::warn!(error = %error.chain(), "reload: no new root key adopted");
-                    Some(error.chain().to_string())
+                    let text = error.chain().to_string();
+                    // Cluster: a root some nodes lack is the operator's to
+                    // fix (clone it), said as FAILED_PRECONDITION naming
+                    // them, once the rest of the reload is done (issue 15).
+                    if matches!(error, KmsError::RootNotOnEveryNode { .. }) {
+                        cluster_refusal = Some(error);
+                    }
+                    Some(text)
                 }
             };
             let mut summary = self
                 .reload()
                 .map_err(|e| KmsError::ReloadRefused(Arc::new(e)))?;
+            if let Some(error) = cluster_refusal {
+                return Err(error);
+            }
             summary.active_root_epoch = service.active_root_epoch();
             summary.root_refused = root_refused;
             Ok(summary)

@@ -274,6 +274,9 @@ impl KmsService {
         // Before anything serves: a restored catalogue's keys are rotated
         // and the restore audited (design note §1.6).
         service.finish_restore()?;
+        // Cluster: tell the other nodes which roots this node's HSM holds
+        // (root adoption waits for every node; `root_rotation`).
+        service.publish_node_roots();
         Ok(service)
     }
 
@@ -522,7 +525,13 @@ fn open_wrapped(
 ) -> Result<(Option<Wrapped>, Option<checkpoint_key::RootState>), OpenError> {
     let holder = hsm.key_holder().map_err(OpenError::Hsm)?;
     let epochs = holder.root_epochs().map_err(OpenError::Hsm)?;
-    let Some(&epoch) = epochs.last() else {
+    // A cluster node wraps under the catalogue's active root, and refuses
+    // to start without every root the catalogue references (issue 15).
+    let cluster_epoch = match config.cluster {
+        Some(_) => root_rotation::cluster_start_epoch(catalogue, &epochs)?,
+        None => None,
+    };
+    let Some(&epoch) = cluster_epoch.as_ref().or(epochs.last()) else {
         if config.wrapped_versions == Some(true) {
             return Err(OpenError::NoRoot);
         }
@@ -650,6 +659,13 @@ pub enum OpenError {
         "the restored catalogue references root key epoch {epoch} (kms-root/{epoch}), which no longer exists in the HSM; restore onto the HSM that holds it"
     )]
     RestoreRootMissing { epoch: u32 },
+    /// Cluster: a root epoch the shared catalogue references (its active
+    /// root, or a record wrapped under it) is not in this node's HSM: the
+    /// node could not decrypt those versions (issue 15; design note §1.5).
+    #[error(
+        "the cluster catalogue references root key epoch {epoch} (kms-root/{epoch}), which this node's HSM does not hold; clone that root into this node's HSM (the HSM vendor's key cloning, never a new key) and start the node again"
+    )]
+    ClusterRootMissing { epoch: u32 },
     /// A wrapped service key's catalogue meta record (`integrity_key`,
     /// `audit_checkpoint_key`) cannot be used: checked at start so that a
     /// broken or swapped blob refuses start instead of failing at first use.

@@ -35,6 +35,30 @@
 //!   their write is in), so once a newer epoch is active the count of an
 //!   older one can only fall.
 //!
+//!
+//! # In a cluster (issue 15; design note §1.5, §2.3)
+//!
+//! Each node has its own HSM holding copies of the same roots, so a root
+//! added to one HSM must not be used before every node holds it:
+//! - each node publishes in its registry record (`nodes/<id>`) the epochs
+//!   its HSM holds and the one it wraps under ([`NodeRoots`]), at start and
+//!   after every check (reload, every `rotation.scheduler_interval`);
+//! - the **active epoch is the catalogue's** (`roots/active`, written in a
+//!   catalogue transaction), not the process's: a node finding a newer root
+//!   in its HSM proposes it, and the proposal is refused
+//!   ([`KmsError::RootNotOnEveryNode`], naming the nodes) until every
+//!   registered node publishes that it holds it. Every node follows the
+//!   record (each idle tick of the re-wrap thread); the re-wrap then runs on
+//!   the job's leader only;
+//! - a node whose HSM lacks an epoch the catalogue references (the active
+//!   one, or one a record is wrapped under) refuses to start
+//!   (`OpenError::ClusterRootMissing`, [`cluster_start_epoch`]);
+//! - `DestroyRoot` is also refused for the catalogue's active epoch and
+//!   while a node still wraps under the epoch (or has not published what
+//!   it wraps under): [`KmsError::RootStillWrapping`].
+//!
+//! A single node keeps its active epoch in memory, as before.
+//!
 //! What it must never do: re-wrap a destroyed version (its blob must die
 //! with its root), write over a record it did not read, use a new root that
 //! failed the probe, or log a blob or a MAC.
@@ -46,11 +70,14 @@ use std::time::{Duration, Instant};
 
 use kms_hsm::{HsmError, KeyHolder, KeyPurpose, RootVariant, WrapMechanism, WrappedKey};
 use kms_storage::schema::{META_CHECKPOINT_KEY, META_INTEGRITY_KEY};
-use kms_storage::{KekHandle, Swap, VersionCursor, VersionRecord, VersionState, WrappedServiceKey};
+use kms_storage::{
+    Catalogue, KekHandle, NodeRoots, Swap, VersionCursor, VersionRecord, VersionState,
+    WrappedServiceKey,
+};
 use subtle::ConstantTimeEq as _;
 
 use super::lookup::from_working_key_error;
-use super::{KmsService, Operation, RequestMeta, Wrapped};
+use super::{KmsService, OpenError, Operation, RequestMeta, Wrapped};
 use crate::error::{KmsError, Result};
 
 /// Most version records one step of the job reads (decodes), whether or
@@ -186,6 +213,9 @@ impl KmsService {
         let Some(wrapped) = &self.wrapped else {
             return Ok(None);
         };
+        if self.node_id().is_some() {
+            return self.cluster_root_check(wrapped);
+        }
         let active = *wrapped.epoch.read();
         let holder = self.hsm.key_holder()?;
         let candidate = if all_epochs {
@@ -227,6 +257,175 @@ impl KmsService {
             "root key verified and active: new versions are wrapped under it; older records are re-wrapped in the background"
         );
         Ok(Some(epoch))
+    }
+
+    /// Cluster: [`KmsService::check_for_new_root`] (module docs, "In a
+    /// cluster"): follows the catalogue's active epoch, publishes this
+    /// node's roots, and proposes the newest root of this node's HSM if it
+    /// is newer than the catalogue's and every registered node holds it.
+    fn cluster_root_check(&self, wrapped: &Wrapped) -> Result<Option<u32>> {
+        let held = self.hsm.key_holder()?.root_epochs()?;
+        let mut adopted = self.follow_cluster_root_with(wrapped, &held)?;
+        self.publish_roots_held(wrapped, held.clone());
+        let catalogue = self.catalogue();
+        let recorded = catalogue.active_root()?;
+        let Some(&candidate) = held.last() else {
+            return Ok(adopted);
+        };
+        if recorded.is_some_and(|r| candidate <= r) {
+            return Ok(adopted);
+        }
+        if let Err(error) = self
+            .hsm
+            .key_holder()?
+            .verify_root(candidate, Some(wrapped.variant))
+        {
+            tracing::error!(epoch = candidate, %error, "a new root key failed its check and is not used");
+            return Err(KmsError::from(error));
+        }
+        let lacking = self.nodes_lacking_root(candidate)?;
+        if !lacking.is_empty() {
+            let error = KmsError::RootNotOnEveryNode {
+                epoch: candidate,
+                nodes: lacking.join(", "),
+            };
+            tracing::warn!(%error, "new root key not adopted");
+            return Err(error);
+        }
+        match catalogue.set_active_root(recorded, candidate)? {
+            Swap::Replaced(_) => tracing::info!(
+                previous = ?recorded,
+                epoch = candidate,
+                "every cluster node holds the new root: it is now the cluster's active root"
+            ),
+            // Another node moved it first: follow whatever it recorded.
+            Swap::Changed(current) => {
+                tracing::info!(current = ?current, "the cluster's active root changed meanwhile");
+            }
+        }
+        if let Some(epoch) = self.follow_cluster_root_with(wrapped, &held)? {
+            adopted = Some(epoch);
+        }
+        self.publish_roots_held(wrapped, held);
+        Ok(adopted)
+    }
+
+    /// Cluster: adopts the catalogue's active root epoch for wrapping if it
+    /// is newer than this node's (cheap when it is not: one read of the
+    /// view). Returns the epoch adopted. Blocking.
+    ///
+    /// # Errors
+    /// [`KmsError::RootMissingOnThisNode`] if this node's HSM lacks it (the
+    /// node keeps wrapping under its current root, which every node still
+    /// holds); `Hsm` if it fails the probe; storage failures.
+    pub fn follow_cluster_root(&self) -> Result<Option<u32>> {
+        let Some(wrapped) = &self.wrapped else {
+            return Ok(None);
+        };
+        if self.node_id().is_none() {
+            return Ok(None);
+        }
+        let Some(recorded) = self.catalogue().active_root()? else {
+            return Ok(None);
+        };
+        if recorded <= *wrapped.epoch.read() {
+            return Ok(None);
+        }
+        let held = self.hsm.key_holder()?.root_epochs()?;
+        let adopted = self.follow_cluster_root_with(wrapped, &held);
+        self.publish_roots_held(wrapped, held);
+        adopted
+    }
+
+    fn follow_cluster_root_with(&self, wrapped: &Wrapped, held: &[u32]) -> Result<Option<u32>> {
+        let Some(recorded) = self.catalogue().active_root()? else {
+            return Ok(None);
+        };
+        let local = *wrapped.epoch.read();
+        if recorded <= local {
+            return Ok(None);
+        }
+        if !held.contains(&recorded) {
+            let error = KmsError::RootMissingOnThisNode { epoch: recorded };
+            tracing::error!(%error, active = local, "cannot follow the cluster's active root");
+            return Err(error);
+        }
+        if let Err(error) = self
+            .hsm
+            .key_holder()?
+            .verify_root(recorded, Some(wrapped.variant))
+        {
+            tracing::error!(epoch = recorded, %error, "the cluster's active root key failed its check on this node");
+            return Err(KmsError::from(error));
+        }
+        // Waits for every version being wrapped under the old epoch to be
+        // written (they hold the read guard): see `Wrapped::epoch`.
+        let mut current = wrapped.epoch.write();
+        if recorded <= *current {
+            return Ok(None);
+        }
+        let previous = std::mem::replace(&mut *current, recorded);
+        drop(current);
+        tracing::info!(
+            previous,
+            epoch = recorded,
+            "this node now wraps under the cluster's active root"
+        );
+        Ok(Some(recorded))
+    }
+
+    /// The registered nodes whose published roots do not include `epoch`
+    /// (or that published none yet), sorted.
+    fn nodes_lacking_root(&self, epoch: u32) -> Result<Vec<String>> {
+        let peers = self.catalogue().engine().node_roots()?.unwrap_or_default();
+        let mut lacking: Vec<String> = peers
+            .into_iter()
+            .filter(|p| !p.roots.as_ref().is_some_and(|r| r.held.contains(&epoch)))
+            .map(|p| p.node)
+            .collect();
+        lacking.sort();
+        Ok(lacking)
+    }
+
+    /// Cluster: publishes the roots this node's HSM holds and the epoch it
+    /// wraps under (a failure is logged: the next check publishes again, and
+    /// until then other nodes count this one as lacking new roots, which
+    /// only delays an adoption). No-op on a single node.
+    pub fn publish_node_roots(&self) {
+        let Some(wrapped) = &self.wrapped else {
+            return;
+        };
+        if self.node_id().is_none() {
+            return;
+        }
+        match self.hsm.key_holder().and_then(|h| h.root_epochs()) {
+            Ok(held) => self.publish_roots_held(wrapped, held),
+            Err(error) => {
+                tracing::warn!(%error, "cannot list this node's root keys to publish them")
+            }
+        }
+    }
+
+    fn publish_roots_held(&self, wrapped: &Wrapped, held: Vec<u32>) {
+        let roots = NodeRoots {
+            held,
+            wrapping: *wrapped.epoch.read(),
+        };
+        if let Err(error) = self.catalogue().engine().publish_roots(&roots) {
+            tracing::warn!(%error, "cannot publish this node's root epochs; will retry");
+        }
+    }
+
+    /// Cluster: whether every registered node published that it wraps
+    /// under `epoch` (so no record under an older one can still appear).
+    fn every_node_wraps_under(&self, epoch: u32) -> bool {
+        match self.catalogue().engine().node_roots() {
+            Ok(Some(peers)) => peers
+                .iter()
+                .all(|p| p.roots.as_ref().is_some_and(|r| r.wrapping >= epoch)),
+            Ok(None) => true,
+            Err(_) => false,
+        }
     }
 
     /// The active root epoch, if the service holds a root.
@@ -572,6 +771,29 @@ impl KmsService {
             if epoch == active {
                 return Err(KmsError::RootActive { epoch });
             }
+            if self.node_id().is_some() {
+                if self.catalogue().active_root()? == Some(epoch) {
+                    return Err(KmsError::RootActive { epoch });
+                }
+                // A node that has not caught up may still write versions
+                // under it (or one that never said what it wraps under).
+                let mut wrapping: Vec<String> = self
+                    .catalogue()
+                    .engine()
+                    .node_roots()?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| p.roots.as_ref().is_none_or(|r| r.wrapping <= epoch))
+                    .map(|p| p.node)
+                    .collect();
+                if !wrapping.is_empty() {
+                    wrapping.sort();
+                    return Err(KmsError::RootStillWrapping {
+                        epoch,
+                        nodes: wrapping.join(", "),
+                    });
+                }
+            }
             // Below the active epoch nothing new is written (see
             // `Wrapped::epoch`): these counts can only fall.
             let versions = self
@@ -715,6 +937,9 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
                 tracing::warn!(error = %error.chain(), "root check failed; will retry");
             }
         }
+        if let Err(error) = service.follow_cluster_root() {
+            tracing::warn!(error = %error.chain(), "cannot follow the cluster's active root; will retry");
+        }
         let active = service.active_root_epoch();
         if active.is_some() && active == clean_for {
             // Idle: wake often enough to notice a root adopted by a reload
@@ -759,7 +984,12 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
                 );
                 service.log_remaining();
             }
-            if pass.found == 0 {
+            // In a cluster a node that has not yet followed the active
+            // epoch may still write versions under an older one: the job
+            // only goes idle once every node wraps under it.
+            let all_follow = service.node_id().is_none()
+                || active.is_some_and(|a| service.every_node_wraps_under(a));
+            if pass.found == 0 && all_follow {
                 // Nothing to do: idle (see above) rather than pause.
                 clean_for = active;
                 wait = pace.check_interval.min(IDLE_TICK);
@@ -772,5 +1002,64 @@ fn run(service: &KmsService, pace: RewrapPace, stop: &AtomicBool) {
         if crate::background::wait_or_stop(stop, wait) {
             break;
         }
+    }
+}
+
+/// Cluster start (`KmsService::open`): the epoch this node wraps under, from
+/// the catalogue (module docs, "In a cluster"). Refuses a node whose HSM
+/// (`held`, ascending) lacks any epoch the catalogue references: its active
+/// root, a version not destroyed, or a service key. With no active root
+/// recorded yet (the cluster's first start, or one from before this
+/// record), records the newest referenced epoch, or this HSM's newest root
+/// if nothing is wrapped yet. `None` when neither the catalogue nor the
+/// HSM has a root (wrapped versions are off).
+///
+/// # Errors
+/// [`OpenError::ClusterRootMissing`] naming the first missing epoch;
+/// [`OpenError::Storage`] if the catalogue cannot be read or written.
+pub(crate) fn cluster_start_epoch(
+    catalogue: &Catalogue,
+    held: &[u32],
+) -> std::result::Result<Option<u32>, OpenError> {
+    let recorded = catalogue.active_root().map_err(OpenError::Storage)?;
+    let mut referenced: Vec<u32> = catalogue
+        .wrapped_versions_per_epoch()
+        .map_err(OpenError::Storage)?
+        .into_iter()
+        .filter(|(_, c)| c.live_versions > 0)
+        .map(|(epoch, _)| epoch)
+        .collect();
+    for slot in SERVICE_KEYS {
+        if let Some(stored) = catalogue
+            .service_key(slot.meta_key)
+            .map_err(OpenError::Storage)?
+        {
+            referenced.push(stored.root_epoch);
+        }
+    }
+    referenced.extend(recorded);
+    referenced.sort_unstable();
+    referenced.dedup();
+    if let Some(&epoch) = referenced.iter().find(|e| !held.contains(e)) {
+        return Err(OpenError::ClusterRootMissing { epoch });
+    }
+    if let Some(epoch) = recorded {
+        return Ok(Some(epoch));
+    }
+    let Some(&first) = referenced.last().or(held.last()) else {
+        return Ok(None);
+    };
+    match catalogue
+        .set_active_root(None, first)
+        .map_err(OpenError::Storage)?
+    {
+        Swap::Replaced(epoch) => {
+            tracing::info!(epoch, "recorded the cluster's active root epoch");
+            Ok(Some(epoch))
+        }
+        // Another node recorded one meanwhile: it must be here too.
+        Swap::Changed(Some(epoch)) if held.contains(&epoch) => Ok(Some(epoch)),
+        Swap::Changed(Some(epoch)) => Err(OpenError::ClusterRootMissing { epoch }),
+        Swap::Changed(None) => Ok(Some(first)),
     }
 }
