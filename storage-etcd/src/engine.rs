@@ -992,7 +992,7 @@ impl Shared {
     /// task republishes it with every later heartbeat).
     async fn publish_roots(self: Arc<Self>, roots: NodeRoots) -> Result<(), StorageError> {
         *self.roots.lock() = Some(roots);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let put = kv.put(
             self.ks.node(&self.node_id),
             self.node_record(),
@@ -1005,7 +1005,7 @@ impl Shared {
     /// Linearizable read of every `nodes/<id>` record's roots.
     async fn node_roots(self: Arc<Self>) -> Result<Vec<PeerRoots>, StorageError> {
         let prefix = self.ks.node("");
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let mut resp = self
             .call(
                 "read the nodes' root epochs",
