@@ -84,6 +84,7 @@ impl TestEnv {
             aws_api: None,
             cluster: None,
             backup_dir: None,
+            lifecycle: kms::config::LifecycleSettings::default(),
         }
     }
 

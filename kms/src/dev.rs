@@ -241,6 +241,7 @@ pub fn dev_config(
         // Dev mode has no configuration file to name one: CreateBackup is
         // refused; `kms backup create --data-dir` works on a stopped server.
         backup_dir: None,
+        lifecycle: crate::config::LifecycleSettings::default(),
     })
 }
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 mod aws;
 mod cluster;
 mod kubernetes;
+mod lifecycle;
 mod security;
 
 pub use aws::{
@@ -24,6 +25,10 @@ pub use aws::{
 pub use cluster::{
     ClusterConfig, DEFAULT_ETCD_PREFIX, DEFAULT_STALENESS_BOUND, MAX_STALENESS_BOUND,
     MIN_STALENESS_BOUND, is_valid_node_id,
+};
+pub use lifecycle::{
+    DEFAULT_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS, LifecycleSettings,
+    MAX_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS,
 };
 pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
@@ -74,6 +79,8 @@ struct RawConfig {
     cluster: Option<cluster::RawCluster>,
     #[serde(default)]
     backup: RawBackup,
+    #[serde(default)]
+    lifecycle: lifecycle::RawLifecycle,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -259,6 +266,8 @@ pub struct Config {
     /// refuses CreateBackup. The offline `kms backup create --data-dir`
     /// does not need it.
     pub backup_dir: Option<PathBuf>,
+    /// `[lifecycle]`: key-version retirement (the destruction guard).
+    pub lifecycle: LifecycleSettings,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -328,6 +337,7 @@ impl Config {
             "[aws_api]" => aws_api,
             "[cluster]" => cluster,
             "backup.dir" => backup_dir,
+            "[lifecycle]" => lifecycle,
         }
     }
 
@@ -381,6 +391,7 @@ impl Config {
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
         config.cluster = cluster::validate(raw.cluster)?;
+        config.lifecycle = lifecycle::validate(raw.lifecycle)?;
         if let Some(dir) = raw.backup.dir {
             if !dir.is_absolute() {
                 return Err(invalid("backup.dir", "must be an absolute path"));
@@ -600,6 +611,7 @@ impl Config {
             aws_api: None,
             cluster: None,
             backup_dir: None,
+            lifecycle: LifecycleSettings::default(),
         })
     }
 }
@@ -729,6 +741,28 @@ data_dir = "/var/lib/kms"
             let err = Config::parse(&text).expect_err(field);
             assert!(err.to_string().contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn the_version_destruction_quiet_period_is_defaulted_read_and_bounded() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.lifecycle.version_destruction_quiet_period_days,
+            DEFAULT_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS
+        );
+        for days in [0, 1, 3650] {
+            let text =
+                format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = {days}\n");
+            let config = Config::parse(&text).expect("valid");
+            assert_eq!(config.lifecycle.version_destruction_quiet_period_days, days);
+        }
+        let text = format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = 3651\n");
+        let err = Config::parse(&text).expect_err("out of range");
+        assert!(
+            err.to_string()
+                .contains("lifecycle.version_destruction_quiet_period_days"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod reconcile;
 mod restore;
 pub mod root_rotation;
 pub mod scheduler;
+mod version_retirement;
 pub(crate) mod working_keys;
 
 pub use working_keys::WorkingKeyStats;
@@ -42,7 +43,7 @@ use kms_storage::{
 };
 
 use crate::auth::policy::{AccessControl, Roles};
-use crate::config::{Config, Limits, RotationSettings};
+use crate::config::{Config, LifecycleSettings, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
 pub use audit::{AuditFollower, AuditListing, AuditQuery, AuditVerification};
@@ -53,6 +54,9 @@ pub use crypto::{
     Encrypted, ReEncryptInput, ReEncrypted,
 };
 pub use import::{ImportParameters, ImportRefusal};
+pub use version_retirement::{
+    DEFAULT_VERSION_DESTRUCTION_DAYS, MAX_VERSION_DESTRUCTION_DAYS, MIN_VERSION_DESTRUCTION_DAYS,
+};
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
     RotationPolicyInput,
@@ -165,6 +169,8 @@ pub struct KmsService {
     audit_publisher: Option<audit_witness::AuditPublisher>,
     limits: Limits,
     rotation: RotationSettings,
+    /// `[lifecycle]`: the version-destruction guard's quiet period.
+    lifecycle: LifecycleSettings,
     access: AccessControl,
     key_locks: keys::KeyLocks,
     /// Wrapped key versions (issue 14): `None` when the token has no root
@@ -258,6 +264,7 @@ impl KmsService {
             audit_publisher,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
+            lifecycle: config.lifecycle.clone(),
             access: AccessControl::new(Roles {
                 admins: config.auth.admins.clone(),
                 auditors: config.auth.auditors.clone(),
