@@ -138,6 +138,7 @@ struct RawAudit {
     sync: Option<bool>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
+    usage_flush_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -186,7 +187,19 @@ pub struct AuditSettings {
     pub sync: bool,
     pub checkpoint_every_records: u64,
     pub checkpoint_interval: Duration,
+    /// `audit.usage_flush_interval_ms` (default [`DEFAULT_USAGE_FLUSH_INTERVAL_MS`],
+    /// 100 ms to 10 min): how often the key version uses counted from the
+    /// audit log are stored. In a cluster, how late another node's uses
+    /// may show; a crash loses none (they are replayed from the audit log).
+    pub usage_flush_interval: Duration,
 }
+
+/// `audit.usage_flush_interval_ms` unless configured (5 s).
+pub const DEFAULT_USAGE_FLUSH_INTERVAL_MS: u64 = 5_000;
+/// The accepted range of `audit.usage_flush_interval_ms`: below 100 ms the
+/// store is written nearly per request; above 10 min a cluster's view of
+/// other nodes' uses would be too stale for the destruction guard.
+pub const USAGE_FLUSH_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 /// Rotation defaults and the scheduler.
 #[derive(Debug, Clone)]
@@ -511,7 +524,24 @@ impl Config {
             sync: audit.sync.unwrap_or(true),
             checkpoint_every_records: audit.checkpoint_every_records.unwrap_or(1000),
             checkpoint_interval: Duration::from_secs(audit.checkpoint_interval_secs.unwrap_or(60)),
+            usage_flush_interval: Duration::from_millis(
+                audit
+                    .usage_flush_interval_ms
+                    .unwrap_or(DEFAULT_USAGE_FLUSH_INTERVAL_MS),
+            ),
         };
+        if !USAGE_FLUSH_INTERVAL_MS_RANGE.contains(
+            &audit
+                .usage_flush_interval
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        ) {
+            return Err(invalid(
+                "audit.usage_flush_interval_ms",
+                "must be 100 to 600000",
+            ));
+        }
         if audit.checkpoint_every_records == 0 {
             return Err(invalid(
                 "audit.checkpoint_every_records",

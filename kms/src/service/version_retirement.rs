@@ -117,15 +117,11 @@ impl KmsService {
         Ok(())
     }
 
-    // ---- usage18 integration point -------------------------------------
-    // The guard's one input: the version's last decrypt-side use, unix ms,
-    // from the per-version use records (issue 18 item 1, helper usage18:
-    // `KmsService::version_usage(&KeyId, u32) -> Result<VersionUsage>`
-    // with `last_decrypt_ms: Option<u64>`).
+    /// The guard's one input: the version's last decrypt-side use, unix ms,
+    /// from the per-version use records (issue 18 item 1, `usage.rs`).
     fn last_decrypt_ms(&self, key_id: &KeyId, version: u32) -> Result<Option<u64>> {
         Ok(self.version_usage(key_id, version)?.last_decrypt_ms)
     }
-    // ---------------------------------------------------------------------
 
     /// RestoreKeyVersion: cancels a scheduled destruction; the version
     /// becomes `Disabled` (EnableKeyVersion to use it again).
@@ -273,21 +269,3 @@ fn check_retirable(record: &KeyRecord, version: &VersionRecord) -> Result<()> {
     }
 }
 
-// ---- TEMPORARY, until usage18 is merged ---------------------------------
-// A stand-in with the exact signature usage18 provides, so that the guard
-// above compiles; it knows of no use (the guard never refuses). Delete it
-// when `git merge usage18` brings the real `version_usage`.
-/// Stand-in for usage18's per-version use record.
-pub(crate) struct VersionUsage {
-    /// The last decrypt-side use, unix ms (`None`: never, as far as known).
-    pub last_decrypt_ms: Option<u64>,
-}
-
-impl KmsService {
-    fn version_usage(&self, _key_id: &KeyId, _version: u32) -> Result<VersionUsage> {
-        Ok(VersionUsage {
-            last_decrypt_ms: None,
-        })
-    }
-}
-// --------------------------------------------------------------------------
