@@ -78,7 +78,11 @@ async fn version_state(server: &TestServer, key: &str, version: u32) -> pb::KeyV
         .expect("version listed")
 }
 
-async fn audit_events(server: &TestServer, key: &str, operation: pb::Operation) -> Vec<pb::AuditEvent> {
+async fn audit_events(
+    server: &TestServer,
+    key: &str,
+    operation: pb::Operation,
+) -> Vec<pb::AuditEvent> {
     server
         .audit()
         .list_audit_events(pb::ListAuditEventsRequest {
@@ -110,7 +114,9 @@ async fn the_primary_is_refused_and_the_window_is_1_to_30_days_default_7() {
         .expect_err("primary");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
-        status.message().contains("version 1 is the primary version"),
+        status
+            .message()
+            .contains("version 1 is the primary version"),
         "{}",
         status.message()
     );
@@ -164,7 +170,9 @@ async fn restore_within_the_window_makes_the_version_disabled_and_the_scheduler_
     let env = TestEnv::new();
     let server = env.start().await;
     let key = create_key(&server, "restore").await;
-    let blob = encrypt(&server, &key, b"keep me", &[("app", "r")]).await.ciphertext_blob;
+    let blob = encrypt(&server, &key, b"keep me", &[("app", "r")])
+        .await
+        .ciphertext_blob;
     rotate(&server, &key).await;
     schedule(&server, &key, 1, Some(3), false)
         .await
@@ -175,7 +183,11 @@ async fn restore_within_the_window_makes_the_version_disabled_and_the_scheduler_
         .await
         .expect_err("scheduled");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(status.message().contains("scheduled for destruction"), "{}", status.message());
+    assert!(
+        status.message().contains("scheduled for destruction"),
+        "{}",
+        status.message()
+    );
     let pass = server
         .service()
         .run_scheduler_pass_at(now_ms() + 2 * DAY_MS);
@@ -185,7 +197,11 @@ async fn restore_within_the_window_makes_the_version_disabled_and_the_scheduler_
     let endpoint = server.endpoint.clone();
     let k = key.clone();
     let restored = tokio::task::spawn_blocking(move || {
-        run_cli(&endpoint, &["--json", "key", "restore-version", &k, "1"], b"")
+        run_cli(
+            &endpoint,
+            &["--json", "key", "restore-version", &k, "1"],
+            b"",
+        )
     })
     .await
     .expect("join");
@@ -199,7 +215,11 @@ async fn restore_within_the_window_makes_the_version_disabled_and_the_scheduler_
     let pass = server
         .service()
         .run_scheduler_pass_at(now_ms() + 4 * DAY_MS);
-    assert_eq!((pass.versions_destroyed, pass.failed), (0, 0), "restored: spared");
+    assert_eq!(
+        (pass.versions_destroyed, pass.failed),
+        (0, 0),
+        "restored: spared"
+    );
     server
         .keys()
         .enable_key_version(pb::EnableKeyVersionRequest {
@@ -251,7 +271,15 @@ async fn the_scheduler_destroys_a_token_object_version_and_its_blobs_fail_by_nam
     let scheduled = tokio::task::spawn_blocking(move || {
         run_cli(
             &endpoint,
-            &["--json", "key", "schedule-version-destruction", &k, "1", "--days", "1"],
+            &[
+                "--json",
+                "key",
+                "schedule-version-destruction",
+                &k,
+                "1",
+                "--days",
+                "1",
+            ],
             b"",
         )
     })
@@ -260,10 +288,14 @@ async fn the_scheduler_destroys_a_token_object_version_and_its_blobs_fail_by_nam
     assert!(scheduled.0, "schedule-version-destruction: {}", scheduled.2);
     let json: serde_json::Value = serde_json::from_slice(&scheduled.1).expect("json");
     assert_eq!(json["state"], "SCHEDULED_DESTRUCTION", "{json}");
-    let pass = server.service().run_scheduler_pass_at(now_ms() + DAY_MS / 2);
+    let pass = server
+        .service()
+        .run_scheduler_pass_at(now_ms() + DAY_MS / 2);
     assert_eq!(pass.versions_destroyed, 0, "not due yet");
     assert!(server.service().hsm().key_exists(&kek).expect("search"));
-    let pass = server.service().run_scheduler_pass_at(now_ms() + 2 * DAY_MS);
+    let pass = server
+        .service()
+        .run_scheduler_pass_at(now_ms() + 2 * DAY_MS);
     assert_eq!((pass.versions_destroyed, pass.failed), (1, 0), "{pass:?}");
 
     // The KEK is gone from the token (a PKCS#11 object search).
@@ -303,7 +335,9 @@ async fn the_scheduler_destroys_a_token_object_version_and_its_blobs_fail_by_nam
         .await
         .expect_err("enable a destroyed version");
     assert_destroyed(&status, &key, 1);
-    let pass = server.service().run_scheduler_pass_at(now_ms() + 3 * DAY_MS);
+    let pass = server
+        .service()
+        .run_scheduler_pass_at(now_ms() + 3 * DAY_MS);
     assert_eq!((pass.versions_destroyed, pass.failed), (0, 0));
     // The key itself is untouched: the primary encrypts and decrypts.
     let fresh = encrypt(&server, &key, b"alive", &[]).await;
@@ -329,7 +363,9 @@ async fn the_scheduler_erases_a_wrapped_versions_blob_from_the_catalogue() {
     super::wrapped::init_root(&env);
     let server = env.start().await;
     let key = create_key(&server, "wrapped-destroy").await;
-    let blob = encrypt(&server, &key, b"wrapped doomed", &[]).await.ciphertext_blob;
+    let blob = encrypt(&server, &key, b"wrapped doomed", &[])
+        .await
+        .ciphertext_blob;
     // Decrypt once so that the working key is cached (then it must go too).
     decrypt(&server, &blob, &[]).await.expect("decrypt");
     rotate(&server, &key).await;
@@ -346,10 +382,13 @@ async fn the_scheduler_erases_a_wrapped_versions_blob_from_the_catalogue() {
         matches!(&record(&server).kek, KekHandle::Wrapped { blob, .. } if !blob.is_empty()),
         "version 1 is wrapped"
     );
-    schedule(&server, &key, 1, Some(1), false)
+    // It decrypted just now: only an override schedules it.
+    schedule(&server, &key, 1, Some(1), true)
         .await
         .expect("schedule");
-    let pass = server.service().run_scheduler_pass_at(now_ms() + 2 * DAY_MS);
+    let pass = server
+        .service()
+        .run_scheduler_pass_at(now_ms() + 2 * DAY_MS);
     assert_eq!((pass.versions_destroyed, pass.failed), (1, 0), "{pass:?}");
 
     let destroyed = record(&server);
@@ -385,7 +424,9 @@ async fn the_guard_refuses_a_recently_used_version_with_its_last_use_and_the_ove
     let key = create_key(&server, "guarded").await;
     let unused = create_key(&server, "unused").await;
     let blob = encrypt(&server, &key, b"in use", &[]).await.ciphertext_blob;
-    decrypt(&server, &blob, &[]).await.expect("decrypt: a use of version 1");
+    decrypt(&server, &blob, &[])
+        .await
+        .expect("decrypt: a use of version 1");
     rotate(&server, &key).await;
     rotate(&server, &unused).await;
 
@@ -461,7 +502,9 @@ async fn a_re_encrypt_only_version_refuses_decrypt_and_allows_re_encrypt() {
     let server = env.start().await;
     let key = create_key(&server, "compromised").await;
     let context = [("tenant", "t1")];
-    let blob = encrypt(&server, &key, b"move me", &context).await.ciphertext_blob;
+    let blob = encrypt(&server, &key, b"move me", &context)
+        .await
+        .ciphertext_blob;
     rotate(&server, &key).await;
 
     // The primary cannot enter the state.
@@ -480,7 +523,11 @@ async fn a_re_encrypt_only_version_refuses_decrypt_and_allows_re_encrypt() {
     let endpoint = server.endpoint.clone();
     let k = key.clone();
     let out = tokio::task::spawn_blocking(move || {
-        run_cli(&endpoint, &["--json", "key", "re-encrypt-only-version", &k, "1"], b"")
+        run_cli(
+            &endpoint,
+            &["--json", "key", "re-encrypt-only-version", &k, "1"],
+            b"",
+        )
     })
     .await
     .expect("join");
@@ -489,9 +536,15 @@ async fn a_re_encrypt_only_version_refuses_decrypt_and_allows_re_encrypt() {
     assert_eq!(json["state"], "REENCRYPT_ONLY", "{json}");
 
     // Decrypt (and a batch decrypt) are refused, naming the state.
-    let status = decrypt(&server, &blob, &context).await.expect_err("decrypt");
+    let status = decrypt(&server, &blob, &context)
+        .await
+        .expect_err("decrypt");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(status.message().contains("re-encrypt only"), "{}", status.message());
+    assert!(
+        status.message().contains("re-encrypt only"),
+        "{}",
+        status.message()
+    );
     let batch = server
         .crypto()
         .batch_decrypt(pb::BatchDecryptRequest {
@@ -581,7 +634,10 @@ async fn a_re_encrypt_only_version_refuses_decrypt_and_allows_re_encrypt() {
         .await
         .expect("enable");
     assert_eq!(
-        decrypt(&server, &blob, &context).await.expect("enabled").plaintext,
+        decrypt(&server, &blob, &context)
+            .await
+            .expect("enabled")
+            .plaintext,
         b"move me"
     );
 }

@@ -26,11 +26,11 @@ pub use cluster::{
     ClusterConfig, DEFAULT_ETCD_PREFIX, DEFAULT_STALENESS_BOUND, MAX_STALENESS_BOUND,
     MIN_STALENESS_BOUND, is_valid_node_id,
 };
+pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use lifecycle::{
     DEFAULT_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS, LifecycleSettings,
     MAX_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS,
 };
-pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
 pub use security::{AuthSettings, TlsSettings, grant};
 
 use crate::auth::admission::PrincipalLimits;
@@ -786,7 +786,8 @@ data_dir = "/var/lib/kms"
             let config = Config::parse(&text).expect("valid");
             assert_eq!(config.lifecycle.version_destruction_quiet_period_days, days);
         }
-        let text = format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = 3651\n");
+        let text =
+            format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = 3651\n");
         let err = Config::parse(&text).expect_err("out of range");
         assert!(
             err.to_string()

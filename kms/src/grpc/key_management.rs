@@ -541,8 +541,7 @@ impl KeyManagement for KeyManagementApi {
             .await?;
         rpc.respond(pb::ScheduleKeyVersionDestructionResponse {
             key_version: Some(key_version(&version, primary)),
-            pending_window_days: days
-                .unwrap_or(crate::service::DEFAULT_VERSION_DESTRUCTION_DAYS),
+            pending_window_days: days.unwrap_or(crate::service::DEFAULT_VERSION_DESTRUCTION_DAYS),
         })
     }
 

@@ -119,8 +119,9 @@ pub(crate) enum VersionUse {
 /// [`KmsError::VersionDestroyed`] (both FAILED_PRECONDITION).
 pub(crate) fn ensure_version_usable(version: &VersionRecord, purpose: VersionUse) -> Result<()> {
     match (version.state, purpose) {
-        (VersionState::Enabled, _)
-        | (VersionState::ReEncryptOnly, VersionUse::ReEncryptSource) => Ok(()),
+        (VersionState::Enabled, _) | (VersionState::ReEncryptOnly, VersionUse::ReEncryptSource) => {
+            Ok(())
+        }
         _ => Err(version_unusable(version)),
     }
 }

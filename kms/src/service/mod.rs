@@ -55,9 +55,6 @@ pub use crypto::{
     Encrypted, ReEncryptInput, ReEncrypted,
 };
 pub use import::{ImportParameters, ImportRefusal};
-pub use version_retirement::{
-    DEFAULT_VERSION_DESTRUCTION_DAYS, MAX_VERSION_DESTRUCTION_DAYS, MIN_VERSION_DESTRUCTION_DAYS,
-};
 pub use keys::{
     CreateKeyInput, DEFAULT_DELETION_DAYS, KeyView, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
     RotationPolicyInput,
@@ -65,6 +62,9 @@ pub use keys::{
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
 pub use usage::VersionUsage;
+pub use version_retirement::{
+    DEFAULT_VERSION_DESTRUCTION_DAYS, MAX_VERSION_DESTRUCTION_DAYS, MIN_VERSION_DESTRUCTION_DAYS,
+};
 
 /// What the health probe found (see [`KmsService::readiness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -268,4 +268,3 @@ fn check_retirable(record: &KeyRecord, version: &VersionRecord) -> Result<()> {
         _ => Err(version_unusable(version)),
     }
 }
-
