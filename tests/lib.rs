@@ -70,6 +70,9 @@ impl TestEnv {
                 sync: true,
                 checkpoint_every_records: 50,
                 checkpoint_interval: Duration::from_secs(60),
+                usage_flush_interval: Duration::from_millis(
+                    kms::config::DEFAULT_USAGE_FLUSH_INTERVAL_MS,
+                ),
             },
             rotation: RotationSettings {
                 default_period: None,
@@ -84,6 +87,7 @@ impl TestEnv {
             aws_api: None,
             cluster: None,
             backup_dir: None,
+            lifecycle: kms::config::LifecycleSettings::default(),
         }
     }
 

@@ -30,6 +30,7 @@
 use std::fmt;
 
 use crate::error::StorageError;
+use crate::usage::UsageRow;
 
 /// A table of the catalogue. Its [`Table::name`] is the RocksDB column
 /// family and the etcd key segment; both are part of the on-disk format.
@@ -349,6 +350,45 @@ pub trait CatalogueEngine: Send + Sync + fmt::Debug + 'static {
     fn node_roots(&self) -> Result<Option<Vec<PeerRoots>>, StorageError> {
         Ok(None)
     }
+
+    /// Stores this node's use records ([`crate::UsageRecord`], encoded):
+    /// `rows` of `(key id, version, value)`, each replacing the node's
+    /// previous value for that version, then `watermark`, the node's audit
+    /// sequence number through which every use is in a stored record (the
+    /// node's start-up replays its audit log from there). Plain durable
+    /// puts outside the generation: never a write conflict, never waits for
+    /// other nodes' views. Each node writes only its own records. Not
+    /// necessarily atomic as a whole (etcd limits a transaction's size),
+    /// but `watermark` is written only after every row: each record carries
+    /// its own `through_seq`, so a partial write is recovered exactly.
+    ///
+    /// # Errors
+    ///
+    /// `Db`/`Unavailable` if it cannot be stored (the caller keeps the
+    /// uses and tries again).
+    fn usage_put(
+        &self,
+        node: &str,
+        rows: &[(String, u32, Vec<u8>)],
+        watermark: u64,
+    ) -> Result<(), StorageError>;
+
+    /// Every node's stored use records of key `key_id`, read from the store
+    /// (not from a cache), in no particular order.
+    ///
+    /// # Errors
+    ///
+    /// `Db`/`Unavailable` if they cannot be read; `Corrupt` if a stored key
+    /// is malformed.
+    fn usage_rows(&self, key_id: &str) -> Result<Vec<UsageRow>, StorageError>;
+
+    /// The watermark `node` last stored with [`CatalogueEngine::usage_put`]
+    /// (0 if never).
+    ///
+    /// # Errors
+    ///
+    /// `Db`/`Unavailable` if it cannot be read; `Corrupt` if malformed.
+    fn usage_watermark(&self, node: &str) -> Result<u64, StorageError>;
 
     /// What this node sees of the cluster (`None` on a single node).
     fn cluster_view(&self) -> Option<ClusterView> {

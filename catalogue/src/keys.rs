@@ -362,16 +362,24 @@ pub enum VersionState {
     /// Refuses every operation; can be enabled again.
     Disabled,
     /// Refuses every operation; its KEK is destroyed at `destroy_at_ms`
-    /// unless the destruction is cancelled.
+    /// unless the destruction is cancelled (back to `Disabled`).
     ScheduledDestruction {
         /// When the KEK may be destroyed, unix milliseconds.
         destroy_at_ms: u64,
     },
-    /// The KEK is gone (or was never made); final.
+    /// The KEK is gone (or was never made); final. The record stays as a
+    /// tombstone so that blobs under the version are refused by name.
     Destroyed {
         /// When the version was destroyed, unix milliseconds.
         destroyed_at_ms: u64,
     },
+    /// The emergency state of a suspected-compromised version (issue 18
+    /// item 5): it decrypts only as the source of a ReEncrypt, so that
+    /// everything under it can be moved while nobody reads plaintext
+    /// through it; it never encrypts and cannot be the primary version.
+    /// Left by enabling or disabling the version. Stored as
+    /// `{"state":"ReEncryptOnly"}` (pinned by a golden vector below).
+    ReEncryptOnly,
 }
 
 /// How a version's KEK is held. A field rather than an assumption so that a
@@ -595,6 +603,38 @@ mod tests {
             serde_json::from_str::<VersionRecord>(external_version).expect("decode"),
             version
         );
+    }
+
+    /// Golden vectors of every version state's encoding: a format change
+    /// must be deliberate (`ReEncryptOnly` is new in issue 18; the others
+    /// are pinned so that adding it changed none of them).
+    #[test]
+    fn version_state_encodings_are_pinned() {
+        let cases = [
+            (VersionState::Pending, r#"{"state":"Pending"}"#),
+            (VersionState::Enabled, r#"{"state":"Enabled"}"#),
+            (VersionState::Disabled, r#"{"state":"Disabled"}"#),
+            (
+                VersionState::ScheduledDestruction { destroy_at_ms: 7 },
+                r#"{"state":"ScheduledDestruction","destroy_at_ms":7}"#,
+            ),
+            (
+                VersionState::Destroyed { destroyed_at_ms: 9 },
+                r#"{"state":"Destroyed","destroyed_at_ms":9}"#,
+            ),
+            (VersionState::ReEncryptOnly, r#"{"state":"ReEncryptOnly"}"#),
+        ];
+        for (state, json) in cases {
+            assert_eq!(serde_json::to_string(&state).expect("encode"), json);
+            assert_eq!(
+                serde_json::from_str::<VersionState>(json).expect("decode"),
+                state
+            );
+        }
+        let record = r#"{"key_id":"key-000000000000000000000000000000e1","version":2,"state":{"state":"ReEncryptOnly"},"kek":{"kind":"HsmObject","object_id":"6b2f7632"},"created_at_ms":2,"updated_at_ms":3}"#;
+        let decoded: VersionRecord = serde_json::from_str(record).expect("decode record");
+        assert_eq!(decoded.state, VersionState::ReEncryptOnly);
+        assert_eq!(serde_json::to_string(&decoded).expect("encode"), record);
     }
 
     #[test]

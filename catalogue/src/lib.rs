@@ -22,6 +22,7 @@ mod gcm_counter;
 mod keys;
 mod record_cache;
 pub mod schema;
+mod usage;
 
 pub use catalogue::{
     AliasEntry, Catalogue, EpochReferences, MAX_PAGE_SIZE, MAX_WRITE_ATTEMPTS, Swap, VersionCursor,
@@ -35,3 +36,4 @@ pub use keys::{
     Alias, Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, NewKey,
     Page, Permission, RotationPolicy, VersionRecord, VersionState, WrappedServiceKey,
 };
+pub use usage::{USAGE_TABLE, UsageRecord, UsageRow};

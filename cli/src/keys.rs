@@ -46,6 +46,16 @@ pub enum KeyCommand {
     DisableVersion(VersionArgs),
     /// Make an enabled version the primary version (e.g. to roll back a rotation).
     SetPrimary(VersionArgs),
+    /// Schedule the destruction of one key version (not the primary) after a
+    /// waiting period (1-30 days, default 7); refused while the version decrypted
+    /// within the server's quiet period unless --override-recent-use.
+    ScheduleVersionDestruction(ScheduleVersionDestructionArgs),
+    /// Cancel a key version's scheduled destruction (it becomes disabled).
+    RestoreVersion(VersionArgs),
+    /// Emergency state for a suspected-compromised version (not the primary): it
+    /// decrypts only as the source of a re-encryption (leave it with
+    /// enable-version or disable-version).
+    ReEncryptOnlyVersion(VersionArgs),
     /// Add tags to a key or change their values.
     Tag(TagArgs),
     /// Remove tags from a key.
@@ -157,6 +167,24 @@ pub struct VersionArgs {
     /// Version number (1, 2, ...).
     #[arg(value_name = "VERSION", value_parser = clap::value_parser!(u32).range(1..))]
     pub version: u32,
+}
+
+/// Arguments of `kms key schedule-version-destruction`.
+#[derive(Debug, clap::Args)]
+pub struct ScheduleVersionDestructionArgs {
+    /// Key id ("key-...") or alias ("alias/<name>").
+    #[arg(value_name = "KEY")]
+    pub key: String,
+    /// Version number (1, 2, ...).
+    #[arg(value_name = "VERSION", value_parser = clap::value_parser!(u32).range(1..))]
+    pub version: u32,
+    /// Waiting period in days, 1 to 30 (server default 7).
+    #[arg(long, value_name = "N")]
+    pub days: Option<u32>,
+    /// Schedule even if the version decrypted within the server's quiet period
+    /// (the request is audited as an override).
+    #[arg(long)]
+    pub override_recent_use: bool,
 }
 
 /// Arguments of `kms key tag`.
@@ -294,6 +322,38 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
                 })
                 .await?;
             show_key(required(reply.key_metadata, "key metadata")?, options)
+        }
+        KeyCommand::ScheduleVersionDestruction(args) => {
+            let reply = connect(options)
+                .await?
+                .schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+                    key_id: args.key,
+                    version: args.version,
+                    pending_window_days: args.days,
+                    override_recent_use: args.override_recent_use,
+                })
+                .await?;
+            show_version(required(reply.key_version, "key version")?, options)
+        }
+        KeyCommand::RestoreVersion(VersionArgs { key, version }) => {
+            let reply = connect(options)
+                .await?
+                .restore_key_version(pb::RestoreKeyVersionRequest {
+                    key_id: key,
+                    version,
+                })
+                .await?;
+            show_version(required(reply.key_version, "key version")?, options)
+        }
+        KeyCommand::ReEncryptOnlyVersion(VersionArgs { key, version }) => {
+            let reply = connect(options)
+                .await?
+                .set_key_version_re_encrypt_only(pb::SetKeyVersionReEncryptOnlyRequest {
+                    key_id: key,
+                    version,
+                })
+                .await?;
+            show_version(required(reply.key_version, "key version")?, options)
         }
         KeyCommand::Tag(TagArgs { key, tags }) => {
             let tags = parse::pairs_to_map(tags, "tag")?;

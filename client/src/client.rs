@@ -101,6 +101,9 @@ rpcs! {
     KeyManagementClient enable_key_version "EnableKeyVersion" Once: EnableKeyVersionRequest => EnableKeyVersionResponse;
     KeyManagementClient disable_key_version "DisableKeyVersion" Once: DisableKeyVersionRequest => DisableKeyVersionResponse;
     KeyManagementClient set_primary_version "SetPrimaryVersion" Once: SetPrimaryVersionRequest => SetPrimaryVersionResponse;
+    KeyManagementClient schedule_key_version_destruction "ScheduleKeyVersionDestruction" Once: ScheduleKeyVersionDestructionRequest => ScheduleKeyVersionDestructionResponse;
+    KeyManagementClient restore_key_version "RestoreKeyVersion" Once: RestoreKeyVersionRequest => RestoreKeyVersionResponse;
+    KeyManagementClient set_key_version_re_encrypt_only "SetKeyVersionReEncryptOnly" Once: SetKeyVersionReEncryptOnlyRequest => SetKeyVersionReEncryptOnlyResponse;
     KeyManagementClient create_alias "CreateAlias" Once: CreateAliasRequest => CreateAliasResponse;
     KeyManagementClient update_alias "UpdateAlias" Once: UpdateAliasRequest => UpdateAliasResponse;
     KeyManagementClient delete_alias "DeleteAlias" Once: DeleteAliasRequest => DeleteAliasResponse;

@@ -220,6 +220,9 @@ pub fn dev_config(
             sync: true,
             checkpoint_every_records: 1000,
             checkpoint_interval: std::time::Duration::from_secs(60),
+            usage_flush_interval: std::time::Duration::from_millis(
+                crate::config::DEFAULT_USAGE_FLUSH_INTERVAL_MS,
+            ),
         },
         rotation: RotationSettings {
             default_period: None,
@@ -241,6 +244,7 @@ pub fn dev_config(
         // Dev mode has no configuration file to name one: CreateBackup is
         // refused; `kms backup create --data-dir` works on a stopped server.
         backup_dir: None,
+        lifecycle: crate::config::LifecycleSettings::default(),
     })
 }
 

@@ -76,6 +76,35 @@ pub enum KmsError {
         state: &'static str,
     },
 
+    /// A blob (or request) names a key version whose KEK was destroyed
+    /// (at the end of its destruction window, or a discarded creation):
+    /// distinct from "invalid ciphertext", so that the owner of the blob
+    /// learns why it will never decrypt again (issue 18 item 2).
+    #[error("key version {version} of key {key_id} was destroyed at {}", rfc3339_ms(*destroyed_at_ms))]
+    VersionDestroyed {
+        key_id: KeyId,
+        version: u32,
+        /// When the version was destroyed, unix milliseconds.
+        destroyed_at_ms: u64,
+    },
+
+    /// ScheduleKeyVersionDestruction of a version that decrypted within
+    /// the configured quiet period
+    /// (`lifecycle.version_destruction_quiet_period_days`), without
+    /// `override_recent_use` (issue 18 item 2, the guard).
+    #[error(
+        "version {version} of key {key_id} was last used to decrypt at {}, within the quiet period of {quiet_period_days} days; move what still uses it (ReEncrypt) or set override_recent_use to schedule its destruction anyway",
+        rfc3339_ms(*last_decrypt_ms)
+    )]
+    VersionRecentlyUsed {
+        key_id: KeyId,
+        version: u32,
+        /// The version's last decrypt-side use, unix milliseconds.
+        last_decrypt_ms: u64,
+        /// The configured quiet period, days.
+        quiet_period_days: u32,
+    },
+
     /// DisableKeyVersion of the primary version.
     #[error(
         "version {version} is the primary version of key {key_id}; rotate or set another primary first"
@@ -298,6 +327,8 @@ impl KmsError {
             | KmsError::NotPendingDeletion { .. }
             | KmsError::NoPrimaryVersion { .. }
             | KmsError::VersionUnusable { .. }
+            | KmsError::VersionDestroyed { .. }
+            | KmsError::VersionRecentlyUsed { .. }
             | KmsError::PrimaryVersionDisable { .. }
             | KmsError::VersionTransition { .. }
             | KmsError::VersionsExhausted { .. }
@@ -385,6 +416,26 @@ impl KmsError {
                 version: *version,
                 state,
             },
+            KmsError::VersionDestroyed {
+                key_id,
+                version,
+                destroyed_at_ms,
+            } => KmsError::VersionDestroyed {
+                key_id: key_id.clone(),
+                version: *version,
+                destroyed_at_ms: *destroyed_at_ms,
+            },
+            KmsError::VersionRecentlyUsed {
+                key_id,
+                version,
+                last_decrypt_ms,
+                quiet_period_days,
+            } => KmsError::VersionRecentlyUsed {
+                key_id: key_id.clone(),
+                version: *version,
+                last_decrypt_ms: *last_decrypt_ms,
+                quiet_period_days: *quiet_period_days,
+            },
             KmsError::PrimaryVersionDisable { key_id, version } => {
                 KmsError::PrimaryVersionDisable {
                     key_id: key_id.clone(),
@@ -471,6 +522,15 @@ impl KmsError {
     /// logs only (never sent to a caller).
     pub fn chain(&self) -> Chain<'_> {
         Chain(self)
+    }
+}
+
+/// `ms` (unix milliseconds) as an RFC 3339 UTC time, for messages
+/// (`prost_types::Timestamp` prints RFC 3339).
+fn rfc3339_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
     }
 }
 
@@ -605,6 +665,14 @@ mod tests {
                     version: 3,
                 }),
                 format!("version 3 of key {key_id} not found"),
+            ),
+            (
+                KmsError::VersionDestroyed {
+                    key_id: key_id.clone(),
+                    version: 4,
+                    destroyed_at_ms: 1_767_225_600_250,
+                },
+                format!("key version 4 of key {key_id} was destroyed at 2026-01-01T00:00:00.250Z"),
             ),
             (
                 KmsError::PrimaryVersionDisable {

@@ -77,7 +77,7 @@ use etcd_client::{
 };
 use kms_catalogue::{
     AuditHead, Batch, CatalogueEngine, ClusterView, DbError, Fence, NodeRoots, Op, PeerRoots,
-    ScanFn, StorageError, Table,
+    ScanFn, StorageError, Table, USAGE_TABLE, UsageRow,
 };
 use parking_lot::{Mutex, RwLock};
 use secrecy::ExposeSecret;
@@ -1046,6 +1046,90 @@ impl Shared {
     }
 }
 
+/// Most puts of one usage transaction: etcd refuses a transaction of more
+/// than `--max-txn-ops` operations (128 by default).
+const USAGE_PUTS_PER_TXN: usize = 64;
+
+impl Shared {
+    async fn usage_put(
+        self: Arc<Self>,
+        node: String,
+        rows: Vec<(String, u32, Vec<u8>)>,
+        watermark: u64,
+    ) -> Result<(), StorageError> {
+        // Plain puts of this node's own keys: no compare, no generation.
+        // The watermark goes last, after every row is stored.
+        for chunk in rows.chunks(USAGE_PUTS_PER_TXN) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(key_id, version, value)| {
+                    TxnOp::put(self.ks.usage(key_id, *version, &node), value.clone(), None)
+                })
+                .collect();
+            self.txn("store use records", Txn::new().and_then(ops))
+                .await?;
+        }
+        let mut kv = self.client().kv_client();
+        self.call(
+            "store the usage watermark",
+            kv.put(
+                self.ks.usage_mark(&node),
+                watermark.to_be_bytes().to_vec(),
+                None,
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_rows(self: Arc<Self>, key_id: String) -> Result<Vec<UsageRow>, StorageError> {
+        let prefix = self.ks.usage_of_key(&key_id);
+        let mut kv = self.client().kv_client();
+        let mut resp = self
+            .call(
+                "read use records",
+                kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        resp.take_kvs()
+            .iter()
+            .map(|kv| {
+                let corrupt = || StorageError::Corrupt {
+                    cf: USAGE_TABLE,
+                    key_hex: hex_encode(kv.key()),
+                    reason: "usage key is not key id ‖ version ‖ node",
+                };
+                let rest = kv
+                    .key()
+                    .strip_prefix(prefix.as_slice())
+                    .ok_or_else(corrupt)?;
+                let (version, node) = rest.split_at_checked(4).ok_or_else(corrupt)?;
+                let version = u32::from_be_bytes(version.try_into().map_err(|_| corrupt())?);
+                let node = std::str::from_utf8(node).map_err(|_| corrupt())?;
+                Ok(UsageRow {
+                    node: node.to_owned(),
+                    version,
+                    value: kv.value().to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    async fn usage_watermark(self: Arc<Self>, node: String) -> Result<u64, StorageError> {
+        let key = self.ks.usage_mark(&node);
+        match self.get("read the usage watermark", key.clone()).await?.0 {
+            None => Ok(0),
+            Some(kv) => Ok(u64::from_be_bytes(kv.value().try_into().map_err(|_| {
+                StorageError::Corrupt {
+                    cf: USAGE_TABLE,
+                    key_hex: hex_encode(&key),
+                    reason: "usage watermark is not 8 bytes",
+                }
+            })?)),
+        }
+    }
+}
+
 fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -1505,6 +1589,23 @@ impl CatalogueEngine for EtcdEngine {
 
     fn node_roots(&self) -> Result<Option<Vec<PeerRoots>>, StorageError> {
         self.run(Arc::clone(&self.shared).node_roots()).map(Some)
+    }
+
+    fn usage_put(
+        &self,
+        node: &str,
+        rows: &[(String, u32, Vec<u8>)],
+        watermark: u64,
+    ) -> Result<(), StorageError> {
+        self.run(Arc::clone(&self.shared).usage_put(node.to_owned(), rows.to_vec(), watermark))
+    }
+
+    fn usage_rows(&self, key_id: &str) -> Result<Vec<UsageRow>, StorageError> {
+        self.run(Arc::clone(&self.shared).usage_rows(key_id.to_owned()))
+    }
+
+    fn usage_watermark(&self, node: &str) -> Result<u64, StorageError> {
+        self.run(Arc::clone(&self.shared).usage_watermark(node.to_owned()))
     }
 
     fn cluster_view(&self) -> Option<ClusterView> {

@@ -9,6 +9,8 @@
 //! | `nodes/<node id>` | JSON [`NodeRecord`] (generation applied, address, root epochs held), bound to the node's lease |
 //! | `jobs/<job>` | leader's node id, bound to its lease; `create_revision` = fence token |
 //! | `audit/heads/<node id>` | JSON `AuditHead` |
+//! | `usage/<key id><u32 BE version><node id>` | a node's `UsageRecord` of a version (catalogue record), plain puts by that node only |
+//! | `usage-mark/<node id>` | u64 BE: the node's audit sequence its stored use records cover |
 
 use kms_catalogue::{NodeRoots, Table};
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,7 @@ pub(crate) enum Entry<'a> {
     Node(&'a str),
     Job,
     AuditHead,
+    Usage,
     Other,
 }
 
@@ -100,6 +103,27 @@ impl Keyspace {
         self.key(&[b"audit/heads/"])
     }
 
+    /// A node's use record of a key version (the key id has a fixed
+    /// length, so `usage/<key id>` is a safe prefix for one key).
+    pub(crate) fn usage(&self, key_id: &str, version: u32, node: &str) -> Vec<u8> {
+        self.key(&[
+            b"usage/",
+            key_id.as_bytes(),
+            &version.to_be_bytes(),
+            node.as_bytes(),
+        ])
+    }
+
+    /// The prefix of every node's use records of one key.
+    pub(crate) fn usage_of_key(&self, key_id: &str) -> Vec<u8> {
+        self.key(&[b"usage/", key_id.as_bytes()])
+    }
+
+    /// A node's usage watermark.
+    pub(crate) fn usage_mark(&self, node: &str) -> Vec<u8> {
+        self.key(&[b"usage-mark/", node.as_bytes()])
+    }
+
     /// What `full` (a key under the prefix) is.
     pub(crate) fn classify<'a>(&self, full: &'a [u8]) -> Entry<'a> {
         let Some(rest) = full.strip_prefix(self.prefix.as_slice()) else {
@@ -118,6 +142,9 @@ impl Keyspace {
         }
         if rest.starts_with(b"audit/") {
             return Entry::AuditHead;
+        }
+        if rest.starts_with(b"usage/") || rest.starts_with(b"usage-mark/") {
+            return Entry::Usage;
         }
         for table in Table::ALL {
             if let Some(k) = rest
@@ -168,6 +195,9 @@ mod tests {
         assert_eq!(ks.classify(&ks.node("n-1")), Entry::Node("n-1"));
         assert_eq!(ks.classify(&ks.job("scheduler")), Entry::Job);
         assert_eq!(ks.classify(&ks.audit_head("n-1")), Entry::AuditHead);
+        assert_eq!(ks.classify(&ks.usage("k", 1, "n-1")), Entry::Usage);
+        assert_eq!(ks.classify(&ks.usage_mark("n-1")), Entry::Usage);
+        assert!(ks.usage("k", 1, "n-1").starts_with(&ks.usage_of_key("k")));
         assert_eq!(ks.classify(b"/other/keys/x"), Entry::Other);
         assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));

@@ -85,7 +85,7 @@ impl View {
                     Err(_) => return false,
                 },
             },
-            Entry::Format | Entry::Job | Entry::AuditHead | Entry::Other => {}
+            Entry::Format | Entry::Job | Entry::AuditHead | Entry::Usage | Entry::Other => {}
         }
         true
     }

@@ -11,11 +11,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kms_catalogue::{Batch, CatalogueEngine, Fence, Op, ScanFn, StorageError, Table};
+use kms_catalogue::{
+    Batch, CatalogueEngine, Fence, Op, ScanFn, StorageError, Table, UsageRow, schema::version_key,
+};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::db::Db;
-use crate::schema::CF_GCM_COUNTERS;
+use crate::schema::{CF_GCM_COUNTERS, CF_USAGE, usage_watermark_key};
 
 /// The catalogue engine over the node's RocksDB database.
 #[derive(Debug)]
@@ -145,5 +147,67 @@ impl CatalogueEngine for RocksEngine {
             job: job.to_owned(),
             token: 0,
         }))
+    }
+
+    fn usage_put(
+        &self,
+        node: &str,
+        rows: &[(String, u32, Vec<u8>)],
+        watermark: u64,
+    ) -> Result<(), StorageError> {
+        // One synced batch per flush (never per request): rows and the
+        // watermark together.
+        let cf = self.db.cf(CF_USAGE)?;
+        let mut wb = WriteBatch::default();
+        for (key_id, version, value) in rows {
+            let mut k = version_key(key_id, *version);
+            k.extend_from_slice(node.as_bytes());
+            wb.put_cf(cf, k, value);
+        }
+        wb.put_cf(cf, usage_watermark_key(node), watermark.to_be_bytes());
+        self.db.write_synced(wb)
+    }
+
+    fn usage_rows(&self, key_id: &str) -> Result<Vec<UsageRow>, StorageError> {
+        let prefix = key_id.as_bytes();
+        let iter = self.db.db.iterator_cf(
+            self.db.cf(CF_USAGE)?,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        let mut rows = Vec::new();
+        for item in iter {
+            let (k, v) = item.map_err(StorageError::db("iterate"))?;
+            let Some(rest) = k.strip_prefix(prefix) else {
+                break;
+            };
+            let corrupt = || StorageError::Corrupt {
+                cf: CF_USAGE,
+                key_hex: hex::encode(&k),
+                reason: "usage key is not key id ‖ version ‖ node",
+            };
+            let (version, node) = rest.split_at_checked(4).ok_or_else(corrupt)?;
+            let version = u32::from_be_bytes(version.try_into().map_err(|_| corrupt())?);
+            let node = std::str::from_utf8(node).map_err(|_| corrupt())?;
+            rows.push(UsageRow {
+                node: node.to_owned(),
+                version,
+                value: v.to_vec(),
+            });
+        }
+        Ok(rows)
+    }
+
+    fn usage_watermark(&self, node: &str) -> Result<u64, StorageError> {
+        let key = usage_watermark_key(node);
+        match self.db.get(CF_USAGE, &key)? {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| StorageError::Corrupt {
+                    cf: CF_USAGE,
+                    key_hex: hex::encode(&key),
+                    reason: "usage watermark is not 8 bytes",
+                },
+            )?)),
+        }
     }
 }

@@ -22,19 +22,19 @@ pub mod testing;
 
 pub use audit::{
     AppendHandle, AuditConfig, AuditEvent, AuditFilter, AuditLog, AuditPage, AuditReader,
-    AuditRecord, AuditStats, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,
-    MAX_SCAN_PER_PAGE, MAX_WITNESSED_HEADS, MacFn, RECORD_FORMAT_V1, RECORD_FORMAT_WITNESS,
-    ResultCode, VerifyFailure, VerifyFailureReason, VerifyMacFn, VerifyOptions, VerifyReport,
-    VerifyStart, WITNESS_OPERATION, WitnessBoard, WitnessCheck, WitnessOutcome, WitnessedHead,
-    Witnessing,
+    AuditRecord, AuditStats, CHECKPOINT_FORMAT_V1, Checkpoint, DurableFn, GENESIS_HASH,
+    MAX_FIELD_LEN, MAX_SCAN_PER_PAGE, MAX_WITNESSED_HEADS, MacFn, RECORD_FORMAT_V1,
+    RECORD_FORMAT_WITNESS, ResultCode, VerifyFailure, VerifyFailureReason, VerifyMacFn,
+    VerifyOptions, VerifyReport, VerifyStart, WITNESS_OPERATION, WitnessBoard, WitnessCheck,
+    WitnessOutcome, WitnessedHead, Witnessing,
 };
 // The catalogue (and its error type) is kms-catalogue's, over this crate's
 // RocksDB engine; re-exported so that callers name one crate.
 pub use kms_catalogue::{
     Alias, AliasEntry, AuditHead, Catalogue, CatalogueEngine, ClusterView, EpochReferences, Fence,
     Grant, KekHandle, KeyId, KeyOrigin, KeyPolicy, KeyRecord, KeySpec, KeyState, MAX_PAGE_SIZE,
-    NewKey, NodeRoots, Page, PeerRoots, Permission, RotationPolicy, Swap, VersionCursor,
-    VersionRecord, VersionScan, VersionState, WrappedServiceKey, with_fence,
+    NewKey, NodeRoots, Page, PeerRoots, Permission, RotationPolicy, Swap, UsageRecord, UsageRow,
+    VersionCursor, VersionRecord, VersionScan, VersionState, WrappedServiceKey, with_fence,
 };
 pub use kms_catalogue::{CallbackError, DbError, StorageError};
 pub use storage::{Storage, StorageOptions};

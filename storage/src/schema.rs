@@ -16,6 +16,8 @@
 //! | `gcm_counters`    | key id ‖ u32 BE version               | u64 BE: reserved GCM invocations        |
 //! | `audit`           | u64 BE sequence (first is 1)         | audit record, binary (see audit/record) |
 //! | `audit_checkpoints`| u64 BE sequence of the covered head | checkpoint record, binary               |
+//! | `usage`           | key id ‖ u32 BE version ‖ node id     | use record (version byte + JSON, `UsageRecord`) |
+//! | `usage`           | `0xFF` ‖ `b"watermark/"` ‖ node id    | u64 BE: audit sequence the stored records cover |
 //!
 //! Key ids have a fixed length ([`crate::KeyId`] validates them), so a key id is
 //! a safe prefix for the per-key column families.
@@ -42,8 +44,14 @@ pub const CF_AUDIT: &str = "audit";
 /// Column family of audit checkpoints, by the sequence number they certify.
 pub const CF_AUDIT_CHECKPOINTS: &str = "audit_checkpoints";
 
+/// Column family of per-version use records (issue 18), written in batches
+/// by the service outside the catalogue's commits. Added without a format
+/// bump: a database without it gets it created empty, and older builds
+/// open it and ignore it.
+pub const CF_USAGE: &str = kms_catalogue::USAGE_TABLE;
+
 /// Every column family of the current format.
-pub const ALL_CFS: [&str; 9] = [
+pub const ALL_CFS: [&str; 10] = [
     CF_DEFAULT,
     CF_KEYS,
     CF_VERSIONS,
@@ -53,7 +61,16 @@ pub const ALL_CFS: [&str; 9] = [
     CF_GCM_COUNTERS,
     CF_AUDIT,
     CF_AUDIT_CHECKPOINTS,
+    CF_USAGE,
 ];
+
+/// Key of a node's usage watermark in [`CF_USAGE`]: the 0xFF byte sorts
+/// after every key id (ASCII), so it never falls in a key's prefix.
+pub(crate) fn usage_watermark_key(node: &str) -> Vec<u8> {
+    let mut k = b"\xffwatermark/".to_vec();
+    k.extend_from_slice(node.as_bytes());
+    k
+}
 
 /// Key of the format version in the default column family.
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";

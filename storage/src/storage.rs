@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::audit::{AuditConfig, AuditLog, AuditReader, MacFn, Witnessing};
+use crate::audit::{AuditConfig, AuditLog, AuditReader, DurableFn, MacFn, Witnessing};
 use crate::db::Db;
 use crate::engine::RocksEngine;
 use kms_catalogue::Catalogue;
@@ -122,6 +122,25 @@ impl Storage {
         mac: MacFn,
         witness: Option<Witnessing>,
     ) -> Result<AuditLog, StorageError> {
+        self.open_audit_log_observed(config, mac, witness, None)
+    }
+
+    /// [`Storage::open_audit_log_witnessed`] with `on_durable`, which sees
+    /// the records of every batch once they are durable, in sequence order,
+    /// on the writer thread, before their submitters are released (the
+    /// service counts key version uses with it). `None` is exactly
+    /// [`Storage::open_audit_log_witnessed`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Storage::open_audit_log`].
+    pub fn open_audit_log_observed(
+        &self,
+        config: AuditConfig,
+        mac: MacFn,
+        witness: Option<Witnessing>,
+        on_durable: Option<DurableFn>,
+    ) -> Result<AuditLog, StorageError> {
         if self
             .db
             .audit_writer_open
@@ -130,7 +149,7 @@ impl Storage {
         {
             return Err(StorageError::AuditAlreadyOpen);
         }
-        let log = AuditLog::start(Arc::clone(&self.db), config, mac, witness);
+        let log = AuditLog::start(Arc::clone(&self.db), config, mac, witness, on_durable);
         if log.is_err() {
             self.db.audit_writer_open.store(false, Ordering::Release);
         }

@@ -619,4 +619,65 @@ impl Catalogue {
             Ok::<(), StorageError>(())
         })
     }
+
+    /// The end of a version's destruction window (issue 18 item 2): a
+    /// version `ScheduledDestruction` and due at `due_by_ms` (its
+    /// `destroy_at_ms` is not later) becomes `Destroyed { destroyed_at_ms:
+    /// now_ms }` in one synced write, and a
+    /// wrapped version's blob and MAC are erased from the record (the blob
+    /// is the key material, wrapped: with it gone, no root can bring the
+    /// version back). An `HsmObject` version keeps its handle (the object
+    /// id is not secret); the caller destroys the object in the HSM first.
+    /// The record stays as a tombstone, so blobs under the version are
+    /// refused by name. This is the one write that may change `kek`.
+    ///
+    /// Returns `None`, writing nothing, when the version (read under the
+    /// catalogue lock) is not scheduled for destruction or not due: a
+    /// restore or a later schedule since the caller looked wins.
+    ///
+    /// # Errors
+    ///
+    /// [`StorageError::KeyNotFound`] or [`StorageError::KeyDeleted`];
+    /// [`StorageError::VersionNotFound`]; [`StorageError::PrimaryNotEnabled`]
+    /// if the version is the key's primary (a damaged record: scheduling
+    /// refuses the primary); [`StorageError::Db`] if the engine fails.
+    pub fn destroy_version(
+        &self,
+        id: &KeyId,
+        version: u32,
+        due_by_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<VersionRecord>, StorageError> {
+        self.write(|w| {
+            let key = self.require_live_key(id)?;
+            let mut ver = self.require_version(id, version)?;
+            let due = matches!(
+                ver.state,
+                VersionState::ScheduledDestruction { destroy_at_ms } if destroy_at_ms <= due_by_ms
+            );
+            if !due {
+                return Ok(None);
+            }
+            if key.primary_version == Some(version) {
+                return Err(StorageError::PrimaryNotEnabled {
+                    id: id.clone(),
+                    version,
+                });
+            }
+            ver.state = VersionState::Destroyed {
+                destroyed_at_ms: now_ms,
+            };
+            ver.updated_at_ms = now_ms;
+            if let KekHandle::Wrapped { blob, mac, .. } = &mut ver.kek {
+                blob.clear();
+                *mac = [0; 32];
+            }
+            let mut batch = Batch::default();
+            self.put_version(&mut batch, &ver)?;
+            // In a cluster the write returns once every node holds it
+            // (design note I4): no node decrypts under the version after.
+            self.commit(w, batch)?;
+            Ok(Some(ver))
+        })
+    }
 }

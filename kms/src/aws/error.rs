@@ -159,6 +159,36 @@ mod tests {
                 "InvalidCiphertextException",
                 400,
             ),
+            // Issue 18: a destroyed or re-encrypt-only version is a state
+            // the key is in, never a bad ciphertext.
+            (
+                KmsError::VersionDestroyed {
+                    key_id: key_id.clone(),
+                    version: 1,
+                    destroyed_at_ms: 1,
+                },
+                "KMSInvalidStateException",
+                400,
+            ),
+            (
+                KmsError::VersionUnusable {
+                    key_id: key_id.clone(),
+                    version: 1,
+                    state: "re-encrypt only (it decrypts only as the source of ReEncrypt)",
+                },
+                "KMSInvalidStateException",
+                400,
+            ),
+            (
+                KmsError::VersionRecentlyUsed {
+                    key_id: key_id.clone(),
+                    version: 1,
+                    last_decrypt_ms: 1,
+                    quiet_period_days: 30,
+                },
+                "KMSInvalidStateException",
+                400,
+            ),
             (
                 KmsError::KeyNotFound { key: "k".into() },
                 "NotFoundException",

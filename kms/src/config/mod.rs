@@ -15,6 +15,7 @@ use serde::Deserialize;
 mod aws;
 mod cluster;
 mod kubernetes;
+mod lifecycle;
 mod security;
 
 pub use aws::{
@@ -26,6 +27,10 @@ pub use cluster::{
     MIN_STALENESS_BOUND, is_valid_node_id,
 };
 pub use kubernetes::{DEFAULT_SOCKET_MODE, KubernetesListener, MAX_SOCKET_PATH_BYTES};
+pub use lifecycle::{
+    DEFAULT_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS, LifecycleSettings,
+    MAX_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS,
+};
 pub use security::{AuthSettings, TlsSettings, grant};
 
 use crate::auth::admission::PrincipalLimits;
@@ -74,6 +79,8 @@ struct RawConfig {
     cluster: Option<cluster::RawCluster>,
     #[serde(default)]
     backup: RawBackup,
+    #[serde(default)]
+    lifecycle: lifecycle::RawLifecycle,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -131,6 +138,7 @@ struct RawAudit {
     sync: Option<bool>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
+    usage_flush_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -179,7 +187,19 @@ pub struct AuditSettings {
     pub sync: bool,
     pub checkpoint_every_records: u64,
     pub checkpoint_interval: Duration,
+    /// `audit.usage_flush_interval_ms` (default [`DEFAULT_USAGE_FLUSH_INTERVAL_MS`],
+    /// 100 ms to 10 min): how often the key version uses counted from the
+    /// audit log are stored. In a cluster, how late another node's uses
+    /// may show; a crash loses none (they are replayed from the audit log).
+    pub usage_flush_interval: Duration,
 }
+
+/// `audit.usage_flush_interval_ms` unless configured (5 s).
+pub const DEFAULT_USAGE_FLUSH_INTERVAL_MS: u64 = 5_000;
+/// The accepted range of `audit.usage_flush_interval_ms`: below 100 ms the
+/// store is written nearly per request; above 10 min a cluster's view of
+/// other nodes' uses would be too stale for the destruction guard.
+pub const USAGE_FLUSH_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 /// Rotation defaults and the scheduler.
 #[derive(Debug, Clone)]
@@ -259,6 +279,8 @@ pub struct Config {
     /// refuses CreateBackup. The offline `kms backup create --data-dir`
     /// does not need it.
     pub backup_dir: Option<PathBuf>,
+    /// `[lifecycle]`: key-version retirement (the destruction guard).
+    pub lifecycle: LifecycleSettings,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -328,6 +350,7 @@ impl Config {
             "[aws_api]" => aws_api,
             "[cluster]" => cluster,
             "backup.dir" => backup_dir,
+            "[lifecycle]" => lifecycle,
         }
     }
 
@@ -381,6 +404,7 @@ impl Config {
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
         config.cluster = cluster::validate(raw.cluster)?;
+        config.lifecycle = lifecycle::validate(raw.lifecycle)?;
         if let Some(dir) = raw.backup.dir {
             if !dir.is_absolute() {
                 return Err(invalid("backup.dir", "must be an absolute path"));
@@ -500,7 +524,24 @@ impl Config {
             sync: audit.sync.unwrap_or(true),
             checkpoint_every_records: audit.checkpoint_every_records.unwrap_or(1000),
             checkpoint_interval: Duration::from_secs(audit.checkpoint_interval_secs.unwrap_or(60)),
+            usage_flush_interval: Duration::from_millis(
+                audit
+                    .usage_flush_interval_ms
+                    .unwrap_or(DEFAULT_USAGE_FLUSH_INTERVAL_MS),
+            ),
         };
+        if !USAGE_FLUSH_INTERVAL_MS_RANGE.contains(
+            &audit
+                .usage_flush_interval
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        ) {
+            return Err(invalid(
+                "audit.usage_flush_interval_ms",
+                "must be 100 to 600000",
+            ));
+        }
         if audit.checkpoint_every_records == 0 {
             return Err(invalid(
                 "audit.checkpoint_every_records",
@@ -600,6 +641,7 @@ impl Config {
             aws_api: None,
             cluster: None,
             backup_dir: None,
+            lifecycle: LifecycleSettings::default(),
         })
     }
 }
@@ -729,6 +771,29 @@ data_dir = "/var/lib/kms"
             let err = Config::parse(&text).expect_err(field);
             assert!(err.to_string().contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn the_version_destruction_quiet_period_is_defaulted_read_and_bounded() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.lifecycle.version_destruction_quiet_period_days,
+            DEFAULT_VERSION_DESTRUCTION_QUIET_PERIOD_DAYS
+        );
+        for days in [0, 1, 3650] {
+            let text =
+                format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = {days}\n");
+            let config = Config::parse(&text).expect("valid");
+            assert_eq!(config.lifecycle.version_destruction_quiet_period_days, days);
+        }
+        let text =
+            format!("{MINIMAL}\n[lifecycle]\nversion_destruction_quiet_period_days = 3651\n");
+        let err = Config::parse(&text).expect_err("out of range");
+        assert!(
+            err.to_string()
+                .contains("lifecycle.version_destruction_quiet_period_days"),
+            "{err}"
+        );
     }
 
     #[test]

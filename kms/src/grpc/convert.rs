@@ -149,6 +149,7 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
             pb::KeyVersionState::Destroyed,
             Some(timestamp_ms(destroyed_at_ms)),
         ),
+        VersionState::ReEncryptOnly => (pb::KeyVersionState::ReencryptOnly, None),
         _ => (pb::KeyVersionState::Unspecified, None),
     };
     let (protection, root_epoch) = protection(&version.kek);

@@ -510,6 +510,83 @@ impl KeyManagement for KeyManagementApi {
         })
     }
 
+    async fn schedule_key_version_destruction(
+        &self,
+        request: Request<pb::ScheduleKeyVersionDestructionRequest>,
+    ) -> Reply<pb::ScheduleKeyVersionDestructionResponse> {
+        // An override is audited under its own operation (see the proto).
+        let operation = if request.get_ref().override_recent_use {
+            Operation::ScheduleKeyVersionDestructionOverrideRecentUse
+        } else {
+            Operation::ScheduleKeyVersionDestruction
+        };
+        let rpc = Rpc::start(operation, &request)?;
+        let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
+        let days = req.pending_window_days;
+        let (version, primary) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.schedule_key_version_destruction(
+                    m,
+                    &req.key_id,
+                    number,
+                    days,
+                    req.override_recent_use,
+                )?;
+                let primary = s.key_view(&version.key_id)?.record.primary_version;
+                Ok((version, primary))
+            })
+            .await?;
+        rpc.respond(pb::ScheduleKeyVersionDestructionResponse {
+            key_version: Some(key_version(&version, primary)),
+            pending_window_days: days.unwrap_or(crate::service::DEFAULT_VERSION_DESTRUCTION_DAYS),
+        })
+    }
+
+    async fn restore_key_version(
+        &self,
+        request: Request<pb::RestoreKeyVersionRequest>,
+    ) -> Reply<pb::RestoreKeyVersionResponse> {
+        let rpc = Rpc::start(Operation::RestoreKeyVersion, &request)?;
+        let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
+        let (version, primary) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.restore_key_version(m, &req.key_id, number)?;
+                let primary = s.key_view(&version.key_id)?.record.primary_version;
+                Ok((version, primary))
+            })
+            .await?;
+        rpc.respond(pb::RestoreKeyVersionResponse {
+            key_version: Some(key_version(&version, primary)),
+        })
+    }
+
+    async fn set_key_version_re_encrypt_only(
+        &self,
+        request: Request<pb::SetKeyVersionReEncryptOnlyRequest>,
+    ) -> Reply<pb::SetKeyVersionReEncryptOnlyResponse> {
+        let rpc = Rpc::start(Operation::SetKeyVersionReEncryptOnly, &request)?;
+        let req = request.into_inner();
+        let number = rpc
+            .valid(&self.service, &req.key_id, version_number(req.version))
+            .await?;
+        let (version, primary) = rpc
+            .blocking(&self.service, move |s, m| {
+                let version = s.set_key_version_reencrypt_only(m, &req.key_id, number)?;
+                let primary = s.key_view(&version.key_id)?.record.primary_version;
+                Ok((version, primary))
+            })
+            .await?;
+        rpc.respond(pb::SetKeyVersionReEncryptOnlyResponse {
+            key_version: Some(key_version(&version, primary)),
+        })
+    }
+
     async fn set_primary_version(
         &self,
         request: Request<pb::SetPrimaryVersionRequest>,

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use kms_storage::{KeyId, KeyRecord, Permission, VersionRecord, VersionState};
 use zeroize::Zeroizing;
 
-use super::lookup::version_unusable;
+use super::lookup::{VersionUse, ensure_version_usable};
 use super::operation::Operation;
 use super::{AuditFields, Deferred, KmsService, RequestMeta};
 use crate::ciphertext::{self, Algorithm, Header};
@@ -382,11 +382,16 @@ impl KmsService {
             .catalogue()
             .get_version(&key_id, version_number)?
             .ok_or(KmsError::InvalidCiphertext)?;
-        match version.state {
-            VersionState::Enabled => {}
-            VersionState::Pending => return Err(KmsError::InvalidCiphertext),
-            _ => return Err(version_unusable(&version)),
+        // A version still being created has made no blob: this one is forged.
+        if version.state == VersionState::Pending {
+            return Err(KmsError::InvalidCiphertext);
         }
+        let purpose = if permission == Permission::ReEncryptFrom {
+            VersionUse::ReEncryptSource
+        } else {
+            VersionUse::Decrypt
+        };
+        ensure_version_usable(&version, purpose)?;
         let plaintext = self.open_under(
             &version,
             parsed.iv(),

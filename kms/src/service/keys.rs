@@ -353,7 +353,7 @@ impl KmsService {
 
     /// The key record as it is now, read under the key's lock (the caller
     /// holds it): what a state change must validate against.
-    fn locked_record(&self, id: &KeyId) -> Result<KeyRecord> {
+    pub(super) fn locked_record(&self, id: &KeyId) -> Result<KeyRecord> {
         let record = self
             .catalogue()
             .get_key(id)?
@@ -705,7 +705,7 @@ impl KmsService {
     /// `change` validates against the key record read under the lock (a
     /// record read before it could name an old primary: issue 13), and the
     /// catalogue re-checks that the primary stays enabled.
-    fn change_version(
+    pub(super) fn change_version(
         &self,
         meta: &RequestMeta,
         operation: Operation,
@@ -743,7 +743,8 @@ impl KmsService {
             key,
             version,
             |_, v| match v.state {
-                VersionState::Enabled | VersionState::Disabled => {
+                // ReEncryptOnly is left by enabling (or disabling) it.
+                VersionState::Enabled | VersionState::Disabled | VersionState::ReEncryptOnly => {
                     v.state = VersionState::Enabled;
                     Ok(())
                 }
@@ -771,7 +772,9 @@ impl KmsService {
                     });
                 }
                 match v.state {
-                    VersionState::Enabled | VersionState::Disabled => {
+                    VersionState::Enabled
+                    | VersionState::Disabled
+                    | VersionState::ReEncryptOnly => {
                         v.state = VersionState::Disabled;
                         Ok(())
                     }

@@ -88,10 +88,41 @@ impl KmsService {
             },
         })?;
         let version = self.version(&record.id, number)?;
-        if version.state != VersionState::Enabled {
-            return Err(version_unusable(&version));
-        }
+        ensure_version_usable(&version, VersionUse::Encrypt)?;
         Ok(version)
+    }
+}
+
+/// What a key version is about to be used for: the one input, with its
+/// state, of [`ensure_version_usable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VersionUse {
+    /// Encrypt-side use (Encrypt, data keys, a ReEncrypt destination):
+    /// the primary version only.
+    Encrypt,
+    /// Decrypt-side use that hands plaintext to the caller: Decrypt,
+    /// BatchDecrypt, the Kubernetes plugin's and the AWS API's Decrypt.
+    Decrypt,
+    /// The source of a ReEncrypt (BatchReEncrypt too): the plaintext never
+    /// leaves the service, so a `ReEncryptOnly` version allows it.
+    ReEncryptSource,
+}
+
+/// Whether a version's state allows `purpose`: the one place that decides
+/// (issue 18 item 3). `Enabled` allows everything (encryption is further
+/// limited to the primary, which is always `Enabled`); `ReEncryptOnly`
+/// allows only [`VersionUse::ReEncryptSource`]; every other state refuses
+/// (a destroyed version with [`KmsError::VersionDestroyed`]).
+///
+/// # Errors
+/// [`KmsError::VersionUnusable`] naming the state, or
+/// [`KmsError::VersionDestroyed`] (both FAILED_PRECONDITION).
+pub(crate) fn ensure_version_usable(version: &VersionRecord, purpose: VersionUse) -> Result<()> {
+    match (version.state, purpose) {
+        (VersionState::Enabled, _) | (VersionState::ReEncryptOnly, VersionUse::ReEncryptSource) => {
+            Ok(())
+        }
+        _ => Err(version_unusable(version)),
     }
 }
 
@@ -157,7 +188,9 @@ impl KmsService {
     }
 
     /// Whether `version` and its key are, as the catalogue says now, still
-    /// usable (both enabled): asked by the working-key cache after a miss
+    /// usable (the key enabled, the version enabled or re-encrypt only: a
+    /// re-encrypt-only version is used, as a ReEncrypt source, after
+    /// `ensure_version_usable` allowed it): asked by the working-key cache after a miss
     /// (see `WorkingKeys::with_key`). A failed read counts as unusable (the
     /// entry is then evicted; the next use unwraps again).
     fn still_usable(&self, version: &VersionRecord) -> bool {
@@ -169,7 +202,7 @@ impl KmsService {
         key_enabled
             && matches!(
                 catalogue.get_version(&version.key_id, version.version),
-                Ok(Some(v)) if v.state == VersionState::Enabled
+                Ok(Some(v)) if matches!(v.state, VersionState::Enabled | VersionState::ReEncryptOnly)
             )
     }
 
@@ -254,7 +287,17 @@ pub(crate) fn new_kek_handle(key: &KeyId, version: u32) -> KekHandle {
     }
 }
 
+/// The refusal of a version in a state that does not allow the use: a
+/// destroyed version is [`KmsError::VersionDestroyed`] (with its time),
+/// any other [`KmsError::VersionUnusable`] naming the state.
 pub(crate) fn version_unusable(v: &VersionRecord) -> KmsError {
+    if let VersionState::Destroyed { destroyed_at_ms } = v.state {
+        return KmsError::VersionDestroyed {
+            key_id: v.key_id.clone(),
+            version: v.version,
+            destroyed_at_ms,
+        };
+    }
     KmsError::VersionUnusable {
         key_id: v.key_id.clone(),
         version: v.version,
@@ -269,6 +312,9 @@ pub(crate) fn version_state_name(state: &VersionState) -> &'static str {
         VersionState::Disabled => "disabled",
         VersionState::ScheduledDestruction { .. } => "scheduled for destruction",
         VersionState::Destroyed { .. } => "destroyed",
+        VersionState::ReEncryptOnly => {
+            "re-encrypt only (it decrypts only as the source of ReEncrypt)"
+        }
         _ => "in an unknown state",
     }
 }

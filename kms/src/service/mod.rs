@@ -28,6 +28,8 @@ mod reconcile;
 mod restore;
 pub mod root_rotation;
 pub mod scheduler;
+mod usage;
+mod version_retirement;
 pub(crate) mod working_keys;
 
 pub use working_keys::WorkingKeyStats;
@@ -42,7 +44,7 @@ use kms_storage::{
 };
 
 use crate::auth::policy::{AccessControl, Roles};
-use crate::config::{Config, Limits, RotationSettings};
+use crate::config::{Config, LifecycleSettings, Limits, RotationSettings};
 use crate::error::{KmsError, Result};
 
 pub use audit::{AuditFollower, AuditListing, AuditQuery, AuditVerification};
@@ -59,6 +61,10 @@ pub use keys::{
 };
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
+pub use usage::VersionUsage;
+pub use version_retirement::{
+    DEFAULT_VERSION_DESTRUCTION_DAYS, MAX_VERSION_DESTRUCTION_DAYS, MIN_VERSION_DESTRUCTION_DAYS,
+};
 
 /// What the health probe found (see [`KmsService::readiness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +169,13 @@ pub struct KmsService {
     /// A cluster node's audit head publisher; declared after `audit_log`
     /// so that the writer (which feeds it) stops first.
     audit_publisher: Option<audit_witness::AuditPublisher>,
+    /// Key version uses (`usage`); declared after `audit_log` so that its
+    /// last flush, when dropped, comes after the writer's last record.
+    usage: usage::UsageFlusher,
     limits: Limits,
     rotation: RotationSettings,
+    /// `[lifecycle]`: the version-destruction guard's quiet period.
+    lifecycle: LifecycleSettings,
     access: AccessControl,
     key_locks: keys::KeyLocks,
     /// Wrapped key versions (issue 14): `None` when the token has no root
@@ -246,9 +257,27 @@ impl KmsService {
                 (Some(w), Some(p))
             }
         };
+        // Before the writer opens: replays the uses its log holds beyond
+        // what is stored, then counts every durable record from the writer.
+        let usage = usage::UsageTracker::open(
+            catalogue.clone(),
+            config
+                .cluster
+                .as_ref()
+                .map(|c| c.node_id.clone())
+                .unwrap_or_default(),
+            &storage.audit_reader(),
+        )
+        .map_err(OpenError::Storage)?;
+        let observer = {
+            let usage = Arc::clone(&usage);
+            Box::new(move |records: &[kms_storage::AuditRecord]| usage.observe(records))
+        };
         let audit_log = storage
-            .open_audit_log_witnessed(audit_config, mac, witnessing)
+            .open_audit_log_observed(audit_config, mac, witnessing, Some(observer))
             .map_err(OpenError::Storage)?;
+        let usage = usage::UsageFlusher::start(usage, config.audit.usage_flush_interval)
+            .map_err(OpenError::UsageFlusher)?;
         let service = KmsService {
             hsm,
             storage,
@@ -256,8 +285,10 @@ impl KmsService {
             node_id: config.cluster.as_ref().map(|c| c.node_id.clone()),
             audit_log,
             audit_publisher,
+            usage,
             limits: config.limits.clone(),
             rotation: config.rotation.clone(),
+            lifecycle: config.lifecycle.clone(),
             access: AccessControl::new(Roles {
                 admins: config.auth.admins.clone(),
                 auditors: config.auth.auditors.clone(),
@@ -632,6 +663,9 @@ pub enum OpenError {
     /// The audit head publisher thread of a cluster node did not start.
     #[error("cannot start the audit head publisher")]
     AuditPublisher(#[source] std::io::Error),
+    /// The thread that stores key version uses did not start.
+    #[error("cannot start the key usage flusher")]
+    UsageFlusher(#[source] std::io::Error),
     /// `hsm.wrapped_versions = true` but the token has no root key.
     #[error(
         "hsm.wrapped_versions is true but the token has no root key; create one with `kms hsm init-root`"

@@ -39,6 +39,12 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::PutKeyPolicy => "PutKeyPolicy",
         Operation::GetParametersForImport => "GetParametersForImport",
         Operation::ImportKeyMaterial => "ImportKeyMaterial",
+        Operation::ScheduleKeyVersionDestruction => "ScheduleKeyVersionDestruction",
+        Operation::RestoreKeyVersion => "RestoreKeyVersion",
+        Operation::SetKeyVersionReEncryptOnly => "SetKeyVersionReEncryptOnly",
+        Operation::ScheduleKeyVersionDestructionOverrideRecentUse => {
+            "ScheduleKeyVersionDestructionOverrideRecentUse"
+        }
         Operation::Encrypt => "Encrypt",
         Operation::Decrypt => "Decrypt",
         Operation::GenerateDataKey => "GenerateDataKey",
@@ -62,6 +68,7 @@ pub fn name(operation: Operation) -> &'static str {
         // The audit writer's own spelling (kms_storage::WITNESS_OPERATION).
         Operation::AuditWitness => "AuditWitness",
         Operation::Restore => "Restore",
+        Operation::DestroyKeyVersion => "DestroyKeyVersion",
         Operation::KubernetesStatus => "KubernetesStatus",
         Operation::KubernetesEncrypt => "KubernetesEncrypt",
         Operation::KubernetesDecrypt => "KubernetesDecrypt",
@@ -105,7 +112,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 49);
+        assert_eq!(seen, 54);
         assert_eq!(
             name(Operation::AuditWitness),
             kms_storage::WITNESS_OPERATION

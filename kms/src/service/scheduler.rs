@@ -4,7 +4,9 @@
 //! principal. Rotation re-checks under the key's lock that it is still due,
 //! so a restart or a concurrent manual rotation never rotates twice;
 //! deletion re-checks under the lock that the key is still pending deletion,
-//! so a cancelled deletion is never carried out.
+//! so a cancelled deletion is never carried out; likewise a key version
+//! whose destruction window ended is destroyed only if it is still
+//! scheduled (`version_retirement.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +27,8 @@ pub const SCHEDULER_JOB: &str = "scheduler";
 pub struct SchedulerPass {
     pub rotated: usize,
     pub deleted: usize,
+    /// Key versions destroyed at the end of their destruction window.
+    pub versions_destroyed: usize,
     pub failed: usize,
 }
 
@@ -69,6 +73,15 @@ impl KmsService {
                 }
             };
             for record in &page.items {
+                // Versions first: a key deleted in this pass takes its
+                // versions with it anyway.
+                match self.destroy_due_versions(record, now) {
+                    Ok(n) => pass.versions_destroyed += n,
+                    Err(e) => {
+                        tracing::warn!(key_id = %record.id, error = %e.chain(), "scheduled version destruction failed; will retry");
+                        pass.failed += 1;
+                    }
+                }
                 match self.schedule_one(record, now) {
                     Ok(Some(Action::Rotated)) => pass.rotated += 1,
                     Ok(Some(Action::Deleted)) => pass.deleted += 1,
@@ -175,6 +188,7 @@ pub fn spawn(
                     tracing::info!(
                         rotated = pass.rotated,
                         deleted = pass.deleted,
+                        versions_destroyed = pass.versions_destroyed,
                         failed = pass.failed,
                         "scheduler pass"
                     );

@@ -76,6 +76,13 @@ impl WitnessBoard {
     }
 }
 
+/// Called on the writer thread with the records of each batch once they are
+/// durable, in sequence order, before any of their submitters is released
+/// (so that whoever is told a request succeeded can also see what the
+/// callback did with it). It must be quick: the writer waits for it. Never
+/// called for records that were not written.
+pub type DurableFn = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
+
 /// Configuration of the audit writer.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
@@ -203,6 +210,8 @@ pub(super) struct Writer {
     /// Per other node, the head sequence this log last witnessed since the
     /// writer started (a restart witnesses the current heads again).
     pub(super) last_witnessed: std::collections::BTreeMap<String, u64>,
+    /// Sees every durable record (`Storage::open_audit_log_observed`).
+    pub(super) on_durable: Option<DurableFn>,
 }
 
 /// A checkpoint ready to go into a batch, with the witness record that
@@ -326,6 +335,8 @@ impl Writer {
         let mut wb = WriteBatch::default();
         let mut sealed: Vec<(Completion, Result<u64, StorageError>)> =
             Vec::with_capacity(reqs.len());
+        // The records for `on_durable`, kept only if someone looks.
+        let mut observed: Option<Vec<AuditRecord>> = self.on_durable.as_ref().map(|_| Vec::new());
         let time = self.next_time();
         let mut seq = self.last_seq;
         let mut head = self.head;
@@ -374,7 +385,7 @@ impl Writer {
             }
             // Seal the whole request first: a group that cannot be sealed
             // entirely is refused without taking a sequence number.
-            let staged = match seal_group(req.events, seq, time, head) {
+            let staged = match seal_group(req.events, seq, time, head, observed.as_mut()) {
                 Ok(staged) => staged,
                 Err(e) => {
                     sealed.push((req.done, Err(e)));
@@ -478,6 +489,12 @@ impl Writer {
         // Before the callers are released (a quick hand-off), so that a
         // caller who saw its record durable sees its checkpoint handed over.
         self.checkpoint_done(witnessed, made.as_ref());
+        if let (Some(f), Some(records)) = (&self.on_durable, &observed)
+            && !records.is_empty()
+            && catch_unwind(AssertUnwindSafe(|| f(records))).is_err()
+        {
+            tracing::error!("audit durable-records callback panicked");
+        }
         for (done, r) in sealed {
             done.complete(r);
         }
@@ -487,19 +504,28 @@ impl Writer {
 /// A sealed record waiting for its write: sequence, chain hash, stored bytes.
 pub(super) type Staged = (u64, [u8; 32], Vec<u8>);
 
-/// Seals `events` as the records after `seq`/`head`.
+/// Seals `events` as the records after `seq`/`head`; appends the records
+/// to `keep` if given (only when the whole group sealed).
 fn seal_group(
     events: Vec<AuditEvent>,
     mut seq: u64,
     time: u64,
     mut head: [u8; 32],
+    keep: Option<&mut Vec<AuditRecord>>,
 ) -> Result<Vec<Staged>, StorageError> {
     let mut staged = Vec::with_capacity(events.len());
+    let mut records = Vec::new();
     for event in events {
         seq += 1;
         let (record, bytes) = AuditRecord::seal(seq, time, event, head)?;
         head = record.hash;
         staged.push((seq, head, bytes));
+        if keep.is_some() {
+            records.push(record);
+        }
+    }
+    if let Some(keep) = keep {
+        keep.append(&mut records);
     }
     Ok(staged)
 }

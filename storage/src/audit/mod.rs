@@ -12,7 +12,7 @@ pub(crate) mod record;
 pub(crate) mod verify;
 pub(crate) mod writer;
 
-pub use group_commit::{AuditConfig, MacFn, WitnessBoard, Witnessing};
+pub use group_commit::{AuditConfig, DurableFn, MacFn, WitnessBoard, Witnessing};
 pub use reader::{AuditFilter, AuditPage, AuditReader, MAX_SCAN_PER_PAGE};
 pub use record::{
     AuditEvent, AuditRecord, CHECKPOINT_FORMAT_V1, Checkpoint, GENESIS_HASH, MAX_FIELD_LEN,

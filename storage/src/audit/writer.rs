@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use super::checkpoint::last_checkpoint_seq;
 use super::group_commit::{
-    AuditConfig, Completion, MacFn, Outcome, Request, Shared, Witnessing, Writer, read_head,
+    AuditConfig, Completion, DurableFn, MacFn, Outcome, Request, Shared, Witnessing, Writer,
+    read_head,
 };
 use super::record::AuditEvent;
 use crate::db::Db;
@@ -82,6 +83,7 @@ impl AuditLog {
         config: AuditConfig,
         mac: MacFn,
         witness: Option<Witnessing>,
+        on_durable: Option<DurableFn>,
     ) -> Result<AuditLog, StorageError> {
         let (last_seq, head, last_time) = read_head(&db)?;
         let last_cp = last_checkpoint_seq(&db)?;
@@ -108,6 +110,7 @@ impl AuditLog {
             last_checkpoint_at: Instant::now(),
             witness,
             last_witnessed: std::collections::BTreeMap::new(),
+            on_durable,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
