@@ -60,7 +60,7 @@ pub use keys::{
 };
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
-pub use usage::VersionUsage;
+pub use usage::{KeyLastUsage, VersionUsage, VersionUsageEntry};
 
 /// What the health probe found (see [`KmsService::readiness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

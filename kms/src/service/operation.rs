@@ -39,6 +39,7 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::PutKeyPolicy => "PutKeyPolicy",
         Operation::GetParametersForImport => "GetParametersForImport",
         Operation::ImportKeyMaterial => "ImportKeyMaterial",
+        Operation::GetKeyLastUsage => "GetKeyLastUsage",
         Operation::Encrypt => "Encrypt",
         Operation::Decrypt => "Decrypt",
         Operation::GenerateDataKey => "GenerateDataKey",
@@ -105,7 +106,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 49);
+        assert_eq!(seen, 50);
         assert_eq!(
             name(Operation::AuditWitness),
             kms_storage::WITNESS_OPERATION
