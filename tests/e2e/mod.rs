@@ -33,6 +33,7 @@ mod scale;
 mod secrets;
 mod service_keys;
 mod tls_walkthrough;
+mod usage;
 mod wrapped;
 
 use std::collections::HashMap;
