@@ -38,7 +38,7 @@ async fn counts(keys: &mut KeyManagementClient<Channel>, key: &str) -> Vec<(u32,
         .versions
         .iter()
         .map(|v| {
-            let u = v.usage.clone().expect("usage");
+            let u = v.usage.expect("usage");
             (v.version, u.encrypt_count, u.decrypt_count)
         })
         .collect()
@@ -247,7 +247,7 @@ async fn each_kind_of_use_is_counted_on_its_version_and_side_and_survives_a_rest
         .versions
         .iter()
         .map(|v| {
-            let u = v.usage.clone().expect("usage");
+            let u = v.usage.expect("usage");
             (v.version, u.encrypt_count, u.decrypt_count)
         })
         .collect();
