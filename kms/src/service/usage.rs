@@ -337,17 +337,8 @@ impl UsageTracker {
         let mut previous: Option<&AuditRecord> = None;
         for record in records {
             if let Some((key, version, side)) = classify(record, previous) {
-                // Looked up by reference first: no allocation for a version
-                // already pending.
-                let time_ms = record.time_micros / 1000;
-                match pending.uses.get_mut(&(key.to_owned(), version)) {
-                    Some(entry) => count(entry, side, time_ms),
-                    None => {
-                        let mut entry = UsageRecord::default();
-                        count(&mut entry, side, time_ms);
-                        pending.uses.insert((key.to_owned(), version), entry);
-                    }
-                }
+                let entry = pending.uses.entry((key.to_owned(), version)).or_default();
+                count(entry, side, record.time_micros / 1000);
             }
             pending.through = pending.through.max(record.seq);
             previous = Some(record);
