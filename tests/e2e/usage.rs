@@ -387,3 +387,70 @@ async fn uses_survive_sigkill_exactly_once_and_never_go_backwards() {
         server.kill();
     }
 }
+
+/// `kms key last-usage` (JSON and table) and `kms key versions` against a
+/// real `kms serve --dev` process.
+#[tokio::test]
+async fn the_cli_shows_last_usage_and_versions_with_their_uses() {
+    let data = tempfile::tempdir().expect("data dir");
+    let server = DevServerProcess::start(data.path());
+    let channel = connect(&server).await;
+    let mut keys = KeyManagementClient::new(channel.clone());
+    let mut crypto = CryptoClient::new(channel);
+    let key = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    for _ in 0..2 {
+        crypto
+            .encrypt(pb::EncryptRequest {
+                key_id: key.clone(),
+                plaintext: b"cli".to_vec(),
+                encryption_context: Default::default(),
+            })
+            .await
+            .expect("encrypt");
+    }
+    let endpoint = server.endpoint();
+    let (json, table, versions) = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let (ok, stdout, stderr) = kms_tests::run_cli(&endpoint, args, b"");
+            assert!(ok, "kms {args:?} failed: {stderr}");
+            String::from_utf8(stdout).expect("utf8")
+        };
+        (
+            run(&["--json", "key", "last-usage", &key, "--version", "1"]),
+            run(&["key", "last-usage", &key]),
+            run(&["key", "versions", &key]),
+        )
+    })
+    .await
+    .expect("cli");
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(json["usage"]["encrypt_count"], 2, "{json}");
+    assert_eq!(json["usage"]["decrypt_count"], 0, "{json}");
+    assert!(json["usage"]["last_encrypt_time"].is_string(), "{json}");
+    assert!(json["usage"]["last_decrypt_time"].is_null(), "{json}");
+    assert_eq!(json["versions"][0]["version"], 1, "{json}");
+    assert!(
+        table.contains("Encrypts") && table.contains("LAST DECRYPT"),
+        "{table}"
+    );
+    let header = versions.lines().next().expect("header");
+    assert!(
+        header.contains("LAST ENCRYPT") && header.contains("DECRYPTS"),
+        "{versions}"
+    );
+    let row: Vec<&str> = versions
+        .lines()
+        .nth(1)
+        .expect("row")
+        .split_whitespace()
+        .collect();
+    // ..., LAST ENCRYPT (a time), ENCRYPTS 2, LAST DECRYPT -, DECRYPTS 0.
+    assert_eq!(&row[row.len() - 3..], ["2", "-", "0"], "{versions}");
+}
