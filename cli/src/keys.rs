@@ -36,8 +36,12 @@ pub enum KeyCommand {
     ScheduleDeletion(ScheduleDeletionArgs),
     /// Cancel a scheduled deletion.
     CancelDeletion(KeyArg),
-    /// List a key's versions.
+    /// List a key's versions, with their last encrypt and decrypt use and counts.
     Versions(KeyArg),
+    /// Show how a key and each of its versions have been used: counts and the
+    /// last encrypt-side and decrypt-side use ("does anything still use
+    /// version N?"). Another node's uses show within its flush interval.
+    LastUsage(LastUsageArgs),
     /// Set or clear a key's automatic rotation period.
     RotationPolicy(RotationPolicyArgs),
     /// Enable a disabled key version, so that it decrypts again.
@@ -187,6 +191,17 @@ pub struct ScheduleVersionDestructionArgs {
     pub override_recent_use: bool,
 }
 
+/// Arguments of `kms key last-usage`.
+#[derive(Debug, clap::Args)]
+pub struct LastUsageArgs {
+    /// Key id ("key-...") or alias ("alias/<name>").
+    #[arg(value_name = "KEY")]
+    pub key: String,
+    /// Only this version (1, 2, ...).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub version: Option<u32>,
+}
+
 /// Arguments of `kms key tag`.
 #[derive(Debug, clap::Args)]
 pub struct TagArgs {
@@ -278,6 +293,7 @@ pub(crate) async fn run(command: KeyCommand, options: &ClientOptions) -> anyhow:
             show_key(required(reply.key_metadata, "key metadata")?, options)
         }
         KeyCommand::Versions(KeyArg { key }) => versions(key, options).await,
+        KeyCommand::LastUsage(args) => last_usage(args, options).await,
         KeyCommand::RotationPolicy(args) => {
             let rotation_period = args.period_days.map(|days| prost_types::Duration {
                 seconds: i64::from(days) * SECONDS_PER_DAY,
@@ -536,6 +552,89 @@ async fn versions(key: String, options: &ClientOptions) -> anyhow::Result<()> {
     output::emit(&versions_table(&versions).render())
 }
 
+async fn last_usage(args: LastUsageArgs, options: &ClientOptions) -> anyhow::Result<()> {
+    let client = connect(options).await?;
+    let reply = client
+        .get_key_last_usage(pb::GetKeyLastUsageRequest {
+            key_id: args.key,
+            version: args.version.unwrap_or(0),
+        })
+        .await?;
+    if options.json {
+        return output::emit_json(&json!({
+            "key_id": reply.key_id,
+            "usage": usage_json(reply.usage.as_ref()),
+            "versions": reply
+                .versions
+                .iter()
+                .map(|v| json!({
+                    "version": v.version,
+                    "state": output::key_version_state_name(v.state),
+                    "usage": usage_json(v.usage.as_ref()),
+                }))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    let total = reply.usage.unwrap_or_default();
+    let mut text = output::render_pairs(&[
+        ("Key ID", reply.key_id.clone()),
+        (
+            "Last encrypt",
+            output::time_cell(total.last_encrypt_time.as_ref()),
+        ),
+        ("Encrypts", total.encrypt_count.to_string()),
+        (
+            "Last decrypt",
+            output::time_cell(total.last_decrypt_time.as_ref()),
+        ),
+        ("Decrypts", total.decrypt_count.to_string()),
+    ]);
+    let mut table = Table::new(&[
+        "VERSION",
+        "STATE",
+        "LAST ENCRYPT",
+        "ENCRYPTS",
+        "LAST DECRYPT",
+        "DECRYPTS",
+    ]);
+    for v in &reply.versions {
+        let mut row = vec![
+            v.version.to_string(),
+            output::key_version_state_name(v.state),
+        ];
+        row.extend(usage_cells(v.usage.as_ref()));
+        table.row(row);
+    }
+    text.push('\n');
+    text.push_str(&table.render());
+    output::emit(&text)
+}
+
+/// The usage columns of the version tables: last encrypt, encrypts, last
+/// decrypt, decrypts (`-` and 0 when unused or from a server that does not say).
+fn usage_cells(usage: Option<&pb::KeyUsage>) -> [String; 4] {
+    let usage = usage.cloned().unwrap_or_default();
+    [
+        output::time_cell(usage.last_encrypt_time.as_ref()),
+        usage.encrypt_count.to_string(),
+        output::time_cell(usage.last_decrypt_time.as_ref()),
+        usage.decrypt_count.to_string(),
+    ]
+}
+
+/// The JSON form of a `KeyUsage` (null when the server did not say).
+fn usage_json(usage: Option<&pb::KeyUsage>) -> Value {
+    match usage {
+        None => Value::Null,
+        Some(u) => json!({
+            "encrypt_count": u.encrypt_count,
+            "decrypt_count": u.decrypt_count,
+            "last_encrypt_time": output::time_json(u.last_encrypt_time.as_ref()),
+            "last_decrypt_time": output::time_json(u.last_decrypt_time.as_ref()),
+        }),
+    }
+}
+
 fn versions_table(versions: &[pb::KeyVersion]) -> Table {
     let mut table = Table::new(&[
         "VERSION",
@@ -547,8 +646,13 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
         "GCM INVOCATIONS",
         "HELD AS",
         "ORIGIN",
+        "LAST ENCRYPT",
+        "ENCRYPTS",
+        "LAST DECRYPT",
+        "DECRYPTS",
     ]);
     for v in versions {
+        let [last_encrypt, encrypts, last_decrypt, decrypts] = usage_cells(v.usage.as_ref());
         table.row(vec![
             v.version.to_string(),
             output::key_version_state_name(v.state),
@@ -559,6 +663,10 @@ fn versions_table(versions: &[pb::KeyVersion]) -> Table {
             v.gcm_invocations.to_string(),
             held_as(v),
             output::key_origin_name(v.origin),
+            last_encrypt,
+            encrypts,
+            last_decrypt,
+            decrypts,
         ]);
     }
     table
@@ -581,7 +689,7 @@ fn show_version(version: pb::KeyVersion, options: &ClientOptions) -> anyhow::Res
 }
 
 fn key_pairs(m: &pb::KeyMetadata) -> Vec<(&'static str, String)> {
-    vec![
+    let mut pairs = vec![
         ("Key ID", m.key_id.clone()),
         ("Aliases", output::dash(&m.aliases.join(", "))),
         ("Description", output::dash(&m.description)),
@@ -612,7 +720,12 @@ fn key_pairs(m: &pb::KeyMetadata) -> Vec<(&'static str, String)> {
         ("Created", output::time_cell(m.create_time.as_ref())),
         ("Updated", output::time_cell(m.update_time.as_ref())),
         ("Tags", output::pairs_cell(&m.tags)),
-    ]
+    ];
+    // Only DescribeKey reports the summed uses.
+    if m.usage.is_some() {
+        pairs.extend(usage_pairs(m.usage.as_ref()));
+    }
+    pairs
 }
 
 fn version_pairs(v: &pb::KeyVersion) -> Vec<(&'static str, String)> {
@@ -627,6 +740,17 @@ fn version_pairs(v: &pb::KeyVersion) -> Vec<(&'static str, String)> {
         ("GCM invocations", v.gcm_invocations.to_string()),
         ("Held as", held_as(v)),
         ("Origin", output::key_origin_name(v.origin)),
+    ]
+}
+
+/// A key's summed uses in `kms key describe` (DescribeKey sets them).
+fn usage_pairs(usage: Option<&pb::KeyUsage>) -> Vec<(&'static str, String)> {
+    let [last_encrypt, encrypts, last_decrypt, decrypts] = usage_cells(usage);
+    vec![
+        ("Last encrypt", last_encrypt),
+        ("Encrypts", encrypts),
+        ("Last decrypt", last_decrypt),
+        ("Decrypts", decrypts),
     ]
 }
 
@@ -675,6 +799,7 @@ fn key_json(m: &pb::KeyMetadata) -> Value {
         "update_time": output::time_json(m.update_time.as_ref()),
         "primary_held_as": held_as_json(m.primary_protection),
         "primary_root_epoch": m.primary_root_epoch,
+        "usage": usage_json(m.usage.as_ref()),
     })
 }
 
@@ -691,6 +816,7 @@ fn version_json(v: &pb::KeyVersion) -> Value {
         "held_as": held_as_json(v.protection),
         "root_epoch": v.root_epoch,
         "origin": output::key_origin_name(v.origin),
+        "usage": usage_json(v.usage.as_ref()),
     })
 }
 
@@ -727,6 +853,7 @@ mod tests {
             primary_protection: pb::KeyVersionProtection::Wrapped as i32,
             primary_root_epoch: 3,
             origin: pb::KeyOrigin::Kms as i32,
+            usage: None,
         }
     }
 
@@ -836,6 +963,12 @@ mod tests {
             } as i32,
             root_epoch: if n == 1 { 0 } else { 1 },
             origin: pb::KeyOrigin::Kms as i32,
+            usage: (n == 1).then(|| pb::KeyUsage {
+                encrypt_count: 3,
+                decrypt_count: 5,
+                last_encrypt_time: ts(0),
+                last_decrypt_time: ts(86_400),
+            }),
         };
         let text = versions_table(&[
             version(1, false, pb::KeyVersionState::Disabled),
@@ -844,9 +977,9 @@ mod tests {
         .render();
         assert_eq!(
             text,
-            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS  HELD AS           ORIGIN\n\
-             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000             token object      KMS\n\
-             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000             wrapped (root 1)  KMS\n"
+            "VERSION  STATE     PRIMARY  CREATED               UPDATED               DESTROY TIME  GCM INVOCATIONS  HELD AS           ORIGIN  LAST ENCRYPT          ENCRYPTS  LAST DECRYPT          DECRYPTS\n\
+             1        DISABLED           1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             1000             token object      KMS     1970-01-01T00:00:00Z  3         1970-01-02T00:00:00Z  5\n\
+             2        ENABLED   yes      1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  -             2000             wrapped (root 1)  KMS     -                     0         -                     0\n"
         );
     }
 }

@@ -112,6 +112,7 @@ rpcs! {
     KeyManagementClient put_key_policy "PutKeyPolicy" Once: PutKeyPolicyRequest => PutKeyPolicyResponse;
     KeyManagementClient get_parameters_for_import "GetParametersForImport" Once: GetParametersForImportRequest => GetParametersForImportResponse;
     KeyManagementClient import_key_material "ImportKeyMaterial" Once: ImportKeyMaterialRequest => ImportKeyMaterialResponse;
+    KeyManagementClient get_key_last_usage "GetKeyLastUsage" Retryable: GetKeyLastUsageRequest => GetKeyLastUsageResponse;
     CryptoClient encrypt "Encrypt" Retryable: EncryptRequest => EncryptResponse;
     CryptoClient decrypt "Decrypt" Retryable: DecryptRequest => DecryptResponse;
     CryptoClient generate_data_key "GenerateDataKey" Retryable: GenerateDataKeyRequest => GenerateDataKeyResponse;

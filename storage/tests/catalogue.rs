@@ -769,3 +769,64 @@ fn external_keys_start_without_a_version_and_take_imported_versions_only() {
     assert_eq!(versions.len(), 2);
     assert!(versions.iter().all(|v| v.origin == KeyOrigin::External));
 }
+
+/// Use records (issue 18) in the RocksDB engine: a key's rows come back by
+/// key (another key's do not), a put replaces the node's value, the
+/// watermark is per node, and all of it survives a reopen.
+#[test]
+fn usage_records_round_trip_by_key_and_survive_reopen() {
+    use kms_storage::UsageRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let record = |n: u64| UsageRecord {
+        encrypt_count: n,
+        decrypt_count: 0,
+        last_encrypt_ms: Some(n),
+        last_decrypt_ms: None,
+        through_seq: n,
+    };
+    let (a, b) = (kid(1), kid(2));
+    {
+        let s = open(dir.path());
+        let e = s.catalogue().engine();
+        assert_eq!(e.usage_watermark("").unwrap(), 0);
+        assert!(e.usage_rows(a.as_str()).unwrap().is_empty());
+        e.usage_put(
+            "",
+            &[
+                (a.as_str().to_owned(), 1, record(1).encode().unwrap()),
+                (a.as_str().to_owned(), 2, record(2).encode().unwrap()),
+                (b.as_str().to_owned(), 1, record(3).encode().unwrap()),
+            ],
+            10,
+        )
+        .unwrap();
+        e.usage_put(
+            "",
+            &[(a.as_str().to_owned(), 1, record(5).encode().unwrap())],
+            11,
+        )
+        .unwrap();
+    }
+    let s = open(dir.path());
+    let e = s.catalogue().engine();
+    let mut rows: Vec<(String, u32, UsageRecord)> = e
+        .usage_rows(a.as_str())
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.node,
+                r.version,
+                UsageRecord::decode(b"k", &r.value).unwrap(),
+            )
+        })
+        .collect();
+    rows.sort_by_key(|r| r.1);
+    assert_eq!(
+        rows,
+        vec![(String::new(), 1, record(5)), (String::new(), 2, record(2))]
+    );
+    assert_eq!(e.usage_rows(b.as_str()).unwrap().len(), 1);
+    assert_eq!(e.usage_watermark("").unwrap(), 11);
+    assert_eq!(e.usage_watermark("other-node").unwrap(), 0);
+}

@@ -35,6 +35,7 @@ mod scale;
 mod secrets;
 mod service_keys;
 mod tls_walkthrough;
+mod usage;
 mod version_destruction;
 mod wrapped;
 

@@ -11,7 +11,7 @@ use kms_storage::{
 };
 
 use crate::error::KmsError;
-use crate::service::{DataKeySize, EffectivePolicy, KeyView, operation};
+use crate::service::{DataKeySize, EffectivePolicy, KeyView, VersionUsage, operation};
 
 pub(crate) fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -114,6 +114,7 @@ pub(crate) fn key_metadata(view: &KeyView) -> pb::KeyMetadata {
         primary_protection: primary_protection as i32,
         primary_root_epoch,
         origin: key_origin(record.origin) as i32,
+        usage: None,
     }
 }
 
@@ -165,6 +166,29 @@ pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::
         protection: protection as i32,
         root_epoch,
         origin: key_origin(version.origin) as i32,
+        usage: None,
+    }
+}
+
+/// A version's (or a key's summed) uses as `KeyUsage`.
+pub(crate) fn key_usage(usage: &VersionUsage) -> pb::KeyUsage {
+    pb::KeyUsage {
+        encrypt_count: usage.encrypt_count,
+        decrypt_count: usage.decrypt_count,
+        last_encrypt_time: usage.last_encrypt_ms.map(timestamp_ms),
+        last_decrypt_time: usage.last_decrypt_ms.map(timestamp_ms),
+    }
+}
+
+/// The proto state of a version (as `KeyVersion.state`).
+pub(crate) fn key_version_state(state: VersionState) -> pb::KeyVersionState {
+    match state {
+        VersionState::Pending => pb::KeyVersionState::PendingCreation,
+        VersionState::Enabled => pb::KeyVersionState::Enabled,
+        VersionState::Disabled => pb::KeyVersionState::Disabled,
+        VersionState::ScheduledDestruction { .. } => pb::KeyVersionState::ScheduledDestruction,
+        VersionState::Destroyed { .. } => pb::KeyVersionState::Destroyed,
+        _ => pb::KeyVersionState::Unspecified,
     }
 }
 

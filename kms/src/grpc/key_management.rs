@@ -10,8 +10,8 @@ use kms_hsm::{ImportKeySpec, OaepHash};
 use kms_storage::KeyOrigin;
 
 use super::convert::{
-    alias, duration_of, key_metadata, key_policy, key_policy_from, key_version, micros_of,
-    timestamp_ms,
+    alias, duration_of, key_metadata, key_policy, key_policy_from, key_usage, key_version,
+    key_version_state, micros_of, timestamp_ms,
 };
 use super::{Rpc, page_size, page_token};
 use crate::error::KmsError;
@@ -172,11 +172,20 @@ impl KeyManagement for KeyManagementApi {
     ) -> Reply<pb::DescribeKeyResponse> {
         let rpc = Rpc::start(Operation::DescribeKey, &request)?;
         let key = request.into_inner().key_id;
-        let view = rpc
-            .blocking(&self.service, move |s, m| s.describe_key(m, &key))
+        let (view, total) = rpc
+            .blocking(&self.service, move |s, m| {
+                let view = s.describe_key(m, &key)?;
+                let mut total = crate::service::VersionUsage::default();
+                for usage in s.key_usage(&view.record.id)?.values() {
+                    total.merge(usage);
+                }
+                Ok((view, total))
+            })
             .await?;
+        let mut metadata = key_metadata(&view);
+        metadata.usage = Some(key_usage(&total));
         rpc.respond(pb::DescribeKeyResponse {
-            key_metadata: Some(key_metadata(&view)),
+            key_metadata: Some(metadata),
         })
     }
 
@@ -360,6 +369,33 @@ impl KeyManagement for KeyManagementApi {
         })
     }
 
+    async fn get_key_last_usage(
+        &self,
+        request: Request<pb::GetKeyLastUsageRequest>,
+    ) -> Reply<pb::GetKeyLastUsageResponse> {
+        let rpc = Rpc::start(Operation::GetKeyLastUsage, &request)?;
+        let req = request.into_inner();
+        let version = (req.version != 0).then_some(req.version);
+        let usage = rpc
+            .blocking(&self.service, move |s, m| {
+                s.get_key_last_usage(m, &req.key_id, version)
+            })
+            .await?;
+        rpc.respond(pb::GetKeyLastUsageResponse {
+            key_id: usage.key_id.to_string(),
+            usage: Some(key_usage(&usage.total)),
+            versions: usage
+                .versions
+                .iter()
+                .map(|v| pb::KeyVersionUsage {
+                    version: v.version,
+                    state: key_version_state(v.state) as i32,
+                    usage: Some(key_usage(&v.usage)),
+                })
+                .collect(),
+        })
+    }
+
     async fn import_key_material(
         &self,
         request: Request<pb::ImportKeyMaterialRequest>,
@@ -435,9 +471,11 @@ impl KeyManagement for KeyManagementApi {
         });
         let (limit, bound) = rpc.valid(&self.service, &req.key_id, converted).await?;
         let key_id = req.key_id.clone();
-        let (record, versions) = rpc
+        let (record, versions, mut uses) = rpc
             .blocking(&self.service, move |s, m| {
-                s.list_key_versions(m, &req.key_id)
+                let (record, versions) = s.list_key_versions(m, &req.key_id)?;
+                let uses = s.key_usage(&record.id)?;
+                Ok((record, versions, uses))
             })
             .await?;
         let (after, until) =
@@ -462,7 +500,10 @@ impl KeyManagement for KeyManagementApi {
         rpc.respond(pb::ListKeyVersionsResponse {
             versions: page
                 .into_iter()
-                .map(|v| key_version(v, record.primary_version))
+                .map(|v| pb::KeyVersion {
+                    usage: Some(key_usage(&uses.remove(&v.version).unwrap_or_default())),
+                    ..key_version(v, record.primary_version)
+                })
                 .collect(),
             next_page_token,
         })

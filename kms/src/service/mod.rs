@@ -61,7 +61,7 @@ pub use keys::{
 };
 pub(crate) use lookup::{ensure_usable, kek_object_id, new_kek_handle};
 pub use operation::Operation;
-pub use usage::VersionUsage;
+pub use usage::{KeyLastUsage, VersionUsage, VersionUsageEntry};
 pub use version_retirement::{
     DEFAULT_VERSION_DESTRUCTION_DAYS, MAX_VERSION_DESTRUCTION_DAYS, MIN_VERSION_DESTRUCTION_DAYS,
 };

@@ -45,6 +45,7 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::ScheduleKeyVersionDestructionOverrideRecentUse => {
             "ScheduleKeyVersionDestructionOverrideRecentUse"
         }
+        Operation::GetKeyLastUsage => "GetKeyLastUsage",
         Operation::Encrypt => "Encrypt",
         Operation::Decrypt => "Decrypt",
         Operation::GenerateDataKey => "GenerateDataKey",
@@ -112,7 +113,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 54);
+        assert_eq!(seen, 55);
         assert_eq!(
             name(Operation::AuditWitness),
             kms_storage::WITNESS_OPERATION

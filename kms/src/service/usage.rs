@@ -46,8 +46,10 @@ use kms_storage::{
 };
 use parking_lot::Mutex;
 
-use super::KmsService;
-use crate::error::Result;
+use kms_storage::{Permission, VersionState};
+
+use super::{KmsService, Operation, RequestMeta};
+use crate::error::{KmsError, Result};
 
 /// What [`KmsService::version_usage`] reports for one key version, over
 /// every node of the deployment.
@@ -67,6 +69,47 @@ pub struct VersionUsage {
     /// Time of the last successful decrypt-side use, unix milliseconds;
     /// `None` if never used so.
     pub last_decrypt_ms: Option<u64>,
+}
+
+impl VersionUsage {
+    /// Adds `other`'s uses: counts summed (saturating), the later times kept.
+    pub fn merge(&mut self, other: &VersionUsage) {
+        let mut record = self.record();
+        record.merge(&other.record());
+        *self = VersionUsage::from(record);
+    }
+
+    fn record(&self) -> UsageRecord {
+        UsageRecord {
+            encrypt_count: self.encrypt_count,
+            decrypt_count: self.decrypt_count,
+            last_encrypt_ms: self.last_encrypt_ms,
+            last_decrypt_ms: self.last_decrypt_ms,
+            through_seq: 0,
+        }
+    }
+}
+
+/// What [`KmsService::get_key_last_usage`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLastUsage {
+    /// The key's canonical id.
+    pub key_id: KeyId,
+    /// The uses of `versions`, summed.
+    pub total: VersionUsage,
+    /// The requested version, or every version of the key by number.
+    pub versions: Vec<VersionUsageEntry>,
+}
+
+/// One version in a [`KeyLastUsage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionUsageEntry {
+    /// The version number.
+    pub version: u32,
+    /// Its state now.
+    pub state: VersionState,
+    /// Its uses.
+    pub usage: VersionUsage,
 }
 
 impl From<UsageRecord> for VersionUsage {
@@ -294,17 +337,8 @@ impl UsageTracker {
         let mut previous: Option<&AuditRecord> = None;
         for record in records {
             if let Some((key, version, side)) = classify(record, previous) {
-                // Looked up by reference first: no allocation for a version
-                // already pending.
-                let time_ms = record.time_micros / 1000;
-                match pending.uses.get_mut(&(key.to_owned(), version)) {
-                    Some(entry) => count(entry, side, time_ms),
-                    None => {
-                        let mut entry = UsageRecord::default();
-                        count(&mut entry, side, time_ms);
-                        pending.uses.insert((key.to_owned(), version), entry);
-                    }
-                }
+                let entry = pending.uses.entry((key.to_owned(), version)).or_default();
+                count(entry, side, record.time_micros / 1000);
             }
             pending.through = pending.through.max(record.seq);
             previous = Some(record);
@@ -486,6 +520,56 @@ impl KmsService {
     /// As [`KmsService::version_usage`].
     pub fn key_usage(&self, key: &KeyId) -> Result<HashMap<u32, VersionUsage>> {
         Ok(self.usage.tracker().key_usage(key.as_str())?)
+    }
+
+    /// `GetKeyLastUsage`: the uses of `key` (id or alias), of version
+    /// `version` only if given, else of each of its versions and summed.
+    /// Authorized as DescribeKey (the describe permission) and audited.
+    ///
+    /// # Errors
+    ///
+    /// NOT_FOUND for an unknown key or a version it does not have;
+    /// PERMISSION_DENIED without the describe permission; as
+    /// [`KmsService::version_usage`] if the uses cannot be read.
+    pub fn get_key_last_usage(
+        &self,
+        meta: &RequestMeta,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<KeyLastUsage> {
+        self.audited(meta, Operation::GetKeyLastUsage, Some(key), |audit| {
+            let record = self.resolve_for(meta, audit, key, Permission::Describe)?;
+            audit.key(&record.id, version);
+            let mut versions = self.catalogue().list_versions(&record.id)?;
+            if let Some(number) = version {
+                versions.retain(|v| v.version == number);
+                if versions.is_empty() {
+                    return Err(KmsError::VersionNotFound {
+                        key_id: record.id.clone(),
+                        version: number,
+                    });
+                }
+            }
+            let mut uses = self.key_usage(&record.id)?;
+            let mut total = VersionUsage::default();
+            let versions = versions
+                .into_iter()
+                .map(|v| {
+                    let usage = uses.remove(&v.version).unwrap_or_default();
+                    total.merge(&usage);
+                    VersionUsageEntry {
+                        version: v.version,
+                        state: v.state,
+                        usage,
+                    }
+                })
+                .collect();
+            Ok(KeyLastUsage {
+                key_id: record.id,
+                total,
+                versions,
+            })
+        })
     }
 
     /// Stores this node's pending uses now (the flusher does it every

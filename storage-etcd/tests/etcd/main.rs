@@ -738,3 +738,95 @@ fn a_frozen_leader_leaves_the_node_fresh_again_after_the_election() {
     );
     lease_kept.unwrap();
 }
+
+/// Use records (issue 18): each node puts its own with plain puts, outside
+/// the generation; a read of a key sees every node's; each node's
+/// watermark is its own; more rows than one etcd transaction may hold are
+/// all stored.
+#[test]
+fn usage_records_are_per_node_outside_the_generation_and_read_across_nodes() {
+    use kms_catalogue::UsageRecord;
+    let etcd = Etcd::start(1);
+    let a = etcd.engine("node-a", &[0]);
+    let b = etcd.engine("node-b", &[0]);
+    let c = catalogue(etcd.engine("node-c", &[0]));
+    let id = create(&c, 7, &[]);
+    let other = create(&c, 8, &[]);
+    let key = id.as_str().to_owned();
+    let record = |n: u64| UsageRecord {
+        encrypt_count: n,
+        decrypt_count: n * 2,
+        last_encrypt_ms: Some(1_000 + n),
+        last_decrypt_ms: None,
+        through_seq: n,
+    };
+    assert_eq!(a.usage_watermark("node-a").unwrap(), 0);
+    assert!(a.usage_rows(&key).unwrap().is_empty());
+    let generation = c.engine().begin_write().unwrap();
+
+    // 150 versions on node-a: more than one transaction (64 puts) holds.
+    let rows: Vec<(String, u32, Vec<u8>)> = (1..=150u32)
+        .map(|v| (key.clone(), v, record(u64::from(v)).encode().unwrap()))
+        .collect();
+    a.usage_put("node-a", &rows, 500).unwrap();
+    b.usage_put(
+        "node-b",
+        &[(key.clone(), 1, record(9).encode().unwrap())],
+        77,
+    )
+    .unwrap();
+    // Another key's records are not in this key's read.
+    b.usage_put(
+        "node-b",
+        &[(other.as_str().to_owned(), 1, record(1).encode().unwrap())],
+        78,
+    )
+    .unwrap();
+
+    // Any node reads every node's records of the key.
+    let mut seen: Vec<(String, u32, UsageRecord)> = c
+        .engine()
+        .usage_rows(&key)
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let decoded = UsageRecord::decode(b"k", &r.value).unwrap();
+            (r.node, r.version, decoded)
+        })
+        .collect();
+    seen.sort_by(|x, y| (x.1, &x.0).cmp(&(y.1, &y.0)));
+    assert_eq!(seen.len(), 151);
+    assert_eq!(seen[0], ("node-a".to_owned(), 1, record(1)));
+    assert_eq!(seen[1], ("node-b".to_owned(), 1, record(9)));
+    assert_eq!(seen[150], ("node-a".to_owned(), 150, record(150)));
+    assert_eq!(c.engine().usage_rows(other.as_str()).unwrap().len(), 1);
+
+    // Watermarks are per node; a put replaces the node's own value.
+    assert_eq!(c.engine().usage_watermark("node-a").unwrap(), 500);
+    assert_eq!(c.engine().usage_watermark("node-b").unwrap(), 78);
+    a.usage_put(
+        "node-a",
+        &[(key.clone(), 1, record(3).encode().unwrap())],
+        501,
+    )
+    .unwrap();
+    let v1_a: Vec<_> = c
+        .engine()
+        .usage_rows(&key)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.node == "node-a" && r.version == 1)
+        .collect();
+    assert_eq!(v1_a.len(), 1);
+    assert_eq!(
+        UsageRecord::decode(b"k", &v1_a[0].value).unwrap(),
+        record(3)
+    );
+
+    // None of it was a catalogue commit: a write that read before them
+    // still commits (no conflict), and the catalogue still reads.
+    c.engine()
+        .commit(generation, kms_catalogue::Batch::default())
+        .unwrap();
+    assert_eq!(c.list_versions(&id).unwrap().len(), 1);
+}
