@@ -133,7 +133,7 @@ struct LeaseState {
 
 /// An etcd client error: connection and quorum failures are
 /// `Unavailable` (fail closed, retry later); anything else is `Db`.
-fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageError {
+pub(crate) fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageError {
     move |e| {
         let unavailable = match &e {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -160,7 +160,7 @@ fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageErr
     }
 }
 
-fn config_error(e: ConfigError) -> StorageError {
+pub(crate) fn config_error(e: ConfigError) -> StorageError {
     StorageError::Db {
         op: "check the etcd configuration",
         source: DbError::new(e),
@@ -1054,7 +1054,7 @@ impl Shared {
     }
 }
 
-fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
     let delta = config.staleness_bound;
     let mut options = ConnectOptions::new()
         .with_connect_timeout(delta)
