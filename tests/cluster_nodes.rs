@@ -119,6 +119,7 @@ impl ClusterNodes {
                 }
             })
             .collect();
+        std::fs::create_dir_all(dir.path().join("backups")).expect("backup dir");
         let cluster = ClusterNodes {
             nodes,
             staleness_bound,
@@ -168,6 +169,18 @@ impl ClusterNodes {
             .connect_lazy()
     }
 
+    /// The `[backup] dir` every node is configured with: one directory
+    /// all nodes share (they run on this host), so that a cluster backup
+    /// under it holds every node's part.
+    pub fn backup_dir(&self) -> PathBuf {
+        self._dir.path().join("backups")
+    }
+
+    /// Node `i`'s data directory (`[storage] data_dir`).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
     /// Node `i`'s configuration file.
     pub fn config_file(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("kms.toml")
@@ -195,6 +208,7 @@ impl ClusterNodes {
              \n[[auth.default_grants]]\nprincipal = \"*\"\npermissions = [\"encrypt\", \"decrypt\", \"generate-data-key\", \"describe\"]\n\
              \n[hsm]\nmodule = {module}\ntoken_label = {label:?}\npin_file = {pin}\nsync_token_dir = {token_dir}\nwrapped_versions = true\n\
              \n[storage]\ndata_dir = {data}\n\
+             \n[backup]\ndir = {backups}\n\
              \n[audit]\ncheckpoint_every_records = 100\ncheckpoint_interval_secs = 2\n",
             port = node.port,
             principal = CLUSTER_PRINCIPAL,
@@ -203,6 +217,7 @@ impl ClusterNodes {
             pin = quoted(&pin_file(&node.token)),
             token_dir = quoted(node.token.token_dir()),
             data = quoted(&node.dir.join("data")),
+            backups = quoted(&self.backup_dir()),
         );
         if let Some(etcd) = &node.etcd {
             text += &format!(

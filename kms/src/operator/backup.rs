@@ -374,6 +374,11 @@ fn restore_cluster(args: RestoreArgs, json: bool) -> anyhow::Result<()> {
         &mut ledgers,
         backup::NodeLedger::Export,
     )?;
+    // A damaged or altered backup is refused before etcd is even
+    // contacted (connecting registers this process as a node: a write).
+    // `restore_cluster` verifies it again.
+    backup::verify_cluster(&args.from)
+        .with_context(|| format!("restore of {} failed", args.from.display()))?;
     // The restore connects as a node of its own (registered while it runs,
     // gone when it ends), so that it never shares a node's identity.
     let mut restore_node = cluster.clone();
