@@ -21,11 +21,9 @@ const MIN_CHUNK_WAIT: Duration = Duration::from_secs(10);
 /// What [`save_snapshot`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotInfo {
-    /// etcd's revision when the member started sending the snapshot (the
-    /// header of the first message): the snapshot holds every change up to
-    /// the revision at which the member began copying its database, which
-    /// is this one or, under concurrent writes, slightly lower. `0` if etcd
-    /// sent no header.
+    /// etcd's revision as a member reported it (`Status`) just before the
+    /// snapshot was requested: for operators, approximately the snapshot's
+    /// own revision (`etcdctl snapshot status` prints the exact one).
     pub revision: i64,
     /// Size of the file written, bytes.
     pub bytes: u64,
@@ -84,24 +82,24 @@ pub fn save_snapshot(config: &EtcdConfig, path: &Path) -> Result<SnapshotInfo, S
                 chunk_wait.as_millis()
             ),
         };
+        // etcd 3.4 sends no header with the snapshot's messages: the
+        // revision is read just before.
+        let revision = tokio::time::timeout(chunk_wait, client.status())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(etcd_error("read the etcd status"))?
+            .header()
+            .map_or(0, |h| h.revision());
         let mut stream = tokio::time::timeout(chunk_wait, client.snapshot())
             .await
             .map_err(|_| stalled())?
             .map_err(etcd_error("take an etcd snapshot"))?;
-        let mut info = SnapshotInfo {
-            revision: 0,
-            bytes: 0,
-        };
-        let mut first = true;
+        let mut info = SnapshotInfo { revision, bytes: 0 };
         while let Some(message) = tokio::time::timeout(chunk_wait, stream.message())
             .await
             .map_err(|_| stalled())?
             .map_err(etcd_error("take an etcd snapshot"))?
         {
-            if first {
-                info.revision = message.header().map_or(0, |h| h.revision());
-                first = false;
-            }
             file.write_all(message.blob()).map_err(write_error)?;
             info.bytes += message.blob().len() as u64;
         }

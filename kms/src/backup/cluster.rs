@@ -53,8 +53,8 @@ pub struct ClusterManifest {
     pub created_unix_ms: u64,
     /// When the etcd snapshot was taken (after every node's copy), unix ms.
     pub snapshot_unix_ms: u64,
-    /// etcd's revision when it started sending the snapshot
-    /// (`SnapshotInfo::revision`).
+    /// etcd's revision just before the snapshot (`SnapshotInfo::revision`;
+    /// approximate, for operators).
     pub etcd_revision: i64,
     /// The catalogue's key prefix in etcd (`[cluster] etcd_prefix`).
     pub etcd_prefix: String,
