@@ -256,6 +256,21 @@ impl ClusterNodes {
     /// and waits for its "kms listening on" banner. Panics with the log if
     /// it exits first.
     pub fn start(&mut self, i: usize) {
+        let pending = self.spawn(i);
+        self.await_banner(i, pending);
+    }
+
+    /// Starts every node in `which` at once (none waits for another's
+    /// start-up, e.g. so that they all see a pending restore together), then
+    /// waits for every banner. Panics as `start`.
+    pub fn start_together(&mut self, which: &[usize]) {
+        let pending: Vec<_> = which.iter().map(|&i| (i, self.spawn(i))).collect();
+        for (i, p) in pending {
+            self.await_banner(i, p);
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> (Child, std::sync::mpsc::Receiver<String>) {
         assert!(self.nodes[i].child.is_none(), "node {i} already runs");
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
@@ -285,6 +300,14 @@ impl ClusterNodes {
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
         });
+        (child, banner_rx)
+    }
+
+    fn await_banner(
+        &mut self,
+        i: usize,
+        (mut child, banner_rx): (Child, std::sync::mpsc::Receiver<String>),
+    ) {
         let banner = banner_rx.recv_timeout(START_WITHIN).unwrap_or_default();
         if !banner.starts_with("kms listening on ") {
             let _ = child.kill();

@@ -394,7 +394,8 @@ async fn a_cluster_backup_taken_under_load_restores_every_acknowledged_ciphertex
     // Everything stopped but the restored cluster.
     drop(etcd);
 
-    nodes.start_all();
+    // All three at once: each sees the pending restore; one rotates.
+    nodes.start_together(&[0, 1, 2]);
     nodes.wait_all_serving().await;
 
     // Every acknowledged blob decrypts on every node; the deleted key's do not.
