@@ -136,6 +136,48 @@ impl EtcdCluster {
         cluster
     }
 
+    /// Starts `members` NEW etcd processes (plain HTTP) whose data
+    /// directories are restored from `snapshot` (an etcd snapshot, e.g. a
+    /// cluster backup's `etcd/snapshot.db`) by
+    /// `scripts/etcd-snapshot-restore.sh`, the operators' script, under a
+    /// new cluster token; waits until every one is healthy. Panics if the
+    /// script or a member fails.
+    pub fn start_from_snapshot(count: usize, snapshot: &Path) -> EtcdCluster {
+        assert!(count > 0, "an etcd cluster needs a member");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-snapshot-restore.sh");
+        let mut last_failure = String::new();
+        for _attempt in 0..3 {
+            let mut cluster = Self::prepare(count, false);
+            let members: Vec<String> = (0..count)
+                .map(|i| format!("{}={}", cluster.members[i].name, cluster.peer_url(i)))
+                .collect();
+            let output = Command::new("bash")
+                .arg(&script)
+                .arg(snapshot)
+                .arg(cluster.dir.path())
+                .arg(&cluster.token)
+                .args(&members)
+                .env("KMS_ETCDCTL", etcdctl_binary())
+                .output()
+                .expect("run scripts/etcd-snapshot-restore.sh");
+            assert!(
+                output.status.success(),
+                "etcd-snapshot-restore.sh failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            for i in 0..count {
+                assert!(cluster.members[i].data_dir.is_dir(), "no restored data dir");
+                cluster.spawn(i);
+            }
+            match cluster.wait_all_healthy(HEALTHY_WITHIN) {
+                Ok(()) => return cluster,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("restored etcd cluster did not start: {last_failure}");
+    }
+
     fn start_with(count: usize, tls: bool) -> EtcdCluster {
         assert!(count > 0, "an etcd cluster needs a member");
         remove_stale_dirs();

@@ -119,6 +119,7 @@ impl ClusterNodes {
                 }
             })
             .collect();
+        std::fs::create_dir_all(dir.path().join("backups")).expect("backup dir");
         let cluster = ClusterNodes {
             nodes,
             staleness_bound,
@@ -168,6 +169,18 @@ impl ClusterNodes {
             .connect_lazy()
     }
 
+    /// The `[backup] dir` every node is configured with: one directory
+    /// all nodes share (they run on this host), so that a cluster backup
+    /// under it holds every node's part.
+    pub fn backup_dir(&self) -> PathBuf {
+        self._dir.path().join("backups")
+    }
+
+    /// Node `i`'s data directory (`[storage] data_dir`).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
     /// Node `i`'s configuration file.
     pub fn config_file(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("kms.toml")
@@ -195,6 +208,7 @@ impl ClusterNodes {
              \n[[auth.default_grants]]\nprincipal = \"*\"\npermissions = [\"encrypt\", \"decrypt\", \"generate-data-key\", \"describe\"]\n\
              \n[hsm]\nmodule = {module}\ntoken_label = {label:?}\npin_file = {pin}\nsync_token_dir = {token_dir}\nwrapped_versions = true\n\
              \n[storage]\ndata_dir = {data}\n\
+             \n[backup]\ndir = {backups}\n\
              \n[audit]\ncheckpoint_every_records = 100\ncheckpoint_interval_secs = 2\n",
             port = node.port,
             principal = CLUSTER_PRINCIPAL,
@@ -203,6 +217,7 @@ impl ClusterNodes {
             pin = quoted(&pin_file(&node.token)),
             token_dir = quoted(node.token.token_dir()),
             data = quoted(&node.dir.join("data")),
+            backups = quoted(&self.backup_dir()),
         );
         if let Some(etcd) = &node.etcd {
             text += &format!(
@@ -241,6 +256,21 @@ impl ClusterNodes {
     /// and waits for its "kms listening on" banner. Panics with the log if
     /// it exits first.
     pub fn start(&mut self, i: usize) {
+        let pending = self.spawn(i);
+        self.await_banner(i, pending);
+    }
+
+    /// Starts every node in `which` at once (none waits for another's
+    /// start-up, e.g. so that they all see a pending restore together), then
+    /// waits for every banner. Panics as `start`.
+    pub fn start_together(&mut self, which: &[usize]) {
+        let pending: Vec<_> = which.iter().map(|&i| (i, self.spawn(i))).collect();
+        for (i, p) in pending {
+            self.await_banner(i, p);
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> (Child, std::sync::mpsc::Receiver<String>) {
         assert!(self.nodes[i].child.is_none(), "node {i} already runs");
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
@@ -270,6 +300,14 @@ impl ClusterNodes {
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
         });
+        (child, banner_rx)
+    }
+
+    fn await_banner(
+        &mut self,
+        i: usize,
+        (mut child, banner_rx): (Child, std::sync::mpsc::Receiver<String>),
+    ) {
         let banner = banner_rx.recv_timeout(START_WITHIN).unwrap_or_default();
         if !banner.starts_with("kms listening on ") {
             let _ = child.kill();

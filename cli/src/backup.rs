@@ -10,6 +10,24 @@ use serde_json::json;
 use super::output;
 use super::{ClientOptions, connect};
 
+/// Asks the server at `options.endpoint` to write a backup to `out_dir` (as
+/// [`run_backup_create`]) and returns its answer without printing anything:
+/// `kms backup create --cluster` asks every node in turn.
+///
+/// # Errors
+/// As [`run_backup_create`], output aside.
+pub async fn request_backup(
+    out_dir: &str,
+    options: &ClientOptions,
+) -> anyhow::Result<pb::CreateBackupResponse> {
+    let client = connect(options).await?;
+    Ok(client
+        .create_backup(pb::CreateBackupRequest {
+            out_dir: out_dir.to_owned(),
+        })
+        .await?)
+}
+
 /// Asks the server to write a backup to `out_dir` (an absolute path on the
 /// server's host, inside its `[backup] dir`) and prints what it wrote.
 ///

@@ -43,7 +43,7 @@ use zeroize::Zeroizing;
 pub use admin::AdminCommand;
 pub use aliases::{AliasCommand, AliasNameArg, AliasTargetArgs, ListAliasesArgs};
 pub use audit::{AuditCommand, AuditExportArgs, AuditListArgs, AuditTailArgs};
-pub use backup::run_backup_create;
+pub use backup::{request_backup, run_backup_create};
 pub use crypto::{DataKeyArgs, DataKeySpecArg, DecryptArgs, EncryptArgs, IoArgs};
 pub use envelope::{EnvelopeCommand, EnvelopeDecryptArgs, EnvelopeEncryptArgs};
 pub use hsm::{DestroyRootArgs, HsmCommand, run_hsm};

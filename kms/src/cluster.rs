@@ -28,6 +28,22 @@ use crate::config::ClusterConfig;
 /// `StorageError::Db` if etcd refuses (authentication, permissions);
 /// `StorageError::FormatTooNew` if a newer kms wrote the catalogue.
 pub fn open_catalogue(config: &ClusterConfig, address: &str) -> Result<Catalogue, StorageError> {
+    let engine = EtcdEngine::connect(etcd_config(config, address)?)?;
+    Ok(Catalogue::new(
+        Arc::new(engine),
+        StorageOptions::default().gcm_reservation_block,
+    ))
+}
+
+/// The etcd engine's configuration for `config` (the password file read),
+/// publishing `address`: also what `kms backup create --cluster` takes its
+/// etcd snapshot with.
+///
+/// # Errors
+///
+/// `StorageError::Unavailable` if the password file is unusable (its path
+/// and the reason, never its content).
+pub fn etcd_config(config: &ClusterConfig, address: &str) -> Result<EtcdConfig, StorageError> {
     let auth = match (&config.etcd_user, &config.etcd_password_file) {
         (Some(user), Some(file)) => Some(EtcdAuth {
             user: user.clone(),
@@ -35,7 +51,7 @@ pub fn open_catalogue(config: &ClusterConfig, address: &str) -> Result<Catalogue
         }),
         _ => None,
     };
-    let engine = EtcdEngine::connect(EtcdConfig {
+    Ok(EtcdConfig {
         node_id: config.node_id.clone(),
         endpoints: config.etcd_endpoints.clone(),
         prefix: config.etcd_prefix.clone(),
@@ -45,11 +61,7 @@ pub fn open_catalogue(config: &ClusterConfig, address: &str) -> Result<Catalogue
         key_file: config.etcd_key_file.clone(),
         auth,
         address: Some(address.to_owned()),
-    })?;
-    Ok(Catalogue::new(
-        Arc::new(engine),
-        StorageOptions::default().gcm_reservation_block,
-    ))
+    })
 }
 
 /// Reads the etcd password: the file's content without its trailing line

@@ -252,10 +252,9 @@ pub enum KmsError {
     #[error("{what}")]
     ResourceExhausted { what: &'static str },
 
-    /// CreateBackup on a server whose configuration has no `[backup] dir`,
-    /// or on a cluster node (catalogue in etcd; not implemented yet).
+    /// CreateBackup on a server whose configuration has no `[backup] dir`.
     #[error(
-        "backups are off: the server's configuration has no [backup] dir, or it is a cluster node (CreateBackup covers the single-node RocksDB catalogue only); on a single node, stop the server and use kms backup create --data-dir"
+        "backups are off: the server's configuration has no [backup] dir; on a single node, stop the server and use kms backup create --data-dir"
     )]
     BackupNotConfigured,
 

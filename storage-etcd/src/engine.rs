@@ -179,7 +179,7 @@ fn retry_pause(delta: Duration) -> Duration {
 
 /// An etcd client error: connection and quorum failures are
 /// `Unavailable` (fail closed, retry later); anything else is `Db`.
-fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageError {
+pub(crate) fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageError {
     move |e| {
         let unavailable = match &e {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -206,7 +206,7 @@ fn etcd_error(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StorageErr
     }
 }
 
-fn config_error(e: ConfigError) -> StorageError {
+pub(crate) fn config_error(e: ConfigError) -> StorageError {
     StorageError::Db {
         op: "check the etcd configuration",
         source: DbError::new(e),
@@ -1406,7 +1406,7 @@ impl Shared {
     }
 }
 
-fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StorageError> {
     let delta = config.staleness_bound;
     let mut options = ConnectOptions::new()
         // A connection attempt to a dead member gives up within a

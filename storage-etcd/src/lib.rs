@@ -19,8 +19,10 @@
 mod config;
 mod engine;
 mod keyspace;
+mod snapshot;
 mod view;
 
 pub use config::{ConfigError, EtcdAuth, EtcdConfig};
 pub use engine::EtcdEngine;
 pub use keyspace::{FORMAT_VERSION, MIN_FORMAT_VERSION};
+pub use snapshot::{SnapshotInfo, save_snapshot};

@@ -4,6 +4,7 @@ mod audit_stream;
 mod authz;
 mod aws_api;
 mod backup;
+mod backup_cluster;
 mod bad_input;
 mod cli;
 mod cluster;

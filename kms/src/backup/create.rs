@@ -44,6 +44,11 @@ pub fn node_id() -> String {
 /// directory is created (its parent must exist) or must be empty. On error
 /// whatever was written under `out` is removed again.
 ///
+/// `shared_catalogue` is a cluster node's catalogue (in etcd, not in
+/// `storage`, which then holds only the node's audit log): the manifest's
+/// root epochs are read from it, at the time of the copy. `None` on a
+/// single node: they are read from the copy itself.
+///
 /// # Errors
 /// [`BackupError::TargetNotEmpty`]; [`BackupError::Io`] if `out` cannot be
 /// created, read back or written; [`BackupError::Storage`] if the checkpoint
@@ -52,9 +57,10 @@ pub fn create_backup(
     storage: &Storage,
     out: &Path,
     node_id: &str,
+    shared_catalogue: Option<&kms_storage::Catalogue>,
 ) -> Result<CreatedBackup, BackupError> {
     let created_dir = prepare_target(out)?;
-    let result = write_backup(storage, out, node_id);
+    let result = write_backup(storage, out, node_id, shared_catalogue);
     if result.is_err() {
         // Leave nothing that looks like a backup.
         let _ = std::fs::remove_dir_all(out.join(DB_DIR));
@@ -68,7 +74,7 @@ pub fn create_backup(
 
 /// Creates `out` unless it is an existing empty directory; returns whether
 /// it created it.
-fn prepare_target(out: &Path) -> Result<bool, BackupError> {
+pub(crate) fn prepare_target(out: &Path) -> Result<bool, BackupError> {
     match std::fs::read_dir(out) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -95,6 +101,7 @@ fn write_backup(
     storage: &Storage,
     out: &Path,
     node_id: &str,
+    shared_catalogue: Option<&kms_storage::Catalogue>,
 ) -> Result<CreatedBackup, BackupError> {
     let db_dir = out.join(DB_DIR);
     let created_unix_ms = crate::service::now_ms();
@@ -114,7 +121,8 @@ fn write_backup(
         )
         .map_err(BackupError::storage("cannot open the checkpoint"))?;
         let (seq, hash) = audit_head(&copy)?;
-        (seq, hash, referenced_epochs(copy.catalogue())?)
+        let epochs = referenced_epochs(shared_catalogue.unwrap_or(copy.catalogue()))?;
+        (seq, hash, epochs)
     };
     sync_dir_tree(&db_dir)?;
     let manifest = Manifest {

@@ -14,10 +14,14 @@
 //!   GCM counters are not trusted) and audits the restore before serving
 //!   (`service::restore`).
 //!
+//! - `cluster`: a cluster's backup (an etcd snapshot of the catalogue plus
+//!   every node's audit log) and the catalogue part of its restore.
+//!
 //! A backup holds key blobs: usable only together with the HSM's root keys,
 //! but treat it as key material's container all the same. Nothing here
 //! logs or prints a blob.
 
+mod cluster;
 mod create;
 mod ledger;
 mod manifest;
@@ -25,6 +29,11 @@ mod restore;
 
 use std::path::PathBuf;
 
+pub use cluster::{
+    CLUSTER_MANIFEST_FILE, CLUSTER_MANIFEST_FORMAT, ClusterManifest, ClusterRestoreOptions,
+    ClusterRestoreReport, CreatedClusterBackup, ETCD_SNAPSHOT, NodeEntry, NodeLedger,
+    VerifiedClusterBackup, create_cluster_backup, restore_cluster, verify_cluster,
+};
 pub use create::{
     CreatedBackup, create_backup, node_id, referenced_epochs as referenced_root_epochs,
 };
@@ -80,6 +89,20 @@ pub enum BackupError {
         "data directory {path} is not empty; pass --force-replace to keep it aside (its audit log is then the ledger of destructions to replay)"
     )]
     DataDirNotEmpty { path: PathBuf },
+    /// A node of a cluster backup did not write its part, or wrote it where
+    /// this process cannot read it.
+    #[error("node {endpoint}: {reason}; nothing was kept")]
+    NodeBackup { endpoint: String, reason: String },
+    /// Two endpoints of a cluster backup are the same node, or a node id is
+    /// not usable as a directory name.
+    #[error("node {node} answered twice (or its id is not a plain name); nothing was kept")]
+    DuplicateNode { node: String },
+    /// A node of the cluster backup has no ledger: its audit records after
+    /// the backup could hold destructions that must be replayed (§1.6 rule 1).
+    #[error(
+        "no ledger for node {node}: pass its data directory (--node {node}=DIR) or its audit export (--node-export {node}=FILE); nothing was restored"
+    )]
+    NodeLedgerMissing { node: String },
     /// An audit export given as ledger cannot be read.
     #[error("audit export {path}, line {line}: {reason}")]
     LedgerInvalid {

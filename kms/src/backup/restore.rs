@@ -137,6 +137,58 @@ pub fn restore_backup(options: &RestoreOptions) -> Result<RestoreReport, BackupE
     .map_err(BackupError::storage("cannot open the restored database"))?;
     let catalogue = storage.catalogue();
     let now = crate::service::now_ms();
+    let applied = apply_ledger(catalogue, &entries, &old, now)?;
+
+    // Rules 2 and 3 need the HSM and the audit log: the next start.
+    catalogue
+        .set_restore_marker(&RestoreMarker {
+            backup_id: backup.id.clone(),
+            backup_dir: backup.dir.display().to_string(),
+            backup_created_unix_ms: backup.manifest.created_unix_ms,
+            audit_head_seq: head_seq,
+            restored_unix_ms: now,
+            replayed_destructions: applied.replayed_destructions.clone(),
+        })
+        .map_err(BackupError::storage("cannot update the restored catalogue"))?;
+    Ok(RestoreReport {
+        backup_id: backup.id,
+        manifest: backup.manifest,
+        replaced_dir: replaced,
+        ledger_records: entries.len(),
+        replayed_destructions: applied.replayed_destructions,
+        keys_put_back: applied.keys_put_back,
+        versions_put_back: applied.versions_put_back,
+    })
+}
+
+/// What [`apply_ledger`] changed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Applied {
+    /// Keys whose destruction was replayed.
+    pub replayed_destructions: Vec<String>,
+    /// Keys put back from the replaced catalogue.
+    pub keys_put_back: Vec<String>,
+    /// Versions put back from the replaced catalogue: (key id, version).
+    pub versions_put_back: Vec<(String, u32)>,
+}
+
+/// The catalogue part of a restore, on any engine (the restored RocksDB
+/// database of a single node, or the restored etcd keyspace of a cluster):
+/// replays every destruction the ledger `entries` records (rule 1, before
+/// anything else), puts back keys and versions created after the backup
+/// from `old` (the catalogue being replaced; empty when it is lost) unless
+/// the ledger destroyed them, and raises every key's `latest_version` past
+/// every version number the ledger or `old` names, so that none is
+/// allocated twice.
+///
+/// # Errors
+/// [`BackupError::Storage`] if the catalogue cannot be read or written.
+pub(crate) fn apply_ledger(
+    catalogue: &Catalogue,
+    entries: &[LedgerEntry],
+    old: &OldCatalogue,
+    now: u64,
+) -> Result<Applied, BackupError> {
     let what = "cannot update the restored catalogue";
 
     // Rule 1: destructions recorded after the backup, before anything else
@@ -162,7 +214,7 @@ pub fn restore_backup(options: &RestoreOptions) -> Result<RestoreReport, BackupE
     // What was created after the backup: put back from the replaced
     // catalogue, and never reuse a version number the ledger names.
     let mut reserved: BTreeMap<String, u32> = BTreeMap::new();
-    for entry in &entries {
+    for entry in entries {
         if let (Some(key), Some(version)) = (&entry.key_id, entry.key_version) {
             let slot = reserved.entry(key.clone()).or_default();
             *slot = (*slot).max(version);
@@ -171,7 +223,7 @@ pub fn restore_backup(options: &RestoreOptions) -> Result<RestoreReport, BackupE
     let mut keys_put_back = Vec::new();
     let mut versions_put_back = Vec::new();
     for (id, (record, versions)) in &old.keys {
-        if destroyed_in(&entries, id) {
+        if destroyed_in(entries, id) {
             continue;
         }
         match catalogue.get_key(id).map_err(BackupError::storage(what))? {
@@ -224,22 +276,7 @@ pub fn restore_backup(options: &RestoreOptions) -> Result<RestoreReport, BackupE
         }
     }
 
-    // Rules 2 and 3 need the HSM and the audit log: the next start.
-    catalogue
-        .set_restore_marker(&RestoreMarker {
-            backup_id: backup.id.clone(),
-            backup_dir: backup.dir.display().to_string(),
-            backup_created_unix_ms: backup.manifest.created_unix_ms,
-            audit_head_seq: head_seq,
-            restored_unix_ms: now,
-            replayed_destructions: replayed.clone(),
-        })
-        .map_err(BackupError::storage(what))?;
-    Ok(RestoreReport {
-        backup_id: backup.id,
-        manifest: backup.manifest,
-        replaced_dir: replaced,
-        ledger_records: entries.len(),
+    Ok(Applied {
         replayed_destructions: replayed,
         keys_put_back,
         versions_put_back,
@@ -255,12 +292,12 @@ fn destroyed_in(entries: &[LedgerEntry], id: &KeyId) -> bool {
 
 /// Every key and version record of the catalogue being replaced.
 #[derive(Default)]
-struct OldCatalogue {
+pub(crate) struct OldCatalogue {
     keys: BTreeMap<KeyId, (KeyRecord, Vec<VersionRecord>)>,
 }
 
 impl OldCatalogue {
-    fn read(catalogue: &Catalogue) -> Result<OldCatalogue, BackupError> {
+    pub(crate) fn read(catalogue: &Catalogue) -> Result<OldCatalogue, BackupError> {
         let what = "cannot read the catalogue of the data directory being replaced";
         let mut keys = BTreeMap::new();
         let mut token: Option<String> = None;
@@ -284,7 +321,7 @@ impl OldCatalogue {
 }
 
 /// Rule 3: every root epoch the backup references must be in the HSM.
-fn check_roots(hsm: &kms_hsm::HsmConfig, epochs: &[u32]) -> Result<(), BackupError> {
+pub(crate) fn check_roots(hsm: &kms_hsm::HsmConfig, epochs: &[u32]) -> Result<(), BackupError> {
     if epochs.is_empty() {
         return Ok(());
     }

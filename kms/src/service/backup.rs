@@ -16,8 +16,7 @@ impl KmsService {
     /// `admin.proto` for the rules on the path).
     ///
     /// # Errors
-    /// `PermissionDenied`; `BackupNotConfigured` without `[backup] dir` or
-    /// on a cluster node (its catalogue is in etcd: not implemented yet);
+    /// `PermissionDenied`; `BackupNotConfigured` without `[backup] dir`;
     /// `InvalidArgument` (field `out_dir`) for a path that is not absolute,
     /// outside the backup directory, or an existing non-empty target;
     /// `Backup` if writing fails.
@@ -25,24 +24,25 @@ impl KmsService {
         self.audited(meta, Operation::CreateBackup, None, |_| {
             self.require_admin(meta, "create a backup")?;
             // A cluster node's database holds only its audit log (the
-            // catalogue is in etcd): a checkpoint of it is no backup.
-            if self.catalogue.engine().cluster_view().is_some() {
-                return Err(KmsError::BackupNotConfigured);
-            }
+            // catalogue is in etcd, backed up by an etcd snapshot: `kms
+            // backup create --cluster`): its copy is this node's part of a
+            // cluster backup, with the root epochs read from etcd.
+            let cluster = self.catalogue.engine().cluster_view().is_some();
             let root = self
                 .backup_dir
                 .as_deref()
                 .ok_or(KmsError::BackupNotConfigured)?;
             let out = resolve_target(root, out_dir)?;
-            let created =
-                crate::backup::create_backup(&self.storage, &out, &crate::backup::node_id())
-                    .map_err(|e| match e {
-                        BackupError::TargetNotEmpty { path } => KmsError::invalid(
-                            "out_dir",
-                            format!("{} exists and is not an empty directory", path.display()),
-                        ),
-                        source => KmsError::Backup { source },
-                    })?;
+            let node_id = self.node_id.clone().unwrap_or_else(crate::backup::node_id);
+            let shared = cluster.then_some(&self.catalogue);
+            let created = crate::backup::create_backup(&self.storage, &out, &node_id, shared)
+                .map_err(|e| match e {
+                    BackupError::TargetNotEmpty { path } => KmsError::invalid(
+                        "out_dir",
+                        format!("{} exists and is not an empty directory", path.display()),
+                    ),
+                    source => KmsError::Backup { source },
+                })?;
             tracing::info!(
                 dir = %created.dir.display(),
                 backup_id = %created.id,

@@ -7,12 +7,28 @@
 //! restored versions stay enabled for decryption but are never the primary
 //! again. Then it removes the catalogue's restore marker. Destructions were
 //! replayed by the restore itself (rule 1), before this catalogue could serve.
+//!
+//! In a cluster the marker is in etcd and every node sees it: the node that
+//! wins the `restore` job's leadership does the above once, under its fence
+//! (a node that loses leadership mid-way cannot write; its successor starts
+//! over); every other node waits, not serving, until the marker is gone.
 
-use kms_storage::{KeyOrigin, KeyState};
+use std::time::{Duration, Instant};
+
+use kms_storage::{KeyOrigin, KeyState, StorageError};
 
 use super::{KmsService, OpenError, Operation, RequestMeta, SYSTEM_PRINCIPAL};
 use crate::backup::RestoreMarker;
 use crate::error::KmsError;
+
+/// The background job whose leader finishes a cluster's restore.
+const RESTORE_JOB: &str = "restore";
+
+/// How often a cluster node waiting for the restore's leader looks again.
+const RESTORE_POLL: Duration = Duration::from_millis(250);
+
+/// How often a waiting node says so in its log.
+const RESTORE_NOTE_EVERY: Duration = Duration::from_secs(10);
 
 impl KmsService {
     /// Finishes a pending restore, if the catalogue holds the marker `kms
@@ -25,13 +41,50 @@ impl KmsService {
     /// not hold; `Restore` if the catalogue, the HSM or the audit log fails
     /// (the marker stays).
     pub(crate) fn finish_restore(&self) -> Result<(), OpenError> {
-        let catalogue = &self.catalogue;
-        let Some(marker) = catalogue
+        if self.catalogue.engine().cluster_view().is_none() {
+            return match self.pending_restore()? {
+                Some(marker) => self.finish_restore_with(marker),
+                None => Ok(()),
+            };
+        }
+        // A cluster: one node (the `restore` job's leader) rotates, the
+        // others wait for it. No timeout: a node must not serve restored
+        // GCM counters, and a leader that dies is replaced within its
+        // lease (about 2Δ), its successor starting over.
+        let mut last_note: Option<Instant> = None;
+        loop {
+            let Some(marker) = self.pending_restore()? else {
+                return Ok(());
+            };
+            match self.catalogue.engine().leadership(RESTORE_JOB) {
+                Ok(Some(fence)) => {
+                    return kms_storage::with_fence(fence, || self.finish_restore_with(marker));
+                }
+                Ok(None) | Err(StorageError::Unavailable { .. }) => {}
+                Err(e) => return Err(OpenError::Storage(e)),
+            }
+            if last_note.is_none_or(|t| t.elapsed() >= RESTORE_NOTE_EVERY) {
+                tracing::info!(
+                    backup = %marker.backup_id,
+                    "waiting for the node that leads the restore to rotate every key before serving"
+                );
+                last_note = Some(Instant::now());
+            }
+            std::thread::sleep(RESTORE_POLL);
+        }
+    }
+
+    /// The catalogue's pending-restore marker, if any.
+    fn pending_restore(&self) -> Result<Option<RestoreMarker>, OpenError> {
+        self.catalogue
             .restore_marker::<RestoreMarker>()
-            .map_err(OpenError::Storage)?
-        else {
-            return Ok(());
-        };
+            .map_err(OpenError::Storage)
+    }
+
+    /// Checks the roots, audits the restore, rotates every enabled key and
+    /// removes `marker` (see [`KmsService::finish_restore`]).
+    fn finish_restore_with(&self, marker: RestoreMarker) -> Result<(), OpenError> {
+        let catalogue = &self.catalogue;
         let backup = crate::backup::restore_short_id(&marker.backup_id).to_owned();
         let failed = |source: KmsError| OpenError::Restore {
             backup: backup.clone(),
