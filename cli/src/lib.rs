@@ -1,5 +1,5 @@
 //! kms-cli: the client commands of the `kms` binary (`kms key|alias|encrypt|
-//! decrypt|data-key|envelope|audit ...`), each a thin caller of one or a few
+//! decrypt|data-key|envelope|re-encrypt|audit ...`), each a thin caller of one or a few
 //! kms.v1 RPCs on a running server, through [`kms_client::KmsClient`] (TLS,
 //! bearer token, deadlines and retries come from there).
 //!
@@ -32,6 +32,7 @@ mod keys;
 mod output;
 mod parse;
 mod policy;
+mod reencrypt;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +54,7 @@ pub use keys::{
 };
 pub use output::sanitize;
 pub use policy::{GrantArgs, PolicyCommand, PolicyKeyArg, RevokeArgs, SetPolicyArgs};
+pub use reencrypt::ReEncryptArgs;
 
 /// How long to wait for the TCP/HTTP2 connection to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,6 +114,8 @@ pub enum Command {
     /// Envelope-encrypt or decrypt files and stdin of any size (kms-client).
     #[command(subcommand)]
     Envelope(EnvelopeCommand),
+    /// Move a file of ciphertext blobs to a key's primary version (BatchReEncrypt), resumably.
+    ReEncrypt(ReEncryptArgs),
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -135,6 +139,7 @@ pub async fn run(command: Command, options: &ClientOptions) -> anyhow::Result<()
         Command::Decrypt(args) => crypto::decrypt(args, options).await,
         Command::DataKey(args) => crypto::data_key(args, options).await,
         Command::Envelope(command) => envelope::run(command, options).await,
+        Command::ReEncrypt(args) => reencrypt::run(args, options).await,
         Command::Audit(command) => audit::run(command, options).await,
         Command::Admin(command) => admin::run(command, options).await,
     }

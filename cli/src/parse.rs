@@ -210,8 +210,8 @@ mod tests {
             assert!(name.chars().all(char::is_alphanumeric), "{name}");
             assert_eq!(operation(&name).map(|op| op as i32), Ok(value), "{name}");
         }
-        // Every operation of resources.proto (25 + 4 + 9 + 3 + 4 + 6 + 3, and AuditWitness).
-        assert_eq!(seen, 55);
+        // Every operation of resources.proto (25 + 4 + 10 + 3 + 4 + 6 + 3, and AuditWitness).
+        assert_eq!(seen, 56);
         assert_eq!(operation_name(Operation::ReEncrypt as i32), "ReEncrypt");
         assert_eq!(operation_name(Operation::CreateKey as i32), "CreateKey");
         assert_eq!(operation_name(199), "Operation(199)");

@@ -122,6 +122,7 @@ rpcs! {
     CryptoClient batch_encrypt "BatchEncrypt" Retryable: BatchEncryptRequest => BatchEncryptResponse;
     CryptoClient batch_decrypt "BatchDecrypt" Retryable: BatchDecryptRequest => BatchDecryptResponse;
     CryptoClient batch_generate_data_key "BatchGenerateDataKey" Retryable: BatchGenerateDataKeyRequest => BatchGenerateDataKeyResponse;
+    CryptoClient batch_re_encrypt "BatchReEncrypt" Retryable: BatchReEncryptRequest => BatchReEncryptResponse;
     AuditClient list_audit_events "ListAuditEvents" Retryable: ListAuditEventsRequest => ListAuditEventsResponse;
     AuditClient verify_audit_log "VerifyAuditLog" Retryable: VerifyAuditLogRequest => VerifyAuditLogResponse;
     AdminClient reload "Reload" Once: ReloadRequest => ReloadResponse;

@@ -7,6 +7,8 @@
 //! - [`Envelope`]: encrypts a stream under a fresh data key from GenerateDataKey
 //!   in authenticated AES-256-GCM chunks, and decrypts it in constant memory
 //!   (format: README, "Client library and envelope format").
+//! - [`ReEncryptJob`]: moves a file of ciphertext blobs to a key's primary
+//!   version with BatchReEncrypt, resumably (checkpoint after each batch).
 //! - [`DataKeyCache`]: optional reuse of data keys within message, byte and age
 //!   limits, and a bounded cache of unwrapped keys for decryption.
 //!
@@ -24,6 +26,7 @@ pub mod context;
 pub mod data_key;
 pub mod envelope;
 mod error;
+pub mod reencrypt;
 pub mod retry;
 
 pub use cache::{CacheLimits, CacheStats, DataKeyCache};
@@ -34,4 +37,5 @@ pub use data_key::DataKey;
 pub use envelope::{Envelope, EnvelopeError, EnvelopeStats};
 pub use error::{Error, join_causes};
 pub use kms_proto::v1 as proto;
+pub use reencrypt::{ReEncryptJob, ReEncryptSummary};
 pub use retry::RetryPolicy;

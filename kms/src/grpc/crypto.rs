@@ -15,7 +15,7 @@ use crate::error::KmsError;
 use crate::service::Operation;
 use crate::service::{
     DataKey, DataKeyForm, DataKeyInput, DataKeyItem, DecryptInput, DecryptItem, EncryptInput,
-    EncryptItem, Encrypted, KmsService, ReEncryptInput,
+    EncryptItem, Encrypted, KmsService, ReEncryptInput, ReEncryptItem,
 };
 
 /// The Crypto service.
@@ -306,5 +306,48 @@ impl Crypto for CryptoApi {
             })
             .collect();
         rpc.respond(pb::BatchGenerateDataKeyResponse { results })
+    }
+
+    async fn batch_re_encrypt(
+        &self,
+        request: Request<pb::BatchReEncryptRequest>,
+    ) -> Reply<pb::BatchReEncryptResponse> {
+        let rpc = Rpc::start(Operation::BatchReEncrypt, &request)?;
+        let req = request.into_inner();
+        let items: Vec<ReEncryptItem> = req
+            .entries
+            .into_iter()
+            .map(|e| ReEncryptItem {
+                blob: e.ciphertext_blob,
+                source_context: e.source_encryption_context,
+                destination_context: e.destination_encryption_context,
+            })
+            .collect();
+        let destination = optional(req.destination_key_id);
+        let source = optional(req.source_key_id);
+        let results = rpc
+            .blocking(&self.service, move |s, m| {
+                s.batch_re_encrypt(m, destination.as_deref(), source.as_deref(), items)
+            })
+            .await?;
+        let results = results
+            .into_iter()
+            .map(|r| pb::BatchReEncryptResult {
+                outcome: Some(match r {
+                    Ok(moved) => {
+                        pb::batch_re_encrypt_result::Outcome::Result(pb::BatchReEncryptItem {
+                            ciphertext_blob: moved.encrypted.blob,
+                            source_key_id: moved.source_key_id.to_string(),
+                            source_key_version: moved.source_key_version,
+                            key_id: moved.encrypted.key_id.to_string(),
+                            key_version: moved.encrypted.key_version,
+                            already_current: moved.already_current,
+                        })
+                    }
+                    Err(e) => pb::batch_re_encrypt_result::Outcome::Error(rpc.item_status(e)),
+                }),
+            })
+            .collect();
+        rpc.respond(pb::BatchReEncryptResponse { results })
     }
 }

@@ -210,6 +210,22 @@ pub struct ReEncrypted {
     pub encrypted: Encrypted,
     pub source_key_id: KeyId,
     pub source_key_version: u32,
+    /// BatchReEncrypt only: the source blob was already under the
+    /// destination key's primary version with the same context, so
+    /// `encrypted.blob` is the source blob itself and nothing was encrypted.
+    /// Always false for ReEncrypt, which makes a new blob whatever it gets.
+    pub already_current: bool,
+}
+
+/// Whether ReEncrypt may hand back a blob that is already where it would go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WhenCurrent {
+    /// ReEncrypt: always encrypt again (a new IV, a new blob).
+    Encrypt,
+    /// BatchReEncrypt: return the source blob unchanged (it was authenticated
+    /// by the decryption) when it is under the destination's primary version
+    /// and the destination context equals the source context.
+    KeepBlob,
 }
 
 impl KmsService {
@@ -459,14 +475,20 @@ impl KmsService {
                 source_key,
                 destination_key,
                 destination_context,
+                WhenCurrent::Encrypt,
             );
             audit.destination = Some(Box::new(destination_audit));
             result
         })
     }
 
+    /// ReEncrypt's key use (shared by ReEncrypt and BatchReEncrypt's items):
+    /// authorizes `reencrypt-to` on the destination, then decrypts under
+    /// `reencrypt-from` on the key inside the blob, then encrypts under the
+    /// destination's primary version, unless `when_current` allows keeping a
+    /// blob that is already there (see [`WhenCurrent`]).
     #[allow(clippy::too_many_arguments)] // the request's fields and its two audit records
-    fn re_encrypt_inner(
+    pub(super) fn re_encrypt_inner(
         &self,
         meta: &RequestMeta,
         audit: &mut AuditFields,
@@ -476,7 +498,9 @@ impl KmsService {
         source_key: Option<&str>,
         destination_key: &str,
         destination_context: HashMap<String, String>,
+        when_current: WhenCurrent,
     ) -> Result<ReEncrypted> {
+        let same_context = source_context == destination_context;
         let destination_context = self.context(destination_context)?;
         destination_audit.context_digest = Some(context_digest(&destination_context));
         // The destination first: a caller who may not write there never
@@ -499,6 +523,22 @@ impl KmsService {
             source_context,
             source_key,
         )?;
+        if when_current == WhenCurrent::KeepBlob
+            && same_context
+            && decrypted.key_id == destination.id
+            && destination.primary_version == Some(decrypted.key_version)
+        {
+            return Ok(ReEncrypted {
+                encrypted: Encrypted {
+                    blob,
+                    key_id: destination.id.clone(),
+                    key_version: decrypted.key_version,
+                },
+                source_key_id: decrypted.key_id.clone(),
+                source_key_version: decrypted.key_version,
+                already_current: true,
+            });
+        }
         let encrypted = self.encrypt_under(
             destination_audit,
             &destination,
@@ -509,6 +549,7 @@ impl KmsService {
             encrypted,
             source_key_id: decrypted.key_id.clone(),
             source_key_version: decrypted.key_version,
+            already_current: false,
         })
     }
 

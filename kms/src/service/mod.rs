@@ -49,7 +49,7 @@ use crate::error::{KmsError, Result};
 
 pub use audit::{AuditFollower, AuditListing, AuditQuery, AuditVerification};
 pub use authz::EffectivePolicy;
-pub use batch::{DataKeyItem, DecryptItem, EncryptItem};
+pub use batch::{DataKeyItem, DecryptItem, EncryptItem, ReEncryptItem};
 pub use crypto::{
     DataKey, DataKeyForm, DataKeyInput, DataKeySize, DecryptInput, Decrypted, EncryptInput,
     Encrypted, ReEncryptInput, ReEncrypted,

@@ -55,6 +55,7 @@ pub fn name(operation: Operation) -> &'static str {
         Operation::BatchEncrypt => "BatchEncrypt",
         Operation::BatchDecrypt => "BatchDecrypt",
         Operation::BatchGenerateDataKey => "BatchGenerateDataKey",
+        Operation::BatchReEncrypt => "BatchReEncrypt",
         Operation::ListAuditEvents => "ListAuditEvents",
         Operation::VerifyAuditLog => "VerifyAuditLog",
         Operation::Reload => "Reload",
@@ -113,7 +114,7 @@ mod tests {
             assert_eq!(name(operation), camel_case_of_proto_name(operation));
             assert_eq!(parse(name(operation)), Some(operation));
         }
-        assert_eq!(seen, 55);
+        assert_eq!(seen, 56);
         assert_eq!(
             name(Operation::AuditWitness),
             kms_storage::WITNESS_OPERATION
