@@ -17,6 +17,7 @@ mod crash;
 mod crash_wrapped;
 mod crypto;
 mod drain;
+mod emergency_path;
 mod envelope;
 mod etcd_harness;
 mod faults;
