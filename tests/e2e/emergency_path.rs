@@ -152,7 +152,12 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
     refused_with(&status, "disabled");
 
     // 3. Re-encrypt only: Decrypt stays refused, ReEncrypt is allowed.
-    let (_, state, _) = cli(&server, &["key", "re-encrypt-only-version", &key, "1"], true).await;
+    let (_, state, _) = cli(
+        &server,
+        &["key", "re-encrypt-only-version", &key, "1"],
+        true,
+    )
+    .await;
     assert_eq!(state["state"], "REENCRYPT_ONLY", "{state}");
     let status = decrypt(&server, &first, &first_ctx)
         .await
@@ -201,6 +206,20 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
         }
     }
 
+    // The other key's blobs were only read (by the job, then by the check
+    // above): two decrypt-side uses each, and no encrypt-side use beyond
+    // their original Encrypt (an already-current item encrypts nothing).
+    let (_, other_use, _) = cli(&server, &["key", "last-usage", &other], true).await;
+    assert_eq!(
+        other_use["usage"]["encrypt_count"], OTHER_BLOBS,
+        "{other_use}"
+    );
+    assert_eq!(
+        other_use["usage"]["decrypt_count"],
+        2 * OTHER_BLOBS,
+        "{other_use}"
+    );
+
     // 5. "Does anything still use version 1?" Its decrypt-side uses are
     // exactly the job's re-encryptions, the last within the job's run; the
     // refused Decrypts above were not uses. A later attempt is refused and
@@ -222,7 +241,14 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
     // confirmed step 5, overrides, which is audited under its own name.
     let (ok, _, stderr) = cli(
         &server,
-        &["key", "schedule-version-destruction", &key, "1", "--days", "1"],
+        &[
+            "key",
+            "schedule-version-destruction",
+            &key,
+            "1",
+            "--days",
+            "1",
+        ],
         false,
     )
     .await;
@@ -276,7 +302,10 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
     let status = decrypt(&server, &first, &first_ctx)
         .await
         .expect_err("destroyed");
-    refused_with(&status, &format!("key version 1 of key {key} was destroyed"));
+    refused_with(
+        &status,
+        &format!("key version 1 of key {key} was destroyed"),
+    );
     let status = server
         .crypto()
         .re_encrypt(pb::ReEncryptRequest {
@@ -310,7 +339,12 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
         .filter(|(op, _, _)| {
             !matches!(
                 op.as_str(),
-                "Encrypt" | "Decrypt" | "BatchReEncrypt" | "GetKeyLastUsage" | "ListKeyVersions"
+                "Encrypt"
+                    | "Decrypt"
+                    | "ReEncrypt"
+                    | "BatchReEncrypt"
+                    | "GetKeyLastUsage"
+                    | "ListKeyVersions"
             )
         })
         .collect();
@@ -326,7 +360,7 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
     .iter()
     .map(|(op, v, r)| ((*op).to_owned(), *v, (*r).to_owned()))
     .collect();
-    assert_eq!(steps, expected, "{events}");
+    assert_eq!(steps, expected);
     let moves = events
         .as_array()
         .expect("events")

@@ -528,6 +528,10 @@ impl KmsService {
             && decrypted.key_id == destination.id
             && destination.primary_version == Some(decrypted.key_version)
         {
+            // Nothing is encrypted: the destination record names the key
+            // but no version, so it is not counted as an encrypt-side use
+            // of the primary (the source record counts the decryption).
+            destination_audit.key_version = None;
             return Ok(ReEncrypted {
                 encrypted: Encrypted {
                     blob,
