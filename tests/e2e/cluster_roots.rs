@@ -286,3 +286,32 @@ async fn a_new_root_is_adopted_only_once_every_node_holds_it() {
     drop(nodes);
     drop(etcd);
 }
+
+/// A cluster node whose token holds no root would make key versions as
+/// token objects, which no other node's HSM holds: it refuses to start,
+/// naming the fix.
+#[tokio::test]
+async fn a_cluster_node_without_a_root_refuses_to_start() {
+    let etcd = EtcdCluster::start(1);
+    let nodes = ClusterNodes::new(1, Some(&etcd.client_settings()), DELTA);
+    let cluster = kms::config::Config::load(&nodes.config_file(0))
+        .expect("node config")
+        .cluster;
+    assert!(cluster.is_some());
+    // The same node settings, on a fresh token without any root.
+    let env = kms_tests::TestEnv::new();
+    let mut config = env.config();
+    config.cluster = cluster;
+    let outcome =
+        tokio::task::spawn_blocking(move || kms::service::KmsService::open(&config).map(drop))
+            .await
+            .expect("join");
+    let error = outcome.expect_err("a cluster node without a root must not start");
+    let message = error.to_string();
+    assert!(
+        message.contains("cluster node") && message.contains("has no root key"),
+        "{message}"
+    );
+    drop(nodes);
+    drop(etcd);
+}

@@ -230,6 +230,29 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_node_cannot_turn_wrapped_versions_off() {
+        let section = "[cluster]\nnode_id = \"n\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n";
+        let with = |value: &str| {
+            let hsm = MINIMAL.replace(
+                "[storage]",
+                &format!("wrapped_versions = {value}\n\n[storage]"),
+            );
+            Config::parse(&format!("{hsm}\n{section}"))
+        };
+        match with("false") {
+            Err(ConfigError::Invalid { field, reason }) => {
+                assert_eq!(field, "hsm.wrapped_versions");
+                assert!(reason.contains("cluster node"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(with("true").is_ok());
+        // A single node may keep token-object versions.
+        let single = MINIMAL.replace("[storage]", "wrapped_versions = false\n\n[storage]");
+        assert!(Config::parse(&single).is_ok());
+    }
+
+    #[test]
     fn a_full_cluster_section_is_read() {
         let config = parse(
             "node_id = \"b_2\"\netcd_endpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379/\"]\netcd_prefix = \"/prod/kms/\"\nstaleness_bound_ms = 2000\netcd_ca_file = \"/ca.pem\"\netcd_cert_file = \"/c.pem\"\netcd_key_file = \"/c.key\"\netcd_user = \"kms\"\netcd_password_file = \"/pw\"",

@@ -404,6 +404,14 @@ impl Config {
         config.kubernetes = kubernetes::validate(raw.kubernetes)?;
         config.aws_api = aws::validate(raw.aws_api)?;
         config.cluster = cluster::validate(raw.cluster)?;
+        // Versions in a shared catalogue must be wrapped blobs: a token
+        // object exists only in the HSM of the node that made it (issue 15).
+        if config.cluster.is_some() && config.wrapped_versions == Some(false) {
+            return Err(invalid(
+                "hsm.wrapped_versions",
+                "must not be false on a cluster node ([cluster]): every node must be able to use every key version, so versions are blobs wrapped under the root",
+            ));
+        }
         config.lifecycle = lifecycle::validate(raw.lifecycle)?;
         if let Some(dir) = raw.backup.dir {
             if !dir.is_absolute() {

@@ -563,6 +563,9 @@ fn open_wrapped(
         None => None,
     };
     let Some(&epoch) = cluster_epoch.as_ref().or(epochs.last()) else {
+        if config.cluster.is_some() {
+            return Err(OpenError::ClusterNoRoot);
+        }
         if config.wrapped_versions == Some(true) {
             return Err(OpenError::NoRoot);
         }
@@ -671,6 +674,12 @@ pub enum OpenError {
         "hsm.wrapped_versions is true but the token has no root key; create one with `kms hsm init-root`"
     )]
     NoRoot,
+    /// A cluster node's token has no root key: its key versions would be
+    /// token objects no other node's HSM holds (issue 15).
+    #[error(
+        "this node is a cluster node ([cluster]) but its token has no root key: clone the cluster's root into this node's HSM (the HSM vendor's key cloning; `kms hsm init-root` only for the first node of a new cluster)"
+    )]
+    ClusterNoRoot,
     /// The active root key failed its start-up check (the cause names it).
     #[error("the root key of epoch {epoch} is refused")]
     Root {
