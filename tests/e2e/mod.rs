@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod cluster_bench;
 mod cluster_roots;
+mod cluster_usage;
 mod configured;
 mod contracts;
 mod crash;
