@@ -74,7 +74,11 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
     let bar = show_progress.then(|| progress_bar(total));
     let client = super::connect(options).await?;
     let mut started = false;
+    // Lines covered by the last checkpoint (the callback runs right after
+    // each one): what an interruption keeps.
+    let checkpointed = std::cell::Cell::new(0u64);
     let on_progress = |p: &JobProgress| {
+        checkpointed.set(p.lines_done);
         if let Some(bar) = &bar {
             bar.set_position(p.lines_done);
             if !started {
@@ -89,13 +93,28 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
             ));
         }
     };
-    let result = if from_stdin {
-        let stdin = std::io::stdin();
-        job.run(&client, stdin.lock(), on_progress).await
+    let input: Box<dyn BufRead> = if from_stdin {
+        Box::new(std::io::stdin().lock())
     } else {
         let file = std::fs::File::open(&args.input)
             .with_context(|| format!("cannot open --in {}", args.input.display()))?;
-        job.run(&client, BufReader::new(file), on_progress).await
+        Box::new(BufReader::new(file))
+    };
+    // Ctrl-C stops between two awaits of the job: whatever it wrote after
+    // the last checkpoint is dropped by the resume (as after a crash), so
+    // stopping here loses nothing; it only says so instead of dying.
+    let result = tokio::select! {
+        result = job.run(&client, input, on_progress) => result,
+        _ = tokio::signal::ctrl_c() => {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            anyhow::bail!(
+                "interrupted: {} lines are done and checkpointed; run the same command again to resume from {}",
+                checkpointed.get(),
+                checkpoint.display()
+            );
+        }
     };
     if let Some(bar) = &bar {
         bar.finish_and_clear();

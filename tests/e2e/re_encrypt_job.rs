@@ -448,3 +448,121 @@ async fn a_resume_refuses_another_input_or_destination_and_finishes_the_same_one
     );
     server.stop().await;
 }
+
+/// Ctrl-C (SIGINT) stops the command with a message that says how many
+/// lines are safe and how to resume; running it again finishes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_with_a_resume_message_and_the_rerun_finishes() {
+    const CTRL_C_LINES: usize = 1000;
+    let data = tempfile::tempdir().expect("data dir");
+    let work = tempfile::tempdir().expect("work dir");
+    let input = work.path().join("blobs.jsonl");
+    let output = work.path().join("moved.jsonl");
+    let checkpoint = work.path().join("moved.jsonl.checkpoint");
+    let server = DevServerProcess::start(data.path());
+    let endpoint = server.endpoint();
+    let channel = Channel::from_shared(endpoint.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut keys = KeyManagementClient::new(channel.clone());
+    let mut crypto = CryptoClient::new(channel);
+    let key = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    std::fs::write(&input, make_input(&mut crypto, &key, CTRL_C_LINES).await).expect("input");
+    keys.rotate_key(pb::RotateKeyRequest {
+        key_id: key.clone(),
+    })
+    .await
+    .expect("rotate to version 2");
+
+    let run = {
+        let (ep, input, output) = (endpoint.clone(), input.clone(), output.clone());
+        move || {
+            std::process::Command::new(kms_binary())
+                .args([
+                    "--endpoint",
+                    &ep,
+                    "--json",
+                    "re-encrypt",
+                    "--batch-size",
+                    "5",
+                ])
+                .arg("--in")
+                .arg(&input)
+                .arg("--out")
+                .arg(&output)
+                .env("KMS_LOG", "error")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn kms re-encrypt")
+        }
+    };
+    let cp = checkpoint.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let child = run();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while lines_done(&cp) < 50 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let sent = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill -INT");
+        assert!(sent.success());
+        let out = child.wait_with_output().expect("wait");
+        (out, lines_done(&cp))
+    })
+    .await
+    .expect("join");
+    let (out, done) = stopped;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted run is not a success");
+    assert!(
+        done > 0 && done < CTRL_C_LINES as u64,
+        "interrupted mid-run: {done} lines checkpointed"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "interrupted: {done} lines are done and checkpointed"
+        )) && stderr.contains("run the same command again to resume"),
+        "{stderr}"
+    );
+
+    // The same command again finishes: every line once, in order.
+    let rerun = tokio::task::spawn_blocking({
+        let (ep, input, output) = (endpoint.clone(), input.clone(), output.clone());
+        move || {
+            std::process::Command::new(kms_binary())
+                .args(["--endpoint", &ep, "--json", "re-encrypt"])
+                .arg("--in")
+                .arg(&input)
+                .arg("--out")
+                .arg(&output)
+                .env("KMS_LOG", "error")
+                .output()
+                .expect("rerun")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&rerun.stdout).expect("summary");
+    assert_eq!(summary["resumed_from"], done, "{summary}");
+    assert_eq!(summary["lines"], CTRL_C_LINES);
+    assert!(!checkpoint.exists());
+    check_output(&mut crypto, &output, &key, 2, CTRL_C_LINES).await;
+    drop(server);
+}
