@@ -18,6 +18,7 @@ mod crash_wrapped;
 mod crypto;
 mod drain;
 mod envelope;
+mod envelope_rewrap;
 mod etcd_harness;
 mod faults;
 mod gcm_limit;
