@@ -308,7 +308,7 @@ impl Header {
     /// The AAD of every chunk: SHA-256 of the authenticated bytes (32 bytes, so
     /// per-chunk GHASH cost does not grow with the context).
     pub(crate) fn chunk_aad(&self) -> [u8; 32] {
-        Sha256::digest(&self.authenticated_bytes()).into()
+        Sha256::digest(self.authenticated_bytes()).into()
     }
 }
 
