@@ -130,10 +130,21 @@ async fn rewrap_moves_envelopes_to_the_new_version_and_keeps_their_bodies() {
         write_envelope(&envelope, &key, dir, name, &bytes).await;
         plain.insert(name.clone(), bytes);
     }
-    // Permission bits are kept by the replacement.
+    // Permission bits are kept by the replacement, and so is the owner
+    // (changed only where the test runs as root and so may chown).
     let f0 = dir.join(&names[0]);
     std::fs::set_permissions(&f0, std::os::unix::fs::PermissionsExt::from_mode(0o640))
         .expect("chmod");
+    let f1 = dir.join(&names[1]);
+    let may_chown = std::os::unix::fs::chown(&f1, Some(4321), Some(4322)).is_ok();
+    let owner = |path: &Path| {
+        let meta = std::fs::metadata(path).expect("stat");
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::MetadataExt::gid(&meta),
+        )
+    };
+    let f1_owner = owner(&f1);
     // A v1 envelope (still written for old readers), and files that fail.
     let v1 = Envelope::new(kms.clone()).with_format_version(FormatVersion::V1);
     write_envelope(&v1, &key, dir, "old.kmse", b"version one").await;
@@ -236,6 +247,10 @@ async fn rewrap_moves_envelopes_to_the_new_version_and_keeps_their_bodies() {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o640
     );
+    assert_eq!(owner(&f1), f1_owner, "the owner is kept");
+    if may_chown {
+        assert_eq!(f1_owner, (4321, 4322));
+    }
     // The v1 file still decrypts as it was.
     assert_eq!(
         open(&envelope, &dir.join("old.kmse"), "old.kmse", None).await,

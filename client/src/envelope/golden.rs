@@ -6,9 +6,10 @@
 //! version, never an edit of these files: the v1 files predate v2 and must
 //! stay as they are.
 //!
-//! Regenerate (only for a new vector): `KMS_WRITE_GOLDEN=1 cargo test -p
-//! kms-client golden`; the test then still compares every file and fails if
-//! a checked-in file changed (`git diff client/tests/golden` shows which).
+//! Add a vector: `KMS_WRITE_GOLDEN=1 cargo test -p kms-client golden` writes
+//! only the files that are missing (to change a set's vectors.json, delete it
+//! first and review `git diff`); the test then compares every file, so a
+//! checked-in vector is never rewritten silently.
 
 use std::path::PathBuf;
 

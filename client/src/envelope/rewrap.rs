@@ -24,8 +24,10 @@
 //!   version already): the file is not touched;
 //! - a new wrapped key: the file is replaced atomically — `<file>.rewrap.tmp`
 //!   is written in the same directory (new header, then the old body; the
-//!   original's permission bits), fsynced, renamed over the original, and the
-//!   directory fsynced. The header is read again just before and must be the
+//!   original's owner, group and permission bits), fsynced, renamed over the
+//!   original, and the directory fsynced. The file gets a new inode: hard
+//!   links to it keep the old envelope, and a symbolic link given as the path
+//!   is replaced by the new file. The header is read again just before and must be the
 //!   one that was sent (else [`FileFailure::Changed`]);
 //! - an error for that item (bad wrapped key, wrong context, disabled version,
 //!   no permission): the file is not touched and the failure is reported.
@@ -552,11 +554,10 @@ async fn write_and_rename(
     let source = tokio::fs::File::open(path)
         .await
         .map_err(io("cannot open the file"))?;
-    let permissions = source
+    let metadata = source
         .metadata()
         .await
-        .map_err(io("cannot read the file's metadata"))?
-        .permissions();
+        .map_err(io("cannot read the file's metadata"))?;
     let mut reader = BufReader::with_capacity(1 << 16, source);
     let again = stream::read_header(&mut reader)
         .await
@@ -572,9 +573,10 @@ async fn write_and_rename(
         .open(temp)
         .await
         .map_err(io("cannot create the temporary file"))?;
-    // The original's permission bits, before any byte of it is written.
+    // The original's owner and permission bits, before any byte is written.
+    let temp_file = keep_owner(temp_file, &metadata).await?;
     temp_file
-        .set_permissions(permissions)
+        .set_permissions(metadata.permissions())
         .await
         .map_err(io("cannot set the temporary file's permissions"))?;
     let mut writer = BufWriter::with_capacity(1 << 16, temp_file);
@@ -593,6 +595,34 @@ async fn write_and_rename(
         .await
         .map_err(io("cannot rename the temporary file over the file"))?;
     sync_parent(path).await
+}
+
+/// Gives `file` the owner and group of `original` when they differ (a rewrap
+/// run by root over other users' files must not hand them to root); a caller
+/// not allowed to do so gets a failure and the original stays as it was.
+#[cfg(unix)]
+async fn keep_owner(
+    file: tokio::fs::File,
+    original: &std::fs::Metadata,
+) -> Result<tokio::fs::File, FileFailure> {
+    use std::os::unix::fs::MetadataExt as _;
+    let what = "cannot give the temporary file the original's owner";
+    let current = file.metadata().await.map_err(io(what))?;
+    if (current.uid(), current.gid()) == (original.uid(), original.gid()) {
+        return Ok(file);
+    }
+    let file = file.into_std().await;
+    std::os::unix::fs::fchown(&file, Some(original.uid()), Some(original.gid()))
+        .map_err(io(what))?;
+    Ok(tokio::fs::File::from_std(file))
+}
+
+#[cfg(not(unix))]
+async fn keep_owner(
+    file: tokio::fs::File,
+    _original: &std::fs::Metadata,
+) -> Result<tokio::fs::File, FileFailure> {
+    Ok(file)
 }
 
 /// fsync of the directory holding `path`, so that the rename survives a
