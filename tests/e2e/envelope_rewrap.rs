@@ -167,6 +167,9 @@ async fn rewrap_moves_envelopes_to_the_new_version_and_keeps_their_bodies() {
     .await
     .expect("rotate to version 2");
 
+    // A crashed run's leftover beside a file to rewrap: replaced, then gone.
+    std::fs::write(dir.join(format!("{}{TEMP_SUFFIX}", names[3])), b"junk").expect("stale");
+
     // The good files interleaved with the bad ones, in batches of 4.
     let path = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
     let mut args: Vec<String> = vec!["--batch-size".into(), "4".into()];

@@ -565,8 +565,17 @@ async fn write_and_rename(
     if again.as_bytes() != old.as_bytes() {
         return Err(FileFailure::Changed);
     }
+    // A leftover of a crashed run is removed, and the temporary file is then
+    // created new: never written through whatever else sits at that name (a
+    // symbolic link planted in a shared directory).
+    match tokio::fs::remove_file(temp).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("cannot remove an old temporary file")(e));
+        }
+        _ => {}
+    }
     let mut options = tokio::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     options.mode(0o600);
     let temp_file = options
