@@ -476,6 +476,36 @@ async fn the_library_rewraps_headers_and_kms_authenticates_the_v2_wrapped_key() 
     server.stop().await;
 }
 
+/// Successful BatchReEncrypt audit records of `key` naming `version` (the
+/// source record of each item).
+async fn re_encrypts_from(server: &TestServer, key: &str, version: u32) -> usize {
+    let mut count = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = server
+            .audit()
+            .list_audit_events(pb::ListAuditEventsRequest {
+                key_id: key.to_owned(),
+                operation: pb::Operation::BatchReEncrypt as i32,
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list audit events")
+            .into_inner();
+        count += page
+            .events
+            .iter()
+            .filter(|e| e.key_version == version && e.result_code == 0)
+            .count();
+        if page.next_page_token.is_empty() {
+            return count;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// A small xorshift generator: kill points reproducible from the printed seed.
 struct Random(u64);
 
@@ -607,6 +637,14 @@ async fn the_rewrap_command_survives_sigkills_and_rewraps_each_file_once() {
         assert!(open(&envelope, &file, name, None).await == data(i, 500 + 37 * i));
         after.insert(name.clone(), std::fs::read(&file).expect("read"));
     }
+    // Re-encrypted out of version 1 at least once per file, and again only
+    // for the batch (7 files) in flight at each kill.
+    let from_v1 = re_encrypts_from(&server, &key, 1).await;
+    eprintln!("{from_v1} items re-encrypted out of version 1");
+    assert!(
+        (KILL_FILES..=KILL_FILES + 7 * kills).contains(&from_v1),
+        "{from_v1} BatchReEncrypt items out of version 1 for {KILL_FILES} files and {kills} kills"
+    );
     // Rewrapped once: another run changes no byte of any file.
     let (ok, summary, stderr) = rewrap_cli(
         &server.endpoint,
