@@ -1,4 +1,4 @@
-//! `kms envelope encrypt|decrypt`: client-side envelope encryption of files and
+//! `kms envelope encrypt|decrypt|rewrap`: client-side envelope encryption of files and
 //! stdin/stdout of any size in constant memory, with kms-client (a fresh data
 //! key from GenerateDataKey per message; format in the README, "Client library
 //! and envelope format").
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kms_client::envelope::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
-use kms_client::{EncryptionContext, Envelope, EnvelopeError, KmsClient};
+use kms_client::{EncryptionContext, Envelope, EnvelopeError, FormatVersion, KmsClient};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use super::{ClientOptions, IoArgs, parse};
@@ -33,6 +33,9 @@ pub enum EnvelopeCommand {
     Encrypt(EnvelopeEncryptArgs),
     /// Decrypt an envelope made by `kms envelope encrypt`.
     Decrypt(EnvelopeDecryptArgs),
+    /// Move envelope files to a key's primary version: only the wrapped data
+    /// key in each header changes (BatchReEncrypt), the data is kept as is.
+    Rewrap(super::rewrap::EnvelopeRewrapArgs),
 }
 
 /// Arguments of `kms envelope encrypt`.
@@ -51,6 +54,11 @@ pub struct EnvelopeEncryptArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK_SIZE,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CHUNK_SIZE)))]
     pub chunk_size: u32,
+    /// Envelope format version: 2 (the default) can be rewrapped after a
+    /// rotation; 1 only for readers older than format version 2.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub format_version: u8,
 }
 
 /// Arguments of `kms envelope decrypt`.
@@ -72,6 +80,7 @@ pub(crate) async fn run(command: EnvelopeCommand, options: &ClientOptions) -> an
     match command {
         EnvelopeCommand::Encrypt(args) => encrypt(args, options).await,
         EnvelopeCommand::Decrypt(args) => decrypt(args, options).await,
+        EnvelopeCommand::Rewrap(args) => super::rewrap::run(args, options).await,
     }
 }
 
@@ -79,7 +88,11 @@ async fn encrypt(args: EnvelopeEncryptArgs, options: &ClientOptions) -> anyhow::
     let context = context(args.context)?;
     let output = Output::open(args.io.output.as_deref(), true).await?;
     let mut input = open_input(args.io.input.as_deref()).await?;
-    let envelope = Envelope::new(connect(options).await?).with_chunk_size(args.chunk_size)?;
+    let format = FormatVersion::from_byte(args.format_version)
+        .with_context(|| format!("--format-version {} is not 1 or 2", args.format_version))?;
+    let envelope = Envelope::new(connect(options).await?)
+        .with_chunk_size(args.chunk_size)?
+        .with_format_version(format);
     output
         .finish(async |mut writer| {
             envelope
@@ -112,7 +125,7 @@ fn context(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
     Ok(EncryptionContext::new(map)?)
 }
 
-async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
+pub(crate) async fn connect(options: &ClientOptions) -> anyhow::Result<KmsClient> {
     super::connect_with(
         super::client_config(options)?.with_call_timeout(CALL_TIMEOUT),
         options,
@@ -255,6 +268,8 @@ mod tests {
             panic!("wrong command: {:?}", cli.command);
         };
         assert_eq!(args.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(args.format_version, 2);
+        assert!(parse(&["encrypt", "--key", "k", "--format-version", "3"]).is_err());
         assert_eq!(args.context, [("t".to_owned(), "a=b".to_owned())]);
         assert_eq!(args.io.output.as_deref(), Some(Path::new("x.kmse")));
     }

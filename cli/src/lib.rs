@@ -33,6 +33,7 @@ mod output;
 mod parse;
 mod policy;
 mod reencrypt;
+mod rewrap;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub use keys::{
 pub use output::sanitize;
 pub use policy::{GrantArgs, PolicyCommand, PolicyKeyArg, RevokeArgs, SetPolicyArgs};
 pub use reencrypt::ReEncryptArgs;
+pub use rewrap::EnvelopeRewrapArgs;
 
 /// How long to wait for the TCP/HTTP2 connection to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

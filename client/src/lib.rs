@@ -7,6 +7,9 @@
 //! - [`Envelope`]: encrypts a stream under a fresh data key from GenerateDataKey
 //!   in authenticated AES-256-GCM chunks, and decrypts it in constant memory
 //!   (format: README, "Client library and envelope format").
+//! - [`Rewrapper`]: moves envelope files (format version 2) to a key's
+//!   primary version by replacing only their wrapped data keys, atomically
+//!   per file, in BatchReEncrypt batches.
 //! - [`ReEncryptJob`]: moves a file of ciphertext blobs to a key's primary
 //!   version with BatchReEncrypt, resumably (checkpoint after each batch).
 //! - [`DataKeyCache`]: optional reuse of data keys within message, byte and age
@@ -34,7 +37,8 @@ pub use client::{AuditEventStream, ClientStats, KmsClient};
 pub use config::{BearerToken, ClientConfig, ClientIdentity};
 pub use context::EncryptionContext;
 pub use data_key::DataKey;
-pub use envelope::{Envelope, EnvelopeError, EnvelopeStats};
+pub use envelope::rewrap::{RewrapSummary, Rewrapper};
+pub use envelope::{Envelope, EnvelopeError, EnvelopeStats, FormatVersion};
 pub use error::{Error, join_causes};
 pub use kms_proto::v1 as proto;
 pub use reencrypt::{ReEncryptJob, ReEncryptSummary};

@@ -708,7 +708,7 @@ impl ReEncryptJob {
 /// kms server itself never answers either (as `kms audit tail`'s
 /// reconnection, cli/src/audit.rs). Repeating a BatchReEncrypt is safe: its
 /// first answer was never written.
-fn lost_connection(error: &crate::Error) -> bool {
+pub(crate) fn lost_connection(error: &crate::Error) -> bool {
     matches!(
         error.code(),
         Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)

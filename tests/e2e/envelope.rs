@@ -492,33 +492,39 @@ async fn the_cli_round_trips_files_and_stdin_and_python_decrypts_its_output() {
 
 #[tokio::test]
 async fn python_decrypts_the_golden_vectors_and_refuses_the_invalid_ones() {
-    let output = tokio::task::spawn_blocking(|| {
-        Command::new("python3")
-            .args([SCRIPT, "golden", GOLDEN])
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("run python3 (scripts/setup.sh installs cryptography)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok valid")).count(),
-        6,
-        "{stdout}"
-    );
-    assert_eq!(
-        stdout
-            .lines()
-            .filter(|l| l.starts_with("ok invalid"))
-            .count(),
-        7,
-        "{stdout}"
-    );
+    // v1 (the original set) and v2 (golden/v2, with a rewrapped vector).
+    for (dir, valid, invalid) in [(GOLDEN.to_owned(), 6, 7), (format!("{GOLDEN}/v2"), 7, 9)] {
+        let output = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || {
+                Command::new("python3")
+                    .args([SCRIPT, "golden", &dir])
+                    .output()
+            }
+        })
+        .await
+        .expect("join")
+        .expect("run python3 (scripts/setup.sh installs cryptography)");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{dir}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            stdout.lines().filter(|l| l.starts_with("ok valid")).count(),
+            valid,
+            "{dir}: {stdout}"
+        );
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| l.starts_with("ok invalid"))
+                .count(),
+            invalid,
+            "{dir}: {stdout}"
+        );
+    }
 }
 
 /// A deterministic stream of `len` bytes made on the fly: byte i depends on i

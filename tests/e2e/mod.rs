@@ -20,6 +20,7 @@ mod crypto;
 mod drain;
 mod emergency_path;
 mod envelope;
+mod envelope_rewrap;
 mod etcd_harness;
 mod faults;
 mod gcm_limit;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""An independent decryptor for kms envelope format v1, written only from the
-README section "Client library and envelope format", with the `cryptography`
-package (HKDF-SHA256, AES-GCM). It shares no code with the Rust implementation.
+"""An independent decryptor for kms envelope formats v1 and v2, written only
+from the README sections "Envelope format, version 1" and "Envelope format,
+version 2", with the `cryptography` package (HKDF-SHA256, AES-GCM). It shares
+no code with the Rust implementation.
 
 Usage:
   envelope_check.py decrypt --data-key HEX --in FILE [--out FILE] [--context K=V ...]
@@ -10,7 +11,9 @@ Usage:
       envelope is invalid (tampered, truncated, wrong key or context).
   envelope_check.py golden DIR
       Checks every vector of DIR/vectors.json: valid ones decrypt to the
-      expected plaintext digest, invalid ones are refused.
+      expected plaintext digest, invalid ones are refused; a valid vector with
+      "body_of" must have exactly that file's body (the bytes after the header)
+      and the "wrapped_data_key" given.
 """
 import argparse
 import hashlib
@@ -26,7 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAGIC = b"KMSE"
 TAG_LEN = 16
-LABEL = b"kms-envelope-v1 message key"
+LABELS = {1: b"kms-envelope-v1 message key", 2: b"kms-envelope-v2 message key"}
 MAX_CHUNKS = 1 << 32
 
 
@@ -51,9 +54,15 @@ def read_exact(f, n):
 
 
 def read_header(f):
+    """Returns (version, header, authenticated bytes, S, message id, context bytes, wrapped key).
+
+    v1 authenticates the full header; v2 the bound header: the header without
+    the W field and the wrapped data key (magic ‖ version ‖ suite ‖ S ‖
+    message id ‖ C ‖ context)."""
     prefix = read_exact(f, 44)
-    if prefix[0:4] != MAGIC or prefix[4] != 1 or prefix[5] != 1:
+    if prefix[0:4] != MAGIC or prefix[4] not in LABELS or prefix[5] != 1:
         raise Invalid("bad magic, version or suite")
+    version = prefix[4]
     (chunk_size,) = struct.unpack(">I", prefix[6:10])
     if not 1 <= chunk_size <= 16 * 1024 * 1024:
         raise Invalid("bad chunk size")
@@ -68,7 +77,11 @@ def read_header(f):
         raise Invalid("bad context length")
     context = read_exact(f, c)
     header = prefix + wrapped + c_field + context
-    return header, chunk_size, message_id, context
+    if version == 1:
+        authenticated = header
+    else:
+        authenticated = prefix[0:42] + c_field + context
+    return version, header, authenticated, chunk_size, message_id, context, wrapped
 
 
 def read_up_to(f, n):
@@ -82,14 +95,14 @@ def read_up_to(f, n):
 
 
 def decrypt(f, out, data_key, context):
-    header, chunk_size, message_id, encoded_context = read_header(f)
+    version, _, authenticated, chunk_size, message_id, encoded_context, _ = read_header(f)
     if encoded_context != encode_context(context):
         raise Invalid("context differs")
     message_key = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=message_id, info=LABEL + header
+        algorithm=hashes.SHA256(), length=32, salt=message_id, info=LABELS[version] + authenticated
     ).derive(data_key)
     aead = AESGCM(message_key)
-    aad = hashlib.sha256(header).digest()
+    aad = hashlib.sha256(authenticated).digest()
     index = 0
     total = 0
     while True:
@@ -140,6 +153,9 @@ def check_golden(directory):
         if n != v["plaintext_len"] or sink.hexdigest() != v["plaintext_sha256"] or expected != v["plaintext_sha256"]:
             print(f"FAIL {v['name']}: wrong plaintext")
             failures += 1
+        elif "body_of" in v and not same_body(directory, v):
+            print(f"FAIL {v['name']}: not a rewrap of {v['body_of']}")
+            failures += 1
         else:
             print(f"ok valid {v['name']}")
     for v in manifest["invalid"]:
@@ -151,6 +167,19 @@ def check_golden(directory):
             except Invalid:
                 print(f"ok invalid {v['name']}")
     return 1 if failures else 0
+
+
+def split(path):
+    """(wrapped data key, body) of the envelope at path."""
+    with open(path, "rb") as f:
+        _, _, _, _, _, _, wrapped = read_header(f)
+        return wrapped, f.read()
+
+
+def same_body(directory, v):
+    wrapped, body = split(os.path.join(directory, v["file"]))
+    source_wrapped, source_body = split(os.path.join(directory, v["body_of"]))
+    return body == source_body and wrapped != source_wrapped and wrapped.hex() == v["wrapped_data_key"]
 
 
 class HashingSink:

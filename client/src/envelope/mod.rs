@@ -2,7 +2,9 @@
 //! GenerateDataKey per message (or a cached one, see [`crate::cache`]), a
 //! versioned header carrying the wrapped data key, the encryption context and
 //! the chunk size, then the data in AES-256-GCM chunks under a per-message key
-//! (format in [`mod@format`] and the README).
+//! (format in [`mod@format`] and the README). Writers write format version 2;
+//! readers read versions 1 and 2. [`rewrap`] replaces the wrapped data key of
+//! version 2 envelopes (after a rotation) and keeps their bodies.
 //!
 //! Decryption reads the header, unwraps the data key with the kms Decrypt RPC
 //! (passing the same context, which the KMS checks too) and streams the chunks
@@ -12,6 +14,7 @@
 //! [`EnvelopeError::Invalid`]), or log keys, plaintext or context values.
 
 pub mod format;
+pub mod rewrap;
 mod stream;
 
 use std::fmt;
@@ -26,7 +29,9 @@ use crate::cache::{DataKeyCache, DecryptSlot, EncryptSlot};
 use crate::context::{ContextError, EncryptionContext};
 use crate::data_key::{DataKey, DataKeyLengthError};
 use crate::{Error, KmsClient};
-pub use format::{DEFAULT_CHUNK_SIZE, Header, HeaderError, MAX_CHUNK_SIZE, MAX_CHUNKS};
+pub use format::{
+    DEFAULT_CHUNK_SIZE, FormatVersion, Header, HeaderError, MAX_CHUNK_SIZE, MAX_CHUNKS,
+};
 use stream::ChunkCipher;
 
 /// Why an envelope operation failed.
@@ -102,6 +107,7 @@ pub struct EnvelopeStats {
 pub struct Envelope {
     kms: KmsClient,
     chunk_size: u32,
+    format: FormatVersion,
     cache: Option<Arc<DataKeyCache>>,
     generate_calls: Arc<AtomicU64>,
     decrypt_calls: Arc<AtomicU64>,
@@ -112,6 +118,7 @@ impl fmt::Debug for Envelope {
         f.debug_struct("Envelope")
             .field("kms", &self.kms)
             .field("chunk_size", &self.chunk_size)
+            .field("format", &self.format)
             .field("cache", &self.cache)
             .field("stats", &self.stats())
             .finish()
@@ -119,11 +126,13 @@ impl fmt::Debug for Envelope {
 }
 
 impl Envelope {
-    /// Envelope encryption with the default chunk size and no cache.
+    /// Envelope encryption with the default chunk size, format version 2 and
+    /// no cache.
     pub fn new(kms: KmsClient) -> Self {
         Envelope {
             kms,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            format: FormatVersion::V2,
             cache: None,
             generate_calls: Arc::new(AtomicU64::new(0)),
             decrypt_calls: Arc::new(AtomicU64::new(0)),
@@ -142,6 +151,15 @@ impl Envelope {
         }
         self.chunk_size = chunk_size;
         Ok(self)
+    }
+
+    /// The format version written ([`FormatVersion::V2`] by default).
+    /// [`FormatVersion::V1`] only while some reader predates version 2: a
+    /// version 1 envelope cannot be rewrapped (its wrapped key is bound into
+    /// the message key). Decryption reads both whatever this says.
+    pub fn with_format_version(mut self, format: FormatVersion) -> Self {
+        self.format = format;
+        self
     }
 
     /// Reuse data keys within `cache`'s limits (off unless set).
@@ -234,8 +252,13 @@ impl Envelope {
             .filter(|(cache, len)| cache.accepts(*len));
         if let Some((cache, len)) = cache {
             let cached = cache.use_for_encrypt(&slot, len, Instant::now(), |data_key, wrapped| {
-                Header::new(self.chunk_size, wrapped.to_vec(), context.clone())
-                    .map(|header| (ChunkCipher::new(&header, data_key), header))
+                Header::new_with_version(
+                    self.format,
+                    self.chunk_size,
+                    wrapped.to_vec(),
+                    context.clone(),
+                )
+                .map(|header| (ChunkCipher::new(&header, data_key), header))
             });
             if let Some(prepared) = cached {
                 let (cipher, header) = prepared?;
@@ -249,7 +272,12 @@ impl Envelope {
             }
         }
         let (data_key, wrapped) = self.generate_data_key(key_id, context).await?;
-        let header = Header::new(self.chunk_size, wrapped.clone(), context.clone())?;
+        let header = Header::new_with_version(
+            self.format,
+            self.chunk_size,
+            wrapped.clone(),
+            context.clone(),
+        )?;
         let cipher = ChunkCipher::new(&header, &data_key);
         if let Some((cache, len)) = cache {
             // Cached before the data is encrypted: the budget is charged now,
@@ -374,16 +402,16 @@ impl Envelope {
 /// wrapped key) without decrypting anything.
 ///
 /// # Errors
-/// [`EnvelopeError::Invalid`] if the bytes are not a well-formed version 1
-/// header; [`EnvelopeError::Read`] if reading fails.
+/// [`EnvelopeError::Invalid`] if the bytes are not a well-formed version 1 or
+/// 2 header; [`EnvelopeError::Read`] if reading fails.
 pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Header, EnvelopeError> {
     stream::read_header(reader).await
 }
 
 /// Encrypts with a data key the caller already holds (and its wrapped form),
 /// without calling a KMS: for callers that manage data keys themselves, tests
-/// and benchmarks. A fresh random message id keeps messages apart even when
-/// the same data key is used for many of them.
+/// and benchmarks. Writes format version 2. A fresh random message id keeps
+/// messages apart even when the same data key is used for many of them.
 ///
 /// # Errors
 /// [`EnvelopeError::Header`] for a chunk size outside 1 ..= 16 MiB or a wrapped
@@ -425,7 +453,11 @@ where
 }
 
 /// Decrypts with a data key the caller already holds (see
-/// [`encrypt_with_data_key`]); `context` must equal the header's.
+/// [`encrypt_with_data_key`]); `context` must equal the header's. Reads
+/// versions 1 and 2. Nothing here checks a version 2 header's wrapped data key
+/// (it is not part of the message key, so that it can be rewrapped; the kms
+/// Decrypt RPC authenticates it when the data key is unwrapped): the caller
+/// vouches for the data key.
 ///
 /// # Errors
 /// [`EnvelopeError::Invalid`] for a malformed or tampered envelope, another

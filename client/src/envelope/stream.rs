@@ -1,7 +1,7 @@
 //! Chunked AES-256-GCM over async streams (the STREAM construction of
 //! Hoang, Reyhanitabar, Rogaway and Vizár): every chunk is sealed under the
 //! per-message key with nonce = 11-byte big-endian chunk index ‖ final flag and
-//! AAD = SHA-256(header). Reordering, dropping, duplicating or swapping chunks
+//! AAD = SHA-256(full header) in format v1, SHA-256(bound header) in v2. Reordering, dropping, duplicating or swapping chunks
 //! (within or between messages), truncation and appended data all fail a tag.
 //!
 //! Memory is one chunk buffer (chunk size + 16 bytes) whatever the message size.
@@ -197,7 +197,7 @@ pub(crate) async fn encrypt(
 pub(crate) async fn read_header(reader: &mut Reader<'_>) -> Result<Header, EnvelopeError> {
     let mut prefix = [0u8; FIXED_PREFIX_LEN];
     read_exact(reader, &mut prefix).await?;
-    let (chunk_size, message_id, wrapped_len) =
+    let (version, chunk_size, message_id, wrapped_len) =
         format::parse_prefix(&prefix).ok_or(EnvelopeError::Invalid)?;
     let mut wrapped = vec![0u8; wrapped_len];
     read_exact(reader, &mut wrapped).await?;
@@ -206,7 +206,8 @@ pub(crate) async fn read_header(reader: &mut Reader<'_>) -> Result<Header, Envel
     let context_len = format::parse_context_len(context_len).ok_or(EnvelopeError::Invalid)?;
     let mut context = vec![0u8; context_len];
     read_exact(reader, &mut context).await?;
-    format::assemble(chunk_size, message_id, wrapped, &context).ok_or(EnvelopeError::Invalid)
+    format::assemble(version, chunk_size, message_id, wrapped, &context)
+        .ok_or(EnvelopeError::Invalid)
 }
 
 /// `read_exact`, with a short input reported as an invalid envelope.

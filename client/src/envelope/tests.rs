@@ -38,6 +38,16 @@ async fn seal(data_key: &DataKey, context: &EncryptionContext, chunk: u32, data:
     out
 }
 
+/// As [`seal`], in format `version`.
+async fn seal_as(version: FormatVersion, chunk: u32, data: &[u8]) -> Vec<u8> {
+    let header = Header::new_with_version(version, chunk, vec![0xAA; 40], ctx()).expect("header");
+    let mut out = Vec::new();
+    encrypt_with_header(&key(), header, &mut &data[..], &mut out)
+        .await
+        .expect("encrypt");
+    out
+}
+
 async fn open(
     data_key: &DataKey,
     context: &EncryptionContext,
@@ -119,13 +129,50 @@ async fn every_truncation_fails() {
 #[tokio::test]
 async fn every_flipped_bit_fails_in_every_region() {
     // Header (magic, version, suite, chunk size, message id, wrapped key, context
-    // length, context), full chunks, the final chunk and every tag.
-    let envelope = seal(&key(), &ctx(), CHUNK, &plaintext(40)).await;
-    for byte in 0..envelope.len() {
-        for bit in 0..8 {
-            let mut bad = envelope.clone();
-            bad[byte] ^= 1 << bit;
-            assert_invalid(&bad, &format!("bit {bit} of byte {byte}")).await;
+    // length, context), full chunks, the final chunk and every tag. In v2 the
+    // wrapped key's own bytes are the exception, with a data key held locally:
+    // they are left out of the message key (so that a rewrap keeps the body),
+    // and the kms Decrypt authenticates them (tests/e2e/envelope_rewrap.rs).
+    for version in [FormatVersion::V1, FormatVersion::V2] {
+        let envelope = seal_as(version, CHUNK, &plaintext(40)).await;
+        let wrapped = FIXED_PREFIX_LEN..FIXED_PREFIX_LEN + 40;
+        for byte in 0..envelope.len() {
+            for bit in 0..8 {
+                let mut bad = envelope.clone();
+                bad[byte] ^= 1 << bit;
+                if version == FormatVersion::V2 && wrapped.contains(&byte) {
+                    let (result, out) = open(&key(), &ctx(), &bad).await;
+                    result.expect("v2: another wrapped key, the same data key");
+                    assert_eq!(out, plaintext(40));
+                } else {
+                    assert_invalid(&bad, &format!("{version:?}: bit {bit} of byte {byte}")).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_v2_body_survives_a_new_wrapped_key_and_a_v1_body_does_not() {
+    let data = plaintext(100);
+    for version in [FormatVersion::V1, FormatVersion::V2] {
+        let envelope = seal_as(version, CHUNK, &data).await;
+        let mut input = envelope.as_slice();
+        let header = read_header(&mut input).await.expect("header");
+        assert_eq!(header.version(), version);
+        let body = input;
+        let rewrapped = header
+            .with_wrapped_data_key(vec![0x55; 130])
+            .expect("new header");
+        let mut moved = rewrapped.as_bytes().to_vec();
+        moved.extend_from_slice(body);
+        let (result, out) = open(&key(), &ctx(), &moved).await;
+        match version {
+            FormatVersion::V2 => {
+                result.expect("the same body under the new header");
+                assert_eq!(out, data);
+            }
+            _ => assert!(matches!(result, Err(EnvelopeError::Invalid)), "{result:?}"),
         }
     }
 }
@@ -239,6 +286,7 @@ async fn the_header_is_read_exactly_and_the_input_length_is_enforced() {
     assert_eq!(input.len(), envelope.len() - header.as_bytes().len());
 
     let header = Header::new(CHUNK, vec![1], ctx()).expect("header");
+    assert_eq!(header.version(), FormatVersion::V2);
     for (len, expected) in [(20usize, 21u64), (20, 19), (32, 16)] {
         let data = plaintext(len);
         let mut out = Vec::new();
