@@ -119,12 +119,17 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let summary = result.with_context(|| {
-        format!(
-            "re-encryption stopped; run the same command again to resume from {}",
-            checkpoint.display()
-        )
-    })?;
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(error) if error.is_resumable() => {
+            return Err(anyhow::Error::new(error).context(format!(
+                "re-encryption stopped; {} lines are done and checkpointed: once the cause below is fixed, run the same command again to resume from {}",
+                checkpointed.get(),
+                checkpoint.display()
+            )));
+        }
+        Err(error) => return Err(anyhow::Error::new(error).context("re-encryption refused")),
+    };
     print_summary(&summary, options.json)?;
     if summary.failed > 0 {
         anyhow::bail!(

@@ -9,7 +9,9 @@
 //! - one standard base64 blob (no context).
 //!
 //! The output has exactly one line per input line, in the same order and the
-//! same form: a JSON line comes back as a compact JSON object with only `ciphertext_blob` replaced; a base64 line as the
+//! same form: a JSON line comes back as a compact JSON object with
+//! `ciphertext_blob` replaced (and `key_id`, `key_version` updated if the
+//! line has them); a base64 line as the
 //! new blob in base64. The context of the new blob is the line's own context.
 //! A blank line is copied as a blank line. A line that fails (malformed, or
 //! refused by the server for that item: bad blob, wrong context, no
@@ -177,8 +179,8 @@ pub enum JobError {
     },
     /// The checkpoint was made for another destination key.
     #[error(
-        "the checkpoint {} was made for destination {recorded:?}, not {given:?}",
-        path.display()
+        "the checkpoint {} was made for destination {}, not {}",
+        path.display(), destination_name(recorded), destination_name(given)
     )]
     DestinationChanged {
         /// The checkpoint file.
@@ -233,6 +235,31 @@ pub enum JobError {
         /// Results received.
         got: usize,
     },
+}
+
+impl JobError {
+    /// Whether running the same job again can continue from the checkpoint
+    /// once the cause is gone (a failed call, an I/O error), as opposed to
+    /// a refusal that the same command will meet again (another input or
+    /// destination, an existing output, a bad batch size or checkpoint).
+    pub fn is_resumable(&self) -> bool {
+        matches!(
+            self,
+            JobError::Io { .. }
+                | JobError::Input { .. }
+                | JobError::Rpc { .. }
+                | JobError::ShortReply { .. }
+        )
+    }
+}
+
+/// A destination key as messages name it ("" is each blob's own key).
+fn destination_name(key: &str) -> String {
+    if key.is_empty() {
+        "(each blob's own key)".to_owned()
+    } else {
+        format!("{key:?}")
+    }
 }
 
 /// What the checkpoint file holds.
@@ -418,7 +445,7 @@ impl ReEncryptJob {
                                 text.extend_from_slice(&raw);
                             } else {
                                 state.moved += 1;
-                                write_form(&mut text, form, &item.ciphertext_blob);
+                                write_form(&mut text, form, item);
                             }
                         }
                         Some(pb::batch_re_encrypt_result::Outcome::Error(status)) => {
@@ -770,8 +797,12 @@ fn parse_line(raw: &[u8]) -> Result<ParsedLine, String> {
     })
 }
 
-fn write_form(text: &mut Vec<u8>, form: Form, blob: &[u8]) {
-    let encoded = BASE64.encode(blob);
+/// Writes a moved line in its input form. A JSON line gets the new blob,
+/// and its `key_id` and `key_version` fields (as `kms encrypt --json`
+/// prints them), if it has them, now name where the blob went: left alone
+/// they would describe the new blob wrongly.
+fn write_form(text: &mut Vec<u8>, form: Form, moved: &pb::BatchReEncryptItem) {
+    let encoded = BASE64.encode(&moved.ciphertext_blob);
     match form {
         Form::Base64 => text.extend_from_slice(encoded.as_bytes()),
         Form::Json(mut object) => {
@@ -779,6 +810,18 @@ fn write_form(text: &mut Vec<u8>, form: Form, blob: &[u8]) {
                 "ciphertext_blob".to_owned(),
                 serde_json::Value::String(encoded),
             );
+            if object.contains_key("key_id") {
+                object.insert(
+                    "key_id".to_owned(),
+                    serde_json::Value::String(moved.key_id.clone()),
+                );
+            }
+            if object.contains_key("key_version") {
+                object.insert(
+                    "key_version".to_owned(),
+                    serde_json::Value::from(moved.key_version),
+                );
+            }
             // Serializing a map of JSON values cannot fail.
             let line = serde_json::to_string(&object).unwrap_or_default();
             text.extend_from_slice(line.as_bytes());
@@ -823,12 +866,29 @@ mod tests {
             .expect("json");
         assert_eq!(blob, vec![1, 2, 3]);
         assert_eq!(context.get("tenant").map(String::as_str), Some("a"));
+        let moved = pb::BatchReEncryptItem {
+            ciphertext_blob: vec![4, 5],
+            key_id: "key-new".to_owned(),
+            key_version: 3,
+            ..Default::default()
+        };
         let mut text = Vec::new();
-        write_form(&mut text, form, &[4, 5]);
+        write_form(&mut text, form, &moved);
         let written: serde_json::Value = serde_json::from_slice(&text).expect("json out");
         assert_eq!(
             written,
             serde_json::json!({"ciphertext_blob": "BAU=", "encryption_context": {"tenant": "a"}, "id": 7})
+        );
+        // The fields `kms encrypt --json` prints follow the blob.
+        let ParsedLine { form, .. } =
+            parse_line(br#"{"ciphertext_blob":"AQID","key_id":"key-old","key_version":1}"#)
+                .expect("json");
+        let mut text = Vec::new();
+        write_form(&mut text, form, &moved);
+        let written: serde_json::Value = serde_json::from_slice(&text).expect("json out");
+        assert_eq!(
+            written,
+            serde_json::json!({"ciphertext_blob": "BAU=", "key_id": "key-new", "key_version": 3})
         );
         for bad in [
             &b"not base64!"[..],

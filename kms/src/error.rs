@@ -93,7 +93,7 @@ pub enum KmsError {
     /// (`lifecycle.version_destruction_quiet_period_days`), without
     /// `override_recent_use` (issue 18 item 2, the guard).
     #[error(
-        "version {version} of key {key_id} was last used to decrypt at {}, within the quiet period of {quiet_period_days} days; move what still uses it (ReEncrypt) or set override_recent_use to schedule its destruction anyway",
+        "version {version} of key {key_id} was last used to decrypt at {}, within the quiet period of {quiet_period_days} days; move what still uses it (ReEncrypt) or set override_recent_use (CLI: --override-recent-use; audited) to schedule its destruction anyway",
         rfc3339_ms(*last_decrypt_ms)
     )]
     VersionRecentlyUsed {

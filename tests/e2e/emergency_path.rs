@@ -224,6 +224,13 @@ async fn a_suspected_version_is_moved_off_and_destroyed_with_every_step_audited(
     // exactly the job's re-encryptions, the last within the job's run; the
     // refused Decrypts above were not uses. A later attempt is refused and
     // changes nothing.
+    let (_, shown, _) = cli(
+        &server,
+        &["key", "last-usage", &key, "--version", "1"],
+        true,
+    )
+    .await;
+    assert_eq!(shown["versions"][0]["state"], "REENCRYPT_ONLY", "{shown}");
     let (count, last) = decrypt_use(&server, &key, 1).await;
     assert_eq!(count, SUSPECT_BLOBS as u64, "one use per moved blob");
     let last = last.expect("last decrypt time");

@@ -138,20 +138,11 @@ pub(crate) fn key_origin(origin: KeyOrigin) -> pb::KeyOrigin {
 }
 
 pub(crate) fn key_version(version: &VersionRecord, primary: Option<u32>) -> pb::KeyVersion {
-    let (state, destroy_time) = match version.state {
-        VersionState::Pending => (pb::KeyVersionState::PendingCreation, None),
-        VersionState::Enabled => (pb::KeyVersionState::Enabled, None),
-        VersionState::Disabled => (pb::KeyVersionState::Disabled, None),
-        VersionState::ScheduledDestruction { destroy_at_ms } => (
-            pb::KeyVersionState::ScheduledDestruction,
-            Some(timestamp_ms(destroy_at_ms)),
-        ),
-        VersionState::Destroyed { destroyed_at_ms } => (
-            pb::KeyVersionState::Destroyed,
-            Some(timestamp_ms(destroyed_at_ms)),
-        ),
-        VersionState::ReEncryptOnly => (pb::KeyVersionState::ReencryptOnly, None),
-        _ => (pb::KeyVersionState::Unspecified, None),
+    let state = key_version_state(version.state);
+    let destroy_time = match version.state {
+        VersionState::ScheduledDestruction { destroy_at_ms } => Some(timestamp_ms(destroy_at_ms)),
+        VersionState::Destroyed { destroyed_at_ms } => Some(timestamp_ms(destroyed_at_ms)),
+        _ => None,
     };
     let (protection, root_epoch) = protection(&version.kek);
     pb::KeyVersion {
@@ -180,7 +171,8 @@ pub(crate) fn key_usage(usage: &VersionUsage) -> pb::KeyUsage {
     }
 }
 
-/// The proto state of a version (as `KeyVersion.state`).
+/// The proto state of a version (as `KeyVersion.state`, and in
+/// GetKeyLastUsage): the one mapping of every reply.
 pub(crate) fn key_version_state(state: VersionState) -> pb::KeyVersionState {
     match state {
         VersionState::Pending => pb::KeyVersionState::PendingCreation,
@@ -188,6 +180,8 @@ pub(crate) fn key_version_state(state: VersionState) -> pb::KeyVersionState {
         VersionState::Disabled => pb::KeyVersionState::Disabled,
         VersionState::ScheduledDestruction { .. } => pb::KeyVersionState::ScheduledDestruction,
         VersionState::Destroyed { .. } => pb::KeyVersionState::Destroyed,
+        VersionState::ReEncryptOnly => pb::KeyVersionState::ReencryptOnly,
+        // `VersionState` is non-exhaustive: a state this build cannot name.
         _ => pb::KeyVersionState::Unspecified,
     }
 }
