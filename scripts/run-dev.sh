@@ -10,4 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --workspace --all-targets --all-features --locked
 target="${CARGO_TARGET_DIR:-target}"
+kms_cli="$(cd "$target/debug" && pwd)/kms"
+echo "run-dev: the CLI is $kms_cli (plaintext gRPC on loopback, principal \"dev\"); in another terminal:" >&2
+echo "run-dev:   $kms_cli key create --alias alias/demo && echo -n hi | $kms_cli encrypt --key alias/demo --out hi.bin" >&2
 exec "$target/debug/kms" serve --dev --data-dir "${KMS_DATA_DIR:-./.kms-data}" "$@"
