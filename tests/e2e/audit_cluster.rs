@@ -23,8 +23,13 @@ use super::{create_key, encrypt};
 
 /// A server; with a node id, a cluster node over its own one-member etcd
 /// (returned, to be kept alive for the test's length), so that it has a
-/// node id but no peers.
+/// node id but no peers, and a root key on its token.
 async fn node(env: &TestEnv, id: Option<&str>) -> (TestServer, Option<EtcdCluster>) {
+    if id.is_some() {
+        // A cluster node wraps its versions under a root (it refuses to
+        // start without one).
+        super::wrapped::init_root(env);
+    }
     let mut config = env.config();
     let etcd = id.map(|_| EtcdCluster::start(1));
     config.cluster = id

@@ -246,6 +246,13 @@ async fn restore_within_the_window_makes_the_version_disabled_and_the_scheduler_
         .expect_err("not scheduled");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
+        status
+            .message()
+            .contains("is not scheduled for destruction (it is enabled)"),
+        "{}",
+        status.message()
+    );
+    assert!(
         server
             .service()
             .hsm()

@@ -146,7 +146,12 @@ impl KmsService {
                     v.state = VersionState::Disabled;
                     Ok(())
                 }
-                _ => Err(version_unusable(v)),
+                VersionState::Destroyed { .. } => Err(version_unusable(v)),
+                _ => Err(KmsError::VersionUnusable {
+                    key_id: v.key_id.clone(),
+                    version: v.version,
+                    state: not_scheduled(&v.state),
+                }),
             },
         )
     }
@@ -266,5 +271,25 @@ fn check_retirable(record: &KeyRecord, version: &VersionRecord) -> Result<()> {
         | VersionState::ReEncryptOnly
         | VersionState::ScheduledDestruction { .. } => Ok(()),
         _ => Err(version_unusable(version)),
+    }
+}
+
+/// How RestoreKeyVersion names a version it cannot restore: it is not
+/// scheduled for destruction, and in which state it is instead.
+fn not_scheduled(state: &VersionState) -> &'static str {
+    match state {
+        VersionState::Enabled => {
+            "not scheduled for destruction (it is enabled): only a scheduled version can be restored"
+        }
+        VersionState::Disabled => {
+            "not scheduled for destruction (it is disabled): only a scheduled version can be restored"
+        }
+        VersionState::ReEncryptOnly => {
+            "not scheduled for destruction (it is re-encrypt only): only a scheduled version can be restored"
+        }
+        VersionState::Pending => {
+            "not scheduled for destruction (it is being created): only a scheduled version can be restored"
+        }
+        _ => "not scheduled for destruction: only a scheduled version can be restored",
     }
 }
