@@ -410,6 +410,28 @@ async fn create(args: CreateKeyArgs, options: &ClientOptions) -> anyhow::Result<
         nanos: 0,
     });
     let client = connect(options).await?;
+    // An alias already in use would leave a new key without it: refuse
+    // before creating anything (CreateAlias below still refuses a race).
+    if let Some(alias_name) = &args.alias {
+        let existing = client
+            .describe_key(pb::DescribeKeyRequest {
+                key_id: alias_name.clone(),
+            })
+            .await;
+        match existing {
+            Ok(reply) => {
+                let target = reply.key_metadata.map(|m| m.key_id).unwrap_or_default();
+                anyhow::bail!(
+                    "ALREADY_EXISTS: {alias_name} already names key {target}; nothing was created (choose another alias, or move it with `kms alias update`)"
+                );
+            }
+            Err(error) if error.code() == Some(tonic::Code::InvalidArgument) => {
+                return Err(anyhow::Error::new(error).context("nothing was created"));
+            }
+            // Free (NOT_FOUND), or not ours to describe: CreateAlias decides.
+            Err(_) => {}
+        }
+    }
     let reply = client
         .create_key(pb::CreateKeyRequest {
             description: args.description,

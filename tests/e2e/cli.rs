@@ -237,3 +237,49 @@ fn a_closed_output_pipe_is_not_an_error() {
         assert!(stderr.is_empty(), "kms {args:?}: {stderr}");
     }
 }
+
+/// `kms key create --alias` with an alias already in use (or malformed)
+/// creates nothing: before, the key was made and left without its alias.
+#[tokio::test]
+async fn key_create_with_a_taken_or_bad_alias_creates_nothing() {
+    use kms_proto::v1 as pb;
+    let env = kms_tests::TestEnv::new();
+    let server = env.start().await;
+    let endpoint = server.endpoint.clone();
+    let (first, taken, bad) = tokio::task::spawn_blocking(move || {
+        let first = run_cli(
+            &endpoint,
+            &["--json", "key", "create", "--alias", "alias/taken"],
+            b"",
+        );
+        let taken = run_cli(&endpoint, &["key", "create", "--alias", "alias/taken"], b"");
+        let bad = run_cli(&endpoint, &["key", "create", "--alias", "no-prefix"], b"");
+        (first, taken, bad)
+    })
+    .await
+    .expect("join");
+    assert!(first.0, "{}", first.2);
+    assert!(!taken.0, "a taken alias is refused");
+    assert!(
+        taken.2.contains("ALREADY_EXISTS")
+            && taken.2.contains("alias/taken already names key key-")
+            && taken.2.contains("nothing was created"),
+        "{}",
+        taken.2
+    );
+    assert!(!bad.0, "a malformed alias is refused");
+    assert!(
+        bad.2.contains("INVALID_ARGUMENT") && bad.2.contains("nothing was created"),
+        "{}",
+        bad.2
+    );
+    let keys = server
+        .keys()
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .expect("ListKeys")
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1, "only the first key exists: {keys:?}");
+    server.stop().await;
+}
