@@ -346,6 +346,17 @@ impl ClusterNodes {
         child.wait().ok()
     }
 
+    /// Sends `signal` (a `kill` name: "STOP", "CONT", ...) to node `i`'s
+    /// process; a no-op if it is not running. SIGSTOP freezes a node as a
+    /// stalled process would: its etcd lease lives on until its TTL.
+    pub fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = self.nodes[i].child.as_ref() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL of node `i`: no shutdown, no flush.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {

@@ -315,3 +315,85 @@ async fn a_cluster_node_without_a_root_refuses_to_start() {
     drop(nodes);
     drop(etcd);
 }
+
+/// DestroyRoot of the old epoch is refused while a node still wraps under
+/// it (here node-2, frozen with SIGSTOP after it published its roots, so
+/// it cannot follow the newly adopted root), naming that node; once it runs
+/// again it follows, the re-wrap empties the old epoch, and the destroy
+/// goes through.
+#[tokio::test]
+async fn destroying_a_root_a_node_still_wraps_under_is_refused_naming_the_node() {
+    // A larger Δ: node-2's lease (about 2Δ) must outlive the two calls made
+    // while it is frozen.
+    let delta = Duration::from_secs(5);
+    let etcd = EtcdCluster::start(3);
+    let mut nodes = ClusterNodes::new(2, Some(&etcd.client_settings()), delta);
+    nodes.start_all();
+    nodes.wait_all_serving().await;
+    let key = KeyManagementClient::new(nodes.channel(0))
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("CreateKey")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    let mut acked = vec![encrypt(&nodes, 0, &key, 0).await];
+
+    let mut value = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut value))
+        .expect("random root value");
+    // node-2 holds root 2 and says so (its reload is refused: node-1 lacks it).
+    clone_root_into(&nodes, 1, NEW_EPOCH, &value);
+    let refused = reload(&nodes, 1).await.expect_err("node-1 lacks root 2");
+    assert!(refused.message().contains("node-1"), "{refused:?}");
+    // node-2 freezes: it can no longer follow a new active root.
+    nodes.signal(1, "STOP");
+    clone_root_into(&nodes, 0, NEW_EPOCH, &value);
+    let adopted = reload(&nodes, 0).await.expect("every node holds root 2");
+    assert_eq!(adopted.active_root_epoch, NEW_EPOCH, "{adopted:?}");
+    let refused = AdminClient::new(nodes.channel(0))
+        .destroy_root(pb::DestroyRootRequest {
+            epoch: TEST_ROOT_EPOCH,
+        })
+        .await
+        .expect_err("node-2 still wraps under root 1");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("is still the wrapping root of cluster node(s) node-2")
+            && refused.message().contains("kms admin reload"),
+        "{}",
+        refused.message()
+    );
+
+    // node-2 runs again, follows root 2; the re-wrap empties root 1.
+    nodes.signal(1, "CONT");
+    let started = Instant::now();
+    loop {
+        let outcome = AdminClient::new(nodes.channel(0))
+            .destroy_root(pb::DestroyRootRequest {
+                epoch: TEST_ROOT_EPOCH,
+            })
+            .await;
+        match outcome {
+            Ok(_) => break,
+            Err(status)
+                if status.code() == Code::FailedPrecondition
+                    && started.elapsed() < SETTLE_WITHIN =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => panic!("root 1 never became destroyable: {status:?}"),
+        }
+    }
+    // node-1's HSM no longer holds root 1; everything still decrypts on
+    // both nodes, and node-2 encrypts under root 2.
+    nodes.wait_all_serving().await;
+    acked.push(encrypt(&nodes, 1, &key, 1).await);
+    decrypt_everywhere(&nodes, &acked).await;
+    drop(nodes);
+    drop(etcd);
+}
