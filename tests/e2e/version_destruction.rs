@@ -132,6 +132,28 @@ async fn the_primary_is_refused_and_the_window_is_1_to_30_days_default_7() {
         pb::KeyVersionState::Enabled as i32,
         "a refused request changes nothing"
     );
+    // Named by an alias, a refused request is still audited under the key id.
+    server
+        .keys()
+        .create_alias(pb::CreateAliasRequest {
+            alias_name: "alias/retire".to_owned(),
+            target_key_id: key.clone(),
+        })
+        .await
+        .expect("alias");
+    let status = schedule(&server, "alias/retire", 1, Some(0), false)
+        .await
+        .expect_err("0 days");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let refusals = audit_events(&server, &key, pb::Operation::ScheduleKeyVersionDestruction).await;
+    assert_eq!(
+        refusals
+            .iter()
+            .filter(|e| e.result_code == Code::InvalidArgument as i32)
+            .count(),
+        3,
+        "0, 31 and the alias's 0 days, all under the key id: {refusals:?}"
+    );
     let before = now_ms();
     let scheduled = schedule(&server, &key, 1, None, false)
         .await

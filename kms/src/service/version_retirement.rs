@@ -60,17 +60,19 @@ impl KmsService {
             Operation::ScheduleKeyVersionDestruction
         };
         self.audited(meta, operation, Some(key), |audit| {
+            // Resolved first, so that even a refused request's audit record
+            // names the key id (found by `kms audit list --key`), not an alias.
+            let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
+            audit.key(&resolved.id, Some(version));
             let days = days.unwrap_or(DEFAULT_VERSION_DESTRUCTION_DAYS);
             if !(MIN_VERSION_DESTRUCTION_DAYS..=MAX_VERSION_DESTRUCTION_DAYS).contains(&days) {
                 return Err(KmsError::invalid(
                     "pending_window_days",
                     format!(
-                        "must be {MIN_VERSION_DESTRUCTION_DAYS} to {MAX_VERSION_DESTRUCTION_DAYS}"
+                        "must be {MIN_VERSION_DESTRUCTION_DAYS} to {MAX_VERSION_DESTRUCTION_DAYS} days (CLI: --days)"
                     ),
                 ));
             }
-            let resolved = self.resolve_for(meta, audit, key, Permission::Manage)?;
-            audit.key(&resolved.id, Some(version));
             let _guard = self.key_locks.lock(&resolved.id);
             let record = self.locked_record(&resolved.id)?;
             let current = self.version(&record.id, version)?;
