@@ -73,6 +73,9 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
     };
     let bar = show_progress.then(|| progress_bar(total));
     let client = super::connect(options).await?;
+    if let Some(key) = &args.destination_key {
+        check_destination(&client, key).await?;
+    }
     let mut started = false;
     // Lines covered by the last checkpoint (the callback runs right after
     // each one): what an interruption keeps.
@@ -140,6 +143,41 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
         );
     }
     Ok(())
+}
+
+/// Refuses at once a destination that does not exist or is not enabled:
+/// otherwise every line would fail on its own (each refusal audited) and
+/// the output would be a copy of the input. A caller who may not describe
+/// the key is not refused here: BatchReEncrypt decides.
+async fn check_destination(client: &kms_client::KmsClient, key: &str) -> anyhow::Result<()> {
+    let described = client
+        .describe_key(kms_proto::v1::DescribeKeyRequest {
+            key_id: key.to_owned(),
+        })
+        .await;
+    match described {
+        Ok(reply) => {
+            let state = reply.key_metadata.map(|m| m.state).unwrap_or_default();
+            if state != kms_proto::v1::KeyState::Enabled as i32 {
+                anyhow::bail!(
+                    "re-encryption refused: the destination key {key} is {}, not ENABLED; nothing was changed",
+                    super::output::key_state_name(state)
+                );
+            }
+            Ok(())
+        }
+        Err(error)
+            if matches!(
+                error.code(),
+                Some(tonic::Code::NotFound | tonic::Code::InvalidArgument)
+            ) =>
+        {
+            Err(anyhow::Error::new(error).context(format!(
+                "re-encryption refused: no destination key {key}; nothing was changed"
+            )))
+        }
+        Err(_) => Ok(()),
+    }
 }
 
 fn count_lines(path: &std::path::Path) -> anyhow::Result<u64> {

@@ -581,3 +581,67 @@ async fn ctrl_c_stops_with_a_resume_message_and_the_rerun_finishes() {
     check_output(&mut crypto, &output, &key, 2, CTRL_C_LINES).await;
     drop(server);
 }
+
+/// A destination that does not exist or is disabled is refused before any
+/// line is sent: no output, no checkpoint, no per-line refusals.
+#[tokio::test]
+async fn a_missing_or_disabled_destination_is_refused_before_any_line() {
+    let env = TestEnv::new();
+    let server = env.start().await;
+    let key = create_key(&server, "source").await;
+    let disabled = create_key(&server, "disabled destination").await;
+    server
+        .keys()
+        .disable_key(pb::DisableKeyRequest {
+            key_id: disabled.clone(),
+        })
+        .await
+        .expect("disable");
+    let work = tempfile::tempdir().expect("work dir");
+    let input = work.path().join("in.jsonl");
+    std::fs::write(&input, make_input(&mut server.crypto(), &key, 10).await).expect("input");
+    let output = work.path().join("out.jsonl");
+    for (destination, expected) in [
+        ("alias/nowhere", "no destination key alias/nowhere"),
+        (disabled.as_str(), "is DISABLED, not ENABLED"),
+    ] {
+        let endpoint = server.endpoint.clone();
+        let args: Vec<String> = [
+            "re-encrypt",
+            "--in",
+            input.to_str().expect("utf-8"),
+            "--out",
+            output.to_str().expect("utf-8"),
+            "--destination-key",
+            destination,
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        let (ok, _, stderr) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            kms_tests::run_cli(&endpoint, &refs, b"")
+        })
+        .await
+        .expect("join");
+        assert!(!ok, "{destination}");
+        assert!(
+            stderr.contains(expected) && stderr.contains("nothing was changed"),
+            "{stderr}"
+        );
+        assert!(!output.exists(), "no output for {destination}");
+        assert!(!ReEncryptJob::default_checkpoint(&output).exists());
+    }
+    let refused = server
+        .audit()
+        .list_audit_events(pb::ListAuditEventsRequest {
+            operation: pb::Operation::BatchReEncrypt as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .events;
+    assert!(refused.is_empty(), "no line was sent: {refused:?}");
+    server.stop().await;
+}
