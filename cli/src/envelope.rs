@@ -24,7 +24,7 @@ use super::{ClientOptions, IoArgs, parse};
 
 /// Deadline of each GenerateDataKey / Decrypt call (the data itself never
 /// travels to the server, so this does not grow with the input).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `kms envelope ...`
 #[derive(Debug, clap::Subcommand)]

@@ -212,15 +212,55 @@ pub(crate) async fn connect_with(
     config: ClientConfig,
     options: &ClientOptions,
 ) -> anyhow::Result<KmsClient> {
-    match KmsClient::connect(config).await {
-        Ok(client) => Ok(client),
-        // Only a failed connection suggests a server that is not there; a
-        // refused setting (scheme, TLS files, token) is said as it is.
-        Err(e @ kms_client::Error::Connect { .. }) => Err(anyhow::Error::new(e).context(format!(
+    KmsClient::connect(config)
+        .await
+        .map_err(|e| connect_error(e, options))
+}
+
+/// A failed connection as the CLI says it: only a failed connection
+/// suggests a server that is not there; a refused setting (scheme, TLS
+/// files, token) is said as it is.
+fn connect_error(error: kms_client::Error, options: &ClientOptions) -> anyhow::Error {
+    match error {
+        e @ kms_client::Error::Connect { .. } => anyhow::Error::new(e).context(format!(
             "is `kms serve` running? set --endpoint or KMS_ENDPOINT ({})",
             options.endpoint
-        ))),
-        Err(e) => Err(e.into()),
+        )),
+        e => e.into(),
+    }
+}
+
+/// [`connect_with`] for long jobs (`kms re-encrypt`, `kms envelope rewrap`)
+/// that promise to wait out a restarting server: a refused connection is
+/// retried (every 0.5 s, saying so once on stderr) for up to `patience`;
+/// any other failure, or the last refusal, is returned as `connect_with`
+/// returns it.
+///
+/// `config` builds the settings for each attempt (they hold secrets, which
+/// are not copied).
+pub(crate) async fn connect_patiently(
+    options: &ClientOptions,
+    patience: std::time::Duration,
+    config: impl Fn() -> anyhow::Result<ClientConfig>,
+) -> anyhow::Result<KmsClient> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match KmsClient::connect(config()?).await {
+            Ok(client) => return Ok(client),
+            Err(kms_client::Error::Connect { .. }) if started.elapsed() < patience => {
+                if !said {
+                    eprintln!(
+                        "kms: cannot connect to {}; retrying for up to {} s (--unavailable-patience)",
+                        options.endpoint,
+                        patience.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(connect_error(error, options)),
+        }
     }
 }
 

@@ -72,7 +72,12 @@ pub(crate) async fn run(args: ReEncryptArgs, options: &ClientOptions) -> anyhow:
         None
     };
     let bar = show_progress.then(|| progress_bar(total));
-    let client = super::connect(options).await?;
+    let client = super::connect_patiently(
+        options,
+        Duration::from_secs(args.unavailable_patience),
+        || super::client_config(options),
+    )
+    .await?;
     if let Some(key) = &args.destination_key {
         check_destination(&client, key).await?;
     }

@@ -58,9 +58,16 @@ pub(crate) async fn run(args: EnvelopeRewrapArgs, options: &ClientOptions) -> an
         Some(list) => read_list(list)?,
         None => args.files.clone(),
     };
-    let mut rewrapper = Rewrapper::new(super::envelope::connect(options).await?)
-        .batch_size(args.batch_size as usize)
-        .unavailable_patience(Duration::from_secs(args.unavailable_patience));
+    let mut rewrapper = Rewrapper::new(
+        super::connect_patiently(
+            options,
+            Duration::from_secs(args.unavailable_patience),
+            || Ok(super::client_config(options)?.with_call_timeout(super::envelope::CALL_TIMEOUT)),
+        )
+        .await?,
+    )
+    .batch_size(args.batch_size as usize)
+    .unavailable_patience(Duration::from_secs(args.unavailable_patience));
     if let Some(key) = &args.destination_key {
         rewrapper = rewrapper.destination_key(key.clone());
     }

@@ -645,3 +645,82 @@ async fn a_missing_or_disabled_destination_is_refused_before_any_line() {
     assert!(refused.is_empty(), "no line was sent: {refused:?}");
     server.stop().await;
 }
+
+/// Started while its server is down (restarting), the command waits for it
+/// (saying so once) instead of failing, and then does the whole job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_started_while_the_server_is_down_waits_for_it() {
+    const LINES_DOWN: usize = 50;
+    let data = tempfile::tempdir().expect("data dir");
+    let work = tempfile::tempdir().expect("work dir");
+    let input = work.path().join("blobs.jsonl");
+    let output = work.path().join("moved.jsonl");
+    let server = DevServerProcess::start(data.path());
+    let addr = server.addr;
+    let endpoint = server.endpoint();
+    let channel = Channel::from_shared(endpoint.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut keys = KeyManagementClient::new(channel.clone());
+    let key = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    let text = make_input(&mut CryptoClient::new(channel), &key, LINES_DOWN).await;
+    std::fs::write(&input, text).expect("input");
+    keys.rotate_key(pb::RotateKeyRequest {
+        key_id: key.clone(),
+    })
+    .await
+    .expect("rotate");
+    server.kill();
+
+    let (ep, in_path, out_path) = (endpoint.clone(), input.clone(), output.clone());
+    let data_path = data.path().to_owned();
+    let (out, server) = tokio::task::spawn_blocking(move || {
+        let child = std::process::Command::new(kms_binary())
+            .args(["--endpoint", &ep, "--json", "re-encrypt"])
+            .arg("--in")
+            .arg(&in_path)
+            .arg("--out")
+            .arg(&out_path)
+            .env("KMS_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn kms re-encrypt");
+        std::thread::sleep(Duration::from_millis(1500));
+        let server = DevServerProcess::start_at(&data_path, addr);
+        (child.wait_with_output().expect("wait"), server)
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to") && stderr.contains("--unavailable-patience"),
+        "it said it was waiting: {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(summary["moved"], LINES_DOWN, "{summary}");
+    let channel = Channel::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect again");
+    check_output(
+        &mut CryptoClient::new(channel),
+        &output,
+        &key,
+        2,
+        LINES_DOWN,
+    )
+    .await;
+    drop(server);
+}
