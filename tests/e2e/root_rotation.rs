@@ -94,6 +94,17 @@ fn roots(server: &ServerProcess) -> Value {
     serde_json::from_slice(&cli_ok(server, &["--json", "hsm", "roots"])).expect("json")
 }
 
+/// [`roots`], naming the server's log if the call fails.
+fn roots_logged(server: &ServerProcess, dep: &Deployment) -> Value {
+    let (ok, stdout, stderr) = run_cli(&endpoint(server), &["--json", "hsm", "roots"], b"");
+    assert!(
+        ok,
+        "kms hsm roots failed: {stderr}\nserver log:\n{}",
+        dep.log()
+    );
+    serde_json::from_slice(&stdout).expect("json")
+}
+
 /// (versions, service keys) the roots report gives `epoch`; (0, 0) if absent.
 fn held_by(report: &Value, epoch: u64) -> (u64, u64) {
     report["roots"]
@@ -291,7 +302,7 @@ async fn root_rotation_round_trip_from_the_cli() {
     // audit checkpoint) and one version
     // (`root_rewrap_batch = 1`), then the long pause.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while held_by(&roots(&server), 1).0 == 6 {
+    while held_by(&roots_logged(&server, &dep), 1).0 == 6 {
         assert!(Instant::now() < deadline, "no progress:\n{}", dep.log());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -409,7 +420,7 @@ async fn a_sigkill_during_the_rewrap_job_loses_nothing_and_the_job_resumes() {
     // Kill -9 once the job has made progress.
     let deadline = Instant::now() + Duration::from_secs(120);
     let remaining = loop {
-        let (versions, _) = held_by(&roots(&server), 1);
+        let (versions, _) = held_by(&roots_logged(&server, &dep), 1);
         if versions < u64::from(VERSIONS) {
             break versions;
         }
