@@ -138,6 +138,40 @@ fn lines_done(checkpoint: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A dev server on `data` with one key whose `lines` blobs (the
+/// [`make_input`] form) are written to `input`, then the key rotated so
+/// that its version 2 is where a job moves them. Returns the server, the
+/// key id and a Crypto client on it.
+async fn server_with_blobs(
+    data: &Path,
+    input: &Path,
+    lines: usize,
+) -> (DevServerProcess, String, CryptoClient<Channel>) {
+    let server = DevServerProcess::start(data);
+    let channel = Channel::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut keys = KeyManagementClient::new(channel.clone());
+    let mut crypto = CryptoClient::new(channel);
+    let key = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .expect("create")
+        .into_inner()
+        .key_metadata
+        .expect("metadata")
+        .key_id;
+    std::fs::write(input, make_input(&mut crypto, &key, lines).await).expect("input");
+    keys.rotate_key(pb::RotateKeyRequest {
+        key_id: key.clone(),
+    })
+    .await
+    .expect("rotate to version 2");
+    (server, key, crypto)
+}
+
 /// A small xorshift generator: random kill points, reproducible from the
 /// printed seed.
 struct Random(u64);
@@ -158,30 +192,9 @@ async fn the_re_encrypt_command_survives_sigkills_and_a_server_restart() {
     let input = work.path().join("blobs.jsonl");
     let output = work.path().join("moved.jsonl");
     let checkpoint = work.path().join("moved.jsonl.checkpoint");
-    let server = DevServerProcess::start(data.path());
+    let (server, key, _) = server_with_blobs(data.path(), &input, LINES).await;
     let addr = server.addr;
     let endpoint = server.endpoint();
-    let channel = Channel::from_shared(endpoint.clone())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut keys = KeyManagementClient::new(channel.clone());
-    let mut crypto = CryptoClient::new(channel);
-    let key = keys
-        .create_key(pb::CreateKeyRequest::default())
-        .await
-        .expect("create")
-        .into_inner()
-        .key_metadata
-        .expect("metadata")
-        .key_id;
-    std::fs::write(&input, make_input(&mut crypto, &key, LINES).await).expect("input");
-    keys.rotate_key(pb::RotateKeyRequest {
-        key_id: key.clone(),
-    })
-    .await
-    .expect("rotate to version 2");
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -474,29 +487,8 @@ async fn ctrl_c_stops_with_a_resume_message_and_the_rerun_finishes() {
     let input = work.path().join("blobs.jsonl");
     let output = work.path().join("moved.jsonl");
     let checkpoint = work.path().join("moved.jsonl.checkpoint");
-    let server = DevServerProcess::start(data.path());
+    let (server, key, mut crypto) = server_with_blobs(data.path(), &input, CTRL_C_LINES).await;
     let endpoint = server.endpoint();
-    let channel = Channel::from_shared(endpoint.clone())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut keys = KeyManagementClient::new(channel.clone());
-    let mut crypto = CryptoClient::new(channel);
-    let key = keys
-        .create_key(pb::CreateKeyRequest::default())
-        .await
-        .expect("create")
-        .into_inner()
-        .key_metadata
-        .expect("metadata")
-        .key_id;
-    std::fs::write(&input, make_input(&mut crypto, &key, CTRL_C_LINES).await).expect("input");
-    keys.rotate_key(pb::RotateKeyRequest {
-        key_id: key.clone(),
-    })
-    .await
-    .expect("rotate to version 2");
 
     let run = {
         let (ep, input, output) = (endpoint.clone(), input.clone(), output.clone());
@@ -655,30 +647,9 @@ async fn a_job_started_while_the_server_is_down_waits_for_it() {
     let work = tempfile::tempdir().expect("work dir");
     let input = work.path().join("blobs.jsonl");
     let output = work.path().join("moved.jsonl");
-    let server = DevServerProcess::start(data.path());
+    let (server, key, _) = server_with_blobs(data.path(), &input, LINES_DOWN).await;
     let addr = server.addr;
     let endpoint = server.endpoint();
-    let channel = Channel::from_shared(endpoint.clone())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut keys = KeyManagementClient::new(channel.clone());
-    let key = keys
-        .create_key(pb::CreateKeyRequest::default())
-        .await
-        .expect("create")
-        .into_inner()
-        .key_metadata
-        .expect("metadata")
-        .key_id;
-    let text = make_input(&mut CryptoClient::new(channel), &key, LINES_DOWN).await;
-    std::fs::write(&input, text).expect("input");
-    keys.rotate_key(pb::RotateKeyRequest {
-        key_id: key.clone(),
-    })
-    .await
-    .expect("rotate");
     server.kill();
 
     let (ep, in_path, out_path) = (endpoint.clone(), input.clone(), output.clone());
