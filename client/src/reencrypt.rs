@@ -690,43 +690,67 @@ impl ReEncryptJob {
             source_key_id: String::new(),
             entries,
         };
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(200);
-        let reply = loop {
-            match client.batch_re_encrypt(request.clone()).await {
-                Ok(reply) => break reply,
-                Err(e) if lost_connection(&e) && started.elapsed() < self.unavailable_patience => {
-                    tracing::warn!(line = first_line, error = %e, "BatchReEncrypt unavailable; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(source) => {
-                    return Err(JobError::Rpc {
-                        line: first_line,
-                        source,
-                    });
-                }
+        batch_re_encrypt_patiently(client, request, self.unavailable_patience)
+            .await
+            .map_err(|e| match e {
+                BatchCallError::Rpc(source) => JobError::Rpc {
+                    line: first_line,
+                    source,
+                },
+                BatchCallError::ShortReply { got } => JobError::ShortReply { sent, got },
+            })
+    }
+}
+
+/// Why [`batch_re_encrypt_patiently`] gave up.
+pub(crate) enum BatchCallError {
+    /// The call failed (after retries while the server was unavailable).
+    Rpc(crate::Error),
+    /// The reply had `got` results, not one per entry.
+    ShortReply { got: usize },
+}
+
+/// One BatchReEncrypt call, retried with capped exponential backoff (0.2 s
+/// to 5 s) while the connection is lost (see [`lost_connection`]), for up
+/// to `patience`. Returns one outcome per entry, in order; an item the
+/// server answered without an outcome becomes an INTERNAL item error.
+/// Shared by the re-encrypt job and the envelope rewrapper.
+pub(crate) async fn batch_re_encrypt_patiently(
+    client: &KmsClient,
+    request: pb::BatchReEncryptRequest,
+    patience: Duration,
+) -> Result<Vec<pb::batch_re_encrypt_result::Outcome>, BatchCallError> {
+    let sent = request.entries.len();
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    let reply = loop {
+        match client.batch_re_encrypt(request.clone()).await {
+            Ok(reply) => break reply,
+            Err(e) if lost_connection(&e) && started.elapsed() < patience => {
+                tracing::warn!(error = %e, "BatchReEncrypt unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
-        };
-        if reply.results.len() != sent {
-            return Err(JobError::ShortReply {
-                sent,
-                got: reply.results.len(),
-            });
+            Err(source) => return Err(BatchCallError::Rpc(source)),
         }
-        Ok(reply
-            .results
-            .into_iter()
-            .map(|r| {
-                r.outcome.unwrap_or_else(|| {
-                    pb::batch_re_encrypt_result::Outcome::Error(pb::ItemStatus {
-                        code: tonic::Code::Internal as i32,
-                        message: "the server's result has no outcome".to_owned(),
-                    })
+    };
+    if reply.results.len() != sent {
+        return Err(BatchCallError::ShortReply {
+            got: reply.results.len(),
+        });
+    }
+    Ok(reply
+        .results
+        .into_iter()
+        .map(|r| {
+            r.outcome.unwrap_or_else(|| {
+                pb::batch_re_encrypt_result::Outcome::Error(pb::ItemStatus {
+                    code: tonic::Code::Internal as i32,
+                    message: "the server's result has no outcome".to_owned(),
                 })
             })
-            .collect())
-    }
+        })
+        .collect())
 }
 
 /// Whether a failed call is worth sending again: UNAVAILABLE, or the

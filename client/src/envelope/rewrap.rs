@@ -57,7 +57,7 @@
 //! context values in an error or a log.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use serde::Serialize;
@@ -66,7 +66,7 @@ use tokio::io::{AsyncWriteExt as _, BufReader, BufWriter};
 use super::format::{FormatVersion, Header, HeaderError};
 use super::{EnvelopeError, stream};
 use crate::KmsClient;
-use crate::reencrypt::lost_connection;
+use crate::reencrypt::{BatchCallError, batch_re_encrypt_patiently};
 
 /// Default number of files per BatchReEncrypt call (the server's default
 /// limit is 1000 items).
@@ -469,42 +469,15 @@ impl Rewrapper {
             source_key_id: String::new(),
             entries,
         };
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(200);
-        let reply = loop {
-            match self.kms.batch_re_encrypt(request.clone()).await {
-                Ok(reply) => break reply,
-                Err(e) if lost_connection(&e) && started.elapsed() < self.unavailable_patience => {
-                    tracing::warn!(error = %e, "BatchReEncrypt unavailable; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(source) => {
-                    return Err(RewrapError::Rpc {
-                        first_file: first.to_owned(),
-                        source,
-                    });
-                }
-            }
-        };
-        if reply.results.len() != sent {
-            return Err(RewrapError::ShortReply {
-                sent,
-                got: reply.results.len(),
-            });
-        }
-        Ok(reply
-            .results
-            .into_iter()
-            .map(|r| {
-                r.outcome.unwrap_or_else(|| {
-                    pb::batch_re_encrypt_result::Outcome::Error(pb::ItemStatus {
-                        code: tonic::Code::Internal as i32,
-                        message: "the server's result has no outcome".to_owned(),
-                    })
-                })
+        batch_re_encrypt_patiently(&self.kms, request, self.unavailable_patience)
+            .await
+            .map_err(|e| match e {
+                BatchCallError::Rpc(source) => RewrapError::Rpc {
+                    first_file: first.to_owned(),
+                    source,
+                },
+                BatchCallError::ShortReply { got } => RewrapError::ShortReply { sent, got },
             })
-            .collect())
     }
 }
 
