@@ -759,29 +759,46 @@ impl KmsService {
         key: &str,
         version: u32,
     ) -> Result<VersionRecord> {
-        self.change_version(
+        self.set_non_primary_state(
             meta,
             Operation::DisableKeyVersion,
             key,
             version,
-            |record, v| {
-                if record.primary_version == Some(v.version) {
-                    return Err(KmsError::PrimaryVersionDisable {
-                        key_id: record.id.clone(),
-                        version: v.version,
-                    });
-                }
-                match v.state {
-                    VersionState::Enabled
-                    | VersionState::Disabled
-                    | VersionState::ReEncryptOnly => {
-                        v.state = VersionState::Disabled;
-                        Ok(())
-                    }
-                    _ => Err(version_unusable(v)),
-                }
-            },
+            VersionState::Disabled,
         )
+    }
+
+    /// Puts a version that is not the primary, and is enabled, disabled or
+    /// re-encrypt only, in state `to` (DisableKeyVersion,
+    /// SetKeyVersionReEncryptOnly).
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION for the primary version
+    /// ([`KmsError::PrimaryVersionDisable`]) or a version in another state;
+    /// the errors of every version change.
+    pub(super) fn set_non_primary_state(
+        &self,
+        meta: &RequestMeta,
+        operation: Operation,
+        key: &str,
+        version: u32,
+        to: VersionState,
+    ) -> Result<VersionRecord> {
+        self.change_version(meta, operation, key, version, |record, v| {
+            if record.primary_version == Some(v.version) {
+                return Err(KmsError::PrimaryVersionDisable {
+                    key_id: record.id.clone(),
+                    version: v.version,
+                });
+            }
+            match v.state {
+                VersionState::Enabled | VersionState::Disabled | VersionState::ReEncryptOnly => {
+                    v.state = to;
+                    Ok(())
+                }
+                _ => Err(version_unusable(v)),
+            }
+        })
     }
 
     /// Makes an enabled version the primary one.

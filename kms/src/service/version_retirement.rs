@@ -172,28 +172,12 @@ impl KmsService {
         key: &str,
         version: u32,
     ) -> Result<VersionRecord> {
-        self.change_version(
+        self.set_non_primary_state(
             meta,
             Operation::SetKeyVersionReEncryptOnly,
             key,
             version,
-            |record, v| {
-                if record.primary_version == Some(v.version) {
-                    return Err(KmsError::PrimaryVersionDisable {
-                        key_id: record.id.clone(),
-                        version: v.version,
-                    });
-                }
-                match v.state {
-                    VersionState::Enabled
-                    | VersionState::Disabled
-                    | VersionState::ReEncryptOnly => {
-                        v.state = VersionState::ReEncryptOnly;
-                        Ok(())
-                    }
-                    _ => Err(version_unusable(v)),
-                }
-            },
+            VersionState::ReEncryptOnly,
         )
     }
 
